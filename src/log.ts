@@ -1,0 +1,72 @@
+/**
+ * Structured logging: one JSON object per line (journald-friendly) or pretty text on a TTY.
+ * Runtime-agnostic: writes through a sink function (default: process.stdout).
+ */
+import type { LogFormat, LogLevel } from "./config/types.ts";
+
+export type LogFields = Record<string, unknown>;
+
+export interface Logger {
+  debug(msg: string, fields?: LogFields): void;
+  info(msg: string, fields?: LogFields): void;
+  warn(msg: string, fields?: LogFields): void;
+  error(msg: string, fields?: LogFields): void;
+  /** A logger that adds `fields` to every line. */
+  child(fields: LogFields): Logger;
+}
+
+const ORDER: Record<LogLevel, number> = { debug: 10, info: 20, warn: 30, error: 40 };
+
+export interface LoggerOptions {
+  level?: LogLevel;
+  format?: LogFormat;
+  /** Where lines go; default process.stdout. */
+  sink?: (line: string) => void;
+  /** For "auto": whether the sink is a terminal. Default: process.stdout.isTTY. */
+  isTTY?: boolean;
+}
+
+function serializeValue(v: unknown): unknown {
+  if (v instanceof Error) return { name: v.name, message: v.message, ...(v.cause ? { cause: serializeValue(v.cause) } : {}) };
+  return v;
+}
+
+export function createLogger(opts: LoggerOptions = {}, base: LogFields = {}): Logger {
+  const min = ORDER[opts.level ?? "info"];
+  const sink = opts.sink ?? ((line: string) => void process.stdout.write(line + "\n"));
+  const tty = opts.isTTY ?? Boolean(process.stdout.isTTY);
+  const pretty = opts.format === "text" || (opts.format !== "json" && tty);
+  const emit = (level: LogLevel, msg: string, fields?: LogFields) => {
+    if (ORDER[level] < min) return;
+    const all: LogFields = { ...base, ...fields };
+    for (const k of Object.keys(all)) all[k] = serializeValue(all[k]);
+    const time = new Date().toISOString();
+    if (pretty) {
+      const kv = Object.entries(all)
+        .filter(([, v]) => v !== undefined)
+        .map(([k, v]) => `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`)
+        .join(" ");
+      sink(`${time} ${level.toUpperCase().padEnd(5)} ${msg}${kv ? "  " + kv : ""}`);
+    } else {
+      sink(JSON.stringify({ time, level, msg, ...all }));
+    }
+  };
+  return {
+    debug: (m, f) => emit("debug", m, f),
+    info: (m, f) => emit("info", m, f),
+    warn: (m, f) => emit("warn", m, f),
+    error: (m, f) => emit("error", m, f),
+    child: (fields) => createLogger(opts, { ...base, ...fields }),
+  };
+}
+
+/** A logger that discards everything (tests, library use). */
+export const silentLogger: Logger = {
+  debug() {},
+  info() {},
+  warn() {},
+  error() {},
+  child() {
+    return silentLogger;
+  },
+};
