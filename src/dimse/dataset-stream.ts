@@ -1,0 +1,107 @@
+/**
+ * The data set of one incoming DIMSE message, delivered fragment by fragment as P-DATA arrives.
+ * The association pauses the socket while more than `highWaterMark` bytes wait for the consumer,
+ * so a slow consumer (a spool write, an upload) slows the peer instead of growing memory.
+ */
+
+export class DatasetStream implements AsyncIterable<Uint8Array> {
+  private queue: Uint8Array[] = [];
+  private queued = 0;
+  private ended = false;
+  private error: Error | undefined;
+  private waiter: (() => void) | undefined;
+  private discarding = false;
+  /** Total bytes received for this data set so far. */
+  received = 0;
+
+  constructor(
+    private readonly flow: { pause(): void; resume(): void },
+    private readonly highWaterMark = 1 << 20,
+  ) {}
+
+  /** Called by the association for each data set PDV. */
+  push(fragment: Uint8Array): void {
+    this.received += fragment.length;
+    if (this.discarding || this.ended) return;
+    this.queue.push(fragment);
+    this.queued += fragment.length;
+    if (this.queued > this.highWaterMark) this.flow.pause();
+    this.wake();
+  }
+
+  /** Called by the association after the last fragment. */
+  end(): void {
+    this.ended = true;
+    this.wake();
+  }
+
+  /** Called by the association when the data set can never complete (abort, close, protocol error). */
+  fail(err: Error): void {
+    if (this.ended) return;
+    this.error = err;
+    this.ended = true;
+    this.queue = [];
+    this.queued = 0;
+    this.flow.resume();
+    this.wake();
+  }
+
+  get isComplete(): boolean {
+    return this.ended && !this.error;
+  }
+
+  /** True while the consumer waits for bytes from the peer (used by the idle timer). */
+  get isWaitingForPeer(): boolean {
+    return this.waiter !== undefined;
+  }
+
+  /** Drops whatever is still to come (a handler that answered without reading the whole data set). */
+  discard(): void {
+    this.discarding = true;
+    this.queue = [];
+    this.queued = 0;
+    this.flow.resume();
+  }
+
+  async *[Symbol.asyncIterator](): AsyncIterator<Uint8Array> {
+    for (;;) {
+      const next = this.queue.shift();
+      if (next) {
+        this.queued -= next.length;
+        if (this.queued <= this.highWaterMark / 2) this.flow.resume();
+        yield next;
+        continue;
+      }
+      if (this.error) throw this.error;
+      if (this.ended) return;
+      await new Promise<void>((resolve) => (this.waiter = resolve));
+    }
+  }
+
+  /** Reads the whole data set; fails when it exceeds `limit` bytes (for small identifiers, never for images). */
+  async readAll(limit: number): Promise<Uint8Array> {
+    const parts: Uint8Array[] = [];
+    let n = 0;
+    for await (const p of this) {
+      n += p.length;
+      if (n > limit) {
+        this.discard();
+        throw new RangeError(`data set larger than ${limit} bytes`);
+      }
+      parts.push(p);
+    }
+    const out = new Uint8Array(n);
+    let o = 0;
+    for (const p of parts) {
+      out.set(p, o);
+      o += p.length;
+    }
+    return out;
+  }
+
+  private wake(): void {
+    const w = this.waiter;
+    this.waiter = undefined;
+    w?.();
+  }
+}

@@ -1,0 +1,107 @@
+/**
+ * Sends DIMSE messages as P-DATA-TF PDUs (PS3.8 9.3.5, PS3.7 Annex E): each PDU carries one PDV,
+ * fragments never exceed the peer's Maximum Length Receive, and every write waits for the socket
+ * to drain, so a data set of any size is streamed with bounded memory.
+ * Messages are serialized: one message's fragments are never interleaved with another's.
+ */
+import type { Socket } from "node:net";
+import { encodeCommandSet, type CommandSet } from "./command.ts";
+import { encodePDataHeader } from "./pdu.ts";
+
+/** Used when the peer announces 0 (= no limit): keep our own PDUs reasonable. */
+const DEFAULT_FRAGMENT = 64 * 1024;
+
+export class SocketClosedError extends Error {
+  override name = "SocketClosedError";
+}
+
+export class PDataWriter {
+  private chain: Promise<unknown> = Promise.resolve();
+  /** Payload bytes per PDV: peer max PDU length minus the PDV item header (4 length + 2 header bytes). */
+  readonly fragmentLength: number;
+  /** Called on each completed write, for the association's idle timer. */
+  onProgress: () => void = () => {};
+  /** True while a write waits for the peer to read (the socket buffer is full). */
+  waitingForPeer = false;
+
+  constructor(
+    private readonly socket: Socket,
+    peerMaxPduLength: number,
+  ) {
+    this.fragmentLength = peerMaxPduLength > 6 ? Math.min(peerMaxPduLength - 6, 1 << 24) : DEFAULT_FRAGMENT;
+  }
+
+  /** Writes raw bytes (any PDU), waiting for drain. */
+  async write(bytes: Uint8Array): Promise<void> {
+    const s = this.socket;
+    if (s.destroyed || !s.writable) throw new SocketClosedError("connection closed");
+    if (!s.write(bytes)) {
+      this.waitingForPeer = true;
+      try {
+        await new Promise<void>((resolve, reject) => {
+          const done = (err?: Error) => {
+            s.off("drain", onDrain);
+            s.off("close", onClose);
+            s.off("error", onClose);
+            err ? reject(err) : resolve();
+          };
+          const onDrain = () => done();
+          const onClose = () => done(new SocketClosedError("connection closed while sending"));
+          s.on("drain", onDrain);
+          s.on("close", onClose);
+          s.on("error", onClose);
+        });
+      } finally {
+        this.waitingForPeer = false;
+      }
+    }
+    this.onProgress();
+  }
+
+  /** Sends a command set and, if given, its data set (bytes or a stream of chunks). */
+  send(pcId: number, command: CommandSet, dataset?: Uint8Array | AsyncIterable<Uint8Array>): Promise<void> {
+    const run = async () => {
+      await this.sendFragments(pcId, true, [encodeCommandSet(command)]);
+      if (dataset) await this.sendFragments(pcId, false, dataset instanceof Uint8Array ? [dataset] : dataset);
+    };
+    const p = this.chain.then(run, run);
+    this.chain = p.catch(() => {});
+    return p;
+  }
+
+  private async pdv(pcId: number, isCommand: boolean, isLast: boolean, data: Uint8Array): Promise<void> {
+    const pdu = new Uint8Array(12 + data.length);
+    pdu.set(encodePDataHeader(pcId, isCommand, isLast, data.length), 0);
+    pdu.set(data, 12);
+    await this.write(pdu);
+  }
+
+  /** Re-fragments a chunk stream to fragmentLength, holding back one fragment to know which is last. */
+  private async sendFragments(pcId: number, isCommand: boolean, source: Iterable<Uint8Array> | AsyncIterable<Uint8Array>): Promise<void> {
+    const max = this.fragmentLength;
+    let held: Uint8Array[] = [];
+    let heldLength = 0;
+    const take = (n: number): Uint8Array => {
+      const out = new Uint8Array(n);
+      let o = 0;
+      while (o < n) {
+        const h = held[0]!;
+        const k = Math.min(h.length, n - o);
+        out.set(h.subarray(0, k), o);
+        o += k;
+        if (k === h.length) held.shift();
+        else held[0] = h.subarray(k);
+      }
+      heldLength -= n;
+      return out;
+    };
+    for await (const chunk of source) {
+      if (chunk.length === 0) continue;
+      held.push(chunk);
+      heldLength += chunk.length;
+      while (heldLength > max) await this.pdv(pcId, isCommand, false, take(max));
+    }
+    await this.pdv(pcId, isCommand, true, take(heldLength));
+    held = [];
+  }
+}

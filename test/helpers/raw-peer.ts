@@ -1,0 +1,115 @@
+/**
+ * A deliberately low-level DICOM peer for protocol tests: sends exactly the bytes a test builds
+ * (well-formed or hostile) and reads back whole PDUs. Built on the project's PDU codec, which has
+ * its own unit tests; interoperability is tested separately against dcmtk and dcmjs-dimse.
+ */
+import { connect, type Socket } from "node:net";
+import { encodeCommandSet, decodeCommandSet, type CommandSet } from "../../src/dimse/command.ts";
+import { DICOM_APPLICATION_CONTEXT, PduType, TransferSyntax } from "../../src/dimse/constants.ts";
+import { decodeAssociateAC, decodePData, encodeAssociateRQ, encodePDataHeader, type PresentationContextProposal } from "../../src/dimse/pdu.ts";
+import { PduReader, type RawPdu } from "../../src/dimse/pdu-reader.ts";
+
+export class RawPeer {
+  private reader = new PduReader({ maxPDataLength: 1 << 24, maxControlLength: 1 << 24 });
+  private pdus: RawPdu[] = [];
+  private waiters: (() => void)[] = [];
+  closed = false;
+  readonly closedPromise: Promise<void>;
+
+  private constructor(readonly socket: Socket) {
+    socket.setNoDelay(true);
+    socket.on("data", (d: Uint8Array) => {
+      this.pdus.push(...this.reader.push(d));
+      this.waiters.splice(0).forEach((w) => w());
+    });
+    socket.on("error", () => {});
+    this.closedPromise = new Promise((r) =>
+      socket.on("close", () => {
+        this.closed = true;
+        this.waiters.splice(0).forEach((w) => w());
+        r();
+      }),
+    );
+  }
+
+  static connect(port: number, host = "127.0.0.1"): Promise<RawPeer> {
+    return new Promise((resolve, reject) => {
+      const s = connect({ port, host }, () => resolve(new RawPeer(s)));
+      s.once("error", reject);
+    });
+  }
+
+  write(bytes: Uint8Array): void {
+    this.socket.write(bytes);
+  }
+
+  /** Next PDU, or null when the connection closed first; rejects after timeoutMs. */
+  async next(timeoutMs = 5000): Promise<RawPdu | null> {
+    const deadline = Date.now() + timeoutMs;
+    while (this.pdus.length === 0) {
+      if (this.closed) return null;
+      const left = deadline - Date.now();
+      if (left <= 0) throw new Error("timed out waiting for a PDU");
+      await new Promise<void>((r) => {
+        const t = setTimeout(r, left);
+        this.waiters.push(() => {
+          clearTimeout(t);
+          r();
+        });
+      });
+    }
+    return this.pdus.shift()!;
+  }
+
+  /** Sends an A-ASSOCIATE-RQ and returns the answer PDU. */
+  async associate(calledAe: string, contexts: PresentationContextProposal[], maxPdu = 16384): Promise<RawPdu | null> {
+    this.write(
+      encodeAssociateRQ({
+        protocolVersion: 1,
+        calledAeTitle: calledAe,
+        callingAeTitle: "RAWPEER",
+        applicationContext: DICOM_APPLICATION_CONTEXT,
+        presentationContexts: contexts,
+        userInformation: { maxPduLength: maxPdu, implementationClassUid: "1.2.3.4", roleSelections: [], otherItems: [] },
+      }),
+    );
+    const pdu = await this.next();
+    if (pdu?.type === PduType.AssociateAC) decodeAssociateAC(pdu.body);
+    return pdu;
+  }
+
+  sendCommand(pcId: number, cmd: CommandSet, dataset?: Uint8Array): void {
+    const c = encodeCommandSet(cmd);
+    this.write(concat(encodePDataHeader(pcId, true, true, c.length), c));
+    if (dataset) this.write(concat(encodePDataHeader(pcId, false, true, dataset.length), dataset));
+  }
+
+  /** Reads the next DIMSE message's command set (single-fragment commands). */
+  async readCommand(timeoutMs = 5000): Promise<CommandSet | null> {
+    const pdu = await this.next(timeoutMs);
+    if (!pdu) return null;
+    if (pdu.type !== PduType.PData) throw new Error(`expected P-DATA-TF, got PDU type ${pdu.type}`);
+    const [pdv] = decodePData(pdu.body);
+    return decodeCommandSet(pdv!.data);
+  }
+
+  close(): void {
+    this.socket.destroy();
+  }
+}
+
+export const VERIFICATION_CONTEXT: PresentationContextProposal = {
+  id: 1,
+  abstractSyntax: "1.2.840.10008.1.1",
+  transferSyntaxes: [TransferSyntax.ImplicitVRLittleEndian],
+};
+
+export function concat(...parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let o = 0;
+  for (const p of parts) {
+    out.set(p, o);
+    o += p.length;
+  }
+  return out;
+}
