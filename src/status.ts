@@ -40,7 +40,7 @@ export function readiness(s: GatewaySnapshot): { ready: boolean; reasons: string
   for (const t of s.tenants) {
     if (!t.listening) reasons.push(`listener ${t.aet} on port ${t.port} is not bound${t.listenError ? `: ${t.listenError}` : ""}`);
   }
-  if (!s.orthanc.reachable) reasons.push(`Orthanc at ${s.orthanc.url} is not reachable${s.orthanc.error ? `: ${s.orthanc.error}` : ""}`);
+  if (!s.orthanc.reachable) reasons.push(s.orthanc.error ?? `Orthanc at ${s.orthanc.url} is not reachable`);
   else if (!s.orthanc.hasLabels)
     reasons.push(s.orthanc.error ?? `Orthanc ${s.orthanc.version ?? "?"} at ${s.orthanc.url} does not support labels (need Orthanc >= 1.12 with a labels-capable database)`);
   return { ready: reasons.length === 0, reasons };
