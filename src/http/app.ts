@@ -1,0 +1,64 @@
+/**
+ * The gateway's HTTP endpoint (operations only: health, readiness, metrics, status).
+ * Runtime-agnostic: a Hono app whose `fetch` is served by one of src/adapter/*.
+ */
+import { Hono } from "hono";
+import { silentLogger, type Logger } from "../log.ts";
+import type { GatewayMetrics } from "../metrics.ts";
+import { readiness, type GatewaySnapshot } from "../status.ts";
+
+export const ENDPOINTS = ["/health", "/ready", "/metrics", "/status"] as const;
+
+export interface HttpAppDeps {
+  /** The gateway's current state; called on every /ready, /metrics and /status request. */
+  snapshot: () => GatewaySnapshot | Promise<GatewaySnapshot>;
+  metrics: GatewayMetrics;
+  logger?: Logger;
+}
+
+const ALLOWED_METHODS = new Set(["GET", "HEAD"]);
+
+export function createHttpApp(deps: HttpAppDeps): Hono {
+  const log = deps.logger ?? silentLogger;
+  // strict: false -> "/health/" is "/health".
+  const app = new Hono({ strict: false });
+
+  app.use("*", async (c, next) => {
+    if (!ALLOWED_METHODS.has(c.req.method)) {
+      return c.json({ error: "method not allowed", allowed: ["GET", "HEAD"] }, 405, { Allow: "GET, HEAD" });
+    }
+    await next();
+    // Every answer describes the present state: never cache it.
+    c.header("Cache-Control", "no-store");
+  });
+
+  app.get("/health", (c) => c.json({ status: "ok" }));
+
+  app.get("/ready", async (c) => {
+    const { ready, reasons } = readiness(await deps.snapshot());
+    return ready ? c.json({ ready: true }) : c.json({ ready: false, reasons }, 503);
+  });
+
+  app.get("/metrics", async (c) => {
+    const { registry } = deps.metrics;
+    deps.metrics.updateFromSnapshot(await deps.snapshot());
+    const text = await registry.metrics();
+    return c.body(text, 200, { "Content-Type": registry.contentType });
+  });
+
+  app.get("/status", async (c) => {
+    const s = await deps.snapshot();
+    const started = Date.parse(s.startedAt);
+    const uptimeSeconds = Number.isFinite(started) ? Math.max(0, Math.floor((Date.now() - started) / 1000)) : 0;
+    return c.json({ version: s.version, startedAt: s.startedAt, uptimeSeconds, tenants: s.tenants, orthanc: s.orthanc });
+  });
+
+  app.notFound((c) => c.json({ error: "not found", endpoints: [...ENDPOINTS] }, 404));
+
+  app.onError((err, c) => {
+    log.error("HTTP request failed", { method: c.req.method, path: c.req.path, err });
+    return c.json({ error: "internal server error" }, 500);
+  });
+
+  return app;
+}

@@ -1,0 +1,190 @@
+/**
+ * Prometheus metrics of the gateway, on a registry of its own (not prom-client's global one),
+ * so that tests and embedders can create several independent sets.
+ *
+ * Runtime notes (checked with prom-client 15.1.3):
+ * - Bun: every default collector works.
+ * - Deno: every default collector works, but on Linux the ones that read /proc/self
+ *   (process_resident_memory_bytes, process_virtual_memory_bytes, process_heap_bytes,
+ *   process_open_fds, process_max_fds) need `--allow-all`: with only `--allow-read`, Deno refuses
+ *   /proc/self/* ("Requires all access") and prom-client silently reports 0 (or drops the metric).
+ *   createMetrics() detects that and replaces the misleading zeros with values from
+ *   process.memoryUsage() (resident memory, heap), as prom-client does on non-Linux systems;
+ *   virtual memory and file descriptor counts are then not exported.
+ */
+import { readFileSync } from "node:fs";
+import process from "node:process";
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
+import type { GatewaySnapshot } from "./status.ts";
+
+export type AssociationResult = "accepted" | "rejected" | "aborted";
+/** DIMSE services as they appear in the `service` label. Other strings are allowed. */
+export type DimseService = "C-ECHO" | "C-STORE" | "C-FIND" | "C-MOVE" | "C-GET" | (string & Record<never, never>);
+
+export interface GatewayMetrics {
+  /** The registry holding every metric below and the default process/runtime metrics. */
+  readonly registry: Registry;
+  /** `dicom_gateway_associations_total{tenant,result,reason}`; reason is "" for accepted associations. */
+  readonly associations: Counter<"tenant" | "result" | "reason">;
+  /** `dicom_gateway_active_associations{tenant}`; refreshed from the snapshot by updateFromSnapshot(). */
+  readonly activeAssociations: Gauge<"tenant">;
+  /** `dicom_gateway_dimse_operations_total{tenant,service,status}`; status as formatStatus() gives it. */
+  readonly dimseOperations: Counter<"tenant" | "service" | "status">;
+  /** `dicom_gateway_dimse_operation_duration_seconds{tenant,service}`. */
+  readonly dimseDuration: Histogram<"tenant" | "service">;
+  /** `dicom_gateway_pdu_errors_total{tenant,kind}`. */
+  readonly pduErrors: Counter<"tenant" | "kind">;
+  /** `dicom_gateway_orthanc_up` 1/0; refreshed from the snapshot. */
+  readonly orthancUp: Gauge<string>;
+  /** `dicom_gateway_info{version}` = 1; refreshed from the snapshot. */
+  readonly info: Gauge<"version">;
+  /** `dicom_gateway_listener_up{tenant,port}` 1/0; refreshed from the snapshot. */
+  readonly listenerUp: Gauge<"tenant" | "port">;
+
+  /** Count one association outcome (reason is forced to "" when accepted). */
+  recordAssociation(tenant: string, result: AssociationResult, reason?: string): void;
+  /** Count one DIMSE operation and observe its duration. */
+  recordDimse(tenant: string, service: DimseService, status: number, seconds: number): void;
+  /** Set the snapshot-derived gauges (orthanc_up, info, listener_up, active_associations). */
+  updateFromSnapshot(s: GatewaySnapshot): void;
+}
+
+export interface MetricsOptions {
+  /** Register prom-client's default process/runtime metrics. Default true. */
+  defaultMetrics?: boolean;
+}
+
+/** A DIMSE status as the `status` label spells it: "0x" and 4 uppercase hex digits, e.g. 0xA700 -> "0xA700". */
+export function formatStatus(status: number): string {
+  const n = Number.isFinite(status) ? Math.trunc(status) & 0xffff : 0xffff;
+  return "0x" + n.toString(16).toUpperCase().padStart(4, "0");
+}
+
+/** Seconds: from a quick C-ECHO to a C-MOVE of a large study. */
+const DURATION_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600];
+
+export function createMetrics(opts: MetricsOptions = {}): GatewayMetrics {
+  const registry = new Registry();
+  if (opts.defaultMetrics ?? true) registerDefaultMetrics(registry);
+
+  const associations = new Counter({
+    name: "dicom_gateway_associations_total",
+    help: "DICOM associations by outcome (accepted, rejected, aborted) and reason (empty when accepted).",
+    labelNames: ["tenant", "result", "reason"] as const,
+    registers: [registry],
+  });
+  const activeAssociations = new Gauge({
+    name: "dicom_gateway_active_associations",
+    help: "DICOM associations currently open, per tenant.",
+    labelNames: ["tenant"] as const,
+    registers: [registry],
+  });
+  const dimseOperations = new Counter({
+    name: "dicom_gateway_dimse_operations_total",
+    help: "DIMSE operations handled, by service and final status (hex).",
+    labelNames: ["tenant", "service", "status"] as const,
+    registers: [registry],
+  });
+  const dimseDuration = new Histogram({
+    name: "dicom_gateway_dimse_operation_duration_seconds",
+    help: "Duration of DIMSE operations, from request to final response.",
+    labelNames: ["tenant", "service"] as const,
+    buckets: DURATION_BUCKETS,
+    registers: [registry],
+  });
+  const pduErrors = new Counter({
+    name: "dicom_gateway_pdu_errors_total",
+    help: "Malformed or unexpected PDUs received, by kind.",
+    labelNames: ["tenant", "kind"] as const,
+    registers: [registry],
+  });
+  const orthancUp = new Gauge({
+    name: "dicom_gateway_orthanc_up",
+    help: "1 if Orthanc answered at the last check, else 0.",
+    registers: [registry],
+  });
+  const info = new Gauge({
+    name: "dicom_gateway_info",
+    help: "Gateway build information (always 1).",
+    labelNames: ["version"] as const,
+    registers: [registry],
+  });
+  const listenerUp = new Gauge({
+    name: "dicom_gateway_listener_up",
+    help: "1 if the tenant's DICOM listener is bound, else 0.",
+    labelNames: ["tenant", "port"] as const,
+    registers: [registry],
+  });
+
+  return {
+    registry,
+    associations,
+    activeAssociations,
+    dimseOperations,
+    dimseDuration,
+    pduErrors,
+    orthancUp,
+    info,
+    listenerUp,
+    recordAssociation(tenant, result, reason = "") {
+      associations.inc({ tenant, result, reason: result === "accepted" ? "" : reason });
+    },
+    recordDimse(tenant, service, status, seconds) {
+      dimseOperations.inc({ tenant, service, status: formatStatus(status) });
+      if (Number.isFinite(seconds) && seconds >= 0) dimseDuration.observe({ tenant, service }, seconds);
+    },
+    updateFromSnapshot(s) {
+      orthancUp.set(s.orthanc.reachable ? 1 : 0);
+      // reset() drops label sets of tenants that are gone (e.g. after a configuration change).
+      info.reset();
+      info.set({ version: s.version }, 1);
+      listenerUp.reset();
+      activeAssociations.reset();
+      for (const t of s.tenants) {
+        listenerUp.set({ tenant: t.aet, port: String(t.port) }, t.listening ? 1 : 0);
+        activeAssociations.set({ tenant: t.aet }, t.activeAssociations);
+      }
+    },
+  };
+}
+
+/** Metrics prom-client computes from /proc/self on Linux. */
+const PROC_METRICS = [
+  "process_resident_memory_bytes",
+  "process_virtual_memory_bytes",
+  "process_heap_bytes",
+  "process_open_fds",
+  "process_max_fds",
+];
+
+function registerDefaultMetrics(registry: Registry): void {
+  collectDefaultMetrics({ register: registry });
+  if (process.platform !== "linux" || procSelfReadable()) return;
+  // Deno without --allow-all: prom-client would report 0 for these. Use what the runtime gives.
+  for (const name of PROC_METRICS) registry.removeSingleMetric(name);
+  new Gauge({
+    name: "process_resident_memory_bytes",
+    help: "Resident memory size in bytes.",
+    registers: [registry],
+    collect() {
+      this.set(process.memoryUsage().rss);
+    },
+  });
+  new Gauge({
+    name: "process_heap_bytes",
+    help: "Process heap size in bytes.",
+    registers: [registry],
+    collect() {
+      this.set(process.memoryUsage().heapTotal);
+    },
+  });
+}
+
+function procSelfReadable(): boolean {
+  try {
+    readFileSync("/proc/self/status", "utf8");
+    return true;
+  } catch {
+    return false;
+  }
+}

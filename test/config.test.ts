@@ -1,0 +1,752 @@
+import { describe, expect, test } from "bun:test";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import {
+  ConfigError,
+  describeConfig,
+  type GatewayConfig,
+  loadConfigFile,
+  parseConfig,
+  parseJsonc,
+  stripJsonc,
+} from "../src/config/index.ts";
+
+type Json = Record<string, unknown>;
+
+/** A minimal valid configuration; `patch` is merged at the top level. */
+function base(patch: Json = {}): Json {
+  return {
+    MultitenantDicom: { Servers: [{ AET: "ALPHA", Port: 4242, Labels: ["alpha"] }] },
+    ...patch,
+  };
+}
+
+/** A configuration with the given servers. */
+function servers(...list: unknown[]): Json {
+  return { MultitenantDicom: { Servers: list } };
+}
+
+const server = (patch: Json = {}): Json => ({ AET: "ALPHA", Port: 4242, Labels: ["alpha"], ...patch });
+
+function parse(cfg: Json | string, env: Record<string, string | undefined> = {}): GatewayConfig {
+  return parseConfig(typeof cfg === "string" ? cfg : JSON.stringify(cfg), { source: "test.json", env });
+}
+
+/** The issues of the ConfigError thrown for `cfg`; fails when it parses. */
+function issues(cfg: Json | string, env: Record<string, string | undefined> = {}): string[] {
+  try {
+    parse(cfg, env);
+  } catch (err) {
+    if (err instanceof ConfigError) return err.issues;
+    throw err;
+  }
+  throw new Error("expected a ConfigError, but the configuration is valid");
+}
+
+/** Expects exactly one issue. */
+function issue(cfg: Json | string, env: Record<string, string | undefined> = {}): string {
+  const list = issues(cfg, env);
+  expect(list).toHaveLength(1);
+  return list[0]!;
+}
+
+const repoFile = (rel: string) => fileURLToPath(new URL(`../${rel}`, import.meta.url).href);
+
+describe("defaults", () => {
+  test("a minimal configuration gets every default", () => {
+    expect(parse(base())).toEqual({
+      tenants: [
+        {
+          aet: "ALPHA",
+          port: 4242,
+          labels: ["alpha"],
+          labelsConstraint: "All",
+          labelsStoreLevels: ["Study", "Series", "Instance"],
+        },
+      ],
+      modalities: [],
+      dicom: {
+        defaultAet: "ORTHANC",
+        strictAetComparison: false,
+        checkCalledAet: true,
+        scpTimeoutSeconds: 30,
+        maximumPduLength: 16384,
+        defaultEncoding: "Latin1",
+      },
+      orthanc: { url: "http://127.0.0.1:8042", username: "", password: "", timeoutMs: 30000 },
+      http: { host: "127.0.0.1", port: 8080 },
+      spoolDirectory: "/var/lib/dicom-gateway/spool",
+      log: { level: "info", format: "auto" },
+    });
+  });
+
+  test("DicomCheckCalledAet defaults to true (unlike Orthanc) and can be turned off", () => {
+    expect(parse(base()).dicom.checkCalledAet).toBe(true);
+    expect(parse(base({ DicomCheckCalledAet: false })).dicom.checkCalledAet).toBe(false);
+  });
+
+  test("explicit values are used", () => {
+    const cfg = parse(
+      base({
+        DicomAet: "GATEWAY",
+        StrictAetComparison: true,
+        DicomScpTimeout: 0,
+        MaximumPduLength: 131072,
+        DefaultEncoding: "Utf8",
+        Gateway: {
+          Orthanc: { Url: "https://pacs.example.org:8443/orthanc/", Username: "u", Password: "p", TimeoutSeconds: 1.5 },
+          Http: { Host: "0.0.0.0", Port: 0 },
+          SpoolDirectory: "/tmp/spool",
+          Log: { Level: "debug", Format: "json" },
+        },
+      }),
+    );
+    expect(cfg.dicom).toEqual({
+      defaultAet: "GATEWAY",
+      strictAetComparison: true,
+      checkCalledAet: true,
+      scpTimeoutSeconds: 0,
+      maximumPduLength: 131072,
+      defaultEncoding: "Utf8",
+    });
+    expect(cfg.orthanc).toEqual({
+      url: "https://pacs.example.org:8443/orthanc",
+      username: "u",
+      password: "p",
+      timeoutMs: 1500,
+    });
+    expect(cfg.http).toEqual({ host: "0.0.0.0", port: 0 });
+    expect(cfg.spoolDirectory).toBe("/tmp/spool");
+    expect(cfg.log).toEqual({ level: "debug", format: "json" });
+  });
+
+  test("unknown keys are ignored everywhere, including inside a server entry", () => {
+    const cfg = parse({
+      Name: "MyOrthanc",
+      HttpPort: 8042,
+      Plugins: ["/usr/share/orthanc/plugins"],
+      MultitenantDicom: {
+        SomethingElse: 1,
+        Servers: [server({ Forwarding: { Target: "x" }, Isolation: "strict" })],
+      },
+      Gateway: { Unknown: true, Http: { Extra: 1 } },
+    });
+    expect(cfg.tenants).toEqual([
+      { aet: "ALPHA", port: 4242, labels: ["alpha"], labelsConstraint: "All", labelsStoreLevels: ["Study", "Series", "Instance"] },
+    ]);
+  });
+});
+
+describe("MultitenantDicom.Servers", () => {
+  test("the section and the list are required", () => {
+    expect(issue({})).toBe("MultitenantDicom: required (object with Servers)");
+    expect(issue({ MultitenantDicom: {} })).toBe("MultitenantDicom.Servers: required (array of at least one server)");
+    expect(issue({ MultitenantDicom: 3 })).toBe("MultitenantDicom: expected object with Servers, got 3");
+    expect(issue(servers())).toBe("MultitenantDicom.Servers: no servers; expected at least one server");
+    expect(issue({ MultitenantDicom: { Servers: {} } })).toBe(
+      "MultitenantDicom.Servers: expected array of at least one server, got an object",
+    );
+    expect(issue(servers(server(), "BETA"))).toBe(
+      'MultitenantDicom.Servers[1]: expected server object with AET, Port and Labels, got "BETA"',
+    );
+  });
+
+  test("the top level must be an object", () => {
+    expect(issue("[]")).toBe("(top level): expected a JSON object, got []");
+    expect(issue("42")).toBe("(top level): expected a JSON object, got 42");
+  });
+
+  test("AET", () => {
+    const aet = (v: unknown) => issue(servers(server({ AET: v })));
+    expect(issue(servers({ Port: 4242, Labels: [] }))).toBe("MultitenantDicom.Servers[0].AET: required (AE title of 1-16 characters)");
+    expect(aet(12)).toBe("MultitenantDicom.Servers[0].AET: expected AE title of 1-16 characters, got 12");
+    expect(aet("")).toBe("MultitenantDicom.Servers[0].AET: AE title is empty; expected 1-16 characters");
+    expect(aet("ABCDEFGHIJKLMNOPQ")).toBe(
+      'MultitenantDicom.Servers[0].AET: AE title "ABCDEFGHIJKLMNOPQ" has 17 characters; expected at most 16',
+    );
+    expect(aet("A\\B")).toBe(
+      'MultitenantDicom.Servers[0].AET: AE title "A\\\\B" contains a backslash; expected no backslash or control characters',
+    );
+    expect(aet("A\tB")).toBe(
+      'MultitenantDicom.Servers[0].AET: AE title "A\\tB" contains a control character; expected no backslash or control characters',
+    );
+    expect(aet("    ")).toBe(
+      'MultitenantDicom.Servers[0].AET: AE title "    " is all spaces; expected at least one non-space character',
+    );
+    expect(aet("ÄRZTE")).toBe(
+      'MultitenantDicom.Servers[0].AET: AE title "ÄRZTE" contains a non-ASCII character; expected ASCII letters, digits, spaces and punctuation',
+    );
+  });
+
+  test("AET: 16 characters are fine; insignificant spaces are trimmed", () => {
+    expect(parse(servers(server({ AET: "ABCDEFGHIJKLMNOP" }))).tenants[0]!.aet).toBe("ABCDEFGHIJKLMNOP");
+    expect(parse(servers(server({ AET: " MY AE  " }))).tenants[0]!.aet).toBe("MY AE");
+  });
+
+  test("Port", () => {
+    const port = (v: unknown) => issue(servers(server({ Port: v })));
+    expect(issue(servers({ AET: "ALPHA", Labels: [] }))).toBe("MultitenantDicom.Servers[0].Port: required (integer 1-65535)");
+    expect(port(0)).toBe("MultitenantDicom.Servers[0].Port: expected integer 1-65535, got 0");
+    expect(port(65536)).toBe("MultitenantDicom.Servers[0].Port: expected integer 1-65535, got 65536");
+    expect(port(104.5)).toBe("MultitenantDicom.Servers[0].Port: expected integer 1-65535, got 104.5");
+    expect(port("4242")).toBe('MultitenantDicom.Servers[0].Port: expected integer 1-65535, got "4242"');
+    expect(port(null)).toBe("MultitenantDicom.Servers[0].Port: expected integer 1-65535, got null");
+    expect(parse(servers(server({ Port: 65535 }))).tenants[0]!.port).toBe(65535);
+  });
+
+  test("Labels", () => {
+    const labels = (v: unknown) => issue(servers(server({ Labels: v })));
+    expect(issue(servers({ AET: "ALPHA", Port: 4242 }))).toBe("MultitenantDicom.Servers[0].Labels: required (array of labels or [])");
+    expect(labels("alpha")).toBe('MultitenantDicom.Servers[0].Labels: expected array of labels or [], got "alpha"');
+    expect(labels(["a", "b", "bad label"])).toBe(
+      'MultitenantDicom.Servers[0].Labels[2]: label "bad label" must be 1-64 characters of A-Z a-z 0-9 _ -',
+    );
+    expect(labels([""])).toBe('MultitenantDicom.Servers[0].Labels[0]: label "" must be 1-64 characters of A-Z a-z 0-9 _ -');
+    expect(labels(["x".repeat(65)])).toBe(
+      `MultitenantDicom.Servers[0].Labels[0]: label "${"x".repeat(65)}" must be 1-64 characters of A-Z a-z 0-9 _ -`,
+    );
+    expect(labels(["ok", 7])).toBe(
+      "MultitenantDicom.Servers[0].Labels[1]: expected label string of 1-64 characters A-Z a-z 0-9 _ -, got 7",
+    );
+  });
+
+  test("Labels: may be empty, are case-sensitive, duplicates are dropped", () => {
+    expect(parse(servers(server({ Labels: [] }))).tenants[0]!.labels).toEqual([]);
+    expect(parse(servers(server({ Labels: ["x".repeat(64), "A_b-9"] }))).tenants[0]!.labels).toEqual([
+      "x".repeat(64),
+      "A_b-9",
+    ]);
+    expect(parse(servers(server({ Labels: ["alpha", "Alpha", "alpha"] }))).tenants[0]!.labels).toEqual(["alpha", "Alpha"]);
+  });
+
+  test("LabelsConstraint", () => {
+    expect(parse(servers(server({ LabelsConstraint: "Any" }))).tenants[0]!.labelsConstraint).toBe("Any");
+    expect(parse(servers(server({ LabelsConstraint: "None" }))).tenants[0]!.labelsConstraint).toBe("None");
+    expect(issue(servers(server(), server({ AET: "BETA", Port: 4243, LabelsConstraint: "Some" })))).toBe(
+      'MultitenantDicom.Servers[1].LabelsConstraint: expected All, Any or None, got "Some"',
+    );
+    expect(issue(servers(server({ LabelsConstraint: "all" })))).toBe(
+      'MultitenantDicom.Servers[0].LabelsConstraint: expected All, Any or None, got "all"',
+    );
+    expect(issue(servers(server({ LabelsConstraint: 1 })))).toBe(
+      "MultitenantDicom.Servers[0].LabelsConstraint: expected All, Any or None, got 1",
+    );
+  });
+
+  test("LabelsStoreLevels accepts Orthanc's spellings case-insensitively, normalized and deduplicated", () => {
+    const levels = (v: unknown) => parse(servers(server({ LabelsStoreLevels: v }))).tenants[0]!.labelsStoreLevels;
+    expect(levels(["patients", "STUDIES", "series", "Images"])).toEqual(["Patient", "Study", "Series", "Instance"]);
+    expect(levels(["Patient"])).toEqual(["Patient"]);
+    expect(levels(["Study", "study", "Studies"])).toEqual(["Study"]);
+    expect(levels(["Instances", "Image", "instance"])).toEqual(["Instance"]);
+    expect(levels(["Instance", "Patient"])).toEqual(["Patient", "Instance"]);
+    expect(levels([])).toEqual([]);
+  });
+
+  test("LabelsStoreLevels errors", () => {
+    expect(issue(servers(server({ LabelsStoreLevels: ["Study", "Frame"] })))).toBe(
+      'MultitenantDicom.Servers[0].LabelsStoreLevels[1]: expected Patient, Study, Series or Instance, got "Frame"',
+    );
+    expect(issue(servers(server({ LabelsStoreLevels: "Study" })))).toBe(
+      'MultitenantDicom.Servers[0].LabelsStoreLevels: expected array of Patient, Study, Series or Instance, got "Study"',
+    );
+  });
+});
+
+describe("DicomModalities", () => {
+  test("array form, with a numeric string port and a manufacturer", () => {
+    const cfg = parse(
+      base({
+        DicomModalities: {
+          viewer: ["VIEWER", "127.0.0.1", 4300],
+          ws: ["WS1", "192.168.0.20", "104", "GenericNoWildcardInDates"],
+        },
+      }),
+    );
+    expect(cfg.modalities).toEqual([
+      { name: "viewer", aet: "VIEWER", host: "127.0.0.1", port: 4300 },
+      { name: "ws", aet: "WS1", host: "192.168.0.20", port: 104 },
+    ]);
+  });
+
+  test("object form, other keys ignored", () => {
+    const cfg = parse(
+      base({
+        DicomModalities: {
+          archive: { AET: "ARCHIVE", Host: "archive.example.org", Port: 104, AllowEcho: true, Manufacturer: "Generic" },
+          other: { AET: "OTHER", Host: "10.0.0.1", Port: "11112" },
+        },
+      }),
+    );
+    expect(cfg.modalities).toEqual([
+      { name: "archive", aet: "ARCHIVE", host: "archive.example.org", port: 104 },
+      { name: "other", aet: "OTHER", host: "10.0.0.1", port: 11112 },
+    ]);
+  });
+
+  test("errors name the modality", () => {
+    const mod = (v: unknown) => issues(base({ DicomModalities: { viewer: v } }));
+    expect(mod(["VIEWER", "host"])).toEqual([
+      'DicomModalities.viewer: expected ["AET", "host", port] (optionally a 4th element, the manufacturer), got an array of 2 elements',
+    ]);
+    expect(mod(["VIEWER", "host", "abc"])).toEqual([
+      'DicomModalities.viewer[2]: expected port number 1-65535 or numeric string, got "abc"',
+    ]);
+    expect(mod(["VIEWER", "host", 0])).toEqual(["DicomModalities.viewer[2]: expected port number 1-65535 or numeric string, got 0"]);
+    expect(mod(["", "", 104])).toEqual([
+      "DicomModalities.viewer[0]: AE title is empty; expected 1-16 characters",
+      'DicomModalities.viewer[1]: empty string ""; expected host name or IP address',
+    ]);
+    expect(mod({ AET: "VIEWER" })).toEqual([
+      "DicomModalities.viewer.Host: required (host name or IP address)",
+      "DicomModalities.viewer.Port: required (port number 1-65535 or numeric string)",
+    ]);
+    expect(mod("VIEWER")).toEqual([
+      'DicomModalities.viewer: expected ["AET", "host", port] or { "AET": ..., "Host": ..., "Port": ... }, got "VIEWER"',
+    ]);
+    expect(issue(base({ DicomModalities: { "my viewer": 5 } }))).toBe(
+      'DicomModalities["my viewer"]: expected ["AET", "host", port] or { "AET": ..., "Host": ..., "Port": ... }, got 5',
+    );
+    expect(issue(base({ DicomModalities: [] }))).toBe(
+      'DicomModalities: expected object of modality name -> ["AET", "host", port] or { "AET": ..., "Host": ..., "Port": ... }, got []',
+    );
+  });
+
+  test("the same AET, host and port under two names is fine", () => {
+    const cfg = parse(base({ DicomModalities: { a: ["X", "h", 104], b: { AET: "X", Host: "h", Port: 104 } } }));
+    expect(cfg.modalities.map((m) => m.name)).toEqual(["a", "b"]);
+  });
+});
+
+describe("DICOM settings", () => {
+  test("each key is validated", () => {
+    expect(issue(base({ DicomAet: "" }))).toBe("DicomAet: AE title is empty; expected 1-16 characters");
+    expect(issue(base({ DicomAet: 5 }))).toBe("DicomAet: expected AE title of 1-16 characters, got 5");
+    expect(issue(base({ StrictAetComparison: "yes" }))).toBe('StrictAetComparison: expected true or false, got "yes"');
+    expect(issue(base({ DicomCheckCalledAet: 1 }))).toBe("DicomCheckCalledAet: expected true or false, got 1");
+    expect(issue(base({ DicomScpTimeout: -1 }))).toBe("DicomScpTimeout: expected integer >= 0 (seconds; 0 = no timeout), got -1");
+    expect(issue(base({ DicomScpTimeout: "30" }))).toBe(
+      'DicomScpTimeout: expected integer >= 0 (seconds; 0 = no timeout), got "30"',
+    );
+    expect(issue(base({ MaximumPduLength: 4095 }))).toBe("MaximumPduLength: expected integer 4096-131072, got 4095");
+    expect(issue(base({ MaximumPduLength: 131073 }))).toBe("MaximumPduLength: expected integer 4096-131072, got 131073");
+    expect(issue(base({ DefaultEncoding: 8 }))).toBe("DefaultEncoding: expected encoding name such as Latin1 or Utf8, got 8");
+    expect(issue(base({ DefaultEncoding: "" }))).toBe('DefaultEncoding: empty string ""; expected encoding name such as Latin1 or Utf8');
+  });
+
+  test("bounds are inclusive", () => {
+    expect(parse(base({ MaximumPduLength: 4096 })).dicom.maximumPduLength).toBe(4096);
+    expect(parse(base({ MaximumPduLength: 131072 })).dicom.maximumPduLength).toBe(131072);
+  });
+});
+
+describe("Gateway section", () => {
+  const gw = (g: unknown) => base({ Gateway: g });
+
+  test("Orthanc", () => {
+    expect(issue(gw({ Orthanc: { Url: "ftp://pacs" } }))).toBe(
+      'Gateway.Orthanc.Url: expected http(s) URL such as http://127.0.0.1:8042, got "ftp://pacs"',
+    );
+    expect(issue(gw({ Orthanc: { Url: "localhost:8042" } }))).toBe(
+      'Gateway.Orthanc.Url: expected http(s) URL such as http://127.0.0.1:8042, got "localhost:8042"',
+    );
+    expect(issue(gw({ Orthanc: { Url: "not a url" } }))).toBe(
+      'Gateway.Orthanc.Url: expected http(s) URL such as http://127.0.0.1:8042, got "not a url"',
+    );
+    expect(issue(gw({ Orthanc: { Username: 1 } }))).toBe("Gateway.Orthanc.Username: expected a string, got 1");
+    expect(issue(gw({ Orthanc: { Password: null } }))).toBe("Gateway.Orthanc.Password: expected a string, got null");
+    expect(issue(gw({ Orthanc: { TimeoutSeconds: 0 } }))).toBe(
+      "Gateway.Orthanc.TimeoutSeconds: expected number of seconds > 0, got 0",
+    );
+    expect(issue(gw({ Orthanc: "http://x" }))).toBe(
+      'Gateway.Orthanc: expected object with Url, Username, Password, TimeoutSeconds, got "http://x"',
+    );
+    expect(parse(gw({ Orthanc: { Url: "http://orthanc:8042/" } })).orthanc.url).toBe("http://orthanc:8042");
+  });
+
+  test("Http", () => {
+    expect(issue(gw({ Http: { Port: 65536 } }))).toBe("Gateway.Http.Port: expected integer 0-65535 (0 = any free port), got 65536");
+    expect(issue(gw({ Http: { Port: -1 } }))).toBe("Gateway.Http.Port: expected integer 0-65535 (0 = any free port), got -1");
+    expect(issue(gw({ Http: { Host: "" } }))).toBe('Gateway.Http.Host: empty string ""; expected host name or IP address to listen on');
+    expect(parse(gw({ Http: { Port: 0 } })).http).toEqual({ host: "127.0.0.1", port: 0 });
+  });
+
+  test("SpoolDirectory and Log", () => {
+    expect(issue(gw({ SpoolDirectory: "" }))).toBe('Gateway.SpoolDirectory: empty string ""; expected directory path');
+    expect(issue(gw({ SpoolDirectory: 1 }))).toBe("Gateway.SpoolDirectory: expected directory path, got 1");
+    expect(issue(gw({ Log: { Level: "verbose" } }))).toBe('Gateway.Log.Level: expected debug, info, warn or error, got "verbose"');
+    expect(issue(gw({ Log: { Format: "xml" } }))).toBe('Gateway.Log.Format: expected json, text or auto, got "xml"');
+    expect(parse(gw({ Log: { Level: "WARN", Format: "Text" } })).log).toEqual({ level: "warn", format: "text" });
+  });
+
+  test("Gateway must be an object", () => {
+    expect(issue(gw(5))).toBe("Gateway: expected object with Orthanc, Http, SpoolDirectory, Log, got 5");
+  });
+});
+
+describe("collecting problems", () => {
+  test("all problems are reported, in one ConfigError with the documented message", () => {
+    let error: unknown;
+    try {
+      parseConfig(
+        JSON.stringify({
+          MultitenantDicom: {
+            Servers: [
+              { AET: "ALPHA", Labels: ["ok", "bad label"] },
+              { AET: "BETA", Port: 4243, Labels: [], LabelsConstraint: "Some" },
+            ],
+          },
+          MaximumPduLength: 1,
+          Gateway: { Log: { Level: "loud" } },
+        }),
+        { source: "gw.json", env: {} },
+      );
+    } catch (err) {
+      error = err;
+    }
+    expect(error).toBeInstanceOf(ConfigError);
+    expect(error).toBeInstanceOf(Error);
+    const e = error as ConfigError;
+    expect(e.name).toBe("ConfigError");
+    expect(e.source).toBe("gw.json");
+    expect(e.issues).toEqual([
+      "MultitenantDicom.Servers[0].Port: required (integer 1-65535)",
+      'MultitenantDicom.Servers[0].Labels[1]: label "bad label" must be 1-64 characters of A-Z a-z 0-9 _ -',
+      'MultitenantDicom.Servers[1].LabelsConstraint: expected All, Any or None, got "Some"',
+      "MaximumPduLength: expected integer 4096-131072, got 1",
+      'Gateway.Log.Level: expected debug, info, warn or error, got "loud"',
+    ]);
+    expect(e.message).toBe(
+      "Invalid configuration gw.json:\n" +
+        "  - MultitenantDicom.Servers[0].Port: required (integer 1-65535)\n" +
+        '  - MultitenantDicom.Servers[0].Labels[1]: label "bad label" must be 1-64 characters of A-Z a-z 0-9 _ -\n' +
+        '  - MultitenantDicom.Servers[1].LabelsConstraint: expected All, Any or None, got "Some"\n' +
+        "  - MaximumPduLength: expected integer 4096-131072, got 1\n" +
+        '  - Gateway.Log.Level: expected debug, info, warn or error, got "loud"',
+    );
+  });
+
+  test("cross checks are reported together with field errors", () => {
+    expect(
+      issues(servers(server({ LabelsConstraint: "x" }), server({ Labels: [] }))),
+    ).toEqual([
+      'MultitenantDicom.Servers[0].LabelsConstraint: expected All, Any or None, got "x"',
+      'MultitenantDicom.Servers[1].AET: duplicate of MultitenantDicom.Servers[0].AET "ALPHA"',
+      "MultitenantDicom.Servers[1].Port: duplicate of MultitenantDicom.Servers[0].Port 4242",
+    ]);
+  });
+
+  test("source defaults to a placeholder", () => {
+    try {
+      parseConfig("{}", { env: {} });
+      throw new Error("unreachable");
+    } catch (err) {
+      expect((err as ConfigError).message).toBe(
+        "Invalid configuration (inline configuration):\n  - MultitenantDicom: required (object with Servers)",
+      );
+    }
+  });
+});
+
+describe("cross checks", () => {
+  const beta = server({ AET: "BETA", Port: 4243, Labels: ["beta"] });
+
+  test("duplicate AET, case-insensitive by default", () => {
+    expect(issue(servers(server(), beta, server({ Port: 4244 })))).toBe(
+      'MultitenantDicom.Servers[2].AET: duplicate of MultitenantDicom.Servers[0].AET "ALPHA"',
+    );
+    expect(issue(servers(server(), server({ AET: "alpha", Port: 4243 })))).toBe(
+      'MultitenantDicom.Servers[1].AET: duplicate of MultitenantDicom.Servers[0].AET "ALPHA" (AE titles are compared case-insensitively unless StrictAetComparison is true)',
+    );
+    expect(issue(servers(server(), server({ AET: "ALPHA  ", Port: 4243 })))).toBe(
+      'MultitenantDicom.Servers[1].AET: duplicate of MultitenantDicom.Servers[0].AET "ALPHA"',
+    );
+  });
+
+  test("with StrictAetComparison, AE titles differing in case are distinct", () => {
+    const cfg = parse({ ...servers(server(), server({ AET: "alpha", Port: 4243 })), StrictAetComparison: true });
+    expect(cfg.tenants.map((t) => t.aet)).toEqual(["ALPHA", "alpha"]);
+    expect(issue({ ...servers(server(), server({ Port: 4243 })), StrictAetComparison: true })).toBe(
+      'MultitenantDicom.Servers[1].AET: duplicate of MultitenantDicom.Servers[0].AET "ALPHA"',
+    );
+  });
+
+  test("duplicate port", () => {
+    expect(issue(servers(server(), server({ AET: "BETA" })))).toBe(
+      "MultitenantDicom.Servers[1].Port: duplicate of MultitenantDicom.Servers[0].Port 4242",
+    );
+  });
+
+  test("a tenant port equal to the HTTP port", () => {
+    expect(issue({ ...servers(server(), beta), Gateway: { Http: { Port: 4243 } } })).toBe(
+      "MultitenantDicom.Servers[1].Port: port 4243 is also the HTTP port (Gateway.Http.Port); expected a different port",
+    );
+    expect(issue(servers(server({ Port: 8080 })))).toBe(
+      "MultitenantDicom.Servers[0].Port: port 8080 is also the HTTP port (Gateway.Http.Port default); expected a different port",
+    );
+    expect(issue(servers(server()), { GATEWAY_HTTP_PORT: "4242" })).toBe(
+      "MultitenantDicom.Servers[0].Port: port 4242 is also the HTTP port (GATEWAY_HTTP_PORT (env)); expected a different port",
+    );
+    // Port 0 (any free port) never clashes.
+    expect(parse({ ...servers(server()), Gateway: { Http: { Port: 0 } } }).http.port).toBe(0);
+  });
+});
+
+describe("environment overrides", () => {
+  const all = {
+    ORTHANC_URL: "https://orthanc.internal:8443/",
+    ORTHANC_USERNAME: "gw",
+    ORTHANC_PASSWORD: "s3cret",
+    GATEWAY_HTTP_HOST: "0.0.0.0",
+    GATEWAY_HTTP_PORT: "9090",
+    GATEWAY_SPOOL_DIRECTORY: "/srv/spool",
+    GATEWAY_LOG_LEVEL: "debug",
+    GATEWAY_LOG_FORMAT: "json",
+  };
+
+  test("every variable overrides its key, over file values and defaults", () => {
+    const file = base({
+      Gateway: { Orthanc: { Url: "http://a:1", Username: "x", Password: "y" }, Http: { Port: 8081 }, Log: { Level: "warn" } },
+    });
+    const cfg = parse(file, all);
+    expect(cfg.orthanc).toEqual({ url: "https://orthanc.internal:8443", username: "gw", password: "s3cret", timeoutMs: 30000 });
+    expect(cfg.http).toEqual({ host: "0.0.0.0", port: 9090 });
+    expect(cfg.spoolDirectory).toBe("/srv/spool");
+    expect(cfg.log).toEqual({ level: "debug", format: "json" });
+    expect(parse(base(), all).http.port).toBe(9090);
+  });
+
+  test("unset and empty variables are ignored; unrelated variables too", () => {
+    const cfg = parse(base({ Gateway: { Http: { Port: 8081 } } }), {
+      GATEWAY_HTTP_PORT: "",
+      ORTHANC_URL: undefined,
+      PATH: "/usr/bin",
+    });
+    expect(cfg.http.port).toBe(8081);
+    expect(cfg.orthanc.url).toBe("http://127.0.0.1:8042");
+  });
+
+  test("an invalid value names the variable", () => {
+    expect(issue(base(), { GATEWAY_HTTP_PORT: "eighty" })).toBe(
+      'GATEWAY_HTTP_PORT (env): expected integer 0-65535 (0 = any free port), got "eighty"',
+    );
+    expect(issue(base(), { GATEWAY_HTTP_PORT: "70000" })).toBe(
+      "GATEWAY_HTTP_PORT (env): expected integer 0-65535 (0 = any free port), got 70000",
+    );
+    expect(issue(base(), { GATEWAY_HTTP_PORT: "80.5" })).toBe(
+      'GATEWAY_HTTP_PORT (env): expected integer 0-65535 (0 = any free port), got "80.5"',
+    );
+    expect(issue(base(), { ORTHANC_URL: "orthanc:8042" })).toBe(
+      'ORTHANC_URL (env): expected http(s) URL such as http://127.0.0.1:8042, got "orthanc:8042"',
+    );
+    expect(issue(base(), { GATEWAY_LOG_LEVEL: "trace" })).toBe(
+      'GATEWAY_LOG_LEVEL (env): expected debug, info, warn or error, got "trace"',
+    );
+    expect(issue(base(), { GATEWAY_LOG_FORMAT: "yaml" })).toBe('GATEWAY_LOG_FORMAT (env): expected json, text or auto, got "yaml"');
+    expect(issue(base(), { GATEWAY_HTTP_HOST: "  " })).toBe(
+      'GATEWAY_HTTP_HOST (env): empty string "  "; expected host name or IP address to listen on',
+    );
+  });
+
+  test("a valid variable replaces an invalid file value", () => {
+    expect(parse(base({ Gateway: { Http: { Port: "x" } } }), { GATEWAY_HTTP_PORT: "8081" }).http.port).toBe(8081);
+  });
+
+  test("variables are still checked when the file's section is not an object", () => {
+    expect(issues(base({ Gateway: { Http: 1 } }), { GATEWAY_HTTP_PORT: "x", GATEWAY_HTTP_HOST: "h" })).toEqual([
+      "Gateway.Http: expected object with Host, Port, got 1",
+      'GATEWAY_HTTP_PORT (env): expected integer 0-65535 (0 = any free port), got "x"',
+    ]);
+  });
+
+  test("parseConfig does not modify anything shared between calls", () => {
+    const text = JSON.stringify(base());
+    expect(parseConfig(text, { env: { GATEWAY_HTTP_PORT: "1234" } }).http.port).toBe(1234);
+    expect(parseConfig(text, { env: {} }).http.port).toBe(8080);
+  });
+});
+
+describe("JSON with comments", () => {
+  test("line and block comments, // and /* inside strings, trailing commas", () => {
+    const text = `// leading comment
+{
+  /* block
+     comment */
+  "MultitenantDicom": { // trailing comment
+    "Servers": [
+      { "AET": "ALPHA", "Port": 4242, "Labels": ["alpha",], }, // trailing commas
+    ],
+  },
+  "Gateway": {
+    "Orthanc": { "Url": "http://orthanc:8042//x" }, // a URL with //
+    "SpoolDirectory": "/tmp/a/*not a comment*/b",
+    "Http": { "Host": "a\\"//b" }
+  }
+}
+/* trailing block */`;
+    const cfg = parse(text);
+    expect(cfg.orthanc.url).toBe("http://orthanc:8042//x");
+    expect(cfg.spoolDirectory).toBe("/tmp/a/*not a comment*/b");
+    expect(cfg.http.host).toBe('a"//b');
+    expect(cfg.tenants[0]!.labels).toEqual(["alpha"]);
+  });
+
+  test("stripJsonc keeps every line and column", () => {
+    const text = '{ // c\r\n  "a": /* x\n y */ 1, "u": "http://h" /**/\n}';
+    const stripped = stripJsonc(text);
+    expect(stripped.length).toBe(text.length);
+    expect(stripped).toBe('{     \r\n  "a":     \n      1, "u": "http://h"     \n}');
+    expect(parseJsonc(text)).toEqual({ a: 1, u: "http://h" });
+  });
+
+  test("a comma with no value before it is not a trailing comma", () => {
+    expect(() => parseJsonc("[,]")).toThrow('1:2: unexpected ","; expected a value');
+    expect(() => parseJsonc("[1,,]")).toThrow('1:4: unexpected ","; expected a value');
+    expect(parseJsonc('{"a": [1, 2,\n],\n}')).toEqual({ a: [1, 2] });
+  });
+
+  test("a byte order mark is accepted", () => {
+    expect(parse("\uFEFF" + JSON.stringify(base())).tenants).toHaveLength(1);
+  });
+
+  test("syntax errors report FILE:LINE:COLUMN", () => {
+    const text = `{
+  // a comment /* with "quotes" */
+  "MultitenantDicom": {
+    /* multi
+       line */ "Servers": [
+      { "AET": "ALPHA" "Port": 4242 }
+    ]
+  }
+}`;
+    expect(issue(text)).toBe(
+      'test.json:6:24: JSON syntax error: unexpected "\\""; expected "," or "}" after the property value',
+    );
+  });
+
+  test("more syntax errors", () => {
+    expect(issue('{\n  "a": tru\n}')).toBe('test.json:2:8: JSON syntax error: unexpected "tru"; expected a value (object, array, string, number, true, false or null)');
+    expect(issue('{\n  a: 1\n}')).toBe('test.json:2:3: JSON syntax error: unexpected "a"; expected a property name in double quotes');
+    expect(issue('{\n  "a": "open\n}')).toBe('test.json:2:8: JSON syntax error: unterminated string; expected a closing "');
+    expect(issue('{ "a": 1 }\n/* open')).toBe("test.json:2:1: JSON syntax error: unterminated /* comment; expected */");
+    expect(issue('{ "a": 1 }\n}')).toBe('test.json:2:1: JSON syntax error: unexpected "}"; expected end of file after the top-level value');
+    expect(issue('{ "a": [1, 2 }')).toBe('test.json:1:14: JSON syntax error: unexpected "}"; expected "," or "]" after the array element');
+    expect(issue("")).toBe("test.json:1:1: JSON syntax error: unexpected end of file; expected a value (object, array, string, number, true, false or null)");
+    expect(issue('{\r\n"a": 01}')).toBe('test.json:2:7: JSON syntax error: unexpected "1"; expected "," or "}" after the property value');
+  });
+});
+
+describe("files", () => {
+  test("config/gateway.json loads", async () => {
+    const cfg = await loadConfigFile(repoFile("config/gateway.json"), {});
+    expect(cfg).toEqual({
+      tenants: [
+        { aet: "ALPHA", port: 4242, labels: ["alpha"], labelsConstraint: "All", labelsStoreLevels: ["Study", "Series", "Instance"] },
+        { aet: "BETA", port: 4243, labels: ["beta"], labelsConstraint: "All", labelsStoreLevels: ["Study", "Series", "Instance"] },
+      ],
+      modalities: [{ name: "viewer", aet: "VIEWER", host: "127.0.0.1", port: 4300 }],
+      dicom: {
+        defaultAet: "ORTHANC",
+        strictAetComparison: false,
+        checkCalledAet: true,
+        scpTimeoutSeconds: 30,
+        maximumPduLength: 16384,
+        defaultEncoding: "Latin1",
+      },
+      orthanc: { url: "http://127.0.0.1:8042", username: "", password: "", timeoutMs: 30000 },
+      http: { host: "127.0.0.1", port: 8080 },
+      spoolDirectory: "./.cache/spool",
+      log: { level: "info", format: "auto" },
+    });
+  });
+
+  test("config/orthanc-multitenant.json (an Orthanc configuration) loads with the same tenants", async () => {
+    const orthanc = await loadConfigFile(repoFile("config/orthanc-multitenant.json"), {});
+    const gateway = await loadConfigFile(repoFile("config/gateway.json"), {});
+    expect(orthanc.tenants).toEqual(gateway.tenants);
+    expect(orthanc.modalities).toEqual(gateway.modalities);
+    expect(orthanc.dicom).toEqual(gateway.dicom);
+    expect(orthanc.orthanc.username).toBe("gateway");
+  });
+
+  test("a missing file says which path and to pass --config", async () => {
+    const missing = join(tmpdir(), "dicom-gateway-no-such-dir", "gateway.json");
+    const err = await loadConfigFile(missing, {}).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(ConfigError);
+    expect((err as ConfigError).source).toBe(missing);
+    expect((err as ConfigError).issues).toEqual([
+      `${missing}: file not found; pass --config <file> to choose the configuration file`,
+    ]);
+    expect((err as ConfigError).message).toBe(
+      `Cannot read configuration ${missing}:\n  - ${missing}: file not found; pass --config <file> to choose the configuration file`,
+    );
+  });
+
+  test("a relative missing path also shows the absolute path", async () => {
+    const err = (await loadConfigFile("no-such-config.json", {}).catch((e: unknown) => e)) as ConfigError;
+    expect(err.issues[0]).toBe(
+      `no-such-config.json (${join(process.cwd(), "no-such-config.json")}): file not found; pass --config <file> to choose the configuration file`,
+    );
+  });
+
+  test("errors in a file carry its path, and env applies", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "dicom-gateway-config-"));
+    try {
+      const file = join(dir, "bad.json");
+      await writeFile(file, '{\n  // comment\n  "MultitenantDicom": { "Servers": [ } \n}\n');
+      const err = (await loadConfigFile(file, {}).catch((e: unknown) => e)) as ConfigError;
+      expect(err).toBeInstanceOf(ConfigError);
+      expect(err.issues).toEqual([
+        `${file}:3:38: JSON syntax error: unexpected "}"; expected a value (object, array, string, number, true, false or null)`,
+      ]);
+      expect(err.message.startsWith(`Invalid configuration ${file}:\n  - `)).toBe(true);
+
+      const good = join(dir, "good.json");
+      await writeFile(good, JSON.stringify(base()));
+      expect((await loadConfigFile(good, { GATEWAY_HTTP_PORT: "0" })).http.port).toBe(0);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe("describeConfig", () => {
+  test("summarizes the default file", async () => {
+    const cfg = await loadConfigFile(repoFile("config/gateway.json"), {});
+    expect(describeConfig(cfg).split("\n")).toEqual([
+      "Tenants (2):",
+      "  ALPHA  port 4242  labels [alpha] All  store levels Study,Series,Instance",
+      "  BETA   port 4243  labels [beta] All  store levels Study,Series,Instance",
+      "DICOM modalities (1):",
+      "  viewer  AET VIEWER  127.0.0.1:4300",
+      "DICOM: default AET ORTHANC, check called AET on, strict AET comparison off, SCP timeout 30 s, maximum PDU length 16384, default encoding Latin1",
+      "Orthanc: http://127.0.0.1:8042  user (none)  password (none)  timeout 30 s",
+      "HTTP: 127.0.0.1:8080",
+      "Spool directory: ./.cache/spool",
+      "Log: level info, format auto",
+    ]);
+  });
+
+  test("never prints the password", () => {
+    const cfg = parse(
+      base({
+        Gateway: { Orthanc: { Url: "http://admin:hunter2@orthanc:8042", Username: "gw", Password: "s3cret" }, Http: { Host: "::1", Port: 0 } },
+        DicomScpTimeout: 0,
+      }),
+    );
+    const text = describeConfig(cfg);
+    expect(text).not.toContain("s3cret");
+    expect(text).not.toContain("hunter2");
+    expect(text).toContain("Orthanc: http://admin:(set)@orthanc:8042  user gw  password (set)  timeout 30 s");
+    expect(text).toContain("HTTP: [::1]:0 (any free port)");
+    expect(text).toContain("SCP timeout none");
+    expect(text).toContain("DICOM modalities (0):\n  (none)");
+  });
+
+  test("tenants with empty labels and levels", () => {
+    const cfg = parse(servers(server({ Labels: [], LabelsConstraint: "None", LabelsStoreLevels: [] })));
+    expect(describeConfig(cfg).split("\n")[1]).toBe("  ALPHA  port 4242  labels [] None  store levels (none)");
+  });
+});
