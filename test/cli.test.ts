@@ -1,0 +1,147 @@
+/**
+ * The command line as an operator uses it: `serve`, `check-config`, `version`, `--help`, run as a
+ * child process with Bun, and the same source under Deno (type check + a smoke run with C-ECHO).
+ */
+import { afterAll, describe, expect, test } from "bun:test";
+import { spawnSync } from "node:child_process";
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { echoscu } from "./helpers/dcmtk.ts";
+import { httpPortFromLog, spawnGateway, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
+import { freePort } from "./helpers/ports.ts";
+
+const ROOT = join(import.meta.dir, "..");
+const BUN = process.execPath;
+const DENO = join(ROOT, "node_modules/.bin/deno");
+const CLI = join(ROOT, "src/cli.ts");
+const started: GatewayProcess[] = [];
+
+afterAll(async () => {
+  await Promise.all(started.map((p) => p.stop()));
+});
+
+function cli(...args: string[]) {
+  const r = spawnSync(BUN, [CLI, ...args], { encoding: "utf8", env: { ...process.env, ORTHANC_URL: "", GATEWAY_HTTP_PORT: "" } });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+async function unreachableOrthancUrl(): Promise<string> {
+  return `http://127.0.0.1:${await freePort()}`;
+}
+
+describe("dicom-gateway check-config", () => {
+  test("prints the effective tenants of a valid file", () => {
+    const r = cli("check-config", "--config", join(ROOT, "config/gateway.json"));
+    expect(r.code).toBe(0);
+    expect(r.stdout).toContain("is valid");
+    expect(r.stdout).toMatch(/ALPHA\s+port 4242\s+labels \[alpha\] All/);
+    expect(r.stdout).toMatch(/BETA\s+port 4243/);
+  });
+
+  test("an existing Orthanc MultitenantDicom configuration loads unchanged", () => {
+    const r = cli("check-config", "--config", join(ROOT, "config/orthanc-multitenant.json"));
+    expect(r.code).toBe(0);
+    expect(r.stdout).toContain("ALPHA");
+  });
+
+  test("every error names the JSON path and what is expected; exit code 2", () => {
+    const path = writeConfigFile({
+      MultitenantDicom: {
+        Servers: [
+          { AET: "ALPHA", Port: 4242, Labels: ["alpha"] },
+          { AET: "BETA", Port: 4243, Labels: ["beta"], LabelsConstraint: "Some" },
+          { AET: "alpha", Port: 4242, Labels: ["bad label"] },
+        ],
+      },
+    });
+    const r = cli("check-config", "--config", path);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toContain(`Invalid configuration ${path}`);
+    expect(r.stderr).toContain("MultitenantDicom.Servers[1].LabelsConstraint: expected All, Any or None");
+    expect(r.stderr).toMatch(/MultitenantDicom\.Servers\[2\]\.Labels\[0\]: label "bad label"/);
+    expect(r.stderr).toMatch(/MultitenantDicom\.Servers\[2\]\.AET: duplicate/);
+    expect(r.stderr).toMatch(/MultitenantDicom\.Servers\[2\]\.Port: duplicate/);
+  });
+
+  test("a JSON syntax error names the line and column", () => {
+    const path = writeConfigFile({});
+    writeFileSync(path, '{\n  // comment\n  "MultitenantDicom": { "Servers": [ { "AET": "A" "Port": 1 } ] }\n}\n');
+    const r = cli("check-config", "--config", path);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(new RegExp(`${path}:3:\\d+: JSON syntax error`));
+  });
+
+  test("a missing file says how to choose one", () => {
+    const r = cli("check-config", "--config", "/nonexistent/gateway.json");
+    expect(r.code).toBe(2);
+    expect(r.stderr).toContain("/nonexistent/gateway.json");
+    expect(r.stderr).toContain("--config");
+  });
+});
+
+describe("dicom-gateway version / --help / usage errors", () => {
+  test("version prints the package version", async () => {
+    const pkg = JSON.parse(await Bun.file(join(ROOT, "package.json")).text());
+    const r = cli("version");
+    expect(r.code).toBe(0);
+    expect(r.stdout.trim()).toBe(`dicom-gateway ${pkg.version}`);
+  });
+
+  test("--help lists the commands", () => {
+    const r = cli("--help");
+    expect(r.code).toBe(0);
+    for (const c of ["serve", "check-config", "version", "--config"]) expect(r.stdout).toContain(c);
+  });
+
+  test("an unknown command or option exits 2 with a hint", () => {
+    const a = cli("frobnicate");
+    expect(a.code).toBe(2);
+    expect(a.stderr).toContain("unknown command 'frobnicate'");
+    const b = cli("serve", "--no-such-option");
+    expect(b.code).toBe(2);
+    expect(b.stderr).toContain("--help");
+  });
+});
+
+describe("dicom-gateway serve", () => {
+  test("starts without Orthanc, logs one line per listener, answers C-ECHO, /ready explains, SIGTERM exits 0", async () => {
+    const config = await testConfigObject([{ AET: "ALPHA", Labels: ["alpha"] }, { AET: "BETA", Labels: ["beta"] }], await unreachableOrthancUrl(), { Gateway: { Log: { Level: "info", Format: "json" } } });
+    const gw = spawnGateway(BUN, [CLI, "serve", "--config", writeConfigFile(config)]);
+    started.push(gw);
+    const httpLine = await gw.waitForLine(/"HTTP endpoint started"/);
+    await gw.waitForLine(/started without a usable Orthanc/);
+    const listenerLines = gw.lines().filter((l) => l.includes('"DICOM listener started"'));
+    expect(listenerLines.length).toBe(2);
+    for (const l of gw.lines()) expect(() => JSON.parse(l)).not.toThrow(); // journald-friendly JSON lines
+    const servers = (config.MultitenantDicom as { Servers: { AET: string; Port: number }[] }).Servers;
+    expect((await echoscu(servers[1]!.Port, "BETA")).code).toBe(0);
+    const port = httpPortFromLog(httpLine);
+    const ready = await fetch(`http://127.0.0.1:${port}/ready`);
+    expect(ready.status).toBe(503);
+    expect(((await ready.json()) as { reasons: string[] }).reasons[0]).toMatch(/unreachable \(ECONNREFUSED\)/);
+    expect((await fetch(`http://127.0.0.1:${port}/health`)).status).toBe(200);
+    await gw.waitForLine(/"association released"/);
+    expect(await gw.stop()).toBe(0);
+  }, 30_000);
+});
+
+describe("the same source under Deno", () => {
+  test("deno check passes on the whole source tree", () => {
+    const r = spawnSync(DENO, ["check", "src/cli.ts", "scripts/orthanc-testbed.ts"], { cwd: ROOT, encoding: "utf8" });
+    expect(r.stderr + r.stdout).not.toContain("error");
+    expect(r.status).toBe(0);
+  }, 60_000);
+
+  test("deno run src/cli.ts serve answers C-ECHO and /health", async () => {
+    const config = await testConfigObject([{ AET: "DENO", Labels: ["d"] }], await unreachableOrthancUrl(), { Gateway: { Log: { Level: "info", Format: "json" } } });
+    const gw = spawnGateway(DENO, ["run", "--no-prompt", "--allow-net", "--allow-read", "--allow-write", "--allow-env", "--allow-sys", CLI, "serve", "--config", writeConfigFile(config)]);
+    started.push(gw);
+    const httpLine = await gw.waitForLine(/"HTTP endpoint started"/, 30_000);
+    const port = (config.MultitenantDicom as { Servers: { Port: number }[] }).Servers[0]!.Port;
+    const r = await echoscu(port, "DENO");
+    expect(r.output).toContain("Received Echo Response (Success)");
+    expect((await fetch(`http://127.0.0.1:${httpPortFromLog(httpLine)}/health`)).status).toBe(200);
+    expect(await fetch(`http://127.0.0.1:${httpPortFromLog(httpLine)}/metrics`).then((r) => r.text())).toContain('dicom_gateway_dimse_operations_total{tenant="DENO",service="C-ECHO",status="0x0000"} 1');
+    expect(await gw.stop()).toBe(0);
+  }, 60_000);
+});
