@@ -21,6 +21,58 @@ export interface TenantConfig {
   labelsConstraint: LabelsConstraint;
   /** Levels that receive the tenant's labels on C-STORE (`LabelsStoreLevels`). */
   labelsStoreLevels: ResourceLevel[];
+  /** `Forwarding` (gateway key, default `Gateway.Forwarding`): how received instances reach Orthanc. */
+  forwarding: ForwardingMode;
+  /** `SpoolQuotaMB` (gateway key, default `Gateway.Spool.QuotaMB`) in bytes: beyond it C-STORE answers 0xA700. */
+  spoolQuotaBytes: number;
+  /**
+   * `AllowedDestinations` (gateway key): names or AE titles of `DicomModalities` entries this tenant may
+   * C-MOVE to; undefined = every modality.
+   */
+  allowedDestinations?: string[];
+}
+
+/** "Spool": acknowledge once on disk (fsync'd), forward in the background. "Sync": acknowledge once in Orthanc. */
+export type ForwardingMode = "Spool" | "Sync";
+
+export interface StoreSettings {
+  /** `UnknownSopClassAccepted` (Orthanc key, default false): accept storage of SOP classes we don't know. */
+  unknownSopClassAccepted: boolean;
+  /** `AcceptedTransferSyntaxes` (Orthanc key, default ["1.2.840.10008.1.*"]): UIDs, `*` and `?` wildcards allowed. */
+  acceptedTransferSyntaxes: string[];
+}
+
+export interface SpoolSettings {
+  /** `Gateway.SpoolDirectory`. */
+  directory: string;
+  /** `Gateway.Spool.QuotaMB` (default 10240) in bytes: default per-tenant quota. */
+  defaultQuotaBytes: number;
+  /** `Gateway.Spool.HighWaterMarkPercent` (default 80): /ready turns 503 when a tenant's spool passes it. */
+  highWaterMarkPercent: number;
+  /** `Gateway.Spool.VerifyIntegrity` (default false): compare Orthanc's MD5 and size before deleting a spool file. */
+  verifyIntegrity: boolean;
+}
+
+export interface FindSettings {
+  /** `CaseSensitivePN` (Orthanc key, default false). */
+  caseSensitivePN: boolean;
+  /** `LimitFindResults` (Orthanc key, default 0 = no limit): more matches answer a failure, never a silent truncation. */
+  limitFindResults: number;
+  /** `Gateway.Find.PageSize` (default 100): results asked from Orthanc per REST call. */
+  pageSize: number;
+  /** `Gateway.Find.TimeoutSeconds` (default 30) in ms: an Orthanc call slower than this fails the query. */
+  timeoutMs: number;
+}
+
+export interface MoveSettings {
+  /** `Gateway.Move.ConnectTimeoutSeconds` (default 5) in ms: a dead destination fails within this. */
+  connectTimeoutMs: number;
+  /** `Gateway.Move.Parallelism` (default 2): instances fetched from Orthanc ahead of the sub-operations. */
+  parallelism: number;
+  /** `Gateway.Move.PendingIntervalSeconds` (default 1) in ms: Pending responses at least this often... */
+  pendingIntervalMs: number;
+  /** `Gateway.Move.PendingEvery` (default 10): ...and after this many sub-operations. */
+  pendingEvery: number;
 }
 
 /** One entry of `DicomModalities`, array form `["AET","host",port]` or object form. */
@@ -53,6 +105,10 @@ export interface OrthancSettings {
   password: string;
   /** Timeout of one REST call, milliseconds (`Gateway.Orthanc.TimeoutSeconds` * 1000, default 30 s). */
   timeoutMs: number;
+  /** `Gateway.Orthanc.UploadConcurrency` (default 4): parallel keep-alive uploads of spooled instances. */
+  uploadConcurrency: number;
+  /** `Gateway.Orthanc.UnreachableGraceSeconds` (default 60) in ms: /ready stays 200 this long after Orthanc was last seen. */
+  unreachableGraceMs: number;
 }
 
 export type LogLevel = "debug" | "info" | "warn" | "error";
@@ -65,6 +121,11 @@ export interface GatewayConfig {
   dicom: DicomSettings;
   orthanc: OrthancSettings;
   http: { host: string; port: number };
+  /** Same as spool.directory (`Gateway.SpoolDirectory`). */
   spoolDirectory: string;
+  spool: SpoolSettings;
+  store: StoreSettings;
+  find: FindSettings;
+  move: MoveSettings;
   log: { level: LogLevel; format: LogFormat };
 }

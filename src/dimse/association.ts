@@ -91,6 +91,12 @@ export interface DimseResponder {
    * and data set type are filled in. Statuses other than Pending end the operation.
    */
   respond(fields: CommandSet, dataset?: Uint8Array): Promise<void>;
+  /**
+   * Sends a request to the peer on this association and resolves with its response: the C-STORE
+   * sub-operations of C-GET (PS3.4 C.4.3.3, PS3.7 9.1.3). The Message ID is assigned here; the
+   * command's data set type is set from `dataset`. Rejects if the association ends first.
+   */
+  subOperation(presentationContextId: number, command: CommandSet, dataset?: Uint8Array | AsyncIterable<Uint8Array>): Promise<CommandSet>;
 }
 
 /** A service handler must answer every request with a final status; throwing aborts the association. */
@@ -143,6 +149,9 @@ export class AcceptorAssociation {
   /** The message whose command or data set is being received, per presentation context. */
   private readonly incoming = new Map<number, { command: Uint8Array[]; dataset?: DatasetStream }>();
   private endReported = false;
+  /** Our requests on this association (C-GET sub-operations) awaiting a response, by Message ID. */
+  private readonly awaiting = new Map<number, { resolve: (c: CommandSet) => void; reject: (e: Error) => void }>();
+  private nextMessageId = 1;
   private pausedBy = 0;
   /** Resolves when the socket has closed. */
   readonly closed: Promise<void>;
@@ -178,7 +187,7 @@ export class AcceptorAssociation {
     if (reason === "idle-timeout") {
       const idle = Date.now() - this.lastActivity;
       // Never abort an answer in progress: the timer only counts while we wait for the peer.
-      const busy = this.running !== undefined && !this.running.dataset?.isWaitingForPeer && !this.writer?.waitingForPeer;
+      const busy = this.running !== undefined && !this.running.dataset?.isWaitingForPeer && !this.writer?.waitingForPeer && this.awaiting.size === 0;
       if (busy || idle < ms) {
         this.armTimer(busy ? ms : ms - idle, reason);
         return;
@@ -350,7 +359,14 @@ export class AcceptorAssociation {
       target?.controller.abort(new Error("C-CANCEL-RQ"));
       return;
     }
-    if (field & 0x8000) throw new PduError(`unexpected DIMSE response 0x${field.toString(16)} from the requestor`, AbortReason.UnexpectedPduParameter);
+    if (field & 0x8000) {
+      const waiter = this.awaiting.get(command.messageIdBeingRespondedTo ?? -1);
+      if (!waiter) throw new PduError(`unexpected DIMSE response 0x${field.toString(16)} to message ${command.messageIdBeingRespondedTo}`, AbortReason.UnexpectedPduParameter);
+      dataset?.discard();
+      this.awaiting.delete(command.messageIdBeingRespondedTo!);
+      waiter.resolve(command);
+      return;
+    }
     this.queue.push({ pc, command, dataset, controller: new AbortController() });
     void this.pump();
   }
@@ -396,6 +412,18 @@ export class AcceptorAssociation {
           status,
         };
         await this.writer!.send(op.pc.id, cmd, dataset);
+      },
+      subOperation: (pcId, command, dataset) => {
+        if (this.state === "closing") return Promise.reject(new Error("association ended"));
+        const messageId = this.nextMessageId;
+        this.nextMessageId = (this.nextMessageId % 0xffff) + 1;
+        const response = new Promise<CommandSet>((resolve, reject) => this.awaiting.set(messageId, { resolve, reject }));
+        const cmd: CommandSet = { ...command, messageId, commandDataSetType: dataset ? 0x0000 : NO_DATASET };
+        this.writer!.send(pcId, cmd, dataset).catch((e: Error) => {
+          this.awaiting.get(messageId)?.reject(e);
+          this.awaiting.delete(messageId);
+        });
+        return response;
       },
     };
     const handler = this.opts.handlers.get(field);
@@ -471,6 +499,8 @@ export class AcceptorAssociation {
       op.dataset?.fail(err);
     }
     for (const m of this.incoming.values()) m.dataset?.fail(err);
+    for (const w of this.awaiting.values()) w.reject(err);
+    this.awaiting.clear();
     this.incoming.clear();
     this.queue.length = 0;
   }

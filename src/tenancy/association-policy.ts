@@ -10,8 +10,8 @@ import type { AssociateRQ } from "../dimse/pdu.ts";
 import { aeTitlesEqual } from "./ae-title.ts";
 
 export function createAssociationPolicy(
-  tenant: TenantConfig,
-  dicom: DicomSettings,
+  tenant: Pick<TenantConfig, "aet">,
+  dicom: Pick<DicomSettings, "checkCalledAet" | "strictAetComparison">,
   supported: SupportedSyntaxes,
 ): (rq: AssociateRQ, peer: Peer) => Negotiation {
   return (rq) => {
