@@ -1,0 +1,132 @@
+/**
+ * Storing an instance into Orthanc and labeling it for its tenant (Orthanc >= 1.12 labels).
+ * Shared by the spool forwarder and by Sync-mode C-STORE.
+ */
+import { open } from "node:fs/promises";
+import type { ResourceLevel } from "../config/types.ts";
+import { OrthancError, type OrthancClient } from "./client.ts";
+
+export interface StoredInstance {
+  id: string;
+  parentPatient: string;
+  parentStudy: string;
+  parentSeries: string;
+  /** "Success", or "AlreadyStored" for a replay of an instance Orthanc has. */
+  status: string;
+}
+
+/** Orthanc's answer to POST /instances. */
+interface PostInstancesAnswer {
+  ID: string;
+  ParentPatient: string;
+  ParentStudy: string;
+  ParentSeries: string;
+  Status: string;
+}
+
+/** A file as a byte stream of 1 MiB chunks read on demand, for a streamed upload body. */
+export function fileStream(path: string, chunkSize = 1 << 20): ReadableStream<Uint8Array> {
+  let fh: Awaited<ReturnType<typeof open>> | undefined;
+  return new ReadableStream<Uint8Array>(
+    {
+      async start() {
+        fh = await open(path, "r");
+      },
+      async pull(controller) {
+        const buf = new Uint8Array(chunkSize);
+        const { bytesRead } = await fh!.read(buf, 0, chunkSize, null);
+        if (bytesRead === 0) {
+          await fh!.close();
+          fh = undefined;
+          controller.close();
+          return;
+        }
+        controller.enqueue(bytesRead === chunkSize ? buf : buf.subarray(0, bytesRead));
+      },
+      async cancel() {
+        await fh?.close();
+        fh = undefined;
+      },
+    },
+    { highWaterMark: 2 },
+  );
+}
+
+/** Upload time allowed: the REST timeout plus the time to send the file at a pessimistic 10 MB/s. */
+function uploadTimeout(client: OrthancClient, size: number): number {
+  return client.timeoutMs + Math.ceil(size / 10_000);
+}
+
+/** POST /instances with the file streamed from disk. */
+export async function uploadFile(client: OrthancClient, path: string, size: number, signal?: AbortSignal): Promise<StoredInstance> {
+  const a = await client.postJson<PostInstancesAnswer>("/instances", fileStream(path), {
+    timeoutMs: uploadTimeout(client, size),
+    headers: { "Content-Type": "application/dicom", "Content-Length": String(size) },
+    signal,
+  });
+  if (!a || typeof a.ID !== "string") throw new OrthancError(`Orthanc's answer to POST /instances has no ID: ${JSON.stringify(a)}`, { kind: "http" });
+  return { id: a.ID, parentPatient: a.ParentPatient, parentStudy: a.ParentStudy, parentSeries: a.ParentSeries, status: a.Status };
+}
+
+/** True when retrying cannot help: Orthanc refused the content itself (400 Bad file format, 415...). */
+export function isPermanentRejection(e: unknown): boolean {
+  return e instanceof OrthancError && e.kind === "http" && (e.status === 400 || e.status === 415 || e.status === 413);
+}
+
+const LEVEL_PATH: Record<ResourceLevel, string> = { Patient: "patients", Study: "studies", Series: "series", Instance: "instances" };
+
+/**
+ * Puts a tenant's labels on the levels it stores at. Studies, series and patients already labeled
+ * are remembered (bounded), so a study of 500 instances costs one study label call, not 500.
+ */
+export class Labeler {
+  private readonly done = new Map<string, true>();
+
+  constructor(
+    private readonly client: OrthancClient,
+    private readonly cacheSize = 50_000,
+  ) {}
+
+  async apply(stored: StoredInstance, tenant: { labels: readonly string[]; labelsStoreLevels: readonly ResourceLevel[] }, signal?: AbortSignal): Promise<number> {
+    let calls = 0;
+    const ids: Record<ResourceLevel, string> = { Patient: stored.parentPatient, Study: stored.parentStudy, Series: stored.parentSeries, Instance: stored.id };
+    const work: Promise<void>[] = [];
+    for (const level of tenant.labelsStoreLevels) {
+      for (const label of tenant.labels) {
+        const key = `${level}/${ids[level]}/${label}`;
+        // Instances are new (or a replay): always label them; parents only once.
+        if (level !== "Instance" && this.done.has(key)) continue;
+        calls++;
+        work.push(
+          this.client.put(`/${LEVEL_PATH[level]}/${ids[level]}/labels/${encodeURIComponent(label)}`, "", { signal }).then(() => {
+            if (level !== "Instance") this.remember(key);
+          }),
+        );
+      }
+    }
+    await Promise.all(work);
+    return calls;
+  }
+
+  /** Forget cached parents (e.g. after Orthanc was restarted with an empty database). */
+  clear(): void {
+    this.done.clear();
+  }
+
+  private remember(key: string): void {
+    if (this.done.size >= this.cacheSize) {
+      const oldest = this.done.keys().next().value;
+      if (oldest !== undefined) this.done.delete(oldest);
+    }
+    this.done.set(key, true);
+  }
+}
+
+/** MD5 and size of what Orthanc stored for an instance (its DICOM attachment). */
+export async function storedAttachmentInfo(client: OrthancClient, instanceId: string): Promise<{ md5: string; size: number }> {
+  const [md5, size] = await Promise.all([
+    client.request("GET", `/instances/${instanceId}/attachments/dicom/md5`).then((r) => r.text()),
+    client.request("GET", `/instances/${instanceId}/attachments/dicom/size`).then((r) => r.text()),
+  ]);
+  return { md5: md5.trim().replace(/"/g, ""), size: Number(size.trim()) };
+}
