@@ -7,6 +7,7 @@ import {
   ConfigError,
   describeConfig,
   type GatewayConfig,
+  type ResourceLevel,
   loadConfigFile,
   parseConfig,
   parseJsonc,
@@ -52,6 +53,15 @@ function issue(cfg: Json | string, env: Record<string, string | undefined> = {})
   return list[0]!;
 }
 
+const MB = 1024 * 1024;
+
+/** The settings derived from the new keys when none is given. */
+const DEFAULT_TENANT_EXTRAS = { forwarding: "Spool", spoolQuotaBytes: 10240 * MB } as const;
+const DEFAULT_SPOOL = { defaultQuotaBytes: 10240 * MB, highWaterMarkPercent: 80, verifyIntegrity: false };
+const DEFAULT_STORE = { unknownSopClassAccepted: false, acceptedTransferSyntaxes: ["1.2.840.10008.1.*"] };
+const DEFAULT_FIND = { caseSensitivePN: false, limitFindResults: 0, pageSize: 100, timeoutMs: 30000 };
+const DEFAULT_MOVE = { connectTimeoutMs: 5000, parallelism: 2, pendingIntervalMs: 1000, pendingEvery: 10 };
+
 const repoFile = (rel: string) => fileURLToPath(new URL(`../${rel}`, import.meta.url).href);
 
 describe("defaults", () => {
@@ -64,6 +74,8 @@ describe("defaults", () => {
           labels: ["alpha"],
           labelsConstraint: "All",
           labelsStoreLevels: ["Study", "Series", "Instance"],
+          forwarding: "Spool",
+          spoolQuotaBytes: 10240 * 1024 * 1024,
         },
       ],
       modalities: [],
@@ -75,11 +87,28 @@ describe("defaults", () => {
         maximumPduLength: 16384,
         defaultEncoding: "Latin1",
       },
-      orthanc: { url: "http://127.0.0.1:8042", username: "", password: "", timeoutMs: 30000 },
+      orthanc: {
+        url: "http://127.0.0.1:8042",
+        username: "",
+        password: "",
+        timeoutMs: 30000,
+        uploadConcurrency: 4,
+        unreachableGraceMs: 60000,
+      },
       http: { host: "127.0.0.1", port: 8080 },
       spoolDirectory: "/var/lib/dicom-gateway/spool",
+      spool: {
+        directory: "/var/lib/dicom-gateway/spool",
+        defaultQuotaBytes: 10737418240,
+        highWaterMarkPercent: 80,
+        verifyIntegrity: false,
+      },
+      store: { unknownSopClassAccepted: false, acceptedTransferSyntaxes: ["1.2.840.10008.1.*"] },
+      find: { caseSensitivePN: false, limitFindResults: 0, pageSize: 100, timeoutMs: 30000 },
+      move: { connectTimeoutMs: 5000, parallelism: 2, pendingIntervalMs: 1000, pendingEvery: 10 },
       log: { level: "info", format: "auto" },
     });
+    expect("allowedDestinations" in parse(base()).tenants[0]!).toBe(false);
   });
 
   test("DicomCheckCalledAet defaults to true (unlike Orthanc) and can be turned off", () => {
@@ -116,9 +145,12 @@ describe("defaults", () => {
       username: "u",
       password: "p",
       timeoutMs: 1500,
+      uploadConcurrency: 4,
+      unreachableGraceMs: 60000,
     });
     expect(cfg.http).toEqual({ host: "0.0.0.0", port: 0 });
     expect(cfg.spoolDirectory).toBe("/tmp/spool");
+    expect(cfg.spool).toEqual({ directory: "/tmp/spool", ...DEFAULT_SPOOL });
     expect(cfg.log).toEqual({ level: "debug", format: "json" });
   });
 
@@ -129,12 +161,19 @@ describe("defaults", () => {
       Plugins: ["/usr/share/orthanc/plugins"],
       MultitenantDicom: {
         SomethingElse: 1,
-        Servers: [server({ Forwarding: { Target: "x" }, Isolation: "strict" })],
+        Servers: [server({ Routing: { Target: "x" }, Isolation: "strict" })],
       },
-      Gateway: { Unknown: true, Http: { Extra: 1 } },
+      Gateway: { Unknown: true, Http: { Extra: 1 }, Spool: { Extra: 1 }, Find: { Extra: 1 }, Move: { Extra: 1 } },
     });
     expect(cfg.tenants).toEqual([
-      { aet: "ALPHA", port: 4242, labels: ["alpha"], labelsConstraint: "All", labelsStoreLevels: ["Study", "Series", "Instance"] },
+      {
+        aet: "ALPHA",
+        port: 4242,
+        labels: ["alpha"],
+        labelsConstraint: "All",
+        labelsStoreLevels: ["Study", "Series", "Instance"],
+        ...DEFAULT_TENANT_EXTRAS,
+      },
     ]);
   });
 });
@@ -361,7 +400,7 @@ describe("Gateway section", () => {
       "Gateway.Orthanc.TimeoutSeconds: expected number of seconds > 0, got 0",
     );
     expect(issue(gw({ Orthanc: "http://x" }))).toBe(
-      'Gateway.Orthanc: expected object with Url, Username, Password, TimeoutSeconds, got "http://x"',
+      'Gateway.Orthanc: expected object with Url, Username, Password, TimeoutSeconds, UploadConcurrency, UnreachableGraceSeconds, got "http://x"',
     );
     expect(parse(gw({ Orthanc: { Url: "http://orthanc:8042/" } })).orthanc.url).toBe("http://orthanc:8042");
   });
@@ -382,7 +421,288 @@ describe("Gateway section", () => {
   });
 
   test("Gateway must be an object", () => {
-    expect(issue(gw(5))).toBe("Gateway: expected object with Orthanc, Http, SpoolDirectory, Log, got 5");
+    expect(issue(gw(5))).toBe(
+      "Gateway: expected object with Orthanc, Http, Forwarding, SpoolDirectory, Spool, Find, Move, Log, got 5",
+    );
+  });
+});
+
+describe("gateway keys of a server entry", () => {
+  const beta = (patch: Json = {}) => server({ AET: "BETA", Port: 4243, Labels: ["beta"], ...patch });
+  const tenant = (patch: Json, top: Json = {}) => parse({ ...servers(server(patch)), ...top }).tenants[0]!;
+
+  test("Forwarding: default Gateway.Forwarding, itself Spool", () => {
+    expect(tenant({}).forwarding).toBe("Spool");
+    const cfg = parse({ ...servers(server({ Forwarding: "Spool" }), beta()), Gateway: { Forwarding: "Sync" } });
+    expect(cfg.tenants.map((t) => t.forwarding)).toEqual(["Spool", "Sync"]);
+    expect(parse({ ...servers(server(), beta({ Forwarding: "Sync" })) }).tenants.map((t) => t.forwarding)).toEqual([
+      "Spool",
+      "Sync",
+    ]);
+  });
+
+  test("Forwarding is case-insensitive and normalized", () => {
+    expect(tenant({ Forwarding: "sync" }).forwarding).toBe("Sync");
+    expect(tenant({ Forwarding: "SPOOL" }).forwarding).toBe("Spool");
+    expect(tenant({}, { Gateway: { Forwarding: "SYNC" } }).forwarding).toBe("Sync");
+  });
+
+  test("Forwarding errors", () => {
+    expect(issue(servers(server(), beta({ Forwarding: "Async" })))).toBe(
+      'MultitenantDicom.Servers[1].Forwarding: expected Spool or Sync, got "Async"',
+    );
+    expect(issue(servers(server({ Forwarding: { Target: "x" } })))).toBe(
+      "MultitenantDicom.Servers[0].Forwarding: expected Spool or Sync, got an object",
+    );
+    expect(issue(servers(server({ Forwarding: "" })))).toBe('MultitenantDicom.Servers[0].Forwarding: expected Spool or Sync, got ""');
+    expect(issue(base({ Gateway: { Forwarding: true } }))).toBe("Gateway.Forwarding: expected Spool or Sync, got true");
+  });
+
+  test("SpoolQuotaMB: default Gateway.Spool.QuotaMB, itself 10240; fractional values are rounded to bytes", () => {
+    expect(tenant({}).spoolQuotaBytes).toBe(10240 * MB);
+    expect(tenant({ SpoolQuotaMB: 512 }).spoolQuotaBytes).toBe(512 * MB);
+    expect(tenant({ SpoolQuotaMB: 0.5 }).spoolQuotaBytes).toBe(524288);
+    expect(tenant({ SpoolQuotaMB: 1.1 }).spoolQuotaBytes).toBe(1153434);
+    expect(tenant({ SpoolQuotaMB: 1e-9 }).spoolQuotaBytes).toBe(1);
+    const cfg = parse({ ...servers(server(), beta({ SpoolQuotaMB: 100 })), Gateway: { Spool: { QuotaMB: 2.5 } } });
+    expect(cfg.tenants.map((t) => t.spoolQuotaBytes)).toEqual([2.5 * MB, 100 * MB]);
+    expect(cfg.spool.defaultQuotaBytes).toBe(2.5 * MB);
+  });
+
+  test("SpoolQuotaMB errors", () => {
+    const quota = (v: unknown) => issue(servers(server({ SpoolQuotaMB: v })));
+    expect(quota(0)).toBe("MultitenantDicom.Servers[0].SpoolQuotaMB: expected number of megabytes > 0, got 0");
+    expect(quota(-5)).toBe("MultitenantDicom.Servers[0].SpoolQuotaMB: expected number of megabytes > 0, got -5");
+    expect(quota("10")).toBe('MultitenantDicom.Servers[0].SpoolQuotaMB: expected number of megabytes > 0, got "10"');
+    expect(quota(null)).toBe("MultitenantDicom.Servers[0].SpoolQuotaMB: expected number of megabytes > 0, got null");
+  });
+
+  test("AllowedDestinations: absent = every modality; names and AE titles; duplicates dropped", () => {
+    const mods = { DicomModalities: { viewer: ["VIEWER", "127.0.0.1", 4300], archive: { AET: "ARCH", Host: "h", Port: 104 } } };
+    expect(tenant({}, mods).allowedDestinations).toBeUndefined();
+    expect("allowedDestinations" in tenant({}, mods)).toBe(false);
+    expect(tenant({ AllowedDestinations: ["viewer", "ARCH"] }, mods).allowedDestinations).toEqual(["viewer", "ARCH"]);
+    expect(tenant({ AllowedDestinations: ["archive", "archive", "VIEWER"] }, mods).allowedDestinations).toEqual([
+      "archive",
+      "VIEWER",
+    ]);
+    expect(tenant({ AllowedDestinations: [] }, mods).allowedDestinations).toEqual([]);
+    // AE titles are compared like everywhere else: case-insensitively, trailing spaces not significant.
+    expect(tenant({ AllowedDestinations: ["arch", "Viewer "] }, mods).allowedDestinations).toEqual(["arch", "Viewer "]);
+  });
+
+  test("AllowedDestinations must name a DicomModalities entry or its AET", () => {
+    const mods = { DicomModalities: { viewer: ["VIEWER", "127.0.0.1", 4300], archive: { AET: "ARCH", Host: "h", Port: 104 } } };
+    expect(issue({ ...servers(server({ AllowedDestinations: ["viewer", "PACS2"] })), ...mods })).toBe(
+      'MultitenantDicom.Servers[0].AllowedDestinations[1]: "PACS2" is neither a DicomModalities name nor the AET of one; expected one of viewer, archive, VIEWER, ARCH',
+    );
+    // Names are compared exactly.
+    expect(issue({ ...servers(server(), beta({ AllowedDestinations: ["Archive"] })), ...mods })).toBe(
+      'MultitenantDicom.Servers[1].AllowedDestinations[0]: "Archive" is neither a DicomModalities name nor the AET of one; expected one of viewer, archive, VIEWER, ARCH',
+    );
+    expect(issue(servers(server({ AllowedDestinations: ["viewer"] })))).toBe(
+      'MultitenantDicom.Servers[0].AllowedDestinations[0]: "viewer" is neither a DicomModalities name nor the AET of one; expected a DicomModalities entry, but DicomModalities is empty',
+    );
+  });
+
+  test("AllowedDestinations: with StrictAetComparison, AE titles are compared case-sensitively", () => {
+    const cfg = { DicomModalities: { viewer: ["VIEWER", "127.0.0.1", 4300] }, StrictAetComparison: true };
+    expect(tenant({ AllowedDestinations: ["VIEWER"] }, cfg).allowedDestinations).toEqual(["VIEWER"]);
+    expect(issue({ ...servers(server({ AllowedDestinations: ["Viewer"] })), ...cfg })).toBe(
+      'MultitenantDicom.Servers[0].AllowedDestinations[0]: "Viewer" is neither a DicomModalities name nor the AET of one; expected one of viewer, VIEWER',
+    );
+  });
+
+  test("AllowedDestinations type errors", () => {
+    const mods = { DicomModalities: { viewer: ["VIEWER", "127.0.0.1", 4300] } };
+    const allowed = (v: unknown) => issues({ ...servers(server({ AllowedDestinations: v })), ...mods });
+    expect(allowed("viewer")).toEqual([
+      'MultitenantDicom.Servers[0].AllowedDestinations: expected array of DicomModalities names or AE titles, got "viewer"',
+    ]);
+    expect(allowed(["viewer", "", 3])).toEqual([
+      'MultitenantDicom.Servers[0].AllowedDestinations[1]: empty string ""; expected DicomModalities name or AE title',
+      "MultitenantDicom.Servers[0].AllowedDestinations[2]: expected DicomModalities name or AE title, got 3",
+    ]);
+  });
+
+  test("AllowedDestinations: a modality with other errors still counts; a broken DicomModalities is reported once", () => {
+    const broken = { DicomModalities: { viewer: ["VIEWER", "127.0.0.1", "x"] } };
+    expect(issues({ ...servers(server({ AllowedDestinations: ["viewer", "VIEWER"] })), ...broken })).toEqual([
+      'DicomModalities.viewer[2]: expected port number 1-65535 or numeric string, got "x"',
+    ]);
+    expect(issues({ ...servers(server({ AllowedDestinations: ["viewer"] })), DicomModalities: [] })).toEqual([
+      'DicomModalities: expected object of modality name -> ["AET", "host", port] or { "AET": ..., "Host": ..., "Port": ... }, got []',
+    ]);
+  });
+});
+
+describe("Orthanc store and find keys", () => {
+  test("defaults", () => {
+    const cfg = parse(base());
+    expect(cfg.store).toEqual({ unknownSopClassAccepted: false, acceptedTransferSyntaxes: ["1.2.840.10008.1.*"] });
+    expect(cfg.find.caseSensitivePN).toBe(false);
+    expect(cfg.find.limitFindResults).toBe(0);
+  });
+
+  test("explicit values", () => {
+    const cfg = parse(
+      base({
+        UnknownSopClassAccepted: true,
+        AcceptedTransferSyntaxes: ["1.2.840.10008.1.2", "1.2.840.10008.1.2.4.5?", "1.2.840.10008.1.2", "*"],
+        CaseSensitivePN: true,
+        LimitFindResults: 500,
+      }),
+    );
+    expect(cfg.store).toEqual({
+      unknownSopClassAccepted: true,
+      acceptedTransferSyntaxes: ["1.2.840.10008.1.2", "1.2.840.10008.1.2.4.5?", "*"],
+    });
+    expect(cfg.find).toEqual({ ...DEFAULT_FIND, caseSensitivePN: true, limitFindResults: 500 });
+    expect(parse(base({ AcceptedTransferSyntaxes: [] })).store.acceptedTransferSyntaxes).toEqual([]);
+  });
+
+  test("AcceptedTransferSyntaxes may be a single string, as in Orthanc", () => {
+    expect(parse(base({ AcceptedTransferSyntaxes: "1.2.840.10008.1.2.1" })).store.acceptedTransferSyntaxes).toEqual([
+      "1.2.840.10008.1.2.1",
+    ]);
+    expect(issue(base({ AcceptedTransferSyntaxes: "JPEG" }))).toBe(
+      'AcceptedTransferSyntaxes: expected transfer syntax UID (digits and dots, * and ? wildcards allowed), got "JPEG"',
+    );
+  });
+
+  test("errors", () => {
+    expect(issue(base({ UnknownSopClassAccepted: "no" }))).toBe('UnknownSopClassAccepted: expected true or false, got "no"');
+    expect(issue(base({ CaseSensitivePN: 0 }))).toBe("CaseSensitivePN: expected true or false, got 0");
+    expect(issue(base({ LimitFindResults: -1 }))).toBe("LimitFindResults: expected integer >= 0 (0 = no limit), got -1");
+    expect(issue(base({ LimitFindResults: 2.5 }))).toBe("LimitFindResults: expected integer >= 0 (0 = no limit), got 2.5");
+    expect(issue(base({ LimitFindResults: "100" }))).toBe('LimitFindResults: expected integer >= 0 (0 = no limit), got "100"');
+    expect(issue(base({ AcceptedTransferSyntaxes: 5 }))).toBe(
+      "AcceptedTransferSyntaxes: expected transfer syntax UID or array of them (* and ? wildcards allowed), got 5",
+    );
+    expect(issues(base({ AcceptedTransferSyntaxes: ["1.2.840.10008.1.2", "1.2.840.10008.1.2.4.50 ", 1.2] }))).toEqual([
+      'AcceptedTransferSyntaxes[1]: expected transfer syntax UID (digits and dots, * and ? wildcards allowed), got "1.2.840.10008.1.2.4.50 "',
+      "AcceptedTransferSyntaxes[2]: expected transfer syntax UID (digits and dots, * and ? wildcards allowed), got 1.2",
+    ]);
+    expect(issue(base({ AcceptedTransferSyntaxes: [""] }))).toBe(
+      'AcceptedTransferSyntaxes[0]: expected transfer syntax UID (digits and dots, * and ? wildcards allowed), got ""',
+    );
+  });
+});
+
+describe("Gateway spool, Orthanc upload, find and move settings", () => {
+  const gw = (g: unknown) => base({ Gateway: g });
+
+  test("defaults", () => {
+    const cfg = parse(base());
+    expect(cfg.spool).toEqual({ directory: "/var/lib/dicom-gateway/spool", ...DEFAULT_SPOOL });
+    expect(cfg.orthanc.uploadConcurrency).toBe(4);
+    expect(cfg.orthanc.unreachableGraceMs).toBe(60000);
+    expect(cfg.find).toEqual(DEFAULT_FIND);
+    expect(cfg.move).toEqual(DEFAULT_MOVE);
+  });
+
+  test("explicit values, seconds converted to milliseconds", () => {
+    const cfg = parse(
+      gw({
+        Orthanc: { UploadConcurrency: 64, UnreachableGraceSeconds: 0 },
+        SpoolDirectory: "/srv/spool",
+        Spool: { QuotaMB: 0.25, HighWaterMarkPercent: 100, VerifyIntegrity: true },
+        Find: { PageSize: 10000, TimeoutSeconds: 2.5 },
+        Move: { ConnectTimeoutSeconds: 0.5, Parallelism: 16, PendingIntervalSeconds: 0.25, PendingEvery: 1 },
+      }),
+    );
+    expect(cfg.orthanc.uploadConcurrency).toBe(64);
+    expect(cfg.orthanc.unreachableGraceMs).toBe(0);
+    expect(cfg.spool).toEqual({ directory: "/srv/spool", defaultQuotaBytes: 262144, highWaterMarkPercent: 100, verifyIntegrity: true });
+    expect(cfg.spoolDirectory).toBe("/srv/spool");
+    expect(cfg.find).toEqual({ ...DEFAULT_FIND, pageSize: 10000, timeoutMs: 2500 });
+    expect(cfg.move).toEqual({ connectTimeoutMs: 500, parallelism: 16, pendingIntervalMs: 250, pendingEvery: 1 });
+    expect(parse(gw({ Spool: { HighWaterMarkPercent: 1 } })).spool.highWaterMarkPercent).toBe(1);
+    expect(parse(gw({ Spool: { HighWaterMarkPercent: 92.5 } })).spool.highWaterMarkPercent).toBe(92.5);
+    expect(parse(gw({ Orthanc: { UploadConcurrency: 1, UnreachableGraceSeconds: 1.5 } })).orthanc).toMatchObject({
+      uploadConcurrency: 1,
+      unreachableGraceMs: 1500,
+    });
+    expect(parse(gw({ Find: { PageSize: 1 }, Move: { Parallelism: 1 } })).find.pageSize).toBe(1);
+  });
+
+  test("a tiny positive timeout never becomes 0 ms", () => {
+    expect(parse(gw({ Find: { TimeoutSeconds: 0.0001 } })).find.timeoutMs).toBe(1);
+    expect(parse(gw({ Move: { ConnectTimeoutSeconds: 0.0001 } })).move.connectTimeoutMs).toBe(1);
+  });
+
+  test("GATEWAY_SPOOL_DIRECTORY sets spoolDirectory and spool.directory", () => {
+    const cfg = parse(gw({ SpoolDirectory: "/file/spool" }), { GATEWAY_SPOOL_DIRECTORY: "/env/spool" });
+    expect(cfg.spoolDirectory).toBe("/env/spool");
+    expect(cfg.spool.directory).toBe("/env/spool");
+  });
+
+  test("Orthanc errors", () => {
+    expect(issue(gw({ Orthanc: { UploadConcurrency: 0 } }))).toBe("Gateway.Orthanc.UploadConcurrency: expected integer 1-64, got 0");
+    expect(issue(gw({ Orthanc: { UploadConcurrency: 65 } }))).toBe("Gateway.Orthanc.UploadConcurrency: expected integer 1-64, got 65");
+    expect(issue(gw({ Orthanc: { UploadConcurrency: 2.5 } }))).toBe("Gateway.Orthanc.UploadConcurrency: expected integer 1-64, got 2.5");
+    expect(issue(gw({ Orthanc: { UnreachableGraceSeconds: -1 } }))).toBe(
+      "Gateway.Orthanc.UnreachableGraceSeconds: expected number of seconds >= 0, got -1",
+    );
+    expect(issue(gw({ Orthanc: { UnreachableGraceSeconds: "60" } }))).toBe(
+      'Gateway.Orthanc.UnreachableGraceSeconds: expected number of seconds >= 0, got "60"',
+    );
+  });
+
+  test("Spool errors", () => {
+    expect(issue(gw({ Spool: { QuotaMB: 0 } }))).toBe("Gateway.Spool.QuotaMB: expected number of megabytes > 0, got 0");
+    expect(issue(gw({ Spool: { HighWaterMarkPercent: 0 } }))).toBe(
+      "Gateway.Spool.HighWaterMarkPercent: expected percentage 1-100, got 0",
+    );
+    expect(issue(gw({ Spool: { HighWaterMarkPercent: 101 } }))).toBe(
+      "Gateway.Spool.HighWaterMarkPercent: expected percentage 1-100, got 101",
+    );
+    expect(issue(gw({ Spool: { VerifyIntegrity: "yes" } }))).toBe('Gateway.Spool.VerifyIntegrity: expected true or false, got "yes"');
+    expect(issue(gw({ Spool: 10240 }))).toBe(
+      "Gateway.Spool: expected object with QuotaMB, HighWaterMarkPercent, VerifyIntegrity, got 10240",
+    );
+  });
+
+  test("Find errors", () => {
+    expect(issue(gw({ Find: { PageSize: 0 } }))).toBe("Gateway.Find.PageSize: expected integer 1-10000, got 0");
+    expect(issue(gw({ Find: { PageSize: 10001 } }))).toBe("Gateway.Find.PageSize: expected integer 1-10000, got 10001");
+    expect(issue(gw({ Find: { TimeoutSeconds: 0 } }))).toBe("Gateway.Find.TimeoutSeconds: expected number of seconds > 0, got 0");
+    expect(issue(gw({ Find: [] }))).toBe("Gateway.Find: expected object with PageSize, TimeoutSeconds, got []");
+  });
+
+  test("Move errors", () => {
+    expect(issue(gw({ Move: { ConnectTimeoutSeconds: 0 } }))).toBe(
+      "Gateway.Move.ConnectTimeoutSeconds: expected number of seconds > 0, got 0",
+    );
+    expect(issue(gw({ Move: { Parallelism: 17 } }))).toBe("Gateway.Move.Parallelism: expected integer 1-16, got 17");
+    expect(issue(gw({ Move: { Parallelism: 0 } }))).toBe("Gateway.Move.Parallelism: expected integer 1-16, got 0");
+    expect(issue(gw({ Move: { PendingIntervalSeconds: -0.5 } }))).toBe(
+      "Gateway.Move.PendingIntervalSeconds: expected number of seconds > 0, got -0.5",
+    );
+    expect(issue(gw({ Move: { PendingEvery: 0 } }))).toBe("Gateway.Move.PendingEvery: expected integer >= 1 (sub-operations), got 0");
+    expect(issue(gw({ Move: { PendingEvery: 1.5 } }))).toBe(
+      "Gateway.Move.PendingEvery: expected integer >= 1 (sub-operations), got 1.5",
+    );
+    expect(issue(gw({ Move: "fast" }))).toBe(
+      'Gateway.Move: expected object with ConnectTimeoutSeconds, Parallelism, PendingIntervalSeconds, PendingEvery, got "fast"',
+    );
+  });
+
+  test("problems in several new keys are collected together", () => {
+    expect(
+      issues({
+        ...servers(server({ Forwarding: "x", SpoolQuotaMB: 0, AllowedDestinations: ["nowhere"] })),
+        LimitFindResults: -1,
+        Gateway: { Spool: { QuotaMB: -1 }, Move: { Parallelism: 0 } },
+      }),
+    ).toEqual([
+      'MultitenantDicom.Servers[0].Forwarding: expected Spool or Sync, got "x"',
+      "MultitenantDicom.Servers[0].SpoolQuotaMB: expected number of megabytes > 0, got 0",
+      "LimitFindResults: expected integer >= 0 (0 = no limit), got -1",
+      "Gateway.Spool.QuotaMB: expected number of megabytes > 0, got -1",
+      "Gateway.Move.Parallelism: expected integer 1-16, got 0",
+      'MultitenantDicom.Servers[0].AllowedDestinations[0]: "nowhere" is neither a DicomModalities name nor the AET of one; expected a DicomModalities entry, but DicomModalities is empty',
+    ]);
   });
 });
 
@@ -511,9 +831,17 @@ describe("environment overrides", () => {
       Gateway: { Orthanc: { Url: "http://a:1", Username: "x", Password: "y" }, Http: { Port: 8081 }, Log: { Level: "warn" } },
     });
     const cfg = parse(file, all);
-    expect(cfg.orthanc).toEqual({ url: "https://orthanc.internal:8443", username: "gw", password: "s3cret", timeoutMs: 30000 });
+    expect(cfg.orthanc).toEqual({
+      url: "https://orthanc.internal:8443",
+      username: "gw",
+      password: "s3cret",
+      timeoutMs: 30000,
+      uploadConcurrency: 4,
+      unreachableGraceMs: 60000,
+    });
     expect(cfg.http).toEqual({ host: "0.0.0.0", port: 9090 });
     expect(cfg.spoolDirectory).toBe("/srv/spool");
+    expect(cfg.spool.directory).toBe("/srv/spool");
     expect(cfg.log).toEqual({ level: "debug", format: "json" });
     expect(parse(base(), all).http.port).toBe(9090);
   });
@@ -641,10 +969,11 @@ describe("JSON with comments", () => {
 describe("files", () => {
   test("config/gateway.json loads", async () => {
     const cfg = await loadConfigFile(repoFile("config/gateway.json"), {});
+    const levels: ResourceLevel[] = ["Study", "Series", "Instance"];
     expect(cfg).toEqual({
       tenants: [
-        { aet: "ALPHA", port: 4242, labels: ["alpha"], labelsConstraint: "All", labelsStoreLevels: ["Study", "Series", "Instance"] },
-        { aet: "BETA", port: 4243, labels: ["beta"], labelsConstraint: "All", labelsStoreLevels: ["Study", "Series", "Instance"] },
+        { aet: "ALPHA", port: 4242, labels: ["alpha"], labelsConstraint: "All", labelsStoreLevels: levels, ...DEFAULT_TENANT_EXTRAS },
+        { aet: "BETA", port: 4243, labels: ["beta"], labelsConstraint: "All", labelsStoreLevels: levels, ...DEFAULT_TENANT_EXTRAS },
       ],
       modalities: [{ name: "viewer", aet: "VIEWER", host: "127.0.0.1", port: 4300 }],
       dicom: {
@@ -655,9 +984,20 @@ describe("files", () => {
         maximumPduLength: 16384,
         defaultEncoding: "Latin1",
       },
-      orthanc: { url: "http://127.0.0.1:8042", username: "", password: "", timeoutMs: 30000 },
+      orthanc: {
+        url: "http://127.0.0.1:8042",
+        username: "",
+        password: "",
+        timeoutMs: 30000,
+        uploadConcurrency: 4,
+        unreachableGraceMs: 60000,
+      },
       http: { host: "127.0.0.1", port: 8080 },
       spoolDirectory: "./.cache/spool",
+      spool: { directory: "./.cache/spool", ...DEFAULT_SPOOL },
+      store: DEFAULT_STORE,
+      find: DEFAULT_FIND,
+      move: DEFAULT_MOVE,
       log: { level: "info", format: "auto" },
     });
   });
@@ -668,6 +1008,10 @@ describe("files", () => {
     expect(orthanc.tenants).toEqual(gateway.tenants);
     expect(orthanc.modalities).toEqual(gateway.modalities);
     expect(orthanc.dicom).toEqual(gateway.dicom);
+    expect(orthanc.store).toEqual(gateway.store);
+    expect(orthanc.find).toEqual(gateway.find);
+    expect(orthanc.move).toEqual(gateway.move);
+    expect({ ...orthanc.spool, directory: "" }).toEqual({ ...gateway.spool, directory: "" });
     expect(orthanc.orthanc.username).toBe("gateway");
   });
 
@@ -717,14 +1061,17 @@ describe("describeConfig", () => {
     const cfg = await loadConfigFile(repoFile("config/gateway.json"), {});
     expect(describeConfig(cfg).split("\n")).toEqual([
       "Tenants (2):",
-      "  ALPHA  port 4242  labels [alpha] All  store levels Study,Series,Instance",
-      "  BETA   port 4243  labels [beta] All  store levels Study,Series,Instance",
+      "  ALPHA  port 4242  labels [alpha] All  store levels Study,Series,Instance  forwarding Spool  quota 10240 MB",
+      "  BETA   port 4243  labels [beta] All  store levels Study,Series,Instance  forwarding Spool  quota 10240 MB",
       "DICOM modalities (1):",
       "  viewer  AET VIEWER  127.0.0.1:4300",
       "DICOM: default AET ORTHANC, check called AET on, strict AET comparison off, SCP timeout 30 s, maximum PDU length 16384, default encoding Latin1",
-      "Orthanc: http://127.0.0.1:8042  user (none)  password (none)  timeout 30 s",
+      "Orthanc: http://127.0.0.1:8042  user (none)  password (none)  timeout 30 s  upload concurrency 4  unreachable grace 60 s",
       "HTTP: 127.0.0.1:8080",
-      "Spool directory: ./.cache/spool",
+      "Spool: ./.cache/spool  default quota 10240 MB  high-water mark 80%  verify integrity off",
+      "Store: unknown SOP classes rejected, transfer syntaxes 1.2.840.10008.1.*",
+      "Find: case-sensitive PN off, limit none, page size 100, timeout 30 s",
+      "Move: connect timeout 5 s, parallelism 2, pending every 1 s or 10 sub-operations",
       "Log: level info, format auto",
     ]);
   });
@@ -739,14 +1086,50 @@ describe("describeConfig", () => {
     const text = describeConfig(cfg);
     expect(text).not.toContain("s3cret");
     expect(text).not.toContain("hunter2");
-    expect(text).toContain("Orthanc: http://admin:(set)@orthanc:8042  user gw  password (set)  timeout 30 s");
+    expect(text).toContain("Orthanc: http://admin:(set)@orthanc:8042  user gw  password (set)  timeout 30 s  upload concurrency 4");
     expect(text).toContain("HTTP: [::1]:0 (any free port)");
     expect(text).toContain("SCP timeout none");
     expect(text).toContain("DICOM modalities (0):\n  (none)");
   });
 
+  test("forwarding, quota, allowed destinations and non-default settings", () => {
+    const cfg = parse({
+      ...servers(
+        server({ Forwarding: "sync", SpoolQuotaMB: 1.1, AllowedDestinations: ["viewer", "ARCH"] }),
+        server({ AET: "BETA", Port: 4243, AllowedDestinations: [] }),
+      ),
+      DicomModalities: { viewer: ["VIEWER", "127.0.0.1", 4300], archive: ["ARCH", "10.0.0.2", 104] },
+      UnknownSopClassAccepted: true,
+      AcceptedTransferSyntaxes: ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"],
+      CaseSensitivePN: true,
+      LimitFindResults: 1000,
+      Gateway: {
+        Orthanc: { UploadConcurrency: 8, UnreachableGraceSeconds: 0 },
+        SpoolDirectory: "/srv/spool",
+        Spool: { QuotaMB: 0.5, HighWaterMarkPercent: 90, VerifyIntegrity: true },
+        Find: { PageSize: 50, TimeoutSeconds: 2.5 },
+        Move: { ConnectTimeoutSeconds: 3, Parallelism: 4, PendingIntervalSeconds: 0.5, PendingEvery: 25 },
+      },
+    });
+    const lines = describeConfig(cfg).split("\n");
+    expect(lines.slice(1, 3)).toEqual([
+      "  ALPHA  port 4242  labels [alpha] All  store levels Study,Series,Instance  forwarding Sync  quota 1.1 MB  allowed destinations viewer,ARCH",
+      "  BETA   port 4243  labels [alpha] All  store levels Study,Series,Instance  forwarding Spool  quota 0.5 MB  allowed destinations (none)",
+    ]);
+    expect(lines).toContain(
+      "Orthanc: http://127.0.0.1:8042  user (none)  password (none)  timeout 30 s  upload concurrency 8  unreachable grace 0 s",
+    );
+    expect(lines).toContain("Spool: /srv/spool  default quota 0.5 MB  high-water mark 90%  verify integrity on");
+    expect(lines).toContain("Store: unknown SOP classes accepted, transfer syntaxes 1.2.840.10008.1.2,1.2.840.10008.1.2.1");
+    expect(lines).toContain("Find: case-sensitive PN on, limit 1000 results, page size 50, timeout 2.5 s");
+    expect(lines).toContain("Move: connect timeout 3 s, parallelism 4, pending every 0.5 s or 25 sub-operations");
+    expect(describeConfig(parse(base({ AcceptedTransferSyntaxes: [] })))).toContain("transfer syntaxes (none)");
+  });
+
   test("tenants with empty labels and levels", () => {
     const cfg = parse(servers(server({ Labels: [], LabelsConstraint: "None", LabelsStoreLevels: [] })));
-    expect(describeConfig(cfg).split("\n")[1]).toBe("  ALPHA  port 4242  labels [] None  store levels (none)");
+    expect(describeConfig(cfg).split("\n")[1]).toBe(
+      "  ALPHA  port 4242  labels [] None  store levels (none)  forwarding Spool  quota 10240 MB",
+    );
   });
 });

@@ -23,14 +23,24 @@ function hostPort(host: string, port: number): string {
 
 const onOff = (b: boolean) => (b ? "on" : "off");
 
+/** Bytes as megabytes, without the noise of binary rounding (1.1 MB stays "1.1"). */
+const megabytes = (bytes: number) => String(Number((bytes / (1024 * 1024)).toPrecision(6)));
+
+/** Milliseconds as seconds. */
+const secs = (ms: number) => `${ms / 1000} s`;
+
 export function describeConfig(cfg: GatewayConfig): string {
   const lines: string[] = [];
   const aetWidth = Math.max(0, ...cfg.tenants.map((t) => t.aet.length));
   lines.push(`Tenants (${cfg.tenants.length}):`);
   for (const t of cfg.tenants) {
     const levels = t.labelsStoreLevels.length > 0 ? t.labelsStoreLevels.join(",") : "(none)";
+    const allowed = t.allowedDestinations === undefined
+      ? ""
+      : `  allowed destinations ${t.allowedDestinations.length > 0 ? t.allowedDestinations.join(",") : "(none)"}`;
     lines.push(
-      `  ${t.aet.padEnd(aetWidth)}  port ${t.port}  labels [${t.labels.join(",")}] ${t.labelsConstraint}  store levels ${levels}`,
+      `  ${t.aet.padEnd(aetWidth)}  port ${t.port}  labels [${t.labels.join(",")}] ${t.labelsConstraint}  store levels ${levels}` +
+        `  forwarding ${t.forwarding}  quota ${megabytes(t.spoolQuotaBytes)} MB${allowed}`,
     );
   }
   lines.push(`DICOM modalities (${cfg.modalities.length}):`);
@@ -49,10 +59,31 @@ export function describeConfig(cfg: GatewayConfig): string {
   const o = cfg.orthanc;
   lines.push(
     `Orthanc: ${redactUrl(o.url)}  user ${o.username === "" ? "(none)" : o.username}  ` +
-      `password ${o.password === "" ? "(none)" : "(set)"}  timeout ${o.timeoutMs / 1000} s`,
+      `password ${o.password === "" ? "(none)" : "(set)"}  timeout ${secs(o.timeoutMs)}  ` +
+      `upload concurrency ${o.uploadConcurrency}  unreachable grace ${secs(o.unreachableGraceMs)}`,
   );
   lines.push(`HTTP: ${hostPort(cfg.http.host, cfg.http.port)}${cfg.http.port === 0 ? " (any free port)" : ""}`);
-  lines.push(`Spool directory: ${cfg.spoolDirectory}`);
+  const sp = cfg.spool;
+  lines.push(
+    `Spool: ${sp.directory}  default quota ${megabytes(sp.defaultQuotaBytes)} MB  ` +
+      `high-water mark ${sp.highWaterMarkPercent}%  verify integrity ${onOff(sp.verifyIntegrity)}`,
+  );
+  const st = cfg.store;
+  const syntaxes = st.acceptedTransferSyntaxes.length > 0 ? st.acceptedTransferSyntaxes.join(",") : "(none)";
+  lines.push(
+    `Store: unknown SOP classes ${st.unknownSopClassAccepted ? "accepted" : "rejected"}, transfer syntaxes ${syntaxes}`,
+  );
+  const f = cfg.find;
+  lines.push(
+    `Find: case-sensitive PN ${onOff(f.caseSensitivePN)}, ` +
+      `limit ${f.limitFindResults === 0 ? "none" : `${f.limitFindResults} results`}, ` +
+      `page size ${f.pageSize}, timeout ${secs(f.timeoutMs)}`,
+  );
+  const mv = cfg.move;
+  lines.push(
+    `Move: connect timeout ${secs(mv.connectTimeoutMs)}, parallelism ${mv.parallelism}, ` +
+      `pending every ${secs(mv.pendingIntervalMs)} or ${mv.pendingEvery} sub-operations`,
+  );
   lines.push(`Log: level ${cfg.log.level}, format ${cfg.log.format}`);
   return lines.join("\n");
 }

@@ -4,7 +4,8 @@
  * The file is Orthanc's JSON configuration (comments allowed); keys follow
  * Orthanc's spelling, unknown keys are ignored everywhere (an existing Orthanc
  * configuration using the MultitenantDicom plugin loads unchanged). The
- * `Gateway` section and a few environment variables hold gateway-only settings.
+ * `Gateway` section, a few keys of the server entries (Forwarding, SpoolQuotaMB,
+ * AllowedDestinations) and a few environment variables hold gateway-only settings.
  *
  * Every problem becomes one line `JSON.PATH: what is wrong; expected WHAT`; all
  * problems are collected and thrown together as a ConfigError.
@@ -16,6 +17,7 @@ import { z } from "zod";
 import { JsoncSyntaxError, parseJsonc } from "./jsonc.ts";
 import type {
   DicomModality,
+  ForwardingMode,
   GatewayConfig,
   LabelsConstraint,
   LogFormat,
@@ -82,6 +84,13 @@ function integer(min: number, max: number | undefined, what: string) {
 function nonEmptyString(what: string) {
   return z.string({ error: typeError(what) }).refine((s) => s.trim() !== "", {
     error: (iss) => `empty string ${showValue(iss.input)}; expected ${what}`,
+  });
+}
+
+/** A finite number accepted by `ok`; `what` says which, e.g. "number of seconds > 0". */
+function number(ok: (n: number) => boolean, what: string) {
+  return z.number({ error: typeError(what) }).refine((n) => Number.isFinite(n) && ok(n), {
+    error: (iss) => `expected ${what}, got ${showValue(iss.input)}`,
   });
 }
 
@@ -191,6 +200,36 @@ const httpUrl = z.string({ error: typeError("http(s) URL such as http://127.0.0.
   return s.trim().replace(/\/+$/, "");
 });
 
+/** "Spool" or "Sync", case-insensitively, normalized. */
+const FORWARDING_MODES: readonly ForwardingMode[] = ["Spool", "Sync"];
+const forwardingMode = oneOf("Spool or Sync", (s) => FORWARDING_MODES.find((m) => m.toLowerCase() === s.toLowerCase()));
+
+const quotaMB = number((n) => n > 0, "number of megabytes > 0");
+const MIB = 1024 * 1024;
+/** Megabytes > 0 as bytes (at least 1). */
+const mbToBytes = (mb: number) => Math.max(1, Math.round(mb * MIB));
+/** Seconds as milliseconds; `positive`: at least 1 ms, so that a tiny value never becomes 0 (often "none"). */
+const toMs = (seconds: number, positive = true) => Math.max(positive ? 1 : 0, Math.round(seconds * 1000));
+
+/** A transfer syntax UID, `*` and `?` wildcards allowed (Orthanc's `AcceptedTransferSyntaxes`). */
+const TS_WHAT = "transfer syntax UID (digits and dots, * and ? wildcards allowed)";
+const transferSyntax = z.string({ error: typeError(TS_WHAT) }).refine((s) => /^[0-9.*?]+$/.test(s), {
+  error: (iss) => `expected ${TS_WHAT}, got ${showValue(iss.input)}`,
+});
+const transferSyntaxList = z.array(transferSyntax, {
+  error: typeError("transfer syntax UID or array of them (* and ? wildcards allowed)"),
+});
+/** An array of transfer syntaxes, or a single one (Orthanc accepts both); deduplicated. */
+const acceptedTransferSyntaxes = z.unknown().transform((v, ctx): string[] => {
+  const single = typeof v === "string";
+  const r = transferSyntaxList.safeParse(single ? [v] : v);
+  if (r.success) return [...new Set(r.data)];
+  for (const i of r.error.issues) {
+    ctx.issues.push({ code: "custom", message: i.message, path: single ? [] : i.path, input: v });
+  }
+  return z.NEVER;
+});
+
 const LOG_LEVELS: readonly LogLevel[] = ["debug", "info", "warn", "error"];
 const LOG_FORMATS: readonly LogFormat[] = ["json", "text", "auto"];
 const logLevel = oneOf("debug, info, warn or error", (s) => LOG_LEVELS.find((l) => l === s.toLowerCase()));
@@ -210,12 +249,8 @@ const DEFAULTS = {
 const orthancUrl = httpUrl.default(DEFAULTS.orthancUrl);
 const orthancUsername = anyString.default("");
 const orthancPassword = anyString.default("");
-const orthancTimeout = z
-  .number({ error: typeError("number of seconds > 0") })
-  .refine((n) => Number.isFinite(n) && n > 0, {
-    error: (iss) => `expected number of seconds > 0, got ${showValue(iss.input)}`,
-  })
-  .default(DEFAULTS.orthancTimeoutSeconds);
+const seconds = (dflt: number) => number((n) => n > 0, "number of seconds > 0").default(dflt);
+const orthancTimeout = seconds(DEFAULTS.orthancTimeoutSeconds);
 const httpHost = nonEmptyString("host name or IP address to listen on").default(DEFAULTS.httpHost);
 const httpPort = integer(0, 65535, "integer 0-65535 (0 = any free port)").default(DEFAULTS.httpPort);
 const spoolDirectory = nonEmptyString("directory path").default(DEFAULTS.spoolDirectory);
@@ -228,14 +263,43 @@ const section = <T extends z.core.$ZodLooseShape>(shape: T, what: string) =>
 const gatewaySchema = section(
   {
     Orthanc: section(
-      { Url: orthancUrl, Username: orthancUsername, Password: orthancPassword, TimeoutSeconds: orthancTimeout },
-      "object with Url, Username, Password, TimeoutSeconds",
+      {
+        Url: orthancUrl,
+        Username: orthancUsername,
+        Password: orthancPassword,
+        TimeoutSeconds: orthancTimeout,
+        UploadConcurrency: integer(1, 64, "integer 1-64").default(4),
+        UnreachableGraceSeconds: number((n) => n >= 0, "number of seconds >= 0").default(60),
+      },
+      "object with Url, Username, Password, TimeoutSeconds, UploadConcurrency, UnreachableGraceSeconds",
     ).prefault({}),
     Http: section({ Host: httpHost, Port: httpPort }, "object with Host, Port").prefault({}),
+    Forwarding: forwardingMode.default("Spool"),
     SpoolDirectory: spoolDirectory,
+    Spool: section(
+      {
+        QuotaMB: quotaMB.default(10240),
+        HighWaterMarkPercent: number((n) => n >= 1 && n <= 100, "percentage 1-100").default(80),
+        VerifyIntegrity: boolean.default(false),
+      },
+      "object with QuotaMB, HighWaterMarkPercent, VerifyIntegrity",
+    ).prefault({}),
+    Find: section(
+      { PageSize: integer(1, 10000, "integer 1-10000").default(100), TimeoutSeconds: seconds(30) },
+      "object with PageSize, TimeoutSeconds",
+    ).prefault({}),
+    Move: section(
+      {
+        ConnectTimeoutSeconds: seconds(5),
+        Parallelism: integer(1, 16, "integer 1-16").default(2),
+        PendingIntervalSeconds: seconds(1),
+        PendingEvery: integer(1, undefined, "integer >= 1 (sub-operations)").default(10),
+      },
+      "object with ConnectTimeoutSeconds, Parallelism, PendingIntervalSeconds, PendingEvery",
+    ).prefault({}),
     Log: section({ Level: gwLogLevel, Format: gwLogFormat }, "object with Level, Format").prefault({}),
   },
-  "object with Orthanc, Http, SpoolDirectory, Log",
+  "object with Orthanc, Http, Forwarding, SpoolDirectory, Spool, Find, Move, Log",
 ).prefault({});
 
 /** Environment variables applied over the file, each validated like the key it replaces. */
@@ -256,6 +320,12 @@ export const CONFIG_ENV_VARS: readonly string[] = ENV_OVERRIDES.map((o) => o.nam
 /* ------------------------------------------------------------------------ */
 /* Tenants and modalities                                                   */
 
+/** A server entry before the defaults that come from the Gateway section. */
+type ParsedServer = Omit<TenantConfig, "forwarding" | "spoolQuotaBytes"> & {
+  forwarding: ForwardingMode | undefined;
+  spoolQuotaMB: number | undefined;
+};
+
 const serverSchema = section(
   {
     AET: aeTitle,
@@ -263,15 +333,27 @@ const serverSchema = section(
     Labels: z.array(label, { error: typeError("array of labels or []") }),
     LabelsConstraint: labelsConstraint.default("All"),
     LabelsStoreLevels: labelsStoreLevels.default((): ResourceLevel[] => ["Study", "Series", "Instance"]),
+    // Gateway keys (the MultitenantDicom plugin ignores them); the defaults come from the Gateway section.
+    Forwarding: forwardingMode.optional(),
+    SpoolQuotaMB: quotaMB.optional(),
+    // Checked against DicomModalities in crossCheck().
+    AllowedDestinations: z
+      .array(nonEmptyString("DicomModalities name or AE title"), {
+        error: typeError("array of DicomModalities names or AE titles"),
+      })
+      .optional(),
   },
   "server object with AET, Port and Labels",
 ).transform(
-  (s): TenantConfig => ({
+  (s): ParsedServer => ({
     aet: s.AET,
     port: s.Port,
     labels: [...new Set(s.Labels)],
     labelsConstraint: s.LabelsConstraint,
     labelsStoreLevels: s.LabelsStoreLevels,
+    forwarding: s.Forwarding,
+    spoolQuotaMB: s.SpoolQuotaMB,
+    ...(s.AllowedDestinations ? { allowedDestinations: [...new Set(s.AllowedDestinations)] } : {}),
   }),
 );
 
@@ -333,6 +415,10 @@ const rootSchema = section(
     DicomScpTimeout: integer(0, undefined, "integer >= 0 (seconds; 0 = no timeout)").default(30),
     MaximumPduLength: integer(4096, 131072, "integer 4096-131072").default(16384),
     DefaultEncoding: nonEmptyString("encoding name such as Latin1 or Utf8").default("Latin1"),
+    UnknownSopClassAccepted: boolean.default(false),
+    AcceptedTransferSyntaxes: acceptedTransferSyntaxes.default((): string[] => ["1.2.840.10008.1.*"]),
+    CaseSensitivePN: boolean.default(false),
+    LimitFindResults: integer(0, undefined, "integer >= 0 (0 = no limit)").default(0),
     Gateway: gatewaySchema,
   },
   "a JSON object",
@@ -380,7 +466,23 @@ function applyEnv(raw: unknown, env: ConfigEnv): { envByPath: Map<string, string
   return { envByPath, issues };
 }
 
-/** Problems that involve several servers, or a server and the HTTP listener. Works on the raw JSON. */
+/**
+ * What a tenant's `AllowedDestinations` may name: every DicomModalities key, and the AET of every entry
+ * whose AET is valid (entries with other errors still count). undefined when DicomModalities is not an object.
+ */
+function destinationNames(raw: Record<string, unknown>): { names: string[]; aets: string[] } | undefined {
+  const mods = raw.DicomModalities ?? {};
+  if (!isPlainObject(mods)) return undefined;
+  const names = Object.keys(mods);
+  const aets: string[] = [];
+  for (const m of Object.values(mods)) {
+    const a = aeTitle.safeParse(Array.isArray(m) ? m[0] : isPlainObject(m) ? m.AET : undefined);
+    if (a.success) aets.push(a.data);
+  }
+  return { names, aets };
+}
+
+/** Problems that involve several servers, a server and the HTTP listener, or a server and DicomModalities. Works on the raw JSON. */
 function crossCheck(raw: unknown, envByPath: Map<string, string>): string[] {
   if (!isPlainObject(raw)) return [];
   const mt = raw.MultitenantDicom;
@@ -397,6 +499,11 @@ function crossCheck(raw: unknown, envByPath: Map<string, string>): string[] {
     : "Gateway.Http.Port";
 
   const issues: string[] = [];
+  const destinations = destinationNames(raw);
+  const aetKey = (s: string) => (strict ? s.trim() : s.trim().toUpperCase());
+  const destinationNameSet = new Set(destinations?.names);
+  const destinationAets = new Set(destinations?.aets.map(aetKey));
+  const destinationList = [...new Set(destinations ? [...destinations.names, ...destinations.aets] : [])];
   const aets = new Map<string, { path: string; aet: string }>();
   const ports = new Map<number, string>();
   servers.forEach((s, i) => {
@@ -419,6 +526,19 @@ function crossCheck(raw: unknown, envByPath: Map<string, string>): string[] {
       if (hp.success && hp.data !== 0 && hp.data === p.data) {
         issues.push(`${base}.Port: port ${p.data} is also the HTTP port (${httpPortLabel}); expected a different port`);
       }
+    }
+    if (destinations && Array.isArray(s.AllowedDestinations)) {
+      s.AllowedDestinations.forEach((d, j) => {
+        // Non-strings and empty strings are reported by the schema.
+        if (typeof d !== "string" || d.trim() === "") return;
+        if (destinationNameSet.has(d) || destinationAets.has(aetKey(d))) return;
+        const expected = destinationList.length > 0
+          ? `expected one of ${destinationList.join(", ")}`
+          : "expected a DicomModalities entry, but DicomModalities is empty";
+        issues.push(
+          `${base}.AllowedDestinations[${j}]: ${showValue(d)} is neither a DicomModalities name nor the AET of one; ${expected}`,
+        );
+      });
     }
   });
   return issues;
@@ -446,8 +566,14 @@ export function validateConfig(raw: unknown, opts: ParseConfigOptions = {}): Gat
 
   const c = result.data;
   const modalities: DicomModality[] = Object.entries(c.DicomModalities ?? {}).map(([name, m]) => ({ name, ...m }));
+  const defaultQuotaBytes = mbToBytes(c.Gateway.Spool.QuotaMB);
+  const tenants = c.MultitenantDicom.Servers.map(({ forwarding, spoolQuotaMB, ...t }): TenantConfig => ({
+    ...t,
+    forwarding: forwarding ?? c.Gateway.Forwarding,
+    spoolQuotaBytes: spoolQuotaMB === undefined ? defaultQuotaBytes : mbToBytes(spoolQuotaMB),
+  }));
   return {
-    tenants: c.MultitenantDicom.Servers,
+    tenants,
     modalities,
     dicom: {
       defaultAet: c.DicomAet,
@@ -461,10 +587,34 @@ export function validateConfig(raw: unknown, opts: ParseConfigOptions = {}): Gat
       url: c.Gateway.Orthanc.Url,
       username: c.Gateway.Orthanc.Username,
       password: c.Gateway.Orthanc.Password,
-      timeoutMs: Math.round(c.Gateway.Orthanc.TimeoutSeconds * 1000),
+      timeoutMs: toMs(c.Gateway.Orthanc.TimeoutSeconds),
+      uploadConcurrency: c.Gateway.Orthanc.UploadConcurrency,
+      unreachableGraceMs: toMs(c.Gateway.Orthanc.UnreachableGraceSeconds, false),
     },
     http: { host: c.Gateway.Http.Host, port: c.Gateway.Http.Port },
     spoolDirectory: c.Gateway.SpoolDirectory,
+    spool: {
+      directory: c.Gateway.SpoolDirectory,
+      defaultQuotaBytes,
+      highWaterMarkPercent: c.Gateway.Spool.HighWaterMarkPercent,
+      verifyIntegrity: c.Gateway.Spool.VerifyIntegrity,
+    },
+    store: {
+      unknownSopClassAccepted: c.UnknownSopClassAccepted,
+      acceptedTransferSyntaxes: c.AcceptedTransferSyntaxes,
+    },
+    find: {
+      caseSensitivePN: c.CaseSensitivePN,
+      limitFindResults: c.LimitFindResults,
+      pageSize: c.Gateway.Find.PageSize,
+      timeoutMs: toMs(c.Gateway.Find.TimeoutSeconds),
+    },
+    move: {
+      connectTimeoutMs: toMs(c.Gateway.Move.ConnectTimeoutSeconds),
+      parallelism: c.Gateway.Move.Parallelism,
+      pendingIntervalMs: toMs(c.Gateway.Move.PendingIntervalSeconds),
+      pendingEvery: c.Gateway.Move.PendingEvery,
+    },
     log: { level: c.Gateway.Log.Level, format: c.Gateway.Log.Format },
   };
 }
