@@ -12,8 +12,12 @@ import { silentLogger, type Logger } from "./log.ts";
 import { createMetrics, formatStatus, type GatewayMetrics } from "./metrics.ts";
 import { OrthancClient } from "./orthanc/client.ts";
 import { OrthancMonitor } from "./orthanc/monitor.ts";
+import { Labeler } from "./orthanc/store.ts";
 import { createTenantServices } from "./services.ts";
-import type { GatewaySnapshot } from "./status.ts";
+import { Forwarder } from "./spool/forwarder.ts";
+import { createStoreMetrics, type StoreMetrics } from "./spool/metrics.ts";
+import { TenantSpool } from "./spool/spool.ts";
+import type { GatewaySnapshot, QuarantineSummary } from "./status.ts";
 import { createAssociationPolicy } from "./tenancy/association-policy.ts";
 import { VERSION } from "./version.ts";
 
@@ -29,6 +33,9 @@ export interface GatewayOptions {
 export interface TenantListener {
   tenant: TenantConfig;
   server: DimseServer;
+  spool: TenantSpool;
+  /** The last forwarding error of this tenant, cleared by the next success. */
+  lastForwardError?: string;
 }
 
 export interface Gateway {
@@ -38,6 +45,8 @@ export interface Gateway {
   metrics: GatewayMetrics;
   orthanc: OrthancClient;
   monitor: OrthancMonitor;
+  forwarder: Forwarder;
+  storeMetrics: StoreMetrics;
   snapshot(): GatewaySnapshot;
   /** Stops accepting, lets open associations finish for up to `graceMs`, then aborts them. */
   stop(graceMs?: number): Promise<void>;
@@ -102,16 +111,72 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
   const metrics = opts.metrics ?? createMetrics();
   const startedAt = new Date().toISOString();
   const orthanc = new OrthancClient({ url: config.orthanc.url, username: config.orthanc.username, password: config.orthanc.password, timeoutMs: config.orthanc.timeoutMs });
+
+  const storeMetrics = createStoreMetrics(metrics.registry);
+  const labeler = new Labeler(orthanc);
+  const byTenant = new Map<string, TenantListener>();
+  const forwarder = new Forwarder({
+    orthanc,
+    labeler,
+    concurrency: config.orthanc.uploadConcurrency,
+    verifyIntegrity: config.spool.verifyIntegrity,
+    events: {
+      forwarded(tenant, entry, seconds, stored) {
+        const l = byTenant.get(tenant.aet);
+        if (l) l.lastForwardError = undefined;
+        storeMetrics.count(tenant.aet, "forwarded", entry.size);
+        storeMetrics.uploadSeconds.observe({ tenant: tenant.aet }, seconds);
+        log.debug("forwarded to Orthanc", { tenant: tenant.aet, sopInstanceUid: entry.sopInstanceUid, orthancId: stored.id, orthancStatus: stored.status, ms: Math.round(seconds * 1000) });
+      },
+      failed(tenant, entry, error, attempt, retryInMs) {
+        const l = byTenant.get(tenant.aet);
+        if (l) l.lastForwardError = error.message;
+        storeMetrics.count(tenant.aet, "failed");
+        log.warn("forwarding to Orthanc failed, will retry", { tenant: tenant.aet, sopInstanceUid: entry.sopInstanceUid, attempt, retryInMs, error: error.message });
+      },
+      quarantined(tenant, entry, reason) {
+        storeMetrics.count(tenant.aet, "quarantined", entry.size);
+        log.error("instance quarantined: Orthanc refused it", { tenant: tenant.aet, sopInstanceUid: entry.sopInstanceUid, callingAe: entry.callingAeTitle, reason, file: entry.file });
+      },
+    },
+  });
   const monitor = new OrthancMonitor(orthanc, {
     intervalMs: opts.orthancCheckIntervalMs ?? 5000,
     onChange: (s) => {
-      if (s.reachable && !s.error) log.info("Orthanc is available", { url: s.url, version: s.version });
-      else log.warn("Orthanc is not usable: the gateway is not ready", { url: s.url, error: s.error });
+      if (s.reachable && !s.error) {
+        log.info("Orthanc is available", { url: s.url, version: s.version });
+        forwarder.wake();
+      } else log.warn("Orthanc is not usable", { url: s.url, error: s.error });
     },
   });
 
-  const listeners: TenantListener[] = config.tenants.map((tenant) => {
-    const services = createTenantServices();
+  const listeners: TenantListener[] = [];
+  for (const tenant of config.tenants) {
+    const spool = new TenantSpool(config.spool.directory, tenant.aet, tenant.spoolQuotaBytes);
+    const { pending, discarded } = await spool.open();
+    if (discarded.length > 0) log.warn("discarded incomplete spool files (never acknowledged)", { tenant: tenant.aet, files: discarded.length });
+    if (pending.length > 0) log.info("replaying spooled instances", { tenant: tenant.aet, instances: pending.length });
+    for (const entry of pending) forwarder.add(tenant, spool, entry);
+    const t = tenant.aet;
+    const tlog = log.child({ tenant: t });
+    const services = createTenantServices({
+      tenant,
+      config,
+      orthanc,
+      labeler,
+      forwarder,
+      spool,
+      metrics,
+      log: tlog,
+      storeEvents: {
+        received: (bytes) => storeMetrics.count(t, "received", bytes),
+        acknowledged: (bytes) => storeMetrics.count(t, "acknowledged", bytes),
+        refused: (status, reason) => {
+          storeMetrics.count(t, "refused");
+          tlog.warn("C-STORE refused", { status: formatStatus(status), reason });
+        },
+      },
+    });
     const server = new DimseServer({
       label: `tenant ${tenant.aet} (MultitenantDicom.Servers AET ${tenant.aet})`,
       port: tenant.port,
@@ -120,25 +185,53 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
       idleTimeoutMs: config.dicom.scpTimeoutSeconds * 1000,
       negotiate: createAssociationPolicy(tenant, config.dicom, services.syntaxes),
       handlers: services.handlers,
-      observer: observerFor(tenant, log.child({}), metrics),
+      observer: observerFor(tenant, log, metrics),
     });
-    return { tenant, server };
-  });
+    const l: TenantListener = { tenant, server, spool };
+    byTenant.set(tenant.aet, l);
+    listeners.push(l);
+  }
 
-  const snapshot = (): GatewaySnapshot => ({
-    version: VERSION,
-    startedAt,
-    tenants: listeners.map(({ tenant, server }) => ({
-      aet: tenant.aet,
-      port: server.port || tenant.port,
-      labels: tenant.labels,
-      labelsConstraint: tenant.labelsConstraint,
-      labelsStoreLevels: tenant.labelsStoreLevels,
-      listening: server.listening,
-      activeAssociations: server.activeAssociations,
-    })),
-    orthanc: monitor.status,
-  });
+  const snapshot = (): GatewaySnapshot => {
+    const now = Date.now();
+    const quarantine: QuarantineSummary[] = [];
+    const s: GatewaySnapshot = {
+      version: VERSION,
+      startedAt,
+      tenants: listeners.map(({ tenant, server, spool, lastForwardError }) => {
+        const st = spool.stats();
+        for (const q of spool.quarantineList().slice(-50)) {
+          quarantine.push({ tenant: tenant.aet, sopInstanceUid: q.sopInstanceUid, sopClassUid: q.sopClassUid, callingAeTitle: q.callingAeTitle, receivedAt: q.receivedAt, quarantinedAt: q.quarantinedAt, reason: q.reason, file: `${spool.dir}/quarantine/${q.id}.dcm` });
+        }
+        return {
+          aet: tenant.aet,
+          port: server.port || tenant.port,
+          labels: tenant.labels,
+          labelsConstraint: tenant.labelsConstraint,
+          labelsStoreLevels: tenant.labelsStoreLevels,
+          listening: server.listening,
+          activeAssociations: server.activeAssociations,
+          spool: {
+            forwarding: tenant.forwarding,
+            depth: st.depth,
+            bytes: st.bytes,
+            quotaBytes: st.quotaBytes,
+            usedPercent: st.quotaBytes > 0 ? (100 * st.bytes) / st.quotaBytes : 0,
+            oldestReceivedAt: st.oldestReceivedAt,
+            oldestAgeSeconds: st.oldestReceivedAt ? Math.max(0, (now - Date.parse(st.oldestReceivedAt)) / 1000) : undefined,
+            quarantined: st.quarantined,
+            lastError: lastForwardError,
+          },
+        };
+      }),
+      orthanc: monitor.status,
+      orthancUnreachableGraceMs: config.orthanc.unreachableGraceMs,
+      spoolHighWaterMarkPercent: config.spool.highWaterMarkPercent,
+      quarantine: quarantine.sort((a, b) => a.quarantinedAt.localeCompare(b.quarantinedAt)).slice(-50),
+    };
+    storeMetrics.updateFromSnapshot(s);
+    return s;
+  };
 
   let http: HttpServerHandle | undefined;
   try {
@@ -156,6 +249,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
   // The first check is awaited so that the first /ready answer and the start-up log are accurate.
   monitor.start();
   await monitor.check();
+  forwarder.start();
 
   return {
     config,
@@ -164,10 +258,13 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     metrics,
     orthanc,
     monitor,
+    forwarder,
+    storeMetrics,
     snapshot,
     async stop(graceMs = 0) {
       monitor.stop();
       await Promise.all(listeners.map((l) => l.server.close(graceMs)));
+      await forwarder.stop();
       await http!.close();
     },
   };

@@ -3,18 +3,58 @@
  * transfer syntaxes) and which handler answers each request command. Each service lives in its own
  * file under dimse/; this is the one place that puts them together.
  */
+import type { GatewayConfig, TenantConfig } from "./config/types.ts";
 import type { DimseHandler } from "./dimse/association.ts";
 import { CommandField, SopClass } from "./dimse/constants.ts";
 import { handleEcho } from "./dimse/echo.ts";
 import { UNCOMPRESSED_LITTLE_ENDIAN, type SupportedSyntaxes, type TransferSyntaxPolicy } from "./dimse/negotiation.ts";
+import { createStoreHandler, type StoreEvents } from "./dimse/store.ts";
+import { isStandardStorageSopClass, transferSyntaxMatcher } from "./dicom/uids.ts";
+import type { Logger } from "./log.ts";
+import type { GatewayMetrics } from "./metrics.ts";
+import type { OrthancClient } from "./orthanc/client.ts";
+import type { Labeler } from "./orthanc/store.ts";
+import type { Forwarder } from "./spool/forwarder.ts";
+import type { TenantSpool } from "./spool/spool.ts";
+
+/** Everything a tenant's services may need. */
+export interface TenantContext {
+  tenant: TenantConfig;
+  config: GatewayConfig;
+  orthanc: OrthancClient;
+  labeler: Labeler;
+  forwarder: Forwarder;
+  spool: TenantSpool;
+  metrics: GatewayMetrics;
+  storeEvents?: StoreEvents;
+  log: Logger;
+}
 
 export interface TenantServices {
   syntaxes: SupportedSyntaxes;
   handlers: Map<number, DimseHandler>;
 }
 
-export function createTenantServices(): TenantServices {
+export function createTenantServices(ctx: TenantContext): TenantServices {
   const abstractSyntaxes = new Map<string, TransferSyntaxPolicy>([[SopClass.Verification, UNCOMPRESSED_LITTLE_ENDIAN]]);
   const handlers = new Map<number, DimseHandler>([[CommandField.CEchoRQ, handleEcho]]);
-  return { syntaxes: { abstractSyntaxes }, handlers };
+
+  // Storage (C-STORE SCP): every standard storage SOP class, and unknown ones when UnknownSopClassAccepted,
+  // in whatever accepted transfer syntax the modality proposes first (no transcoding).
+  const storagePolicy: TransferSyntaxPolicy = { accept: transferSyntaxMatcher(ctx.config.store.acceptedTransferSyntaxes) };
+  // "Unknown" means private: a UID outside the DICOM root (standard classes there are either storage or not storage).
+  const isStorage = (uid: string) =>
+    isStandardStorageSopClass(uid) || (ctx.config.store.unknownSopClassAccepted && !uid.startsWith("1.2.840.10008.") && !abstractSyntaxes.has(uid));
+  handlers.set(
+    CommandField.CStoreRQ,
+    createStoreHandler({ tenant: ctx.tenant, spool: ctx.spool, orthanc: ctx.orthanc, labeler: ctx.labeler, forwarder: ctx.forwarder, events: ctx.storeEvents }),
+  );
+
+  return {
+    syntaxes: {
+      abstractSyntaxes,
+      fallback: (uid) => (isStorage(uid) ? storagePolicy : undefined),
+    },
+    handlers,
+  };
 }

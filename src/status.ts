@@ -12,6 +12,35 @@ export interface TenantStatus {
   /** Why the listener is not listening (bind error), if it is not. */
   listenError?: string;
   activeAssociations: number;
+  /** Store-and-forward state of this tenant. */
+  spool?: SpoolStatus;
+}
+
+export interface SpoolStatus {
+  forwarding: "Spool" | "Sync";
+  /** Instances acknowledged and not yet in Orthanc. */
+  depth: number;
+  bytes: number;
+  quotaBytes: number;
+  /** Percentage of the quota in use. */
+  usedPercent: number;
+  oldestReceivedAt?: string;
+  oldestAgeSeconds?: number;
+  /** Instances Orthanc refused for good, kept in the quarantine directory. */
+  quarantined: number;
+  /** The last forwarding error, if the last attempt failed. */
+  lastError?: string;
+}
+
+export interface QuarantineSummary {
+  tenant: string;
+  sopInstanceUid: string;
+  sopClassUid: string;
+  callingAeTitle: string;
+  receivedAt: string;
+  quarantinedAt: string;
+  reason: string;
+  file: string;
 }
 
 export interface OrthancStatus {
@@ -25,6 +54,8 @@ export interface OrthancStatus {
   error?: string;
   /** ISO time of the last check. */
   checkedAt?: string;
+  /** ISO time Orthanc last answered. */
+  lastSeenAt?: string;
 }
 
 export interface GatewaySnapshot {
@@ -32,15 +63,32 @@ export interface GatewaySnapshot {
   startedAt: string;
   tenants: TenantStatus[];
   orthanc: OrthancStatus;
+  /** How long Orthanc may be away before /ready turns 503 (`Gateway.Orthanc.UnreachableGraceSeconds`); default 0. */
+  orthancUnreachableGraceMs?: number;
+  /** /ready turns 503 when a tenant's spool passes this percentage of its quota. */
+  spoolHighWaterMarkPercent?: number;
+  /** The most recent quarantined instances (newest last). */
+  quarantine?: QuarantineSummary[];
 }
 
-/** Readiness: every listener bound, and Orthanc reachable with labels support. */
-export function readiness(s: GatewaySnapshot): { ready: boolean; reasons: string[] } {
+/**
+ * Readiness: every listener bound, no spool past its high-water mark, and Orthanc reachable with
+ * labels support — or, for store-and-forward, unreachable for less than the configured grace time
+ * since it was last seen (the spool absorbs short outages).
+ */
+export function readiness(s: GatewaySnapshot, now = Date.now()): { ready: boolean; reasons: string[] } {
   const reasons: string[] = [];
   for (const t of s.tenants) {
     if (!t.listening) reasons.push(`listener ${t.aet} on port ${t.port} is not bound${t.listenError ? `: ${t.listenError}` : ""}`);
+    const hwm = s.spoolHighWaterMarkPercent;
+    if (t.spool && hwm !== undefined && t.spool.usedPercent >= hwm) {
+      reasons.push(`spool of ${t.aet} is ${t.spool.usedPercent.toFixed(0)}% full (high-water mark ${hwm}%, ${t.spool.depth} instances waiting for Orthanc)`);
+    }
   }
-  if (!s.orthanc.reachable) reasons.push(s.orthanc.error ?? `Orthanc at ${s.orthanc.url} is not reachable`);
+  const grace = s.orthancUnreachableGraceMs ?? 0;
+  const seen = s.orthanc.lastSeenAt ? Date.parse(s.orthanc.lastSeenAt) : undefined;
+  const withinGrace = seen !== undefined && now - seen < grace;
+  if (!s.orthanc.reachable && !withinGrace) reasons.push(s.orthanc.error ?? `Orthanc at ${s.orthanc.url} is not reachable`);
   else if (!s.orthanc.hasLabels)
     reasons.push(s.orthanc.error ?? `Orthanc ${s.orthanc.version ?? "?"} at ${s.orthanc.url} does not support labels (need Orthanc >= 1.12 with a labels-capable database)`);
   return { ready: reasons.length === 0, reasons };

@@ -78,7 +78,8 @@ export class OrthancMonitor {
       const sys = await this.client.system();
       const version = typeof sys.Version === "string" ? sys.Version : "unknown";
       const hasLabels = sys.HasLabels === true;
-      next = { url, reachable: true, version, hasLabels, checkedAt: checkedAt() };
+      const at = checkedAt();
+      next = { url, reachable: true, version, hasLabels, checkedAt: at, lastSeenAt: at };
       if (!versionAtLeast(version, MIN_ORTHANC_VERSION)) {
         next.error = `Orthanc ${version} at ${url} is too old: tenant labels need Orthanc >= 1.12 (upgrade Orthanc)`;
       } else if (!hasLabels) {
@@ -93,6 +94,7 @@ export class OrthancMonitor {
         reachable: err instanceof OrthancError && err.kind === "auth",
         error: err instanceof OrthancError ? err.message : `Orthanc at ${url} could not be checked: ${String(err)}`,
         checkedAt: checkedAt(),
+        lastSeenAt: this.current.lastSeenAt,
       };
     }
     const prev = this.current;

@@ -1,0 +1,118 @@
+/**
+ * Storage service, SCP role (PS3.4 Annex B; C-STORE PS3.7 9.1.1): the data set is streamed to the
+ * tenant's spool as it arrives, never held whole in memory, and the bytes stay as the modality sent
+ * them. Success is answered only when the instance is safe:
+ *   Spool — its file and queue record are fsync'd (the forwarder takes it from there);
+ *   Sync  — Orthanc has stored and labeled it.
+ * Failure statuses (PS3.4 B.2.3): 0xA700 Refused: Out of Resources (quota, disk, Orthanc unavailable),
+ * 0xC000 Error: Cannot understand (no data set, Orthanc refuses the content), always with an ErrorComment.
+ */
+import type { TenantConfig } from "../config/types.ts";
+import { isValidUid } from "../dicom/uids.ts";
+import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
+import { isPermanentRejection, uploadFile, type Labeler } from "../orthanc/store.ts";
+import type { Forwarder } from "../spool/forwarder.ts";
+import { SpoolDiskError, SpoolQuotaError, type ReceivedFile, type TenantSpool } from "../spool/spool.ts";
+import type { DimseHandler, DimseResponder } from "./association.ts";
+import { Status } from "./constants.ts";
+
+export interface StoreEvents {
+  /** Bytes of a data set fully received (acknowledged or not). */
+  received?(bytes: number): void;
+  /** Success was answered. */
+  acknowledged?(bytes: number): void;
+  /** A failure status was answered. */
+  refused?(status: number, reason: string): void;
+}
+
+export interface StoreServiceDeps {
+  tenant: TenantConfig;
+  spool: TenantSpool;
+  orthanc: OrthancClient;
+  labeler: Labeler;
+  forwarder: Forwarder;
+  events?: StoreEvents;
+}
+
+export function createStoreHandler(deps: StoreServiceDeps): DimseHandler {
+  const { tenant, spool, events } = deps;
+  return async (request, responder) => {
+    const cmd = request.command;
+    const sopClassUid = cmd.affectedSopClassUid ?? request.presentationContext.abstractSyntax;
+    const sopInstanceUid = cmd.affectedSopInstanceUid ?? "";
+    /** ErrorComment is LO (64 characters): the comment says what happened; the log gets the whole reason. */
+    const fail = async (status: number, comment: string, reason = comment) => {
+      request.dataset?.discard();
+      events?.refused?.(status, reason);
+      await responder.respond({ status, errorComment: truncate(comment), affectedSopInstanceUid: sopInstanceUid || undefined });
+    };
+    if (!request.dataset) return fail(Status.UnableToProcess, "C-STORE-RQ without a data set");
+    if (!isValidUid(sopInstanceUid)) return fail(Status.UnableToProcess, `invalid Affected SOP Instance UID "${sopInstanceUid.slice(0, 64)}"`);
+    if (!spool.hasRoom()) {
+      return fail(
+        Status.OutOfResources,
+        "Gateway spool quota full, retry later",
+        `spool of ${tenant.aet} is full (quota ${Math.round(spool.quotaBytes / 1048576)} MB): Orthanc is not taking instances fast enough`,
+      );
+    }
+
+    let received: ReceivedFile;
+    try {
+      received = await spool.receive(
+        { sopClassUid, sopInstanceUid, transferSyntaxUid: request.presentationContext.transferSyntax, sourceAeTitle: responder.association.callingAeTitle },
+        request.dataset,
+      );
+    } catch (e) {
+      if (e instanceof SpoolQuotaError) return fail(Status.OutOfResources, "Gateway spool quota full, retry later", e.message);
+      if (e instanceof SpoolDiskError) return fail(Status.OutOfResources, "Gateway spool disk error, retry later", e.message);
+      throw e; // the association ended mid-transfer: the partial file is already gone
+    }
+    events?.received?.(received.size);
+
+    if (tenant.forwarding === "Sync") return storeSync(deps, received, responder, sopInstanceUid, fail);
+
+    try {
+      const entry = await spool.commit(received, {
+        sopClassUid,
+        sopInstanceUid,
+        transferSyntaxUid: request.presentationContext.transferSyntax,
+        callingAeTitle: responder.association.callingAeTitle,
+        peer: `${responder.association.peer.address}:${responder.association.peer.port}`,
+        receivedAt: new Date().toISOString(),
+      });
+      deps.forwarder.add(tenant, spool, entry);
+    } catch (e) {
+      await spool.discard(received);
+      return fail(Status.OutOfResources, "Gateway spool disk error, retry later", e instanceof Error ? e.message : String(e));
+    }
+    events?.acknowledged?.(received.size);
+    await responder.respond({ status: Status.Success, affectedSopInstanceUid: sopInstanceUid });
+  };
+}
+
+async function storeSync(
+  deps: StoreServiceDeps,
+  received: ReceivedFile,
+  responder: DimseResponder,
+  sopInstanceUid: string,
+  fail: (status: number, comment: string, reason?: string) => Promise<void>,
+): Promise<void> {
+  try {
+    const stored = await uploadFile(deps.orthanc, received.path, received.size);
+    await deps.labeler.apply(stored, deps.tenant);
+  } catch (e) {
+    const message = e instanceof Error ? e.message : String(e);
+    if (isPermanentRejection(e)) return fail(Status.UnableToProcess, "Orthanc refused the instance (see gateway log)", `Orthanc refused the instance: ${message}`);
+    if (e instanceof OrthancError) return fail(Status.OutOfResources, "Orthanc unavailable, not stored; retry later", `Orthanc unavailable, instance not stored: ${message}`);
+    throw e;
+  } finally {
+    await deps.spool.discard(received);
+  }
+  deps.events?.acknowledged?.(received.size);
+  await responder.respond({ status: Status.Success, affectedSopInstanceUid: sopInstanceUid });
+}
+
+/** ErrorComment is LO: 64 characters at most (PS3.7 C.4.x, PS3.5 6.2). */
+function truncate(s: string): string {
+  return s.length <= 64 ? s : s.slice(0, 61) + "...";
+}

@@ -1,0 +1,301 @@
+/**
+ * The crash-safe store-and-forward spool of one tenant.
+ *
+ *   <root>/<tenant>/incoming/<id>.part     being received (deleted at start-up: never acknowledged)
+ *   <root>/<tenant>/queue/<id>.dcm          committed Part 10 file ...
+ *   <root>/<tenant>/queue/<id>.json         ... and its record; the record's presence means "acknowledged"
+ *   <root>/<tenant>/quarantine/<id>.{dcm,json}  refused permanently by Orthanc, with the reason
+ *
+ * An instance is acknowledged only after its file and its record are fsync'd and renamed into
+ * queue/ and the directory itself is fsync'd. Ids sort in arrival order, so a restart replays FIFO.
+ */
+import { Buffer } from "node:buffer";
+import { createHash, randomBytes } from "node:crypto";
+import { mkdir, open, readdir, readFile, rename, rm, stat, writeFile, type FileHandle } from "node:fs/promises";
+import { join } from "node:path";
+import { encodeFileMeta, type FileMeta } from "../dicom/part10.ts";
+
+export interface SpoolRecord {
+  id: string;
+  tenant: string;
+  sopClassUid: string;
+  sopInstanceUid: string;
+  transferSyntaxUid: string;
+  callingAeTitle: string;
+  peer: string;
+  receivedAt: string;
+  /** Size of the Part 10 file in bytes. */
+  size: number;
+  /** MD5 of the Part 10 file (what Orthanc stores), hex. */
+  md5: string;
+}
+
+export interface SpoolEntry extends SpoolRecord {
+  /** Path of the Part 10 file. */
+  file: string;
+}
+
+export interface QuarantineEntry extends SpoolRecord {
+  reason: string;
+  quarantinedAt: string;
+}
+
+/** A file received into incoming/, not yet committed. */
+export interface ReceivedFile {
+  id: string;
+  path: string;
+  size: number;
+  md5: string;
+}
+
+export class SpoolQuotaError extends Error {
+  override name = "SpoolQuotaError";
+}
+export class SpoolDiskError extends Error {
+  override name = "SpoolDiskError";
+}
+
+const WRITE_BATCH = 256 * 1024;
+let counter = 0;
+
+/** Time-ordered, unique across restarts: milliseconds (base 36, fixed width), a counter, randomness. */
+export function newSpoolId(): string {
+  counter = (counter + 1) % 1_679_616;
+  return `${Date.now().toString(36).padStart(9, "0")}-${counter.toString(36).padStart(4, "0")}-${randomBytes(4).toString("hex")}`;
+}
+
+/** AE titles may hold characters that are unsafe in a path; keep them readable and unique. */
+export function tenantDirectoryName(aet: string): string {
+  return aet.replace(/[^A-Za-z0-9_-]/g, (c) => `%${c.charCodeAt(0).toString(16).padStart(2, "0")}`);
+}
+
+async function fsyncDir(path: string): Promise<void> {
+  const fh = await open(path, "r");
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+function diskError(e: unknown, dir: string): Error {
+  const code = (e as NodeJS.ErrnoException)?.code;
+  if (code === "ENOSPC") return new SpoolDiskError(`the spool disk is full (${dir}): free space or move Gateway.SpoolDirectory to a larger disk`, { cause: e });
+  if (code === "EDQUOT") return new SpoolDiskError(`the disk quota of the spool is exhausted (${dir})`, { cause: e });
+  if (code === "EROFS" || code === "EACCES" || code === "EPERM")
+    return new SpoolDiskError(`cannot write the spool (${dir}): ${code}; check permissions of Gateway.SpoolDirectory (systemd: StateDirectory)`, { cause: e });
+  return e instanceof Error ? e : new Error(String(e));
+}
+
+export class TenantSpool {
+  readonly dir: string;
+  private readonly incoming: string;
+  private readonly queue: string;
+  private readonly quarantineDir: string;
+  private readonly pending = new Map<string, SpoolEntry>();
+  private committedBytes = 0;
+  private receivingBytes = 0;
+  private quarantined: QuarantineEntry[] = [];
+
+  constructor(
+    root: string,
+    readonly tenant: string,
+    public quotaBytes: number,
+  ) {
+    this.dir = join(root, tenantDirectoryName(tenant));
+    this.incoming = join(this.dir, "incoming");
+    this.queue = join(this.dir, "queue");
+    this.quarantineDir = join(this.dir, "quarantine");
+  }
+
+  /** Creates the directories, drops what was never acknowledged, and returns the pending entries in arrival order. */
+  async open(): Promise<{ pending: SpoolEntry[]; discarded: string[] }> {
+    try {
+      for (const d of [this.incoming, this.queue, this.quarantineDir]) await mkdir(d, { recursive: true });
+    } catch (e) {
+      throw diskError(e, this.dir);
+    }
+    const discarded: string[] = [];
+    for (const f of await readdir(this.incoming)) {
+      await rm(join(this.incoming, f), { force: true });
+      discarded.push(join(this.incoming, f));
+    }
+    const names = new Set(await readdir(this.queue));
+    for (const n of names) {
+      if (n.endsWith(".json.tmp")) {
+        await rm(join(this.queue, n), { force: true });
+        continue;
+      }
+      if (!n.endsWith(".dcm")) continue;
+      // A file without its record was never acknowledged (crash between the two renames).
+      if (!names.has(n.slice(0, -4) + ".json")) {
+        await rm(join(this.queue, n), { force: true });
+        discarded.push(join(this.queue, n));
+      }
+    }
+    for (const n of [...names].filter((n) => n.endsWith(".json")).sort()) {
+      const record = JSON.parse(await readFile(join(this.queue, n), "utf8")) as SpoolRecord;
+      const file = join(this.queue, `${record.id}.dcm`);
+      if (!names.has(`${record.id}.dcm`)) {
+        // Should not happen (the file is renamed before the record); keep the record visible as an error.
+        throw new Error(`spool record ${join(this.queue, n)} has no file ${file}: the spool was modified by hand`);
+      }
+      this.pending.set(record.id, { ...record, file });
+      this.committedBytes += record.size;
+    }
+    for (const n of (await readdir(this.quarantineDir)).filter((n) => n.endsWith(".json")).sort()) {
+      try {
+        this.quarantined.push(JSON.parse(await readFile(join(this.quarantineDir, n), "utf8")));
+      } catch {
+        // a damaged quarantine record is not worth stopping for
+      }
+    }
+    return { pending: [...this.pending.values()], discarded };
+  }
+
+  get usedBytes(): number {
+    return this.committedBytes + this.receivingBytes;
+  }
+
+  stats(): { depth: number; bytes: number; oldestReceivedAt?: string; quotaBytes: number; quarantined: number } {
+    let oldest: string | undefined;
+    for (const e of this.pending.values()) {
+      oldest = e.receivedAt;
+      break; // Map keeps insertion order = arrival order
+    }
+    return { depth: this.pending.size, bytes: this.committedBytes, oldestReceivedAt: oldest, quotaBytes: this.quotaBytes, quarantined: this.quarantined.length };
+  }
+
+  quarantineList(): readonly QuarantineEntry[] {
+    return this.quarantined;
+  }
+
+  /** Whether a new instance may start (the quota is checked again while it arrives). */
+  hasRoom(): boolean {
+    return this.usedBytes < this.quotaBytes;
+  }
+
+  /**
+   * Writes meta header + data set chunks to incoming/<id>.part as they arrive, fsyncs it.
+   * Throws SpoolQuotaError when the quota is exceeded, SpoolDiskError on disk problems; the partial
+   * file is removed in every failure case, including a source that fails (truncated association).
+   */
+  async receive(meta: FileMeta, source: AsyncIterable<Uint8Array>): Promise<ReceivedFile> {
+    const id = newSpoolId();
+    const path = join(this.incoming, `${id}.part`);
+    const hash = createHash("md5");
+    let fh: FileHandle | undefined;
+    let size = 0;
+    let batch: Uint8Array[] = [];
+    let batched = 0;
+    const flush = async () => {
+      if (batched === 0) return;
+      const buf = batch.length === 1 ? batch[0]! : Buffer.concat(batch, batched);
+      batch = [];
+      batched = 0;
+      await fh!.write(buf);
+    };
+    const reserve = (n: number) => {
+      size += n;
+      this.receivingBytes += n;
+      if (this.usedBytes > this.quotaBytes) {
+        throw new SpoolQuotaError(`spool quota of tenant ${this.tenant} exhausted (${Math.round(this.quotaBytes / 1048576)} MB): Orthanc is not taking instances fast enough`);
+      }
+    };
+    try {
+      try {
+        fh = await open(path, "wx", 0o600);
+      } catch (e) {
+        throw diskError(e, this.incoming);
+      }
+      const head = encodeFileMeta(meta);
+      hash.update(head);
+      reserve(head.length);
+      batch.push(head);
+      batched += head.length;
+      for await (const chunk of source) {
+        reserve(chunk.length);
+        hash.update(chunk);
+        batch.push(chunk);
+        batched += chunk.length;
+        if (batched >= WRITE_BATCH) await flush().catch((e) => Promise.reject(diskError(e, this.incoming)));
+      }
+      await flush().catch((e) => Promise.reject(diskError(e, this.incoming)));
+      await fh.datasync().catch((e) => Promise.reject(diskError(e, this.incoming)));
+      await fh.close();
+      fh = undefined;
+      return { id, path, size, md5: hash.digest("hex") };
+    } catch (e) {
+      await fh?.close().catch(() => {});
+      await rm(path, { force: true });
+      throw e;
+    } finally {
+      this.receivingBytes -= size;
+    }
+  }
+
+  /** Makes a received file durable in queue/ with its record. After this resolves, the instance may be acknowledged. */
+  async commit(received: ReceivedFile, info: Omit<SpoolRecord, "id" | "tenant" | "size" | "md5">): Promise<SpoolEntry> {
+    const record: SpoolRecord = { id: received.id, tenant: this.tenant, ...info, size: received.size, md5: received.md5 };
+    const file = join(this.queue, `${received.id}.dcm`);
+    const recordPath = join(this.queue, `${received.id}.json`);
+    this.receivingBytes += received.size; // counted until committed, so the quota holds meanwhile
+    try {
+      await rename(received.path, file);
+      const fh = await open(recordPath + ".tmp", "w", 0o600);
+      try {
+        await fh.writeFile(JSON.stringify(record));
+        await fh.datasync();
+      } finally {
+        await fh.close();
+      }
+      await rename(recordPath + ".tmp", recordPath);
+      await fsyncDir(this.queue);
+    } catch (e) {
+      await rm(file, { force: true });
+      await rm(recordPath, { force: true });
+      await rm(recordPath + ".tmp", { force: true });
+      throw diskError(e, this.queue);
+    } finally {
+      this.receivingBytes -= received.size;
+    }
+    const entry = { ...record, file };
+    this.pending.set(entry.id, entry);
+    this.committedBytes += entry.size;
+    return entry;
+  }
+
+  /** Drops a received file that will not be committed (Sync mode after forwarding, or a refused instance). */
+  async discard(received: ReceivedFile): Promise<void> {
+    await rm(received.path, { force: true });
+  }
+
+  /** The entry reached Orthanc: forget it (record first, so a crash in between leaves an orphan file, cleaned at start-up). */
+  async remove(entry: SpoolEntry): Promise<void> {
+    await rm(join(this.queue, `${entry.id}.json`), { force: true });
+    await rm(entry.file, { force: true });
+    if (this.pending.delete(entry.id)) this.committedBytes -= entry.size;
+  }
+
+  /** Orthanc refused the instance for good: keep it aside with the reason, out of the queue and the quota. */
+  async quarantine(entry: SpoolEntry, reason: string): Promise<QuarantineEntry> {
+    const q: QuarantineEntry = { ...stripFile(entry), reason, quarantinedAt: new Date().toISOString() };
+    await rename(entry.file, join(this.quarantineDir, `${entry.id}.dcm`));
+    await writeFile(join(this.quarantineDir, `${entry.id}.json`), JSON.stringify(q, null, 2), { mode: 0o600 });
+    await rm(join(this.queue, `${entry.id}.json`), { force: true });
+    await fsyncDir(this.quarantineDir);
+    if (this.pending.delete(entry.id)) this.committedBytes -= entry.size;
+    this.quarantined.push(q);
+    return q;
+  }
+
+  /** Size on disk of a file (used by tests and integrity checks). */
+  static async sizeOf(path: string): Promise<number> {
+    return (await stat(path)).size;
+  }
+}
+
+function stripFile(e: SpoolEntry): SpoolRecord {
+  const { file: _file, ...rest } = e;
+  return rest;
+}
