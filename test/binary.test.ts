@@ -1,0 +1,60 @@
+/**
+ * The compiled appliance: `bun scripts/build-binary.ts` builds linux-x64 and linux-arm64
+ * executables; the x64 one starts with a real Orthanc, answers C-ECHO, /health and /ready.
+ */
+import { afterAll, beforeAll, expect, test } from "bun:test";
+import { spawnSync } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts";
+import { echoscu } from "./helpers/dcmtk.ts";
+import { httpPortFromLog, spawnGateway, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
+
+const ROOT = join(import.meta.dir, "..");
+const outdir = mkdtempSync(join(tmpdir(), "gw-dist-"));
+let orthanc: OrthancHandle;
+let gw: GatewayProcess | undefined;
+
+beforeAll(async () => {
+  const build = spawnSync(process.execPath, [join(ROOT, "scripts/build-binary.ts"), "--target", "all", "--outdir", outdir], { encoding: "utf8", cwd: ROOT });
+  if (build.status !== 0) throw new Error(`build-binary failed:\n${build.stdout}\n${build.stderr}`);
+  orthanc = await startOrthanc();
+}, 300_000);
+
+afterAll(async () => {
+  await gw?.stop();
+  await orthanc?.stop();
+  rmSync(outdir, { recursive: true, force: true });
+}, 30_000);
+
+function elfMachine(path: string): number {
+  const head = readFileSync(path).subarray(0, 20);
+  expect([...head.subarray(0, 4)]).toEqual([0x7f, 0x45, 0x4c, 0x46]);
+  return head.readUInt16LE(18);
+}
+
+test("both targets are built for the right architecture", () => {
+  expect(elfMachine(join(outdir, "dicom-gateway-linux-x64"))).toBe(0x3e);
+  expect(elfMachine(join(outdir, "dicom-gateway-linux-arm64"))).toBe(0xb7);
+  expect(statSync(join(outdir, "dicom-gateway-linux-x64")).mode & 0o111).not.toBe(0);
+});
+
+test("the x64 binary prints its version", () => {
+  const pkg = JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8"));
+  const r = spawnSync(join(outdir, "dicom-gateway-linux-x64"), ["version"], { encoding: "utf8" });
+  expect(r.status).toBe(0);
+  expect(r.stdout.trim()).toBe(`dicom-gateway ${pkg.version}`);
+});
+
+test("the x64 binary serves: C-ECHO on each tenant, /health 200, /ready 200 with Orthanc", async () => {
+  const config = await testConfigObject([{ AET: "BIN1", Labels: ["b1"] }, { AET: "BIN2", Labels: ["b2"] }], orthanc.url, { Gateway: { Log: { Level: "info", Format: "json" } } });
+  gw = spawnGateway(join(outdir, "dicom-gateway-linux-x64"), ["serve", "--config", writeConfigFile(config)]);
+  const port = httpPortFromLog(await gw.waitForLine(/"HTTP endpoint started"/));
+  const servers = (config.MultitenantDicom as { Servers: { AET: string; Port: number }[] }).Servers;
+  for (const s of servers) expect((await echoscu(s.Port, s.AET)).output).toContain("Received Echo Response (Success)");
+  expect((await fetch(`http://127.0.0.1:${port}/health`)).status).toBe(200);
+  const ready = await fetch(`http://127.0.0.1:${port}/ready`);
+  expect(ready.status).toBe(200);
+  expect(await gw.stop()).toBe(0);
+}, 60_000);
