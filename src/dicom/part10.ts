@@ -71,3 +71,33 @@ export function fileMetaLength(head: Uint8Array): number | undefined {
   if (dv.getUint16(132, true) !== 2 || dv.getUint16(134, true) !== 0) throw new Error("Part 10 file without (0002,0000) group length");
   return 144 + dv.getUint32(140, true);
 }
+
+/** Reads the file meta information written by encodeFileMeta (or any Part 10 file): group 0002, explicit VR LE. */
+export function decodeFileMeta(head: Uint8Array): FileMeta {
+  const end = fileMetaLength(head);
+  if (end === undefined || end > head.length) throw new Error("Part 10 meta information is truncated");
+  const dv = new DataView(head.buffer, head.byteOffset, head.byteLength);
+  const text = (o: number, n: number) => new TextDecoder("latin1").decode(head.subarray(o, o + n)).replace(/[\0 ]+$/, "");
+  const values = new Map<number, string>();
+  let o = 132;
+  while (o + 8 <= end) {
+    const el = dv.getUint16(o + 2, true);
+    const vr = String.fromCharCode(head[o + 4]!, head[o + 5]!);
+    const long = vr === "OB" || vr === "OW" || vr === "UN" || vr === "SQ" || vr === "UT";
+    const len = long ? dv.getUint32(o + 8, true) : dv.getUint16(o + 6, true);
+    const start = o + (long ? 12 : 8);
+    if (vr === "UI" || vr === "AE" || vr === "SH") values.set(el, text(start, len));
+    o = start + len;
+  }
+  const need = (el: number, name: string) => {
+    const v = values.get(el);
+    if (!v) throw new Error(`Part 10 meta information without ${name}`);
+    return v;
+  };
+  return {
+    sopClassUid: need(0x0002, "MediaStorageSOPClassUID"),
+    sopInstanceUid: need(0x0003, "MediaStorageSOPInstanceUID"),
+    transferSyntaxUid: need(0x0010, "TransferSyntaxUID"),
+    sourceAeTitle: values.get(0x0016),
+  };
+}

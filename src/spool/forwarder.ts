@@ -10,7 +10,7 @@
 import type { TenantConfig } from "../config/types.ts";
 import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
 import { isPermanentRejection, storedAttachmentInfo, uploadFile, type Labeler, type StoredInstance } from "../orthanc/store.ts";
-import type { SpoolEntry, TenantSpool } from "./spool.ts";
+import { TenantSpool, type SpoolEntry } from "./spool.ts";
 
 export interface ForwarderEvents {
   forwarded?(tenant: TenantConfig, entry: SpoolEntry, seconds: number, stored: StoredInstance): void;
@@ -42,16 +42,50 @@ export function backoffDelay(attempt: number, baseMs: number, maxMs: number, ran
   return Math.round(exp * (0.5 + random()));
 }
 
+/** FIFO queue with O(1) push and shift (Array.prototype.shift is O(n) on large arrays). */
+class Fifo<T> {
+  private items: (T | undefined)[] = [];
+  private head = 0;
+  get length(): number {
+    return this.items.length - this.head;
+  }
+  push(x: T): void {
+    this.items.push(x);
+  }
+  unshift(x: T): void {
+    if (this.head > 0) this.items[--this.head] = x;
+    else this.items.unshift(x);
+  }
+  shift(): T | undefined {
+    if (this.head >= this.items.length) return undefined;
+    const x = this.items[this.head];
+    this.items[this.head++] = undefined;
+    if (this.head > 1024 && this.head * 2 > this.items.length) {
+      this.items = this.items.slice(this.head);
+      this.head = 0;
+    }
+    return x;
+  }
+  *[Symbol.iterator](): Iterator<T> {
+    for (let i = this.head; i < this.items.length; i++) yield this.items[i]!;
+  }
+}
+
 export class Forwarder {
-  private readonly jobs: Job[] = [];
+  /** Jobs that may start now, in arrival order. */
+  private readonly ready = new Fifo<Job>();
+  /** Jobs backing off after a failure (few), each with its notBefore. */
+  private delayed: Job[] = [];
   private inFlight = 0;
   private running = false;
   private workers: Promise<void>[] = [];
-  private wakeUp: (() => void) | undefined;
+  private sleepers: (() => void)[] = [];
   private timer: ReturnType<typeof setTimeout> | undefined;
-  /** Orthanc unreachable: nobody starts a job before this time (except the single probe). */
+  private timerAt = Infinity;
+  /** Orthanc unreachable: nobody starts a job before this time; then one job probes. */
   private pausedUntil = 0;
   private pauseAttempt = 0;
+  private probing = false;
   private idleWaiters: (() => void)[] = [];
   private readonly baseMs: number;
   private readonly maxMs: number;
@@ -62,13 +96,13 @@ export class Forwarder {
   }
 
   add(tenant: TenantConfig, spool: TenantSpool, entry: SpoolEntry): void {
-    this.jobs.push({ tenant, spool, entry, attempt: 0, notBefore: 0 });
-    this.signal();
+    this.ready.push({ tenant, spool, entry, attempt: 0, notBefore: 0 });
+    this.wakeOne();
   }
 
   /** Entries waiting or being forwarded. */
   get backlog(): number {
-    return this.jobs.length + this.inFlight;
+    return this.ready.length + this.delayed.length + this.inFlight;
   }
 
   start(): void {
@@ -80,7 +114,8 @@ export class Forwarder {
   /** Stops taking new jobs and waits for the uploads under way. Pending entries stay in the spool. */
   async stop(): Promise<void> {
     this.running = false;
-    this.signal();
+    clearTimeout(this.timer);
+    this.wakeAll();
     await Promise.all(this.workers);
     this.workers = [];
   }
@@ -89,8 +124,9 @@ export class Forwarder {
   wake(): void {
     this.pausedUntil = 0;
     this.pauseAttempt = 0;
-    for (const j of this.jobs) j.notBefore = 0;
-    this.signal();
+    for (const j of this.delayed) this.ready.push(j);
+    this.delayed = [];
+    this.wakeAll();
   }
 
   /** Resolves when nothing is waiting or being forwarded. */
@@ -99,46 +135,52 @@ export class Forwarder {
     return new Promise((r) => this.idleWaiters.push(r));
   }
 
-  private signal(): void {
-    const w = this.wakeUp;
-    this.wakeUp = undefined;
-    w?.();
+  private wakeOne(): void {
+    this.sleepers.pop()?.();
+  }
+
+  private wakeAll(): void {
+    for (const w of this.sleepers.splice(0)) w();
   }
 
   private next(now: number): Job | undefined {
-    if (now < this.pausedUntil) return undefined;
-    const i = this.jobs.findIndex((j) => j.notBefore <= now);
-    if (i < 0) return undefined;
-    const [job] = this.jobs.splice(i, 1);
-    // While paused for an outage, the job that gets through is the probe: hold the others back.
-    if (this.pauseAttempt > 0) this.pausedUntil = Number.MAX_SAFE_INTEGER;
+    if (this.probing || now < this.pausedUntil) return undefined;
+    if (this.delayed.length > 0) {
+      const due = this.delayed.filter((j) => j.notBefore <= now);
+      if (due.length > 0) {
+        this.delayed = this.delayed.filter((j) => j.notBefore > now);
+        for (const j of due) this.ready.push(j);
+      }
+    }
+    const job = this.ready.shift();
+    // During an outage the job that gets through is the probe: the others wait for its outcome.
+    if (job && this.pauseAttempt > 0) this.probing = true;
     return job;
   }
 
-  private async sleepUntilWork(): Promise<void> {
-    const now = Date.now();
-    const times = this.jobs.map((j) => Math.max(j.notBefore, this.pausedUntil === Number.MAX_SAFE_INTEGER ? Infinity : this.pausedUntil));
-    const soonest = Math.min(...times);
-    await new Promise<void>((resolve) => {
-      const prev = this.wakeUp;
-      this.wakeUp = () => {
-        prev?.();
-        resolve();
-      };
-      if (Number.isFinite(soonest)) {
-        clearTimeout(this.timer);
-        this.timer = setTimeout(() => this.signal(), Math.max(1, soonest - now));
-        (this.timer as { unref?: () => void }).unref?.();
-      }
-    });
+  /** Sleeps until woken, or until the next delayed job or the end of a pause is due. */
+  private sleep(now: number): Promise<void> {
+    let at = this.probing ? Infinity : Math.max(now, this.pausedUntil);
+    if (this.ready.length === 0) at = Math.max(at, Math.min(Infinity, ...this.delayed.map((j) => j.notBefore)));
+    if (at !== Infinity && at < this.timerAt) {
+      clearTimeout(this.timer);
+      this.timerAt = at;
+      this.timer = setTimeout(() => {
+        this.timerAt = Infinity;
+        this.wakeAll();
+      }, Math.max(1, at - now));
+      (this.timer as { unref?: () => void }).unref?.();
+    }
+    return new Promise((resolve) => this.sleepers.push(resolve));
   }
 
   private async work(): Promise<void> {
     while (this.running) {
-      const job = this.next(Date.now());
+      const now = Date.now();
+      const job = this.next(now);
       if (!job) {
         if (this.backlog === 0) this.idleWaiters.splice(0).forEach((r) => r());
-        await this.sleepUntilWork();
+        await this.sleep(now);
         continue;
       }
       this.inFlight++;
@@ -147,6 +189,7 @@ export class Forwarder {
       } finally {
         this.inFlight--;
       }
+      if (this.backlog === 0) this.idleWaiters.splice(0).forEach((r) => r());
     }
   }
 
@@ -158,8 +201,9 @@ export class Forwarder {
       const stored = await uploadFile(this.opts.orthanc, entry.file, entry.size);
       if (this.opts.verifyIntegrity && stored.status === "Success") {
         const got = await storedAttachmentInfo(this.opts.orthanc, stored.id);
-        if (got.md5 !== entry.md5 || got.size !== entry.size) {
-          const reason = `integrity check failed: Orthanc stored ${got.size} bytes with MD5 ${got.md5}, the gateway received ${entry.size} bytes with MD5 ${entry.md5}`;
+        const md5 = entry.md5 ?? (await TenantSpool.md5Of(entry.file));
+        if (got.md5 !== md5 || got.size !== entry.size) {
+          const reason = `integrity check failed: Orthanc stored ${got.size} bytes with MD5 ${got.md5}, the gateway received ${entry.size} bytes with MD5 ${md5}`;
           await spool.quarantine(entry, reason);
           this.opts.events?.quarantined?.(tenant, entry, reason);
           return;
@@ -186,11 +230,12 @@ export class Forwarder {
       }
       if (err instanceof OrthancError && (err.kind === "unreachable" || err.kind === "timeout")) {
         this.pauseAttempt++;
+        this.probing = false;
         this.pausedUntil = Date.now() + backoffDelay(this.pauseAttempt, this.baseMs, this.maxMs);
         job.attempt--; // an outage is not this instance's fault
-        this.jobs.unshift(job);
+        this.ready.unshift(job);
         this.opts.events?.failed?.(tenant, entry, err, job.attempt + 1, this.pausedUntil - Date.now());
-        this.signal();
+        this.wakeOne();
         return;
       }
       this.outageOver();
@@ -201,15 +246,16 @@ export class Forwarder {
   private requeue(job: Job, err: Error): void {
     const delay = backoffDelay(job.attempt, this.baseMs, this.maxMs);
     job.notBefore = Date.now() + delay;
-    this.jobs.push(job);
+    this.delayed.push(job);
     this.opts.events?.failed?.(job.tenant, job.entry, err, job.attempt, delay);
-    this.signal();
+    this.wakeOne();
   }
 
   private outageOver(): void {
+    this.probing = false;
     if (this.pauseAttempt === 0) return;
     this.pauseAttempt = 0;
     this.pausedUntil = 0;
-    this.signal();
+    this.wakeAll();
   }
 }

@@ -2,18 +2,20 @@
  * The crash-safe store-and-forward spool of one tenant.
  *
  *   <root>/<tenant>/incoming/<id>.part     being received (deleted at start-up: never acknowledged)
- *   <root>/<tenant>/queue/<id>.dcm          committed Part 10 file ...
- *   <root>/<tenant>/queue/<id>.json         ... and its record; the record's presence means "acknowledged"
+ *   <root>/<tenant>/queue/<id>.dcm          acknowledged Part 10 file, waiting for Orthanc
  *   <root>/<tenant>/quarantine/<id>.{dcm,json}  refused permanently by Orthanc, with the reason
  *
- * An instance is acknowledged only after its file and its record are fsync'd and renamed into
- * queue/ and the directory itself is fsync'd. Ids sort in arrival order, so a restart replays FIFO.
+ * An instance is acknowledged only after its file is fdatasync'd, renamed into queue/, and queue/
+ * itself is fsync'd (so the rename survives a power cut). The file is its own record: the meta
+ * header names SOP class and instance, transfer syntax and source AE; the mtime is the arrival
+ * time. Two syncs per instance, and concurrent commits share the directory sync. Ids sort in
+ * arrival order, so a restart replays FIFO.
  */
 import { Buffer } from "node:buffer";
 import { createHash, randomBytes } from "node:crypto";
-import { mkdir, open, readdir, readFile, rename, rm, stat, writeFile, type FileHandle } from "node:fs/promises";
+import { mkdir, open, readdir, readFile, rename, rm, writeFile, type FileHandle } from "node:fs/promises";
 import { join } from "node:path";
-import { encodeFileMeta, type FileMeta } from "../dicom/part10.ts";
+import { decodeFileMeta, encodeFileMeta, type FileMeta } from "../dicom/part10.ts";
 
 export interface SpoolRecord {
   id: string;
@@ -26,8 +28,8 @@ export interface SpoolRecord {
   receivedAt: string;
   /** Size of the Part 10 file in bytes. */
   size: number;
-  /** MD5 of the Part 10 file (what Orthanc stores), hex. */
-  md5: string;
+  /** MD5 of the Part 10 file (what Orthanc stores), hex; computed while receiving, absent after a restart. */
+  md5?: string;
 }
 
 export interface SpoolEntry extends SpoolRecord {
@@ -120,27 +122,26 @@ export class TenantSpool {
       await rm(join(this.incoming, f), { force: true });
       discarded.push(join(this.incoming, f));
     }
-    const names = new Set(await readdir(this.queue));
-    for (const n of names) {
-      if (n.endsWith(".json.tmp")) {
-        await rm(join(this.queue, n), { force: true });
+    for (const n of (await readdir(this.queue)).sort()) {
+      const file = join(this.queue, n);
+      if (!n.endsWith(".dcm")) {
+        // Leftovers of an older layout or of a hand edit: not ours to forward.
+        if (n.endsWith(".tmp") || n.endsWith(".part")) await rm(file, { force: true });
         continue;
       }
-      if (!n.endsWith(".dcm")) continue;
-      // A file without its record was never acknowledged (crash between the two renames).
-      if (!names.has(n.slice(0, -4) + ".json")) {
-        await rm(join(this.queue, n), { force: true });
-        discarded.push(join(this.queue, n));
+      const id = n.slice(0, -4);
+      let record: SpoolRecord;
+      try {
+        record = await readRecord(file, id, this.tenant);
+      } catch (e) {
+        // A committed file is complete (it was synced before the rename): if it cannot be read, keep it
+        // aside rather than forward or delete it.
+        await mkdir(this.quarantineDir, { recursive: true });
+        await rename(file, join(this.quarantineDir, n));
+        discarded.push(`${file} (unreadable, moved to quarantine: ${(e as Error).message})`);
+        continue;
       }
-    }
-    for (const n of [...names].filter((n) => n.endsWith(".json")).sort()) {
-      const record = JSON.parse(await readFile(join(this.queue, n), "utf8")) as SpoolRecord;
-      const file = join(this.queue, `${record.id}.dcm`);
-      if (!names.has(`${record.id}.dcm`)) {
-        // Should not happen (the file is renamed before the record); keep the record visible as an error.
-        throw new Error(`spool record ${join(this.queue, n)} has no file ${file}: the spool was modified by hand`);
-      }
-      this.pending.set(record.id, { ...record, file });
+      this.pending.set(id, { ...record, file });
       this.committedBytes += record.size;
     }
     for (const n of (await readdir(this.quarantineDir)).filter((n) => n.endsWith(".json")).sort()) {
@@ -234,35 +235,54 @@ export class TenantSpool {
     }
   }
 
-  /** Makes a received file durable in queue/ with its record. After this resolves, the instance may be acknowledged. */
+  /** Makes a received file durable in queue/. After this resolves, the instance may be acknowledged. */
   async commit(received: ReceivedFile, info: Omit<SpoolRecord, "id" | "tenant" | "size" | "md5">): Promise<SpoolEntry> {
-    const record: SpoolRecord = { id: received.id, tenant: this.tenant, ...info, size: received.size, md5: received.md5 };
     const file = join(this.queue, `${received.id}.dcm`);
-    const recordPath = join(this.queue, `${received.id}.json`);
     this.receivingBytes += received.size; // counted until committed, so the quota holds meanwhile
     try {
       await rename(received.path, file);
-      const fh = await open(recordPath + ".tmp", "w", 0o600);
-      try {
-        await fh.writeFile(JSON.stringify(record));
-        await fh.datasync();
-      } finally {
-        await fh.close();
-      }
-      await rename(recordPath + ".tmp", recordPath);
-      await fsyncDir(this.queue);
+      await this.syncQueueDir();
     } catch (e) {
       await rm(file, { force: true });
-      await rm(recordPath, { force: true });
-      await rm(recordPath + ".tmp", { force: true });
       throw diskError(e, this.queue);
     } finally {
       this.receivingBytes -= received.size;
     }
-    const entry = { ...record, file };
+    const entry: SpoolEntry = { id: received.id, tenant: this.tenant, ...info, size: received.size, md5: received.md5, file };
     this.pending.set(entry.id, entry);
     this.committedBytes += entry.size;
     return entry;
+  }
+
+  /** The fsync of queue/ under way, and the one that will start after it (shared by everyone waiting). */
+  private dirSync: Promise<void> | undefined;
+  private nextDirSync: Promise<void> | undefined;
+
+  /**
+   * fsync(queue/) shared by concurrent commits (group commit): a commit needs a sync that started after
+   * its rename, so while one runs, later commits all wait for the single next one.
+   */
+  private syncQueueDir(): Promise<void> {
+    if (!this.dirSync) return (this.dirSync = this.runDirSync());
+    this.nextDirSync ??= this.dirSync.then(
+      () => {
+        this.nextDirSync = undefined;
+        return (this.dirSync = this.runDirSync());
+      },
+      () => {
+        this.nextDirSync = undefined;
+        return (this.dirSync = this.runDirSync());
+      },
+    );
+    return this.nextDirSync;
+  }
+
+  private async runDirSync(): Promise<void> {
+    try {
+      await fsyncDir(this.queue);
+    } finally {
+      this.dirSync = undefined;
+    }
   }
 
   /** Drops a received file that will not be committed (Sync mode after forwarding, or a refused instance). */
@@ -270,9 +290,8 @@ export class TenantSpool {
     await rm(received.path, { force: true });
   }
 
-  /** The entry reached Orthanc: forget it (record first, so a crash in between leaves an orphan file, cleaned at start-up). */
+  /** The entry reached Orthanc: forget it. (A crash before the unlink is durable replays it: Orthanc answers AlreadyStored.) */
   async remove(entry: SpoolEntry): Promise<void> {
-    await rm(join(this.queue, `${entry.id}.json`), { force: true });
     await rm(entry.file, { force: true });
     if (this.pending.delete(entry.id)) this.committedBytes -= entry.size;
   }
@@ -282,16 +301,51 @@ export class TenantSpool {
     const q: QuarantineEntry = { ...stripFile(entry), reason, quarantinedAt: new Date().toISOString() };
     await rename(entry.file, join(this.quarantineDir, `${entry.id}.dcm`));
     await writeFile(join(this.quarantineDir, `${entry.id}.json`), JSON.stringify(q, null, 2), { mode: 0o600 });
-    await rm(join(this.queue, `${entry.id}.json`), { force: true });
     await fsyncDir(this.quarantineDir);
     if (this.pending.delete(entry.id)) this.committedBytes -= entry.size;
     this.quarantined.push(q);
     return q;
   }
 
-  /** Size on disk of a file (used by tests and integrity checks). */
-  static async sizeOf(path: string): Promise<number> {
-    return (await stat(path)).size;
+  /** MD5 of a file, hex (integrity check of entries replayed after a restart). */
+  static async md5Of(path: string): Promise<string> {
+    const hash = createHash("md5");
+    const fh = await open(path, "r");
+    try {
+      const buf = new Uint8Array(1 << 20);
+      for (;;) {
+        const { bytesRead } = await fh.read(buf, 0, buf.length, null);
+        if (bytesRead === 0) break;
+        hash.update(buf.subarray(0, bytesRead));
+      }
+    } finally {
+      await fh.close();
+    }
+    return hash.digest("hex");
+  }
+}
+
+/** The record of a committed file, from its meta header and its inode. */
+async function readRecord(file: string, id: string, tenant: string): Promise<SpoolRecord> {
+  const fh = await open(file, "r");
+  try {
+    const head = new Uint8Array(8192);
+    const { bytesRead } = await fh.read(head, 0, head.length, 0);
+    const meta = decodeFileMeta(head.subarray(0, bytesRead));
+    const st = await fh.stat();
+    return {
+      id,
+      tenant,
+      sopClassUid: meta.sopClassUid,
+      sopInstanceUid: meta.sopInstanceUid,
+      transferSyntaxUid: meta.transferSyntaxUid,
+      callingAeTitle: meta.sourceAeTitle ?? "",
+      peer: "",
+      receivedAt: st.mtime.toISOString(),
+      size: st.size,
+    };
+  } finally {
+    await fh.close();
   }
 }
 

@@ -1,0 +1,199 @@
+/**
+ * C-STORE benchmark: Orthanc's MultitenantDicom plugin vs the gateway (Spool and Sync) vs dcmtk storescp,
+ * same machine, same Orthanc build, one run.   npm run bench:store
+ *
+ * 1. 500 distinct instances (a real CT slice, 5 patients × 2 studies × 2 series × 25) with one storescu
+ *    association to each target; for Spool also the time until all 500 are in Orthanc with their labels.
+ * 2. 4 parallel associations × 125 instances, plugin vs gateway Spool.
+ * 3. One ~1 GiB instance into the gateway's spool: throughput and the gateway's peak RSS (VmHWM).
+ */
+import { spawnSync } from "node:child_process";
+import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { startOrthanc, type OrthancHandle } from "./orthanc-testbed.ts";
+import { freePort, REPO, startGatewayProcess, startStorescp, table, timed, until, verdict, type GatewayChild } from "./bench-lib.ts";
+import { DEFAULT_SOURCE, generateDataset } from "./generate-dataset.ts";
+
+const LABEL = "bench";
+const orthancs: OrthancHandle[] = [];
+const gateways: GatewayChild[] = [];
+
+async function orthanc(multitenant?: { AET: string; Port: number }): Promise<OrthancHandle> {
+  const o = await startOrthanc(multitenant ? { multitenant: { servers: [{ ...multitenant, Labels: [LABEL] }] } } : {});
+  orthancs.push(o);
+  return o;
+}
+
+async function labeledCount(o: OrthancHandle): Promise<number> {
+  const res = await fetch(o.url + "/tools/find", { method: "POST", body: JSON.stringify({ Level: "Instance", Query: {}, Labels: [LABEL], LabelsConstraint: "All" }) });
+  return ((await res.json()) as string[]).length;
+}
+
+/** Labels must sit on Study, Series and Instance (the default LabelsStoreLevels) of every instance. */
+async function checkLabels(o: OrthancHandle, expected: number): Promise<string> {
+  const levels = await Promise.all(
+    ["Study", "Series", "Instance"].map(async (Level) => {
+      const res = await fetch(o.url + "/tools/find", { method: "POST", body: JSON.stringify({ Level, Query: {}, Labels: [LABEL] }) });
+      return ((await res.json()) as string[]).length;
+    }),
+  );
+  const want = [10, 20, expected];
+  return levels.every((n, i) => n === want[i]) ? `ok (${levels.join("/")} studies/series/instances labeled)` : `WRONG: ${levels.join("/")} labeled, want ${want.join("/")}`;
+}
+
+function storescuArgs(aet: string, port: number, files: string[]): string[] {
+  return ["-aet", "BENCHSCU", "-aec", aet, "127.0.0.1", String(port), ...files];
+}
+
+function gatewayConfig(o: OrthancHandle, tenants: Record<string, unknown>[], extra: Record<string, unknown> = {}): Record<string, unknown> {
+  return {
+    MultitenantDicom: { Servers: tenants },
+    Gateway: {
+      Orthanc: { Url: o.url },
+      Http: { Host: "127.0.0.1", Port: 0 },
+      SpoolDirectory: mkdtempSync(join(tmpdir(), "gw-bench-spool-")),
+      Log: { Level: "info", Format: "json" },
+    },
+    ...extra,
+  };
+}
+
+/** A ~1 GiB CT instance: the real slice's attributes with 2048 frames of 512×512 16-bit pixels. */
+function makeLargeInstance(): { path: string; bytes: number } {
+  const dir = mkdtempSync(join(tmpdir(), "gw-bench-big-"));
+  const path = join(dir, "big.dcm");
+  const tmpl = join(dir, "template.dcm");
+  spawnSync("cp", [DEFAULT_SOURCE, tmpl]);
+  const m = spawnSync("dcmodify", ["-nb", "-gin", "-e", "(7fe0,0010)", "-i", "(0028,0010)=512", "-i", "(0028,0011)=512", "-i", "(0028,0008)=2048", tmpl]);
+  if (m.status !== 0) throw new Error(`dcmodify: ${m.stderr}`);
+  const head = readFileSync(tmpl);
+  const pixels = 512 * 512 * 2 * 2048;
+  const fd = openSync(path, "w");
+  writeSync(fd, head);
+  const el = Buffer.alloc(12);
+  el.writeUInt16LE(0x7fe0, 0);
+  el.writeUInt16LE(0x0010, 2);
+  el.write("OW", 4, "latin1");
+  el.writeUInt32LE(pixels, 8);
+  writeSync(fd, el);
+  const chunk = Buffer.alloc(16 << 20, 7);
+  for (let written = 0; written < pixels; written += chunk.length) writeSync(fd, chunk, 0, Math.min(chunk.length, pixels - written));
+  closeSync(fd);
+  return { path, bytes: statSync(path).size };
+}
+
+async function main(): Promise<void> {
+  console.log("dicom-gateway C-STORE benchmark (dcmtk storescu with TCP_NODELAY=1, Orthanc from scripts/orthanc-testbed.ts)\n");
+  const data = await generateDataset({ outDir: join(REPO, ".cache", "bench-dataset-500"), patients: 5, studiesPerPatient: 2, seriesPerStudy: 2, instancesPerSeries: 25 });
+  const files = data.instances.map((i) => i.path);
+  const N = files.length;
+
+  // (a) the plugin
+  const pluginPort = await freePort();
+  const oPlugin = await orthanc({ AET: "PLUGIN", Port: pluginPort });
+  const plugin = await timed("storescu", storescuArgs("PLUGIN", pluginPort, files));
+  if (plugin.code !== 0) throw new Error(`storescu to the plugin failed:\n${plugin.output.slice(-2000)}`);
+  const pluginLabels = await checkLabels(oPlugin, N);
+
+  // (b) the gateway, Spool
+  const oSpool = await orthanc();
+  const spoolPort = await freePort();
+  const gSpool = await startGatewayProcess(gatewayConfig(oSpool, [{ AET: "SPOOL", Port: spoolPort, Labels: [LABEL] }]));
+  gateways.push(gSpool);
+  const t0 = performance.now();
+  const spool = await timed("storescu", storescuArgs("SPOOL", spoolPort, files));
+  if (spool.code !== 0) throw new Error(`storescu to the gateway failed:\n${spool.output.slice(-2000)}`);
+  await until("all instances labeled in Orthanc", async () => (await labeledCount(oSpool)) === N);
+  const spoolE2e = (performance.now() - t0) / 1000;
+  const spoolLabels = await checkLabels(oSpool, N);
+
+  // (c) the gateway, Sync
+  const oSync = await orthanc();
+  const syncPort = await freePort();
+  const gSync = await startGatewayProcess(gatewayConfig(oSync, [{ AET: "SYNC", Port: syncPort, Labels: [LABEL], Forwarding: "Sync" }]));
+  gateways.push(gSync);
+  const sync = await timed("storescu", storescuArgs("SYNC", syncPort, files));
+  if (sync.code !== 0) throw new Error(`storescu to the gateway (Sync) failed:\n${sync.output.slice(-2000)}`);
+  const syncLabels = await checkLabels(oSync, N);
+
+  // (d) the floor
+  const scp = await startStorescp();
+  const floor = await timed("storescu", storescuArgs("FLOOR", scp.port, files));
+  await scp.stop();
+  rmSync(scp.dir, { recursive: true, force: true });
+
+  console.log(`500 instances (${(statSync(files[0]!).size / 1024).toFixed(0)} KiB each), one association:\n`);
+  console.log(
+    table([
+      ["target", "seconds", "inst/s", "vs plugin", "labels"],
+      ["(a) Orthanc MultitenantDicom plugin", plugin.seconds, (N / plugin.seconds).toFixed(0), "1.00", pluginLabels],
+      ["(b) gateway Spool: last ack", spool.seconds, (N / spool.seconds).toFixed(0), (spool.seconds / plugin.seconds).toFixed(2), ""],
+      ["(b) gateway Spool: all in Orthanc, labeled", spoolE2e, (N / spoolE2e).toFixed(0), (spoolE2e / plugin.seconds).toFixed(2), spoolLabels],
+      ["(c) gateway Sync", sync.seconds, (N / sync.seconds).toFixed(0), (sync.seconds / plugin.seconds).toFixed(2), syncLabels],
+      ["(d) dcmtk storescp to disk (floor)", floor.seconds, (N / floor.seconds).toFixed(0), (floor.seconds / plugin.seconds).toFixed(2), ""],
+    ]),
+  );
+  console.log(`
+targets:
+  Spool ack <= 1/3 of plugin:        ${(spool.seconds / plugin.seconds).toFixed(2)} ${verdict(spool.seconds <= plugin.seconds / 3)}
+  Spool ack <= 1.5 x storescp floor: ${(spool.seconds / floor.seconds).toFixed(2)} ${verdict(spool.seconds <= 1.5 * floor.seconds)}
+  Spool end-to-end <= 1/2 of plugin: ${(spoolE2e / plugin.seconds).toFixed(2)} ${verdict(spoolE2e <= plugin.seconds / 2)}
+  Sync <= 1/1.2 of plugin:           ${(sync.seconds / plugin.seconds).toFixed(2)} ${verdict(sync.seconds <= plugin.seconds / 1.2)}
+`);
+
+  // Parallel associations: 4 × 125 into fresh Orthancs.
+  const quarters = [0, 1, 2, 3].map((q) => files.slice(q * 125, q * 125 + 125));
+  const pPort = await freePort();
+  const oP = await orthanc({ AET: "PLUGINP", Port: pPort });
+  let t = performance.now();
+  const pr = await Promise.all(quarters.map((f) => timed("storescu", storescuArgs("PLUGINP", pPort, f))));
+  const pluginPar = (performance.now() - t) / 1000;
+  if (pr.some((r) => r.code !== 0) || (await labeledCount(oP)) !== N) throw new Error("parallel storescu to the plugin failed");
+  const oG = await orthanc();
+  const gPort = await freePort();
+  const gPar = await startGatewayProcess(gatewayConfig(oG, [{ AET: "PAR", Port: gPort, Labels: [LABEL] }]));
+  gateways.push(gPar);
+  t = performance.now();
+  const gr = await Promise.all(quarters.map((f) => timed("storescu", storescuArgs("PAR", gPort, f))));
+  const gwParAck = (performance.now() - t) / 1000;
+  if (gr.some((r) => r.code !== 0)) throw new Error("parallel storescu to the gateway failed");
+  await until("all instances labeled in Orthanc", async () => (await labeledCount(oG)) === N);
+  const gwParE2e = (performance.now() - t) / 1000;
+  console.log("4 parallel associations × 125 instances:\n");
+  console.log(
+    table([
+      ["target", "seconds", "inst/s", "vs plugin"],
+      ["plugin", pluginPar, (N / pluginPar).toFixed(0), "1.00"],
+      ["gateway Spool: last ack", gwParAck, (N / gwParAck).toFixed(0), (gwParAck / pluginPar).toFixed(2)],
+      ["gateway Spool: all in Orthanc, labeled", gwParE2e, (N / gwParE2e).toFixed(0), (gwParE2e / pluginPar).toFixed(2)],
+    ]),
+  );
+
+  // One ~1 GiB instance.
+  const big = makeLargeInstance();
+  const oBig = await orthanc();
+  const bPort = await freePort();
+  const gBig = await startGatewayProcess(gatewayConfig(oBig, [{ AET: "BIG", Port: bPort, Labels: [LABEL], SpoolQuotaMB: 4096 }]));
+  gateways.push(gBig);
+  const rssBefore = gBig.peakRssMiB();
+  const b = await timed("storescu", ["-aet", "BENCHSCU", "-aec", "BIG", "127.0.0.1", String(bPort), big.path]);
+  if (b.code !== 0) throw new Error(`storescu of the large instance failed:\n${b.output.slice(-2000)}`);
+  const rssAfterAck = gBig.peakRssMiB();
+  await until("the large instance is in Orthanc", async () => (await gBig.status()).tenants[0]!.spool.depth === 0, 600_000, 200);
+  const rssAfterForward = gBig.peakRssMiB();
+  const mbps = big.bytes / 1e6 / b.seconds;
+  console.log(`
+one ${(big.bytes / 2 ** 30).toFixed(2)} GiB instance (storescu, default PDU sizes):
+  received and fsync'd in ${b.seconds.toFixed(2)} s = ${mbps.toFixed(0)} MB/s to the spool (target >= 200 MB/s: ${verdict(mbps >= 200)})
+  gateway peak RSS (VmHWM): ${rssBefore.toFixed(0)} MiB at start, ${rssAfterAck.toFixed(0)} MiB after the ack, ${rssAfterForward.toFixed(0)} MiB after forwarding to Orthanc (target < 150 MiB: ${verdict(rssAfterForward < 150)})
+`);
+  rmSync(big.path, { force: true });
+}
+
+try {
+  await main();
+} finally {
+  await Promise.all(gateways.map((g) => g.stop()));
+  await Promise.all(orthancs.map((o) => o.stop()));
+}
