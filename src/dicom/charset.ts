@@ -61,19 +61,8 @@ const ASCII = (): CodeElement =>
     encode: (ch) => (ch.length === 1 && ch.charCodeAt(0) < 0x80 ? [ch.charCodeAt(0)] : undefined),
   }));
 
-/** JIS X 0201 romaji (ESC ( J): ASCII but 0x5C is yen and 0x7E overline; treated as ASCII otherwise. */
-const ROMAJI = (): CodeElement =>
-  cached("romaji", () => ({
-    escape: "(J",
-    width: 1,
-    decode: (b) => (b[0] === 0x5c ? "¥" : b[0] === 0x7e ? "‾" : String.fromCharCode(b[0]!)),
-    encode: (ch) => {
-      if (ch === "¥") return [0x5c];
-      if (ch === "‾") return [0x7e];
-      const c = ch.charCodeAt(0);
-      return ch.length === 1 && c < 0x80 && c !== 0x5c && c !== 0x7e ? [c] : undefined;
-    },
-  }));
+/** JIS X 0201 romaji (ESC ( J): differs from ASCII only in the glyphs of 0x5C and 0x7E; handled as ASCII. */
+const ROMAJI = (): CodeElement => cached("romaji", () => ({ ...ASCII(), escape: "(J" }));
 
 /** The upper half (0xA0-0xFF) of a single-byte ISO 8859-like set, as G1. */
 function upperHalf(label: string, escape: string): () => CodeElement {
@@ -266,23 +255,16 @@ function decodeIso2022(bytes: Uint8Array, terms: string[], pn: boolean): string 
       continue;
     }
     if (b < 0x80) {
-      if (b === 0x0d || b === 0x0a || b === 0x0c || b === 0x09 || b === 0x5c || (pn && (b === 0x5e || b === 0x3d)) ) {
-        // Delimiters are in ASCII whatever is designated (the encoder switched back before them).
-        if (g0.width === 1 || b !== 0x5c) {
-          out += String.fromCharCode(b);
-          if (b !== 0x5e) ({ g0, g1 } = initial);
-          else g0 = initial.g0;
-          i++;
-          continue;
-        }
-      }
       if (g0.width === 2 && b > 0x20) {
         if (i + 1 < bytes.length) out += g0.decode([b, bytes[i + 1]!]);
         i += 2;
-      } else {
-        out += g0.width === 1 ? g0.decode([b]) : String.fromCharCode(b);
-        i++;
+        continue;
       }
+      out += String.fromCharCode(b);
+      i++;
+      // PS3.5 6.1.2.5.3: the initial code elements are active again after delimiters.
+      if (b === 0x5e && pn) g0 = initial.g0;
+      else if (b === 0x0d || b === 0x0a || b === 0x0c || b === 0x09 || b === 0x5c || (pn && b === 0x3d)) ({ g0, g1 } = initial);
       continue;
     }
     if (!g1) {
@@ -338,11 +320,12 @@ export function encodeText(text: string, terms: string[], pn = false): Uint8Arra
       // PS3.5 6.1.2.5.3: the initial code elements are active again at delimiters.
       if (g0 !== initial.g0) {
         if (!extensions) return undefined;
-        designate(ASCII());
+        designate(initial.g0);
         g0 = initial.g0;
       }
       out.push(code);
-      if (ch !== "^") g1 = initial.g1;
+      g1 = initial.g1; // re-designated in the next component if needed, as decoders that reset G1 expect
+
       continue;
     }
     let done = false;

@@ -1,0 +1,263 @@
+/**
+ * C-FIND benchmark: the gateway against Orthanc's MultitenantDicom plugin, on the same Orthanc and
+ * the same labeled data, in one run.
+ *
+ * 100 study-level queries (one per patient, by PatientID; once with the computed ModalitiesInStudy and
+ * NumberOfStudyRelatedInstances, which the plugin never returns, once without) and 100 series-level
+ * queries (one per study, by StudyInstanceUID) are sent on one association each (findscu with 100
+ * query files), to the plugin's tenant and to the gateway's tenant, alternately, `--rounds` times. Per-query latency
+ * is read from findscu's own log timestamps (request sent -> final response received).
+ *
+ * Usage: npx bun scripts/bench-find.ts [--rounds N] [--studies N] [--json]
+ */
+import { spawn } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import dcmjs from "dcmjs";
+import { encodeDataset, type OutElement } from "../src/dicom/identifier.ts";
+import { OrthancClient } from "../src/orthanc/client.ts";
+import { startTestGateway } from "../test/helpers/gateway.ts";
+import { freePorts } from "../test/helpers/ports.ts";
+import { startOrthanc } from "./orthanc-testbed.ts";
+
+const CT_FILE = "/usr/lib/python3/dist-packages/pydicom/data/test_files/CT_small.dcm";
+const ROOT = "1.2.826.0.1.3680043.10.1197.9";
+const EXPLICIT_LE = "1.2.840.10008.1.2.1";
+
+function arg(name: string, dflt: number): number {
+  const i = process.argv.indexOf(name);
+  return i >= 0 ? Number(process.argv[i + 1]) : dflt;
+}
+const ROUNDS = arg("--rounds", 3);
+const STUDIES = arg("--studies", 100);
+const JSON_OUT = process.argv.includes("--json");
+const log = (s: string) => {
+  if (!JSON_OUT) process.stdout.write(s + "\n");
+};
+
+(dcmjs as unknown as { log: { setLevel(l: string): void } }).log.setLevel("error");
+const { DicomMessage, DicomMetaDictionary } = (dcmjs as unknown as { data: { DicomMessage: any; DicomMetaDictionary: any } }).data;
+
+/** One instance per series, two series per study, one study per patient. */
+function makeInstance(p: number, s: number): Uint8Array {
+  const src = readFileSync(CT_FILE);
+  const dict = DicomMessage.readFile(src.buffer.slice(src.byteOffset, src.byteOffset + src.byteLength));
+  const ds = DicomMetaDictionary.naturalizeDataset(dict.dict);
+  const sop = `${ROOT}.${p}.${s}.1`;
+  Object.assign(ds, {
+    PatientID: `BENCH${String(p).padStart(4, "0")}`,
+    PatientName: `Bench^Patient${p}`,
+    StudyInstanceUID: `${ROOT}.${p}`,
+    StudyDate: `2021${String((p % 12) + 1).padStart(2, "0")}15`,
+    AccessionNumber: `BACC${p}`,
+    StudyDescription: `bench study ${p}`,
+    SeriesInstanceUID: `${ROOT}.${p}.${s}`,
+    SeriesNumber: s,
+    SeriesDescription: `series ${s}`,
+    Modality: s === 1 ? "CT" : "SR",
+    SOPInstanceUID: sop,
+  });
+  delete ds.OtherPatientIDs;
+  delete ds.OtherPatientIDsSequence;
+  dict.dict = DicomMetaDictionary.denaturalizeDataset(ds);
+  dict.meta["00020003"] = { vr: "UI", Value: [sop] };
+  return new Uint8Array(dict.write());
+}
+
+async function load(url: string): Promise<void> {
+  const orthanc = new OrthancClient({ url });
+  const studies = new Set<string>();
+  const queue: Array<[number, number]> = [];
+  for (let p = 1; p <= STUDIES; p++) for (let s = 1; s <= 2; s++) queue.push([p, s]);
+  const worker = async () => {
+    for (let job = queue.shift(); job; job = queue.shift()) {
+      const r = await orthanc.postJson<{ ID: string; ParentSeries: string; ParentStudy: string }>("/instances", makeInstance(job[0], job[1]));
+      await orthanc.put(`/instances/${r.ID}/labels/bench`);
+      await orthanc.put(`/series/${r.ParentSeries}/labels/bench`);
+      studies.add(r.ParentStudy);
+    }
+  };
+  await Promise.all([worker(), worker(), worker(), worker()]);
+  for (const s of studies) await orthanc.put(`/studies/${s}/labels/bench`);
+}
+
+const el = (tag: number, vr: string, text = ""): OutElement => ({ tag, vr, text });
+
+function studyQuery(p: number, computed = true): Uint8Array {
+  return encodeDataset(
+    [
+      el(0x00080052, "CS", "STUDY"),
+      el(0x00100010, "PN"),
+      el(0x00100020, "LO", `BENCH${String(p).padStart(4, "0")}`),
+      el(0x00100030, "DA"),
+      el(0x00080020, "DA"),
+      el(0x00080030, "TM"),
+      el(0x00080050, "SH"),
+      el(0x00081030, "LO"),
+      el(0x0020000d, "UI"),
+      ...(computed ? [el(0x00080061, "CS"), el(0x00201208, "IS")] : []),
+    ],
+    EXPLICIT_LE,
+    ["ISO_IR 100"],
+  )!;
+}
+
+function seriesQuery(p: number): Uint8Array {
+  return encodeDataset(
+    [
+      el(0x00080052, "CS", "SERIES"),
+      el(0x0020000d, "UI", `${ROOT}.${p}`),
+      el(0x0020000e, "UI"),
+      el(0x00080060, "CS"),
+      el(0x00200011, "IS"),
+      el(0x0008103e, "LO"),
+      el(0x00201209, "IS"),
+    ],
+    EXPLICIT_LE,
+    ["ISO_IR 100"],
+  )!;
+}
+
+/** Runs findscu with the query files on one association; returns per-query latencies in ms. */
+function findscu(port: number, aet: string, files: string[], logConfig: string): Promise<{ latencies: number[]; responses: number; failures: number }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn("findscu", ["-lc", logConfig, "-S", "-aet", "BENCHSCU", "-aec", aet, "127.0.0.1", String(port), ...files], {
+      env: { ...process.env, TCP_NODELAY: "1" },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let out = "";
+    child.stdout.on("data", (d) => (out += d));
+    child.stderr.on("data", (d) => (out += d));
+    child.on("error", reject);
+    child.on("close", (code) => {
+      if (code !== 0) return reject(new Error(`findscu exited ${code}:\n${out.slice(-2000)}`));
+      const latencies: number[] = [];
+      let sent: number | undefined;
+      let responses = 0;
+      let failures = 0;
+      for (const line of out.split("\n")) {
+        const m = /^(\d\d):(\d\d):(\d\d)\.(\d+)\.(\d+) (.*)$/.exec(line);
+        if (!m) continue;
+        const t = ((Number(m[1]) * 60 + Number(m[2])) * 60 + Number(m[3])) * 1000 + Number(m[4]) + Number(m[5]) / 1000;
+        const msg = m[6]!;
+        if (msg.startsWith("Sending Find Request")) sent = t;
+        else if (msg.startsWith("Find Response:")) responses++;
+        else if (msg.startsWith("Received Final Find Response") && sent !== undefined) {
+          latencies.push(t - sent);
+          if (!msg.includes("(Success)")) failures++;
+          sent = undefined;
+        }
+      }
+      resolve({ latencies, responses, failures });
+    });
+  });
+}
+
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length === 0 ? NaN : s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
+};
+const pct = (xs: number[], p: number) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))]!;
+};
+
+async function main(): Promise<void> {
+  const [pluginPort] = await freePorts(1);
+  log(`starting Orthanc with the MultitenantDicom plugin (tenant PLUGIN on port ${pluginPort})...`);
+  const orthanc = await startOrthanc({
+    multitenant: { servers: [{ AET: "PLUGIN", Port: pluginPort!, Labels: ["bench"] }] },
+    extraConfig: { DicomAlwaysAllowFind: true, DicomAlwaysAllowEcho: true },
+  });
+  const dir = mkdtempSync(join(tmpdir(), "bench-find-"));
+  let gw: Awaited<ReturnType<typeof startTestGateway>> | undefined;
+  try {
+    log(`Orthanc ${orthanc.version} at ${orthanc.url}; loading ${STUDIES} patients x 1 study x 2 series...`);
+    const t0 = performance.now();
+    await load(orthanc.url);
+    log(`loaded in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+    gw = await startTestGateway([{ AET: "GATEWAY", Labels: ["bench"] }], orthanc.url);
+
+    const logConfig = join(dir, "log.cfg");
+    writeFileSync(
+      logConfig,
+      [
+        "log4cplus.rootLogger = INFO, console",
+        "log4cplus.appender.console = log4cplus::ConsoleAppender",
+        "log4cplus.appender.console.layout = log4cplus::PatternLayout",
+        "log4cplus.appender.console.layout.ConversionPattern = %D{%H:%M:%S.%Q} %m%n",
+      ].join("\n"),
+    );
+    const KINDS = ["study", "study-plain", "series"] as const;
+    const files: Record<(typeof KINDS)[number], string[]> = { study: [], "study-plain": [], series: [] };
+    for (let p = 1; p <= 100; p++) {
+      const n = ((p - 1) % STUDIES) + 1;
+      for (const kind of KINDS) {
+        const f = join(dir, `${kind}-${p}.dcm`);
+        writeFileSync(f, kind === "series" ? seriesQuery(n) : studyQuery(n, kind === "study"));
+        files[kind].push(f);
+      }
+    }
+
+    const targets = [
+      { name: "plugin", port: pluginPort!, aet: "PLUGIN" },
+      { name: "gateway", port: gw.portOf("GATEWAY"), aet: "GATEWAY" },
+    ];
+    // Warm-up (connections, caches), not measured.
+    for (const t of targets) await findscu(t.port, t.aet, files.study.slice(0, 10), logConfig);
+
+    const results: Record<string, Record<string, { latencies: number[]; responses: number; failures: number; wallMs: number[] }>> = {};
+    for (let round = 0; round < ROUNDS; round++) {
+      for (const kind of KINDS) {
+        const order = round % 2 === 0 ? targets : [...targets].reverse();
+        for (const t of order) {
+          const started = performance.now();
+          const r = await findscu(t.port, t.aet, files[kind], logConfig);
+          const wall = performance.now() - started;
+          const acc = ((results[kind] ??= {})[t.name] ??= { latencies: [], responses: 0, failures: 0, wallMs: [] });
+          acc.latencies.push(...r.latencies);
+          acc.responses += r.responses;
+          acc.failures += r.failures;
+          acc.wallMs.push(wall);
+        }
+      }
+    }
+
+    const summary: Record<string, unknown> = { orthanc: orthanc.version, rounds: ROUNDS, queriesPerAssociation: 100 };
+    log("");
+    log(`C-FIND latency per query (findscu timestamps), ${ROUNDS} rounds x 100 queries on one association:`);
+    log("study: with ModalitiesInStudy + NumberOfStudyRelatedInstances (the plugin leaves them out); study-plain: without");
+    log("level        target    median ms   p90 ms   queries  responses  failures  association s (median)");
+    for (const kind of KINDS) {
+      for (const t of targets) {
+        const r = results[kind]![t.name]!;
+        const row = {
+          medianMs: median(r.latencies),
+          p90Ms: pct(r.latencies, 90),
+          queries: r.latencies.length,
+          responses: r.responses,
+          failures: r.failures,
+          associationSeconds: median(r.wallMs) / 1000,
+        };
+        summary[`${kind}.${t.name}`] = row;
+        log(
+          `${kind.padEnd(12)} ${t.name.padEnd(9)} ${row.medianMs.toFixed(3).padStart(9)} ${row.p90Ms.toFixed(3).padStart(8)} ${String(row.queries).padStart(9)} ${String(row.responses).padStart(10)} ${String(row.failures).padStart(9)} ${row.associationSeconds.toFixed(3).padStart(12)}`,
+        );
+      }
+      const ratio = median(results[kind]!.gateway!.latencies) / median(results[kind]!.plugin!.latencies);
+      summary[`${kind}.ratio`] = ratio;
+      log(`${kind.padEnd(12)} gateway/plugin median ratio: ${ratio.toFixed(2)} ${ratio <= 1 ? "(target met: <= 1)" : "(target missed: > 1)"}`);
+    }
+    if (JSON_OUT) process.stdout.write(JSON.stringify(summary, null, 2) + "\n");
+  } finally {
+    await gw?.stop();
+    await orthanc.stop();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+main().catch((e) => {
+  process.stderr.write(`${(e as Error).stack ?? e}\n`);
+  process.exit(1);
+});

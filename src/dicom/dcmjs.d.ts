@@ -1,0 +1,5 @@
+/**
+ * dcmjs ships no type declarations: its default export is typed `any` here, and each module that
+ * uses it narrows what it needs (see dicom/identifier.ts).
+ */
+declare module "dcmjs";

@@ -1,0 +1,200 @@
+/**
+ * Query/Retrieve FIND SCP (PS3.4 C.4.1): Patient Root, Study Root and Patient/Study Only
+ * information models, answered from Orthanc within the tenant's labels.
+ *
+ * Each match is sent as a Pending response as soon as its page arrives from Orthanc (one REST call
+ * per page), unless `LimitFindResults` is set: then matches are held until the query is known to stay
+ * within the limit, so that exceeding it answers a clean failure (0xA700) instead of a truncated list.
+ * C-CANCEL stops the query at once (0xFE00); an Orthanc error or timeout answers 0xC000, a query the
+ * models don't allow 0xA900, both with an ErrorComment. The handler never aborts the association.
+ */
+import type { FindSettings, TenantConfig } from "../config/types.ts";
+import { charsetOfOrthancEncoding, parseSpecificCharacterSet, unsupportedCharset } from "../dicom/charset.ts";
+import { dictionaryEntry, elementText, encodeDataset, IdentifierError, parseDataset, parseOrthancTag, type DataElement, type OutElement } from "../dicom/identifier.ts";
+import type { Logger } from "../log.ts";
+import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
+import {
+  activeKeys,
+  buildFindQuery,
+  DICOM_LEVEL,
+  FIND_SOP_CLASSES,
+  FindLimitError,
+  FindQueryError,
+  modelOf,
+  parentKeys,
+  runFind,
+  T,
+  UNIQUE_KEY,
+  type FindQuery,
+  type FindResult,
+  type OrthancValue,
+  type RawKey,
+} from "../orthanc/find-query.ts";
+import type { DimseHandler, DimseResponder } from "./association.ts";
+import { Status } from "./constants.ts";
+
+export { FIND_SOP_CLASSES } from "../orthanc/find-query.ts";
+
+/** The abstract syntaxes a tenant negotiates for C-FIND. */
+export const FIND_ABSTRACT_SYNTAXES: readonly string[] = Object.values(FIND_SOP_CLASSES);
+
+/** Largest identifier accepted (identifiers are a few hundred bytes). */
+const MAX_IDENTIFIER_BYTES = 1 << 20;
+
+export interface FindHandlerOptions {
+  tenant: TenantConfig;
+  orthanc: OrthancClient;
+  find: FindSettings;
+  /** Orthanc's `DefaultEncoding`: the character set of identifiers without (0008,0005). */
+  defaultEncoding: string;
+  log?: Logger;
+}
+
+class Cancelled extends Error {}
+
+export function createFindHandler(opts: FindHandlerOptions): DimseHandler {
+  return async (request, responder) => {
+    const fail = (status: number, errorComment: string, offendingElement?: number) =>
+      responder.respond({ status, errorComment, ...(offendingElement !== undefined ? { offendingElement: [offendingElement] } : {}) });
+
+    const model = modelOf(request.command.affectedSopClassUid ?? request.presentationContext.abstractSyntax);
+    if (!model) {
+      await fail(Status.SopClassNotSupported, `${request.command.affectedSopClassUid ?? "?"} is not a FIND SOP class`);
+      return;
+    }
+    if (!request.dataset) {
+      await fail(Status.IdentifierDoesNotMatchSopClass, "C-FIND request without an identifier");
+      return;
+    }
+    let elements: DataElement[];
+    try {
+      elements = parseDataset(await request.dataset.readAll(MAX_IDENTIFIER_BYTES), request.presentationContext.transferSyntax);
+    } catch (e) {
+      if (request.signal.aborted && !(e instanceof IdentifierError)) throw e;
+      await fail(Status.UnableToProcess, `cannot read the identifier: ${(e as Error).message}`);
+      return;
+    }
+
+    const csElement = elements.find((e) => e.tag === T.SpecificCharacterSet);
+    const declared = csElement ? parseSpecificCharacterSet(elementText(csElement, [])) : undefined;
+    const unknown = declared && unsupportedCharset(declared);
+    if (unknown !== undefined) {
+      await fail(Status.UnableToProcess, `Specific Character Set "${unknown}" is not supported`, T.SpecificCharacterSet);
+      return;
+    }
+    // Without (0008,0005) the requester's values are read, and answered, in Orthanc's DefaultEncoding.
+    const charset = declared ?? charsetOfOrthancEncoding(opts.defaultEncoding);
+    const raw: RawKey[] = elements.map((e) => ({ tag: e.tag, vr: e.vr === "UN" ? (dictionaryEntry(e.tag)?.vr ?? "UN") : e.vr, value: e.items ? "" : elementText(e, charset), sequence: e.items !== undefined }));
+    const levelElement = elements.find((e) => e.tag === T.QueryRetrieveLevel);
+
+    let query: FindQuery;
+    try {
+      query = buildFindQuery(model, levelElement ? elementText(levelElement, []) : undefined, raw);
+    } catch (e) {
+      if (!(e instanceof FindQueryError)) throw e;
+      await fail(e.status, e.message, e.offendingElement);
+      opts.log?.warn("C-FIND refused", { tenant: opts.tenant.aet, reason: e.detail });
+      return;
+    }
+
+    const limit = opts.find.limitFindResults;
+    const held: Uint8Array[] = [];
+    let count = 0;
+    const ts = request.presentationContext.transferSyntax;
+    try {
+      for await (const page of runFind(query, { orthanc: opts.orthanc, tenant: opts.tenant, settings: opts.find, signal: request.signal })) {
+        for (const r of page) {
+          if (request.signal.aborted) throw new Cancelled();
+          count++;
+          if (limit > 0 && count > limit) throw new FindLimitError(`more than ${limit} matches (LimitFindResults)`);
+          const identifier = responseIdentifier(query, r, charset, ts, opts.tenant.aet);
+          if (limit > 0) held.push(identifier);
+          else await pending(responder, identifier);
+        }
+      }
+      if (request.signal.aborted) throw new Cancelled();
+      for (const identifier of held) {
+        if (request.signal.aborted) throw new Cancelled();
+        await pending(responder, identifier);
+      }
+      await responder.respond({ status: Status.Success });
+    } catch (e) {
+      if (request.signal.aborted) {
+        // C-CANCEL (PS3.4 C.4.1.2.3): the final response says Cancel. If the association ended
+        // instead, this send fails and the association layer drops the operation.
+        await responder.respond({ status: Status.Cancel });
+        return;
+      }
+      if (e instanceof FindLimitError) {
+        await fail(Status.OutOfResources, `${e.message}: narrow the query`.slice(0, 64));
+        opts.log?.warn("C-FIND over the limit", { tenant: opts.tenant.aet, limit });
+        return;
+      }
+      if (e instanceof OrthancError) {
+        const why = e.kind === "timeout" ? `Orthanc did not answer within ${Math.round(opts.find.timeoutMs / 1000)} s` : e.kind === "unreachable" ? "Orthanc is unreachable" : `Orthanc failed (${e.status ?? e.kind})`;
+        await fail(Status.UnableToProcess, why);
+        opts.log?.warn("C-FIND failed: Orthanc error", { tenant: opts.tenant.aet, error: e.message });
+        return;
+      }
+      if (e instanceof Error && /association ended|connection closed|aborted by peer/.test(e.message)) throw e;
+      await fail(Status.UnableToProcess, `query failed: ${(e as Error).message}`.slice(0, 64));
+      opts.log?.warn("C-FIND failed", { tenant: opts.tenant.aet, error: (e as Error).message });
+    }
+  };
+}
+
+function pending(responder: DimseResponder, identifier: Uint8Array): Promise<void> {
+  return responder.respond({ status: Status.Pending }, identifier);
+}
+
+/**
+ * The identifier of one Pending response (PS3.4 C.4.1.1.3.2): exactly the requested keys (lower-level
+ * keys zero-length), SpecificCharacterSet, QueryRetrieveLevel, RetrieveAETitle and the unique keys of
+ * the levels above. Encoded in the requester's character set when every value fits, else ISO_IR 192.
+ */
+export function responseIdentifier(q: FindQuery, r: FindResult, charset: string[], transferSyntax: string, retrieveAeTitle: string): Uint8Array {
+  const active = new Set(activeKeys(q).map((k) => k.tag));
+  const out = new Map<number, OutElement>();
+  for (const k of q.keys) {
+    const vr = k.vr === "UN" ? (dictionaryEntry(k.tag)?.vr ?? "UN") : k.vr;
+    const value = active.has(k.tag) ? r.get(k.tag) : null;
+    if (k.tag === T.InstanceAvailability) out.set(k.tag, { tag: k.tag, vr, text: "ONLINE" });
+    else out.set(k.tag, outElement(k.tag, vr, value ?? null, k.sequence));
+  }
+  for (const tag of [...parentKeys(q), UNIQUE_KEY[q.level]]) {
+    if (!out.has(tag) || !out.get(tag)!.text) out.set(tag, { tag, vr: tag === T.PatientID ? "LO" : "UI", text: stringOf(r.get(tag)) });
+  }
+  out.set(T.QueryRetrieveLevel, { tag: T.QueryRetrieveLevel, vr: "CS", text: DICOM_LEVEL[q.level] });
+  out.set(T.RetrieveAETitle, { tag: T.RetrieveAETitle, vr: "AE", text: retrieveAeTitle });
+  for (const cs of [charset, ["ISO_IR 192"]]) {
+    out.set(T.SpecificCharacterSet, { tag: T.SpecificCharacterSet, vr: "CS", text: cs.join("\\") });
+    const bytes = encodeDataset([...out.values()], transferSyntax, cs);
+    if (bytes) return bytes;
+  }
+  throw new Error("cannot encode a C-FIND response in ISO_IR 192");
+}
+
+function stringOf(v: OrthancValue | undefined): string {
+  return typeof v === "string" ? v : "";
+}
+
+function outElement(tag: number, vr: string, value: OrthancValue, sequence: boolean): OutElement {
+  if (sequence || vr === "SQ" || Array.isArray(value)) {
+    return { tag, vr: "SQ", items: Array.isArray(value) ? value.map(itemElements) : [] };
+  }
+  return { tag, vr, text: value ?? "" };
+}
+
+/** A sequence item as Orthanc gives it in `Short` form ({"gggg,eeee": value}). */
+function itemElements(item: Record<string, unknown>): OutElement[] {
+  const els: OutElement[] = [];
+  for (const [k, v] of Object.entries(item)) {
+    const tag = parseOrthancTag(k);
+    if (tag === undefined) continue;
+    const vr = dictionaryEntry(tag)?.vr;
+    if (!vr || vr === "OB" || vr === "OW" || vr === "UN") continue; // binary or unknown: not something a query returns
+    if (Array.isArray(v)) els.push({ tag, vr: "SQ", items: (v as Record<string, unknown>[]).map(itemElements) });
+    else if (typeof v === "string" || v === null) els.push({ tag, vr, text: v ?? "" });
+  }
+  return els;
+}
