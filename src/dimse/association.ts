@@ -97,6 +97,11 @@ export interface DimseResponder {
    * command's data set type is set from `dataset`. Rejects if the association ends first.
    */
   subOperation(presentationContextId: number, command: CommandSet, dataset?: Uint8Array | AsyncIterable<Uint8Array>): Promise<CommandSet>;
+  /**
+   * Adds facts to this operation's audit record (affected study/series/instance UIDs, destination,
+   * sub-operation counts...): they reach AssociationObserver.operation with the final status.
+   */
+  audit(fields: Record<string, unknown>): void;
 }
 
 /** A service handler must answer every request with a final status; throwing aborts the association. */
@@ -108,7 +113,7 @@ export interface AssociationObserver {
   accepted?(info: AssociationInfo): void;
   rejected?(rq: AssociateRQ, peer: Peer, rj: AssociateRJ, why: string): void;
   ended?(info: AssociationInfo | undefined, peer: Peer, reason: EndReason, detail?: string): void;
-  operation?(info: AssociationInfo, service: string, status: number, seconds: number, detail?: string): void;
+  operation?(info: AssociationInfo, service: string, status: number, seconds: number, detail?: string, audit?: Record<string, unknown>): void;
   protocolError?(peer: Peer, kind: string, message: string): void;
 }
 
@@ -391,6 +396,7 @@ export class AcceptorAssociation {
     const started = performance.now();
     let finalStatus: number | undefined;
     let finalComment: string | undefined;
+    const auditFields: Record<string, unknown> = {};
     const responder: DimseResponder = {
       association: info,
       respond: async (fields, dataset) => {
@@ -425,6 +431,7 @@ export class AcceptorAssociation {
         });
         return response;
       },
+      audit: (fields) => Object.assign(auditFields, fields),
     };
     const handler = this.opts.handlers.get(field);
     try {
@@ -437,14 +444,14 @@ export class AcceptorAssociation {
     } catch (e) {
       if (this.state === "closing") return;
       const msg = e instanceof Error ? e.message : String(e);
-      this.opts.observer?.operation?.(info, service, finalStatus ?? Status.UnableToProcess, (performance.now() - started) / 1000, `handler failed: ${msg}`);
+      this.opts.observer?.operation?.(info, service, finalStatus ?? Status.UnableToProcess, (performance.now() - started) / 1000, `handler failed: ${msg}`, auditFields);
       this.reportEnd("aborted", `${service} handler failed: ${msg}`);
       this.abort(AbortReason.NotSpecified);
       return;
     } finally {
       op.dataset?.discard();
     }
-    this.opts.observer?.operation?.(info, service, finalStatus!, (performance.now() - started) / 1000, finalComment);
+    this.opts.observer?.operation?.(info, service, finalStatus!, (performance.now() - started) / 1000, finalComment, auditFields);
   }
 
   // ---- flow control -------------------------------------------------------------------------
