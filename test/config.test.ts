@@ -1,7 +1,8 @@
-import { describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join, relative } from "node:path";
 import { fileURLToPath } from "node:url";
 import {
   ConfigError,
@@ -56,11 +57,13 @@ function issue(cfg: Json | string, env: Record<string, string | undefined> = {})
 const MB = 1024 * 1024;
 
 /** The settings derived from the new keys when none is given. */
-const DEFAULT_TENANT_EXTRAS = { forwarding: "Spool", spoolQuotaBytes: 10240 * MB } as const;
+const DEFAULT_TENANT_EXTRAS = { forwarding: "Spool", spoolQuotaBytes: 10240 * MB, isolation: "Strict", maxAssociations: 32 } as const;
 const DEFAULT_SPOOL = { defaultQuotaBytes: 10240 * MB, highWaterMarkPercent: 80, verifyIntegrity: false };
 const DEFAULT_STORE = { unknownSopClassAccepted: false, acceptedTransferSyntaxes: ["1.2.840.10008.1.*"] };
 const DEFAULT_FIND = { caseSensitivePN: false, limitFindResults: 0, pageSize: 100, timeoutMs: 30000 };
 const DEFAULT_MOVE = { connectTimeoutMs: 5000, parallelism: 2, pendingIntervalMs: 1000, pendingEvery: 10 };
+const DEFAULT_LIMITS = { maxAssociations: 256, maxAssociationsPerTenant: 32, artimTimeoutMs: 30000 };
+const DEFAULT_AUDIT = { file: "" };
 
 const repoFile = (rel: string) => fileURLToPath(new URL(`../${rel}`, import.meta.url).href);
 
@@ -76,6 +79,8 @@ describe("defaults", () => {
           labelsStoreLevels: ["Study", "Series", "Instance"],
           forwarding: "Spool",
           spoolQuotaBytes: 10240 * 1024 * 1024,
+          isolation: "Strict",
+          maxAssociations: 32,
         },
       ],
       modalities: [],
@@ -106,9 +111,15 @@ describe("defaults", () => {
       store: { unknownSopClassAccepted: false, acceptedTransferSyntaxes: ["1.2.840.10008.1.*"] },
       find: { caseSensitivePN: false, limitFindResults: 0, pageSize: 100, timeoutMs: 30000 },
       move: { connectTimeoutMs: 5000, parallelism: 2, pendingIntervalMs: 1000, pendingEvery: 10 },
+      limits: { maxAssociations: 256, maxAssociationsPerTenant: 32, artimTimeoutMs: 30000 },
+      audit: { file: "" },
+      isolation: "Strict",
       log: { level: "info", format: "auto" },
     });
-    expect("allowedDestinations" in parse(base()).tenants[0]!).toBe(false);
+    const t = parse(base()).tenants[0]!;
+    expect("allowedDestinations" in t).toBe(false);
+    expect("allowedCallers" in t).toBe(false);
+    expect("tls" in t).toBe(false);
   });
 
   test("DicomCheckCalledAet defaults to true (unlike Orthanc) and can be turned off", () => {
@@ -161,7 +172,7 @@ describe("defaults", () => {
       Plugins: ["/usr/share/orthanc/plugins"],
       MultitenantDicom: {
         SomethingElse: 1,
-        Servers: [server({ Routing: { Target: "x" }, Isolation: "strict" })],
+        Servers: [server({ Routing: { Target: "x" }, Priority: "high" })],
       },
       Gateway: { Unknown: true, Http: { Extra: 1 }, Spool: { Extra: 1 }, Find: { Extra: 1 }, Move: { Extra: 1 } },
     });
@@ -422,7 +433,7 @@ describe("Gateway section", () => {
 
   test("Gateway must be an object", () => {
     expect(issue(gw(5))).toBe(
-      "Gateway: expected object with Orthanc, Http, Forwarding, SpoolDirectory, Spool, Find, Move, Log, got 5",
+      "Gateway: expected object with Orthanc, Http, Forwarding, SpoolDirectory, Spool, Find, Move, Isolation, Limits, Audit, Log, got 5",
     );
   });
 });
@@ -533,6 +544,379 @@ describe("gateway keys of a server entry", () => {
     expect(issues({ ...servers(server({ AllowedDestinations: ["viewer"] })), DicomModalities: [] })).toEqual([
       'DicomModalities: expected object of modality name -> ["AET", "host", port] or { "AET": ..., "Host": ..., "Port": ... }, got []',
     ]);
+  });
+});
+
+describe("isolation, allowed callers and associations of a server entry", () => {
+  const beta = (patch: Json = {}) => server({ AET: "BETA", Port: 4243, Labels: ["beta"], ...patch });
+  const tenant = (patch: Json, top: Json = {}) => parse({ ...servers(server(patch)), ...top }).tenants[0]!;
+
+  test("Isolation: default Gateway.Isolation, itself Strict; case-insensitive and normalized", () => {
+    expect(tenant({}).isolation).toBe("Strict");
+    expect(parse(base()).isolation).toBe("Strict");
+    expect(tenant({ Isolation: "shared" }).isolation).toBe("Shared");
+    expect(tenant({ Isolation: "STRICT" }).isolation).toBe("Strict");
+    const cfg = parse({ ...servers(server({ Isolation: "Strict" }), beta()), Gateway: { Isolation: "SHARED" } });
+    expect(cfg.isolation).toBe("Shared");
+    expect(cfg.tenants.map((t) => t.isolation)).toEqual(["Strict", "Shared"]);
+  });
+
+  test("Isolation errors", () => {
+    expect(issue(servers(server({ Isolation: "Loose" })))).toBe(
+      'MultitenantDicom.Servers[0].Isolation: expected Strict or Shared, got "Loose"',
+    );
+    expect(issue(servers(server({ Isolation: true })))).toBe("MultitenantDicom.Servers[0].Isolation: expected Strict or Shared, got true");
+    expect(issue(base({ Gateway: { Isolation: "" } }))).toBe('Gateway.Isolation: expected Strict or Shared, got ""');
+  });
+
+  test("MaxAssociations: default Gateway.Limits.MaxAssociationsPerTenant, itself 32", () => {
+    expect(tenant({}).maxAssociations).toBe(32);
+    expect(tenant({ MaxAssociations: 1 }).maxAssociations).toBe(1);
+    expect(tenant({ MaxAssociations: 10000 }).maxAssociations).toBe(10000);
+    const cfg = parse({ ...servers(server(), beta({ MaxAssociations: 5 })), Gateway: { Limits: { MaxAssociationsPerTenant: 8 } } });
+    expect(cfg.tenants.map((t) => t.maxAssociations)).toEqual([8, 5]);
+  });
+
+  test("MaxAssociations errors", () => {
+    const max = (v: unknown) => issue(servers(server({ MaxAssociations: v })));
+    expect(max(0)).toBe("MultitenantDicom.Servers[0].MaxAssociations: expected integer 1-10000, got 0");
+    expect(max(10001)).toBe("MultitenantDicom.Servers[0].MaxAssociations: expected integer 1-10000, got 10001");
+    expect(max(2.5)).toBe("MultitenantDicom.Servers[0].MaxAssociations: expected integer 1-10000, got 2.5");
+    expect(max("4")).toBe('MultitenantDicom.Servers[0].MaxAssociations: expected integer 1-10000, got "4"');
+  });
+
+  test("AllowedCallers: absent = anyone; AE titles and { AET, Host } objects; exact duplicates dropped", () => {
+    expect(tenant({}).allowedCallers).toBeUndefined();
+    expect(tenant({ AllowedCallers: [] }).allowedCallers).toEqual([]);
+    expect(
+      tenant({
+        AllowedCallers: [
+          "VIEWER",
+          { AET: "MODALITY", Host: "10.0.0.0/24", Manufacturer: "ignored" },
+          { AET: " CT1 ", Host: " ct1.example.org " },
+          { AET: "WS" },
+          "VIEWER",
+          { AET: "MODALITY", Host: "10.0.0.0/24" },
+          { AET: "MODALITY", Host: "10.0.1.0/24" },
+        ],
+      }).allowedCallers,
+    ).toEqual([
+      { aet: "VIEWER" },
+      { aet: "MODALITY", host: "10.0.0.0/24" },
+      { aet: "CT1", host: "ct1.example.org" },
+      { aet: "WS" },
+      { aet: "MODALITY", host: "10.0.1.0/24" },
+    ]);
+  });
+
+  test("AllowedCallers: Host may be a host name, an IPv4 or IPv6 address, or a CIDR", () => {
+    const hosts = [
+      "localhost",
+      "pacs",
+      "ct-1.radiology.example.org",
+      "ws_3.local",
+      "10.1.2.3",
+      "255.255.255.255",
+      "0.0.0.0/0",
+      "10.0.0.0/8",
+      "192.168.1.7/32",
+      "10.0.0.5/24",
+      "::1",
+      "::",
+      "fe80::1:2",
+      "2001:db8:0:0:0:0:0:1",
+      "::ffff:192.0.2.1",
+      "::/0",
+      "2001:db8::/32",
+      "fd00::/64",
+      "FD00:ABCD::/128",
+      "::ffff:0:0/96",
+    ];
+    const t = tenant({ AllowedCallers: hosts.map((h) => ({ AET: "X", Host: h })) });
+    expect(t.allowedCallers!.map((c) => c.host)).toEqual(hosts);
+  });
+
+  test("AllowedCallers: invalid hosts and CIDRs", () => {
+    const host = (h: unknown) => issue(servers(server({ AllowedCallers: ["OK", "OK2", { AET: "X", Host: h }] })));
+    const expected =
+      "expected a host name, an IPv4 or IPv6 address, or a CIDR such as 10.0.0.0/24 (prefix 0-32) or fd00::/64 (prefix 0-128)";
+    for (
+      const bad of [
+        "10.0.0.0/33",
+        "10.0.0.0/-1",
+        "10.0.0.0/",
+        "10.0.0.0/8/8",
+        "10.0.0.0/08",
+        "10.0.0.0/ 8",
+        "10.0.0.256",
+        "10.0.0.256/24",
+        "10.0.0/24",
+        "1.2.3.4.5",
+        "010.0.0.1",
+        "::/129",
+        "fd00::/200",
+        "2001:db8:::1",
+        "1::2::3",
+        "1:2:3:4:5:6:7:8:9",
+        "12345::1",
+        "g::1",
+        "[::1]",
+        "fe80::1%eth0",
+        "host name",
+        "-pacs.example.org",
+        "pacs-.example.org",
+        "pacs..example.org",
+        "pacs.example.org.",
+        "x".repeat(64) + ".org",
+        "ws/24",
+        "",
+        "   ",
+      ]
+    ) {
+      expect(host(bad)).toBe(
+        `MultitenantDicom.Servers[0].AllowedCallers[2].Host: ${JSON.stringify(bad)} is not a host name, IP address or CIDR; ${expected}`,
+      );
+    }
+    expect(host(42)).toBe(`MultitenantDicom.Servers[0].AllowedCallers[2].Host: ${expected}, got 42`);
+  });
+
+  test("AllowedCallers: other errors", () => {
+    const callers = (v: unknown) => issues(servers(server({ AllowedCallers: v })));
+    expect(callers("VIEWER")).toEqual([
+      'MultitenantDicom.Servers[0].AllowedCallers: expected array of AE title or { "AET": ..., "Host": ... } entries, got "VIEWER"',
+    ]);
+    expect(callers(["", 5, { Host: "10.0.0.1" }, { AET: "ABCDEFGHIJKLMNOPQ", Host: "x/1" }, ["VIEWER"]])).toEqual([
+      "MultitenantDicom.Servers[0].AllowedCallers[0]: AE title is empty; expected 1-16 characters",
+      'MultitenantDicom.Servers[0].AllowedCallers[1]: expected AE title or { "AET": ..., "Host": ... }, got 5',
+      "MultitenantDicom.Servers[0].AllowedCallers[2].AET: required (AE title of 1-16 characters)",
+      'MultitenantDicom.Servers[0].AllowedCallers[3].AET: AE title "ABCDEFGHIJKLMNOPQ" has 17 characters; expected at most 16',
+      'MultitenantDicom.Servers[0].AllowedCallers[3].Host: "x/1" is not a host name, IP address or CIDR; expected a host name, an IPv4 or IPv6 address, or a CIDR such as 10.0.0.0/24 (prefix 0-32) or fd00::/64 (prefix 0-128)',
+      'MultitenantDicom.Servers[0].AllowedCallers[4]: expected AE title or { "AET": ..., "Host": ... }, got an array of 1 element',
+    ]);
+  });
+});
+
+describe("Gateway limits and audit", () => {
+  const gw = (g: unknown) => base({ Gateway: g });
+
+  test("defaults", () => {
+    const cfg = parse(base());
+    expect(cfg.limits).toEqual(DEFAULT_LIMITS);
+    expect(cfg.audit).toEqual(DEFAULT_AUDIT);
+  });
+
+  test("explicit values; seconds converted to milliseconds; a relative audit file is kept as given", () => {
+    const cfg = parse(
+      gw({ Limits: { MaxAssociations: 100000, MaxAssociationsPerTenant: 10000, ArtimTimeoutSeconds: 2.5 }, Audit: { File: "logs/audit.jsonl" } }),
+    );
+    expect(cfg.limits).toEqual({ maxAssociations: 100000, maxAssociationsPerTenant: 10000, artimTimeoutMs: 2500 });
+    expect(cfg.tenants[0]!.maxAssociations).toBe(10000);
+    expect(cfg.audit).toEqual({ file: "logs/audit.jsonl" });
+    expect(parse(gw({ Limits: { MaxAssociations: 1, MaxAssociationsPerTenant: 1, ArtimTimeoutSeconds: 0.0001 } })).limits).toEqual({
+      maxAssociations: 1,
+      maxAssociationsPerTenant: 1,
+      artimTimeoutMs: 1,
+    });
+    expect(parse(gw({ Audit: { File: "/var/log/audit.jsonl" } })).audit.file).toBe("/var/log/audit.jsonl");
+  });
+
+  test("errors", () => {
+    expect(issue(gw({ Limits: { MaxAssociations: 0 } }))).toBe("Gateway.Limits.MaxAssociations: expected integer 1-100000, got 0");
+    expect(issue(gw({ Limits: { MaxAssociations: 100001 } }))).toBe(
+      "Gateway.Limits.MaxAssociations: expected integer 1-100000, got 100001",
+    );
+    expect(issue(gw({ Limits: { MaxAssociationsPerTenant: 0 } }))).toBe(
+      "Gateway.Limits.MaxAssociationsPerTenant: expected integer 1-10000, got 0",
+    );
+    expect(issue(gw({ Limits: { MaxAssociationsPerTenant: 10001 } }))).toBe(
+      "Gateway.Limits.MaxAssociationsPerTenant: expected integer 1-10000, got 10001",
+    );
+    expect(issue(gw({ Limits: { MaxAssociationsPerTenant: 1.5 } }))).toBe(
+      "Gateway.Limits.MaxAssociationsPerTenant: expected integer 1-10000, got 1.5",
+    );
+    expect(issue(gw({ Limits: { ArtimTimeoutSeconds: 0 } }))).toBe(
+      "Gateway.Limits.ArtimTimeoutSeconds: expected number of seconds > 0, got 0",
+    );
+    expect(issue(gw({ Limits: { ArtimTimeoutSeconds: "30" } }))).toBe(
+      'Gateway.Limits.ArtimTimeoutSeconds: expected number of seconds > 0, got "30"',
+    );
+    expect(issue(gw({ Limits: 256 }))).toBe(
+      "Gateway.Limits: expected object with MaxAssociations, MaxAssociationsPerTenant, ArtimTimeoutSeconds, got 256",
+    );
+    expect(issue(gw({ Audit: { File: 1 } }))).toBe("Gateway.Audit.File: expected a string, got 1");
+    expect(issue(gw({ Audit: "audit.log" }))).toBe('Gateway.Audit: expected object with File, got "audit.log"');
+  });
+
+  test("GATEWAY_AUDIT_FILE overrides Gateway.Audit.File; empty is ignored", () => {
+    expect(parse(base(), { GATEWAY_AUDIT_FILE: "/var/log/gw-audit.jsonl" }).audit.file).toBe("/var/log/gw-audit.jsonl");
+    expect(parse(gw({ Audit: { File: "/file/audit" } }), { GATEWAY_AUDIT_FILE: "rel/audit.jsonl" }).audit.file).toBe(
+      "rel/audit.jsonl",
+    );
+    expect(parse(gw({ Audit: { File: "/file/audit" } }), { GATEWAY_AUDIT_FILE: "" }).audit.file).toBe("/file/audit");
+    // A valid variable replaces an invalid file value.
+    expect(parse(gw({ Audit: { File: 5 } }), { GATEWAY_AUDIT_FILE: "/a" }).audit.file).toBe("/a");
+    expect(issues(gw({ Audit: 1 }), { GATEWAY_AUDIT_FILE: "/a" })).toEqual(["Gateway.Audit: expected object with File, got 1"]);
+  });
+});
+
+describe("Tls of a server entry", () => {
+  let dir = "";
+  let cert = "";
+  let key = "";
+  let ca = "";
+  const PEM = "-----BEGIN CERTIFICATE-----\nnot checked here\n-----END CERTIFICATE-----\n";
+
+  beforeAll(() => {
+    dir = mkdtempSync(join(tmpdir(), "dicom-gateway-tls-"));
+    mkdirSync(join(dir, "tls"));
+    cert = join(dir, "tls", "alpha.crt");
+    key = join(dir, "tls", "alpha.key");
+    ca = join(dir, "tls", "ca.crt");
+    for (const f of [cert, key, ca]) writeFileSync(f, PEM);
+  });
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  const tls = (t: unknown, patch: Json = {}) => servers(server({ Tls: t, ...patch }));
+
+  test("Certificate and Key only: the tenant's Port speaks TLS, no client certificates", () => {
+    const t = parse(tls({ Certificate: cert, Key: key })).tenants[0]!;
+    expect(t.tls).toEqual({ certificateFile: cert, keyFile: key, requireClientCertificate: false });
+    expect("caFile" in t.tls!).toBe(false);
+    expect("port" in t.tls!).toBe(false);
+  });
+
+  test("with CA, RequireClientCertificate defaults to true and can be turned off; Port adds a TLS port", () => {
+    expect(parse(tls({ Certificate: cert, Key: key, CA: ca, Port: 2762, Other: 1 })).tenants[0]!.tls).toEqual({
+      certificateFile: cert,
+      keyFile: key,
+      caFile: ca,
+      requireClientCertificate: true,
+      port: 2762,
+    });
+    expect(parse(tls({ Certificate: cert, Key: key, CA: ca, RequireClientCertificate: false })).tenants[0]!.tls).toEqual({
+      certificateFile: cert,
+      keyFile: key,
+      caFile: ca,
+      requireClientCertificate: false,
+    });
+    expect(parse(tls({ Certificate: cert, Key: key, RequireClientCertificate: false })).tenants[0]!.tls!.requireClientCertificate)
+      .toBe(false);
+  });
+
+  test("RequireClientCertificate true without CA", () => {
+    expect(issue(tls({ Certificate: cert, Key: key, RequireClientCertificate: true }))).toBe(
+      "MultitenantDicom.Servers[0].Tls.RequireClientCertificate: true without CA; expected a CA bundle (Tls.CA) to verify client certificates, or false",
+    );
+  });
+
+  test("shape errors", () => {
+    expect(issue(tls("on"))).toBe(
+      'MultitenantDicom.Servers[0].Tls: expected object with Certificate, Key, CA, RequireClientCertificate, Port, got "on"',
+    );
+    expect(issues(tls({}))).toEqual([
+      "MultitenantDicom.Servers[0].Tls.Certificate: required (path of a PEM certificate (chain) file)",
+      "MultitenantDicom.Servers[0].Tls.Key: required (path of a PEM private key file)",
+    ]);
+    expect(issues(tls({ Certificate: "", Key: 1, CA: "  ", RequireClientCertificate: "yes", Port: 0 }))).toEqual([
+      'MultitenantDicom.Servers[0].Tls.Certificate: empty string ""; expected path of a PEM certificate (chain) file',
+      "MultitenantDicom.Servers[0].Tls.Key: expected path of a PEM private key file, got 1",
+      'MultitenantDicom.Servers[0].Tls.CA: empty string "  "; expected path of a PEM CA bundle file',
+      'MultitenantDicom.Servers[0].Tls.RequireClientCertificate: expected true or false, got "yes"',
+      "MultitenantDicom.Servers[0].Tls.Port: expected integer 1-65535, got 0",
+    ]);
+  });
+
+  test("the files must exist and be readable", () => {
+    const missing = join(dir, "tls", "missing.key");
+    expect(issue(tls({ Certificate: cert, Key: missing }))).toBe(
+      `MultitenantDicom.Servers[0].Tls.Key: cannot read ${JSON.stringify(missing)} (ENOENT); expected a PEM file`,
+    );
+    expect(issues(tls({ Certificate: join(dir, "tls"), Key: key, CA: join(dir, "nope", "ca.crt") }))).toEqual([
+      `MultitenantDicom.Servers[0].Tls.Certificate: cannot read ${JSON.stringify(join(dir, "tls"))} (EISDIR); expected a PEM file`,
+      `MultitenantDicom.Servers[0].Tls.CA: cannot read ${JSON.stringify(join(dir, "nope", "ca.crt"))} (ENOENT); expected a PEM file`,
+    ]);
+    expect(issue(servers(server({ Tls: { Certificate: "/etc/x.crt", Key: key } })))).toBe(
+      'MultitenantDicom.Servers[0].Tls.Certificate: cannot read "/etc/x.crt" (ENOENT); expected a PEM file',
+    );
+  });
+
+  test("file errors are collected with the other errors", () => {
+    expect(issues(tls({ Certificate: join(dir, "none.crt"), Key: key, RequireClientCertificate: true }, { Labels: "x" }))).toEqual([
+      'MultitenantDicom.Servers[0].Labels: expected array of labels or [], got "x"',
+      "MultitenantDicom.Servers[0].Tls.RequireClientCertificate: true without CA; expected a CA bundle (Tls.CA) to verify client certificates, or false",
+      `MultitenantDicom.Servers[0].Tls.Certificate: cannot read ${JSON.stringify(join(dir, "none.crt"))} (ENOENT); expected a PEM file`,
+    ]);
+  });
+
+  test("relative paths resolve against the working directory for inline configurations", () => {
+    const rel = relative(process.cwd(), cert);
+    const relKey = relative(process.cwd(), key);
+    expect(parseConfig(JSON.stringify(tls({ Certificate: rel, Key: relKey })), { env: {} }).tenants[0]!.tls).toEqual({
+      certificateFile: cert,
+      keyFile: key,
+      requireClientCertificate: false,
+    });
+  });
+
+  test("relative paths resolve against the directory of the configuration file", async () => {
+    const file = join(dir, "gateway.json");
+    await writeFile(file, JSON.stringify(tls({ Certificate: "tls/alpha.crt", Key: "./tls/alpha.key", CA: "tls/../tls/ca.crt" })));
+    expect((await loadConfigFile(file, {})).tenants[0]!.tls).toEqual({
+      certificateFile: cert,
+      keyFile: key,
+      caFile: ca,
+      requireClientCertificate: true,
+    });
+    await writeFile(file, JSON.stringify(tls({ Certificate: "tls/alpha.crt", Key: "alpha.key" })));
+    const err = (await loadConfigFile(file, {}).catch((e: unknown) => e)) as ConfigError;
+    expect(err.issues).toEqual([
+      `MultitenantDicom.Servers[0].Tls.Key: cannot read ${JSON.stringify(join(dirname(file), "alpha.key"))} (ENOENT); expected a PEM file`,
+    ]);
+  });
+
+  test("Tls.Port must differ from every tenant port, other Tls ports and the HTTP port", () => {
+    const t = (port: number, patch: Json = {}) => server({ Tls: { Certificate: cert, Key: key, Port: port }, ...patch });
+    expect(issue(servers(t(4242)))).toBe("MultitenantDicom.Servers[0].Tls.Port: duplicate of MultitenantDicom.Servers[0].Port 4242");
+    expect(issue(servers(t(4243), server({ AET: "BETA", Port: 4243 })))).toBe(
+      "MultitenantDicom.Servers[1].Port: duplicate of MultitenantDicom.Servers[0].Tls.Port 4243",
+    );
+    expect(issue(servers(server(), t(4242, { AET: "BETA", Port: 4243 })))).toBe(
+      "MultitenantDicom.Servers[1].Tls.Port: duplicate of MultitenantDicom.Servers[0].Port 4242",
+    );
+    expect(issue(servers(t(2762), t(2762, { AET: "BETA", Port: 4243 })))).toBe(
+      "MultitenantDicom.Servers[1].Tls.Port: duplicate of MultitenantDicom.Servers[0].Tls.Port 2762",
+    );
+    expect(issue(servers(t(8080)))).toBe(
+      "MultitenantDicom.Servers[0].Tls.Port: port 8080 is also the HTTP port (Gateway.Http.Port default); expected a different port",
+    );
+    expect(issue(servers(t(2762)), { GATEWAY_HTTP_PORT: "2762" })).toBe(
+      "MultitenantDicom.Servers[0].Tls.Port: port 2762 is also the HTTP port (GATEWAY_HTTP_PORT (env)); expected a different port",
+    );
+    expect(parse(servers(t(2762), t(2763, { AET: "BETA", Port: 4243 }))).tenants.map((x) => x.tls?.port)).toEqual([2762, 2763]);
+  });
+
+  test("describeConfig shows isolation, associations, callers and TLS", () => {
+    const cfg = parse({
+      ...servers(
+        server({
+          Isolation: "Shared",
+          MaxAssociations: 4,
+          AllowedCallers: [{ AET: "MODALITY", Host: "10.0.0.0/24" }, "VIEWER"],
+          Tls: { Certificate: cert, Key: key, CA: ca, Port: 2762 },
+        }),
+        server({ AET: "BETA", Port: 4243, AllowedCallers: [], Tls: { Certificate: cert, Key: key } }),
+      ),
+      Gateway: { Limits: { MaxAssociations: 64, MaxAssociationsPerTenant: 8, ArtimTimeoutSeconds: 2.5 }, Audit: { File: "/var/log/audit.jsonl" } },
+    });
+    const lines = describeConfig(cfg).split("\n");
+    expect(lines.slice(1, 3)).toEqual([
+      "  ALPHA  port 4242  labels [alpha] All  store levels Study,Series,Instance  forwarding Spool  quota 10240 MB" +
+      "  isolation Shared  max associations 4  callers MODALITY@10.0.0.0/24,VIEWER  tls on port 2762, client certificates required",
+      "  BETA   port 4243  labels [alpha] All  store levels Study,Series,Instance  forwarding Spool  quota 10240 MB" +
+      "  isolation Strict  max associations 8  callers (none)  tls (Port is TLS)",
+    ]);
+    expect(lines).toContain("Limits: max associations 64, per tenant 8 by default, ARTIM timeout 2.5 s");
+    expect(lines).toContain("Audit: /var/log/audit.jsonl");
   });
 });
 
@@ -998,6 +1382,9 @@ describe("files", () => {
       store: DEFAULT_STORE,
       find: DEFAULT_FIND,
       move: DEFAULT_MOVE,
+      limits: DEFAULT_LIMITS,
+      audit: DEFAULT_AUDIT,
+      isolation: "Strict",
       log: { level: "info", format: "auto" },
     });
   });
@@ -1011,6 +1398,9 @@ describe("files", () => {
     expect(orthanc.store).toEqual(gateway.store);
     expect(orthanc.find).toEqual(gateway.find);
     expect(orthanc.move).toEqual(gateway.move);
+    expect(orthanc.limits).toEqual(gateway.limits);
+    expect(orthanc.audit).toEqual(gateway.audit);
+    expect(orthanc.isolation).toEqual(gateway.isolation);
     expect({ ...orthanc.spool, directory: "" }).toEqual({ ...gateway.spool, directory: "" });
     expect(orthanc.orthanc.username).toBe("gateway");
   });
@@ -1061,8 +1451,8 @@ describe("describeConfig", () => {
     const cfg = await loadConfigFile(repoFile("config/gateway.json"), {});
     expect(describeConfig(cfg).split("\n")).toEqual([
       "Tenants (2):",
-      "  ALPHA  port 4242  labels [alpha] All  store levels Study,Series,Instance  forwarding Spool  quota 10240 MB",
-      "  BETA   port 4243  labels [beta] All  store levels Study,Series,Instance  forwarding Spool  quota 10240 MB",
+      "  ALPHA  port 4242  labels [alpha] All  store levels Study,Series,Instance  forwarding Spool  quota 10240 MB  isolation Strict  max associations 32",
+      "  BETA   port 4243  labels [beta] All  store levels Study,Series,Instance  forwarding Spool  quota 10240 MB  isolation Strict  max associations 32",
       "DICOM modalities (1):",
       "  viewer  AET VIEWER  127.0.0.1:4300",
       "DICOM: default AET ORTHANC, check called AET on, strict AET comparison off, SCP timeout 30 s, maximum PDU length 16384, default encoding Latin1",
@@ -1072,6 +1462,8 @@ describe("describeConfig", () => {
       "Store: unknown SOP classes rejected, transfer syntaxes 1.2.840.10008.1.*",
       "Find: case-sensitive PN off, limit none, page size 100, timeout 30 s",
       "Move: connect timeout 5 s, parallelism 2, pending every 1 s or 10 sub-operations",
+      "Limits: max associations 256, per tenant 32 by default, ARTIM timeout 30 s",
+      "Audit: stdout",
       "Log: level info, format auto",
     ]);
   });
@@ -1113,8 +1505,8 @@ describe("describeConfig", () => {
     });
     const lines = describeConfig(cfg).split("\n");
     expect(lines.slice(1, 3)).toEqual([
-      "  ALPHA  port 4242  labels [alpha] All  store levels Study,Series,Instance  forwarding Sync  quota 1.1 MB  allowed destinations viewer,ARCH",
-      "  BETA   port 4243  labels [alpha] All  store levels Study,Series,Instance  forwarding Spool  quota 0.5 MB  allowed destinations (none)",
+      "  ALPHA  port 4242  labels [alpha] All  store levels Study,Series,Instance  forwarding Sync  quota 1.1 MB  allowed destinations viewer,ARCH  isolation Strict  max associations 32",
+      "  BETA   port 4243  labels [alpha] All  store levels Study,Series,Instance  forwarding Spool  quota 0.5 MB  allowed destinations (none)  isolation Strict  max associations 32",
     ]);
     expect(lines).toContain(
       "Orthanc: http://127.0.0.1:8042  user (none)  password (none)  timeout 30 s  upload concurrency 8  unreachable grace 0 s",
@@ -1129,7 +1521,7 @@ describe("describeConfig", () => {
   test("tenants with empty labels and levels", () => {
     const cfg = parse(servers(server({ Labels: [], LabelsConstraint: "None", LabelsStoreLevels: [] })));
     expect(describeConfig(cfg).split("\n")[1]).toBe(
-      "  ALPHA  port 4242  labels [] None  store levels (none)  forwarding Spool  quota 10240 MB",
+      "  ALPHA  port 4242  labels [] None  store levels (none)  forwarding Spool  quota 10240 MB  isolation Strict  max associations 32",
     );
   });
 });

@@ -38,9 +38,19 @@ export function describeConfig(cfg: GatewayConfig): string {
     const allowed = t.allowedDestinations === undefined
       ? ""
       : `  allowed destinations ${t.allowedDestinations.length > 0 ? t.allowedDestinations.join(",") : "(none)"}`;
+    const callers = t.allowedCallers === undefined
+      ? ""
+      : `  callers ${
+        t.allowedCallers.length > 0 ? t.allowedCallers.map((c) => (c.host === undefined ? c.aet : `${c.aet}@${c.host}`)).join(",") : "(none)"
+      }`;
+    const tls = t.tls === undefined
+      ? ""
+      : `  ${t.tls.port === undefined ? "tls (Port is TLS)" : `tls on port ${t.tls.port}`}` +
+        (t.tls.requireClientCertificate ? ", client certificates required" : "");
     lines.push(
       `  ${t.aet.padEnd(aetWidth)}  port ${t.port}  labels [${t.labels.join(",")}] ${t.labelsConstraint}  store levels ${levels}` +
-        `  forwarding ${t.forwarding}  quota ${megabytes(t.spoolQuotaBytes)} MB${allowed}`,
+        `  forwarding ${t.forwarding}  quota ${megabytes(t.spoolQuotaBytes)} MB${allowed}` +
+        `  isolation ${t.isolation}  max associations ${t.maxAssociations}${callers}${tls}`,
     );
   }
   lines.push(`DICOM modalities (${cfg.modalities.length}):`);
@@ -84,6 +94,12 @@ export function describeConfig(cfg: GatewayConfig): string {
     `Move: connect timeout ${secs(mv.connectTimeoutMs)}, parallelism ${mv.parallelism}, ` +
       `pending every ${secs(mv.pendingIntervalMs)} or ${mv.pendingEvery} sub-operations`,
   );
+  const lim = cfg.limits;
+  lines.push(
+    `Limits: max associations ${lim.maxAssociations}, per tenant ${lim.maxAssociationsPerTenant} by default, ` +
+      `ARTIM timeout ${secs(lim.artimTimeoutMs)}`,
+  );
+  lines.push(`Audit: ${cfg.audit.file === "" ? "stdout" : cfg.audit.file}`);
   lines.push(`Log: level ${cfg.log.level}, format ${cfg.log.format}`);
   return lines.join("\n");
 }

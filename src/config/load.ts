@@ -5,25 +5,30 @@
  * Orthanc's spelling, unknown keys are ignored everywhere (an existing Orthanc
  * configuration using the MultitenantDicom plugin loads unchanged). The
  * `Gateway` section, a few keys of the server entries (Forwarding, SpoolQuotaMB,
- * AllowedDestinations) and a few environment variables hold gateway-only settings.
+ * AllowedDestinations, Isolation, AllowedCallers, MaxAssociations, Tls) and a few
+ * environment variables hold gateway-only settings.
  *
  * Every problem becomes one line `JSON.PATH: what is wrong; expected WHAT`; all
  * problems are collected and thrown together as a ConfigError.
  */
+import { accessSync, constants as fsConstants, statSync } from "node:fs";
 import { readFile } from "node:fs/promises";
-import { resolve } from "node:path";
+import { dirname, resolve } from "node:path";
 import process from "node:process";
 import { z } from "zod";
 import { JsoncSyntaxError, parseJsonc } from "./jsonc.ts";
 import type {
+  AllowedCaller,
   DicomModality,
   ForwardingMode,
   GatewayConfig,
+  IsolationMode,
   LabelsConstraint,
   LogFormat,
   LogLevel,
   ResourceLevel,
   TenantConfig,
+  TenantTls,
 } from "./types.ts";
 
 export type ConfigEnv = Record<string, string | undefined>;
@@ -33,7 +38,14 @@ export interface ParseConfigOptions {
   source?: string;
   /** Environment variables for overrides. Default process.env. */
   env?: ConfigEnv;
+  /**
+   * Directory against which relative file paths (the `Tls` files) are resolved. Default: the directory of
+   * `source` when it names a file, else the working directory.
+   */
+  baseDirectory?: string;
 }
+
+const INLINE_SOURCE = "(inline configuration)";
 
 /** An invalid or unreadable configuration; `issues` holds one line per problem. */
 export class ConfigError extends Error {
@@ -73,6 +85,10 @@ const isPlainObject = (v: unknown): v is Record<string, unknown> =>
 
 /* ------------------------------------------------------------------------ */
 /* Leaf schemas                                                             */
+
+/** An object whose unknown keys are ignored; `what` describes it in type errors. */
+const section = <T extends z.core.$ZodLooseShape>(shape: T, what: string) =>
+  z.looseObject(shape, { error: typeError(what) });
 
 function integer(min: number, max: number | undefined, what: string) {
   return z.number({ error: typeError(what) }).refine(
@@ -181,6 +197,152 @@ const modalityPort = z.unknown().transform((v, ctx): number => {
 
 const host = nonEmptyString("host name or IP address");
 
+const IPV4_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])";
+const IPV4_RE = new RegExp(`^${IPV4_OCTET}(?:\\.${IPV4_OCTET}){3}$`);
+
+/** A dotted-quad IPv4 address (no leading zeros, which some systems read as octal). */
+export function isIPv4(s: string): boolean {
+  return IPV4_RE.test(s);
+}
+
+/** An IPv6 address in text form (RFC 4291 2.2: `::` compression, embedded IPv4 in the last 32 bits); no zone index. */
+export function isIPv6(s: string): boolean {
+  const halves = s.split("::");
+  if (halves.length > 2) return false;
+  const groupsOf = (part: string): string[] | undefined => (part === "" ? [] : part.split(":"));
+  const head = groupsOf(halves[0]!);
+  const tail = halves.length === 2 ? groupsOf(halves[1]!) : [];
+  if (!head || !tail) return false;
+  const groups = [...head, ...tail];
+  let count = groups.length;
+  const last = groups[groups.length - 1];
+  if (last !== undefined && last.includes(".")) {
+    if (!isIPv4(last)) return false;
+    groups.pop();
+    count += 1; // an IPv4 address fills two groups
+  }
+  if (!groups.every((g) => /^[0-9A-Fa-f]{1,4}$/.test(g))) return false;
+  return halves.length === 2 ? count <= 7 : count === 8;
+}
+
+/** A host name (RFC 1123 labels; `_` tolerated as some networks use it; the last label is not all digits). */
+function isHostName(s: string): boolean {
+  if (s.length > 253) return false;
+  const labels = s.split(".");
+  if (!labels.every((l) => /^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$/.test(l))) return false;
+  return !/^[0-9]+$/.test(labels[labels.length - 1]!);
+}
+
+/** An IPv4 CIDR (a.b.c.d/0-32) or IPv6 CIDR (.../0-128); host bits may be set (10.0.0.5/24 = 10.0.0.0/24). */
+export function isCidr(s: string): boolean {
+  const slash = s.indexOf("/");
+  if (slash < 0 || slash !== s.lastIndexOf("/")) return false;
+  const address = s.slice(0, slash);
+  const prefix = s.slice(slash + 1);
+  if (!/^(?:0|[1-9][0-9]{0,2})$/.test(prefix)) return false;
+  const bits = Number(prefix);
+  if (isIPv4(address)) return bits <= 32;
+  if (isIPv6(address)) return bits <= 128;
+  return false;
+}
+
+const CALLER_HOST_WHAT =
+  "a host name, an IPv4 or IPv6 address, or a CIDR such as 10.0.0.0/24 (prefix 0-32) or fd00::/64 (prefix 0-128)";
+/** Where an allowed caller must connect from: host name, IP address or CIDR; surrounding spaces removed. */
+const callerHost = z
+  .string({ error: typeError(CALLER_HOST_WHAT) })
+  .superRefine((s, ctx) => {
+    const t = s.trim();
+    if (isIPv4(t) || isIPv6(t) || isCidr(t) || isHostName(t)) return;
+    ctx.addIssue({
+      code: "custom",
+      message: `${showValue(s)} is not a host name, IP address or CIDR; expected ${CALLER_HOST_WHAT}`,
+      input: s,
+    });
+  })
+  .transform((s) => s.trim());
+
+const CALLER_WHAT = 'AE title or { "AET": ..., "Host": ... }';
+const callerObject = z.looseObject({ AET: aeTitle, Host: callerHost.optional() });
+/** One `AllowedCallers` entry: an AE title, or an AE title bound to a host, IP address or CIDR. */
+const allowedCaller = z.unknown().transform((v, ctx): AllowedCaller => {
+  if (typeof v === "string") {
+    const r = aeTitle.safeParse(v);
+    if (r.success) return { aet: r.data };
+    for (const i of r.error.issues) ctx.issues.push({ code: "custom", message: i.message, path: i.path, input: v });
+    return z.NEVER;
+  }
+  if (!isPlainObject(v)) {
+    ctx.issues.push({ code: "custom", message: `expected ${CALLER_WHAT}, got ${showValue(v)}`, input: v });
+    return z.NEVER;
+  }
+  const r = callerObject.safeParse(v);
+  if (r.success) return r.data.Host === undefined ? { aet: r.data.AET } : { aet: r.data.AET, host: r.data.Host };
+  for (const i of r.error.issues) ctx.issues.push({ code: "custom", message: i.message, path: i.path, input: v });
+  return z.NEVER;
+});
+const allowedCallers = z
+  .array(allowedCaller, { error: typeError(`array of ${CALLER_WHAT} entries`) })
+  .transform((list) => {
+    // Exact duplicates are dropped.
+    const seen = new Set<string>();
+    return list.filter((c) => {
+      const key = `${c.aet}\u0000${c.host ?? ""}`;
+      if (seen.has(key)) return false;
+      seen.add(key);
+      return true;
+    });
+  });
+
+/** `Tls` of a server entry; file paths as written (resolved and checked in validateConfig). */
+const TLS_WHAT = "object with Certificate, Key, CA, RequireClientCertificate, Port";
+const tlsSchema = section(
+  {
+    Certificate: nonEmptyString("path of a PEM certificate (chain) file"),
+    Key: nonEmptyString("path of a PEM private key file"),
+    CA: nonEmptyString("path of a PEM CA bundle file").optional(),
+    RequireClientCertificate: boolean.optional(),
+    Port: tcpPort.optional(),
+  },
+  TLS_WHAT,
+)
+  .superRefine((t, ctx) => {
+    if (t.RequireClientCertificate === true && t.CA === undefined) {
+      ctx.addIssue({
+        code: "custom",
+        path: ["RequireClientCertificate"],
+        message: "true without CA; expected a CA bundle (Tls.CA) to verify client certificates, or false",
+        input: t.RequireClientCertificate,
+      });
+    }
+  })
+  .transform((t): TenantTls => ({
+    certificateFile: t.Certificate,
+    keyFile: t.Key,
+    ...(t.CA !== undefined ? { caFile: t.CA } : {}),
+    requireClientCertificate: t.RequireClientCertificate ?? t.CA !== undefined,
+    ...(t.Port !== undefined ? { port: t.Port } : {}),
+  }));
+
+/** The `Tls` keys that name files, with the TenantTls field they become. */
+const TLS_FILES = [
+  ["Certificate", "certificateFile"],
+  ["Key", "keyFile"],
+  ["CA", "caFile"],
+] as const;
+
+/** Why the file at `path` cannot be read, or undefined. */
+function unreadable(path: string): string | undefined {
+  try {
+    if (statSync(path).isDirectory()) return "EISDIR";
+    accessSync(path, fsConstants.R_OK);
+    return undefined;
+  } catch (err) {
+    const code = (err as { code?: unknown }).code;
+    return typeof code === "string" ? code : err instanceof Error ? err.message : String(err);
+  }
+}
+
 const httpUrl = z.string({ error: typeError("http(s) URL such as http://127.0.0.1:8042") }).transform((s, ctx) => {
   let url: URL | undefined;
   try {
@@ -203,6 +365,10 @@ const httpUrl = z.string({ error: typeError("http(s) URL such as http://127.0.0.
 /** "Spool" or "Sync", case-insensitively, normalized. */
 const FORWARDING_MODES: readonly ForwardingMode[] = ["Spool", "Sync"];
 const forwardingMode = oneOf("Spool or Sync", (s) => FORWARDING_MODES.find((m) => m.toLowerCase() === s.toLowerCase()));
+
+/** "Strict" or "Shared", case-insensitively, normalized. */
+const ISOLATION_MODES: readonly IsolationMode[] = ["Strict", "Shared"];
+const isolationMode = oneOf("Strict or Shared", (s) => ISOLATION_MODES.find((m) => m.toLowerCase() === s.toLowerCase()));
 
 const quotaMB = number((n) => n > 0, "number of megabytes > 0");
 const MIB = 1024 * 1024;
@@ -255,10 +421,8 @@ const httpHost = nonEmptyString("host name or IP address to listen on").default(
 const httpPort = integer(0, 65535, "integer 0-65535 (0 = any free port)").default(DEFAULTS.httpPort);
 const spoolDirectory = nonEmptyString("directory path").default(DEFAULTS.spoolDirectory);
 const gwLogLevel = logLevel.default("info");
+const auditFile = anyString.default("");
 const gwLogFormat = logFormat.default("auto");
-
-const section = <T extends z.core.$ZodLooseShape>(shape: T, what: string) =>
-  z.looseObject(shape, { error: typeError(what) });
 
 const gatewaySchema = section(
   {
@@ -297,9 +461,19 @@ const gatewaySchema = section(
       },
       "object with ConnectTimeoutSeconds, Parallelism, PendingIntervalSeconds, PendingEvery",
     ).prefault({}),
+    Isolation: isolationMode.default("Strict"),
+    Limits: section(
+      {
+        MaxAssociations: integer(1, 100000, "integer 1-100000").default(256),
+        MaxAssociationsPerTenant: integer(1, 10000, "integer 1-10000").default(32),
+        ArtimTimeoutSeconds: seconds(30),
+      },
+      "object with MaxAssociations, MaxAssociationsPerTenant, ArtimTimeoutSeconds",
+    ).prefault({}),
+    Audit: section({ File: auditFile }, "object with File").prefault({}),
     Log: section({ Level: gwLogLevel, Format: gwLogFormat }, "object with Level, Format").prefault({}),
   },
-  "object with Orthanc, Http, Forwarding, SpoolDirectory, Spool, Find, Move, Log",
+  "object with Orthanc, Http, Forwarding, SpoolDirectory, Spool, Find, Move, Isolation, Limits, Audit, Log",
 ).prefault({});
 
 /** Environment variables applied over the file, each validated like the key it replaces. */
@@ -312,6 +486,7 @@ const ENV_OVERRIDES: readonly { name: string; path: readonly string[]; schema: z
   { name: "GATEWAY_SPOOL_DIRECTORY", path: ["Gateway", "SpoolDirectory"], schema: spoolDirectory },
   { name: "GATEWAY_LOG_LEVEL", path: ["Gateway", "Log", "Level"], schema: gwLogLevel },
   { name: "GATEWAY_LOG_FORMAT", path: ["Gateway", "Log", "Format"], schema: gwLogFormat },
+  { name: "GATEWAY_AUDIT_FILE", path: ["Gateway", "Audit", "File"], schema: auditFile },
 ];
 
 /** Names of the environment variables that override configuration keys. */
@@ -321,9 +496,11 @@ export const CONFIG_ENV_VARS: readonly string[] = ENV_OVERRIDES.map((o) => o.nam
 /* Tenants and modalities                                                   */
 
 /** A server entry before the defaults that come from the Gateway section. */
-type ParsedServer = Omit<TenantConfig, "forwarding" | "spoolQuotaBytes"> & {
+type ParsedServer = Omit<TenantConfig, "forwarding" | "spoolQuotaBytes" | "isolation" | "maxAssociations"> & {
   forwarding: ForwardingMode | undefined;
   spoolQuotaMB: number | undefined;
+  isolation: IsolationMode | undefined;
+  maxAssociations: number | undefined;
 };
 
 const serverSchema = section(
@@ -342,6 +519,12 @@ const serverSchema = section(
         error: typeError("array of DicomModalities names or AE titles"),
       })
       .optional(),
+    Isolation: isolationMode.optional(),
+    // Absent = anyone may associate; [] = nobody.
+    AllowedCallers: allowedCallers.optional(),
+    MaxAssociations: integer(1, 10000, "integer 1-10000").optional(),
+    // Files are resolved and checked in validateConfig(); Tls.Port joins the port cross-checks.
+    Tls: tlsSchema.optional(),
   },
   "server object with AET, Port and Labels",
 ).transform(
@@ -354,6 +537,10 @@ const serverSchema = section(
     forwarding: s.Forwarding,
     spoolQuotaMB: s.SpoolQuotaMB,
     ...(s.AllowedDestinations ? { allowedDestinations: [...new Set(s.AllowedDestinations)] } : {}),
+    isolation: s.Isolation,
+    ...(s.AllowedCallers ? { allowedCallers: s.AllowedCallers } : {}),
+    maxAssociations: s.MaxAssociations,
+    ...(s.Tls ? { tls: s.Tls } : {}),
   }),
 );
 
@@ -482,8 +669,11 @@ function destinationNames(raw: Record<string, unknown>): { names: string[]; aets
   return { names, aets };
 }
 
-/** Problems that involve several servers, a server and the HTTP listener, or a server and DicomModalities. Works on the raw JSON. */
-function crossCheck(raw: unknown, envByPath: Map<string, string>): string[] {
+/**
+ * Problems that involve several servers, a server and the HTTP listener, a server and DicomModalities, or a
+ * server and the file system (Tls files, relative to `baseDirectory`). Works on the raw JSON.
+ */
+function crossCheck(raw: unknown, envByPath: Map<string, string>, baseDirectory: string): string[] {
   if (!isPlainObject(raw)) return [];
   const mt = raw.MultitenantDicom;
   const servers = isPlainObject(mt) && Array.isArray(mt.Servers) ? mt.Servers : [];
@@ -518,14 +708,25 @@ function crossCheck(raw: unknown, envByPath: Map<string, string>): string[] {
         issues.push(`${base}.AET: duplicate of ${first.path} ${showValue(first.aet)}${note}`);
       } else aets.set(key, { path: `${base}.AET`, aet: a.data });
     }
-    const p = tcpPort.safeParse(s.Port);
-    if (p.success) {
+    const tls = isPlainObject(s.Tls) ? s.Tls : undefined;
+    const portKeys: [string, unknown][] = [[`${base}.Port`, s.Port], [`${base}.Tls.Port`, tls?.Port]];
+    for (const [where, value] of portKeys) {
+      const p = tcpPort.safeParse(value);
+      if (!p.success) continue;
       const first = ports.get(p.data);
-      if (first) issues.push(`${base}.Port: duplicate of ${first} ${p.data}`);
-      else ports.set(p.data, `${base}.Port`);
+      if (first) issues.push(`${where}: duplicate of ${first} ${p.data}`);
+      else ports.set(p.data, where);
       if (hp.success && hp.data !== 0 && hp.data === p.data) {
-        issues.push(`${base}.Port: port ${p.data} is also the HTTP port (${httpPortLabel}); expected a different port`);
+        issues.push(`${where}: port ${p.data} is also the HTTP port (${httpPortLabel}); expected a different port`);
       }
+    }
+    for (const [key] of TLS_FILES) {
+      const file = tls?.[key];
+      // Non-strings and empty strings are reported by the schema.
+      if (typeof file !== "string" || file.trim() === "") continue;
+      const path = resolve(baseDirectory, file);
+      const why = unreadable(path);
+      if (why) issues.push(`${base}.Tls.${key}: cannot read ${JSON.stringify(path)} (${why}); expected a PEM file`);
     }
     if (destinations && Array.isArray(s.AllowedDestinations)) {
       s.AllowedDestinations.forEach((d, j) => {
@@ -546,8 +747,11 @@ function crossCheck(raw: unknown, envByPath: Map<string, string>): string[] {
 
 /** Validates an already parsed configuration object (env overrides applied to a copy). */
 export function validateConfig(raw: unknown, opts: ParseConfigOptions = {}): GatewayConfig {
-  const source = opts.source ?? "(inline configuration)";
+  const source = opts.source ?? INLINE_SOURCE;
   const env = opts.env ?? process.env;
+  const baseDirectory = resolve(
+    opts.baseDirectory ?? (opts.source === undefined || opts.source === INLINE_SOURCE ? process.cwd() : dirname(resolve(opts.source))),
+  );
   const data: unknown = raw === undefined ? raw : structuredClone(raw);
   const { envByPath, issues: envIssues } = applyEnv(data, env);
 
@@ -560,18 +764,23 @@ export function validateConfig(raw: unknown, opts: ParseConfigOptions = {}): Gat
       issues.push(`${envName ? `${envName} (env)` : path}: ${issue.message}`);
     }
   }
-  issues.push(...envIssues, ...crossCheck(data, envByPath));
+  issues.push(...envIssues, ...crossCheck(data, envByPath, baseDirectory));
   const unique = [...new Set(issues)];
   if (unique.length > 0 || !result.success) throw new ConfigError(source, unique);
 
   const c = result.data;
   const modalities: DicomModality[] = Object.entries(c.DicomModalities ?? {}).map(([name, m]) => ({ name, ...m }));
   const defaultQuotaBytes = mbToBytes(c.Gateway.Spool.QuotaMB);
-  const tenants = c.MultitenantDicom.Servers.map(({ forwarding, spoolQuotaMB, ...t }): TenantConfig => ({
-    ...t,
-    forwarding: forwarding ?? c.Gateway.Forwarding,
-    spoolQuotaBytes: spoolQuotaMB === undefined ? defaultQuotaBytes : mbToBytes(spoolQuotaMB),
-  }));
+  const tenants = c.MultitenantDicom.Servers.map(
+    ({ forwarding, spoolQuotaMB, isolation, maxAssociations, tls, ...t }): TenantConfig => ({
+      ...t,
+      forwarding: forwarding ?? c.Gateway.Forwarding,
+      spoolQuotaBytes: spoolQuotaMB === undefined ? defaultQuotaBytes : mbToBytes(spoolQuotaMB),
+      isolation: isolation ?? c.Gateway.Isolation,
+      maxAssociations: maxAssociations ?? c.Gateway.Limits.MaxAssociationsPerTenant,
+      ...(tls ? { tls: resolveTlsFiles(tls, baseDirectory) } : {}),
+    }),
+  );
   return {
     tenants,
     modalities,
@@ -615,13 +824,30 @@ export function validateConfig(raw: unknown, opts: ParseConfigOptions = {}): Gat
       pendingIntervalMs: toMs(c.Gateway.Move.PendingIntervalSeconds),
       pendingEvery: c.Gateway.Move.PendingEvery,
     },
+    limits: {
+      maxAssociations: c.Gateway.Limits.MaxAssociations,
+      maxAssociationsPerTenant: c.Gateway.Limits.MaxAssociationsPerTenant,
+      artimTimeoutMs: toMs(c.Gateway.Limits.ArtimTimeoutSeconds),
+    },
+    audit: { file: c.Gateway.Audit.File },
+    isolation: c.Gateway.Isolation,
     log: { level: c.Gateway.Log.Level, format: c.Gateway.Log.Format },
   };
 }
 
+/** The Tls settings with absolute file paths. */
+function resolveTlsFiles(tls: TenantTls, baseDirectory: string): TenantTls {
+  const out = { ...tls };
+  for (const [, field] of TLS_FILES) {
+    const file = out[field];
+    if (file !== undefined) out[field] = resolve(baseDirectory, file);
+  }
+  return out;
+}
+
 /** Parses and validates configuration text (Orthanc JSON with comments). Throws ConfigError. */
 export function parseConfig(text: string, opts: ParseConfigOptions = {}): GatewayConfig {
-  const source = opts.source ?? "(inline configuration)";
+  const source = opts.source ?? INLINE_SOURCE;
   let raw: unknown;
   try {
     raw = parseJsonc(text);

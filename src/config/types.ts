@@ -30,6 +30,58 @@ export interface TenantConfig {
    * C-MOVE to; undefined = every modality.
    */
   allowedDestinations?: string[];
+  /** `Isolation` (gateway key, default `Gateway.Isolation`): see IsolationMode. */
+  isolation: IsolationMode;
+  /**
+   * `AllowedCallers` (gateway key): who may associate — calling AE titles, each optionally bound to a
+   * host, IP address or CIDR (like Orthanc's DicomCheckModalityHost). Undefined = anyone.
+   */
+  allowedCallers?: AllowedCaller[];
+  /** `MaxAssociations` (gateway key, default `Gateway.Limits.MaxAssociationsPerTenant`): concurrent associations. */
+  maxAssociations: number;
+  /** `Tls` (gateway key): DICOM TLS for this tenant. */
+  tls?: TenantTls;
+}
+
+/**
+ * "Strict": a C-STORE that would touch a Study, Series or Instance outside the tenant's label scope is
+ * refused (0x0124) and never labeled. "Shared": the MultitenantDicom plugin's behaviour (unsafe between
+ * tenants that do not trust each other).
+ */
+export type IsolationMode = "Strict" | "Shared";
+
+export interface AllowedCaller {
+  /** Calling AE title (compared like every AE title, see StrictAetComparison). */
+  aet: string;
+  /** Host name, IP address or CIDR the association must come from; undefined = any address. */
+  host?: string;
+}
+
+export interface TenantTls {
+  /** PEM certificate chain file. */
+  certificateFile: string;
+  /** PEM private key file. */
+  keyFile: string;
+  /** PEM CA bundle to verify client certificates; undefined = no client verification. */
+  caFile?: string;
+  /** Require a client certificate signed by caFile (default true when caFile is set). */
+  requireClientCertificate: boolean;
+  /** TLS port; undefined = the tenant's Port speaks TLS only. When set, Port stays plain and this port adds TLS. */
+  port?: number;
+}
+
+export interface LimitSettings {
+  /** `Gateway.Limits.MaxAssociations` (default 256): concurrent associations over all tenants. */
+  maxAssociations: number;
+  /** `Gateway.Limits.MaxAssociationsPerTenant` (default 32): default of the tenants' MaxAssociations. */
+  maxAssociationsPerTenant: number;
+  /** `Gateway.Limits.ArtimTimeoutSeconds` (default 30) in ms: time allowed for A-ASSOCIATE-RQ and for closing. */
+  artimTimeoutMs: number;
+}
+
+export interface AuditSettings {
+  /** `Gateway.Audit.File` (default "" = stdout, as JSON lines with "audit": true): where the audit trail goes. */
+  file: string;
 }
 
 /** "Spool": acknowledge once on disk (fsync'd), forward in the background. "Sync": acknowledge once in Orthanc. */
@@ -127,5 +179,9 @@ export interface GatewayConfig {
   store: StoreSettings;
   find: FindSettings;
   move: MoveSettings;
+  limits: LimitSettings;
+  audit: AuditSettings;
+  /** `Gateway.Isolation` (default "Strict"): default of the tenants' Isolation. */
+  isolation: IsolationMode;
   log: { level: LogLevel; format: LogFormat };
 }
