@@ -4,21 +4,25 @@
  */
 import type { GatewayConfig, TenantConfig } from "./config/types.ts";
 import { serveHttp, type HttpServerHandle } from "./adapter/index.ts";
+import { createAuditLog, type AuditLog } from "./audit.ts";
 import type { AssociationObserver } from "./dimse/association.ts";
 import { RejectReason, RejectSource, Status } from "./dimse/constants.ts";
-import { DimseServer } from "./dimse/server.ts";
+import { AssociationCounter, DimseServer, type DimseServerEvents, type TlsPeer } from "./dimse/server.ts";
 import { createHttpApp } from "./http/app.ts";
 import { silentLogger, type Logger } from "./log.ts";
 import { createMetrics, formatStatus, type GatewayMetrics } from "./metrics.ts";
 import { OrthancClient } from "./orthanc/client.ts";
 import { OrthancMonitor } from "./orthanc/monitor.ts";
 import { Labeler } from "./orthanc/store.ts";
+import { ClaimRegistry, IsolationGuard } from "./tenancy/isolation.ts";
+import { Counter } from "prom-client";
+import { mkdir } from "node:fs/promises";
 import { createTenantServices } from "./services.ts";
 import { Forwarder } from "./spool/forwarder.ts";
 import { createStoreMetrics, type StoreMetrics } from "./spool/metrics.ts";
 import { TenantSpool } from "./spool/spool.ts";
 import type { GatewaySnapshot, QuarantineSummary } from "./status.ts";
-import { createAssociationPolicy } from "./tenancy/association-policy.ts";
+import { createAssociationPolicy, type AssociationPolicy } from "./tenancy/association-policy.ts";
 import { VERSION } from "./version.ts";
 
 export interface GatewayOptions {
@@ -26,8 +30,10 @@ export interface GatewayOptions {
   metrics?: GatewayMetrics;
   /** How often Orthanc's /system is checked (default 5 s). */
   orthancCheckIntervalMs?: number;
-  /** ARTIM timer (default 30 s). */
+  /** ARTIM timer (default: `Gateway.Limits.ArtimTimeoutSeconds`). */
   artimTimeoutMs?: number;
+  /** The audit trail (default: created from `Gateway.Audit.File`; closed by stop() either way). */
+  audit?: AuditLog;
 }
 
 export interface TenantListener {
@@ -47,6 +53,7 @@ export interface Gateway {
   monitor: OrthancMonitor;
   forwarder: Forwarder;
   storeMetrics: StoreMetrics;
+  audit: AuditLog;
   snapshot(): GatewaySnapshot;
   /** Stops accepting, lets open associations finish for up to `graceMs`, then aborts them. */
   stop(graceMs?: number): Promise<void>;
@@ -64,11 +71,13 @@ function rejectReasonName(source: number, reason: number): string {
   return reason === RejectReason.TemporaryCongestion ? "temporary-congestion" : "local-limit-exceeded";
 }
 
-function observerFor(tenant: TenantConfig, log: Logger, metrics: GatewayMetrics): AssociationObserver {
+function observerFor(tenant: TenantConfig, log: Logger, metrics: GatewayMetrics, audit: AuditLog): AssociationObserver {
   const t = tenant.aet;
   return {
     accepted(info) {
       metrics.recordAssociation(t, "accepted");
+      const tls = (info.peer as TlsPeer).tls;
+      audit.association({ event: "association-accepted", tenant: t, association: info.id, callingAe: info.callingAeTitle, calledAe: info.calledAeTitle, peer: `${info.peer.address}:${info.peer.port}`, outcome: "accepted", tls });
       log.info("association accepted", {
         tenant: t,
         association: info.id,
@@ -82,10 +91,13 @@ function observerFor(tenant: TenantConfig, log: Logger, metrics: GatewayMetrics)
     rejected(rq, peer, rj, why) {
       const reason = rejectReasonName(rj.source, rj.reason);
       metrics.recordAssociation(t, "rejected", reason);
+      const rjFields = { result: rj.result, source: rj.source, rjReason: rj.reason, tls: (peer as TlsPeer).tls };
+      audit.association({ event: "association-rejected", tenant: t, callingAe: rq.callingAeTitle, calledAe: rq.calledAeTitle, peer: `${peer.address}:${peer.port}`, outcome: "rejected", reason, detail: why, ...rjFields });
       log.warn("association rejected", { tenant: t, callingAe: rq.callingAeTitle, calledAe: rq.calledAeTitle, peer: `${peer.address}:${peer.port}`, reason, why });
     },
     ended(info, peer, reason, detail) {
       const fields = { tenant: t, association: info?.id, callingAe: info?.callingAeTitle, peer: `${peer.address}:${peer.port}`, reason, detail };
+      audit.association({ event: "association-ended", tenant: t, association: info?.id, callingAe: info?.callingAeTitle, calledAe: info?.calledAeTitle, peer: fields.peer, outcome: reason, detail });
       if (reason === "released") {
         log.info("association released", fields);
         return;
@@ -93,16 +105,33 @@ function observerFor(tenant: TenantConfig, log: Logger, metrics: GatewayMetrics)
       metrics.recordAssociation(t, "aborted", reason);
       log.warn("association aborted", fields);
     },
-    operation(info, service, status, seconds, detail) {
+    operation(info, service, status, seconds, detail, fields) {
       metrics.recordDimse(t, service, status, seconds);
-      const fields = { tenant: t, association: info.id, callingAe: info.callingAeTitle, service, status: formatStatus(status), ms: Math.round(seconds * 1000), detail };
-      if (status === Status.Success || status === Status.Pending || status === Status.Cancel) log.info("operation", fields);
-      else log.warn("operation failed", fields);
+      const peer = `${info.peer.address}:${info.peer.port}`;
+      const tlsClient = (info.peer as TlsPeer).tls?.clientSubject;
+      audit.operation({ tenant: t, association: info.id, callingAe: info.callingAeTitle, calledAe: info.calledAeTitle, peer, service, status, seconds, detail, tlsClient, fields });
+      const logFields = { tenant: t, association: info.id, callingAe: info.callingAeTitle, service, status: formatStatus(status), ms: Math.round(seconds * 1000), detail };
+      if (status === Status.Success || status === Status.Pending || status === Status.Cancel) log.info("operation", logFields);
+      else log.warn("operation failed", logFields);
     },
     protocolError(peer, kind, message) {
       metrics.pduErrors.inc({ tenant: t, kind });
       log.warn("protocol error", { tenant: t, peer: `${peer.address}:${peer.port}`, kind, error: message });
     },
+  };
+}
+
+/** Connections refused before any DICOM exchange: logged, counted as rejected associations, audited. */
+function connectionEventsFor(tenant: TenantConfig, log: Logger, metrics: GatewayMetrics, audit: AuditLog): DimseServerEvents {
+  const t = tenant.aet;
+  const refused = (peer: { address: string; port: number }, port: number, reason: string, detail: string) => {
+    metrics.recordAssociation(t, "rejected", reason);
+    audit.association({ event: "connection-refused", tenant: t, peer: `${peer.address}:${peer.port}`, outcome: "refused", reason, detail, port });
+    log.warn(reason === "tls-handshake-failed" ? "TLS handshake failed" : "connection refused", { tenant: t, peer: `${peer.address}:${peer.port}`, port, reason, detail });
+  };
+  return {
+    tlsHandshakeFailed: (peer, port, error) => refused(peer, port, "tls-handshake-failed", error),
+    connectionDropped: (peer, port, why) => refused(peer, port, "local-limit-exceeded", why),
   };
 }
 
@@ -114,13 +143,30 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
 
   const storeMetrics = createStoreMetrics(metrics.registry);
   const labeler = new Labeler(orthanc);
+  // Strict isolation: who created which study/series through this gateway, and one guard per Strict tenant.
+  const claims = new ClaimRegistry(config.spool.directory);
+  await mkdir(config.spool.directory, { recursive: true });
+  await claims.open();
+  const guards = new Map<string, IsolationGuard>();
+  for (const t of config.tenants) if (t.isolation === "Strict") guards.set(t.aet, new IsolationGuard(orthanc, claims, t));
+  const isolationRefusals = new Counter({
+    name: "dicom_gateway_isolation_refusals_total",
+    help: "Instances refused by Strict tenant isolation, at C-STORE time (status 0x0124) or when forwarding (quarantined).",
+    labelNames: ["tenant", "stage"] as const,
+    registers: [metrics.registry],
+  });
   const byTenant = new Map<string, TenantListener>();
   const forwarder = new Forwarder({
     orthanc,
     labeler,
     concurrency: config.orthanc.uploadConcurrency,
     verifyIntegrity: config.spool.verifyIntegrity,
+    guardFor: (tenant) => guards.get(tenant.aet),
     events: {
+      isolationRefused(tenant, entry, reason) {
+        isolationRefusals.inc({ tenant: tenant.aet, stage: "forward" });
+        log.warn("isolation: spooled instance refused and quarantined", { tenant: tenant.aet, sopInstanceUid: entry.sopInstanceUid, callingAe: entry.callingAeTitle, reason });
+      },
       forwarded(tenant, entry, seconds, stored) {
         const l = byTenant.get(tenant.aet);
         if (l) l.lastForwardError = undefined;
@@ -150,6 +196,9 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     },
   });
 
+  const audit = opts.audit ?? createAuditLog({ file: config.audit?.file ?? "" });
+  const globalLimit = new AssociationCounter(config.limits?.maxAssociations ?? Infinity);
+  const policies: AssociationPolicy[] = [];
   const listeners: TenantListener[] = [];
   for (const tenant of config.tenants) {
     const spool = new TenantSpool(config.spool.directory, tenant.aet, tenant.spoolQuotaBytes);
@@ -168,7 +217,12 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
       spool,
       metrics,
       log: tlog,
+      guard: guards.get(tenant.aet),
       storeEvents: {
+        isolationRefused: (reason) => {
+          isolationRefusals.inc({ tenant: t, stage: "store" });
+          tlog.warn("isolation: C-STORE refused (0x0124)", { reason });
+        },
         received: (bytes) => storeMetrics.count(t, "received", bytes),
         acknowledged: (bytes) => storeMetrics.count(t, "acknowledged", bytes),
         refused: (status, reason) => {
@@ -177,15 +231,23 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
         },
       },
     });
+    const policy = createAssociationPolicy(tenant, config.dicom, services.syntaxes, {
+      onLookupError: (host, error) => tlog.warn("cannot resolve a host name of AllowedCallers: callers bound to it are refused until it resolves", { host, error: error.message }),
+    });
+    policies.push(policy);
     const server = new DimseServer({
       label: `tenant ${tenant.aet} (MultitenantDicom.Servers AET ${tenant.aet})`,
       port: tenant.port,
       maxPduLength: config.dicom.maximumPduLength,
-      artimTimeoutMs: opts.artimTimeoutMs ?? 30_000,
+      artimTimeoutMs: opts.artimTimeoutMs ?? config.limits?.artimTimeoutMs ?? 30_000,
       idleTimeoutMs: config.dicom.scpTimeoutSeconds * 1000,
-      negotiate: createAssociationPolicy(tenant, config.dicom, services.syntaxes),
+      negotiate: policy,
       handlers: services.handlers,
-      observer: observerFor(tenant, log, metrics),
+      observer: observerFor(tenant, log, metrics, audit),
+      tls: tenant.tls,
+      maxAssociations: tenant.maxAssociations,
+      globalLimit,
+      events: connectionEventsFor(tenant, log, metrics, audit),
     });
     const l: TenantListener = { tenant, server, spool };
     byTenant.set(tenant.aet, l);
@@ -210,6 +272,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
           labelsConstraint: tenant.labelsConstraint,
           labelsStoreLevels: tenant.labelsStoreLevels,
           listening: server.listening,
+          listeners: server.endpoints.map((e) => ({ port: e.port || e.configuredPort, tls: e.tls, listening: e.listening })),
           activeAssociations: server.activeAssociations,
           spool: {
             forwarding: tenant.forwarding,
@@ -235,14 +298,20 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
 
   let http: HttpServerHandle | undefined;
   try {
+    await Promise.all(policies.map((p) => p.ready));
     for (const { tenant, server } of listeners) {
       await server.listen();
-      log.info("DICOM listener started", { tenant: tenant.aet, port: server.port, labels: tenant.labels, labelsConstraint: tenant.labelsConstraint });
+      for (const e of server.endpoints) {
+        log.info("DICOM listener started", { tenant: tenant.aet, port: e.port, tls: e.tls, labels: tenant.labels, labelsConstraint: tenant.labelsConstraint });
+      }
     }
     http = await serveHttp(createHttpApp({ snapshot, metrics, logger: log }), { hostname: config.http.host, port: config.http.port });
     log.info("HTTP endpoint started", { url: `http://${config.http.host.includes(":") ? `[${config.http.host}]` : config.http.host}:${http.port}`, endpoints: "/health /ready /metrics /status" });
   } catch (e) {
     await Promise.all(listeners.map((l) => l.server.close()));
+    for (const p of policies) p.close();
+    audit.close();
+    await claims.close();
     throw e;
   }
 
@@ -260,12 +329,16 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     monitor,
     forwarder,
     storeMetrics,
+    audit,
     snapshot,
     async stop(graceMs = 0) {
       monitor.stop();
+      for (const p of policies) p.close();
       await Promise.all(listeners.map((l) => l.server.close(graceMs)));
       await forwarder.stop();
+      await claims.close();
       await http!.close();
+      audit.close();
     },
   };
 }

@@ -141,7 +141,7 @@ export function createMetrics(opts: MetricsOptions = {}): GatewayMetrics {
       listenerUp.reset();
       activeAssociations.reset();
       for (const t of s.tenants) {
-        listenerUp.set({ tenant: t.aet, port: String(t.port) }, t.listening ? 1 : 0);
+        for (const l of t.listeners ?? [{ port: t.port, listening: t.listening }]) listenerUp.set({ tenant: t.aet, port: String(l.port) }, l.listening ? 1 : 0);
         activeAssociations.set({ tenant: t.aet }, t.activeAssociations);
       }
     },

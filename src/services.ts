@@ -9,6 +9,11 @@ import { CommandField, SopClass } from "./dimse/constants.ts";
 import { handleEcho } from "./dimse/echo.ts";
 import { UNCOMPRESSED_LITTLE_ENDIAN, type SupportedSyntaxes, type TransferSyntaxPolicy } from "./dimse/negotiation.ts";
 import { createStoreHandler, type StoreEvents } from "./dimse/store.ts";
+import { createFindHandler, FIND_ABSTRACT_SYNTAXES } from "./dimse/find.ts";
+import { createGetHandler } from "./dimse/get.ts";
+import { createMoveHandler } from "./dimse/move.ts";
+import { GET_SOP_CLASSES, MOVE_SOP_CLASSES } from "./dimse/retrieve.ts";
+import { createRetrieveMetrics } from "./dimse/retrieve-metrics.ts";
 import { isStandardStorageSopClass, transferSyntaxMatcher } from "./dicom/uids.ts";
 import type { Logger } from "./log.ts";
 import type { GatewayMetrics } from "./metrics.ts";
@@ -16,6 +21,7 @@ import type { OrthancClient } from "./orthanc/client.ts";
 import type { Labeler } from "./orthanc/store.ts";
 import type { Forwarder } from "./spool/forwarder.ts";
 import type { TenantSpool } from "./spool/spool.ts";
+import type { IsolationGuard } from "./tenancy/isolation.ts";
 
 /** Everything a tenant's services may need. */
 export interface TenantContext {
@@ -27,6 +33,8 @@ export interface TenantContext {
   spool: TenantSpool;
   metrics: GatewayMetrics;
   storeEvents?: StoreEvents;
+  /** The tenant's isolation guard when its Isolation is Strict. */
+  guard?: IsolationGuard;
   log: Logger;
 }
 
@@ -47,13 +55,28 @@ export function createTenantServices(ctx: TenantContext): TenantServices {
     isStandardStorageSopClass(uid) || (ctx.config.store.unknownSopClassAccepted && !uid.startsWith("1.2.840.10008.") && !abstractSyntaxes.has(uid));
   handlers.set(
     CommandField.CStoreRQ,
-    createStoreHandler({ tenant: ctx.tenant, spool: ctx.spool, orthanc: ctx.orthanc, labeler: ctx.labeler, forwarder: ctx.forwarder, events: ctx.storeEvents }),
+    createStoreHandler({ tenant: ctx.tenant, spool: ctx.spool, orthanc: ctx.orthanc, labeler: ctx.labeler, forwarder: ctx.forwarder, guard: ctx.guard, events: ctx.storeEvents }),
   );
+
+  // Query (C-FIND SCP): Patient Root, Study Root and Patient/Study Only, within the tenant's labels.
+  for (const uid of FIND_ABSTRACT_SYNTAXES) abstractSyntaxes.set(uid, UNCOMPRESSED_LITTLE_ENDIAN);
+  handlers.set(
+    CommandField.CFindRQ,
+    createFindHandler({ tenant: ctx.tenant, orthanc: ctx.orthanc, find: ctx.config.find, defaultEncoding: ctx.config.dicom.defaultEncoding, log: ctx.log }),
+  );
+
+  // Retrieve (C-MOVE and C-GET SCP), Patient Root and Study Root. C-GET's C-STORE sub-operations use
+  // the storage contexts the requester proposed with the SCP role, which is accepted for storage classes.
+  const retrieve = { tenant: ctx.tenant, config: ctx.config, orthanc: ctx.orthanc, metrics: createRetrieveMetrics(ctx.metrics.registry), log: ctx.log };
+  for (const uid of [...MOVE_SOP_CLASSES, ...GET_SOP_CLASSES]) abstractSyntaxes.set(uid, UNCOMPRESSED_LITTLE_ENDIAN);
+  handlers.set(CommandField.CMoveRQ, createMoveHandler(retrieve));
+  handlers.set(CommandField.CGetRQ, createGetHandler(retrieve));
 
   return {
     syntaxes: {
       abstractSyntaxes,
       fallback: (uid) => (isStorage(uid) ? storagePolicy : undefined),
+      acceptScpRoleFor: isStorage,
     },
     handlers,
   };

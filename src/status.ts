@@ -9,6 +9,8 @@ export interface TenantStatus {
   labelsStoreLevels: ResourceLevel[];
   /** The listener is bound and accepting connections. */
   listening: boolean;
+  /** Every port of the tenant's listener: `Port`, and with `Tls.Port` the TLS port too. */
+  listeners?: { port: number; tls: boolean; listening: boolean }[];
   /** Why the listener is not listening (bind error), if it is not. */
   listenError?: string;
   activeAssociations: number;

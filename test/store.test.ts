@@ -239,7 +239,8 @@ describe("Orthanc outages and quota", () => {
     const files = await uniqueCopies(pydicomFile("CT_small.dcm"), 20, { newStudy: true });
     const r = await storescu(g.portOf("OUTAGE"), "OUTAGE", files);
     expect(r.output.match(/Received Store Response \(Success\)/g)?.length).toBe(20);
-    const sync = await storescu(g.portOf("OUTSYNC"), "OUTSYNC", files.slice(0, 1));
+    const [syncFile] = await uniqueCopies(pydicomFile("CT_small.dcm"), 1, { newStudy: true });
+    const sync = await storescu(g.portOf("OUTSYNC"), "OUTSYNC", [syncFile!]);
     expect(sync.output).toContain("Received Store Response (Refused: OutOfResources)");
     expect(g.snapshot().tenants[0]!.spool!.depth).toBe(20);
     // Orthanc comes (back) on the configured URL: the spool drains by itself.

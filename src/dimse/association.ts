@@ -141,6 +141,9 @@ interface Operation {
 
 let nextAssociationId = 1;
 
+/** Requests read ahead of the one running before we stop reading from the peer (see onCommand). */
+const MAX_QUEUED_REQUESTS = 16;
+
 export class AcceptorAssociation {
   readonly peer: Peer;
   info: AssociationInfo | undefined;
@@ -152,12 +155,14 @@ export class AcceptorAssociation {
   private readonly queue: Operation[] = [];
   private running: Operation | undefined;
   /** The message whose command or data set is being received, per presentation context. */
-  private readonly incoming = new Map<number, { command: Uint8Array[]; dataset?: DatasetStream }>();
+  private readonly incoming = new Map<number, { command: Uint8Array[]; commandBytes: number; dataset?: DatasetStream }>();
   private endReported = false;
   /** Our requests on this association (C-GET sub-operations) awaiting a response, by Message ID. */
   private readonly awaiting = new Map<number, { resolve: (c: CommandSet) => void; reject: (e: Error) => void }>();
   private nextMessageId = 1;
   private pausedBy = 0;
+  /** True while reading is paused because too many requests wait in `queue`. */
+  private queuePaused = false;
   /** Resolves when the socket has closed. */
   readonly closed: Promise<void>;
 
@@ -333,9 +338,11 @@ export class AcceptorAssociation {
     let msg = this.incoming.get(pcId);
     if (isCommand) {
       if (msg?.dataset) throw new PduError(`command fragment on presentation context ${pcId} while its data set is incomplete`, AbortReason.UnexpectedPduParameter);
-      if (!msg) this.incoming.set(pcId, (msg = { command: [] }));
+      if (!msg) this.incoming.set(pcId, (msg = { command: [], commandBytes: 0 }));
+      // Each fragment costs its PDV item header too, so that empty fragments cannot pile up without limit.
+      msg.commandBytes += data.length + 6;
+      if (msg.commandBytes > 1 << 16) throw new PduError("command set larger than 64 KiB", AbortReason.InvalidPduParameterValue);
       msg.command.push(data.slice());
-      if (msg.command.reduce((n, c) => n + c.length, 0) > 1 << 16) throw new PduError("command set larger than 64 KiB", AbortReason.InvalidPduParameterValue);
       if (!isLast) return;
       const bytes = concat(msg.command);
       const command = decodeCommandSet(bytes);
@@ -373,6 +380,12 @@ export class AcceptorAssociation {
       return;
     }
     this.queue.push({ pc, command, dataset, controller: new AbortController() });
+    // Without an asynchronous operations window the peer has one request outstanding (PS3.7 D.3.3.3): one
+    // that keeps sending requests without reading our answers is not read further until the queue drains.
+    if (this.queue.length >= MAX_QUEUED_REQUESTS && !this.queuePaused) {
+      this.queuePaused = true;
+      this.pause();
+    }
     void this.pump();
   }
 
@@ -382,6 +395,10 @@ export class AcceptorAssociation {
     if (this.running) return;
     while (this.queue.length > 0 && this.state !== "closing") {
       const op = (this.running = this.queue.shift()!);
+      if (this.queuePaused && this.queue.length < MAX_QUEUED_REQUESTS / 2) {
+        this.queuePaused = false;
+        this.resume();
+      }
       await this.runOperation(op);
       this.running = undefined;
       this.touch();
@@ -510,6 +527,10 @@ export class AcceptorAssociation {
     this.awaiting.clear();
     this.incoming.clear();
     this.queue.length = 0;
+    if (this.queuePaused) {
+      this.queuePaused = false;
+      this.resume();
+    }
   }
 
   private onClose(): void {

@@ -11,6 +11,8 @@ export class DatasetStream implements AsyncIterable<Uint8Array> {
   private error: Error | undefined;
   private waiter: (() => void) | undefined;
   private discarding = false;
+  /** Whether this stream has paused the flow: pause and resume are called once each, whatever the fragment count. */
+  private paused = false;
   /** Total bytes received for this data set so far. */
   received = 0;
 
@@ -22,10 +24,11 @@ export class DatasetStream implements AsyncIterable<Uint8Array> {
   /** Called by the association for each data set PDV. */
   push(fragment: Uint8Array): void {
     this.received += fragment.length;
-    if (this.discarding || this.ended) return;
+    // Empty fragments carry nothing and would pile up without ever reaching the high-water mark.
+    if (this.discarding || this.ended || fragment.length === 0) return;
     this.queue.push(fragment);
     this.queued += fragment.length;
-    if (this.queued > this.highWaterMark) this.flow.pause();
+    if (this.queued > this.highWaterMark) this.pauseFlow();
     this.wake();
   }
 
@@ -42,7 +45,7 @@ export class DatasetStream implements AsyncIterable<Uint8Array> {
     this.ended = true;
     this.queue = [];
     this.queued = 0;
-    this.flow.resume();
+    this.resumeFlow();
     this.wake();
   }
 
@@ -60,7 +63,7 @@ export class DatasetStream implements AsyncIterable<Uint8Array> {
     this.discarding = true;
     this.queue = [];
     this.queued = 0;
-    this.flow.resume();
+    this.resumeFlow();
   }
 
   async *[Symbol.asyncIterator](): AsyncIterator<Uint8Array> {
@@ -68,7 +71,7 @@ export class DatasetStream implements AsyncIterable<Uint8Array> {
       const next = this.queue.shift();
       if (next) {
         this.queued -= next.length;
-        if (this.queued <= this.highWaterMark / 2) this.flow.resume();
+        if (this.queued <= this.highWaterMark / 2) this.resumeFlow();
         yield next;
         continue;
       }
@@ -97,6 +100,18 @@ export class DatasetStream implements AsyncIterable<Uint8Array> {
       o += p.length;
     }
     return out;
+  }
+
+  private pauseFlow(): void {
+    if (this.paused) return;
+    this.paused = true;
+    this.flow.pause();
+  }
+
+  private resumeFlow(): void {
+    if (!this.paused) return;
+    this.paused = false;
+    this.flow.resume();
   }
 
   private wake(): void {

@@ -5,7 +5,9 @@
  *   Spool — its file and queue record are fsync'd (the forwarder takes it from there);
  *   Sync  — Orthanc has stored and labeled it.
  * Failure statuses (PS3.4 B.2.3): 0xA700 Refused: Out of Resources (quota, disk, Orthanc unavailable),
- * 0xC000 Error: Cannot understand (no data set, Orthanc refuses the content), always with an ErrorComment.
+ * 0xC000 Error: Cannot understand (no data set, Orthanc refuses the content), and with Strict isolation
+ * 0x0124 Refused: Not Authorized (PS3.7 C.5.11) for an instance that would land in another tenant's
+ * study, series or instance — always with an ErrorComment.
  */
 import type { TenantConfig } from "../config/types.ts";
 import { isValidUid } from "../dicom/uids.ts";
@@ -13,6 +15,9 @@ import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
 import { isPermanentRejection, uploadFile, type Labeler } from "../orthanc/store.ts";
 import type { Forwarder } from "../spool/forwarder.ts";
 import { SpoolDiskError, SpoolQuotaError, type ReceivedFile, type TenantSpool } from "../spool/spool.ts";
+import { DatasetHeadError, readDatasetHead } from "../dicom/dataset-head.ts";
+import { orthancIds, type OrthancIds } from "../orthanc/identity.ts";
+import { readFileDatasetHead, type IsolationGuard } from "../tenancy/isolation.ts";
 import type { DimseHandler, DimseResponder } from "./association.ts";
 import { Status } from "./constants.ts";
 
@@ -23,6 +28,8 @@ export interface StoreEvents {
   acknowledged?(bytes: number): void;
   /** A failure status was answered. */
   refused?(status: number, reason: string): void;
+  /** Strict isolation refused an instance (also reported through refused). */
+  isolationRefused?(reason: string, ids: OrthancIds): void;
 }
 
 export interface StoreServiceDeps {
@@ -31,6 +38,8 @@ export interface StoreServiceDeps {
   orthanc: OrthancClient;
   labeler: Labeler;
   forwarder: Forwarder;
+  /** Present when the tenant's Isolation is Strict. */
+  guard?: IsolationGuard;
   events?: StoreEvents;
 }
 
@@ -68,8 +77,19 @@ export function createStoreHandler(deps: StoreServiceDeps): DimseHandler {
       throw e; // the association ended mid-transfer: the partial file is already gone
     }
     events?.received?.(received.size);
+    responder.audit({ sopInstanceUid, sopClassUid, bytes: received.size });
 
-    if (tenant.forwarding === "Sync") return storeSync(deps, received, responder, sopInstanceUid, fail);
+    let ids: OrthancIds | undefined;
+    if (deps.guard) {
+      const checked = await checkIsolation(deps, received, request.presentationContext.transferSyntax, sopInstanceUid, responder);
+      if ("refusal" in checked) {
+        await spool.discard(received);
+        return fail(checked.refusal.status, checked.refusal.comment, checked.refusal.reason);
+      }
+      ids = checked.ids;
+    }
+
+    if (tenant.forwarding === "Sync") return storeSync(deps, received, responder, sopInstanceUid, fail, ids);
 
     try {
       const entry = await spool.commit(received, {
@@ -90,15 +110,66 @@ export function createStoreHandler(deps: StoreServiceDeps): DimseHandler {
   };
 }
 
+/**
+ * Strict isolation at C-STORE time: where would Orthanc file this instance, and may this tenant store
+ * there? Orthanc unreachable: Sync fails (nothing can be stored anyway); Spool checks the gateway's own
+ * claims now and Orthanc when forwarding (the forwarder quarantines what turns out to conflict).
+ */
+async function checkIsolation(
+  deps: StoreServiceDeps,
+  received: ReceivedFile,
+  transferSyntax: string,
+  sopInstanceUid: string,
+  responder: DimseResponder,
+): Promise<{ refusal: { status: number; comment: string; reason: string } } | { ids: OrthancIds }> {
+  let ids: OrthancIds;
+  try {
+    const head = readDatasetHead(await readFileDatasetHead(received.path), transferSyntax);
+    if (head.sopInstanceUid !== sopInstanceUid) {
+      return {
+        refusal: {
+          status: Status.UnableToProcess,
+          comment: "SOP Instance UID differs from the command",
+          reason: `the data set's SOP Instance UID ${head.sopInstanceUid} differs from the command's ${sopInstanceUid}`,
+        },
+      };
+    }
+    ids = orthancIds(head);
+    responder.audit({ studyInstanceUid: head.studyInstanceUid, seriesInstanceUid: head.seriesInstanceUid, patientId: head.patientId });
+  } catch (e) {
+    if (!(e instanceof DatasetHeadError)) throw e;
+    return { refusal: { status: Status.UnableToProcess, comment: "Cannot read Study/Series/SOP Instance UID", reason: `cannot place the instance: ${e.message}` } };
+  }
+  let verdict;
+  try {
+    verdict = await deps.guard!.check(ids);
+  } catch (e) {
+    if (!(e instanceof OrthancError)) throw e;
+    if (deps.tenant.forwarding === "Sync") {
+      return { refusal: { status: Status.OutOfResources, comment: "Orthanc unavailable, not stored; retry later", reason: `isolation check impossible: ${e.message}` } };
+    }
+    verdict = await deps.guard!.check(ids, { claimsOnly: true });
+  }
+  if (verdict.ok) return { ids };
+  deps.events?.isolationRefused?.(verdict.reason, ids);
+  responder.audit({ isolation: "refused", isolationReason: verdict.reason });
+  return { refusal: { status: Status.NotAuthorized, comment: `Not authorized: ${verdict.level} belongs to another tenant`, reason: `isolation: ${verdict.reason}` } };
+}
+
 async function storeSync(
   deps: StoreServiceDeps,
   received: ReceivedFile,
   responder: DimseResponder,
   sopInstanceUid: string,
   fail: (status: number, comment: string, reason?: string) => Promise<void>,
+  ids?: OrthancIds,
 ): Promise<void> {
   try {
     const stored = await uploadFile(deps.orthanc, received.path, received.size);
+    if (ids && (stored.parentStudy !== ids.study || stored.parentSeries !== ids.series || stored.id !== ids.instance)) {
+      if (stored.status === "Success") await deps.orthanc.delete(`/instances/${stored.id}`);
+      return fail(Status.NotAuthorized, "Not authorized: unexpected placement in Orthanc", `isolation: Orthanc filed the instance under study ${stored.parentStudy}, not the checked ${ids.study}`);
+    }
     await deps.labeler.apply(stored, deps.tenant);
   } catch (e) {
     const message = e instanceof Error ? e.message : String(e);

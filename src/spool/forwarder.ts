@@ -11,8 +11,13 @@ import type { TenantConfig } from "../config/types.ts";
 import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
 import { isPermanentRejection, storedAttachmentInfo, uploadFile, type Labeler, type StoredInstance } from "../orthanc/store.ts";
 import { TenantSpool, type SpoolEntry } from "./spool.ts";
+import { DatasetHeadError, readDatasetHead } from "../dicom/dataset-head.ts";
+import { orthancIds, type OrthancIds } from "../orthanc/identity.ts";
+import { readFileDatasetHead, type IsolationGuard } from "../tenancy/isolation.ts";
 
 export interface ForwarderEvents {
+  /** Strict isolation found, when forwarding, that the instance would land in another tenant's resources. */
+  isolationRefused?(tenant: TenantConfig, entry: SpoolEntry, reason: string): void;
   forwarded?(tenant: TenantConfig, entry: SpoolEntry, seconds: number, stored: StoredInstance): void;
   failed?(tenant: TenantConfig, entry: SpoolEntry, error: Error, attempt: number, retryInMs: number): void;
   quarantined?(tenant: TenantConfig, entry: SpoolEntry, reason: string): void;
@@ -24,6 +29,8 @@ export interface ForwarderOptions {
   concurrency: number;
   verifyIntegrity: boolean;
   events?: ForwarderEvents;
+  /** The isolation guard of a Strict tenant (undefined for Shared). */
+  guardFor?: (tenant: TenantConfig) => IsolationGuard | undefined;
   /** Backoff of one entry after a transient failure: base * 2^(attempt-1), capped, with ±50% jitter. */
   backoffBaseMs?: number;
   backoffMaxMs?: number;
@@ -198,7 +205,29 @@ export class Forwarder {
     const started = performance.now();
     job.attempt++;
     try {
+      // Strict isolation: checked again now that Orthanc can be asked (it may not have been at C-STORE time).
+      const guard = this.opts.guardFor?.(tenant);
+      let ids: OrthancIds | undefined;
+      if (guard) {
+        ids = orthancIds(readDatasetHead(await readFileDatasetHead(entry.file), entry.transferSyntaxUid));
+        const verdict = await guard.check(ids);
+        if (!verdict.ok) {
+          const reason = `isolation: ${verdict.reason}`;
+          await spool.quarantine(entry, reason);
+          this.opts.events?.isolationRefused?.(tenant, entry, reason);
+          this.opts.events?.quarantined?.(tenant, entry, reason);
+          return;
+        }
+      }
       const stored = await uploadFile(this.opts.orthanc, entry.file, entry.size);
+      if (ids && (stored.parentStudy !== ids.study || stored.parentSeries !== ids.series || stored.id !== ids.instance)) {
+        // Orthanc filed it elsewhere than the isolation check assumed: undo a fresh store, keep the file aside.
+        if (stored.status === "Success") await this.opts.orthanc.delete(`/instances/${stored.id}`);
+        const reason = `isolation: Orthanc filed the instance under study ${stored.parentStudy}, series ${stored.parentSeries}, not the checked ${ids.study}, ${ids.series}`;
+        await spool.quarantine(entry, reason);
+        this.opts.events?.quarantined?.(tenant, entry, reason);
+        return;
+      }
       if (this.opts.verifyIntegrity && stored.status === "Success") {
         const got = await storedAttachmentInfo(this.opts.orthanc, stored.id);
         const md5 = entry.md5 ?? (await TenantSpool.md5Of(entry.file));
@@ -215,9 +244,9 @@ export class Forwarder {
       this.opts.events?.forwarded?.(tenant, entry, (performance.now() - started) / 1000, stored);
     } catch (e) {
       const err = e instanceof Error ? e : new Error(String(e));
-      if (isPermanentRejection(err)) {
+      if (isPermanentRejection(err) || err instanceof DatasetHeadError) {
         this.outageOver();
-        const reason = `Orthanc refused the instance: ${err.message}`;
+        const reason = `${err instanceof DatasetHeadError ? "cannot place the instance" : "Orthanc refused the instance"}: ${(err as Error).message}`;
         try {
           await spool.quarantine(entry, reason);
           this.opts.events?.quarantined?.(tenant, entry, reason);

@@ -28,6 +28,8 @@ export async function testConfigObject(tenants: TenantSpec[], orthancUrl: string
       Http: { Host: "127.0.0.1", Port: 0 },
       SpoolDirectory: mkdtempSync(join(tmpdir(), "gw-spool-")),
       Log: { Level: "warn", Format: "json" },
+      // The audit trail goes to a file of its own, not into the test output (the default is stdout).
+      Audit: { File: join(mkdtempSync(join(tmpdir(), "gw-audit-")), "audit.log") },
       ...gatewayExtra,
     },
   };

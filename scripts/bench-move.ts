@@ -1,0 +1,277 @@
+/**
+ * C-MOVE benchmark: Orthanc's MultitenantDicom plugin vs the gateway, same Orthanc, same data, same
+ * destination, one run.   npm run bench:move   (npx bun scripts/bench-move.ts [--rounds 3])
+ *
+ * 1. The 500-instance set (a real CT slice, 5 patients × 2 studies × 2 series × 25, unique UIDs) is
+ *    uploaded to one Orthanc running the MultitenantDicom plugin, labeled "bench" on studies, series
+ *    and instances (what both would have stored with the default LabelsStoreLevels).
+ * 2. A dcmtk storescp is the move destination (DicomModalities "dest") of the plugin and of the
+ *    gateway (a child process: bun src/cli.ts serve), each with one tenant labeled "bench".
+ * 3. Each round moves the 10 studies, one movescu (Study Root, STUDY level) after the other, first
+ *    through the plugin, then through the gateway; the destination must receive all 500 instances.
+ *    Times: the whole round (10 moves), and per move the time from movescu's start to the first
+ *    C-STORE storescp reports (time to first sub-operation).
+ * Every dcmtk process runs with TCP_NODELAY=1.
+ * Env: BENCH_PARALLELISM=N sets the gateway's Gateway.Move.Parallelism; BENCH_DEBUG=1 prints movescu's
+ * output for moves that delivered nothing.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { generateDataset, type GeneratedDataset } from "./generate-dataset.ts";
+import { startOrthanc, type OrthancHandle } from "./orthanc-testbed.ts";
+
+const REPO = join(import.meta.dirname ?? new URL(".", import.meta.url).pathname, "..");
+const DCMTK_ENV = { ...process.env, TCP_NODELAY: "1" };
+const LABEL = "bench";
+const children = new Set<ChildProcess>();
+process.on("exit", () => {
+  for (const c of children) if (c.exitCode === null) c.kill("SIGKILL");
+});
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const port = (s.address() as { port: number }).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+function run(cmd: string, args: string[]): Promise<{ code: number | null; output: string; startedAt: number; seconds: number }> {
+  return new Promise((resolve, reject) => {
+    const startedAt = performance.now();
+    const p = spawn(cmd, args, { env: DCMTK_ENV });
+    let output = "";
+    p.stdout.on("data", (d) => (output += d));
+    p.stderr.on("data", (d) => (output += d));
+    p.on("error", reject);
+    p.on("close", (code) => resolve({ code, output, startedAt, seconds: (performance.now() - startedAt) / 1000 }));
+  });
+}
+
+/** storescp whose verbose log is timestamped as it arrives: when each C-STORE came in. */
+async function startDestination(aet: string) {
+  const port = await freePort();
+  const dir = mkdtempSync(join(tmpdir(), "gw-bench-move-dest-"));
+  const child = spawn("storescp", ["-v", "-aet", aet, "-od", dir, String(port)], { env: DCMTK_ENV, stdio: ["ignore", "pipe", "pipe"] });
+  children.add(child);
+  const stores: number[] = [];
+  let buf = "";
+  const onData = (d: Buffer) => {
+    const now = performance.now();
+    buf += d.toString();
+    let i;
+    while ((i = buf.indexOf("\n")) >= 0) {
+      if (buf.slice(0, i).includes("Received Store Request")) stores.push(now);
+      buf = buf.slice(i + 1);
+    }
+  };
+  child.stdout!.on("data", onData);
+  child.stderr!.on("data", onData);
+  for (let i = 0; i < 100; i++) {
+    if ((await run("echoscu", ["-aec", aet, "127.0.0.1", String(port)])).code === 0) break;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return {
+    aet,
+    port,
+    dir,
+    stores,
+    files: () => readdirSync(dir).length,
+    clear() {
+      for (const f of readdirSync(dir)) rmSync(join(dir, f), { force: true });
+      stores.length = 0;
+    },
+    async stop() {
+      child.kill("SIGTERM");
+      await new Promise((r) => child.once("exit", r));
+    },
+  };
+}
+
+/** The gateway CLI as a child process; ready when its tenant answers C-ECHO. */
+async function startGatewayProcess(config: Record<string, unknown>, aet: string, port: number): Promise<{ stop(): Promise<void> }> {
+  const dir = mkdtempSync(join(tmpdir(), "gw-bench-move-"));
+  const path = join(dir, "gateway.json");
+  writeFileSync(path, JSON.stringify(config));
+  const child = spawn(process.execPath, [join(REPO, "src/cli.ts"), "serve", "--config", path], { stdio: ["ignore", "pipe", "pipe"] });
+  children.add(child);
+  let log = "";
+  child.stdout!.on("data", (d: Buffer) => (log += d.toString()));
+  child.stderr!.on("data", (d: Buffer) => (log += d.toString()));
+  for (let i = 0; ; i++) {
+    if (child.exitCode !== null) throw new Error(`gateway exited ${child.exitCode}:\n${log}`);
+    if ((await run("echoscu", ["-aec", aet, "127.0.0.1", String(port)])).code === 0) break;
+    if (i > 200) throw new Error(`gateway did not answer C-ECHO on port ${port}:\n${log}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return {
+    async stop() {
+      if (child.exitCode !== null) return;
+      child.kill("SIGTERM");
+      await new Promise((r) => child.once("exit", r));
+    },
+  };
+}
+
+async function upload(o: OrthancHandle, data: GeneratedDataset): Promise<void> {
+  const { readFile } = await import("node:fs/promises");
+  const queue = [...data.instances];
+  const parents = { studies: new Set<string>(), series: new Set<string>(), instances: new Set<string>() };
+  await Promise.all(
+    Array.from({ length: 8 }, async () => {
+      for (let i = queue.shift(); i; i = queue.shift()) {
+        const res = await fetch(`${o.url}/instances`, { method: "POST", body: await readFile(i.path) });
+        if (!res.ok) throw new Error(`upload of ${i.path} failed: ${res.status} ${await res.text()}`);
+        const r = (await res.json()) as { ID: string; ParentSeries: string; ParentStudy: string };
+        parents.studies.add(r.ParentStudy);
+        parents.series.add(r.ParentSeries);
+        parents.instances.add(r.ID);
+      }
+    }),
+  );
+  const puts: string[] = [
+    ...[...parents.studies].map((id) => `/studies/${id}/labels/${LABEL}`),
+    ...[...parents.series].map((id) => `/series/${id}/labels/${LABEL}`),
+    ...[...parents.instances].map((id) => `/instances/${id}/labels/${LABEL}`),
+  ];
+  await Promise.all(
+    Array.from({ length: 8 }, async () => {
+      for (let p = puts.shift(); p; p = puts.shift()) await fetch(o.url + p, { method: "PUT", body: "" }).then((r) => r.body?.cancel());
+    }),
+  );
+}
+
+interface RoundResult {
+  seconds: number;
+  firstSubOp: number[];
+  received: number;
+  failures: string[];
+}
+
+/** Moves the studies one after the other through `aet` on `port`; times the round and each first sub-operation. */
+async function moveRound(aet: string, port: number, dest: Awaited<ReturnType<typeof startDestination>>, data: GeneratedDataset): Promise<RoundResult> {
+  dest.clear();
+  const firstSubOp: number[] = [];
+  const failures: string[] = [];
+  const t0 = performance.now();
+  for (const study of data.studies) {
+    const before = dest.stores.length;
+    if (process.env.BENCH_DEBUG) process.stderr.write(`move ${aet} ${study.studyInstanceUid}\n`);
+    const r = await run("movescu", ["-S", ...(process.env.BENCH_DEBUG ? ["-v"] : []), "-aet", "BENCHSCU", "-aec", aet, "-aem", dest.aet, "-k", "QueryRetrieveLevel=STUDY", "-k", `StudyInstanceUID=${study.studyInstanceUid}`, "127.0.0.1", String(port)]);
+    if (process.env.BENCH_DEBUG && before === dest.stores.length) process.stderr.write(r.output + "\n");
+    if (r.code !== 0) failures.push(`movescu exited ${r.code}: ${r.output.trim().split("\n").slice(-3).join(" | ")}`);
+    const first = dest.stores[before];
+    if (first !== undefined) firstSubOp.push((first - r.startedAt) / 1000);
+  }
+  const seconds = (performance.now() - t0) / 1000;
+  // storescp may still be writing the last file when movescu returns.
+  for (let i = 0; i < 100 && dest.files() < data.instances.length; i++) await new Promise((r) => setTimeout(r, 20));
+  return { seconds, firstSubOp, received: dest.files(), failures };
+}
+
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length === 0 ? NaN : s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
+};
+const mean = (xs: number[]) => (xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : NaN);
+const ms = (s: number) => `${(s * 1000).toFixed(1)} ms`;
+
+async function main(): Promise<void> {
+  const args = process.argv.slice(2);
+  const rounds = args.includes("--rounds") ? Number(args[args.indexOf("--rounds") + 1]) || 5 : 5;
+  const log = (s: string) => process.stdout.write(s + "\n");
+
+  const data = await generateDataset({ outDir: join(REPO, ".cache", "bench-dataset-500"), patients: 5, studiesPerPatient: 2, seriesPerStudy: 2, instancesPerSeries: 25 });
+  log(`data set: ${data.instances.length} instances in ${data.studies.length} studies (from CT_small.dcm)`);
+
+  const dest = await startDestination("DEST");
+  const [pluginPort] = [await freePort()];
+  const orthanc = await startOrthanc({
+    multitenant: { servers: [{ AET: "PLUGIN", Port: pluginPort, Labels: [LABEL], LabelsConstraint: "All" }] },
+    // The plugin only serves C-MOVE to callers listed in DicomModalities (DicomAlwaysAllowMove is false).
+    dicomModalities: { dest: [dest.aet, "127.0.0.1", dest.port], bench: ["BENCHSCU", "127.0.0.1", 4242] },
+    log: () => {},
+  });
+  let gateway: { stop(): Promise<void> } | undefined;
+  try {
+    log(`Orthanc ${orthanc.version} with the MultitenantDicom plugin (tenant PLUGIN on port ${pluginPort})`);
+    // A data set left by an earlier run on the same cache is fine: Orthanc's storage is new each run.
+    const t0 = performance.now();
+    await upload(orthanc, data);
+    log(`uploaded and labeled in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+
+    const gatewayPort = await freePort();
+    const httpPort = await freePort();
+    gateway = await startGatewayProcess({
+      MultitenantDicom: { Servers: [{ AET: "GATEWAY", Port: gatewayPort, Labels: [LABEL], LabelsConstraint: "All" }] },
+      DicomModalities: { dest: [dest.aet, "127.0.0.1", dest.port] },
+      Gateway: {
+        Orthanc: { Url: orthanc.url },
+        Http: { Host: "127.0.0.1", Port: httpPort },
+        SpoolDirectory: mkdtempSync(join(tmpdir(), "gw-bench-move-spool-")),
+        Log: { Level: "warn", Format: "json" },
+        ...(process.env.BENCH_PARALLELISM ? { Move: { Parallelism: Number(process.env.BENCH_PARALLELISM) } } : {}),
+      },
+    }, "GATEWAY", gatewayPort);
+    log(`gateway (bun ${process.versions.bun ?? process.version}) tenant GATEWAY on port ${gatewayPort}`);
+
+    // Warm-up: one study each (caches, keep-alive connections, JIT).
+    await moveRound("PLUGIN", pluginPort, dest, { ...data, studies: data.studies.slice(0, 1), instances: data.instances.slice(0, 100) });
+    await moveRound("GATEWAY", gatewayPort, dest, { ...data, studies: data.studies.slice(0, 1), instances: data.instances.slice(0, 100) });
+
+    // Rounds alternate which goes first, so that a burst of load on the machine hits both alike.
+    const results: Record<"plugin" | "gateway", RoundResult[]> = { plugin: [], gateway: [] };
+    for (let r = 0; r < rounds; r++) {
+      const order: ["plugin" | "gateway", string, number][] = [
+        ["plugin", "PLUGIN", pluginPort],
+        ["gateway", "GATEWAY", gatewayPort],
+      ];
+      if (r % 2) order.reverse();
+      for (const [name, aet, port] of order) results[name].push(await moveRound(aet, port, dest, data));
+    }
+    const metrics = await (await fetch(`http://127.0.0.1:${httpPort}/metrics`)).text();
+    const metric = (name: string) =>
+      [...metrics.matchAll(new RegExp(`^${name}\\{[^}]*tenant="GATEWAY"[^}]*\\} ([0-9.e+-]+)$`, "gm"))].reduce((n, m) => n + Number(m[1]), 0);
+
+    const summary = (name: string, rs: RoundResult[]) => {
+      const totals = rs.map((r) => r.seconds);
+      const firsts = rs.flatMap((r) => r.firstSubOp);
+      return { name, total: median(totals), totals, firstMedian: median(firsts), firstMean: mean(firsts), firstMax: Math.max(...firsts), received: rs.map((r) => r.received), failures: rs.flatMap((r) => r.failures) };
+    };
+    const p = summary("plugin", results.plugin);
+    const g = summary("gateway", results.gateway);
+    log("");
+    log(`moving ${data.studies.length} studies (${data.instances.length} instances), ${rounds} rounds, one C-MOVE per study:`);
+    const rows = [
+      ["", "total (median)", "rounds", "first sub-op (median)", "mean", "max", "received per round"],
+      ...[p, g].map((x) => [x.name, `${x.total.toFixed(2)} s`, x.totals.map((t) => t.toFixed(2)).join(" / "), ms(x.firstMedian), ms(x.firstMean), ms(x.firstMax), x.received.join(" / ")]),
+    ];
+    const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
+    for (const row of rows) log(row.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join("  "));
+    log("");
+    log(`gateway / plugin, total time:               ${(g.total / p.total).toFixed(2)} (target <= 1: ${g.total <= p.total ? "met" : "NOT met"})`);
+    log(`gateway / plugin, time to first sub-op:     ${(g.firstMedian / p.firstMedian).toFixed(2)}`);
+    const moves = metric("dicom_gateway_retrieve_duration_seconds_count");
+    log(
+      `inside the gateway (its /metrics, all ${moves} moves incl. warm-up): C-MOVE request to final response ${ms(metric("dicom_gateway_retrieve_duration_seconds_sum") / moves)} mean, ` +
+        `to the first sub-operation ${ms(metric("dicom_gateway_retrieve_first_suboperation_seconds_sum") / moves)} mean (identifier, label-scoped lookup in Orthanc, first download and destination association)`,
+    );
+    log(`throughput: plugin ${(data.instances.length / p.total).toFixed(0)} instances/s, gateway ${(data.instances.length / g.total).toFixed(0)} instances/s`);
+    const complete = [...p.received, ...g.received].every((n) => n === data.instances.length);
+    log(`every round delivered all ${data.instances.length} instances: ${complete ? "yes" : "NO"}`);
+    for (const f of [...p.failures.map((x) => `plugin: ${x}`), ...g.failures.map((x) => `gateway: ${x}`)]) log(`  ${f}`);
+    if (!complete || p.failures.length + g.failures.length > 0) process.exitCode = 1;
+  } finally {
+    await gateway?.stop();
+    await orthanc.stop();
+    await dest.stop();
+  }
+}
+
+await main();

@@ -1,0 +1,264 @@
+/**
+ * C-MOVE SCP (PS3.4 C.4.2), Patient Root and Study Root: the instances of the request, resolved in
+ * the tenant's label scope, are sent by the gateway itself to the move destination in C-STORE
+ * sub-operations on an association it opens (called AE = the destination's AE title, calling AE =
+ * the tenant's AE title), each instance streamed from Orthanc's GET /instances/{id}/file.
+ *
+ * - The destination must be a DicomModalities entry, and one of the tenant's AllowedDestinations
+ *   when that list is set; otherwise 0xA801 at once.
+ * - Presentation contexts: one per (SOP class, transfer syntax) of the instances, each proposing the
+ *   instance's own transfer syntax (nothing is transcoded); an instance whose context the destination
+ *   refused is a failed sub-operation (PS3.4 C.4.2.3.1).
+ * - A destination that does not answer fails within Gateway.Move.ConnectTimeoutSeconds.
+ * - Pending responses every Gateway.Move.PendingEvery sub-operations and every
+ *   Gateway.Move.PendingIntervalSeconds; C-CANCEL stops after the current sub-operation (0xFE00).
+ * - Up to Gateway.Move.Parallelism instances are requested from Orthanc ahead of the one being sent.
+ */
+import type { DicomModality, DicomSettings, MoveSettings, TenantConfig } from "../config/types.ts";
+import { silentLogger, type Logger } from "../log.ts";
+import type { OrthancClient } from "../orthanc/client.ts";
+import type { LabelScope, ResolvedInstance } from "../orthanc/resolve.ts";
+import { aeTitlesEqual } from "../tenancy/ae-title.ts";
+import type { DimseHandler, DimseRequest, DimseResponder } from "./association.ts";
+import { CommandField, Status } from "./constants.ts";
+import { AssociationError, RequestorAssociation } from "./requestor.ts";
+import {
+  auditCounts,
+  auditKeys,
+  classifyStoreStatus,
+  InstanceFetcher,
+  PendingReporter,
+  readRetrieveKeys,
+  resolveForTenant,
+  RetrieveRefusal,
+  SubOperations,
+} from "./retrieve.ts";
+import { RetrieveRecorder, type RetrieveMetrics } from "./retrieve-metrics.ts";
+
+export const DEFAULT_MOVE_SETTINGS: MoveSettings = { connectTimeoutMs: 5000, parallelism: 2, pendingIntervalMs: 1000, pendingEvery: 10 };
+
+export interface RetrieveContext {
+  tenant: TenantConfig;
+  config: {
+    modalities: readonly DicomModality[];
+    dicom: Pick<DicomSettings, "strictAetComparison" | "maximumPduLength">;
+    move?: MoveSettings;
+  };
+  orthanc: OrthancClient;
+  metrics?: RetrieveMetrics;
+  log?: Logger;
+}
+
+/** The modality a tenant may move to under this AE title, or why not. */
+export function resolveDestination(
+  ctx: Pick<RetrieveContext, "tenant" | "config">,
+  moveDestination: string,
+): { modality: DicomModality } | { refused: "unknown" | "not-allowed" } {
+  const strict = ctx.config.dicom.strictAetComparison;
+  const candidates = ctx.config.modalities.filter((m) => aeTitlesEqual(m.aet, moveDestination, strict));
+  if (candidates.length === 0) return { refused: "unknown" };
+  const allowed = ctx.tenant.allowedDestinations;
+  if (!allowed) return { modality: candidates[0]! };
+  const ok = candidates.find((m) => allowed.some((a) => a === m.name || aeTitlesEqual(a, m.aet, strict)));
+  return ok ? { modality: ok } : { refused: "not-allowed" };
+}
+
+/** One presentation context per (SOP class, transfer syntax), in the order the instances need them. */
+function contextsFor(instances: readonly ResolvedInstance[]): { abstractSyntax: string; transferSyntaxes: string[] }[][] {
+  const seen = new Set<string>();
+  const all: { abstractSyntax: string; transferSyntaxes: string[] }[] = [];
+  for (const i of instances) {
+    const key = `${i.sopClassUid}|${i.transferSyntax}`;
+    if (seen.has(key)) continue;
+    seen.add(key);
+    all.push({ abstractSyntax: i.sopClassUid, transferSyntaxes: [i.transferSyntax] });
+  }
+  // At most 128 presentation contexts per association (odd IDs 1-255, PS3.8 9.3.2.2).
+  const batches: (typeof all)[] = [];
+  for (let k = 0; k < all.length; k += 128) batches.push(all.slice(k, k + 128));
+  return batches;
+}
+
+export function createMoveHandler(ctx: RetrieveContext): DimseHandler {
+  const log = ctx.log ?? silentLogger;
+  return async (request: DimseRequest, responder: DimseResponder) => {
+    const settings = ctx.config.move ?? DEFAULT_MOVE_SETTINGS;
+    const tenant = ctx.tenant.aet;
+    const destinationAe = request.command.moveDestination ?? "";
+    // The label is a DicomModalities name, never the peer's text (bounded cardinality).
+    const recorder = new RetrieveRecorder(ctx.metrics, tenant, "C-MOVE", "(unknown)");
+    const fields = { tenant, callingAe: responder.association.callingAeTitle, destination: destinationAe };
+    try {
+      const dest = resolveDestination(ctx, destinationAe);
+      if ("refused" in dest) {
+        // The same comment for both: a tenant learns nothing about other tenants' destinations.
+        log.warn("C-MOVE destination refused", { ...fields, reason: dest.refused });
+        responder.audit({ destinationAe, destinationRefused: dest.refused });
+        await request.dataset?.readAll(1 << 20).catch(() => undefined);
+        await responder.respond({ status: Status.MoveDestinationUnknown, errorComment: `Move destination ${destinationAe} is unknown to this AE` });
+        return;
+      }
+      recorder.setDestination(dest.modality.name);
+      responder.audit({ destination: dest.modality.name, destinationAe: dest.modality.aet });
+      const keys = await readRetrieveKeys(request);
+      responder.audit(auditKeys(keys));
+      const { scope, instances } = await resolveForTenant(ctx.orthanc, ctx.tenant, keys, request.signal);
+      responder.audit({ instances: instances.length });
+      log.info("C-MOVE", { ...fields, modality: dest.modality.name, level: keys.level, instances: instances.length });
+      await performMove(ctx, request, responder, dest.modality, instances, scope, settings, recorder, log);
+    } catch (e) {
+      if (e instanceof RetrieveRefusal) {
+        log.warn("C-MOVE refused", { ...fields, status: e.status, reason: e.message });
+        await responder.respond({ status: e.status, errorComment: e.message.slice(0, 64) });
+        return;
+      }
+      if (request.signal.aborted && !(e instanceof AssociationError)) {
+        // Cancelled before any sub-operation (e.g. during the resolution).
+        await responder.respond({ status: Status.Cancel, numberOfCompletedSuboperations: 0, numberOfFailedSuboperations: 0, numberOfWarningSuboperations: 0 });
+        return;
+      }
+      throw e;
+    } finally {
+      recorder.finished();
+    }
+  };
+}
+
+async function performMove(
+  ctx: RetrieveContext,
+  request: DimseRequest,
+  responder: DimseResponder,
+  modality: DicomModality,
+  instances: ResolvedInstance[],
+  scope: LabelScope,
+  settings: MoveSettings,
+  recorder: RetrieveRecorder,
+  log: Logger,
+): Promise<void> {
+  const counts = new SubOperations(instances.length);
+  const identifierTs = request.presentationContext.transferSyntax;
+  if (instances.length === 0) {
+    await responder.respond(counts.finalResponse(false, identifierTs).fields);
+    return;
+  }
+  const pending = new PendingReporter(counts, { every: settings.pendingEvery, intervalMs: settings.pendingIntervalMs }, (f) => responder.respond(f), true);
+  // Not tied to request.signal: a C-CANCEL must let the instance being sent finish.
+  const fetcher = new InstanceFetcher(ctx.orthanc, scope, instances, settings.parallelism);
+  fetcher.prime(); // Orthanc starts sending while the destination association is opened
+  const batches = contextsFor(instances);
+  const originator = { moveOriginatorAeTitle: responder.association.callingAeTitle, moveOriginatorMessageId: request.command.messageId ?? 0 };
+  const priority = request.command.priority ?? 0;
+  let unreachable: string | undefined;
+  let lastError: string | undefined;
+  let cancelled = false;
+
+  const connect = async (batch: number): Promise<RequestorAssociation | undefined> => {
+    if (unreachable) return undefined;
+    try {
+      const a = await RequestorAssociation.connect({
+        host: modality.host,
+        port: modality.port,
+        calledAeTitle: modality.aet,
+        callingAeTitle: ctx.tenant.aet,
+        presentationContexts: batches[batch]!,
+        maxPduLength: ctx.config.dicom.maximumPduLength,
+        connectTimeoutMs: settings.connectTimeoutMs,
+        artimTimeoutMs: Math.max(settings.connectTimeoutMs, 5000),
+      });
+      for (const r of a.rejectedContexts) {
+        log.warn("C-MOVE destination refused a presentation context", { tenant: ctx.tenant.aet, modality: modality.name, sopClass: r.abstractSyntax, transferSyntax: batches[batch]!.find((c) => c.abstractSyntax === r.abstractSyntax)?.transferSyntaxes[0], result: r.result });
+      }
+      return a;
+    } catch (e) {
+      unreachable = e instanceof Error ? e.message : String(e);
+      log.warn("C-MOVE destination unreachable", { tenant: ctx.tenant.aet, modality: modality.name, error: unreachable });
+      return undefined;
+    }
+  };
+  /** The association for a batch of contexts: reused while open, re-opened once lost. */
+  let current: { batch: number; promise: Promise<RequestorAssociation | undefined> } | undefined;
+  const open = async (batch: number): Promise<RequestorAssociation | undefined> => {
+    if (current && current.batch === batch) {
+      const a = await current.promise;
+      if (!a || a.isEstablished) return a;
+    } else if (current) {
+      const previous = await current.promise;
+      if (previous) void previous.release();
+    }
+    current = { batch, promise: connect(batch) };
+    return current.promise;
+  };
+  void open(0); // in parallel with the first download
+
+  try {
+    for (;;) {
+      if (request.signal.aborted) {
+        cancelled = true;
+        break;
+      }
+      const item = await fetcher.next();
+      if (!item) break;
+      const { instance } = item;
+      if (item.error || !item.fetched) {
+        recorder.subOperationStarted();
+        lastError = item.error?.message;
+        log.warn("C-MOVE sub-operation failed: instance not available", { tenant: ctx.tenant.aet, sopInstanceUid: instance.sopInstanceUid, error: lastError });
+        counts.record("failed", instance.sopInstanceUid);
+        recorder.subOperation("failed", 0);
+        await pending.afterSubOperation();
+        continue;
+      }
+      const fetched = item.fetched;
+      const sopClass = fetched.meta.sopClassUid || instance.sopClassUid;
+      const ts = fetched.meta.transferSyntax;
+      const batch = batches.findIndex((b) => b.some((c) => c.abstractSyntax === sopClass && c.transferSyntaxes[0] === ts));
+      const a = batch >= 0 ? await open(batch) : undefined;
+      const pc = a?.findContext(sopClass, ts);
+      recorder.subOperationStarted();
+      if (!a || !pc) {
+        fetched.discard();
+        lastError = !a
+          ? unreachable ?? `no presentation context for ${sopClass}`
+          : `${modality.aet} does not accept ${sopClass} in transfer syntax ${ts}`;
+        counts.record("failed", instance.sopInstanceUid);
+        recorder.subOperation("failed", 0);
+        if (unreachable) {
+          // Nothing more can be sent: every remaining sub-operation fails at once.
+          const before = counts.failed;
+          counts.failRemaining(instances);
+          for (let k = before; k < counts.failed; k++) recorder.subOperation("failed", 0);
+          break;
+        }
+        await pending.afterSubOperation();
+        continue;
+      }
+      let status: number | undefined;
+      try {
+        const rsp = await a.request(
+          pc.id,
+          { commandField: CommandField.CStoreRQ, affectedSopClassUid: sopClass, affectedSopInstanceUid: instance.sopInstanceUid, priority, ...originator },
+          fetched.dataset,
+        );
+        status = rsp.status;
+        if (status !== Status.Success) lastError = `${modality.aet} answered C-STORE status 0x${(status ?? 0).toString(16).padStart(4, "0")}${rsp.errorComment ? `: ${rsp.errorComment}` : ""}`;
+      } catch (e) {
+        fetched.discard();
+        lastError = e instanceof Error ? e.message : String(e);
+        log.warn("C-MOVE sub-operation failed", { tenant: ctx.tenant.aet, modality: modality.name, sopInstanceUid: instance.sopInstanceUid, error: lastError });
+      }
+      const result = classifyStoreStatus(status);
+      counts.record(result, instance.sopInstanceUid);
+      recorder.subOperation(result, fetched.bytes);
+      await pending.afterSubOperation();
+    }
+  } finally {
+    fetcher.close();
+    await pending.stop();
+    const last = current ? await current.promise : undefined;
+    if (last) void last.release();
+  }
+  if (cancelled) log.info("C-MOVE cancelled", { tenant: ctx.tenant.aet, modality: modality.name, completed: counts.completed, remaining: counts.remaining });
+  responder.audit(auditCounts(counts, cancelled));
+  const final = counts.finalResponse(cancelled, request.presentationContext.transferSyntax, lastError);
+  await responder.respond(final.fields, final.dataset);
+}

@@ -1,0 +1,726 @@
+/**
+ * The requestor side of a DICOM association (PS3.8 section 9.2: Sta4 awaiting transport connection,
+ * Sta5 awaiting A-ASSOCIATE-AC/RJ, Sta6 data transfer, Sta7 awaiting A-RELEASE-RP): the gateway as
+ * an SCU, e.g. the C-STORE sub-operations of C-MOVE towards a destination.
+ *
+ * Built on the same modules as the acceptor: the PDU codec, the bounded PDU reader (our Maximum
+ * Length Receive is enforced on every P-DATA-TF), the streaming P-DATA writer (fragments never exceed
+ * the peer's maximum, every write waits for the socket to drain) and command sets.
+ *
+ * One operation is outstanding at a time (no asynchronous operations window is negotiated, PS3.7
+ * D.3.3.3): concurrent request() calls are queued. Requests the peer sends to us (C-STORE on a C-GET
+ * association where we are the SCU) are handed to `onRequest`.
+ */
+import { connect, type Socket } from "node:net";
+import { decodeCommandSet, type CommandSet } from "./command.ts";
+import {
+  AbortReason,
+  AbortSource,
+  CommandField,
+  DICOM_APPLICATION_CONTEXT,
+  NO_DATASET,
+  PduType,
+  PresentationContextResult,
+  RejectReason,
+  RejectResult,
+  RejectSource,
+  Status,
+} from "./constants.ts";
+import { DatasetStream } from "./dataset-stream.ts";
+import { IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME } from "./implementation.ts";
+import { PDataWriter } from "./pdata-writer.ts";
+import {
+  decodeAbort,
+  decodeAssociateAC,
+  decodeAssociateRJ,
+  decodePData,
+  encodeAbort,
+  encodeAssociateRQ,
+  encodeReleaseRP,
+  encodeReleaseRQ,
+  PduError,
+  type AssociateAC,
+  type PresentationContextProposal,
+  type RoleSelection,
+} from "./pdu.ts";
+import { PduReader } from "./pdu-reader.ts";
+import type { PresentationContext } from "./association.ts";
+
+/** One presentation context to propose; IDs 1, 3, 5... are assigned in order when absent. */
+export interface ContextProposal {
+  id?: number;
+  abstractSyntax: string;
+  transferSyntaxes: string[];
+}
+
+export interface RequestorOptions {
+  host: string;
+  port: number;
+  callingAeTitle: string;
+  calledAeTitle: string;
+  presentationContexts: ContextProposal[];
+  /** SCP/SCU role selection sub-items to propose (PS3.7 D.3.3.4). */
+  roleSelections?: RoleSelection[];
+  /** Our Maximum Length Receive, advertised and enforced on every P-DATA-TF (default 16384). */
+  maxPduLength?: number;
+  /** Largest non-P-DATA PDU accepted (default 1 MiB). */
+  maxControlPduLength?: number;
+  /** Time allowed for the TCP connection and the A-ASSOCIATE-AC/RJ together (default 10 s). */
+  connectTimeoutMs?: number;
+  /** ARTIM: time allowed for A-RELEASE-RP and for the peer to close after release/abort (default 10 s). */
+  artimTimeoutMs?: number;
+  /** Longest silence of the peer while we wait for it (a response, or the socket to drain); 0 = none (default 60 s). */
+  dimseTimeoutMs?: number;
+  /** Aborts the connection attempt or the association. */
+  signal?: AbortSignal;
+  /**
+   * Requests from the peer (e.g. C-STORE-RQ when we are the C-GET SCU). Resolves with the response
+   * fields (status etc.); command field, message ID being responded to and data set type are filled
+   * in. Without a handler, requests are answered 0x0211 (unrecognized operation).
+   */
+  onRequest?: (request: IncomingRequest) => Promise<CommandSet>;
+}
+
+export interface IncomingRequest {
+  presentationContext: PresentationContext;
+  command: CommandSet;
+  dataset: DatasetStream | null;
+}
+
+export interface RequestOptions {
+  /** Each Pending response (status 0xFF00/0xFF01), with its data set if any. */
+  onPending?: (response: CommandSet, dataset?: Uint8Array) => void;
+  /** Sends C-CANCEL-RQ for this request when aborted; the final response is still awaited. */
+  signal?: AbortSignal;
+}
+
+export interface DimseResult {
+  command: CommandSet;
+  /** The final response's data set (e.g. a C-MOVE Failed SOP Instance UID List), if any. */
+  dataset?: Uint8Array;
+}
+
+export type AssociationErrorKind = "connect" | "timeout" | "rejected" | "aborted" | "closed" | "protocol" | "cancelled";
+
+/** Every failure of a requestor association: `kind` says which, the message says what to do. */
+export class AssociationError extends Error {
+  override name = "AssociationError";
+  constructor(
+    readonly kind: AssociationErrorKind,
+    message: string,
+    opts?: { cause?: unknown },
+  ) {
+    super(message, opts);
+  }
+}
+
+/** A-ASSOCIATE-RJ from the peer, with its result, source and reason (PS3.8 table 9-21). */
+export class AssociationRejectedError extends AssociationError {
+  override name = "AssociationRejectedError";
+  constructor(
+    readonly result: number,
+    readonly source: number,
+    readonly reason: number,
+    peer: string,
+  ) {
+    super("rejected", `${peer} rejected the association (${describeRejection(result, source, reason)})`);
+  }
+}
+
+/** A-ABORT from the peer (or A-P-ABORT). */
+export class AssociationAbortedError extends AssociationError {
+  override name = "AssociationAbortedError";
+  constructor(
+    readonly source: number,
+    readonly reason: number,
+    peer: string,
+  ) {
+    super("aborted", `${peer} aborted the association (source ${source}, reason ${reason})`);
+  }
+}
+
+/** Human text for an A-ASSOCIATE-RJ, PS3.8 9.3.4. */
+export function describeRejection(result: number, source: number, reason: number): string {
+  const r = result === RejectResult.Permanent ? "permanent" : result === RejectResult.Transient ? "transient" : `result ${result}`;
+  let s: string;
+  let why: string;
+  if (source === RejectSource.ServiceUser) {
+    s = "service user";
+    why =
+      reason === RejectReason.CalledAeTitleNotRecognized
+        ? "called AE title not recognized"
+        : reason === RejectReason.CallingAeTitleNotRecognized
+          ? "calling AE title not recognized"
+          : reason === RejectReason.ApplicationContextNameNotSupported
+            ? "application context name not supported"
+            : reason === RejectReason.NoReasonGiven
+              ? "no reason given"
+              : `reason ${reason}`;
+  } else if (source === RejectSource.ServiceProviderAcse) {
+    s = "service provider (ACSE)";
+    why = reason === RejectReason.ProtocolVersionNotSupported ? "protocol version not supported" : reason === 1 ? "no reason given" : `reason ${reason}`;
+  } else {
+    s = "service provider (presentation)";
+    why = reason === RejectReason.TemporaryCongestion ? "temporary congestion" : reason === RejectReason.LocalLimitExceeded ? "local limit exceeded" : `reason ${reason}`;
+  }
+  return `${r}, ${s}: ${why}`;
+}
+
+interface Outstanding {
+  messageId: number;
+  /** The whole request has been written: from now on we wait for the peer. */
+  sent: boolean;
+  opts: RequestOptions;
+  resolve: (r: DimseResult) => void;
+  reject: (e: Error) => void;
+}
+
+/** A response being received: command bytes, then (when announced) data set bytes. */
+interface IncomingMessage {
+  command: Uint8Array[];
+  commandLength: number;
+  decoded?: CommandSet;
+  /** Responses: data set collected here (small identifiers). */
+  datasetParts?: Uint8Array[];
+  datasetLength?: number;
+  /** Requests: data set streamed to the handler. */
+  stream?: DatasetStream;
+}
+
+/** Response data sets are identifiers: never larger than this. */
+const MAX_RESPONSE_DATASET = 4 << 20;
+
+function isPending(status: number | undefined): boolean {
+  return status === Status.Pending || status === Status.PendingWarning;
+}
+
+export class RequestorAssociation {
+  /** Accepted presentation contexts by ID. */
+  readonly presentationContexts = new Map<number, PresentationContext>();
+  /** Proposed contexts the peer did not accept, with the PS3.8 table 9-18 result. */
+  readonly rejectedContexts: { id: number; abstractSyntax: string; result: number }[] = [];
+  /** Role selections the peer answered. */
+  roleSelections: RoleSelection[] = [];
+  peerMaxPduLength = 0;
+  peerImplementationClassUid = "";
+  peerImplementationVersionName?: string;
+  /** Resolves when the socket has closed. */
+  readonly closed: Promise<void>;
+  /** "host:port (AE)" for messages. */
+  readonly label: string;
+
+  private state: "awaiting-ac" | "established" | "releasing" | "closing" = "awaiting-ac";
+  private readonly reader: PduReader;
+  private writer: PDataWriter;
+  private readonly proposals: PresentationContextProposal[];
+  private nextMessageId = 1;
+  private lock: Promise<unknown> = Promise.resolve();
+  private outstanding: Outstanding | undefined;
+  private readonly incoming = new Map<number, IncomingMessage>();
+  private endError: AssociationError | undefined;
+  private establish: { resolve: () => void; reject: (e: Error) => void } | undefined;
+  private releaseWaiter: { resolve: () => void } | undefined;
+  private timer: ReturnType<typeof setTimeout> | undefined;
+  private lastActivity = Date.now();
+  private requestQueue: IncomingRequest[] = [];
+  private servingRequests = false;
+  private pausedBy = 0;
+
+  private constructor(
+    private readonly socket: Socket,
+    private readonly opts: RequestorOptions,
+  ) {
+    this.label = `${opts.calledAeTitle} at ${opts.host}:${opts.port}`;
+    const max = opts.maxPduLength ?? 16384;
+    this.reader = new PduReader({ maxPDataLength: max, maxControlLength: opts.maxControlPduLength ?? 1 << 20 });
+    this.writer = new PDataWriter(socket, 0);
+    let id = 1;
+    this.proposals = opts.presentationContexts.map((pc) => {
+      const p = { id: pc.id ?? id, abstractSyntax: pc.abstractSyntax, transferSyntaxes: [...pc.transferSyntaxes] };
+      id = Math.max(id, p.id) + 2;
+      return p;
+    });
+    if (this.proposals.length === 0) throw new RangeError("an association needs at least one presentation context");
+    if (this.proposals.length > 128 || this.proposals.some((p) => p.id % 2 === 0 || p.id < 1 || p.id > 255)) {
+      throw new RangeError("presentation context IDs must be odd numbers 1-255 (at most 128 contexts)");
+    }
+    this.closed = new Promise((resolve) => socket.once("close", () => resolve()));
+    socket.on("data", (chunk: Uint8Array) => this.onData(chunk));
+    socket.on("error", () => {}); // reported through 'close'
+    socket.on("close", () => this.onClose());
+  }
+
+  /**
+   * Opens the TCP connection and negotiates the association. Rejects with AssociationError: kind
+   * "connect" (refused, unreachable, or nothing within connectTimeoutMs), "rejected"
+   * (AssociationRejectedError), "aborted", "closed" or "protocol".
+   */
+  static async connect(opts: RequestorOptions): Promise<RequestorAssociation> {
+    const timeoutMs = opts.connectTimeoutMs ?? 10_000;
+    const where = `${opts.calledAeTitle} at ${opts.host}:${opts.port}`;
+    if (opts.signal?.aborted) throw new AssociationError("cancelled", `connection to ${where} cancelled`);
+    const socket = connect({ host: opts.host, port: opts.port });
+    socket.setNoDelay(true);
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    let onAbort: (() => void) | undefined;
+    const deadline = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        socket.destroy();
+        reject(new AssociationError("connect", `${where} did not accept the association within ${timeoutMs} ms: check that it is running and reachable`));
+      }, timeoutMs);
+      onAbort = () => {
+        socket.destroy();
+        reject(new AssociationError("cancelled", `connection to ${where} cancelled`));
+      };
+      opts.signal?.addEventListener("abort", onAbort, { once: true });
+    });
+    try {
+      await Promise.race([
+        deadline,
+        new Promise<void>((resolve, reject) => {
+          socket.once("connect", () => resolve());
+          socket.once("error", (e: NodeJS.ErrnoException) =>
+            reject(new AssociationError("connect", `cannot connect to ${where}: ${e.code ?? e.message}; check the host and port of this DICOM modality`, { cause: e })),
+          );
+        }),
+      ]);
+      const assoc = new RequestorAssociation(socket, opts);
+      await Promise.race([deadline, assoc.associate()]);
+      if (opts.signal) {
+        opts.signal.removeEventListener("abort", onAbort!);
+        opts.signal.addEventListener("abort", () => assoc.abort(), { once: true });
+      }
+      return assoc;
+    } catch (e) {
+      socket.destroy();
+      throw e;
+    } finally {
+      clearTimeout(timer);
+      if (onAbort) opts.signal?.removeEventListener("abort", onAbort);
+    }
+  }
+
+  private associate(): Promise<void> {
+    const done = new Promise<void>((resolve, reject) => (this.establish = { resolve, reject }));
+    const rq = encodeAssociateRQ({
+      protocolVersion: 1,
+      calledAeTitle: this.opts.calledAeTitle,
+      callingAeTitle: this.opts.callingAeTitle,
+      applicationContext: DICOM_APPLICATION_CONTEXT,
+      presentationContexts: this.proposals,
+      userInformation: {
+        maxPduLength: this.opts.maxPduLength ?? 16384,
+        implementationClassUid: IMPLEMENTATION_CLASS_UID,
+        implementationVersionName: IMPLEMENTATION_VERSION_NAME,
+        roleSelections: this.opts.roleSelections ?? [],
+        otherItems: [],
+      },
+    });
+    this.socket.write(rq);
+    return done;
+  }
+
+  /** The accepted context for an abstract syntax (and transfer syntax, when given). */
+  findContext(abstractSyntax: string, transferSyntax?: string): PresentationContext | undefined {
+    for (const pc of this.presentationContexts.values()) {
+      if (pc.abstractSyntax === abstractSyntax && (transferSyntax === undefined || pc.transferSyntax === transferSyntax)) return pc;
+    }
+    return undefined;
+  }
+
+  private isClosing(): boolean {
+    return this.state === "closing";
+  }
+
+  get isEstablished(): boolean {
+    return this.state === "established";
+  }
+
+  // ---- requests -----------------------------------------------------------------------------
+
+  /** Sends a request and resolves with its final response command set (Pending ones go to opts.onPending). */
+  async request(pcId: number, command: CommandSet, dataset?: Uint8Array | AsyncIterable<Uint8Array>, opts: RequestOptions = {}): Promise<CommandSet> {
+    return (await this.requestWithDataset(pcId, command, dataset, opts)).command;
+  }
+
+  /** As request(), also returning the final response's data set. */
+  requestWithDataset(pcId: number, command: CommandSet, dataset?: Uint8Array | AsyncIterable<Uint8Array>, opts: RequestOptions = {}): Promise<DimseResult> {
+    const run = () => this.runRequest(pcId, command, dataset, opts);
+    const p = this.lock.then(run, run);
+    this.lock = p.catch(() => {});
+    return p;
+  }
+
+  private runRequest(pcId: number, command: CommandSet, dataset: Uint8Array | AsyncIterable<Uint8Array> | undefined, opts: RequestOptions): Promise<DimseResult> {
+    if (this.state !== "established") return Promise.reject(this.endError ?? new AssociationError("closed", `the association with ${this.label} is not open`));
+    if (!this.presentationContexts.has(pcId)) return Promise.reject(new RangeError(`presentation context ${pcId} was not accepted by ${this.label}`));
+    const messageId = this.nextMessageId;
+    this.nextMessageId = (this.nextMessageId % 0xffff) + 1;
+    return new Promise<DimseResult>((resolve, reject) => {
+      const out: Outstanding = { messageId, sent: false, opts, resolve, reject };
+      this.outstanding = out;
+      this.touch();
+      this.armTimer();
+      let onAbort: (() => void) | undefined;
+      if (opts.signal) {
+        onAbort = () => {
+          if (this.outstanding !== out || this.state !== "established") return;
+          this.writer.send(pcId, { commandField: CommandField.CCancelRQ, messageIdBeingRespondedTo: messageId, commandDataSetType: NO_DATASET }).catch(() => {});
+        };
+        if (opts.signal.aborted) queueMicrotask(onAbort);
+        else opts.signal.addEventListener("abort", onAbort, { once: true });
+      }
+      const cleanup = () => {
+        if (onAbort) opts.signal?.removeEventListener("abort", onAbort);
+      };
+      out.resolve = (r) => {
+        cleanup();
+        resolve(r);
+      };
+      out.reject = (e) => {
+        cleanup();
+        reject(e);
+      };
+      const cmd: CommandSet = { ...command, messageId, commandDataSetType: dataset ? 0x0000 : NO_DATASET };
+      this.writer.send(pcId, cmd, dataset).then(
+        () => {
+          out.sent = true;
+          this.touch();
+        },
+        (e: Error) => {
+          if (this.outstanding === out) this.outstanding = undefined;
+          let err: AssociationError;
+          if (this.state === "established") {
+            // The data set source failed (e.g. an Orthanc download): the peer waits for the rest of a
+            // message that will never come, so the association cannot continue.
+            err = new AssociationError("aborted", `sending to ${this.label} failed: ${e.message}`, { cause: e });
+            this.endError ??= err;
+            this.abort();
+          } else {
+            err = this.endError ?? new AssociationError("closed", `sending to ${this.label} failed: ${e.message}`, { cause: e });
+          }
+          out.reject(err);
+        },
+      );
+    });
+  }
+
+  // ---- release and abort --------------------------------------------------------------------
+
+  /** A-RELEASE-RQ, waits for A-RELEASE-RP (ARTIM), then closes. Never rejects; aborts on timeout. */
+  async release(): Promise<void> {
+    await this.lock;
+    if (this.state !== "established") {
+      await this.closed;
+      return;
+    }
+    this.state = "releasing";
+    const rp = new Promise<void>((resolve) => (this.releaseWaiter = { resolve }));
+    this.writer.write(encodeReleaseRQ()).catch(() => {});
+    const artim = this.opts.artimTimeoutMs ?? 10_000;
+    let t: ReturnType<typeof setTimeout> | undefined;
+    const timedOut = await Promise.race([rp.then(() => false), this.closed.then(() => false), new Promise<boolean>((r) => (t = setTimeout(() => r(true), artim)))]);
+    clearTimeout(t);
+    if (timedOut) this.abort();
+    else if (this.state === "releasing") {
+      this.state = "closing"; // PS3.8 AR-3: the requestor closes the transport after A-RELEASE-RP
+      this.socket.destroy();
+    }
+    await this.closed;
+  }
+
+  /** A-ABORT (service-user source), then close. */
+  abort(reason: number = AbortReason.NotSpecified, source: number = AbortSource.ServiceUser): void {
+    if (this.state === "closing") return;
+    this.fail(new AssociationError("aborted", `the association with ${this.label} was aborted`));
+    this.state = "closing";
+    try {
+      if (!this.socket.destroyed) this.socket.end(encodeAbort({ source, reason }));
+    } catch {
+      // closing anyway
+    }
+    const t = setTimeout(() => this.socket.destroy(), Math.min(this.opts.artimTimeoutMs ?? 10_000, 2000));
+    (t as { unref?: () => void }).unref?.();
+  }
+
+  // ---- input --------------------------------------------------------------------------------
+
+  private onData(chunk: Uint8Array): void {
+    if (this.state === "closing") return;
+    this.touch();
+    let pdus;
+    try {
+      pdus = this.reader.push(chunk);
+    } catch (e) {
+      this.protocolError(e);
+      return;
+    }
+    for (const pdu of pdus) {
+      if (this.isClosing()) return;
+      try {
+        this.onPdu(pdu.type, pdu.body);
+      } catch (e) {
+        this.protocolError(e);
+        return;
+      }
+    }
+  }
+
+  private protocolError(e: unknown): void {
+    const msg = e instanceof Error ? e.message : String(e);
+    const err = new AssociationError("protocol", `protocol error from ${this.label}: ${msg}`, { cause: e });
+    this.fail(err);
+    this.abort(e instanceof PduError ? e.abortReason : AbortReason.InvalidPduParameterValue, AbortSource.ServiceProvider);
+  }
+
+  private onPdu(type: number, body: Uint8Array): void {
+    if (type === PduType.Abort) {
+      const a = decodeAbort(body);
+      this.fail(new AssociationAbortedError(a.source, a.reason, this.label));
+      this.state = "closing";
+      this.socket.destroy();
+      return;
+    }
+    if (this.state === "awaiting-ac") {
+      if (type === PduType.AssociateAC) return this.onAssociateAC(decodeAssociateAC(body));
+      if (type === PduType.AssociateRJ) {
+        const rj = decodeAssociateRJ(body);
+        const err = new AssociationRejectedError(rj.result, rj.source, rj.reason, this.label);
+        this.fail(err);
+        this.state = "closing";
+        this.socket.destroy();
+        return;
+      }
+      throw new PduError(`expected A-ASSOCIATE-AC or -RJ, got PDU type 0x${type.toString(16)}`, AbortReason.UnexpectedPdu);
+    }
+    if (type === PduType.PData && (this.state === "established" || this.state === "releasing")) {
+      for (const pdv of decodePData(body)) this.onPdv(pdv.presentationContextId, pdv.isCommand, pdv.isLast, pdv.data);
+      return;
+    }
+    if (type === PduType.ReleaseRP && this.state === "releasing") {
+      this.releaseWaiter?.resolve();
+      return;
+    }
+    if (type === PduType.ReleaseRQ) {
+      // The acceptor asks to release (or a release collision, PS3.8 9.2.2): answer and let the peer close.
+      if (this.state === "established") {
+        this.fail(new AssociationError("closed", `${this.label} released the association`));
+        this.state = "closing";
+      }
+      this.socket.write(encodeReleaseRP());
+      if (this.state === "closing") {
+        const t = setTimeout(() => this.socket.destroy(), this.opts.artimTimeoutMs ?? 10_000);
+        (t as { unref?: () => void }).unref?.();
+      }
+      return;
+    }
+    throw new PduError(`unexpected PDU type 0x${type.toString(16)} in state ${this.state}`, AbortReason.UnexpectedPdu);
+  }
+
+  private onAssociateAC(ac: AssociateAC): void {
+    for (const a of ac.presentationContexts) {
+      const proposal = this.proposals.find((p) => p.id === a.id);
+      if (!proposal) continue;
+      // The accepted transfer syntax must be one we proposed (PS3.8 9.3.3.2).
+      if (a.result === PresentationContextResult.Acceptance && proposal.transferSyntaxes.includes(a.transferSyntax)) {
+        this.presentationContexts.set(a.id, { id: a.id, abstractSyntax: proposal.abstractSyntax, transferSyntax: a.transferSyntax });
+      } else {
+        this.rejectedContexts.push({ id: a.id, abstractSyntax: proposal.abstractSyntax, result: a.result === 0 ? PresentationContextResult.TransferSyntaxesNotSupported : a.result });
+      }
+    }
+    for (const p of this.proposals) {
+      if (!ac.presentationContexts.some((a) => a.id === p.id)) this.rejectedContexts.push({ id: p.id, abstractSyntax: p.abstractSyntax, result: PresentationContextResult.NoReason });
+    }
+    this.roleSelections = ac.userInformation.roleSelections;
+    this.peerMaxPduLength = ac.userInformation.maxPduLength;
+    this.peerImplementationClassUid = ac.userInformation.implementationClassUid;
+    this.peerImplementationVersionName = ac.userInformation.implementationVersionName;
+    this.writer = new PDataWriter(this.socket, ac.userInformation.maxPduLength);
+    this.writer.onProgress = () => this.touch();
+    this.state = "established";
+    const e = this.establish;
+    this.establish = undefined;
+    e?.resolve();
+  }
+
+  private onPdv(pcId: number, isCommand: boolean, isLast: boolean, data: Uint8Array): void {
+    const pc = this.presentationContexts.get(pcId);
+    if (!pc) throw new PduError(`PDV on presentation context ${pcId}, which was not accepted`, AbortReason.InvalidPduParameterValue);
+    let msg = this.incoming.get(pcId);
+    if (isCommand) {
+      if (msg?.decoded) throw new PduError(`command fragment on presentation context ${pcId} while its data set is incomplete`, AbortReason.UnexpectedPduParameter);
+      if (!msg) this.incoming.set(pcId, (msg = { command: [], commandLength: 0 }));
+      msg.command.push(copyBytes(data));
+      msg.commandLength += data.length;
+      if (msg.commandLength > 1 << 16) throw new PduError("command set larger than 64 KiB", AbortReason.InvalidPduParameterValue);
+      if (!isLast) return;
+      const command = decodeCommandSet(concat(msg.command, msg.commandLength));
+      const hasDataset = command.commandDataSetType !== undefined && command.commandDataSetType !== NO_DATASET;
+      if (!hasDataset) {
+        this.incoming.delete(pcId);
+        this.onMessage(pc, command, undefined, null);
+        return;
+      }
+      msg.decoded = command;
+      msg.command = [];
+      if (command.commandField! & 0x8000) {
+        msg.datasetParts = [];
+        msg.datasetLength = 0;
+      } else {
+        msg.stream = new DatasetStream({ pause: () => this.pause(), resume: () => this.resume() });
+        this.onMessage(pc, command, undefined, msg.stream);
+      }
+      return;
+    }
+    if (!msg?.decoded) throw new PduError(`data set fragment on presentation context ${pcId} without a command`, AbortReason.UnexpectedPduParameter);
+    if (msg.stream) {
+      msg.stream.push(data);
+      if (isLast) {
+        msg.stream.end();
+        this.incoming.delete(pcId);
+      }
+      return;
+    }
+    msg.datasetParts!.push(copyBytes(data));
+    msg.datasetLength! += data.length;
+    if (msg.datasetLength! > MAX_RESPONSE_DATASET) throw new PduError(`response data set larger than ${MAX_RESPONSE_DATASET} bytes`, AbortReason.InvalidPduParameterValue);
+    if (isLast) {
+      this.incoming.delete(pcId);
+      this.onMessage(pc, msg.decoded, concat(msg.datasetParts!, msg.datasetLength!), null);
+    }
+  }
+
+  private onMessage(pc: PresentationContext, command: CommandSet, dataset: Uint8Array | undefined, stream: DatasetStream | null): void {
+    const field = command.commandField!;
+    if (field & 0x8000) {
+      const out = this.outstanding;
+      if (!out || out.messageId !== command.messageIdBeingRespondedTo) {
+        throw new PduError(`unexpected DIMSE response 0x${field.toString(16)} to message ${command.messageIdBeingRespondedTo}`, AbortReason.UnexpectedPduParameter);
+      }
+      if (isPending(command.status)) {
+        out.opts.onPending?.(command, dataset);
+        return;
+      }
+      this.outstanding = undefined;
+      out.resolve({ command, dataset });
+      return;
+    }
+    if (field === CommandField.CCancelRQ) return; // we run peer requests to completion
+    this.requestQueue.push({ presentationContext: pc, command, dataset: stream });
+    void this.serveRequests();
+  }
+
+  private async serveRequests(): Promise<void> {
+    if (this.servingRequests) return;
+    this.servingRequests = true;
+    try {
+      while (this.requestQueue.length > 0 && !this.isClosing()) {
+        const req = this.requestQueue.shift()!;
+        const field = req.command.commandField!;
+        let fields: CommandSet;
+        try {
+          fields = this.opts.onRequest ? await this.opts.onRequest(req) : { status: Status.UnrecognizedOperation, errorComment: "this association does not serve requests" };
+        } catch (e) {
+          fields = { status: Status.UnableToProcess, errorComment: (e instanceof Error ? e.message : String(e)).slice(0, 64) };
+        } finally {
+          req.dataset?.discard();
+        }
+        if (this.isClosing()) return;
+        const rsp: CommandSet = {
+          affectedSopClassUid: req.command.affectedSopClassUid ?? req.presentationContext.abstractSyntax,
+          ...(req.command.affectedSopInstanceUid ? { affectedSopInstanceUid: req.command.affectedSopInstanceUid } : {}),
+          ...fields,
+          commandField: field | 0x8000,
+          messageIdBeingRespondedTo: req.command.messageId ?? 0,
+          commandDataSetType: NO_DATASET,
+          status: fields.status ?? Status.Success,
+        };
+        await this.writer.send(req.presentationContext.id, rsp).catch(() => {});
+      }
+    } finally {
+      this.servingRequests = false;
+    }
+  }
+
+  // ---- timers and flow control ---------------------------------------------------------------
+
+  private touch(): void {
+    this.lastActivity = Date.now();
+  }
+
+  private armTimer(): void {
+    const limit = this.opts.dimseTimeoutMs ?? 60_000;
+    if (limit <= 0 || this.timer) return;
+    const check = () => {
+      this.timer = undefined;
+      if (this.isClosing()) return;
+      const waiting = this.outstanding?.sent === true || this.writer.waitingForPeer;
+      if (!waiting && !this.outstanding) return;
+      const idle = waiting ? Date.now() - this.lastActivity : 0;
+      if (idle >= limit) {
+        this.fail(new AssociationError("timeout", `${this.label} did not answer within ${Math.round(limit / 1000)} s`));
+        this.abort();
+        return;
+      }
+      this.timer = setTimeout(check, limit - idle);
+      (this.timer as { unref?: () => void }).unref?.();
+    };
+    this.timer = setTimeout(check, limit);
+    (this.timer as { unref?: () => void }).unref?.();
+  }
+
+  private pause(): void {
+    if (this.pausedBy++ === 0) this.socket.pause();
+  }
+
+  private resume(): void {
+    if (this.pausedBy === 0) return;
+    if (--this.pausedBy === 0) this.socket.resume();
+  }
+
+  // ---- ending -------------------------------------------------------------------------------
+
+  /** Records why the association ended (first reason wins) and fails whatever waits. */
+  private fail(err: AssociationError): void {
+    this.endError ??= err;
+    const e = this.endError;
+    const est = this.establish;
+    this.establish = undefined;
+    est?.reject(e);
+    const out = this.outstanding;
+    this.outstanding = undefined;
+    out?.reject(e);
+    for (const m of this.incoming.values()) m.stream?.fail(e);
+    this.incoming.clear();
+    for (const r of this.requestQueue.splice(0)) r.dataset?.fail(e);
+    this.releaseWaiter?.resolve();
+  }
+
+  private onClose(): void {
+    clearTimeout(this.timer);
+    const wasReleasing = this.state === "releasing";
+    if (this.state !== "closing") {
+      this.fail(new AssociationError("closed", wasReleasing ? `${this.label} closed the connection during release` : `${this.label} closed the connection without releasing the association`));
+    }
+    this.state = "closing";
+    this.fail(this.endError ?? new AssociationError("closed", `connection to ${this.label} closed`));
+  }
+}
+
+/** A copy with its own memory (Buffer#slice would be a view). */
+function copyBytes(b: Uint8Array): Uint8Array {
+  const out = new Uint8Array(b.length);
+  out.set(b);
+  return out;
+}
+
+function concat(parts: Uint8Array[], length: number): Uint8Array {
+  if (parts.length === 1) return parts[0]!;
+  const out = new Uint8Array(length);
+  let o = 0;
+  for (const p of parts) {
+    out.set(p, o);
+    o += p.length;
+  }
+  return out;
+}

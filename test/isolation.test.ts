@@ -1,0 +1,219 @@
+/**
+ * Tenant isolation, adversarially (docs/threat-model.md): two tenants with colliding UIDs and
+ * PatientIDs, All/Any/None constraints, LabelsStoreLevels without Study, pre-existing unlabeled data,
+ * Orthanc unreachable at C-STORE time; and Shared mode reproducing the MultitenantDicom plugin's leak.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { readFileSync } from "node:fs";
+import { startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts";
+import { readDatasetHead } from "../src/dicom/dataset-head.ts";
+import { decodeFileMeta, fileMetaLength } from "../src/dicom/part10.ts";
+import { OrthancClient } from "../src/orthanc/client.ts";
+import { orthancIds } from "../src/orthanc/identity.ts";
+import { runTool } from "./helpers/dcmtk.ts";
+import { pydicomFile, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
+import { startTestGateway } from "./helpers/gateway.ts";
+import { startTcpProxy, type TcpProxy } from "./helpers/tcp-proxy.ts";
+
+let orthanc: OrthancHandle;
+let client: OrthancClient;
+let proxy: TcpProxy;
+let gw: Awaited<ReturnType<typeof startTestGateway>>;
+
+const TENANTS = [
+  { AET: "ALPHA", Labels: ["alpha"] },
+  { AET: "BETA", Labels: ["beta"] },
+  { AET: "ANYT", Labels: ["x", "y"], LabelsConstraint: "Any" as const },
+  { AET: "NONET", Labels: ["alpha"], LabelsConstraint: "None" as const },
+  { AET: "LVL", Labels: ["lv"], LabelsStoreLevels: ["Series", "Instance"] },
+  { AET: "SHARED", Labels: ["shared"], Isolation: "Shared" },
+];
+
+function storescu(aet: string, files: string[], extra: string[] = []) {
+  return runTool("storescu", ["-v", ...extra, "-aet", "ATTACKER", "-aec", aet, "127.0.0.1", String(gw.portOf(aet)), ...files], { timeoutMs: 60_000 });
+}
+
+/** Number of C-FIND matches (Pending responses) a tenant gets for a query. */
+async function findCount(aet: string, level: string, keys: Record<string, string>): Promise<number> {
+  const k = Object.entries({ QueryRetrieveLevel: level, ...keys }).flatMap(([n, v]) => ["-k", `${n}=${v}`]);
+  const model = level === "PATIENT" ? "-P" : "-S";
+  const r = await runTool("findscu", ["-v", model, "-aet", "ATTACKER", "-aec", aet, ...k, "127.0.0.1", String(gw.portOf(aet))]);
+  if (process.env.DEBUG_FIND) console.log(r.output);
+  expect(r.output).toMatch(/Received Final Find Response \(Success\)/);
+  return r.output.match(/Find Response: \d+ \(Pending\)/g)?.length ?? 0;
+}
+
+/** A copy of `source` edited with dcmodify: new SOP Instance UID plus the given tags. */
+async function instance(tags: Record<string, string>, source = pydicomFile("CT_small.dcm")): Promise<string> {
+  const [f] = await uniqueCopies(source, 1);
+  const args = Object.entries(tags).flatMap(([t, v]) => ["-i", `${t}=${v}`]);
+  const r = await runTool("dcmodify", ["-nb", ...args, f!]);
+  if (r.code !== 0) throw new Error(r.output);
+  return f!;
+}
+
+function ids(file: string) {
+  const b = new Uint8Array(readFileSync(file));
+  return orthancIds(readDatasetHead(b.subarray(fileMetaLength(b)!), decodeFileMeta(b).transferSyntaxUid));
+}
+
+async function labels(level: string, id: string): Promise<string[]> {
+  return (await client.getJson<string[]>(`/${level}/${id}/labels`)).sort();
+}
+
+const uid = () => `2.25.${BigInt("0x" + crypto.randomUUID().replace(/-/g, "")).toString()}`;
+
+beforeAll(async () => {
+  orthanc = await startOrthanc();
+  client = new OrthancClient({ url: orthanc.url });
+  proxy = await startTcpProxy(orthanc.httpPort);
+  gw = await startTestGateway(TENANTS, proxy.url, { Gateway: { Orthanc: { Url: proxy.url, TimeoutSeconds: 2 } } });
+}, 120_000);
+
+afterAll(async () => {
+  await gw?.stop();
+  await proxy?.close();
+  await orthanc?.stop();
+}, 30_000);
+
+describe("Strict (default)", () => {
+  test("the gateway computes Orthanc's resource IDs exactly", async () => {
+    const f = await instance({ "(0010,0020)": "IDCHECK", "(0020,000d)": uid() });
+    expect((await storescu("ALPHA", [f])).output).toContain("Received Store Response (Success)");
+    await gw.forwarder.idle();
+    const i = ids(f);
+    const inst = await client.getJson<{ ParentSeries: string; ID: string }>(`/instances/${i.instance}`);
+    expect(inst.ParentSeries).toBe(i.series);
+    expect((await client.getJson<{ ParentStudy: string }>(`/series/${i.series}`)).ParentStudy).toBe(i.study);
+  });
+
+  test("another tenant adding a series to a tenant's study (same PatientID and Study UID) is refused with 0x0124", async () => {
+    const study = uid();
+    const mine = await instance({ "(0010,0020)": "VICTIM1", "(0020,000d)": study });
+    expect((await storescu("ALPHA", [mine])).output).toContain("Received Store Response (Success)");
+    await gw.forwarder.idle();
+    const attack = await instance({ "(0010,0020)": "VICTIM1", "(0020,000d)": study, "(0020,000e)": uid() });
+    const r = await storescu("BETA", [attack], ["-d"]);
+    expect(r.output).toMatch(/DIMSE Status\s+: 0x0124/);
+    expect(r.output).toMatch(/\(0000,0902\) LO \[Not authorized: Study belongs to another tenant\]/);
+    await gw.forwarder.idle();
+    const i = ids(mine);
+    expect(await labels("studies", i.study)).toEqual(["alpha"]);
+    expect((await client.getJson<string[]>(`/studies/${i.study}/series`)).length).toBe(1);
+    expect(await findCount("BETA", "STUDY", { StudyInstanceUID: study })).toBe(0);
+    expect(await findCount("ALPHA", "STUDY", { StudyInstanceUID: study })).toBe(1);
+  });
+
+  test("re-sending another tenant's SOP Instance UID (same patient/study/series) is refused; the instance stays unlabeled by the attacker", async () => {
+    const mine = await instance({ "(0010,0020)": "VICTIM2", "(0020,000d)": uid() });
+    expect((await storescu("ALPHA", [mine])).output).toContain("Success");
+    await gw.forwarder.idle();
+    const r = await storescu("BETA", [mine], ["-d"]);
+    expect(r.output).toMatch(/DIMSE Status\s+: 0x0124/);
+    const i = ids(mine);
+    expect(await labels("instances", i.instance)).toEqual(["alpha"]);
+    expect(await labels("series", i.series)).toEqual(["alpha"]);
+  });
+
+  test("the same Study UID under another PatientID is a different Orthanc study: allowed, and nothing leaks either way", async () => {
+    const study = uid();
+    const a = await instance({ "(0010,0020)": "PAT-A", "(0020,000d)": study });
+    const b = await instance({ "(0010,0020)": "PAT-B", "(0020,000d)": study });
+    expect((await storescu("ALPHA", [a])).output).toContain("Success");
+    expect((await storescu("BETA", [b])).output).toContain("Success");
+    await gw.forwarder.idle();
+    expect(await labels("studies", ids(a).study)).toEqual(["alpha"]);
+    expect(await labels("studies", ids(b).study)).toEqual(["beta"]);
+    for (const level of ["PATIENT", "STUDY", "SERIES", "IMAGE"]) {
+      expect(`${level} ${await findCount("BETA", level, level === "PATIENT" ? { PatientID: "PAT-A" } : { PatientID: "PAT-A", StudyInstanceUID: level === "STUDY" ? study : study, ...(level === "IMAGE" ? { SeriesInstanceUID: await tagValue(a, "0020,000e") } : {}), ...(level === "SERIES" ? { SeriesInstanceUID: "" } : {}) })}`).toBe(`${level} 0`);
+    }
+    expect(await findCount("BETA", "STUDY", { StudyInstanceUID: study, PatientID: "" })).toBe(1);
+    expect(await findCount("ALPHA", "STUDY", { StudyInstanceUID: study, PatientID: "" })).toBe(1);
+  });
+
+  test("a shared PatientID in two tenants is allowed and never shows the other tenant's studies", async () => {
+    const a = await instance({ "(0010,0020)": "SHAREDPID", "(0020,000d)": uid() });
+    const b = await instance({ "(0010,0020)": "SHAREDPID", "(0020,000d)": uid() });
+    expect((await storescu("ALPHA", [a])).output).toContain("Success");
+    expect((await storescu("BETA", [b])).output).toContain("Success");
+    await gw.forwarder.idle();
+    expect(await findCount("BETA", "STUDY", { PatientID: "SHAREDPID" })).toBe(1);
+    expect(await findCount("ALPHA", "STUDY", { PatientID: "SHAREDPID" })).toBe(1);
+    expect(await findCount("BETA", "PATIENT", { PatientID: "SHAREDPID", NumberOfPatientRelatedStudies: "" })).toBe(1);
+  });
+
+  test("Any and None tenants cannot store into another tenant's study either", async () => {
+    const study = uid();
+    const mine = await instance({ "(0010,0020)": "VICTIM3", "(0020,000d)": study });
+    expect((await storescu("BETA", [mine])).output).toContain("Success");
+    await gw.forwarder.idle();
+    for (const aet of ["ANYT", "NONET"]) {
+      const attack = await instance({ "(0010,0020)": "VICTIM3", "(0020,000d)": study, "(0020,000e)": uid() });
+      expect((await storescu(aet, [attack], ["-d"])).output).toMatch(/DIMSE Status\s+: 0x0124/);
+    }
+    expect(await labels("studies", ids(mine).study)).toEqual(["beta"]);
+  });
+
+  test("LabelsStoreLevels without Study: the study stays the creator's (a durable claim), others are refused", async () => {
+    const study = uid();
+    const mine = await instance({ "(0010,0020)": "LVLPAT", "(0020,000d)": study });
+    expect((await storescu("LVL", [mine])).output).toContain("Success");
+    await gw.forwarder.idle();
+    expect(await labels("studies", ids(mine).study)).toEqual([]);
+    expect(await labels("series", ids(mine).series)).toEqual(["lv"]);
+    // The creator adds another series to its own (unlabeled) study...
+    const more = await instance({ "(0010,0020)": "LVLPAT", "(0020,000d)": study, "(0020,000e)": uid() });
+    expect((await storescu("LVL", [more])).output).toContain("Success");
+    // ...another tenant may not.
+    const attack = await instance({ "(0010,0020)": "LVLPAT", "(0020,000d)": study, "(0020,000e)": uid() });
+    expect((await storescu("ALPHA", [attack], ["-d"])).output).toMatch(/DIMSE Status\s+: 0x0124/);
+    expect(readFileSync(`${gw.config.spool.directory}/claims.jsonl`, "utf8")).toContain(ids(mine).study);
+  });
+
+  test("a study already in Orthanc without labels (not sent through a tenant) cannot be claimed", async () => {
+    const foreign = await instance({ "(0010,0020)": "ADMINPAT", "(0020,000d)": uid() });
+    await client.postJson("/instances", new Uint8Array(readFileSync(foreign)));
+    const attack = await instance({ "(0010,0020)": "ADMINPAT", "(0020,000d)": await tagValue(foreign, "0020,000d"), "(0020,000e)": uid() });
+    expect((await storescu("ALPHA", [attack], ["-d"])).output).toMatch(/DIMSE Status\s+: 0x0124/);
+    expect(await labels("studies", ids(foreign).study)).toEqual([]);
+  });
+
+  test("Orthanc unreachable at C-STORE time: acknowledged, then quarantined when forwarding finds the conflict", async () => {
+    const foreign = await instance({ "(0010,0020)": "ADMINPAT2", "(0020,000d)": uid() });
+    await client.postJson("/instances", new Uint8Array(readFileSync(foreign)));
+    const attack = await instance({ "(0010,0020)": "ADMINPAT2", "(0020,000d)": await tagValue(foreign, "0020,000d"), "(0020,000e)": uid() });
+    proxy.cut();
+    try {
+      expect((await storescu("BETA", [attack])).output).toContain("Received Store Response (Success)");
+    } finally {
+      proxy.restore();
+    }
+    gw.forwarder.wake();
+    await gw.forwarder.idle();
+    const status = (await (await fetch(gw.httpUrl + "/status")).json()) as { quarantine: { tenant: string; reason: string; sopInstanceUid: string }[] };
+    const sop = await tagValue(attack, "0008,0018");
+    const q = status.quarantine.find((e) => e.sopInstanceUid === sop);
+    expect(q?.tenant).toBe("BETA");
+    expect(q?.reason).toContain("isolation");
+    expect(await labels("studies", ids(foreign).study)).toEqual([]);
+    expect((await client.getJson<string[]>(`/studies/${ids(foreign).study}/series`)).length).toBe(1);
+    const m = await (await fetch(gw.httpUrl + "/metrics")).text();
+    expect(m).toMatch(/dicom_gateway_isolation_refusals_total\{tenant="BETA",stage="forward"\} 1/);
+    expect(m).toMatch(/dicom_gateway_isolation_refusals_total\{tenant="BETA",stage="store"\} [1-9]/);
+  });
+});
+
+describe("Shared (the MultitenantDicom plugin's behaviour, unsafe)", () => {
+  test("storing into another tenant's study labels it for the attacker, who then sees it", async () => {
+    const study = uid();
+    const mine = await instance({ "(0010,0020)": "VICTIM4", "(0020,000d)": study });
+    expect((await storescu("ALPHA", [mine])).output).toContain("Success");
+    await gw.forwarder.idle();
+    expect(await findCount("SHARED", "STUDY", { StudyInstanceUID: study })).toBe(0);
+    const attack = await instance({ "(0010,0020)": "VICTIM4", "(0020,000d)": study, "(0020,000e)": uid() });
+    expect((await storescu("SHARED", [attack])).output).toContain("Received Store Response (Success)");
+    await gw.forwarder.idle();
+    expect(await labels("studies", ids(mine).study)).toEqual(["alpha", "shared"]);
+    expect(await findCount("SHARED", "STUDY", { StudyInstanceUID: study })).toBe(1);
+  });
+});
