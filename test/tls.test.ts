@@ -131,7 +131,7 @@ describe("DICOM TLS", () => {
     expect(none.output).not.toContain("Echo Response");
   });
 
-  test("plain DICOM on a TLS port fails the handshake; garbage and half-open handshakes do not hurt", async () => {
+  test("plain DICOM on a TLS port fails the handshake; random bytes are closed at once, a silent connection after ARTIM", async () => {
     const r = await plainEcho(tlsPort, "SECURE");
     expect(r.code).not.toBe(0);
     // Random bytes: the gateway closes the connection at once.
@@ -162,6 +162,7 @@ describe("DICOM TLS", () => {
     while (!logLines.some((l) => l.includes("TLS handshake failed")) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
     const failures = logLines.filter((l) => l.includes("TLS handshake failed")).map((l) => JSON.parse(l));
     expect(failures.length).toBeGreaterThanOrEqual(4);
+    expect(failures.map((l) => l.detail).join("\n")).toMatch(/certificate/i);
     expect(failures[0]).toMatchObject({ level: "warn", tenant: "SECURE", port: tlsPort, reason: "tls-handshake-failed", peer: expect.stringMatching(/127\.0\.0\.1:\d+$/) });
     expect(await metricsText()).toMatch(/dicom_gateway_associations_total\{tenant="SECURE",result="rejected",reason="tls-handshake-failed"\} [3-9]/);
     expect(auditLines()).toContainEqual(expect.objectContaining({ audit: true, event: "connection-refused", tenant: "SECURE", outcome: "refused", reason: "tls-handshake-failed" }));
@@ -183,5 +184,10 @@ describe("DICOM TLS", () => {
     expect((await plainEcho(gw.portOf("TLSONLY"), "TLSONLY")).code).not.toBe(0);
     const anonymous = auditLines().filter((l) => l.event === "association-accepted" && l.tenant === "TLSONLY");
     expect(anonymous.some((l) => (l.tls as { clientSubject?: string })?.clientSubject === undefined)).toBe(true);
+  });
+
+  test("a key that does not match the certificate is a clear start-up error", async () => {
+    const bad = startTestGateway([{ AET: "BROKEN", Tls: { Certificate: f("client.crt"), Key: f("server.key") } }], `http://127.0.0.1:${await freePort()}`);
+    await expect(bad).rejects.toThrow(/cannot start DICOM TLS for tenant BROKEN.*Tls\.Certificate/);
   });
 });
