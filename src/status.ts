@@ -90,12 +90,14 @@ export function readiness(s: GatewaySnapshot, now = Date.now()): { ready: boolea
   const grace = s.orthancUnreachableGraceMs ?? 0;
   const seen = s.orthanc.lastSeenAt ? Date.parse(s.orthanc.lastSeenAt) : undefined;
   const withinGrace = seen !== undefined && now - seen < grace;
-  if (!s.orthanc.reachable && !withinGrace) {
+  if (s.orthanc.reachable) {
+    if (!s.orthanc.hasLabels) {
+      reasons.push(s.orthanc.error ?? `Orthanc ${s.orthanc.version ?? "?"} at ${s.orthanc.url} does not support labels (need Orthanc >= 1.12 with a labels-capable database)`);
+    }
+  } else if (!withinGrace) {
     const e = s.orthanc.error;
     // The monitor's messages already name Orthanc and its URL; others get that context added.
     reasons.push(e?.startsWith(`Orthanc at ${s.orthanc.url}`) ? e : `Orthanc at ${s.orthanc.url} is not reachable${e ? `: ${e}` : ""}`);
   }
-  else if (!s.orthanc.hasLabels)
-    reasons.push(s.orthanc.error ?? `Orthanc ${s.orthanc.version ?? "?"} at ${s.orthanc.url} does not support labels (need Orthanc >= 1.12 with a labels-capable database)`);
   return { ready: reasons.length === 0, reasons };
 }

@@ -37,6 +37,7 @@ beforeAll(async () => {
       { AET: "GAMMA", Labels: ["alpha"], LabelsConstraint: "None" },
     ],
     orthanc.url,
+    { Gateway: { Orthanc: { Url: orthanc.url, UnreachableGraceSeconds: 0 } } },
   );
 }, 120_000);
 

@@ -102,6 +102,29 @@ describe("GET /ready", () => {
     expect(body.reasons[0]).toContain("EADDRINUSE");
   });
 
+  test("Orthanc away for less than UnreachableGraceSeconds: still ready (the spool absorbs it); longer: 503", async () => {
+    const recently = new Date(Date.now() - 5_000).toISOString();
+    const long = new Date(Date.now() - 120_000).toISOString();
+    const away = (lastSeenAt: string) =>
+      snapshot({ orthanc: { url: "http://orthanc:8042", reachable: false, error: "Orthanc at http://orthanc:8042 is unreachable (ECONNREFUSED)", lastSeenAt }, orthancUnreachableGraceMs: 60_000 });
+    expect((await setup(away(recently)).app.request("/ready")).status).toBe(200);
+    const res = await setup(away(long)).app.request("/ready");
+    expect(res.status).toBe(503);
+    expect(((await res.json()) as { reasons: string[] }).reasons).toEqual(["Orthanc at http://orthanc:8042 is unreachable (ECONNREFUSED)"]);
+    // Never seen since start: not ready, whatever the grace.
+    const never = snapshot({ orthanc: { url: "http://orthanc:8042", reachable: false, error: "Orthanc at http://orthanc:8042 is unreachable (ECONNREFUSED)" }, orthancUnreachableGraceMs: 60_000 });
+    expect((await setup(never).app.request("/ready")).status).toBe(503);
+  });
+
+  test("503 when a tenant's spool passes the high-water mark", async () => {
+    const s = snapshot();
+    s.spoolHighWaterMarkPercent = 80;
+    s.tenants[0]!.spool = { forwarding: "Spool", depth: 42, bytes: 850, quotaBytes: 1000, usedPercent: 85, quarantined: 0 };
+    const res = await setup(s).app.request("/ready");
+    expect(res.status).toBe(503);
+    expect(((await res.json()) as { reasons: string[] }).reasons[0]).toMatch(/spool of .* is 85% full \(high-water mark 80%, 42 instances waiting for Orthanc\)/);
+  });
+
   test("503 when Orthanc is unreachable", async () => {
     const { app } = setup(snapshot({ orthanc: { url: "http://orthanc:8042", reachable: false, error: "connection refused" } }));
     const res = await app.request("/ready");

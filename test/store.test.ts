@@ -52,8 +52,10 @@ beforeAll(async () => {
       { AET: "ANYT", Labels: ["any1"], LabelsConstraint: "Any", LabelsStoreLevels: ["Instances"] },
       { AET: "NONET", Labels: ["none1"], LabelsConstraint: "None" },
       { AET: "SYNC", Labels: ["sync"], Forwarding: "Sync" },
+      { AET: "LOOSE", Labels: ["loose"], Isolation: "Shared" },
     ],
     orthanc.url,
+    { Gateway: { Orthanc: { Url: orthanc.url }, Spool: { VerifyIntegrity: true } } },
   );
 }, 120_000);
 
@@ -208,6 +210,35 @@ describe("Spool mode (store-and-forward)", () => {
     const incoming = join(gw.config.spool.directory, "ALPHA", "incoming");
     await until("the partial file is removed", () => readdirSync(incoming).length === 0);
     expect(await orthancIdOf("1.2.3.999")).toBeUndefined();
+  });
+});
+
+describe("bad data sets", () => {
+  /** A C-STORE whose data set is not DICOM at all, sent with a raw peer (storescu refuses to). */
+  async function storeGarbage(aet: string): Promise<number | undefined> {
+    const peer = await RawPeer.connect(gw.portOf(aet));
+    await peer.associate(aet, [{ id: 1, abstractSyntax: "1.2.840.10008.5.1.4.1.1.2", transferSyntaxes: [TransferSyntax.ExplicitVRLittleEndian] }]);
+    const garbage = new Uint8Array(4000).map((_, i) => (i * 7919) % 251);
+    peer.sendCommand(1, { commandField: CommandField.CStoreRQ, messageId: 1, affectedSopClassUid: "1.2.840.10008.5.1.4.1.1.2", affectedSopInstanceUid: "1.2.3.4.5.6.7", priority: 0, commandDataSetType: 0 }, garbage);
+    const rsp = await peer.readCommand();
+    peer.close();
+    return rsp?.status;
+  }
+
+  test("Strict: a data set whose Study/Series/SOP Instance UIDs cannot be read is refused with 0xC000", async () => {
+    expect(await storeGarbage("ALPHA")).toBe(Status.UnableToProcess);
+  });
+
+  test("Shared: Orthanc refuses it permanently (400): quarantined with the reason, counted, listed in /status", async () => {
+    expect(await storeGarbage("LOOSE")).toBe(Status.Success);
+    await gw.forwarder.idle();
+    const s = (await (await fetch(gw.httpUrl + "/status")).json()) as { quarantine: { tenant: string; sopInstanceUid: string; reason: string; file: string }[]; tenants: { aet: string; spool: { quarantined: number; depth: number } }[] };
+    const q = s.quarantine.find((e) => e.sopInstanceUid === "1.2.3.4.5.6.7");
+    expect(q?.tenant).toBe("LOOSE");
+    expect(q?.reason).toMatch(/Orthanc refused the instance: Orthanc answered 400/);
+    expect(readdirSync(join(gw.config.spool.directory, "LOOSE", "quarantine")).sort()).toEqual([q!.file.split("/").at(-1)!, q!.file.split("/").at(-1)!.replace(/\.dcm$/, ".json")].sort());
+    expect(s.tenants.find((t) => t.aet === "LOOSE")!.spool).toMatchObject({ quarantined: 1, depth: 0 });
+    expect(await (await fetch(gw.httpUrl + "/metrics")).text()).toMatch(/dicom_gateway_store_instances_total\{tenant="LOOSE",stage="quarantined"\} 1/);
   });
 });
 
