@@ -62,8 +62,19 @@ async function serve(configPath: string): Promise<void> {
   };
   process.on("SIGTERM", () => shutdown("SIGTERM"));
   process.on("SIGINT", () => shutdown("SIGINT"));
-  // Reloading the configuration in place is not available yet: keep running rather than die on SIGHUP.
-  process.on("SIGHUP", () => log.warn("SIGHUP received: configuration reload is not supported by this version; restart the service to apply changes"));
+  // SIGHUP (systemctl reload): apply the file's tenants and DicomModalities; a broken file changes nothing.
+  process.on("SIGHUP", () => {
+    log.info("SIGHUP: reloading the configuration", { config: configPath });
+    loadConfigFile(configPath)
+      .then((next) => gateway.reload(next))
+      .then((r) => log.info("configuration reloaded", { ...r }))
+      .catch((e) =>
+        log.error("configuration reload rejected: the previous configuration keeps running", {
+          error: e instanceof Error ? e.message : String(e),
+          ...(e instanceof ConfigError ? { issues: e.issues } : {}),
+        }),
+      );
+  });
 }
 
 export async function main(argv: string[]): Promise<void> {

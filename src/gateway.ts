@@ -40,8 +40,21 @@ export interface TenantListener {
   tenant: TenantConfig;
   server: DimseServer;
   spool: TenantSpool;
+  policy: AssociationPolicy;
   /** The last forwarding error of this tenant, cleared by the next success. */
   lastForwardError?: string;
+}
+
+/** What a configuration reload changed. */
+export interface ReloadResult {
+  added: string[];
+  removed: string[];
+  changed: string[];
+  unchanged: string[];
+}
+
+export class ReloadError extends Error {
+  override name = "ReloadError";
 }
 
 export interface Gateway {
@@ -55,6 +68,14 @@ export interface Gateway {
   storeMetrics: StoreMetrics;
   audit: AuditLog;
   snapshot(): GatewaySnapshot;
+  /**
+   * Applies a new configuration's tenants and DicomModalities without a restart: unchanged tenants keep
+   * their listeners and open associations; removed and changed ones are closed (their open associations
+   * get `graceMs` to finish) and changed and added ones started. Spooled instances of a removed tenant are
+   * still forwarded. Changes to other settings need a restart and make the reload fail (ReloadError),
+   * as does a listener that cannot start — the previous configuration then keeps running.
+   */
+  reload(next: GatewayConfig, graceMs?: number): Promise<ReloadResult>;
   /** Stops accepting, lets open associations finish for up to `graceMs`, then aborts them. */
   stop(graceMs?: number): Promise<void>;
 }
@@ -148,7 +169,6 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
   await mkdir(config.spool.directory, { recursive: true });
   await claims.open();
   const guards = new Map<string, IsolationGuard>();
-  for (const t of config.tenants) if (t.isolation === "Strict") guards.set(t.aet, new IsolationGuard(orthanc, claims, t));
   const isolationRefusals = new Counter({
     name: "dicom_gateway_isolation_refusals_total",
     help: "Instances refused by Strict tenant isolation, at C-STORE time (status 0x0124) or when forwarding (quarantined).",
@@ -198,14 +218,17 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
 
   const audit = opts.audit ?? createAuditLog({ file: config.audit?.file ?? "" });
   const globalLimit = new AssociationCounter(config.limits?.maxAssociations ?? Infinity);
-  const policies: AssociationPolicy[] = [];
   const listeners: TenantListener[] = [];
-  for (const tenant of config.tenants) {
+  const artimTimeoutMs = opts.artimTimeoutMs ?? config.limits?.artimTimeoutMs ?? 30_000;
+
+  /** Creates a tenant's spool (replaying what it holds), services and listener(s), and starts listening. */
+  const startTenant = async (tenant: TenantConfig): Promise<TenantListener> => {
     const spool = new TenantSpool(config.spool.directory, tenant.aet, tenant.spoolQuotaBytes);
     const { pending, discarded } = await spool.open();
     if (discarded.length > 0) log.warn("discarded incomplete spool files (never acknowledged)", { tenant: tenant.aet, files: discarded.length });
     if (pending.length > 0) log.info("replaying spooled instances", { tenant: tenant.aet, instances: pending.length });
-    for (const entry of pending) forwarder.add(tenant, spool, entry);
+    if (tenant.isolation === "Strict") guards.set(tenant.aet, new IsolationGuard(orthanc, claims, tenant));
+    else guards.delete(tenant.aet);
     const t = tenant.aet;
     const tlog = log.child({ tenant: t });
     const services = createTenantServices({
@@ -234,12 +257,11 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     const policy = createAssociationPolicy(tenant, config.dicom, services.syntaxes, {
       onLookupError: (host, error) => tlog.warn("cannot resolve a host name of AllowedCallers: callers bound to it are refused until it resolves", { host, error: error.message }),
     });
-    policies.push(policy);
     const server = new DimseServer({
       label: `tenant ${tenant.aet} (MultitenantDicom.Servers AET ${tenant.aet})`,
       port: tenant.port,
       maxPduLength: config.dicom.maximumPduLength,
-      artimTimeoutMs: opts.artimTimeoutMs ?? config.limits?.artimTimeoutMs ?? 30_000,
+      artimTimeoutMs,
       idleTimeoutMs: config.dicom.scpTimeoutSeconds * 1000,
       negotiate: policy,
       handlers: services.handlers,
@@ -249,10 +271,30 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
       globalLimit,
       events: connectionEventsFor(tenant, log, metrics, audit),
     });
-    const l: TenantListener = { tenant, server, spool };
+    const l: TenantListener = { tenant, server, spool, policy };
+    try {
+      await policy.ready;
+      await server.listen();
+    } catch (e) {
+      policy.close();
+      await server.close();
+      throw e;
+    }
+    for (const e of server.endpoints) {
+      log.info("DICOM listener started", { tenant: tenant.aet, port: e.port, tls: e.tls, labels: tenant.labels, labelsConstraint: tenant.labelsConstraint });
+    }
+    // Pending entries are queued once the tenant is up (a replay uses the tenant's current settings).
+    for (const entry of pending) forwarder.add(tenant, spool, entry);
     byTenant.set(tenant.aet, l);
-    listeners.push(l);
-  }
+    return l;
+  };
+
+  const stopTenant = async (l: TenantListener, graceMs: number): Promise<void> => {
+    l.policy.close();
+    await l.server.close(graceMs);
+    if (byTenant.get(l.tenant.aet) === l) byTenant.delete(l.tenant.aet);
+    log.info("DICOM listener stopped", { tenant: l.tenant.aet, port: l.tenant.port });
+  };
 
   const snapshot = (): GatewaySnapshot => {
     const now = Date.now();
@@ -298,22 +340,70 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
 
   let http: HttpServerHandle | undefined;
   try {
-    await Promise.all(policies.map((p) => p.ready));
-    for (const { tenant, server } of listeners) {
-      await server.listen();
-      for (const e of server.endpoints) {
-        log.info("DICOM listener started", { tenant: tenant.aet, port: e.port, tls: e.tls, labels: tenant.labels, labelsConstraint: tenant.labelsConstraint });
-      }
-    }
+    for (const tenant of config.tenants) listeners.push(await startTenant(tenant));
     http = await serveHttp(createHttpApp({ snapshot, metrics, logger: log }), { hostname: config.http.host, port: config.http.port });
     log.info("HTTP endpoint started", { url: `http://${config.http.host.includes(":") ? `[${config.http.host}]` : config.http.host}:${http.port}`, endpoints: "/health /ready /metrics /status" });
   } catch (e) {
-    await Promise.all(listeners.map((l) => l.server.close()));
-    for (const p of policies) p.close();
+    await Promise.all(listeners.map((l) => stopTenant(l, 0)));
     audit.close();
     await claims.close();
     throw e;
   }
+
+  let reloading: Promise<unknown> = Promise.resolve();
+  const reloadTenants = async (next: GatewayConfig, graceMs: number): Promise<ReloadResult> => {
+    const restartOnly = changedGlobalSettings(config, next);
+    if (restartOnly.length > 0) {
+      throw new ReloadError(`these settings cannot change without a restart: ${restartOnly.join(", ")} (restart the service, e.g. systemctl restart dicom-gateway)`);
+    }
+    const key = (aet: string) => (config.dicom.strictAetComparison ? aet.trim() : aet.trim().toUpperCase());
+    const current = new Map(listeners.map((l) => [key(l.tenant.aet), l]));
+    const wanted = new Map(next.tenants.map((t) => [key(t.aet), t]));
+    const result: ReloadResult = { added: [], removed: [], changed: [], unchanged: [] };
+    const toStop: TenantListener[] = [];
+    const toStart: TenantConfig[] = [];
+    for (const [k, l] of current) {
+      const t = wanted.get(k);
+      if (!t) {
+        result.removed.push(l.tenant.aet);
+        toStop.push(l);
+      } else if (JSON.stringify(t) !== JSON.stringify(l.tenant)) {
+        result.changed.push(t.aet);
+        toStop.push(l);
+        toStart.push(t);
+      } else result.unchanged.push(t.aet);
+    }
+    for (const [k, t] of wanted) {
+      if (!current.has(k)) {
+        result.added.push(t.aet);
+        toStart.push(t);
+      }
+    }
+    await Promise.all(toStop.map((l) => stopTenant(l, graceMs)));
+    const started: TenantListener[] = [];
+    try {
+      for (const t of toStart) started.push(await startTenant(t));
+    } catch (e) {
+      // Put the previous configuration back: stop what this reload started, restart what it stopped.
+      await Promise.all(started.map((l) => stopTenant(l, 0)));
+      for (const l of toStop) {
+        try {
+          const again = await startTenant(l.tenant);
+          listeners.splice(listeners.indexOf(l), 1, again);
+        } catch (restartError) {
+          listeners.splice(listeners.indexOf(l), 1);
+          log.error("could not restart a tenant of the previous configuration", { tenant: l.tenant.aet, error: restartError });
+        }
+      }
+      throw new ReloadError(`the new configuration could not be applied, the previous one keeps running: ${(e as Error).message}`, { cause: e });
+    }
+    for (const l of toStop) listeners.splice(listeners.indexOf(l), 1);
+    listeners.push(...started);
+    listeners.sort((a, b) => next.tenants.findIndex((t) => t.aet === a.tenant.aet) - next.tenants.findIndex((t) => t.aet === b.tenant.aet));
+    config.tenants = next.tenants;
+    config.modalities = next.modalities;
+    return result;
+  };
 
   // The first check is awaited so that the first /ready answer and the start-up log are accurate.
   monitor.start();
@@ -331,14 +421,26 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     storeMetrics,
     audit,
     snapshot,
+    reload: (next, graceMs = 2000) => {
+      const run = () => reloadTenants(next, graceMs);
+      const p = reloading.then(run, run);
+      reloading = p.catch(() => {});
+      return p;
+    },
     async stop(graceMs = 0) {
       monitor.stop();
-      for (const p of policies) p.close();
-      await Promise.all(listeners.map((l) => l.server.close(graceMs)));
+      await Promise.all(listeners.map((l) => stopTenant(l, graceMs)));
       await forwarder.stop();
       await claims.close();
       await http!.close();
       audit.close();
     },
   };
+}
+
+/** Top-level settings that differ between two configurations and need a restart (everything but tenants and modalities). */
+export function changedGlobalSettings(a: GatewayConfig, b: GatewayConfig): string[] {
+  const keys = new Set([...Object.keys(a), ...Object.keys(b)]) as Set<keyof GatewayConfig>;
+  const live = new Set<keyof GatewayConfig>(["tenants", "modalities"]);
+  return [...keys].filter((k) => !live.has(k) && JSON.stringify(a[k]) !== JSON.stringify(b[k])).sort();
 }
