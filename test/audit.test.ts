@@ -201,4 +201,11 @@ describe("the gateway's audit trail", () => {
       seriesInstanceUid: await tagValue(path!, "0020,000e"),
     });
   });
+
+  test("C-FIND lines carry the level, the keys asked for and the number of matches", async () => {
+    const r = await runTool("findscu", ["-v", "-S", "-aet", "MODALITY", "-aec", "AUDITED", "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID=1CT1", "-k", "StudyDate=", "127.0.0.1", String(gw.portOf("AUDITED"))]);
+    expect(r.output).toContain("Received Final Find Response (Success)");
+    const find = lines().find((l) => l.event === "operation" && l.service === "C-FIND");
+    expect(find).toMatchObject({ tenant: "AUDITED", callingAe: "MODALITY", status: "0x0000", outcome: "success", level: "STUDY", keys: { PatientID: "1CT1" }, matches: expect.any(Number) });
+  });
 });

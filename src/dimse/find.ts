@@ -10,7 +10,7 @@
  */
 import type { FindSettings, TenantConfig } from "../config/types.ts";
 import { charsetOfOrthancEncoding, parseSpecificCharacterSet, unsupportedCharset } from "../dicom/charset.ts";
-import { dictionaryEntry, elementText, encodeDataset, IdentifierError, parseDataset, parseOrthancTag, type DataElement, type OutElement } from "../dicom/identifier.ts";
+import { dictionaryEntry, elementText, encodeDataset, IdentifierError, parseDataset, parseOrthancTag, tagName, type DataElement, type OutElement } from "../dicom/identifier.ts";
 import type { Logger } from "../log.ts";
 import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
 import {
@@ -97,6 +97,11 @@ export function createFindHandler(opts: FindHandlerOptions): DimseHandler {
       return;
     }
 
+    // Audit: the level and the keys that carried a value (what was asked for, not what was returned).
+    responder.audit({
+      level: levelElement ? elementText(levelElement, []).trim() : undefined,
+      keys: Object.fromEntries(raw.filter((k) => k.value !== "" && k.tag !== T.QueryRetrieveLevel && k.tag !== T.SpecificCharacterSet).map((k) => [tagName(k.tag), k.value])),
+    });
     const limit = opts.find.limitFindResults;
     const held: Uint8Array[] = [];
     let count = 0;
@@ -117,6 +122,7 @@ export function createFindHandler(opts: FindHandlerOptions): DimseHandler {
         if (request.signal.aborted) throw new Cancelled();
         await pending(responder, identifier);
       }
+      responder.audit({ matches: count });
       await responder.respond({ status: Status.Success });
     } catch (e) {
       if (request.signal.aborted) {
