@@ -8,6 +8,9 @@ import type { Socket } from "node:net";
 import { encodeCommandSet, type CommandSet } from "./command.ts";
 import { encodePDataHeader } from "./pdu.ts";
 
+/** Messages up to this size (command + data set in memory) are written with a single socket write. */
+const SMALL_MESSAGE = 256 * 1024;
+
 /** Used when the peer announces 0 (= no limit): keep our own PDUs reasonable. */
 const DEFAULT_FRAGMENT = 64 * 1024;
 
@@ -61,12 +64,37 @@ export class PDataWriter {
   /** Sends a command set and, if given, its data set (bytes or a stream of chunks). */
   send(pcId: number, command: CommandSet, dataset?: Uint8Array | AsyncIterable<Uint8Array>): Promise<void> {
     const run = async () => {
-      await this.sendFragments(pcId, true, [encodeCommandSet(command)]);
-      if (dataset) await this.sendFragments(pcId, false, dataset instanceof Uint8Array ? [dataset] : dataset);
+      const cmd = encodeCommandSet(command);
+      // A response (and a small identifier) goes out in one write: one TCP segment instead of two.
+      if (!dataset || (dataset instanceof Uint8Array && dataset.length <= SMALL_MESSAGE)) {
+        await this.write(this.pdus(pcId, cmd, dataset));
+        return;
+      }
+      await this.sendFragments(pcId, true, [cmd]);
+      await this.sendFragments(pcId, false, dataset instanceof Uint8Array ? [dataset] : dataset);
     };
     const p = this.chain.then(run, run);
     this.chain = p.catch(() => {});
     return p;
+  }
+
+  /** Every PDU of a message whose command and data set are in memory, as one buffer. */
+  private pdus(pcId: number, command: Uint8Array, dataset?: Uint8Array): Uint8Array {
+    const max = this.fragmentLength;
+    const parts: [boolean, Uint8Array][] = [];
+    for (const [isCommand, bytes] of [[true, command], ...(dataset ? [[false, dataset]] : [])] as [boolean, Uint8Array][]) {
+      if (bytes.length === 0) parts.push([isCommand, bytes]);
+      for (let o = 0; o < bytes.length; o += max) parts.push([isCommand, bytes.subarray(o, Math.min(o + max, bytes.length))]);
+    }
+    const out = new Uint8Array(parts.reduce((n, [, b]) => n + 12 + b.length, 0));
+    let o = 0;
+    parts.forEach(([isCommand, b], i) => {
+      const isLast = i === parts.length - 1 || parts[i + 1]![0] !== isCommand;
+      out.set(encodePDataHeader(pcId, isCommand, isLast, b.length), o);
+      out.set(b, o + 12);
+      o += 12 + b.length;
+    });
+    return out;
   }
 
   private async pdv(pcId: number, isCommand: boolean, isLast: boolean, data: Uint8Array): Promise<void> {
