@@ -242,6 +242,38 @@ describe("bad data sets", () => {
   });
 });
 
+describe("negotiation of storage", () => {
+  const PRIVATE_SOP_CLASS = "1.3.6.1.4.1.99999.1.1";
+  async function contextResult(port: number, aet: string, abstractSyntax: string, transferSyntax: string): Promise<number | "rejected"> {
+    const peer = await RawPeer.connect(port);
+    const pdu = await peer.associate(aet, [{ id: 1, abstractSyntax, transferSyntaxes: [transferSyntax] }]);
+    peer.close();
+    if (pdu?.type !== PduType.AssociateAC) return "rejected";
+    const { decodeAssociateAC } = await import("../src/dimse/pdu.ts");
+    return decodeAssociateAC(pdu.body).presentationContexts[0]!.result;
+  }
+
+  test("private SOP classes only with UnknownSopClassAccepted; AcceptedTransferSyntaxes is honoured", async () => {
+    // Default: a private storage class is not offered (the association has no usable context).
+    expect(await contextResult(gw.portOf("ALPHA"), "ALPHA", PRIVATE_SOP_CLASS, TransferSyntax.ExplicitVRLittleEndian)).toBe("rejected");
+    const g = await startTestGateway([{ AET: "OPEN" }], orthanc.url, { UnknownSopClassAccepted: true, AcceptedTransferSyntaxes: ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.*"] });
+    stopLater.push(g);
+    expect(await contextResult(g.portOf("OPEN"), "OPEN", PRIVATE_SOP_CLASS, TransferSyntax.ExplicitVRLittleEndian)).toBe(0);
+    // Implicit VR is outside the accepted list: the context is refused (4 = transfer syntaxes not supported).
+    const peer = await RawPeer.connect(g.portOf("OPEN"));
+    const ac = await peer.associate("OPEN", [
+      { id: 1, abstractSyntax: "1.2.840.10008.5.1.4.1.1.2", transferSyntaxes: [TransferSyntax.ImplicitVRLittleEndian] },
+      { id: 3, abstractSyntax: "1.2.840.10008.5.1.4.1.1.2", transferSyntaxes: ["1.2.840.10008.1.2.4.50"] },
+    ]);
+    peer.close();
+    const { decodeAssociateAC } = await import("../src/dimse/pdu.ts");
+    expect(decodeAssociateAC(ac!.body).presentationContexts.map((c) => [c.id, c.result, c.transferSyntax])).toEqual([
+      [1, 4, TransferSyntax.ImplicitVRLittleEndian],
+      [3, 0, "1.2.840.10008.1.2.4.50"],
+    ]);
+  });
+});
+
 describe("Sync mode", () => {
   test("acknowledges only once Orthanc stored and labeled the instance", async () => {
     const [file] = await uniqueCopies(pydicomFile("CT_small.dcm"), 1, { newStudy: true });
