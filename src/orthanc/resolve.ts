@@ -217,6 +217,8 @@ async function instancesUnder(orthanc: OrthancClient, anchor: AnchorResource, le
 /** The anchor-level key (PatientID, StudyInstanceUID or SeriesInstanceUID values) of the requested resources, without scope. */
 async function ancestorKeys(orthanc: OrthancClient, keys: RetrieveKeys, anchor: ResourceLevel, opts: ResolveOptions): Promise<Record<string, string> | undefined> {
   const query: Record<string, string> = {};
+  // Patient-anchored scope: a STUDY request names studies; find their patients first.
+  if (keys.studyInstanceUids && anchor === "Patient") query["StudyInstanceUID"] = keys.studyInstanceUids.join("\\");
   if (keys.seriesInstanceUids) query["SeriesInstanceUID"] = keys.seriesInstanceUids.join("\\");
   if (keys.sopInstanceUids) query["SOPInstanceUID"] = keys.sopInstanceUids.join("\\");
   if (Object.keys(query).length === 0) throw new ResolveError("the request has no unique key to match");

@@ -14,7 +14,8 @@
  *  - an instance without labels inside a series this tenant owns (a replay of its own instance);
  *  - anything, for a tenant with empty Labels (it is unrestricted, like in the plugin).
  * Patients are not checked: the same PatientID in two tenants is allowed, and never makes the other
- * tenant's studies visible (queries scope patients through studies).
+ * tenant's studies visible (queries scope patients through studies) — except for a tenant whose
+ * LabelsStoreLevels is Patient alone: its scope is whole patients, so its patients must be its own.
  */
 import { open, readFile, type FileHandle } from "node:fs/promises";
 import { join } from "node:path";
@@ -27,7 +28,7 @@ export type IsolationVerdict =
   | { ok: true; /** Resources that do not exist yet and were claimed for the tenant. */ claimed: string[] }
   | { ok: false; level: ResourceLevel; reason: string };
 
-const LEVEL_PATH: Record<string, string> = { Study: "studies", Series: "series", Instance: "instances" };
+const LEVEL_PATH: Record<string, string> = { Patient: "patients", Study: "studies", Series: "series", Instance: "instances" };
 
 /**
  * Durable record of which tenant created which Orthanc study/series through this gateway:
@@ -115,7 +116,15 @@ export class IsolationGuard {
     const aet = this.tenant.aet;
     const claimed: string[] = [];
     let parentOwned = false;
-    for (const [level, id] of [["Study", ids.study], ["Series", ids.series], ["Instance", ids.instance]] as const) {
+    // A tenant that labels patients and nothing below sees whole patients: its patients must be its own too.
+    const patientAnchored = this.tenant.labelsStoreLevels.includes("Patient") && !this.tenant.labelsStoreLevels.some((l) => l !== "Patient");
+    const levels: (readonly [ResourceLevel, string])[] = [
+      ...(patientAnchored ? [["Patient", ids.patient] as const] : []),
+      ["Study", ids.study],
+      ["Series", ids.series],
+      ["Instance", ids.instance],
+    ];
+    for (const [level, id] of levels) {
       if (this.known.has(id)) {
         parentOwned = true;
         continue;

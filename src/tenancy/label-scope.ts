@@ -49,9 +49,16 @@ export function inScope(resourceLabels: readonly string[] | undefined, tenant: S
   }
 }
 
-/** The levels carrying the tenant's labels; a tenant that stores none is assumed to label studies. */
+/**
+ * The levels whose labels decide the tenant's scope; a tenant that stores none is assumed to label
+ * studies. Patient labels count only when the tenant labels nothing else: a patient may be shared by
+ * several tenants, so its labels would let one tenant see the other's studies (found by
+ * test/isolation-matrix.test.ts).
+ */
 export function labeledLevels(tenant: ScopedTenant): ResourceLevel[] {
-  return tenant.labelsStoreLevels.length > 0 ? LEVELS.filter((l) => tenant.labelsStoreLevels.includes(l)) : ["Study"];
+  const levels = LEVELS.filter((l) => tenant.labelsStoreLevels.includes(l));
+  if (levels.length === 0) return ["Study"];
+  return levels.length > 1 ? levels.filter((l) => l !== "Patient") : levels;
 }
 
 export type ScopePlan =
