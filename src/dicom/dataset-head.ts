@@ -30,6 +30,13 @@ export interface DatasetHead {
 
 export class DatasetHeadError extends Error {
   override name = "DatasetHeadError";
+  constructor(
+    message: string,
+    /** The bytes given ended before the attributes: a longer head may succeed. */
+    readonly truncated = false,
+  ) {
+    super(message);
+  }
 }
 
 class Truncated extends Error {}
@@ -153,7 +160,7 @@ export function readDatasetHead(head: Uint8Array, transferSyntax: string): Datas
     }
   } catch (e) {
     if (!(e instanceof Truncated)) throw e instanceof DatasetHeadError ? e : new DatasetHeadError((e as Error).message);
-    if (found.size < WANTED.length) throw new DatasetHeadError("the data set ends (or its head is too long) before PatientID, Study, Series and SOP Instance UID");
+    if (found.size < WANTED.length) throw new DatasetHeadError("the data set ends (or its head is too long) before PatientID, Study, Series and SOP Instance UID", true);
   }
   const need = (tag: number, name: string) => {
     const v = found.get(tag);

@@ -14,7 +14,7 @@ import { isValidUid } from "../dicom/uids.ts";
 import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
 import { isPermanentRejection, uploadFile, type Labeler } from "../orthanc/store.ts";
 import type { Forwarder } from "../spool/forwarder.ts";
-import { SpoolDiskError, SpoolQuotaError, type ReceivedFile, type TenantSpool } from "../spool/spool.ts";
+import { HEAD_BYTES, SpoolDiskError, SpoolQuotaError, type ReceivedFile, type TenantSpool } from "../spool/spool.ts";
 import { DatasetHeadError, readDatasetHead } from "../dicom/dataset-head.ts";
 import { orthancIds, type OrthancIds } from "../orthanc/identity.ts";
 import { readFileDatasetHead, type IsolationGuard } from "../tenancy/isolation.ts";
@@ -124,7 +124,14 @@ async function checkIsolation(
 ): Promise<{ refusal: { status: number; comment: string; reason: string } } | { ids: OrthancIds }> {
   let ids: OrthancIds;
   try {
-    const head = readDatasetHead(await readFileDatasetHead(received.path), transferSyntax);
+    let head;
+    try {
+      head = readDatasetHead(received.head, transferSyntax);
+    } catch (e) {
+      // Long private sequences before the UIDs: read further from the spooled file.
+      if (!(e instanceof DatasetHeadError && e.truncated && received.head.length === HEAD_BYTES)) throw e;
+      head = readDatasetHead(await readFileDatasetHead(received.path), transferSyntax);
+    }
     if (head.sopInstanceUid !== sopInstanceUid) {
       return {
         refusal: {

@@ -48,7 +48,12 @@ export interface ReceivedFile {
   path: string;
   size: number;
   md5: string;
+  /** The first bytes of the data set (up to HEAD_BYTES), kept while receiving, for placing the instance. */
+  head: Uint8Array;
 }
+
+/** How much of each data set is kept in memory while it is spooled (enough for PatientID and the UIDs). */
+export const HEAD_BYTES = 64 * 1024;
 
 export class SpoolQuotaError extends Error {
   override name = "SpoolQuotaError";
@@ -209,13 +214,20 @@ export class TenantSpool {
       } catch (e) {
         throw diskError(e, this.incoming);
       }
-      const head = encodeFileMeta(meta);
-      hash.update(head);
-      reserve(head.length);
-      batch.push(head);
-      batched += head.length;
+      const metaHeader = encodeFileMeta(meta);
+      hash.update(metaHeader);
+      reserve(metaHeader.length);
+      batch.push(metaHeader);
+      batched += metaHeader.length;
+      const head = new Uint8Array(HEAD_BYTES);
+      let headLength = 0;
       for await (const chunk of source) {
         reserve(chunk.length);
+        if (headLength < HEAD_BYTES) {
+          const n = Math.min(chunk.length, HEAD_BYTES - headLength);
+          head.set(chunk.subarray(0, n), headLength);
+          headLength += n;
+        }
         hash.update(chunk);
         batch.push(chunk);
         batched += chunk.length;
@@ -225,7 +237,7 @@ export class TenantSpool {
       await fh.datasync().catch((e) => Promise.reject(diskError(e, this.incoming)));
       await fh.close();
       fh = undefined;
-      return { id, path, size, md5: hash.digest("hex") };
+      return { id, path, size, md5: hash.digest("hex"), head: head.subarray(0, headLength) };
     } catch (e) {
       await fh?.close().catch(() => {});
       await rm(path, { force: true });

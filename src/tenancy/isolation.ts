@@ -125,6 +125,8 @@ export class IsolationGuard {
       ["Instance", ids.instance],
     ];
     for (const [level, id] of levels) {
+      // An instance lives in its series (its ID hashes the series'): an owned series answers for it.
+      if (level === "Instance" && parentOwned && this.known.has(ids.series)) break;
       if (this.known.has(id)) {
         parentOwned = true;
         continue;
