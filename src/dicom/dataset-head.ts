@@ -14,9 +14,16 @@ export const Tag = {
   SeriesInstanceUID: 0x0020000e,
 } as const;
 
+/** The most a deflated head may inflate to (the UIDs sit in the first kilobytes of any real data set). */
+const MAX_INFLATED = 4 << 20;
+
 const WANTED = [Tag.SOPInstanceUID, Tag.PatientID, Tag.StudyInstanceUID, Tag.SeriesInstanceUID];
 const LAST_WANTED = Math.max(...WANTED);
 const LONG_VRS = new Set(["OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"]);
+/** VR strings by their two bytes, so the hot loop does not build strings. */
+const VR_NAMES: Record<number, string> = Object.fromEntries(
+  ["AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD", "OF", "OL", "OV", "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN", "UR", "US", "UT", "UV"].map((v) => [(v.charCodeAt(0) << 8) | v.charCodeAt(1), v]),
+);
 const ITEM = 0xfffee000;
 const ITEM_END = 0xfffee00d;
 const SEQ_END = 0xfffee0dd;
@@ -75,7 +82,7 @@ class Reader {
     if ((tag >>> 16) === 0xfffe) return ["", this.u32()]; // item and delimiters: no VR in any syntax
     if (!this.explicit) return ["", this.u32()];
     this.need(2);
-    const vr = String.fromCharCode(this.b[this.o]!, this.b[this.o + 1]!);
+    const vr = VR_NAMES[(this.b[this.o]! << 8) | this.b[this.o + 1]!] ?? String.fromCharCode(this.b[this.o]!, this.b[this.o + 1]!);
     this.o += 2;
     if (LONG_VRS.has(vr)) {
       this.o += 2;
@@ -137,9 +144,11 @@ export function readDatasetHead(head: Uint8Array, transferSyntax: string): Datas
   let bytes = head;
   if (transferSyntax === TransferSyntax.DeflatedExplicitVRLittleEndian) {
     try {
-      bytes = inflateRawSync(head, { finishFlush: zlib.Z_SYNC_FLUSH });
+      // Bounded: a deflate bomb must not cost more than MAX_INFLATED of memory and time.
+      bytes = inflateRawSync(head, { finishFlush: zlib.Z_SYNC_FLUSH, maxOutputLength: MAX_INFLATED });
     } catch (e) {
-      throw new DatasetHeadError(`cannot inflate the deflated data set: ${(e as Error).message}`);
+      const tooLarge = (e as { code?: string }).code === "ERR_BUFFER_TOO_LARGE";
+      throw new DatasetHeadError(tooLarge ? `the deflated data set inflates beyond ${MAX_INFLATED >> 20} MiB before its UIDs` : `cannot inflate the deflated data set: ${(e as Error).message}`);
     }
   }
   const r = new Reader(bytes, transferSyntax !== TransferSyntax.ExplicitVRBigEndian, transferSyntax !== TransferSyntax.ImplicitVRLittleEndian);

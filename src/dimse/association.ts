@@ -195,6 +195,8 @@ export class AcceptorAssociation {
       return;
     }
     if (reason === "idle-timeout") {
+      // Compared with the configured timeout, not with `ms`: a re-armed timer runs for the remainder only.
+      ms = this.opts.idleTimeoutMs;
       const idle = Date.now() - this.lastActivity;
       // Never abort an answer in progress: the timer only counts while we wait for the peer.
       const busy = this.running !== undefined && !this.running.dataset?.isWaitingForPeer && !this.writer?.waitingForPeer && this.awaiting.size === 0;

@@ -4,6 +4,9 @@
  * so a slow consumer (a spool write, an upload) slows the peer instead of growing memory.
  */
 
+/** What a queued fragment costs besides its bytes, so that tiny fragments reach the high-water mark too. */
+const FRAGMENT_OVERHEAD = 64;
+
 export class DatasetStream implements AsyncIterable<Uint8Array> {
   private queue: Uint8Array[] = [];
   private queued = 0;
@@ -27,7 +30,7 @@ export class DatasetStream implements AsyncIterable<Uint8Array> {
     // Empty fragments carry nothing and would pile up without ever reaching the high-water mark.
     if (this.discarding || this.ended || fragment.length === 0) return;
     this.queue.push(fragment);
-    this.queued += fragment.length;
+    this.queued += fragment.length + FRAGMENT_OVERHEAD;
     if (this.queued > this.highWaterMark) this.pauseFlow();
     this.wake();
   }
@@ -70,7 +73,7 @@ export class DatasetStream implements AsyncIterable<Uint8Array> {
     for (;;) {
       const next = this.queue.shift();
       if (next) {
-        this.queued -= next.length;
+        this.queued -= next.length + FRAGMENT_OVERHEAD;
         if (this.queued <= this.highWaterMark / 2) this.resumeFlow();
         yield next;
         continue;
@@ -87,7 +90,8 @@ export class DatasetStream implements AsyncIterable<Uint8Array> {
     let n = 0;
     for await (const p of this) {
       n += p.length;
-      if (n > limit) {
+      // Tiny fragments are charged their overhead too: a million 1-byte fragments must not pass as 1 MB.
+      if (n + parts.length * FRAGMENT_OVERHEAD > limit) {
         this.discard();
         throw new RangeError(`data set larger than ${limit} bytes`);
       }

@@ -20,17 +20,23 @@ export interface PduReaderLimits {
 
 const KNOWN_TYPES = new Set<number>(Object.values(PduType));
 
+/** Reads shorter than this are copied into shared blocks of BLOCK bytes (see append). */
+const SMALL_READ = 1024;
+const BLOCK = 16 * 1024;
+
 export class PduReader {
   private chunks: Uint8Array[] = [];
   private buffered = 0;
+  /** The block small reads are appended to; bytes before `blockUsed` may be referenced by PDUs already returned. */
+  private block: Uint8Array | undefined;
+  private blockUsed = 0;
 
   constructor(public limits: PduReaderLimits) {}
 
   /** Feeds bytes; returns every PDU completed by them. Throws PduError on a framing violation. */
   push(chunk: Uint8Array): RawPdu[] {
     if (chunk.length === 0) return [];
-    this.chunks.push(chunk);
-    this.buffered += chunk.length;
+    this.append(chunk);
     const out: RawPdu[] = [];
     for (;;) {
       if (this.buffered < 6) break;
@@ -55,6 +61,33 @@ export class PduReader {
   /** Bytes received but not yet part of a complete PDU. */
   get pendingBytes(): number {
     return this.buffered;
+  }
+
+  /**
+   * Keeps a chunk. A peer that trickles a few bytes per TCP segment would otherwise make us hold one
+   * object (and possibly a larger backing buffer) per read, about 100 times the bytes counted against
+   * the limits; small reads are copied into a shared block instead (only ever appended to).
+   */
+  private append(chunk: Uint8Array): void {
+    this.buffered += chunk.length;
+    if (chunk.length >= SMALL_READ) {
+      this.chunks.push(chunk);
+      return;
+    }
+    const b = this.block;
+    if (b && this.blockUsed + chunk.length <= b.length) {
+      b.set(chunk, this.blockUsed);
+      const last = this.chunks[this.chunks.length - 1];
+      if (last && last.buffer === b.buffer && last.byteOffset + last.length === this.blockUsed) {
+        this.chunks[this.chunks.length - 1] = b.subarray(last.byteOffset, this.blockUsed + chunk.length);
+      } else this.chunks.push(b.subarray(this.blockUsed, this.blockUsed + chunk.length));
+      this.blockUsed += chunk.length;
+      return;
+    }
+    this.block = new Uint8Array(BLOCK);
+    this.block.set(chunk, 0);
+    this.blockUsed = chunk.length;
+    this.chunks.push(this.block.subarray(0, chunk.length));
   }
 
   private peek(n: number): Uint8Array {

@@ -11,6 +11,7 @@ import { anchorStillInScope, resolveInstances, tenantLabelScope, type LabelScope
 import type { DimseRequest } from "./association.ts";
 import type { CommandSet } from "./command.ts";
 import { Status, TransferSyntax } from "./constants.ts";
+import { parseDataset } from "../dicom/identifier.ts";
 
 /** Query/Retrieve MOVE and GET SOP classes, PS3.4 C.6. */
 export const RetrieveSopClass = {
@@ -58,6 +59,15 @@ type DcmjsDict = Record<string, { vr: string; Value?: unknown[] }>;
 export function decodeIdentifier(bytes: Uint8Array, transferSyntax: string): DcmjsDict {
   if (transferSyntax !== TransferSyntax.ImplicitVRLittleEndian && transferSyntax !== TransferSyntax.ExplicitVRLittleEndian && transferSyntax !== TransferSyntax.ExplicitVRBigEndian) {
     throw new RetrieveRefusal(Status.IdentifierDoesNotMatchSopClass, `identifier transfer syntax ${transferSyntax} is not supported`);
+  }
+  // dcmjs allocates an element's announced length before checking it against the data (a 40-byte
+  // identifier made it allocate 1.2 GB): our own parser, which checks every length first, goes before it.
+  if (transferSyntax !== TransferSyntax.ExplicitVRBigEndian) {
+    try {
+      parseDataset(bytes, transferSyntax);
+    } catch (e) {
+      throw new RetrieveRefusal(Status.IdentifierDoesNotMatchSopClass, `identifier cannot be decoded: ${e instanceof Error ? e.message : String(e)}`);
+    }
   }
   // A copy with its own buffer (a Node Buffer's slice() is a view: dcmjs reads the whole buffer).
   const copy = new Uint8Array(bytes.length);

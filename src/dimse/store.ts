@@ -17,7 +17,7 @@ import type { Forwarder } from "../spool/forwarder.ts";
 import { HEAD_BYTES, SpoolDiskError, SpoolQuotaError, type ReceivedFile, type TenantSpool } from "../spool/spool.ts";
 import { DatasetHeadError, readDatasetHead } from "../dicom/dataset-head.ts";
 import { orthancIds, type OrthancIds } from "../orthanc/identity.ts";
-import { readFileDatasetHead, type IsolationGuard } from "../tenancy/isolation.ts";
+import { readFileHeadAttributes, type IsolationGuard } from "../tenancy/isolation.ts";
 import type { DimseHandler, DimseResponder } from "./association.ts";
 import { Status } from "./constants.ts";
 
@@ -130,7 +130,7 @@ async function checkIsolation(
     } catch (e) {
       // Long private sequences before the UIDs: read further from the spooled file.
       if (!(e instanceof DatasetHeadError && e.truncated && received.head.length === HEAD_BYTES)) throw e;
-      head = readDatasetHead(await readFileDatasetHead(received.path), transferSyntax);
+      head = await readFileHeadAttributes(received.path, transferSyntax);
     }
     if (head.sopInstanceUid !== sopInstanceUid) {
       return {

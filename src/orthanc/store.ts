@@ -2,7 +2,7 @@
  * Storing an instance into Orthanc and labeling it for its tenant (Orthanc >= 1.12 labels).
  * Shared by the spool forwarder and by Sync-mode C-STORE.
  */
-import { open } from "node:fs/promises";
+import { open, readFile } from "node:fs/promises";
 import type { ResourceLevel } from "../config/types.ts";
 import { OrthancError, type OrthancClient } from "./client.ts";
 
@@ -57,9 +57,13 @@ function uploadTimeout(client: OrthancClient, size: number): number {
   return client.timeoutMs + Math.ceil(size / 10_000);
 }
 
-/** POST /instances with the file streamed from disk. */
+/** Files up to this size are sent from one buffer; larger ones are streamed (memory stays bounded). */
+const STREAM_ABOVE = 4 << 20;
+
+/** POST /instances with the file's bytes (streamed from disk when large). */
 export async function uploadFile(client: OrthancClient, path: string, size: number, signal?: AbortSignal): Promise<StoredInstance> {
-  const a = await client.postJson<PostInstancesAnswer>("/instances", fileStream(path), {
+  const body = size <= STREAM_ABOVE ? new Uint8Array(await readFile(path)) : fileStream(path);
+  const a = await client.postJson<PostInstancesAnswer>("/instances", body, {
     timeoutMs: uploadTimeout(client, size),
     headers: { "Content-Type": "application/dicom", "Content-Length": String(size) },
     signal,

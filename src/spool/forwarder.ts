@@ -11,9 +11,9 @@ import type { TenantConfig } from "../config/types.ts";
 import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
 import { isPermanentRejection, storedAttachmentInfo, uploadFile, type Labeler, type StoredInstance } from "../orthanc/store.ts";
 import { TenantSpool, type SpoolEntry } from "./spool.ts";
-import { DatasetHeadError, readDatasetHead } from "../dicom/dataset-head.ts";
+import { DatasetHeadError } from "../dicom/dataset-head.ts";
 import { orthancIds, type OrthancIds } from "../orthanc/identity.ts";
-import { readFileDatasetHead, type IsolationGuard } from "../tenancy/isolation.ts";
+import { readFileHeadAttributes, type IsolationGuard } from "../tenancy/isolation.ts";
 
 export interface ForwarderEvents {
   /** Strict isolation found, when forwarding, that the instance would land in another tenant's resources. */
@@ -209,7 +209,7 @@ export class Forwarder {
       const guard = this.opts.guardFor?.(tenant);
       let ids: OrthancIds | undefined;
       if (guard) {
-        ids = orthancIds(readDatasetHead(await readFileDatasetHead(entry.file), entry.transferSyntaxUid));
+        ids = orthancIds(await readFileHeadAttributes(entry.file, entry.transferSyntaxUid));
         const verdict = await guard.check(ids);
         if (!verdict.ok) {
           const reason = `isolation: ${verdict.reason}`;

@@ -23,6 +23,7 @@ import type { ResourceLevel, TenantConfig } from "../config/types.ts";
 import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
 import type { OrthancIds } from "../orthanc/identity.ts";
 import { fileMetaLength } from "../dicom/part10.ts";
+import { DatasetHeadError, readDatasetHead, type DatasetHead } from "../dicom/dataset-head.ts";
 
 export type IsolationVerdict =
   | { ok: true; /** Resources that do not exist yet and were claimed for the tenant. */ claimed: string[] }
@@ -182,11 +183,22 @@ export class IsolationGuard {
 export async function readFileDatasetHead(path: string, max = 1 << 20): Promise<Uint8Array> {
   const fh = await open(path, "r");
   try {
-    const buf = new Uint8Array(max);
-    const { bytesRead } = await fh.read(buf, 0, max, 0);
+    const size = (await fh.stat()).size;
+    const buf = new Uint8Array(Math.min(max, size));
+    const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
     const head = buf.subarray(0, bytesRead);
     return head.subarray(fileMetaLength(head) ?? head.length);
   } finally {
     await fh.close();
+  }
+}
+
+/** The placement attributes of a spooled file: from its first 64 KiB, or its first MiB if needed. */
+export async function readFileHeadAttributes(path: string, transferSyntax: string): Promise<DatasetHead> {
+  try {
+    return readDatasetHead(await readFileDatasetHead(path, 64 * 1024), transferSyntax);
+  } catch (e) {
+    if (!(e instanceof DatasetHeadError && e.truncated)) throw e;
+    return readDatasetHead(await readFileDatasetHead(path), transferSyntax);
   }
 }

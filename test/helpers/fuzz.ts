@@ -3,6 +3,7 @@
  * with the project's own codec, and byte-level mutators. The same seed always yields the same
  * sequence of cases, so a failure found in CI is replayed locally with FUZZ_SEED.
  */
+import { connect } from "node:net";
 import { encodeCommandSet, type CommandSet } from "../../src/dimse/command.ts";
 import { CommandField, DICOM_APPLICATION_CONTEXT, ItemType, NO_DATASET, TransferSyntax } from "../../src/dimse/constants.ts";
 import {
@@ -17,6 +18,7 @@ import {
   type RoleSelection,
   type UserInformation,
 } from "../../src/dimse/pdu.ts";
+import { PduReader } from "../../src/dimse/pdu-reader.ts";
 
 /** mulberry32: a tiny 32-bit PRNG, good enough to drive mutations, fully determined by its seed. */
 export class Rng {
@@ -139,20 +141,31 @@ export function validAssociateAC(rng: Rng): Uint8Array {
   });
 }
 
-/** A small identifier in Implicit VR Little Endian: QueryRetrieveLevel STUDY, PatientID, StudyInstanceUID. */
-export function identifier(rng: Rng): Uint8Array {
-  const el = (group: number, element: number, value: string) => {
-    const v = value.length % 2 ? value + " " : value;
-    const b = new Uint8Array(8 + v.length);
+/**
+ * A small identifier, QueryRetrieveLevel, PatientID and StudyInstanceUID, in Implicit or Explicit VR
+ * Little Endian (whichever the presentation context will use).
+ */
+export function identifier(rng: Rng, explicit = false): Uint8Array {
+  const el = (group: number, element: number, vr: string, value: string) => {
+    const v = value.length % 2 ? value + (vr === "UI" ? "\0" : " ") : value;
+    const h = 8; // tag, then VR + 16-bit length (explicit) or a 32-bit length (implicit)
+    const b = new Uint8Array(h + v.length);
     const dv = new DataView(b.buffer);
     dv.setUint16(0, group, true);
     dv.setUint16(2, element, true);
-    dv.setUint32(4, v.length, true);
-    for (let i = 0; i < v.length; i++) b[8 + i] = v.charCodeAt(i);
+    if (explicit) {
+      b[4] = vr.charCodeAt(0);
+      b[5] = vr.charCodeAt(1);
+      dv.setUint16(6, v.length, true);
+    } else dv.setUint32(4, v.length, true);
+    for (let i = 0; i < v.length; i++) b[h + i] = v.charCodeAt(i);
     return b;
   };
-  const parts = [el(0x0008, 0x0052, rng.pick(["STUDY", "PATIENT", "SERIES", "IMAGE"])), el(0x0010, 0x0020, rng.pick(["", "P1", "*"])), el(0x0020, 0x000d, rng.pick(["", "1.2.3"]))];
-  return concatBytes(...parts);
+  return concatBytes(
+    el(0x0008, 0x0052, "CS", rng.pick(["STUDY", "PATIENT", "SERIES", "IMAGE"])),
+    el(0x0010, 0x0020, "LO", rng.pick(["", "P1", "*"])),
+    el(0x0020, 0x000d, "UI", rng.pick(["", "1.2.3"])),
+  );
 }
 
 /** A DIMSE request's command set (and data set, if any) for a presentation context of `validAssociateRQ`. */
@@ -166,18 +179,24 @@ export function request(rng: Rng, contexts: PresentationContextProposal[], messa
     return {
       pcId: pc.id,
       command: { commandField: CommandField.CStoreRQ, messageId, affectedSopClassUid: sop, affectedSopInstanceUid: `1.2.3.${messageId}`, priority: 0, commandDataSetType: 0 },
-      dataset: concatBytes(identifier(rng), rng.bytes(rng.int(64))),
+      dataset: concatBytes(identifier(rng, pc.transferSyntaxes[0] === TransferSyntax.ExplicitVRLittleEndian), rng.bytes(rng.int(64))),
     };
   }
   if (rng.bool(0.2)) return { pcId: pc.id, command: { commandField: CommandField.CCancelRQ, messageIdBeingRespondedTo: messageId - 1, commandDataSetType: NO_DATASET } };
   const field = sop === SOP.studyRootMove ? CommandField.CMoveRQ : sop === SOP.studyRootGet ? CommandField.CGetRQ : CommandField.CFindRQ;
   const command: CommandSet = { commandField: field, messageId, affectedSopClassUid: sop, priority: 0, commandDataSetType: 0 };
   if (field === CommandField.CMoveRQ) command.moveDestination = "NOWHERE";
-  return { pcId: pc.id, command, dataset: identifier(rng) };
+  // Query/retrieve contexts are accepted in Explicit VR Little Endian whenever it is proposed.
+  return { pcId: pc.id, command, dataset: identifier(rng, pc.transferSyntaxes.includes(TransferSyntax.ExplicitVRLittleEndian)) };
 }
 
 /** P-DATA-TF PDUs carrying a message, fragmented to at most `maxFragment` bytes per PDV. */
 export function pdataMessage(pcId: number, command: CommandSet, dataset: Uint8Array | undefined, maxFragment = 16378): Uint8Array[] {
+  return pdataRaw(pcId, encodeCommandSet(command), dataset, maxFragment);
+}
+
+/** Like pdataMessage with the command set's bytes given (possibly malformed): the framing stays valid. */
+export function pdataRaw(pcId: number, command: Uint8Array, dataset: Uint8Array | undefined, maxFragment = 16378): Uint8Array[] {
   const out: Uint8Array[] = [];
   const frag = (isCommand: boolean, bytes: Uint8Array) => {
     let o = 0;
@@ -187,7 +206,7 @@ export function pdataMessage(pcId: number, command: CommandSet, dataset: Uint8Ar
       o += n;
     } while (o < bytes.length);
   };
-  frag(true, encodeCommandSet(command));
+  frag(true, command);
   if (dataset) frag(false, dataset);
   return out;
 }
@@ -317,4 +336,83 @@ export function concatBytes(...parts: Uint8Array[]): Uint8Array {
     o += p.length;
   }
   return out;
+}
+
+// ---- a hostile peer on a real socket -------------------------------------------------------
+
+/** One step of a scripted connection: bytes to send (in the given TCP writes), or wait for the next PDU. */
+export type Step = { send: Uint8Array[] } | { awaitPdu: true };
+
+export interface ConnectionOutcome {
+  /** "closed": the server ended the connection; "deadline": it was still open at the deadline (we closed it). */
+  end: "closed" | "deadline" | "refused";
+  /** Types of the PDUs received, in order. */
+  received: number[];
+  ms: number;
+  /** Our reader could not frame the server's bytes: the server sent something that is not a PDU. */
+  badOutput?: string;
+}
+
+/**
+ * Connects, plays the steps and waits until the server closes the connection or the deadline passes.
+ * Writes are best-effort: the server may have aborted already.
+ */
+export function playConnection(port: number, steps: Step[], deadlineMs: number, host = "127.0.0.1"): Promise<ConnectionOutcome> {
+  return new Promise((resolve) => {
+    const t0 = Date.now();
+    const received: number[] = [];
+    const reader = new PduReader({ maxPDataLength: 1 << 24, maxControlLength: 1 << 24 });
+    let badOutput: string | undefined;
+    let waiter: (() => void) | undefined;
+    let closed = false;
+    let connected = false;
+    /** PDUs already waited for by awaitPdu steps. */
+    let seen = 0;
+    const socket = connect({ port, host });
+    socket.setNoDelay(true);
+    socket.on("error", () => {});
+    const timer = setTimeout(() => finish("deadline"), deadlineMs);
+    let done = false;
+    function finish(end: ConnectionOutcome["end"]) {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      socket.destroy();
+      resolve({ end, received, ms: Date.now() - t0, badOutput });
+    }
+    socket.on("data", (d: Uint8Array) => {
+      if (badOutput) return;
+      try {
+        for (const p of reader.push(d)) received.push(p.type);
+      } catch (e) {
+        badOutput = (e as Error).message;
+      }
+      const w = waiter;
+      waiter = undefined;
+      w?.();
+    });
+    socket.on("close", () => {
+      closed = true;
+      const w = waiter;
+      waiter = undefined;
+      w?.();
+      finish(connected ? "closed" : "refused");
+    });
+    socket.once("connect", async () => {
+      connected = true;
+      for (const step of steps) {
+        if (closed || done) return;
+        if ("send" in step) {
+          for (const chunk of step.send) {
+            if (closed || done) return;
+            socket.write(chunk);
+            await new Promise((r) => setImmediate(r));
+          }
+        } else {
+          while (received.length <= seen && !closed && !done) await new Promise<void>((r) => (waiter = r));
+          seen = received.length;
+        }
+      }
+    });
+  });
 }

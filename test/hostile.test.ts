@@ -1,0 +1,517 @@
+/**
+ * Hostile input against the running gateway (issue 7, "Hostile input"): slowloris, announced huge
+ * PDUs, thousands of associations, a peer that never reads; plus regression tests for the bugs these
+ * attacks found in the upper layer. The gateway runs in-process (no Orthanc needed: the network layer
+ * is under test), so memory and file descriptors are measured on this very process.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, readdirSync, readFileSync } from "node:fs";
+import { spawn } from "node:child_process";
+import { connect, type Socket } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import type { DimseHandler } from "../src/dimse/association.ts";
+import { encodeCommandSet } from "../src/dimse/command.ts";
+import { AbortReason, CommandField, NO_DATASET, PduType, Status, TransferSyntax } from "../src/dimse/constants.ts";
+import { DatasetStream } from "../src/dimse/dataset-stream.ts";
+import { handleEcho } from "../src/dimse/echo.ts";
+import { UNCOMPRESSED_LITTLE_ENDIAN } from "../src/dimse/negotiation.ts";
+import { decodeAbort, encodePDataHeader, encodeReleaseRQ } from "../src/dimse/pdu.ts";
+import { PduReader } from "../src/dimse/pdu-reader.ts";
+import { decodeIdentifier, RetrieveRefusal } from "../src/dimse/retrieve.ts";
+import { DimseServer } from "../src/dimse/server.ts";
+import { createAssociationPolicy } from "../src/tenancy/association-policy.ts";
+import { echoscu } from "./helpers/dcmtk.ts";
+import { concatBytes, multiPdvPData, pdataMessage, playConnection, Rng, validAssociateRQ } from "./helpers/fuzz.ts";
+import { startTestGateway } from "./helpers/gateway.ts";
+import { concat, RawPeer, VERIFICATION_CONTEXT } from "./helpers/raw-peer.ts";
+
+const ARTIM_MS = 1000;
+const IDLE_S = 1;
+const MB = 1 << 20;
+const auditFile = join(mkdtempSync(join(tmpdir(), "gw-hostile-audit-")), "audit.log");
+let gw: Awaited<ReturnType<typeof startTestGateway>>;
+
+beforeAll(async () => {
+  gw = await startTestGateway(
+    [{ AET: "ALPHA" }, { AET: "BETA" }],
+    "http://127.0.0.1:1", // no Orthanc needed for the network layer
+    {
+      DicomScpTimeout: IDLE_S,
+      // Limits high enough that every attack below reaches a real association (the default limits have their own test).
+      Gateway: { Limits: { ArtimTimeoutSeconds: ARTIM_MS / 1000, MaxAssociations: 2000, MaxAssociationsPerTenant: 1000 }, Audit: { File: auditFile } },
+    },
+    { artimTimeoutMs: ARTIM_MS },
+  );
+});
+
+afterAll(async () => {
+  await gw?.stop();
+});
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const rss = () => process.memoryUsage().rss;
+const openFds = () => readdirSync("/proc/self/fd").length;
+
+/** Samples RSS until stopped; returns the peak growth over the RSS at start. */
+function rssMonitor(): { stop(): number } {
+  const start = rss();
+  let peak = start;
+  const t = setInterval(() => (peak = Math.max(peak, rss())), 10);
+  return {
+    stop() {
+      clearInterval(t);
+      return Math.max(peak, rss()) - start;
+    },
+  };
+}
+
+/** A plain socket that records the moment it is closed by the server and the PDUs received. */
+async function rawSocket(port: number): Promise<{ socket: Socket; closed: Promise<number>; pdus: { type: number; at: number; body: Uint8Array }[] }> {
+  const socket = connect({ port, host: "127.0.0.1" });
+  socket.setNoDelay(true);
+  socket.on("error", () => {});
+  const pdus: { type: number; at: number; body: Uint8Array }[] = [];
+  const reader = new PduReader({ maxPDataLength: 1 << 24, maxControlLength: 1 << 24 });
+  socket.on("data", (d: Uint8Array) => {
+    for (const p of reader.push(d)) pdus.push({ type: p.type, at: Date.now(), body: p.body });
+  });
+  const closed = new Promise<number>((r) => socket.once("close", () => r(Date.now())));
+  await new Promise<void>((resolve, reject) => {
+    socket.once("connect", () => resolve());
+    socket.once("error", reject);
+  });
+  return { socket, closed, pdus };
+}
+
+function drainOrClose(socket: Socket): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      socket.off("drain", done);
+      socket.off("close", done);
+      resolve();
+    };
+    socket.on("drain", done);
+    socket.on("close", done);
+  });
+}
+
+async function waitFor(cond: () => boolean, timeoutMs: number): Promise<boolean> {
+  const t0 = Date.now();
+  while (!cond()) {
+    if (Date.now() - t0 > timeoutMs) return false;
+    await sleep(20);
+  }
+  return true;
+}
+
+const activeAssociations = () => gw.listeners.reduce((n, l) => n + l.server.activeAssociations, 0);
+
+describe("slowloris", () => {
+  test(
+    "200 connections that send nothing, a partial header, a partial A-ASSOCIATE-RQ or a trickle are all closed at ARTIM; memory stays bounded; both tenants keep answering",
+    async () => {
+      const port = gw.portOf("ALPHA");
+      const mon = rssMonitor();
+      const before = rss();
+      const t0 = Date.now();
+      const conns = await Promise.all(Array.from({ length: 200 }, () => rawSocket(port)));
+      const rq = validAssociateRQ(new Rng(7), "ALPHA");
+      const trickles: ReturnType<typeof setInterval>[] = [];
+      conns.forEach((c, i) => {
+        const kind = i % 4;
+        if (kind === 1) c.socket.write(rq.subarray(0, 3)); // a partial PDU header
+        if (kind === 2) c.socket.write(rq.subarray(0, rq.length - 10)); // an A-ASSOCIATE-RQ missing its end
+        if (kind === 3) {
+          // one byte every 50 ms: data keeps arriving, but ARTIM is not a per-byte timer
+          let o = 0;
+          const t = setInterval(() => o < rq.length - 1 && !c.socket.destroyed && c.socket.write(rq.subarray(o, ++o)), 50);
+          trickles.push(t);
+        }
+      });
+      // During the attack, both tenants answer.
+      const [alpha, beta] = await Promise.all([echoscu(port, "ALPHA"), echoscu(gw.portOf("BETA"), "BETA")]);
+      expect(beta.code).toBe(0);
+      expect(alpha.code).toBe(0);
+      const closedAt = await Promise.all(conns.map((c) => c.closed));
+      trickles.forEach(clearInterval);
+      // Each is answered with an A-ABORT at ARTIM (not before: the trickle keeps sending), then closed.
+      expect(conns.every((c) => c.pdus.length === 1 && c.pdus[0]!.type === PduType.Abort)).toBe(true);
+      expect(Math.min(...closedAt) - t0).toBeGreaterThanOrEqual(ARTIM_MS - 50);
+      expect(Math.max(...closedAt) - t0).toBeLessThan(ARTIM_MS + 2000);
+      expect(await waitFor(() => activeAssociations() === 0, 2000)).toBe(true);
+      const peak = mon.stop();
+      expect(peak).toBeLessThan(64 * MB);
+      expect(rss() - before).toBeLessThan(64 * MB);
+      // The audit trail has one line per timed-out connection.
+      const timedOut = readFileSync(auditFile, "utf8").split("\n").filter((l) => l.includes('"artim-timeout"')).length;
+      expect(timedOut).toBeGreaterThanOrEqual(200);
+    },
+    20_000,
+  );
+
+  test(
+    "with the default limits, 300 idle connections on one tenant do not lock out another tenant",
+    async () => {
+      const other = await startTestGateway([{ AET: "ALPHA" }, { AET: "BETA" }], "http://127.0.0.1:1", { DicomScpTimeout: IDLE_S, Gateway: { Audit: { File: join(mkdtempSync(join(tmpdir(), "gw-audit-")), "a.log") } } }, { artimTimeoutMs: ARTIM_MS });
+      try {
+        const conns = await Promise.all(Array.from({ length: 300 }, () => rawSocket(other.portOf("ALPHA"))));
+        const beta = await echoscu(other.portOf("BETA"), "BETA");
+        expect(beta.code).toBe(0);
+        const t0 = Date.now();
+        await Promise.all(conns.map((c) => c.closed));
+        expect(Date.now() - t0).toBeLessThan(ARTIM_MS + 2000);
+        // Once the attack is over, the attacked tenant serves again.
+        expect((await echoscu(other.portOf("ALPHA"), "ALPHA")).code).toBe(0);
+      } finally {
+        await other.stop();
+      }
+    },
+    20_000,
+  );
+});
+
+describe("announced huge PDUs", () => {
+  const JUNK_MB = 64;
+  /**
+   * The attacker runs in a child process, so that its junk is not counted in this process's memory
+   * (the gateway's). It sends the header and the junk without waiting for our answer, goes on after
+   * our A-ABORT (half-open), says "sent" on stdout when all the junk is out, then holds the
+   * connection open.
+   */
+  const ATTACKER = `
+    const [port, associate, type, length, junkMb] = process.argv.slice(-5).map(Number);
+    const net = require("node:net");
+    const s = net.connect({ port, host: "127.0.0.1", allowHalfOpen: true });
+    s.setNoDelay(true);
+    let buf = Buffer.alloc(0), t0 = 0, abortMs = -1, reason = -1, sent = 0, gotAc = false;
+    const junk = Buffer.alloc(64 * 1024, 0xa5);
+    const header = Buffer.alloc(6); header[0] = type; header.writeUInt32BE(length, 2);
+    async function attack() {
+      t0 = Date.now();
+      s.write(header);
+      while (sent < junkMb * 1024 * 1024 && !s.destroyed) {
+        sent += junk.length;
+        if (!s.write(junk)) await new Promise((r) => { const f = () => { s.off("drain", f); s.off("close", f); r(); }; s.on("drain", f); s.on("close", f); });
+      }
+      console.log(JSON.stringify({ sent, abortMs, reason, open: !s.destroyed }));
+    }
+    s.on("data", (d) => {
+      buf = Buffer.concat([buf, d]);
+      while (buf.length >= 6 && buf.length >= 6 + buf.readUInt32BE(2)) {
+        const t = buf[0]; const body = buf.subarray(6, 6 + buf.readUInt32BE(2)); buf = buf.subarray(6 + body.length);
+        if (t === 2 && !gotAc) { gotAc = true; attack(); }
+        if (t === 7 && abortMs < 0) { abortMs = Date.now() - t0; reason = body[3]; }
+      }
+    });
+    s.on("error", () => {});
+    s.on("close", () => process.exit(0));
+    s.on("connect", () => { if (associate) s.write(Buffer.from(process.env.RQ, "hex")); else attack(); });
+  `;
+
+  for (const c of [
+    { what: "a 4 GB P-DATA-TF after association", type: PduType.PData, length: 0xffffffff, associate: true },
+    { what: "a 2 GB A-ASSOCIATE-RQ", type: PduType.AssociateRQ, length: 0x80000000, associate: false },
+  ]) {
+    test(
+      `${c.what} followed by ${JUNK_MB} MB of junk is aborted at once, without buffering the junk`,
+      async () => {
+        Bun.gc(true);
+        const heapBefore = process.memoryUsage().heapUsed; // typed arrays included (external)
+        const rq = Buffer.from(validAssociateRQ(new Rng(1), "ALPHA", [VERIFICATION_CONTEXT])).toString("hex");
+        const child = spawn(process.execPath, ["-e", ATTACKER, String(gw.portOf("ALPHA")), c.associate ? "1" : "0", String(c.type), String(c.length), String(JUNK_MB)], {
+          env: { ...process.env, RQ: rq },
+          stdio: ["ignore", "pipe", "inherit"],
+        });
+        try {
+          let out = "";
+          const line = await new Promise<string>((resolve, reject) => {
+            child.stdout!.on("data", (d) => {
+              out += d;
+              if (out.includes("\n")) resolve(out.split("\n")[0]!);
+            });
+            child.on("close", () => reject(new Error(`the attacker ended without a report: ${out}`)));
+          });
+          const report = JSON.parse(line) as { sent: number; abortMs: number; reason: number; open: boolean };
+          // All the junk went out, and the connection is still open: the gateway holds whatever it kept.
+          Bun.gc(true);
+          const retained = process.memoryUsage().heapUsed - heapBefore;
+          expect(report.sent).toBe(JUNK_MB * MB);
+          expect(report.open).toBe(true);
+          expect(report.reason).toBe(AbortReason.InvalidPduParameterValue);
+          expect(report.abortMs).toBeGreaterThanOrEqual(0);
+          expect(report.abortMs).toBeLessThan(500);
+          expect(retained).toBeLessThan(8 * MB);
+        } finally {
+          child.kill();
+        }
+      },
+      20_000,
+    );
+  }
+});
+
+describe("thousands of associations", () => {
+  /** Associate, C-ECHO, release: true when every step was answered as it should be. */
+  async function shortAssociation(port: number, aet: string): Promise<"served" | "rejected" | "failed"> {
+    const peer = await RawPeer.connect(port);
+    try {
+      const ac = await peer.associate(aet, [VERIFICATION_CONTEXT]);
+      if (ac?.type === PduType.AssociateRJ) return "rejected";
+      if (ac?.type !== PduType.AssociateAC) return "failed";
+      peer.sendCommand(1, { commandField: CommandField.CEchoRQ, messageId: 1, affectedSopClassUid: "1.2.840.10008.1.1", commandDataSetType: NO_DATASET });
+      const rsp = await peer.readCommand();
+      if (rsp?.status !== Status.Success) return "failed";
+      peer.write(encodeReleaseRQ());
+      if ((await peer.next())?.type !== PduType.ReleaseRP) return "failed";
+      await peer.closedPromise;
+      return "served";
+    } catch {
+      return "failed";
+    } finally {
+      peer.close();
+    }
+  }
+
+  test(
+    "2000 sequential and 200 concurrent short associations: all served, no crash, no file descriptor leak",
+    async () => {
+      expect(await waitFor(() => activeAssociations() === 0, 3000)).toBe(true);
+      const fdsBefore = openFds();
+      const before = rss();
+      const counts = { served: 0, rejected: 0, failed: 0 };
+      for (let i = 0; i < 2000; i++) counts[await shortAssociation(gw.portOf(i % 2 ? "BETA" : "ALPHA"), i % 2 ? "BETA" : "ALPHA")]++;
+      expect(counts).toEqual({ served: 2000, rejected: 0, failed: 0 });
+      const concurrent = await Promise.all(Array.from({ length: 200 }, (_, i) => shortAssociation(gw.portOf(i % 2 ? "BETA" : "ALPHA"), i % 2 ? "BETA" : "ALPHA")));
+      expect(concurrent.filter((r) => r === "served").length).toBe(200);
+      expect(await waitFor(() => activeAssociations() === 0, 3000)).toBe(true);
+      // Sockets are closed on both sides (the gateway's and the peers', all in this process).
+      expect(await waitFor(() => openFds() <= fdsBefore + 2, 3000)).toBe(true);
+      expect(rss() - before).toBeLessThan(64 * MB);
+      expect(gw.listeners.every((l) => l.server.listening)).toBe(true);
+    },
+    40_000,
+  );
+
+  test(
+    "with the default limits, 200 concurrent associations on one tenant are served or cleanly refused",
+    async () => {
+      const other = await startTestGateway([{ AET: "ALPHA" }], "http://127.0.0.1:1", { DicomScpTimeout: IDLE_S, Gateway: { Audit: { File: join(mkdtempSync(join(tmpdir(), "gw-audit-")), "a.log") } } }, { artimTimeoutMs: ARTIM_MS });
+      try {
+        const port = other.portOf("ALPHA");
+        // Each peer holds its association until all are open, so the limit is really reached.
+        const outcomes = await Promise.all(
+          Array.from({ length: 200 }, () =>
+            playConnection(port, [{ send: [validAssociateRQ(new Rng(3), "ALPHA", [VERIFICATION_CONTEXT])] }, { awaitPdu: true }], 5000),
+          ),
+        );
+        const first = outcomes.map((o) => o.received[0]);
+        const accepted = first.filter((t) => t === PduType.AssociateAC).length;
+        const rejected = first.filter((t) => t === PduType.AssociateRJ).length;
+        const dropped = first.filter((t) => t === undefined).length;
+        expect(accepted + rejected + dropped).toBe(200);
+        expect(accepted).toBeGreaterThan(0);
+        expect(outcomes.every((o) => o.end === "closed" && !o.badOutput)).toBe(true);
+        expect((await echoscu(port, "ALPHA")).code).toBe(0);
+      } finally {
+        await other.stop();
+      }
+    },
+    20_000,
+  );
+});
+
+describe("a peer that never reads", () => {
+  test(
+    "C-ECHO-RQs sent without reading the responses: the gateway stops reading (bounded memory) and the idle timeout ends the association",
+    async () => {
+      const conn = await rawSocket(gw.portOf("ALPHA"));
+      conn.socket.write(validAssociateRQ(new Rng(1), "ALPHA", [VERIFICATION_CONTEXT]));
+      expect(await waitFor(() => conn.pdus.length > 0, 3000)).toBe(true);
+      expect(conn.pdus[0]!.type).toBe(PduType.AssociateAC);
+      conn.socket.pause(); // never read again
+      const localPort = conn.socket.localPort;
+      const c = encodeCommandSet({ commandField: CommandField.CEchoRQ, messageId: 1, affectedSopClassUid: "1.2.840.10008.1.1", commandDataSetType: NO_DATASET });
+      const one = concat(encodePDataHeader(1, true, true, c.length), c);
+      const batch = concatBytes(...Array.from({ length: 1000 }, () => one));
+      const mon = rssMonitor();
+      const t0 = Date.now();
+      let sent = 0;
+      // Keep sending, waiting for drain like any well-behaved writer, for up to 8 s.
+      while (!conn.socket.destroyed && Date.now() - t0 < 8000) {
+        sent += 1000;
+        if (conn.socket.write(batch)) await new Promise((r) => setImmediate(r));
+        else await Promise.race([new Promise((r) => conn.socket.once("drain", r)), conn.closed, sleep(200)]);
+      }
+      // The gateway stopped reading once requests queued up (we are blocked, nothing more arrives), so the
+      // idle timeout (1 s) ended the association. Before the fix it read and queued every request for as
+      // long as we sent: the association never went idle and memory grew by gigabytes within seconds.
+      const closedAt = await Promise.race([conn.closed, sleep(2000).then(() => Infinity)]);
+      expect(closedAt - t0).toBeLessThan(IDLE_S * 1000 + ARTIM_MS + 3000);
+      expect(mon.stop()).toBeLessThan(96 * MB);
+      expect(sent).toBeGreaterThan(1000);
+      const ended = readFileSync(auditFile, "utf8")
+        .split("\n")
+        .filter((l) => l.includes(`127.0.0.1:${localPort}"`) && l.includes("association-ended"));
+      expect(ended.some((l) => l.includes("idle-timeout"))).toBe(true);
+    },
+    20_000,
+  );
+});
+
+// ---- regressions found by the attacks above and by test/fuzz.test.ts ------------------------
+
+describe("regressions", () => {
+  test("empty command fragments cannot pile up: the association is aborted after 64 KiB of PDV items, without stalling", async () => {
+    const peer = await RawPeer.connect(gw.portOf("ALPHA"));
+    expect((await peer.associate("ALPHA", [VERIFICATION_CONTEXT]))?.type).toBe(PduType.AssociateAC);
+    const pdu = multiPdvPData(Array.from({ length: 2700 }, () => ({ pcId: 1, isCommand: true, isLast: false, data: new Uint8Array(0) })));
+    let lag = 0;
+    let last = performance.now();
+    const t = setInterval(() => {
+      const now = performance.now();
+      lag = Math.max(lag, now - last - 10);
+      last = now;
+    }, 10);
+    for (let i = 0; i < 60 && !peer.closed; i++) {
+      peer.write(pdu);
+      await sleep(2);
+    }
+    const answer = await peer.next(3000);
+    clearInterval(t);
+    expect(answer?.type).toBe(PduType.Abort);
+    expect(decodeAbort(answer!.body).reason).toBe(AbortReason.InvalidPduParameterValue);
+    // Before the fix each fragment summed all the previous ones: ~1 s of stall per MB, growing quadratically.
+    expect(lag).toBeLessThan(200);
+    peer.close();
+  });
+
+  test("PduReader: a PDU trickled one byte per read costs about its size, not ~100 bytes per byte", () => {
+    const reader = new PduReader({ maxPDataLength: 16384, maxControlLength: MB });
+    Bun.gc(true);
+    const before = process.memoryUsage().heapUsed;
+    const header = Uint8Array.of(PduType.AssociateRQ, 0, 0, 0x10, 0, 0); // announces 1 MiB
+    reader.push(header);
+    for (let i = 0; i < MB - 1; i++) reader.push(Uint8Array.of(i & 0xff));
+    Bun.gc(true);
+    const grown = process.memoryUsage().heapUsed - before;
+    expect(reader.pendingBytes).toBe(MB + 5);
+    expect(grown).toBeLessThan(8 * MB); // was ~80 MB
+    // And the PDU still comes out whole and intact.
+    const [pdu] = reader.push(Uint8Array.of((MB - 1) & 0xff));
+    expect(pdu!.body.length).toBe(MB);
+    expect(pdu!.body[12345]).toBe(12345 & 0xff);
+    expect(pdu!.body[MB - 1]).toBe((MB - 1) & 0xff);
+    expect(reader.pendingBytes).toBe(0);
+  });
+
+  test("DatasetStream: pause and resume are balanced whatever the fragment count; empty and tiny fragments count", async () => {
+    let paused = 0;
+    let resumed = 0;
+    const s = new DatasetStream({ pause: () => paused++, resume: () => resumed++ }, 1024);
+    for (let i = 0; i < 10; i++) s.push(new Uint8Array(512)); // 5 KB over a 1 KB mark: one pause, not nine
+    expect(paused).toBe(1);
+    s.discard(); // a handler that answers early: the one resume must lift the one pause
+    expect(resumed).toBe(1);
+
+    const t = new DatasetStream({ pause: () => paused++, resume: () => resumed++ }, 1024);
+    for (let i = 0; i < 100_000; i++) t.push(new Uint8Array(0));
+    expect(paused).toBe(1); // nothing queued for empty fragments
+    for (let i = 0; i < 100; i++) t.push(new Uint8Array(1)); // 100 one-byte fragments are not 100 bytes
+    expect(paused).toBe(2);
+    t.end();
+    const u = new DatasetStream({ pause() {}, resume() {} });
+    for (let i = 0; i < 20_000; i++) u.push(new Uint8Array(1));
+    u.end();
+    await expect(u.readAll(1 << 20)).rejects.toThrow(RangeError);
+  });
+
+  /** A bare DimseServer (no gateway) for a handler of the test's own. */
+  async function bareServer(handlers: Map<number, DimseHandler>, idleTimeoutMs: number): Promise<DimseServer> {
+    const server = new DimseServer({
+      label: "regression",
+      host: "127.0.0.1",
+      port: 0,
+      maxPduLength: 16384,
+      artimTimeoutMs: 1000,
+      idleTimeoutMs,
+      negotiate: createAssociationPolicy({ aet: "ALPHA" }, { checkCalledAet: true, strictAetComparison: false }, { abstractSyntaxes: new Map([["1.2.840.10008.1.1", UNCOMPRESSED_LITTLE_ENDIAN]]) }),
+      handlers,
+    });
+    await server.listen();
+    return server;
+  }
+
+  test("the idle timeout counts from the last activity: a peer active every 120 ms is never cut by a 400 ms timeout", async () => {
+    // The timer used to compare the idle time with its last (shortened) re-arm delay instead of the
+    // configured timeout: each re-arm shrank it, and a steadily active peer was aborted within ~2 s.
+    const server = await bareServer(new Map([[CommandField.CEchoRQ, handleEcho]]), 400);
+    try {
+      const peer = await RawPeer.connect(server.port);
+      expect((await peer.associate("ALPHA", [VERIFICATION_CONTEXT]))?.type).toBe(PduType.AssociateAC);
+      for (let i = 1; i <= 25; i++) {
+        await sleep(120);
+        peer.sendCommand(1, { commandField: CommandField.CEchoRQ, messageId: i, affectedSopClassUid: "1.2.840.10008.1.1", commandDataSetType: NO_DATASET });
+        expect((await peer.readCommand())?.status).toBe(Status.Success);
+      }
+      // ...and it still ends an association that really is idle.
+      const t0 = Date.now();
+      expect((await peer.next(2000))?.type).toBe(PduType.Abort);
+      expect(Date.now() - t0).toBeGreaterThanOrEqual(350);
+    } finally {
+      await server.close();
+    }
+  });
+
+  test("a data set answered before it is complete does not leave the association paused (pause/resume imbalance)", async () => {
+    const answerEarly: DimseHandler = async (req, res) => {
+      await sleep(300); // let more than the high-water mark pile up, in many fragments
+      await res.respond({ status: Status.OutOfResources, errorComment: "full" });
+    };
+    const server = await bareServer(new Map([[CommandField.CStoreRQ, answerEarly]]), 3000);
+    try {
+      const peer = await RawPeer.connect(server.port);
+      expect((await peer.associate("ALPHA", [VERIFICATION_CONTEXT]))?.type).toBe(PduType.AssociateAC);
+      const pdus = pdataMessage(1, { commandField: CommandField.CStoreRQ, messageId: 1, affectedSopClassUid: "1.2.840.10008.1.1", affectedSopInstanceUid: "1.2.3", priority: 0, commandDataSetType: 0 }, new Uint8Array(8 * MB));
+      const t0 = Date.now();
+      for (const p of pdus) {
+        if (!peer.socket.write(p)) await drainOrClose(peer.socket);
+        if (peer.closed) break;
+      }
+      expect(peer.closed).toBe(false);
+      expect((await peer.readCommand())?.status).toBe(Status.OutOfResources);
+      peer.write(encodeReleaseRQ());
+      expect((await peer.next())?.type).toBe(PduType.ReleaseRP); // was an A-ABORT at the idle timeout
+      expect(Date.now() - t0).toBeLessThan(2500);
+    } finally {
+      await server.close();
+    }
+  });
+
+  test("C-GET/C-MOVE identifier with a huge element length: refused (0xA900) before dcmjs allocates it", async () => {
+    // Implicit-VR bytes on an Explicit VR context: (0008,0052) "\x06\0" is no VR, dcmjs reads "IMAG" as a 1.2 GB length.
+    const bytes = Uint8Array.from(Buffer.from("0800520006000000494d414745201000200002000000503120000d0006000000312e322e3320", "hex"));
+    expect(() => decodeIdentifier(bytes, TransferSyntax.ExplicitVRLittleEndian)).toThrow(RetrieveRefusal);
+    const getContext = { id: 3, abstractSyntax: "1.2.840.10008.5.1.4.1.2.2.3", transferSyntaxes: [TransferSyntax.ExplicitVRLittleEndian] };
+    const peer = await RawPeer.connect(gw.portOf("ALPHA"));
+    expect((await peer.associate("ALPHA", [getContext]))?.type).toBe(PduType.AssociateAC);
+    peer.sendCommand(3, { commandField: CommandField.CGetRQ, messageId: 5, affectedSopClassUid: getContext.abstractSyntax, priority: 0, commandDataSetType: 0 }, bytes);
+    const rsp = await peer.readCommand();
+    expect(rsp?.status).toBe(Status.IdentifierDoesNotMatchSopClass);
+    peer.write(encodeReleaseRQ());
+    expect((await peer.next())?.type).toBe(PduType.ReleaseRP);
+  });
+});
+
+describe("deflate bomb", () => {
+  test("a deflated data set that inflates without bound is refused quickly, with bounded memory", async () => {
+    const { readDatasetHead, DatasetHeadError } = await import("../src/dicom/dataset-head.ts");
+    const { deflateRawSync } = await import("node:zlib");
+    const bomb = deflateRawSync(new Uint8Array(256 << 20));
+    const rss = process.memoryUsage().rss;
+    const t0 = performance.now();
+    expect(() => readDatasetHead(bomb.subarray(0, 64 * 1024), "1.2.840.10008.1.2.1.99")).toThrow(DatasetHeadError);
+    expect(performance.now() - t0).toBeLessThan(1000);
+    expect(process.memoryUsage().rss - rss).toBeLessThan(64 << 20);
+  });
+});
