@@ -10,7 +10,6 @@
  *
  * Usage: npx bun scripts/bench-find.ts [--rounds N] [--studies N] [--json]
  */
-import { spawn } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -18,7 +17,7 @@ import dcmjs from "dcmjs";
 import { encodeDataset, type OutElement } from "../src/dicom/identifier.ts";
 import { OrthancClient } from "../src/orthanc/client.ts";
 import { startTestGateway } from "../test/helpers/gateway.ts";
-import { freePorts } from "../test/helpers/ports.ts";
+import { freePort, median, timed } from "./bench-lib.ts";
 import { startOrthanc } from "./orthanc-testbed.ts";
 
 const CT_FILE = "/usr/lib/python3/dist-packages/pydicom/data/test_files/CT_small.dcm";
@@ -120,54 +119,39 @@ function seriesQuery(p: number): Uint8Array {
 }
 
 /** Runs findscu with the query files on one association; returns per-query latencies in ms. */
-function findscu(port: number, aet: string, files: string[], logConfig: string): Promise<{ latencies: number[]; responses: number; failures: number }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn("findscu", ["-lc", logConfig, "-S", "-aet", "BENCHSCU", "-aec", aet, "127.0.0.1", String(port), ...files], {
-      env: { ...process.env, TCP_NODELAY: "1" },
-      stdio: ["ignore", "pipe", "pipe"],
-    });
-    let out = "";
-    child.stdout.on("data", (d) => (out += d));
-    child.stderr.on("data", (d) => (out += d));
-    child.on("error", reject);
-    child.on("close", (code) => {
-      if (code !== 0) return reject(new Error(`findscu exited ${code}:\n${out.slice(-2000)}`));
-      const latencies: number[] = [];
-      let sent: number | undefined;
-      let responses = 0;
-      let failures = 0;
-      for (const line of out.split("\n")) {
-        const m = /^(\d\d):(\d\d):(\d\d)\.(\d+)\.(\d+) (.*)$/.exec(line);
-        if (!m) continue;
-        const t = ((Number(m[1]) * 60 + Number(m[2])) * 60 + Number(m[3])) * 1000 + Number(m[4]) + Number(m[5]) / 1000;
-        const msg = m[6]!;
-        if (msg.startsWith("Sending Find Request")) sent = t;
-        else if (msg.startsWith("Find Response:")) responses++;
-        else if (msg.startsWith("Received Final Find Response") && sent !== undefined) {
-          latencies.push(t - sent);
-          if (!msg.includes("(Success)")) failures++;
-          sent = undefined;
-        }
-      }
-      resolve({ latencies, responses, failures });
-    });
-  });
+async function findscu(port: number, aet: string, files: string[], logConfig: string): Promise<{ latencies: number[]; responses: number; failures: number }> {
+  const { code, output: out } = await timed("findscu", ["-lc", logConfig, "-S", "-aet", "BENCHSCU", "-aec", aet, "127.0.0.1", String(port), ...files]);
+  if (code !== 0) throw new Error(`findscu exited ${code}:\n${out.slice(-2000)}`);
+  const latencies: number[] = [];
+  let sent: number | undefined;
+  let responses = 0;
+  let failures = 0;
+  for (const line of out.split("\n")) {
+    const m = /^(\d\d):(\d\d):(\d\d)\.(\d+)\.(\d+) (.*)$/.exec(line);
+    if (!m) continue;
+    const t = ((Number(m[1]) * 60 + Number(m[2])) * 60 + Number(m[3])) * 1000 + Number(m[4]) + Number(m[5]) / 1000;
+    const msg = m[6]!;
+    if (msg.startsWith("Sending Find Request")) sent = t;
+    else if (msg.startsWith("Find Response:")) responses++;
+    else if (msg.startsWith("Received Final Find Response") && sent !== undefined) {
+      latencies.push(t - sent);
+      if (!msg.includes("(Success)")) failures++;
+      sent = undefined;
+    }
+  }
+  return { latencies, responses, failures };
 }
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length === 0 ? NaN : s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
-};
 const pct = (xs: number[], p: number) => {
   const s = [...xs].sort((a, b) => a - b);
   return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))]!;
 };
 
 async function main(): Promise<void> {
-  const [pluginPort] = await freePorts(1);
+  const pluginPort = await freePort();
   log(`starting Orthanc with the MultitenantDicom plugin (tenant PLUGIN on port ${pluginPort})...`);
   const orthanc = await startOrthanc({
-    multitenant: { servers: [{ AET: "PLUGIN", Port: pluginPort!, Labels: ["bench"] }] },
+    multitenant: { servers: [{ AET: "PLUGIN", Port: pluginPort, Labels: ["bench"] }] },
     extraConfig: { DicomAlwaysAllowFind: true, DicomAlwaysAllowEcho: true },
   });
   const dir = mkdtempSync(join(tmpdir(), "bench-find-"));
@@ -201,7 +185,7 @@ async function main(): Promise<void> {
     }
 
     const targets = [
-      { name: "plugin", port: pluginPort!, aet: "PLUGIN" },
+      { name: "plugin", port: pluginPort, aet: "PLUGIN" },
       { name: "gateway", port: gw.portOf("GATEWAY"), aet: "GATEWAY" },
     ];
     // Warm-up (connections, caches), not measured.

@@ -1,6 +1,6 @@
-/** Shared pieces of the benchmarks: timing dcmtk runs, a gateway child process, a storescp floor, tables. */
+/** Shared pieces of the benchmarks: timing dcmtk runs, a gateway child process, storescp (floor or move destination), tables, statistics. */
 import { spawn, type ChildProcess } from "node:child_process";
-import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -23,19 +23,33 @@ export interface Timed {
   seconds: number;
   code: number | null;
   output: string;
+  /** performance.now() when the command was started. */
+  startedAt: number;
 }
 
 /** Runs a command to completion and times it (TCP_NODELAY=1 for dcmtk). */
 export function timed(cmd: string, args: string[]): Promise<Timed> {
   return new Promise((resolve, reject) => {
-    const t0 = performance.now();
+    const startedAt = performance.now();
     const p = spawn(cmd, args, { env: DCMTK_ENV });
     let output = "";
     p.stdout.on("data", (d) => (output += d));
     p.stderr.on("data", (d) => (output += d));
     p.on("error", reject);
-    p.on("close", (code) => resolve({ seconds: (performance.now() - t0) / 1000, code, output }));
+    p.on("close", (code) => resolve({ seconds: (performance.now() - startedAt) / 1000, code, output, startedAt }));
   });
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Waits until `aet` on 127.0.0.1:`port` answers C-ECHO, trying `tries` times 50 ms apart; false if it never did. */
+async function answersEcho(aet: string, port: number, tries: number, stop?: () => void): Promise<boolean> {
+  for (let i = 0; i < tries; i++) {
+    stop?.();
+    if ((await timed("echoscu", ["-aec", aet, "127.0.0.1", String(port)])).code === 0) return true;
+    await sleep(50);
+  }
+  return false;
 }
 
 const children = new Set<ChildProcess>();
@@ -59,8 +73,12 @@ export interface GatewayChild {
   stop(): Promise<void>;
 }
 
-/** Starts the gateway CLI (bun src/cli.ts serve) with a configuration object; resolves when its HTTP endpoint is up. */
-export async function startGatewayProcess(config: Record<string, unknown>): Promise<GatewayChild> {
+/**
+ * Starts the gateway CLI (bun src/cli.ts serve) with a configuration object. Ready when its HTTP
+ * endpoint is up (from its log), or, with `readyWhenEchoes` (for a gateway logging below info), when
+ * that tenant answers C-ECHO; httpUrl is then the configuration's Gateway.Http.
+ */
+export async function startGatewayProcess(config: Record<string, unknown>, opts: { readyWhenEchoes?: { aet: string; port: number } } = {}): Promise<GatewayChild> {
   const dir = mkdtempSync(join(tmpdir(), "gw-bench-"));
   const path = join(dir, "gateway.json");
   writeFileSync(path, JSON.stringify(config));
@@ -68,7 +86,7 @@ export async function startGatewayProcess(config: Record<string, unknown>): Prom
   const child = spawn(bun, [join(REPO, "src/cli.ts"), "serve", "--config", path], { stdio: ["ignore", "pipe", "pipe"] });
   children.add(child);
   let log = "";
-  const httpUrl = await new Promise<string>((resolve, reject) => {
+  const logged = new Promise<string>((resolve, reject) => {
     const onData = (d: Buffer) => {
       log += d.toString();
       const m = log.match(/"HTTP endpoint started","url":"([^"]+)"/);
@@ -78,6 +96,19 @@ export async function startGatewayProcess(config: Record<string, unknown>): Prom
     child.stderr!.on("data", onData);
     child.on("exit", (code) => reject(new Error(`gateway exited ${code}:\n${log}`)));
   });
+  let httpUrl: string;
+  const echo = opts.readyWhenEchoes;
+  if (echo) {
+    logged.catch(() => {});
+    const exited = () => {
+      if (child.exitCode !== null) throw new Error(`gateway exited ${child.exitCode}:\n${log}`);
+    };
+    if (!(await answersEcho(echo.aet, echo.port, 202, exited))) throw new Error(`gateway did not answer C-ECHO on port ${echo.port}:\n${log}`);
+    const http = (config.Gateway as { Http?: { Host?: string; Port?: number } } | undefined)?.Http;
+    httpUrl = `http://${http?.Host ?? "127.0.0.1"}:${http?.Port}`;
+  } else {
+    httpUrl = await logged;
+  }
   child.stdout!.resume();
   child.stderr!.resume();
   return {
@@ -99,21 +130,58 @@ export async function startGatewayProcess(config: Record<string, unknown>): Prom
   };
 }
 
-/** dcmtk storescp writing to a temporary directory: the floor of what receiving 500 files can cost. */
-export async function startStorescp(): Promise<{ port: number; dir: string; stop(): Promise<void> }> {
+export interface BenchStorescp {
+  aet: string;
+  port: number;
+  dir: string;
+  /** With `storeTimes`: performance.now() of each C-STORE storescp reported, in order. */
+  stores: number[];
+  /** The number of files received. */
+  files(): number;
+  /** Deletes the received files and forgets the store times. */
+  clear(): void;
+  stop(): Promise<void>;
+}
+
+/**
+ * dcmtk storescp writing to a temporary directory: by default (AE title FLOOR, quiet) the floor of
+ * what receiving 500 files can cost; with `storeTimes`, a destination whose verbose log is
+ * timestamped as it arrives: when each C-STORE came in.
+ */
+export async function startStorescp(opts: { aet?: string; storeTimes?: boolean } = {}): Promise<BenchStorescp> {
+  const aet = opts.aet ?? "FLOOR";
   const port = await freePort();
   const dir = mkdtempSync(join(tmpdir(), "gw-bench-storescp-"));
-  const child = spawn("storescp", ["-od", dir, "-aet", "FLOOR", String(port)], { env: DCMTK_ENV, stdio: "ignore" });
+  const args = [...(opts.storeTimes ? ["-v"] : []), "-aet", aet, "-od", dir, String(port)];
+  const child = spawn("storescp", args, { env: DCMTK_ENV, stdio: opts.storeTimes ? ["ignore", "pipe", "pipe"] : "ignore" });
   children.add(child);
-  // Ready when it accepts a C-ECHO.
-  for (let i = 0; i < 100; i++) {
-    const r = await timed("echoscu", ["-aec", "FLOOR", "127.0.0.1", String(port)]);
-    if (r.code === 0) break;
-    await new Promise((r) => setTimeout(r, 50));
+  const stores: number[] = [];
+  if (opts.storeTimes) {
+    let buf = "";
+    const onData = (d: Buffer) => {
+      const now = performance.now();
+      buf += d.toString();
+      let i;
+      while ((i = buf.indexOf("\n")) >= 0) {
+        if (buf.slice(0, i).includes("Received Store Request")) stores.push(now);
+        buf = buf.slice(i + 1);
+      }
+    };
+    child.stdout!.on("data", onData);
+    child.stderr!.on("data", onData);
   }
+  // Ready when it accepts a C-ECHO.
+  await answersEcho(aet, port, 100);
   return {
+    aet,
     port,
     dir,
+    stores,
+    files: () => readdirSync(dir).length,
+    clear() {
+      for (const f of readdirSync(dir)) rmSync(join(dir, f), { force: true });
+      stores.length = 0;
+    },
     async stop() {
       child.kill("SIGTERM");
       await new Promise((r) => child.once("exit", r));
@@ -126,7 +194,7 @@ export async function until(what: string, f: () => Promise<boolean>, timeoutMs =
   const deadline = Date.now() + timeoutMs;
   while (!(await f())) {
     if (Date.now() > deadline) throw new Error(`timed out: ${what}`);
-    await new Promise((r) => setTimeout(r, everyMs));
+    await sleep(everyMs);
   }
 }
 
@@ -139,4 +207,13 @@ export function table(rows: (string | number)[][]): string {
 
 export function verdict(ok: boolean): string {
   return ok ? "met" : "NOT met";
+}
+
+export function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length === 0 ? NaN : s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
+}
+
+export function mean(xs: number[]): number {
+  return xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : NaN;
 }

@@ -15,109 +15,14 @@
  * Env: BENCH_PARALLELISM=N sets the gateway's Gateway.Move.Parallelism; BENCH_DEBUG=1 prints movescu's
  * output for moves that delivered nothing.
  */
-import { spawn, type ChildProcess } from "node:child_process";
-import { mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
-import { createServer } from "node:net";
+import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { freePort, mean, median, REPO, startGatewayProcess, startStorescp, table, timed, verdict, type BenchStorescp, type GatewayChild } from "./bench-lib.ts";
 import { generateDataset, type GeneratedDataset } from "./generate-dataset.ts";
 import { startOrthanc, type OrthancHandle } from "./orthanc-testbed.ts";
 
-const REPO = join(import.meta.dirname ?? new URL(".", import.meta.url).pathname, "..");
-const DCMTK_ENV = { ...process.env, TCP_NODELAY: "1" };
 const LABEL = "bench";
-const children = new Set<ChildProcess>();
-process.on("exit", () => {
-  for (const c of children) if (c.exitCode === null) c.kill("SIGKILL");
-});
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-function run(cmd: string, args: string[]): Promise<{ code: number | null; output: string; startedAt: number; seconds: number }> {
-  return new Promise((resolve, reject) => {
-    const startedAt = performance.now();
-    const p = spawn(cmd, args, { env: DCMTK_ENV });
-    let output = "";
-    p.stdout.on("data", (d) => (output += d));
-    p.stderr.on("data", (d) => (output += d));
-    p.on("error", reject);
-    p.on("close", (code) => resolve({ code, output, startedAt, seconds: (performance.now() - startedAt) / 1000 }));
-  });
-}
-
-/** storescp whose verbose log is timestamped as it arrives: when each C-STORE came in. */
-async function startDestination(aet: string) {
-  const port = await freePort();
-  const dir = mkdtempSync(join(tmpdir(), "gw-bench-move-dest-"));
-  const child = spawn("storescp", ["-v", "-aet", aet, "-od", dir, String(port)], { env: DCMTK_ENV, stdio: ["ignore", "pipe", "pipe"] });
-  children.add(child);
-  const stores: number[] = [];
-  let buf = "";
-  const onData = (d: Buffer) => {
-    const now = performance.now();
-    buf += d.toString();
-    let i;
-    while ((i = buf.indexOf("\n")) >= 0) {
-      if (buf.slice(0, i).includes("Received Store Request")) stores.push(now);
-      buf = buf.slice(i + 1);
-    }
-  };
-  child.stdout!.on("data", onData);
-  child.stderr!.on("data", onData);
-  for (let i = 0; i < 100; i++) {
-    if ((await run("echoscu", ["-aec", aet, "127.0.0.1", String(port)])).code === 0) break;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  return {
-    aet,
-    port,
-    dir,
-    stores,
-    files: () => readdirSync(dir).length,
-    clear() {
-      for (const f of readdirSync(dir)) rmSync(join(dir, f), { force: true });
-      stores.length = 0;
-    },
-    async stop() {
-      child.kill("SIGTERM");
-      await new Promise((r) => child.once("exit", r));
-    },
-  };
-}
-
-/** The gateway CLI as a child process; ready when its tenant answers C-ECHO. */
-async function startGatewayProcess(config: Record<string, unknown>, aet: string, port: number): Promise<{ stop(): Promise<void> }> {
-  const dir = mkdtempSync(join(tmpdir(), "gw-bench-move-"));
-  const path = join(dir, "gateway.json");
-  writeFileSync(path, JSON.stringify(config));
-  const child = spawn(process.execPath, [join(REPO, "src/cli.ts"), "serve", "--config", path], { stdio: ["ignore", "pipe", "pipe"] });
-  children.add(child);
-  let log = "";
-  child.stdout!.on("data", (d: Buffer) => (log += d.toString()));
-  child.stderr!.on("data", (d: Buffer) => (log += d.toString()));
-  for (let i = 0; ; i++) {
-    if (child.exitCode !== null) throw new Error(`gateway exited ${child.exitCode}:\n${log}`);
-    if ((await run("echoscu", ["-aec", aet, "127.0.0.1", String(port)])).code === 0) break;
-    if (i > 200) throw new Error(`gateway did not answer C-ECHO on port ${port}:\n${log}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  return {
-    async stop() {
-      if (child.exitCode !== null) return;
-      child.kill("SIGTERM");
-      await new Promise((r) => child.once("exit", r));
-    },
-  };
-}
 
 async function upload(o: OrthancHandle, data: GeneratedDataset): Promise<void> {
   const { readFile } = await import("node:fs/promises");
@@ -155,7 +60,7 @@ interface RoundResult {
 }
 
 /** Moves the studies one after the other through `aet` on `port`; times the round and each first sub-operation. */
-async function moveRound(aet: string, port: number, dest: Awaited<ReturnType<typeof startDestination>>, data: GeneratedDataset): Promise<RoundResult> {
+async function moveRound(aet: string, port: number, dest: BenchStorescp, data: GeneratedDataset): Promise<RoundResult> {
   dest.clear();
   const firstSubOp: number[] = [];
   const failures: string[] = [];
@@ -163,7 +68,7 @@ async function moveRound(aet: string, port: number, dest: Awaited<ReturnType<typ
   for (const study of data.studies) {
     const before = dest.stores.length;
     if (process.env.BENCH_DEBUG) process.stderr.write(`move ${aet} ${study.studyInstanceUid}\n`);
-    const r = await run("movescu", ["-S", ...(process.env.BENCH_DEBUG ? ["-v"] : []), "-aet", "BENCHSCU", "-aec", aet, "-aem", dest.aet, "-k", "QueryRetrieveLevel=STUDY", "-k", `StudyInstanceUID=${study.studyInstanceUid}`, "127.0.0.1", String(port)]);
+    const r = await timed("movescu", ["-S", ...(process.env.BENCH_DEBUG ? ["-v"] : []), "-aet", "BENCHSCU", "-aec", aet, "-aem", dest.aet, "-k", "QueryRetrieveLevel=STUDY", "-k", `StudyInstanceUID=${study.studyInstanceUid}`, "127.0.0.1", String(port)]);
     if (process.env.BENCH_DEBUG && before === dest.stores.length) process.stderr.write(r.output + "\n");
     if (r.code !== 0) failures.push(`movescu exited ${r.code}: ${r.output.trim().split("\n").slice(-3).join(" | ")}`);
     const first = dest.stores[before];
@@ -175,11 +80,6 @@ async function moveRound(aet: string, port: number, dest: Awaited<ReturnType<typ
   return { seconds, firstSubOp, received: dest.files(), failures };
 }
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length === 0 ? NaN : s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
-};
-const mean = (xs: number[]) => (xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : NaN);
 const ms = (s: number) => `${(s * 1000).toFixed(1)} ms`;
 
 async function main(): Promise<void> {
@@ -190,7 +90,7 @@ async function main(): Promise<void> {
   const data = await generateDataset({ outDir: join(REPO, ".cache", "bench-dataset-500"), patients: 5, studiesPerPatient: 2, seriesPerStudy: 2, instancesPerSeries: 25 });
   log(`data set: ${data.instances.length} instances in ${data.studies.length} studies (from CT_small.dcm)`);
 
-  const dest = await startDestination("DEST");
+  const dest = await startStorescp({ aet: "DEST", storeTimes: true });
   const [pluginPort] = [await freePort()];
   const orthanc = await startOrthanc({
     multitenant: { servers: [{ AET: "PLUGIN", Port: pluginPort, Labels: [LABEL], LabelsConstraint: "All" }] },
@@ -198,7 +98,7 @@ async function main(): Promise<void> {
     dicomModalities: { dest: [dest.aet, "127.0.0.1", dest.port], bench: ["BENCHSCU", "127.0.0.1", 4242] },
     log: () => {},
   });
-  let gateway: { stop(): Promise<void> } | undefined;
+  let gateway: GatewayChild | undefined;
   try {
     log(`Orthanc ${orthanc.version} with the MultitenantDicom plugin (tenant PLUGIN on port ${pluginPort})`);
     // A data set left by an earlier run on the same cache is fine: Orthanc's storage is new each run.
@@ -218,7 +118,7 @@ async function main(): Promise<void> {
         Log: { Level: "warn", Format: "json" },
         ...(process.env.BENCH_PARALLELISM ? { Move: { Parallelism: Number(process.env.BENCH_PARALLELISM) } } : {}),
       },
-    }, "GATEWAY", gatewayPort);
+    }, { readyWhenEchoes: { aet: "GATEWAY", port: gatewayPort } });
     log(`gateway (bun ${process.versions.bun ?? process.version}) tenant GATEWAY on port ${gatewayPort}`);
 
     // Warm-up: one study each (caches, keep-alive connections, JIT).
@@ -235,7 +135,7 @@ async function main(): Promise<void> {
       if (r % 2) order.reverse();
       for (const [name, aet, port] of order) results[name].push(await moveRound(aet, port, dest, data));
     }
-    const metrics = await (await fetch(`http://127.0.0.1:${httpPort}/metrics`)).text();
+    const metrics = await (await fetch(`${gateway.httpUrl}/metrics`)).text();
     const metric = (name: string) =>
       [...metrics.matchAll(new RegExp(`^${name}\\{[^}]*tenant="GATEWAY"[^}]*\\} ([0-9.e+-]+)$`, "gm"))].reduce((n, m) => n + Number(m[1]), 0);
 
@@ -252,10 +152,9 @@ async function main(): Promise<void> {
       ["", "total (median)", "rounds", "first sub-op (median)", "mean", "max", "received per round"],
       ...[p, g].map((x) => [x.name, `${x.total.toFixed(2)} s`, x.totals.map((t) => t.toFixed(2)).join(" / "), ms(x.firstMedian), ms(x.firstMean), ms(x.firstMax), x.received.join(" / ")]),
     ];
-    const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
-    for (const row of rows) log(row.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join("  "));
+    log(table(rows));
     log("");
-    log(`gateway / plugin, total time:               ${(g.total / p.total).toFixed(2)} (target <= 1: ${g.total <= p.total ? "met" : "NOT met"})`);
+    log(`gateway / plugin, total time:               ${(g.total / p.total).toFixed(2)} (target <= 1: ${verdict(g.total <= p.total)})`);
     log(`gateway / plugin, time to first sub-op:     ${(g.firstMedian / p.firstMedian).toFixed(2)}`);
     const moves = metric("dicom_gateway_retrieve_duration_seconds_count");
     log(

@@ -17,6 +17,7 @@ import { echoscu } from "./helpers/dcmtk.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
 import { freePort } from "./helpers/ports.ts";
 import { RawPeer, VERIFICATION_CONTEXT } from "./helpers/raw-peer.ts";
+import { until } from "./helpers/wait.ts";
 
 type TestGateway = Awaited<ReturnType<typeof startTestGateway>>;
 let NO_ORTHANC: string;
@@ -38,14 +39,6 @@ afterAll(async () => {
 
 async function metricsText(gw: TestGateway): Promise<string> {
   return (await fetch(gw.httpUrl + "/metrics")).text();
-}
-
-async function until(what: string, f: () => boolean | Promise<boolean>, timeoutMs = 5000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await f())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting until ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
 }
 
 /** An A-ASSOCIATE-RQ with a chosen calling AE title (RawPeer.associate always calls as RAWPEER). */
@@ -149,10 +142,10 @@ describe("AllowedCallers policy (unit)", () => {
     expect(ok("10.9.9.10")).toBe(true);
     expect(ok("10.9.9.11")).toBe(false);
     answer = ["10.9.9.11"];
-    await until("the refresh picks up the new address", () => ok("10.9.9.11"));
+    await until("the refresh picks up the new address", () => ok("10.9.9.11"), 5000, 20);
     expect(ok("10.9.9.9")).toBe(false);
     answer = new Error("ENOTFOUND");
-    await until("a failed look-up is reported", () => errors.length > 0);
+    await until("a failed look-up is reported", () => errors.length > 0, 5000, 20);
     expect(errors[0]).toBe("modality.example.org: ENOTFOUND");
     expect(ok("10.9.9.11")).toBe(true);
     policy.close();
@@ -251,7 +244,7 @@ describe("MaxAssociations per tenant and in total", () => {
   async function closeAll(peers: RawPeer[]): Promise<void> {
     for (const p of peers) p.close();
     await Promise.all(peers.map((p) => p.closedPromise));
-    await until("the gateway sees the connections closed", () => gw.listeners.every((l) => l.server.activeAssociations === 0));
+    await until("the gateway sees the connections closed", () => gw.listeners.every((l) => l.server.activeAssociations === 0), 5000, 20);
   }
 
   async function expectLimitRj(aet: string): Promise<void> {

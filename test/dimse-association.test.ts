@@ -2,7 +2,7 @@
  * The DICOM upper layer against real peers (dcmtk echoscu, dcmjs-dimse) and hostile raw input.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import type { AssociationInfo, DimseHandler, EndReason } from "../src/dimse/association.ts";
+import type { AssociationInfo, EndReason } from "../src/dimse/association.ts";
 import { AbortReason, CommandField, NO_DATASET, PduType, RejectReason, Status, TransferSyntax } from "../src/dimse/constants.ts";
 import { handleEcho } from "../src/dimse/echo.ts";
 import { UNCOMPRESSED_LITTLE_ENDIAN } from "../src/dimse/negotiation.ts";
@@ -10,21 +10,14 @@ import { decodeAbort, decodeAssociateRJ, encodeReleaseRQ } from "../src/dimse/pd
 import { DimseServer } from "../src/dimse/server.ts";
 import { createAssociationPolicy } from "../src/tenancy/association-policy.ts";
 import { echoscu } from "./helpers/dcmtk.ts";
+import { pendingUntilCancelled } from "./helpers/handlers.ts";
 import { concat, RawPeer, VERIFICATION_CONTEXT } from "./helpers/raw-peer.ts";
 
 const events: { kind: string; reason?: EndReason | string; detail?: string; status?: number }[] = [];
 let server: DimseServer;
 
 /** A handler for a test-only SOP class: answers Pending every 20 ms until cancelled. */
-const slowFind: DimseHandler = async (req, res) => {
-  await req.dataset?.readAll(1 << 16);
-  for (let i = 0; i < 500; i++) {
-    if (req.signal.aborted) return res.respond({ status: Status.Cancel });
-    await res.respond({ status: Status.Pending });
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  await res.respond({ status: Status.Success });
-};
+const slowFind = pendingUntilCancelled(500, 20);
 
 beforeAll(async () => {
   const tenant = { aet: "ALPHA", port: 0, labels: [], labelsConstraint: "All" as const, labelsStoreLevels: [] };

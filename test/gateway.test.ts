@@ -11,6 +11,7 @@ import { startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts"
 import { startTestGateway } from "./helpers/gateway.ts";
 import { echoscu } from "./helpers/dcmtk.ts";
 import { freePort } from "./helpers/ports.ts";
+import { until } from "./helpers/wait.ts";
 
 let orthanc: OrthancHandle;
 let gw: Awaited<ReturnType<typeof startTestGateway>>;
@@ -18,14 +19,6 @@ let gw: Awaited<ReturnType<typeof startTestGateway>>;
 async function get(path: string) {
   const res = await fetch(gw.httpUrl + path);
   return { status: res.status, type: res.headers.get("content-type") ?? "", text: await res.text() };
-}
-
-async function until(what: string, f: () => Promise<boolean>, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await f())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting until ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
 }
 
 beforeAll(async () => {

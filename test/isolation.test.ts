@@ -10,7 +10,7 @@ import { readDatasetHead } from "../src/dicom/dataset-head.ts";
 import { decodeFileMeta, fileMetaLength } from "../src/dicom/part10.ts";
 import { OrthancClient } from "../src/orthanc/client.ts";
 import { orthancIds } from "../src/orthanc/identity.ts";
-import { runTool } from "./helpers/dcmtk.ts";
+import { findscuKeys, runTool } from "./helpers/dcmtk.ts";
 import { pydicomFile, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
 import { startTcpProxy, type TcpProxy } from "./helpers/tcp-proxy.ts";
@@ -35,12 +35,10 @@ function storescu(aet: string, files: string[], extra: string[] = []) {
 
 /** Number of C-FIND matches (Pending responses) a tenant gets for a query. */
 async function findCount(aet: string, level: string, keys: Record<string, string>): Promise<number> {
-  const k = Object.entries({ QueryRetrieveLevel: level, ...keys }).flatMap(([n, v]) => ["-k", `${n}=${v}`]);
-  const model = level === "PATIENT" ? "-P" : "-S";
-  const r = await runTool("findscu", ["-v", model, "-aet", "ATTACKER", "-aec", aet, ...k, "127.0.0.1", String(gw.portOf(aet))]);
+  const r = await findscuKeys(gw.portOf(aet), aet, level === "PATIENT" ? "-P" : "-S", level, keys, "ATTACKER");
   if (process.env.DEBUG_FIND) console.log(r.output);
   expect(r.output).toMatch(/Received Final Find Response \(Success\)/);
-  return r.output.match(/Find Response: \d+ \(Pending\)/g)?.length ?? 0;
+  return r.matches;
 }
 
 /** A copy of `source` edited with dcmodify: new SOP Instance UID plus the given tags. */

@@ -7,6 +7,7 @@ import { OrthancMonitor } from "../src/orthanc/monitor.ts";
 import type { OrthancStatus } from "../src/status.ts";
 import { CT_SMALL, getSharedOrthanc, ORTHANC_START_TIMEOUT_MS, startOrthanc, type OrthancHandle } from "./helpers/orthanc.ts";
 import { freePort } from "./helpers/ports.ts";
+import { waitFor } from "./helpers/wait.ts";
 
 async function caught(p: Promise<unknown>): Promise<OrthancError> {
   try {
@@ -179,8 +180,7 @@ describe("OrthancMonitor", () => {
       monitor.start();
       monitor.start(); // idempotent
       await orthanc.stop();
-      const deadline = Date.now() + 10_000;
-      while (monitor.status.reachable && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+      await waitFor(() => !monitor.status.reachable, 10_000);
       expect(monitor.status.reachable).toBe(false);
       expect(monitor.status.error).toContain("is unreachable");
       expect(changes.at(-1)!.reachable).toBe(false);

@@ -5,6 +5,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync } from "node:fs";
 import { createServer, type Server, type Socket } from "node:net";
+import { decodeFileMeta } from "../src/dicom/part10.ts";
 import type { DimseHandler } from "../src/dimse/association.ts";
 import { AbortReason, CommandField, PduType, RejectReason, RejectResult, RejectSource, Status, TransferSyntax } from "../src/dimse/constants.ts";
 import { handleEcho } from "../src/dimse/echo.ts";
@@ -12,9 +13,10 @@ import { UNCOMPRESSED_LITTLE_ENDIAN, type TransferSyntaxPolicy } from "../src/di
 import { decodeAbort, encodeAssociateAC, encodePDataHeader } from "../src/dimse/pdu.ts";
 import { PduReader } from "../src/dimse/pdu-reader.ts";
 import { AssociationAbortedError, AssociationError, AssociationRejectedError, RequestorAssociation } from "../src/dimse/requestor.ts";
-import { parseFileMeta } from "../src/dimse/retrieve.ts";
 import { DimseServer } from "../src/dimse/server.ts";
 import { createAssociationPolicy } from "../src/tenancy/association-policy.ts";
+import { datasetBytes } from "./helpers/dicom-files.ts";
+import { pendingUntilCancelled } from "./helpers/handlers.ts";
 import { freePort } from "./helpers/ports.ts";
 import { startStorescp, type Storescp } from "./helpers/storescp.ts";
 
@@ -25,8 +27,7 @@ const STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1";
 
 function ctFile() {
   const bytes = new Uint8Array(readFileSync(CT));
-  const p = parseFileMeta(bytes)!;
-  return { meta: p.meta, dataset: bytes.subarray(p.datasetOffset) };
+  return { meta: decodeFileMeta(bytes), dataset: datasetBytes(bytes) };
 }
 
 /** Yields `bytes` in small chunks, asynchronously, like a download. */
@@ -55,7 +56,7 @@ describe("with dcmtk storescp", () => {
       callingAeTitle: "GATEWAY",
       presentationContexts: [
         { abstractSyntax: VERIFICATION, transferSyntaxes: [TransferSyntax.ImplicitVRLittleEndian] },
-        { abstractSyntax: CT_IMAGE_STORAGE, transferSyntaxes: [ct.meta.transferSyntax] },
+        { abstractSyntax: CT_IMAGE_STORAGE, transferSyntaxes: [ct.meta.transferSyntaxUid] },
       ],
       connectTimeoutMs: 2000,
     });
@@ -64,7 +65,7 @@ describe("with dcmtk storescp", () => {
     const echo = await a.request(1, { commandField: CommandField.CEchoRQ, affectedSopClassUid: VERIFICATION });
     expect(echo.commandField).toBe(CommandField.CEchoRSP);
     expect(echo.status).toBe(Status.Success);
-    const pc = a.findContext(CT_IMAGE_STORAGE, ct.meta.transferSyntax)!;
+    const pc = a.findContext(CT_IMAGE_STORAGE, ct.meta.transferSyntaxUid)!;
     const rsp = await a.request(
       pc.id,
       { commandField: CommandField.CStoreRQ, affectedSopClassUid: CT_IMAGE_STORAGE, affectedSopInstanceUid: ct.meta.sopInstanceUid, priority: 0 },
@@ -98,15 +99,7 @@ describe("with dcmtk storescp", () => {
 describe("with our own acceptor", () => {
   let server: DimseServer;
   const never: DimseHandler = () => new Promise(() => {});
-  const slowFind: DimseHandler = async (req, res) => {
-    await req.dataset?.readAll(1 << 16);
-    for (let i = 0; i < 200; i++) {
-      if (req.signal.aborted) return res.respond({ status: Status.Cancel });
-      await res.respond({ status: Status.Pending });
-      await new Promise((r) => setTimeout(r, 10));
-    }
-    await res.respond({ status: Status.Success });
-  };
+  const slowFind = pendingUntilCancelled(200, 10);
   let storedBytes = 0;
   const store: DimseHandler = async (req, res) => {
     for await (const chunk of req.dataset!) storedBytes += chunk.length;

@@ -19,9 +19,10 @@ import { fileURLToPath } from "node:url";
 import { generateDataset, type GeneratedDataset } from "../scripts/generate-dataset.ts";
 import type { CommandSet } from "../src/dimse/command.ts";
 import type { DimseHandler } from "../src/dimse/association.ts";
+import { concatBytes } from "../src/dimse/bytes.ts";
 import { CommandField, Status, TransferSyntax } from "../src/dimse/constants.ts";
 import { RequestorAssociation } from "../src/dimse/requestor.ts";
-import { decodeIdentifier, parseFileMeta, RetrieveSopClass } from "../src/dimse/retrieve.ts";
+import { decodeIdentifier, RetrieveSopClass } from "../src/dimse/retrieve.ts";
 import { DimseServer } from "../src/dimse/server.ts";
 import { DatasetStream } from "../src/dimse/dataset-stream.ts";
 import { createGetHandler } from "../src/dimse/get.ts";
@@ -30,6 +31,7 @@ import { OrthancClient } from "../src/orthanc/client.ts";
 import { resolveInstances } from "../src/orthanc/resolve.ts";
 import { createAssociationPolicy } from "../src/tenancy/association-policy.ts";
 import { runTool } from "./helpers/dcmtk.ts";
+import { datasetBytes, datasetsIn } from "./helpers/dicom-files.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
 import { getSharedOrthanc, ORTHANC_START_TIMEOUT_MS, type OrthancHandle } from "./helpers/orthanc.ts";
 import { freePort } from "./helpers/ports.ts";
@@ -74,7 +76,7 @@ async function upload(ds: GeneratedDataset, label: string): Promise<void> {
 /** The data set part of Orthanc's copy of an instance. */
 async function orthancDataset(sopInstanceUid: string): Promise<Uint8Array> {
   const file = await client.getBytes(`/instances/${orthancId.get(sopInstanceUid)}/file`);
-  return file.subarray(parseFileMeta(file)!.datasetOffset);
+  return datasetBytes(file);
 }
 
 /** Every received data set is byte-identical to Orthanc's copy. */
@@ -105,10 +107,7 @@ function identifier(elements: [number, string, string][]): Uint8Array {
     for (let i = 0; i < v.length; i++) b[8 + i] = v.charCodeAt(i);
     parts.push(b);
   }
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let o = 0;
-  for (const p of parts) (out.set(p, o), (o += p.length));
-  return out;
+  return concatBytes(parts);
 }
 
 const LEVEL = 0x00080052;
@@ -161,17 +160,6 @@ function movescu(tenant: string, destination: string, keys: string[], extra: str
 
 function getscu(tenant: string, dir: string, keys: string[], extra: string[] = []) {
   return runTool("getscu", ["-v", "+B", ...extra, "-aet", "WORKSTATION", "-aec", tenant, "-od", dir, ...keys.flatMap((k) => ["-k", k]), "127.0.0.1", String(gw.portOf(tenant))], { timeoutMs: 30_000 });
-}
-
-/** Files written by getscu: SOP Instance UID -> data set bytes. */
-function receivedIn(dir: string): Map<string, Uint8Array> {
-  const m = new Map<string, Uint8Array>();
-  for (const f of readdirSync(dir)) {
-    const bytes = new Uint8Array(readFileSync(join(dir, f)));
-    const p = parseFileMeta(bytes);
-    if (p) m.set(p.meta.sopInstanceUid, bytes.subarray(p.datasetOffset));
-  }
-  return m;
 }
 
 beforeAll(async () => {
@@ -427,7 +415,7 @@ describe("C-GET", () => {
       const dir = mkdtempSync(join(tmpdir(), "gw-getscu-"));
       const r = await getscu("ALPHA", dir, c.keys, [c.model]);
       expect(r.output).toContain("Received C-GET Response (Success)");
-      const got = receivedIn(dir);
+      const got = datasetsIn(dir);
       expect([...got.keys()].sort()).toEqual(c.expected);
       await expectIdentical(got);
       expect(r.output).toContain(`Number of Completed Suboperations : ${c.expected.length}`);
@@ -439,11 +427,11 @@ describe("C-GET", () => {
     const dir = mkdtempSync(join(tmpdir(), "gw-getscu-"));
     const r = await getscu("ALPHA", dir, keys, ["-S"]); // proposes uncompressed only
     expect(r.output).toContain("Number of Failed Suboperations    : 2");
-    expect(receivedIn(dir).size).toBe(0);
+    expect(datasetsIn(dir).size).toBe(0);
     const dir2 = mkdtempSync(join(tmpdir(), "gw-getscu-"));
     const r2 = await getscu("ALPHA", dir2, keys, ["-S", "+xy"]); // JPEG baseline first
     expect(r2.output).toContain("Received C-GET Response (Success)");
-    const got = receivedIn(dir2);
+    const got = datasetsIn(dir2);
     expect([...got.keys()].sort()).toEqual(uids(AJ));
     await expectIdentical(got);
   });

@@ -15,6 +15,7 @@ import { datasetBytes, pydicomFile, readDataset, tagValue, uniqueCopies } from "
 import { startTestGateway } from "./helpers/gateway.ts";
 import { freePort } from "./helpers/ports.ts";
 import { RawPeer } from "./helpers/raw-peer.ts";
+import { until } from "./helpers/wait.ts";
 
 let orthanc: OrthancHandle;
 let client: OrthancClient;
@@ -32,14 +33,6 @@ async function orthancIdOf(sopInstanceUid: string): Promise<string | undefined> 
 
 async function labelsOf(level: string, id: string): Promise<string[]> {
   return (await client.getJson<string[]>(`/${level}/${id}/labels`)).sort();
-}
-
-async function until(what: string, f: () => Promise<boolean> | boolean, timeoutMs = 20_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await f())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting until ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
 }
 
 beforeAll(async () => {
@@ -208,7 +201,7 @@ describe("Spool mode (store-and-forward)", () => {
     await new Promise((r) => setTimeout(r, 100));
     peer.close();
     const incoming = join(gw.config.spool.directory, "ALPHA", "incoming");
-    await until("the partial file is removed", () => readdirSync(incoming).length === 0);
+    await until("the partial file is removed", () => readdirSync(incoming).length === 0, 20_000);
     expect(await orthancIdOf("1.2.3.999")).toBeUndefined();
   });
 });

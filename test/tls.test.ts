@@ -16,6 +16,7 @@ import { createLogger } from "../src/log.ts";
 import { runTool } from "./helpers/dcmtk.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
 import { freePort, freePorts } from "./helpers/ports.ts";
+import { waitFor } from "./helpers/wait.ts";
 
 type TestGateway = Awaited<ReturnType<typeof startTestGateway>>;
 
@@ -158,8 +159,7 @@ describe("DICOM TLS", () => {
   }, 20_000);
 
   test("failed handshakes are logged, counted and audited, and the gateway keeps serving", async () => {
-    const deadline = Date.now() + 5000;
-    while (!logLines.some((l) => l.includes("TLS handshake failed")) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    await waitFor(() => logLines.some((l) => l.includes("TLS handshake failed")), 5000);
     const failures = logLines.filter((l) => l.includes("TLS handshake failed")).map((l) => JSON.parse(l));
     expect(failures.length).toBeGreaterThanOrEqual(4);
     expect(failures.map((l) => l.detail).join("\n")).toMatch(/certificate/i);

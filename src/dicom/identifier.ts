@@ -8,6 +8,7 @@
  * Latin-1). dcmjs provides the data dictionary: VRs for implicit VR and keyword <-> tag.
  */
 import dcmjs from "dcmjs";
+import { concatBytes } from "../dimse/bytes.ts";
 import { CHARSET_VRS, decodeText, encodeText } from "./charset.ts";
 
 const IMPLICIT_VR_LE = "1.2.840.10008.1.2";
@@ -233,13 +234,7 @@ export function encodeDataset(elements: OutElement[], transferSyntax: string, ch
   };
   put(elements);
   if (!ok) return undefined;
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
+  return concatBytes(parts);
 }
 
 function asciiBytes(s: string): Uint8Array {

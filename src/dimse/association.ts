@@ -22,6 +22,7 @@ import {
   ServiceName,
   Status,
 } from "./constants.ts";
+import { concatBytes } from "./bytes.ts";
 import { DatasetStream } from "./dataset-stream.ts";
 import {
   decodeAbort,
@@ -346,7 +347,7 @@ export class AcceptorAssociation {
       if (msg.commandBytes > 1 << 16) throw new PduError("command set larger than 64 KiB", AbortReason.InvalidPduParameterValue);
       msg.command.push(data.slice());
       if (!isLast) return;
-      const bytes = concat(msg.command);
+      const bytes = concatBytes(msg.command);
       const command = decodeCommandSet(bytes);
       const hasDataset = command.commandDataSetType !== undefined && command.commandDataSetType !== NO_DATASET;
       if (hasDataset) {
@@ -548,15 +549,4 @@ export class AcceptorAssociation {
     this.endReported = true;
     this.opts.observer?.ended?.(this.info, this.peer, reason, detail);
   }
-}
-
-function concat(parts: Uint8Array[]): Uint8Array {
-  if (parts.length === 1) return parts[0]!;
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
 }

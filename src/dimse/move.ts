@@ -14,40 +14,15 @@
  *   Gateway.Move.PendingIntervalSeconds; C-CANCEL stops after the current sub-operation (0xFE00).
  * - Up to Gateway.Move.Parallelism instances are requested from Orthanc ahead of the one being sent.
  */
-import type { DicomModality, DicomSettings, MoveSettings, TenantConfig } from "../config/types.ts";
+import type { DicomModality, MoveSettings } from "../config/types.ts";
 import { silentLogger, type Logger } from "../log.ts";
-import type { OrthancClient } from "../orthanc/client.ts";
-import type { LabelScope, ResolvedInstance } from "../orthanc/resolve.ts";
+import type { ResolvedInstance } from "../orthanc/resolve.ts";
 import { aeTitlesEqual } from "../tenancy/ae-title.ts";
 import type { DimseHandler, DimseRequest, DimseResponder } from "./association.ts";
 import { CommandField, Status } from "./constants.ts";
 import { AssociationError, RequestorAssociation } from "./requestor.ts";
-import {
-  auditCounts,
-  auditKeys,
-  classifyStoreStatus,
-  InstanceFetcher,
-  PendingReporter,
-  readRetrieveKeys,
-  resolveForTenant,
-  RetrieveRefusal,
-  SubOperations,
-} from "./retrieve.ts";
-import { RetrieveRecorder, type RetrieveMetrics } from "./retrieve-metrics.ts";
-
-export const DEFAULT_MOVE_SETTINGS: MoveSettings = { connectTimeoutMs: 5000, parallelism: 2, pendingIntervalMs: 1000, pendingEvery: 10 };
-
-export interface RetrieveContext {
-  tenant: TenantConfig;
-  config: {
-    modalities: readonly DicomModality[];
-    dicom: Pick<DicomSettings, "strictAetComparison" | "maximumPduLength">;
-    move?: MoveSettings;
-  };
-  orthanc: OrthancClient;
-  metrics?: RetrieveMetrics;
-  log?: Logger;
-}
+import { RetrieveRecorder } from "./retrieve-metrics.ts";
+import { answerEndedEarly, DEFAULT_MOVE_SETTINGS, resolveRequest, storeStatusText, SubOperationRun, type RetrieveContext } from "./suboperations.ts";
 
 /** The modality a tenant may move to under this AE title, or why not. */
 export function resolveDestination(
@@ -100,23 +75,13 @@ export function createMoveHandler(ctx: RetrieveContext): DimseHandler {
       }
       recorder.setDestination(dest.modality.name);
       responder.audit({ destination: dest.modality.name, destinationAe: dest.modality.aet });
-      const keys = await readRetrieveKeys(request);
-      responder.audit(auditKeys(keys));
-      const { scope, instances } = await resolveForTenant(ctx.orthanc, ctx.tenant, keys, request.signal);
-      responder.audit({ instances: instances.length });
+      const { keys, scope, instances } = await resolveRequest(ctx, request, responder);
       log.info("C-MOVE", { ...fields, modality: dest.modality.name, level: keys.level, instances: instances.length });
-      await performMove(ctx, request, responder, dest.modality, instances, scope, settings, recorder, log);
+      const run = await SubOperationRun.begin({ ctx, service: "C-MOVE", request, responder, instances, scope, settings, pendingTimer: true, prime: true, recorder, log, logFields: { modality: dest.modality.name } });
+      if (run) await performMove(ctx, run, request, responder, dest.modality, instances, settings, recorder, log);
     } catch (e) {
-      if (e instanceof RetrieveRefusal) {
-        log.warn("C-MOVE refused", { ...fields, status: e.status, reason: e.message });
-        await responder.respond({ status: e.status, errorComment: e.message.slice(0, 64) });
-        return;
-      }
-      if (request.signal.aborted && !(e instanceof AssociationError)) {
-        // Cancelled before any sub-operation (e.g. during the resolution).
-        await responder.respond({ status: Status.Cancel, numberOfCompletedSuboperations: 0, numberOfFailedSuboperations: 0, numberOfWarningSuboperations: 0 });
-        return;
-      }
+      // An AssociationError is the destination's association failing: never answered as a cancel.
+      if (!(e instanceof AssociationError) && (await answerEndedEarly(e, "C-MOVE", request, responder, log, fields))) return;
       throw e;
     } finally {
       recorder.finished();
@@ -126,31 +91,20 @@ export function createMoveHandler(ctx: RetrieveContext): DimseHandler {
 
 async function performMove(
   ctx: RetrieveContext,
+  run: SubOperationRun,
   request: DimseRequest,
   responder: DimseResponder,
   modality: DicomModality,
   instances: ResolvedInstance[],
-  scope: LabelScope,
   settings: MoveSettings,
   recorder: RetrieveRecorder,
   log: Logger,
 ): Promise<void> {
-  const counts = new SubOperations(instances.length);
-  const identifierTs = request.presentationContext.transferSyntax;
-  if (instances.length === 0) {
-    await responder.respond(counts.finalResponse(false, identifierTs).fields);
-    return;
-  }
-  const pending = new PendingReporter(counts, { every: settings.pendingEvery, intervalMs: settings.pendingIntervalMs }, (f) => responder.respond(f), true);
-  // Not tied to request.signal: a C-CANCEL must let the instance being sent finish.
-  const fetcher = new InstanceFetcher(ctx.orthanc, scope, instances, settings.parallelism);
-  fetcher.prime(); // Orthanc starts sending while the destination association is opened
+  // The run primed the fetcher: Orthanc starts sending while the destination association is opened.
   const batches = contextsFor(instances);
   const originator = { moveOriginatorAeTitle: responder.association.callingAeTitle, moveOriginatorMessageId: request.command.messageId ?? 0 };
   const priority = request.command.priority ?? 0;
   let unreachable: string | undefined;
-  let lastError: string | undefined;
-  let cancelled = false;
 
   const connect = async (batch: number): Promise<RequestorAssociation | undefined> => {
     if (unreachable) return undefined;
@@ -192,23 +146,9 @@ async function performMove(
 
   try {
     for (;;) {
-      if (request.signal.aborted) {
-        cancelled = true;
-        break;
-      }
-      const item = await fetcher.next();
+      const item = await run.next();
       if (!item) break;
-      const { instance } = item;
-      if (item.error || !item.fetched) {
-        recorder.subOperationStarted();
-        lastError = item.error?.message;
-        log.warn("C-MOVE sub-operation failed: instance not available", { tenant: ctx.tenant.aet, sopInstanceUid: instance.sopInstanceUid, error: lastError });
-        counts.record("failed", instance.sopInstanceUid);
-        recorder.subOperation("failed", 0);
-        await pending.afterSubOperation();
-        continue;
-      }
-      const fetched = item.fetched;
+      const { instance, fetched } = item;
       const sopClass = fetched.meta.sopClassUid || instance.sopClassUid;
       const ts = fetched.meta.transferSyntax;
       const batch = batches.findIndex((b) => b.some((c) => c.abstractSyntax === sopClass && c.transferSyntaxes[0] === ts));
@@ -217,19 +157,15 @@ async function performMove(
       recorder.subOperationStarted();
       if (!a || !pc) {
         fetched.discard();
-        lastError = !a
+        const error = !a
           ? unreachable ?? `no presentation context for ${sopClass}`
           : `${modality.aet} does not accept ${sopClass} in transfer syntax ${ts}`;
-        counts.record("failed", instance.sopInstanceUid);
-        recorder.subOperation("failed", 0);
         if (unreachable) {
           // Nothing more can be sent: every remaining sub-operation fails at once.
-          const before = counts.failed;
-          counts.failRemaining(instances);
-          for (let k = before; k < counts.failed; k++) recorder.subOperation("failed", 0);
+          run.failRemaining(instance, error);
           break;
         }
-        await pending.afterSubOperation();
+        await run.failed(instance, error);
         continue;
       }
       let status: number | undefined;
@@ -240,25 +176,18 @@ async function performMove(
           fetched.dataset,
         );
         status = rsp.status;
-        if (status !== Status.Success) lastError = `${modality.aet} answered C-STORE status 0x${(status ?? 0).toString(16).padStart(4, "0")}${rsp.errorComment ? `: ${rsp.errorComment}` : ""}`;
+        if (status !== Status.Success) run.lastError = `${modality.aet} answered ${storeStatusText(status, rsp.errorComment)}`;
       } catch (e) {
         fetched.discard();
-        lastError = e instanceof Error ? e.message : String(e);
-        log.warn("C-MOVE sub-operation failed", { tenant: ctx.tenant.aet, modality: modality.name, sopInstanceUid: instance.sopInstanceUid, error: lastError });
+        run.lastError = e instanceof Error ? e.message : String(e);
+        log.warn("C-MOVE sub-operation failed", { tenant: ctx.tenant.aet, modality: modality.name, sopInstanceUid: instance.sopInstanceUid, error: run.lastError });
       }
-      const result = classifyStoreStatus(status);
-      counts.record(result, instance.sopInstanceUid);
-      recorder.subOperation(result, fetched.bytes);
-      await pending.afterSubOperation();
+      await run.sent(instance, status, fetched.bytes);
     }
   } finally {
-    fetcher.close();
-    await pending.stop();
+    await run.stop();
     const last = current ? await current.promise : undefined;
     if (last) void last.release();
   }
-  if (cancelled) log.info("C-MOVE cancelled", { tenant: ctx.tenant.aet, modality: modality.name, completed: counts.completed, remaining: counts.remaining });
-  responder.audit(auditCounts(counts, cancelled));
-  const final = counts.finalResponse(cancelled, request.presentationContext.transferSyntax, lastError);
-  await responder.respond(final.fields, final.dataset);
+  await run.finish();
 }

@@ -2,6 +2,7 @@
  * Encoding and decoding of the PS3.8 section 9.3 PDUs. Multi-byte integers are big endian (PS3.8 9.3.1).
  * Decoders throw PduError with the A-ABORT reason the standard prescribes for the defect.
  */
+import { concatBytes } from "./bytes.ts";
 import { AbortReason, ItemType, PduType } from "./constants.ts";
 
 export class PduError extends Error {
@@ -101,10 +102,8 @@ function asciiBytes(s: string): Uint8Array {
 /** Builds a byte sequence from parts; used by all encoders. */
 class Writer {
   private parts: Uint8Array[] = [];
-  length = 0;
   bytes(b: Uint8Array): this {
     this.parts.push(b);
-    this.length += b.length;
     return this;
   }
   u8(v: number): this {
@@ -124,13 +123,7 @@ class Writer {
     return this.u8(type).u8(0).u16(content.length).bytes(content);
   }
   concat(): Uint8Array {
-    const out = new Uint8Array(this.length);
-    let o = 0;
-    for (const p of this.parts) {
-      out.set(p, o);
-      o += p.length;
-    }
-    return out;
+    return concatBytes(this.parts);
   }
 }
 

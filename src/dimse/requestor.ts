@@ -12,6 +12,7 @@
  * association where we are the SCU) are handed to `onRequest`.
  */
 import { connect, type Socket } from "node:net";
+import { concatBytes, copyBytes } from "./bytes.ts";
 import { decodeCommandSet, type CommandSet } from "./command.ts";
 import {
   AbortReason,
@@ -554,7 +555,7 @@ export class RequestorAssociation {
       msg.commandLength += data.length;
       if (msg.commandLength > 1 << 16) throw new PduError("command set larger than 64 KiB", AbortReason.InvalidPduParameterValue);
       if (!isLast) return;
-      const command = decodeCommandSet(concat(msg.command, msg.commandLength));
+      const command = decodeCommandSet(concatBytes(msg.command));
       const hasDataset = command.commandDataSetType !== undefined && command.commandDataSetType !== NO_DATASET;
       if (!hasDataset) {
         this.incoming.delete(pcId);
@@ -586,7 +587,7 @@ export class RequestorAssociation {
     if (msg.datasetLength! > MAX_RESPONSE_DATASET) throw new PduError(`response data set larger than ${MAX_RESPONSE_DATASET} bytes`, AbortReason.InvalidPduParameterValue);
     if (isLast) {
       this.incoming.delete(pcId);
-      this.onMessage(pc, msg.decoded, concat(msg.datasetParts!, msg.datasetLength!), null);
+      this.onMessage(pc, msg.decoded, concatBytes(msg.datasetParts!), null);
     }
   }
 
@@ -705,22 +706,4 @@ export class RequestorAssociation {
     this.state = "closing";
     this.fail(this.endError ?? new AssociationError("closed", `connection to ${this.label} closed`));
   }
-}
-
-/** A copy with its own memory (Buffer#slice would be a view). */
-function copyBytes(b: Uint8Array): Uint8Array {
-  const out = new Uint8Array(b.length);
-  out.set(b);
-  return out;
-}
-
-function concat(parts: Uint8Array[], length: number): Uint8Array {
-  if (parts.length === 1) return parts[0]!;
-  const out = new Uint8Array(length);
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
 }

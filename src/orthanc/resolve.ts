@@ -19,8 +19,8 @@
  * constraint. Levels PATIENT (all the patient's in-scope studies), STUDY, SERIES and IMAGE, with lists
  * of UIDs, are supported.
  */
-import type { LabelsConstraint, ResourceLevel, TenantConfig } from "../config/types.ts";
-import { inScope } from "../tenancy/label-scope.ts";
+import type { LabelsConstraint, ResourceLevel } from "../config/types.ts";
+import { inScope, isUnrestricted, labeledLevels, type ScopedTenant } from "../tenancy/label-scope.ts";
 import type { OrthancClient, RequestOptions } from "./client.ts";
 
 export type RetrieveLevel = "PATIENT" | "STUDY" | "SERIES" | "IMAGE";
@@ -53,15 +53,18 @@ export interface ResolvedInstance {
   instanceNumber?: number;
 }
 
-export function tenantLabelScope(tenant: Pick<TenantConfig, "labels" | "labelsConstraint" | "labelsStoreLevels">): LabelScope {
-  const order: ResourceLevel[] = ["Study", "Series", "Instance", "Patient"];
-  const level = order.find((l) => tenant.labelsStoreLevels.includes(l)) ?? "Study";
-  return { labels: tenant.labels, constraint: tenant.labelsConstraint, level };
+/**
+ * The tenant's scope, anchored at the highest of its labeled levels (label-scope.ts): Study, Series or
+ * Instance when it labels any of them (its patients' labels then decide nothing), Patient only when
+ * it labels nothing else, Study when it labels nothing.
+ */
+export function tenantLabelScope(tenant: ScopedTenant): LabelScope {
+  return { labels: tenant.labels, constraint: tenant.labelsConstraint, level: labeledLevels(tenant)[0]! };
 }
 
-/** True when a resource with these labels is in the scope (Orthanc's semantics; empty Labels = all). */
+/** True when a resource with these labels is in the scope (label-scope.ts's inScope: Orthanc's semantics; empty Labels = all). */
 export function labelsInScope(scope: Pick<LabelScope, "labels" | "constraint">, labels: readonly string[]): boolean {
-  return inScope(labels, { labels: [...scope.labels], labelsConstraint: scope.constraint, labelsStoreLevels: [] });
+  return inScope(labels, { labels: scope.labels, labelsConstraint: scope.constraint });
 }
 
 export class ResolveError extends Error {
@@ -101,7 +104,7 @@ const LEVEL_RANK: Record<ResourceLevel, number> = { Patient: 0, Study: 1, Series
 /** Resolves the instances of a retrieve request within the scope. Throws OrthancError or ResolveError. */
 export async function resolveInstances(orthanc: OrthancClient, scope: LabelScope, keys: RetrieveKeys, opts: ResolveOptions = {}): Promise<ResolvedInstance[]> {
   const rank = LEVEL_RANK[scope.level];
-  const restricted = scope.labels.length > 0;
+  const restricted = !isUnrestricted(scope);
   const anchorLevel: ResourceLevel = restricted ? scope.level : "Instance";
   const anchorQuery: Record<string, string> = {};
   if (keys.patientId !== undefined) anchorQuery["PatientID"] = keys.patientId;
@@ -296,7 +299,7 @@ function sortInstances(list: ResolvedInstance[]): ResolvedInstance[] {
  * changed since the resolution). One call per anchor per retrieve: the caller caches the answer.
  */
 export async function anchorStillInScope(orthanc: OrthancClient, scope: LabelScope, anchorId: string, opts: RequestOptions = {}): Promise<boolean> {
-  if (scope.labels.length === 0) return true;
+  if (isUnrestricted(scope)) return true;
   const path = { Patient: "patients", Study: "studies", Series: "series", Instance: "instances" }[scope.level];
   const labels = await orthanc.getJson<string[]>(`/${path}/${encodeURIComponent(anchorId)}/labels`, opts);
   return Array.isArray(labels) && labelsInScope(scope, labels);

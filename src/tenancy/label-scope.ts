@@ -25,7 +25,7 @@ export type ScopedTenant = Pick<TenantConfig, "labels" | "labelsConstraint" | "l
 export const LEVELS: readonly ResourceLevel[] = ["Patient", "Study", "Series", "Instance"];
 
 /** True when the tenant sees everything (empty Labels). */
-export function isUnrestricted(tenant: ScopedTenant): boolean {
+export function isUnrestricted(tenant: { readonly labels: readonly string[] }): boolean {
   return tenant.labels.length === 0;
 }
 
@@ -36,7 +36,7 @@ export function scopeFilter(tenant: ScopedTenant): { Labels?: string[]; LabelsCo
 }
 
 /** Whether a resource carrying `resourceLabels` is in the tenant's scope (the same rule as Orthanc's). */
-export function inScope(resourceLabels: readonly string[] | undefined, tenant: ScopedTenant): boolean {
+export function inScope(resourceLabels: readonly string[] | undefined, tenant: { readonly labels: readonly string[]; labelsConstraint: LabelsConstraint }): boolean {
   if (isUnrestricted(tenant)) return true;
   const have = new Set(resourceLabels ?? []);
   switch (tenant.labelsConstraint) {

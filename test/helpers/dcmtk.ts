@@ -38,3 +38,20 @@ export function runTool(tool: string, args: string[], opts: { timeoutMs?: number
 export function echoscu(port: number, calledAe: string, extra: string[] = []): Promise<ToolResult> {
   return runTool("echoscu", ["-v", "-aet", "TESTSCU", "-aec", calledAe, ...extra, "127.0.0.1", String(port)]);
 }
+
+/**
+ * `findscu -v` with `-k` keys (QueryRetrieveLevel first) against 127.0.0.1:port: the run, whether the
+ * final response was Success, and the number of matches (Pending responses).
+ */
+export async function findscuKeys(
+  port: number,
+  calledAe: string,
+  model: "-P" | "-S",
+  level: string,
+  keys: Record<string, string>,
+  callingAe = "TESTSCU",
+): Promise<ToolResult & { success: boolean; matches: number }> {
+  const k = Object.entries({ QueryRetrieveLevel: level, ...keys }).flatMap(([n, v]) => ["-k", `${n}=${v}`]);
+  const r = await runTool("findscu", ["-v", model, "-aet", callingAe, "-aec", calledAe, ...k, "127.0.0.1", String(port)]);
+  return { ...r, success: /Received Final Find Response \(Success\)/.test(r.output), matches: r.output.match(/Find Response: \d+ \(Pending\)/g)?.length ?? 0 };
+}

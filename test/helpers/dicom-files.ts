@@ -2,7 +2,7 @@
 import { copyFileSync, existsSync, mkdtempSync, readdirSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { fileMetaLength } from "../../src/dicom/part10.ts";
+import { decodeFileMeta, fileMetaLength } from "../../src/dicom/part10.ts";
 import { runTool } from "./dcmtk.ts";
 
 export const PYDICOM_FILES = "/usr/lib/python3/dist-packages/pydicom/data/test_files";
@@ -20,6 +20,21 @@ export function datasetBytes(file: Uint8Array): Uint8Array {
 
 export function readDataset(path: string): Uint8Array {
   return datasetBytes(new Uint8Array(readFileSync(path)));
+}
+
+/**
+ * The Part 10 files in a directory (written by storescp or getscu): SOP Instance UID -> data set
+ * bytes (after the meta header). A file whose meta header is not all there yet is left out.
+ */
+export function datasetsIn(dir: string): Map<string, Uint8Array> {
+  const m = new Map<string, Uint8Array>();
+  for (const f of readdirSync(dir)) {
+    const bytes = new Uint8Array(readFileSync(join(dir, f)));
+    const end = fileMetaLength(bytes);
+    if (end === undefined || end > bytes.length) continue;
+    m.set(decodeFileMeta(bytes).sopInstanceUid, bytes.subarray(end));
+  }
+  return m;
 }
 
 /** A tag's value as dcmdump prints it, e.g. tagValue(path, "0008,0018"). */

@@ -19,6 +19,7 @@ import {
   type UserInformation,
 } from "../../src/dimse/pdu.ts";
 import { PduReader } from "../../src/dimse/pdu-reader.ts";
+import { concatBytes as joinBytes, copyBytes } from "../../src/dimse/bytes.ts";
 
 /** mulberry32: a tiny 32-bit PRNG, good enough to drive mutations, fully determined by its seed. */
 export class Rng {
@@ -328,14 +329,9 @@ export function randomSplit(rng: Rng, bytes: Uint8Array, maxChunks = 8): Uint8Ar
   return out;
 }
 
+/** The parts joined into a new array (always a copy: fuzz cases mutate it). */
 export function concatBytes(...parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
+  return parts.length === 1 ? copyBytes(parts[0]!) : joinBytes(parts);
 }
 
 // ---- a hostile peer on a real socket -------------------------------------------------------

@@ -4,6 +4,7 @@
  * its own unit tests; interoperability is tested separately against dcmtk and dcmjs-dimse.
  */
 import { connect, type Socket } from "node:net";
+import { concatBytes } from "../../src/dimse/bytes.ts";
 import { encodeCommandSet, decodeCommandSet, type CommandSet } from "../../src/dimse/command.ts";
 import { DICOM_APPLICATION_CONTEXT, PduType, TransferSyntax } from "../../src/dimse/constants.ts";
 import { decodeAssociateAC, decodePData, encodeAssociateRQ, encodePDataHeader, type PresentationContextProposal } from "../../src/dimse/pdu.ts";
@@ -105,11 +106,5 @@ export const VERIFICATION_CONTEXT: PresentationContextProposal = {
 };
 
 export function concat(...parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
+  return concatBytes(parts);
 }

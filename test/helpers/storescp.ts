@@ -4,11 +4,11 @@
  * that travelled, stopped by PID.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { mkdtempSync, readdirSync, readFileSync } from "node:fs";
+import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { parseFileMeta } from "../../src/dimse/retrieve.ts";
 import { DCMTK_ENV } from "./dcmtk.ts";
+import { datasetsIn } from "./dicom-files.ts";
 import { freePort } from "./ports.ts";
 
 export interface Storescp {
@@ -50,15 +50,7 @@ export async function startStorescp(aet: string, args: string[] = ["+xa"]): Prom
       dir,
       child,
       output: () => out,
-      received() {
-        const m = new Map<string, Uint8Array>();
-        for (const f of readdirSync(dir)) {
-          const bytes = new Uint8Array(readFileSync(join(dir, f)));
-          const parsed = parseFileMeta(bytes);
-          if (parsed) m.set(parsed.meta.sopInstanceUid, bytes.subarray(parsed.datasetOffset));
-        }
-        return m;
-      },
+      received: () => datasetsIn(dir),
       async stop() {
         if (child.exitCode === null && child.signalCode === null) child.kill("SIGTERM");
         await exited;
