@@ -24,8 +24,8 @@ interface PostInstancesAnswer {
   Status: string;
 }
 
-/** A file as a byte stream of 1 MiB chunks read on demand, for a streamed upload body. */
-export function fileStream(path: string, chunkSize = 1 << 20): ReadableStream<Uint8Array> {
+/** A file as a byte stream of 256 KiB chunks read on demand, for a streamed upload body. */
+export function fileStream(path: string, chunkSize = 256 * 1024): ReadableStream<Uint8Array> {
   let fh: Awaited<ReturnType<typeof open>> | undefined;
   return new ReadableStream<Uint8Array>(
     {
@@ -48,7 +48,7 @@ export function fileStream(path: string, chunkSize = 1 << 20): ReadableStream<Ui
         fh = undefined;
       },
     },
-    { highWaterMark: 2 },
+    { highWaterMark: 1 },
   );
 }
 
