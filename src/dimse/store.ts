@@ -70,6 +70,8 @@ export function createStoreHandler(deps: StoreServiceDeps): DimseHandler {
       received = await spool.receive(
         { sopClassUid, sopInstanceUid, transferSyntaxUid: request.presentationContext.transferSyntax, sourceAeTitle: responder.association.callingAeTitle },
         request.dataset,
+        // Sync answers only once Orthanc has the instance: the spooled copy is a scratch file, no fsync needed.
+        { durable: tenant.forwarding !== "Sync" },
       );
     } catch (e) {
       if (e instanceof SpoolQuotaError) return fail(Status.OutOfResources, "Gateway spool quota full, retry later", e.message);

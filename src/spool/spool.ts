@@ -182,11 +182,11 @@ export class TenantSpool {
   }
 
   /**
-   * Writes meta header + data set chunks to incoming/<id>.part as they arrive, fsyncs it.
+   * Writes meta header + data set chunks to incoming/<id>.part as they arrive, fsyncs it (unless `durable: false`).
    * Throws SpoolQuotaError when the quota is exceeded, SpoolDiskError on disk problems; the partial
    * file is removed in every failure case, including a source that fails (truncated association).
    */
-  async receive(meta: FileMeta, source: AsyncIterable<Uint8Array>): Promise<ReceivedFile> {
+  async receive(meta: FileMeta, source: AsyncIterable<Uint8Array>, opts: { durable?: boolean } = {}): Promise<ReceivedFile> {
     const id = newSpoolId();
     const path = join(this.incoming, `${id}.part`);
     const hash = createHash("md5");
@@ -234,7 +234,8 @@ export class TenantSpool {
         if (batched >= WRITE_BATCH) await flush().catch((e) => Promise.reject(diskError(e, this.incoming)));
       }
       await flush().catch((e) => Promise.reject(diskError(e, this.incoming)));
-      await fh.datasync().catch((e) => Promise.reject(diskError(e, this.incoming)));
+      // Durable unless the caller acknowledges only after Orthanc has the instance (Sync mode).
+      if (opts.durable ?? true) await fh.datasync().catch((e) => Promise.reject(diskError(e, this.incoming)));
       await fh.close();
       fh = undefined;
       return { id, path, size, md5: hash.digest("hex"), head: head.subarray(0, headLength) };
