@@ -196,10 +196,13 @@ export class TenantSpool {
     let batched = 0;
     const flush = async () => {
       if (batched === 0) return;
-      const buf = batch.length === 1 ? batch[0]! : Buffer.concat(batch, batched);
+      const parts = batch;
+      const total = batched;
       batch = [];
       batched = 0;
-      await fh!.write(buf);
+      // writev: the fragments go to disk as they are, without being copied into one buffer first.
+      const { bytesWritten } = await fh!.writev(parts);
+      if (bytesWritten < total) await fh!.write(Buffer.concat(parts, total).subarray(bytesWritten));
     };
     const reserve = (n: number) => {
       size += n;
