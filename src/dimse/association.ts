@@ -38,7 +38,7 @@ import {
   type PresentationContextAnswer,
   type RoleSelection,
 } from "./pdu.ts";
-import { PduReader } from "./pdu-reader.ts";
+import { dispatchPdus, PduReader } from "./pdu-reader.ts";
 import { PDataWriter } from "./pdata-writer.ts";
 import { IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME } from "./implementation.ts";
 
@@ -219,22 +219,7 @@ export class AcceptorAssociation {
   private onData(chunk: Uint8Array): void {
     if (this.state === "closing") return;
     this.touch();
-    let pdus;
-    try {
-      pdus = this.reader.push(chunk);
-    } catch (e) {
-      this.protocolError(e);
-      return;
-    }
-    for (const pdu of pdus) {
-      if (this.isClosing()) return;
-      try {
-        this.onPdu(pdu.type, pdu.body);
-      } catch (e) {
-        this.protocolError(e);
-        return;
-      }
-    }
+    dispatchPdus(this.reader, chunk, (type, body) => this.onPdu(type, body), (e) => this.protocolError(e), () => this.isClosing());
   }
 
   private isClosing(): boolean {

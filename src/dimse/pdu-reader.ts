@@ -129,3 +129,32 @@ export class PduReader {
     return out;
   }
 }
+
+/**
+ * Frames `chunk` and hands each complete PDU to `onPdu`, in order; the first framing or handling error
+ * goes to `onError` and ends the batch, as does `stopped()` turning true (the association is closing).
+ */
+export function dispatchPdus(
+  reader: PduReader,
+  chunk: Uint8Array,
+  onPdu: (type: number, body: Uint8Array) => void,
+  onError: (e: unknown) => void,
+  stopped: () => boolean,
+): void {
+  let pdus: RawPdu[];
+  try {
+    pdus = reader.push(chunk);
+  } catch (e) {
+    onError(e);
+    return;
+  }
+  for (const pdu of pdus) {
+    if (stopped()) return;
+    try {
+      onPdu(pdu.type, pdu.body);
+    } catch (e) {
+      onError(e);
+      return;
+    }
+  }
+}

@@ -44,7 +44,7 @@ import {
   type PresentationContextProposal,
   type RoleSelection,
 } from "./pdu.ts";
-import { PduReader } from "./pdu-reader.ts";
+import { dispatchPdus, PduReader } from "./pdu-reader.ts";
 import type { PresentationContext } from "./association.ts";
 
 /** One presentation context to propose; IDs 1, 3, 5... are assigned in order when absent. */
@@ -449,22 +449,7 @@ export class RequestorAssociation {
   private onData(chunk: Uint8Array): void {
     if (this.state === "closing") return;
     this.touch();
-    let pdus;
-    try {
-      pdus = this.reader.push(chunk);
-    } catch (e) {
-      this.protocolError(e);
-      return;
-    }
-    for (const pdu of pdus) {
-      if (this.isClosing()) return;
-      try {
-        this.onPdu(pdu.type, pdu.body);
-      } catch (e) {
-        this.protocolError(e);
-        return;
-      }
-    }
+    dispatchPdus(this.reader, chunk, (type, body) => this.onPdu(type, body), (e) => this.protocolError(e), () => this.isClosing());
   }
 
   private protocolError(e: unknown): void {

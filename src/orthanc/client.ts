@@ -144,7 +144,15 @@ export class OrthancClient {
     try {
       const init: RequestInit & { duplex?: "half" } = { method, headers, body, signal };
       if (opts.body instanceof ReadableStream) init.duplex = "half";
-      res = await fetch(target, init);
+      try {
+        res = await fetch(target, init);
+      } catch (first) {
+        // A kept-alive connection that Orthanc closed just as it was reused fails at once with a reset:
+        // send again once on a fresh connection (every call here may be repeated; a streamed body cannot).
+        const code = networkErrorCode(first);
+        if (timeout.aborted || opts.signal?.aborted || opts.body instanceof ReadableStream || code === "ECONNREFUSED") throw first;
+        res = await fetch(target, init);
+      }
     } catch (err) {
       if (timeout.aborted) {
         throw new OrthancError(
