@@ -153,7 +153,10 @@ async function checkIsolation(
   try {
     verdict = await deps.guard!.check(ids);
   } catch (e) {
-    if (!(e instanceof OrthancError)) throw e;
+    if (!(e instanceof OrthancError)) {
+      // The claims file could not be written (disk full, permissions): nothing was acknowledged.
+      return { refusal: { status: Status.OutOfResources, comment: "Gateway spool disk error, retry later", reason: `cannot record the claim: ${(e as Error).message}` } };
+    }
     if (deps.tenant.forwarding === "Sync") {
       return { refusal: { status: Status.OutOfResources, comment: "Orthanc unavailable, not stored; retry later", reason: `isolation check impossible: ${e.message}` } };
     }
