@@ -72,9 +72,15 @@ export class ClaimRegistry {
     if (current !== undefined) return Promise.resolve(current === tenant);
     this.owners.set(id, tenant); // first claimer wins, synchronously
     const run = async () => {
-      await this.fh!.appendFile(JSON.stringify({ id, level, tenant, at: new Date().toISOString() }) + "\n");
-      await this.fh!.datasync();
-      return true;
+      try {
+        await this.fh!.appendFile(JSON.stringify({ id, level, tenant, at: new Date().toISOString() }) + "\n");
+        await this.fh!.datasync();
+        return true;
+      } catch (e) {
+        // Not durable, so not a claim: the next attempt tries again.
+        if (this.owners.get(id) === tenant) this.owners.delete(id);
+        throw e;
+      }
     };
     const p = this.chain.then(run, run);
     this.chain = p.catch(() => {});
