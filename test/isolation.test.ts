@@ -201,6 +201,20 @@ describe("Strict (default)", () => {
   });
 });
 
+test("Strict: an instance whose data set names another SOP Instance UID than its command is refused (0xC000)", async () => {
+  const { RawPeer } = await import("./helpers/raw-peer.ts");
+  const { CommandField, Status, TransferSyntax } = await import("../src/dimse/constants.ts");
+  const { readDataset } = await import("./helpers/dicom-files.ts");
+  const peer = await RawPeer.connect(gw.portOf("ALPHA"));
+  await peer.associate("ALPHA", [{ id: 1, abstractSyntax: "1.2.840.10008.5.1.4.1.1.2", transferSyntaxes: [TransferSyntax.ExplicitVRLittleEndian] }]);
+  const f = await instance({ "(0010,0020)": "MISMATCH", "(0020,000d)": uid() });
+  peer.sendCommand(1, { commandField: CommandField.CStoreRQ, messageId: 1, affectedSopClassUid: "1.2.840.10008.5.1.4.1.1.2", affectedSopInstanceUid: "1.2.3.4.5.999", priority: 0, commandDataSetType: 0 }, readDataset(f));
+  const rsp = await peer.readCommand();
+  peer.close();
+  expect(rsp?.status).toBe(Status.UnableToProcess);
+  expect(rsp?.errorComment).toBe("SOP Instance UID differs from the command");
+});
+
 describe("Shared (the MultitenantDicom plugin's behaviour, unsafe)", () => {
   test("storing into another tenant's study labels it for the attacker, who then sees it", async () => {
     const study = uid();

@@ -79,10 +79,16 @@ export class RawPeer {
     return pdu;
   }
 
-  sendCommand(pcId: number, cmd: CommandSet, dataset?: Uint8Array): void {
+  /** Sends a command and its data set, the data set in fragments of at most `fragment` bytes (one PDV per PDU). */
+  sendCommand(pcId: number, cmd: CommandSet, dataset?: Uint8Array, fragment = 16_000): void {
     const c = encodeCommandSet(cmd);
     this.write(concat(encodePDataHeader(pcId, true, true, c.length), c));
-    if (dataset) this.write(concat(encodePDataHeader(pcId, false, true, dataset.length), dataset));
+    if (!dataset) return;
+    for (let o = 0; o < dataset.length || o === 0; o += fragment) {
+      const part = dataset.subarray(o, Math.min(o + fragment, dataset.length));
+      this.write(concat(encodePDataHeader(pcId, false, o + fragment >= dataset.length, part.length), part));
+      if (dataset.length === 0) break;
+    }
   }
 
   /** Reads the next DIMSE message's command set (single-fragment commands). */
