@@ -77,6 +77,9 @@ export function createTenantServices(ctx: TenantContext): TenantServices {
       abstractSyntaxes,
       fallback: (uid) => (isStorage(uid) ? storagePolicy : undefined),
       acceptScpRoleFor: isStorage,
+      // C-FIND extended negotiation (PS3.4 C.3.1): combined date-time matching is supported, relational
+      // queries, fuzzy person-name matching and timezone adjustment are not (answered 0).
+      extendedNegotiation: (uid, requested) => (FIND_ABSTRACT_SYNTAXES.includes(uid) ? Uint8Array.of(0, requested[1] === 1 ? 1 : 0) : undefined),
     },
     handlers,
   };

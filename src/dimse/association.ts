@@ -40,6 +40,7 @@ import {
 } from "./pdu.ts";
 import { dispatchPdus, PduReader } from "./pdu-reader.ts";
 import { PDataWriter } from "./pdata-writer.ts";
+import { encodeExtendedNegotiation, type ExtendedNegotiation } from "./negotiation.ts";
 import { IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME } from "./implementation.ts";
 
 /** An accepted presentation context. */
@@ -56,7 +57,7 @@ export interface Peer {
 
 /** The outcome of negotiating an A-ASSOCIATE-RQ, decided by the server's policy. */
 export type Negotiation =
-  | { accept: { presentationContexts: PresentationContextAnswer[]; roleSelections?: RoleSelection[] } }
+  | { accept: { presentationContexts: PresentationContextAnswer[]; roleSelections?: RoleSelection[]; extendedNegotiations?: ExtendedNegotiation[] } }
   | { reject: AssociateRJ; why: string };
 
 /** What the service handlers and observers know about an established association. */
@@ -73,6 +74,8 @@ export interface AssociationInfo {
   peerImplementationVersionName?: string;
   /** Role selections we accepted (PS3.7 D.3.3.4). */
   roleSelections: RoleSelection[];
+  /** SOP Class Extended Negotiation we accepted (PS3.7 D.3.3.5): SOP class UID -> application information. */
+  extendedNegotiation: Map<string, Uint8Array>;
 }
 
 /** One DIMSE request as given to a service handler. */
@@ -296,6 +299,7 @@ export class AcceptorAssociation {
       peerImplementationClassUid: rq.userInformation.implementationClassUid,
       peerImplementationVersionName: rq.userInformation.implementationVersionName,
       roleSelections,
+      extendedNegotiation: new Map((decision.accept.extendedNegotiations ?? []).map((e) => [e.sopClassUid, e.info])),
     };
     this.writer = new PDataWriter(this.socket, rq.userInformation.maxPduLength);
     this.writer.onProgress = () => this.touch();
@@ -312,7 +316,7 @@ export class AcceptorAssociation {
         implementationClassUid: IMPLEMENTATION_CLASS_UID,
         implementationVersionName: IMPLEMENTATION_VERSION_NAME,
         roleSelections,
-        otherItems: [],
+        otherItems: (decision.accept.extendedNegotiations ?? []).map(encodeExtendedNegotiation),
       },
     });
     this.opts.observer?.accepted?.(this.info);

@@ -89,7 +89,9 @@ export function createFindHandler(opts: FindHandlerOptions): DimseHandler {
 
     let query: FindQuery;
     try {
-      query = buildFindQuery(model, levelElement ? elementText(levelElement, []) : undefined, raw);
+      // Combined date-time matching only when the association negotiated it (PS3.4 C.2.2.2.5.1).
+      const extended = responder.association.extendedNegotiation.get(request.presentationContext.abstractSyntax);
+      query = buildFindQuery(model, levelElement ? elementText(levelElement, []) : undefined, raw, { combinedDateTime: extended?.[1] === 1 });
     } catch (e) {
       if (!(e instanceof FindQueryError)) throw e;
       await fail(e.status, e.message, e.offendingElement);
