@@ -524,6 +524,36 @@ function post(ctx: FindContext, body: Record<string, unknown>): Promise<OrthancR
   return ctx.orthanc.postJson<OrthancResource[]>("/tools/find", body, { timeoutMs: ctx.settings.timeoutMs, signal: ctx.signal });
 }
 
+/**
+ * The pages of one `POST /tools/find` (Expand + RequestedTags, Labels in the answer, case-insensitive
+ * pre-filter), `Since`/`Limit` by `pageSize`: one REST call per page, the last page shorter.
+ */
+async function* findPages(
+  ctx: FindContext,
+  level: string,
+  query: Record<string, string>,
+  scope: Record<string, unknown>,
+  requested: Set<number>,
+): AsyncGenerator<OrthancResource[]> {
+  const pageSize = Math.max(1, ctx.settings.pageSize);
+  for (let since = 0; ; since += pageSize) {
+    const page = await post(ctx, {
+      Level: level,
+      Query: query,
+      ...scope,
+      Expand: true,
+      Short: true,
+      ResponseContent: ["Labels"],
+      RequestedTags: [...requested].map(orthancTag),
+      CaseSensitive: false,
+      Since: since,
+      Limit: pageSize,
+    });
+    yield page;
+    if (page.length < pageSize) return;
+  }
+}
+
 function toResult(r: OrthancResource): FindResult {
   const out: FindResult = new Map();
   for (const [k, v] of Object.entries(r.RequestedTags ?? {})) {
@@ -577,25 +607,11 @@ export async function* runFind(q: FindQuery, ctx: FindContext): AsyncGenerator<F
   const requested = new Set<number>([...keys.map((k) => k.tag), ...parentKeys(q), UNIQUE_KEY[q.level]]);
   const ancestor = plan.kind === "ancestor" ? plan.level : undefined;
   if (ancestor) requested.add(UNIQUE_KEY[ancestor]);
-  const pageSize = Math.max(1, ctx.settings.pageSize);
-  for (let since = 0; ; since += pageSize) {
-    const page = await post(ctx, {
-      Level: q.level,
-      Query: query,
-      ...(plan.kind === "direct" ? scopeFilter(ctx.tenant) : {}),
-      Expand: true,
-      Short: true,
-      ResponseContent: ["Labels"],
-      RequestedTags: [...requested].map(orthancTag),
-      CaseSensitive: false,
-      Since: since,
-      Limit: pageSize,
-    });
+  for await (const page of findPages(ctx, q.level, query, plan.kind === "direct" ? scopeFilter(ctx.tenant) : {}, requested)) {
     let candidates = page.filter((r) => plan.kind !== "direct" || inScope(r.Labels, ctx.tenant)).map(toResult);
     if (ancestor) candidates = await inScopeAncestors(ctx, ancestor, candidates);
     const matches = candidates.filter((r) => matchesQuery(q, keys, r, opts));
     if (matches.length > 0) yield matches;
-    if (page.length < pageSize) return;
   }
 }
 
@@ -651,20 +667,7 @@ async function* runDerived(q: FindQuery, ctx: FindContext, from: ResourceLevel):
   if (computed.some((k) => k.tag === T.SOPClassesInStudy) && from === "Study") requested.add(T.SOPClassesInStudy);
 
   const groups = new Map<string, Aggregate>();
-  const pageSize = Math.max(1, ctx.settings.pageSize);
-  for (let since = 0; ; since += pageSize) {
-    const page = await post(ctx, {
-      Level: from,
-      Query: query,
-      ...scopeFilter(ctx.tenant),
-      Expand: true,
-      Short: true,
-      ResponseContent: ["Labels"],
-      RequestedTags: [...requested].map(orthancTag),
-      CaseSensitive: false,
-      Since: since,
-      Limit: pageSize,
-    });
+  for await (const page of findPages(ctx, from, query, scopeFilter(ctx.tenant), requested)) {
     for (const r of page) {
       if (!inScope(r.Labels, ctx.tenant)) continue;
       const res = toResult(r);
@@ -693,7 +696,6 @@ async function* runDerived(q: FindQuery, ctx: FindContext, from: ResourceLevel):
         split(T.SOPClassUID).forEach((m) => g!.sopClasses.add(m));
       }
     }
-    if (page.length < pageSize) break;
   }
   const out: FindResult[] = [];
   for (const g of groups.values()) {
