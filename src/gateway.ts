@@ -20,7 +20,7 @@ import { mkdir } from "node:fs/promises";
 import { createTenantServices } from "./services.ts";
 import { Forwarder } from "./spool/forwarder.ts";
 import { createStoreMetrics, type StoreMetrics } from "./spool/metrics.ts";
-import { TenantSpool } from "./spool/spool.ts";
+import { TenantSpool, tenantDirectoryName, type SpoolEntry } from "./spool/spool.ts";
 import type { GatewaySnapshot, QuarantineSummary } from "./status.ts";
 import { createAssociationPolicy, type AssociationPolicy } from "./tenancy/association-policy.ts";
 import { VERSION } from "./version.ts";
@@ -180,6 +180,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     orthanc,
     labeler,
     concurrency: config.orthanc.uploadConcurrency,
+    receivePriorityMs: config.orthanc.receivePriorityMs,
     verifyIntegrity: config.spool.verifyIntegrity,
     guardFor: (tenant) => guards.get(tenant.aet),
     events: {
@@ -221,11 +222,25 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
   const listeners: TenantListener[] = [];
   const artimTimeoutMs = opts.artimTimeoutMs ?? config.limits?.artimTimeoutMs ?? 30_000;
 
+  /**
+   * One spool per tenant directory for the gateway's lifetime: a reload that stops and starts a tenant
+   * again keeps it (the forwarder still holds its entries, and its segments stay open).
+   */
+  const spools = new Map<string, TenantSpool>();
+  const closeSpools = () => Promise.all([...spools.values()].map((s) => s.close()));
+
   /** Creates a tenant's spool (replaying what it holds), services and listener(s), and starts listening. */
   const startTenant = async (tenant: TenantConfig): Promise<TenantListener> => {
-    const spool = new TenantSpool(config.spool.directory, tenant.aet, tenant.spoolQuotaBytes);
-    const { pending, discarded } = await spool.open();
-    if (discarded.length > 0) log.warn("discarded incomplete spool files (never acknowledged)", { tenant: tenant.aet, files: discarded.length });
+    let spool = spools.get(tenantDirectoryName(tenant.aet));
+    let pending: SpoolEntry[] = [];
+    if (spool) spool.quotaBytes = tenant.spoolQuotaBytes;
+    else {
+      spool = new TenantSpool(config.spool.directory, tenant.aet, tenant.spoolQuotaBytes);
+      const opened = await spool.open();
+      spools.set(tenantDirectoryName(tenant.aet), spool);
+      pending = opened.pending;
+      if (opened.discarded.length > 0) log.warn("discarded incomplete spool records (never acknowledged)", { tenant: tenant.aet, records: opened.discarded });
+    }
     if (pending.length > 0) log.info("replaying spooled instances", { tenant: tenant.aet, instances: pending.length });
     if (tenant.isolation === "Strict") guards.set(tenant.aet, new IsolationGuard(orthanc, claims, tenant));
     else guards.delete(tenant.aet);
@@ -284,7 +299,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
       log.info("DICOM listener started", { tenant: tenant.aet, port: e.port, tls: e.tls, labels: tenant.labels, labelsConstraint: tenant.labelsConstraint });
     }
     // Pending entries are queued once the tenant is up (a replay uses the tenant's current settings).
-    for (const entry of pending) forwarder.add(tenant, spool, entry);
+    for (const entry of pending) forwarder.add(tenant, spool!, entry);
     byTenant.set(tenant.aet, l);
     return l;
   };
@@ -345,6 +360,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     log.info("HTTP endpoint started", { url: `http://${config.http.host.includes(":") ? `[${config.http.host}]` : config.http.host}:${http.port}`, endpoints: "/health /ready /metrics /status" });
   } catch (e) {
     await Promise.all(listeners.map((l) => stopTenant(l, 0)));
+    await closeSpools();
     audit.close();
     await claims.close();
     throw e;
@@ -431,6 +447,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
       monitor.stop();
       await Promise.all(listeners.map((l) => stopTenant(l, graceMs)));
       await forwarder.stop();
+      await closeSpools();
       await claims.close();
       await http!.close();
       audit.close();

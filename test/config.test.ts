@@ -98,6 +98,7 @@ describe("defaults", () => {
         password: "",
         timeoutMs: 30000,
         uploadConcurrency: 4,
+        receivePriorityMs: 1000,
         unreachableGraceMs: 60000,
       },
       http: { host: "127.0.0.1", port: 8080 },
@@ -157,6 +158,7 @@ describe("defaults", () => {
       password: "p",
       timeoutMs: 1500,
       uploadConcurrency: 4,
+      receivePriorityMs: 1000,
       unreachableGraceMs: 60000,
     });
     expect(cfg.http).toEqual({ host: "0.0.0.0", port: 0 });
@@ -411,9 +413,13 @@ describe("Gateway section", () => {
       "Gateway.Orthanc.TimeoutSeconds: expected number of seconds > 0, got 0",
     );
     expect(issue(gw({ Orthanc: "http://x" }))).toBe(
-      'Gateway.Orthanc: expected object with Url, Username, Password, TimeoutSeconds, UploadConcurrency, UnreachableGraceSeconds, got "http://x"',
+      'Gateway.Orthanc: expected object with Url, Username, Password, TimeoutSeconds, UploadConcurrency, ReceivePriorityMilliseconds, UnreachableGraceSeconds, got "http://x"',
     );
     expect(parse(gw({ Orthanc: { Url: "http://orthanc:8042/" } })).orthanc.url).toBe("http://orthanc:8042");
+    expect(issue(gw({ Orthanc: { ReceivePriorityMilliseconds: -1 } }))).toBe("Gateway.Orthanc.ReceivePriorityMilliseconds: expected integer 0-60000, got -1");
+    expect(issue(gw({ Orthanc: { ReceivePriorityMilliseconds: 1.5 } }))).toBe("Gateway.Orthanc.ReceivePriorityMilliseconds: expected integer 0-60000, got 1.5");
+    expect(parse(gw({ Orthanc: { ReceivePriorityMilliseconds: 0 } })).orthanc.receivePriorityMs).toBe(0);
+    expect(parse(gw({})).orthanc.receivePriorityMs).toBe(1000);
   });
 
   test("Http", () => {
@@ -1221,6 +1227,7 @@ describe("environment overrides", () => {
       password: "s3cret",
       timeoutMs: 30000,
       uploadConcurrency: 4,
+      receivePriorityMs: 1000,
       unreachableGraceMs: 60000,
     });
     expect(cfg.http).toEqual({ host: "0.0.0.0", port: 9090 });
@@ -1374,6 +1381,7 @@ describe("files", () => {
         password: "",
         timeoutMs: 30000,
         uploadConcurrency: 4,
+        receivePriorityMs: 1000,
         unreachableGraceMs: 60000,
       },
       http: { host: "127.0.0.1", port: 8080 },
@@ -1456,7 +1464,7 @@ describe("describeConfig", () => {
       "DICOM modalities (1):",
       "  viewer  AET VIEWER  127.0.0.1:4300",
       "DICOM: default AET ORTHANC, check called AET on, strict AET comparison off, SCP timeout 30 s, maximum PDU length 16384, default encoding Latin1",
-      "Orthanc: http://127.0.0.1:8042  user (none)  password (none)  timeout 30 s  upload concurrency 4  unreachable grace 60 s",
+      "Orthanc: http://127.0.0.1:8042  user (none)  password (none)  timeout 30 s  upload concurrency 4  receive priority 1000 ms  unreachable grace 60 s",
       "HTTP: 127.0.0.1:8080",
       "Spool: ./.cache/spool  default quota 10240 MB  high-water mark 80%  verify integrity off",
       "Store: unknown SOP classes rejected, transfer syntaxes 1.2.840.10008.1.*",
@@ -1509,7 +1517,7 @@ describe("describeConfig", () => {
       "  BETA   port 4243  labels [alpha] All  store levels Study,Series,Instance  forwarding Spool  quota 0.5 MB  allowed destinations (none)  isolation Strict  max associations 32",
     ]);
     expect(lines).toContain(
-      "Orthanc: http://127.0.0.1:8042  user (none)  password (none)  timeout 30 s  upload concurrency 8  unreachable grace 0 s",
+      "Orthanc: http://127.0.0.1:8042  user (none)  password (none)  timeout 30 s  upload concurrency 8  receive priority 1000 ms  unreachable grace 0 s",
     );
     expect(lines).toContain("Spool: /srv/spool  default quota 0.5 MB  high-water mark 90%  verify integrity on");
     expect(lines).toContain("Store: unknown SOP classes accepted, transfer syntaxes 1.2.840.10008.1.2,1.2.840.10008.1.2.1");

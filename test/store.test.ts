@@ -4,7 +4,7 @@
  * outages, quota, truncated transfers.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { readdirSync } from "node:fs";
+import { readdirSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { inflateRawSync } from "node:zlib";
 import { startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts";
@@ -188,6 +188,9 @@ describe("Spool mode (store-and-forward)", () => {
   });
 
   test("a transfer cut mid-data-set leaves nothing behind and forwards nothing", async () => {
+    const segments = join(gw.config.spool.directory, "ALPHA", "segments");
+    const onDisk = () => readdirSync(segments).reduce((n, f) => n + statSync(join(segments, f)).size, 0);
+    const before = onDisk();
     const peer = await RawPeer.connect(gw.portOf("ALPHA"));
     const ac = await peer.associate("ALPHA", [{ id: 1, abstractSyntax: "1.2.840.10008.5.1.4.1.1.2", transferSyntaxes: [TransferSyntax.ExplicitVRLittleEndian] }]);
     expect(ac?.type).toBe(PduType.AssociateAC);
@@ -196,12 +199,18 @@ describe("Spool mode (store-and-forward)", () => {
     const { encodePDataHeader } = await import("../src/dimse/pdu.ts");
     const cmd = encodeCommandSet({ commandField: CommandField.CStoreRQ, messageId: 1, affectedSopClassUid: "1.2.840.10008.5.1.4.1.1.2", affectedSopInstanceUid: "1.2.3.999", priority: 0, commandDataSetType: 0 });
     peer.write(new Uint8Array([...encodePDataHeader(1, true, true, cmd.length), ...cmd]));
-    const part = ds.subarray(0, 8000);
-    peer.write(new Uint8Array([...encodePDataHeader(1, false, false, part.length), ...part]));
-    await new Promise((r) => setTimeout(r, 100));
+    // More than the spool keeps in memory (256 KiB), so part of it is written to a segment before the cut.
+    const partial = new Uint8Array(400 * 1024);
+    partial.set(ds.subarray(0, Math.min(ds.length, partial.length)));
+    for (let o = 0; o < partial.length; o += 16_000) {
+      const f = partial.subarray(o, o + 16_000);
+      peer.write(new Uint8Array([...encodePDataHeader(1, false, false, f.length), ...f]));
+    }
+    await until("part of the data set is on disk", () => onDisk() > before + 200 * 1024, 20_000);
     peer.close();
-    const incoming = join(gw.config.spool.directory, "ALPHA", "incoming");
-    await until("the partial file is removed", () => readdirSync(incoming).length === 0, 20_000);
+    await until("what was written of it is cut off again", () => onDisk() === before, 20_000);
+    const s = (await (await fetch(gw.httpUrl + "/status")).json()) as { tenants: { aet: string; spool: { depth: number } }[] };
+    expect(s.tenants.find((t) => t.aet === "ALPHA")!.spool.depth).toBe(0);
     expect(await orthancIdOf("1.2.3.999")).toBeUndefined();
   });
 });
@@ -276,6 +285,50 @@ describe("Sync mode", () => {
     const id = await orthancIdOf(await tagValue(file!, "0008,0018"));
     expect(id).toBeDefined();
     expect(await labelsOf("instances", id!)).toEqual(["sync"]);
+  });
+});
+
+describe("receive priority (Gateway.Orthanc.ReceivePriorityMilliseconds)", () => {
+  /** Keeps a C-STORE data set arriving on `aet` (command and a first fragment sent, the rest never). */
+  async function openArrival(g: typeof gw, aet: string): Promise<RawPeer> {
+    const peer = await RawPeer.connect(g.portOf(aet));
+    await peer.associate(aet, [{ id: 1, abstractSyntax: "1.2.840.10008.5.1.4.1.1.2", transferSyntaxes: [TransferSyntax.ExplicitVRLittleEndian] }]);
+    const { encodeCommandSet } = await import("../src/dimse/command.ts");
+    const { encodePDataHeader } = await import("../src/dimse/pdu.ts");
+    const cmd = encodeCommandSet({ commandField: CommandField.CStoreRQ, messageId: 1, affectedSopClassUid: "1.2.840.10008.5.1.4.1.1.2", affectedSopInstanceUid: "1.2.3.4242", priority: 0, commandDataSetType: 0 });
+    peer.write(new Uint8Array([...encodePDataHeader(1, true, true, cmd.length), ...cmd]));
+    const part = readDataset(pydicomFile("CT_small.dcm")).subarray(0, 2000);
+    peer.write(new Uint8Array([...encodePDataHeader(1, false, false, part.length), ...part]));
+    return peer;
+  }
+
+  test("uploads wait while instances arrive and start as soon as the arrivals stop", async () => {
+    const g = await startTestGateway([{ AET: "PRIO", Labels: ["prio"] }], orthanc.url, { Gateway: { Orthanc: { Url: orthanc.url, ReceivePriorityMilliseconds: 60_000 } } });
+    stopLater.push(g);
+    const peer = await openArrival(g, "PRIO");
+    const [file] = await uniqueCopies(pydicomFile("CT_small.dcm"), 1, { newStudy: true });
+    expect((await storescu(g.portOf("PRIO"), "PRIO", [file!])).code).toBe(0);
+    const sop = await tagValue(file!, "0008,0018");
+    // Acknowledged, and held back while the other data set is still arriving.
+    await new Promise((r) => setTimeout(r, 500));
+    expect(await orthancIdOf(sop)).toBeUndefined();
+    const s = (await (await fetch(g.httpUrl + "/status")).json()) as { tenants: { spool: { depth: number } }[] };
+    expect(s.tenants[0]!.spool.depth).toBe(1);
+    peer.close(); // the arrival ends (cut): the upload goes at once, long before the 60 s limit
+    await until("the instance is in Orthanc", async () => (await orthancIdOf(sop)) !== undefined, 10_000);
+  });
+
+  test("an instance waits no longer than the limit, even while arrivals go on", async () => {
+    const g = await startTestGateway([{ AET: "PRIO2", Labels: ["prio"] }], orthanc.url, { Gateway: { Orthanc: { Url: orthanc.url, ReceivePriorityMilliseconds: 1000 } } });
+    stopLater.push(g);
+    const peer = await openArrival(g, "PRIO2");
+    const [file] = await uniqueCopies(pydicomFile("CT_small.dcm"), 1, { newStudy: true });
+    expect((await storescu(g.portOf("PRIO2"), "PRIO2", [file!])).code).toBe(0);
+    const acked = Date.now();
+    const sop = await tagValue(file!, "0008,0018");
+    await until("the instance is in Orthanc", async () => (await orthancIdOf(sop)) !== undefined, 10_000);
+    expect(Date.now() - acked).toBeGreaterThanOrEqual(900);
+    peer.close();
   });
 });
 

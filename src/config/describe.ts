@@ -70,7 +70,7 @@ export function describeConfig(cfg: GatewayConfig): string {
   lines.push(
     `Orthanc: ${redactUrl(o.url)}  user ${o.username === "" ? "(none)" : o.username}  ` +
       `password ${o.password === "" ? "(none)" : "(set)"}  timeout ${secs(o.timeoutMs)}  ` +
-      `upload concurrency ${o.uploadConcurrency}  unreachable grace ${secs(o.unreachableGraceMs)}`,
+      `upload concurrency ${o.uploadConcurrency}  receive priority ${o.receivePriorityMs} ms  unreachable grace ${secs(o.unreachableGraceMs)}`,
   );
   lines.push(`HTTP: ${hostPort(cfg.http.host, cfg.http.port)}${cfg.http.port === 0 ? " (any free port)" : ""}`);
   const sp = cfg.spool;

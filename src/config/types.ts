@@ -159,6 +159,11 @@ export interface OrthancSettings {
   timeoutMs: number;
   /** `Gateway.Orthanc.UploadConcurrency` (default 4): parallel keep-alive uploads of spooled instances. */
   uploadConcurrency: number;
+  /**
+   * `Gateway.Orthanc.ReceivePriorityMilliseconds` (default 1000): while instances arrive, uploads wait up
+   * to this long (then go on one at a time), so modalities are acknowledged first; 0 = never wait.
+   */
+  receivePriorityMs: number;
   /** `Gateway.Orthanc.UnreachableGraceSeconds` (default 60) in ms: /ready stays 200 this long after Orthanc was last seen. */
   unreachableGraceMs: number;
 }

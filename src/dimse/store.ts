@@ -2,7 +2,7 @@
  * Storage service, SCP role (PS3.4 Annex B; C-STORE PS3.7 9.1.1): the data set is streamed to the
  * tenant's spool as it arrives, never held whole in memory, and the bytes stay as the modality sent
  * them. Success is answered only when the instance is safe:
- *   Spool — its file and queue record are fsync'd (the forwarder takes it from there);
+ *   Spool — its record is in the tenant's spool log and fdatasync'd (the forwarder takes it from there);
  *   Sync  — Orthanc has stored and labeled it.
  * Failure statuses (PS3.4 B.2.3): 0xA700 Refused: Out of Resources (quota, disk, Orthanc unavailable),
  * 0xC000 Error: Cannot understand (no data set, Orthanc refuses the content), and with Strict isolation
@@ -17,7 +17,7 @@ import type { Forwarder } from "../spool/forwarder.ts";
 import { HEAD_BYTES, SpoolDiskError, SpoolQuotaError, type ReceivedFile, type TenantSpool } from "../spool/spool.ts";
 import { DatasetHeadError, readDatasetHead } from "../dicom/dataset-head.ts";
 import { orthancIds, type OrthancIds } from "../orthanc/identity.ts";
-import { readFileHeadAttributes, type IsolationGuard } from "../tenancy/isolation.ts";
+import type { IsolationGuard } from "../tenancy/isolation.ts";
 import type { DimseHandler, DimseResponder } from "./association.ts";
 import { Status } from "./constants.ts";
 
@@ -44,6 +44,19 @@ export interface StoreServiceDeps {
 }
 
 export function createStoreHandler(deps: StoreServiceDeps): DimseHandler {
+  const handle = storeHandler(deps);
+  // Uploads give way while data sets arrive (receive priority, see Forwarder).
+  return async (request, responder) => {
+    deps.forwarder.arrivalStarted();
+    try {
+      await handle(request, responder);
+    } finally {
+      deps.forwarder.arrivalEnded();
+    }
+  };
+}
+
+function storeHandler(deps: StoreServiceDeps): DimseHandler {
   const { tenant, spool, events } = deps;
   return async (request, responder) => {
     const cmd = request.command;
@@ -67,11 +80,10 @@ export function createStoreHandler(deps: StoreServiceDeps): DimseHandler {
 
     let received: ReceivedFile;
     try {
+      // Not durable yet: Spool commits (fsyncs) it below; Sync answers once Orthanc has it and discards it.
       received = await spool.receive(
         { sopClassUid, sopInstanceUid, transferSyntaxUid: request.presentationContext.transferSyntax, sourceAeTitle: responder.association.callingAeTitle },
         request.dataset,
-        // Sync answers only once Orthanc has the instance: the spooled copy is a scratch file, no fsync needed.
-        { durable: tenant.forwarding !== "Sync" },
       );
     } catch (e) {
       if (e instanceof SpoolQuotaError) return fail(Status.OutOfResources, "Gateway spool quota full, retry later", e.message);
@@ -132,7 +144,7 @@ async function checkIsolation(
     } catch (e) {
       // Long private sequences before the UIDs: read further from the spooled file.
       if (!(e instanceof DatasetHeadError && e.truncated && received.head.length === HEAD_BYTES)) throw e;
-      head = await readFileHeadAttributes(received.path, transferSyntax);
+      head = readDatasetHead(await deps.spool.datasetBytes(received, 1 << 20), transferSyntax);
     }
     if (head.sopInstanceUid !== sopInstanceUid) {
       return {
@@ -177,7 +189,7 @@ async function storeSync(
   ids?: OrthancIds,
 ): Promise<void> {
   try {
-    const stored = await uploadFile(deps.orthanc, received.path, received.size);
+    const stored = await uploadFile(deps.orthanc, await deps.spool.bytesOf(received));
     if (ids && (stored.parentStudy !== ids.study || stored.parentSeries !== ids.series || stored.id !== ids.instance)) {
       if (stored.status === "Success") await deps.orthanc.delete(`/instances/${stored.id}`);
       return fail(Status.NotAuthorized, "Not authorized: unexpected placement in Orthanc", `isolation: Orthanc filed the instance under study ${stored.parentStudy}, not the checked ${ids.study}`);
@@ -187,6 +199,7 @@ async function storeSync(
     const message = e instanceof Error ? e.message : String(e);
     if (isPermanentRejection(e)) return fail(Status.UnableToProcess, "Orthanc refused the instance (see gateway log)", `Orthanc refused the instance: ${message}`);
     if (e instanceof OrthancError) return fail(Status.OutOfResources, "Orthanc unavailable, not stored; retry later", `Orthanc unavailable, instance not stored: ${message}`);
+    if (e instanceof SpoolDiskError) return fail(Status.OutOfResources, "Gateway spool disk error, retry later", message);
     throw e;
   } finally {
     await deps.spool.discard(received);

@@ -2,7 +2,7 @@
  * Storing an instance into Orthanc and labeling it for its tenant (Orthanc >= 1.12 labels).
  * Shared by the spool forwarder and by Sync-mode C-STORE.
  */
-import { open, readFile } from "node:fs/promises";
+import { open } from "node:fs/promises";
 import type { ResourceLevel } from "../config/types.ts";
 import { OrthancError, type OrthancClient } from "./client.ts";
 
@@ -24,24 +24,34 @@ interface PostInstancesAnswer {
   Status: string;
 }
 
-/** A file as a byte stream of 256 KiB chunks read on demand, for a streamed upload body. */
-export function fileStream(path: string, chunkSize = 256 * 1024): ReadableStream<Uint8Array> {
+/** Where an instance's Part 10 bytes are: `size` bytes at `offset` of `file` (a spool segment). */
+export interface FileRange {
+  file: string;
+  offset: number;
+  size: number;
+}
+
+/** A byte range of a file as a stream of 256 KiB chunks read on demand, for a streamed upload body. */
+export function fileStream(range: FileRange, chunkSize = 256 * 1024): ReadableStream<Uint8Array> {
   let fh: Awaited<ReturnType<typeof open>> | undefined;
+  let done = 0;
   return new ReadableStream<Uint8Array>(
     {
       async start() {
-        fh = await open(path, "r");
+        fh = await open(range.file, "r");
       },
       async pull(controller) {
-        const buf = new Uint8Array(chunkSize);
-        const { bytesRead } = await fh!.read(buf, 0, chunkSize, null);
+        const want = Math.min(chunkSize, range.size - done);
+        const buf = new Uint8Array(Math.max(1, want));
+        const { bytesRead } = want === 0 ? { bytesRead: 0 } : await fh!.read(buf, 0, want, range.offset + done);
+        done += bytesRead;
         if (bytesRead === 0) {
           await fh!.close();
           fh = undefined;
           controller.close();
           return;
         }
-        controller.enqueue(bytesRead === chunkSize ? buf : buf.subarray(0, bytesRead));
+        controller.enqueue(bytesRead === buf.length ? buf : buf.subarray(0, bytesRead));
       },
       async cancel() {
         await fh?.close();
@@ -57,12 +67,28 @@ function uploadTimeout(client: OrthancClient, size: number): number {
   return client.timeoutMs + Math.ceil(size / 10_000);
 }
 
+async function readRange(range: FileRange): Promise<Uint8Array> {
+  const fh = await open(range.file, "r");
+  try {
+    const buf = new Uint8Array(range.size);
+    for (let done = 0; done < range.size; ) {
+      const { bytesRead } = await fh.read(buf, done, range.size - done, range.offset + done);
+      if (bytesRead === 0) throw new Error(`${range.file}: unexpected end of file at ${range.offset + done}`);
+      done += bytesRead;
+    }
+    return buf;
+  } finally {
+    await fh.close();
+  }
+}
+
 /** Files up to this size are sent from one buffer; larger ones are streamed (memory stays bounded). */
 const STREAM_ABOVE = 4 << 20;
 
-/** POST /instances with the file's bytes (streamed from disk when large). */
-export async function uploadFile(client: OrthancClient, path: string, size: number, signal?: AbortSignal): Promise<StoredInstance> {
-  const body = size <= STREAM_ABOVE ? new Uint8Array(await readFile(path)) : fileStream(path);
+/** POST /instances with an instance's Part 10 bytes: given, read from disk, or streamed from disk when large. */
+export async function uploadFile(client: OrthancClient, source: Uint8Array | FileRange, signal?: AbortSignal): Promise<StoredInstance> {
+  const size = source instanceof Uint8Array ? source.length : source.size;
+  const body = source instanceof Uint8Array ? source : size <= STREAM_ABOVE ? await readRange(source) : fileStream(source);
   const a = await client.postJson<PostInstancesAnswer>("/instances", body, {
     timeoutMs: uploadTimeout(client, size),
     headers: { "Content-Type": "application/dicom", "Content-Length": String(size) },

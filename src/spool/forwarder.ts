@@ -6,6 +6,10 @@
  * Bounded parallelism over keep-alive connections; transient failures back off exponentially with
  * jitter, per entry; when Orthanc is unreachable every worker pauses together (one probe at a time
  * instead of hammering), and wake() resumes at once when the monitor sees Orthanc again.
+ *
+ * Receive priority: while data sets are arriving (and for QUIET_MS after the last one), uploads wait,
+ * so that a small box spends its CPU on acknowledging the modality first; an entry waits at most
+ * `receivePriorityMs`, after which uploads go on one at a time until the arrivals stop.
  */
 import type { TenantConfig } from "../config/types.ts";
 import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
@@ -34,7 +38,12 @@ export interface ForwarderOptions {
   /** Backoff of one entry after a transient failure: base * 2^(attempt-1), capped, with ±50% jitter. */
   backoffBaseMs?: number;
   backoffMaxMs?: number;
+  /** Longest an entry waits while instances are arriving (0: uploads never wait for arrivals). */
+  receivePriorityMs?: number;
 }
+
+/** Arrivals this close together count as one burst (storescu sends the next instance within a millisecond or two). */
+const QUIET_MS = 50;
 
 interface Job {
   tenant: TenantConfig;
@@ -42,6 +51,8 @@ interface Job {
   entry: SpoolEntry;
   attempt: number;
   notBefore: number;
+  /** Date.now() when it was queued (receive priority). */
+  queuedAt: number;
 }
 
 export function backoffDelay(attempt: number, baseMs: number, maxMs: number, random = Math.random): number {
@@ -62,6 +73,9 @@ class Fifo<T> {
   unshift(x: T): void {
     if (this.head > 0) this.items[--this.head] = x;
     else this.items.unshift(x);
+  }
+  peek(): T | undefined {
+    return this.items[this.head];
   }
   shift(): T | undefined {
     if (this.head >= this.items.length) return undefined;
@@ -96,6 +110,9 @@ export class Forwarder {
   private idleWaiters: (() => void)[] = [];
   private readonly baseMs: number;
   private readonly maxMs: number;
+  /** Data sets arriving now, and when the last one ended (receive priority). */
+  private arriving = 0;
+  private lastArrivalAt = 0;
 
   constructor(private readonly opts: ForwarderOptions) {
     this.baseMs = opts.backoffBaseMs ?? 500;
@@ -103,8 +120,31 @@ export class Forwarder {
   }
 
   add(tenant: TenantConfig, spool: TenantSpool, entry: SpoolEntry): void {
-    this.ready.push({ tenant, spool, entry, attempt: 0, notBefore: 0 });
+    this.ready.push({ tenant, spool, entry, attempt: 0, notBefore: 0, queuedAt: Date.now() });
     this.wakeOne();
+  }
+
+  /** A C-STORE data set started arriving; arrivalEnded() when it is answered. */
+  arrivalStarted(): void {
+    this.arriving++;
+  }
+
+  arrivalEnded(): void {
+    this.arriving = Math.max(0, this.arriving - 1);
+    this.lastArrivalAt = Date.now();
+    if (this.arriving === 0 && this.ready.length > 0 && this.sleepers.length > 0) this.wakeAt(this.lastArrivalAt + QUIET_MS, this.lastArrivalAt);
+  }
+
+  /** Until when uploads wait for arrivals (0: they need not), given the oldest waiting entry. */
+  private deferredUntil(now: number, oldest: Job): number {
+    const limit = this.opts.receivePriorityMs ?? 0;
+    if (limit <= 0) return 0;
+    const busyUntil = this.arriving > 0 ? Infinity : this.lastArrivalAt + QUIET_MS;
+    if (now >= busyUntil) return 0;
+    const overdueAt = oldest.queuedAt + limit;
+    // Waited long enough: one upload at a time while arrivals go on.
+    if (now >= overdueAt) return this.inFlight === 0 ? 0 : busyUntil;
+    return Math.min(busyUntil, overdueAt);
   }
 
   /** Entries waiting or being forwarded. */
@@ -159,26 +199,36 @@ export class Forwarder {
         for (const j of due) this.ready.push(j);
       }
     }
+    const oldest = this.ready.peek();
+    if (oldest && this.deferredUntil(now, oldest) > now) return undefined;
     const job = this.ready.shift();
     // During an outage the job that gets through is the probe: the others wait for its outcome.
     if (job && this.pauseAttempt > 0) this.probing = true;
     return job;
   }
 
-  /** Sleeps until woken, or until the next delayed job or the end of a pause is due. */
+  /** Sleeps until woken, or until the next delayed job, the end of a pause or of a receive-priority wait is due. */
   private sleep(now: number): Promise<void> {
     let at = this.probing ? Infinity : Math.max(now, this.pausedUntil);
     if (this.ready.length === 0) at = Math.max(at, Math.min(Infinity, ...this.delayed.map((j) => j.notBefore)));
-    if (at !== Infinity && at < this.timerAt) {
-      clearTimeout(this.timer);
-      this.timerAt = at;
-      this.timer = setTimeout(() => {
-        this.timerAt = Infinity;
-        this.wakeAll();
-      }, Math.max(1, at - now));
-      (this.timer as { unref?: () => void }).unref?.();
+    else if (!this.probing) {
+      const deferred = this.deferredUntil(now, this.ready.peek()!);
+      if (deferred > now) at = Math.max(at, deferred);
     }
+    this.wakeAt(at, now);
     return new Promise((resolve) => this.sleepers.push(resolve));
+  }
+
+  /** Wakes every sleeper at `at` (one timer: the earliest wins). */
+  private wakeAt(at: number, now: number): void {
+    if (at === Infinity || at >= this.timerAt) return;
+    clearTimeout(this.timer);
+    this.timerAt = at;
+    this.timer = setTimeout(() => {
+      this.timerAt = Infinity;
+      this.wakeAll();
+    }, Math.max(1, at - now));
+    (this.timer as { unref?: () => void }).unref?.();
   }
 
   private async work(): Promise<void> {
@@ -209,7 +259,7 @@ export class Forwarder {
       const guard = this.opts.guardFor?.(tenant);
       let ids: OrthancIds | undefined;
       if (guard) {
-        ids = orthancIds(await readFileHeadAttributes(entry.file, entry.transferSyntaxUid));
+        ids = orthancIds(await readFileHeadAttributes(entry, entry.transferSyntaxUid));
         const verdict = await guard.check(ids);
         if (!verdict.ok) {
           const reason = `isolation: ${verdict.reason}`;
@@ -219,7 +269,7 @@ export class Forwarder {
           return;
         }
       }
-      const stored = await uploadFile(this.opts.orthanc, entry.file, entry.size);
+      const stored = await uploadFile(this.opts.orthanc, entry);
       if (ids && (stored.parentStudy !== ids.study || stored.parentSeries !== ids.series || stored.id !== ids.instance)) {
         // Orthanc filed it elsewhere than the isolation check assumed: undo a fresh store, keep the file aside.
         if (stored.status === "Success") await this.opts.orthanc.delete(`/instances/${stored.id}`);
@@ -230,7 +280,7 @@ export class Forwarder {
       }
       if (this.opts.verifyIntegrity && stored.status === "Success") {
         const got = await storedAttachmentInfo(this.opts.orthanc, stored.id);
-        const md5 = entry.md5 ?? (await TenantSpool.md5Of(entry.file));
+        const md5 = entry.md5 ?? (await TenantSpool.md5Of(entry));
         if (got.md5 !== md5 || got.size !== entry.size) {
           const reason = `integrity check failed: Orthanc stored ${got.size} bytes with MD5 ${got.md5}, the gateway received ${entry.size} bytes with MD5 ${md5}`;
           await spool.quarantine(entry, reason);

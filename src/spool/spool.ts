@@ -1,21 +1,26 @@
 /**
- * The crash-safe store-and-forward spool of one tenant.
+ * The crash-safe store-and-forward spool of one tenant: an append-only log (src/spool/segment.ts).
  *
- *   <root>/<tenant>/incoming/<id>.part     being received (deleted at start-up: never acknowledged)
- *   <root>/<tenant>/queue/<id>.dcm          acknowledged Part 10 file, waiting for Orthanc
+ *   <root>/<tenant>/segments/<id>.seg            records: header, Part 10 bytes, JSON info
  *   <root>/<tenant>/quarantine/<id>.{dcm,json}  refused permanently by Orthanc, with the reason
  *
- * An instance is acknowledged only after its file is fdatasync'd, renamed into queue/, and queue/
- * itself is fsync'd (so the rename survives a power cut). The file is its own record: the meta
- * header names SOP class and instance, transfer syntax and source AE; the mtime is the arrival
- * time. Two syncs per instance, and concurrent commits share the directory sync. Ids sort in
- * arrival order, so a restart replays FIFO.
+ * An instance is acknowledged once its record (header, Part 10 bytes, info) is written into a segment
+ * and that segment is fdatasync'd (a small record: one O_DSYNC write, which is the same in one system
+ * call): one sync per instance, no file created, renamed or directory synced on the way (a new segment's directory entry is synced once, when the segment is created). Small
+ * instances stay in memory until the commit writes the whole record with one writev. Concurrent
+ * associations write to different segments (each receiving instance holds one writer). A segment
+ * whose records have all reached Orthanc is deleted once it is full (SEGMENT_BYTES) or at shutdown.
+ * Record ids sort in arrival order, so a restart replays FIFO.
+ *
+ * The layout before 0.2 (incoming/<id>.part, queue/<id>.dcm: one Part 10 file per instance) is still
+ * read at start-up, so an upgrade forwards what an older version acknowledged.
  */
 import { Buffer } from "node:buffer";
 import { createHash, randomBytes } from "node:crypto";
-import { mkdir, open, readdir, readFile, rename, rm, writeFile, type FileHandle } from "node:fs/promises";
+import { mkdir, open, readdir, readFile, rename, rm, rmdir, writeFile, type FileHandle } from "node:fs/promises";
 import { join } from "node:path";
 import { decodeFileMeta, encodeFileMeta, type FileMeta } from "../dicom/part10.ts";
+import { decodeRecordHeader, encodeRecordHeader, md5OfRange, readRange, RECORD_HEADER, Segment, STATE_PENDING } from "./segment.ts";
 
 export interface SpoolRecord {
   id: string;
@@ -28,28 +33,31 @@ export interface SpoolRecord {
   receivedAt: string;
   /** Size of the Part 10 file in bytes. */
   size: number;
-  /** MD5 of the Part 10 file (what Orthanc stores), hex; computed while receiving, absent after a restart. */
+  /** MD5 of the Part 10 file (what Orthanc stores), hex (absent for files of the layout before 0.2). */
   md5?: string;
 }
 
-export interface SpoolEntry extends SpoolRecord {
-  /** Path of the Part 10 file. */
+/** Where an instance's Part 10 bytes are: a byte range of a file. */
+export interface InstanceLocation {
   file: string;
+  offset: number;
+  size: number;
 }
+
+export interface SpoolEntry extends SpoolRecord, InstanceLocation {}
 
 export interface QuarantineEntry extends SpoolRecord {
   reason: string;
   quarantinedAt: string;
 }
 
-/** A file received into incoming/, not yet committed. */
+/** An instance received into a segment writer, not yet committed (opaque outside the spool). */
 export interface ReceivedFile {
-  id: string;
-  path: string;
-  size: number;
-  md5: string;
+  readonly id: string;
+  readonly size: number;
+  readonly md5: string;
   /** The first bytes of the data set (up to HEAD_BYTES), kept while receiving, for placing the instance. */
-  head: Uint8Array;
+  readonly head: Uint8Array;
 }
 
 /** How much of each data set is kept in memory while it is spooled (enough for PatientID and the UIDs). */
@@ -62,7 +70,12 @@ export class SpoolDiskError extends Error {
   override name = "SpoolDiskError";
 }
 
+/** Bytes of an instance kept in memory before they are written (a whole small instance is one write). */
 const WRITE_BATCH = 256 * 1024;
+/** A segment takes no new records past this size; it is deleted when none of its records is pending. */
+export const SEGMENT_BYTES = 32 << 20;
+/** Writers kept open between associations. */
+const IDLE_WRITERS = 4;
 let counter = 0;
 
 /** Time-ordered, unique across restarts: milliseconds (base 36, fixed width), a counter, randomness. */
@@ -94,12 +107,56 @@ function diskError(e: unknown, dir: string): Error {
   return e instanceof Error ? e : new Error(String(e));
 }
 
+/** Writes all of `parts` at `position` (writev may write less than asked). */
+async function writeAll(fh: FileHandle, parts: Uint8Array[], position: number): Promise<number> {
+  let total = 0;
+  for (const p of parts) total += p.length;
+  const { bytesWritten } = await fh.writev(parts, position);
+  if (bytesWritten < total) {
+    const rest = Buffer.concat(parts, total).subarray(bytesWritten);
+    for (let done = 0; done < rest.length; ) done += (await fh.write(rest, done, rest.length - done, position + bytesWritten + done)).bytesWritten;
+  }
+  return total;
+}
+
+/** The spool's side of a ReceivedFile. */
+class Receipt implements ReceivedFile {
+  md5 = "";
+  size = 0;
+  head: Uint8Array = new Uint8Array(0);
+  metaLength = 0;
+  /** Bytes of the Part 10 body already written to the segment (after the record header). */
+  written = 0;
+  /** Bytes received but not written yet. */
+  chunks: Uint8Array[] = [];
+  chunkBytes = 0;
+  /** The writer was given back (committed or discarded). */
+  settled = false;
+
+  constructor(
+    readonly id: string,
+    readonly segment: Segment,
+    /** Where the record starts in the segment. */
+    readonly recordOffset: number,
+  ) {}
+
+  get bodyOffset(): number {
+    return this.recordOffset + RECORD_HEADER;
+  }
+}
+
 export class TenantSpool {
   readonly dir: string;
-  private readonly incoming: string;
-  private readonly queue: string;
+  private readonly segmentsDir: string;
   private readonly quarantineDir: string;
+  /** The layout before 0.2, read at start-up only. */
+  private readonly legacyIncoming: string;
+  private readonly legacyQueue: string;
   private readonly pending = new Map<string, SpoolEntry>();
+  /** Segment and record offset of each pending entry (entries of the older layout have none). */
+  private readonly records = new Map<string, { segment: Segment; recordOffset: number }>();
+  private readonly segments = new Set<Segment>();
+  private readonly idleWriters: Segment[] = [];
   private committedBytes = 0;
   private receivingBytes = 0;
   private quarantined: QuarantineEntry[] = [];
@@ -110,44 +167,29 @@ export class TenantSpool {
     public quotaBytes: number,
   ) {
     this.dir = join(root, tenantDirectoryName(tenant));
-    this.incoming = join(this.dir, "incoming");
-    this.queue = join(this.dir, "queue");
+    this.segmentsDir = join(this.dir, "segments");
     this.quarantineDir = join(this.dir, "quarantine");
+    this.legacyIncoming = join(this.dir, "incoming");
+    this.legacyQueue = join(this.dir, "queue");
   }
 
-  /** Creates the directories, drops what was never acknowledged, and returns the pending entries in arrival order. */
+  /** Creates the directories, cuts off what was never acknowledged, and returns the pending entries in arrival order. */
   async open(): Promise<{ pending: SpoolEntry[]; discarded: string[] }> {
     try {
-      for (const d of [this.incoming, this.queue, this.quarantineDir]) await mkdir(d, { recursive: true });
+      for (const d of [this.segmentsDir, this.quarantineDir]) await mkdir(d, { recursive: true });
     } catch (e) {
       throw diskError(e, this.dir);
     }
     const discarded: string[] = [];
-    for (const f of await readdir(this.incoming)) {
-      await rm(join(this.incoming, f), { force: true });
-      discarded.push(join(this.incoming, f));
+    const found: SpoolEntry[] = [];
+    await this.openLegacy(found, discarded);
+    for (const n of (await readdir(this.segmentsDir)).sort()) {
+      if (n.endsWith(".seg")) await this.scanSegment(join(this.segmentsDir, n), found, discarded);
     }
-    for (const n of (await readdir(this.queue)).sort()) {
-      const file = join(this.queue, n);
-      if (!n.endsWith(".dcm")) {
-        // Leftovers of an older layout or of a hand edit: not ours to forward.
-        if (n.endsWith(".tmp") || n.endsWith(".part")) await rm(file, { force: true });
-        continue;
-      }
-      const id = n.slice(0, -4);
-      let record: SpoolRecord;
-      try {
-        record = await readRecord(file, id, this.tenant);
-      } catch (e) {
-        // A committed file is complete (it was synced before the rename): if it cannot be read, keep it
-        // aside rather than forward or delete it.
-        await mkdir(this.quarantineDir, { recursive: true });
-        await rename(file, join(this.quarantineDir, n));
-        discarded.push(`${file} (unreadable, moved to quarantine: ${(e as Error).message})`);
-        continue;
-      }
-      this.pending.set(id, { ...record, file });
-      this.committedBytes += record.size;
+    found.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+    for (const e of found) {
+      this.pending.set(e.id, e);
+      this.committedBytes += e.size;
     }
     for (const n of (await readdir(this.quarantineDir)).filter((n) => n.endsWith(".json")).sort()) {
       try {
@@ -156,7 +198,82 @@ export class TenantSpool {
         // a damaged quarantine record is not worth stopping for
       }
     }
-    return { pending: [...this.pending.values()], discarded };
+    return { pending: found, discarded };
+  }
+
+  /** Reads one segment: pending records become entries; a torn last record (never acknowledged) is cut off. */
+  private async scanSegment(path: string, found: SpoolEntry[], discarded: string[]): Promise<void> {
+    const fh = await open(path, "r+");
+    const segment = new Segment(path, 0, false);
+    try {
+      const size = (await fh.stat()).size;
+      const hb = new Uint8Array(RECORD_HEADER);
+      let pos = 0;
+      while (pos + RECORD_HEADER <= size) {
+        await fh.read(hb, 0, RECORD_HEADER, pos);
+        const h = decodeRecordHeader(hb);
+        if (!h) break;
+        const end = pos + RECORD_HEADER + h.bodyLength + h.infoLength;
+        if (end > size) break;
+        const info = new Uint8Array(h.infoLength);
+        await fh.read(info, 0, info.length, pos + RECORD_HEADER + h.bodyLength);
+        let record: SpoolRecord;
+        try {
+          record = JSON.parse(new TextDecoder().decode(info)) as SpoolRecord;
+          if (typeof record.id !== "string" || typeof record.sopInstanceUid !== "string" || record.size !== h.bodyLength) break;
+        } catch {
+          break;
+        }
+        // Only the last record can be torn (each record is synced before the next one starts).
+        if (end === size && (await md5OfRange(fh, pos + RECORD_HEADER, h.bodyLength)) !== h.md5) break;
+        if (h.state === STATE_PENDING) {
+          found.push({ ...record, tenant: this.tenant, md5: h.md5, file: path, offset: pos + RECORD_HEADER, size: h.bodyLength });
+          this.records.set(record.id, { segment, recordOffset: pos });
+          segment.live++;
+        }
+        pos = end;
+      }
+      if (pos < size) {
+        await fh.truncate(pos);
+        discarded.push(`${path} from byte ${pos} (${size - pos} bytes)`);
+      }
+      segment.size = pos;
+    } finally {
+      await fh.close();
+    }
+    if (segment.live === 0) await rm(path, { force: true });
+    else this.segments.add(segment);
+  }
+
+  /** One Part 10 file per instance, as spooled before 0.2: forwarded as they are, then deleted. */
+  private async openLegacy(found: SpoolEntry[], discarded: string[]): Promise<void> {
+    let names: string[];
+    try {
+      for (const f of await readdir(this.legacyIncoming)) {
+        await rm(join(this.legacyIncoming, f), { force: true });
+        discarded.push(join(this.legacyIncoming, f));
+      }
+      await rmdir(this.legacyIncoming).catch(() => {});
+      names = await readdir(this.legacyQueue);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === "ENOENT") return;
+      throw e;
+    }
+    for (const n of names.sort()) {
+      const file = join(this.legacyQueue, n);
+      if (!n.endsWith(".dcm")) {
+        if (n.endsWith(".tmp") || n.endsWith(".part")) await rm(file, { force: true });
+        continue;
+      }
+      try {
+        found.push({ ...(await readLegacyRecord(file, n.slice(0, -4), this.tenant)), file, offset: 0 });
+      } catch (e) {
+        // A committed file is complete (it was synced before the rename): if it cannot be read, keep it
+        // aside rather than forward or delete it.
+        await rename(file, join(this.quarantineDir, n));
+        discarded.push(`${file} (unreadable, moved to quarantine: ${(e as Error).message})`);
+      }
+    }
   }
 
   get usedBytes(): number {
@@ -181,168 +298,251 @@ export class TenantSpool {
     return this.usedBytes < this.quotaBytes;
   }
 
-  /**
-   * Writes meta header + data set chunks to incoming/<id>.part as they arrive, fsyncs it (unless `durable: false`).
-   * Throws SpoolQuotaError when the quota is exceeded, SpoolDiskError on disk problems; the partial
-   * file is removed in every failure case, including a source that fails (truncated association).
-   */
-  async receive(meta: FileMeta, source: AsyncIterable<Uint8Array>, opts: { durable?: boolean } = {}): Promise<ReceivedFile> {
-    const id = newSpoolId();
-    const path = join(this.incoming, `${id}.part`);
-    const hash = createHash("md5");
+  /** A segment to append to: an idle writer, or a new segment whose name is made durable first. */
+  private async acquireWriter(): Promise<Segment> {
+    const idle = this.idleWriters.pop();
+    if (idle) return idle;
+    const path = join(this.segmentsDir, `${newSpoolId()}.seg`);
     let fh: FileHandle | undefined;
-    let size = 0;
-    let batch: Uint8Array[] = [];
-    let batched = 0;
-    const flush = async () => {
-      if (batched === 0) return;
-      const parts = batch;
-      const total = batched;
-      batch = [];
-      batched = 0;
-      // writev: the fragments go to disk as they are, without being copied into one buffer first.
-      const { bytesWritten } = await fh!.writev(parts);
-      if (bytesWritten < total) await fh!.write(Buffer.concat(parts, total).subarray(bytesWritten));
-    };
+    try {
+      fh = await open(path, "wx", 0o600);
+      await fsyncDir(this.segmentsDir);
+    } catch (e) {
+      await fh?.close().catch(() => {});
+      await rm(path, { force: true });
+      throw diskError(e, this.segmentsDir);
+    }
+    const segment = new Segment(path, 0, true, fh);
+    this.segments.add(segment);
+    return segment;
+  }
+
+  private releaseWriter(segment: Segment): void {
+    if (segment.writable && segment.size < SEGMENT_BYTES && this.idleWriters.length < IDLE_WRITERS) this.idleWriters.push(segment);
+    else {
+      segment.writable = false;
+      if (segment.live === 0) void this.dropSegment(segment);
+    }
+  }
+
+  private async dropSegment(segment: Segment): Promise<void> {
+    this.segments.delete(segment);
+    await segment.close().catch(() => {});
+    await rm(segment.path, { force: true }).catch(() => {});
+  }
+
+  /**
+   * Receives a Part 10 file (meta header + data set chunks as they arrive) into a segment writer, not
+   * synced: commit() makes it durable, discard() drops it. Throws SpoolQuotaError when the quota is
+   * exceeded, SpoolDiskError on disk problems; nothing of a failed instance stays, including one
+   * whose source fails (truncated association).
+   */
+  async receive(meta: FileMeta, source: AsyncIterable<Uint8Array>): Promise<ReceivedFile> {
+    const segment = await this.acquireWriter();
+    const r = new Receipt(newSpoolId(), segment, segment.size);
+    const hash = createHash("md5");
     const reserve = (n: number) => {
-      size += n;
+      r.size += n;
       this.receivingBytes += n;
       if (this.usedBytes > this.quotaBytes) {
         throw new SpoolQuotaError(`spool quota of tenant ${this.tenant} exhausted (${Math.round(this.quotaBytes / 1048576)} MB): Orthanc is not taking instances fast enough`);
       }
     };
+    const add = (chunk: Uint8Array) => {
+      reserve(chunk.length);
+      hash.update(chunk);
+      r.chunks.push(chunk);
+      r.chunkBytes += chunk.length;
+    };
     try {
-      try {
-        fh = await open(path, "wx", 0o600);
-      } catch (e) {
-        throw diskError(e, this.incoming);
-      }
       const metaHeader = encodeFileMeta(meta);
-      hash.update(metaHeader);
-      reserve(metaHeader.length);
-      batch.push(metaHeader);
-      batched += metaHeader.length;
+      r.metaLength = metaHeader.length;
+      add(metaHeader);
       const head = new Uint8Array(HEAD_BYTES);
       let headLength = 0;
       for await (const chunk of source) {
-        reserve(chunk.length);
+        add(chunk);
         if (headLength < HEAD_BYTES) {
           const n = Math.min(chunk.length, HEAD_BYTES - headLength);
           head.set(chunk.subarray(0, n), headLength);
           headLength += n;
         }
-        hash.update(chunk);
-        batch.push(chunk);
-        batched += chunk.length;
-        if (batched >= WRITE_BATCH) await flush().catch((e) => Promise.reject(diskError(e, this.incoming)));
+        if (r.chunkBytes >= WRITE_BATCH) await this.writeChunks(r);
       }
-      await flush().catch((e) => Promise.reject(diskError(e, this.incoming)));
-      // Durable unless the caller acknowledges only after Orthanc has the instance (Sync mode).
-      if (opts.durable ?? true) await fh.datasync().catch((e) => Promise.reject(diskError(e, this.incoming)));
-      await fh.close();
-      fh = undefined;
-      return { id, path, size, md5: hash.digest("hex"), head: head.subarray(0, headLength) };
+      r.head = head.subarray(0, headLength);
+      r.md5 = hash.digest("hex");
+      return r;
     } catch (e) {
-      await fh?.close().catch(() => {});
-      await rm(path, { force: true });
+      await this.settle(r, false);
       throw e;
     } finally {
-      this.receivingBytes -= size;
+      this.receivingBytes -= r.size;
     }
   }
 
-  /** Makes a received file durable in queue/. After this resolves, the instance may be acknowledged. */
-  async commit(received: ReceivedFile, info: Omit<SpoolRecord, "id" | "tenant" | "size" | "md5">): Promise<SpoolEntry> {
-    const file = join(this.queue, `${received.id}.dcm`);
-    this.receivingBytes += received.size; // counted until committed, so the quota holds meanwhile
+  /** Writes what a receipt holds in memory to its segment (no sync). */
+  private async writeChunks(r: Receipt): Promise<void> {
+    if (r.chunkBytes === 0) return;
+    const chunks = r.chunks;
+    r.chunks = [];
+    r.chunkBytes = 0;
     try {
-      await rename(received.path, file);
-      await this.syncQueueDir();
+      r.written += await writeAll(await r.segment.handle(), chunks, r.bodyOffset + r.written);
     } catch (e) {
-      await rm(file, { force: true });
-      throw diskError(e, this.queue);
-    } finally {
-      this.receivingBytes -= received.size;
+      throw diskError(e, this.segmentsDir);
     }
-    const entry: SpoolEntry = { id: received.id, tenant: this.tenant, ...info, size: received.size, md5: received.md5, file };
+  }
+
+  /** Gives a receipt's writer back; without a commit, whatever it wrote is cut off again. */
+  private async settle(r: Receipt, committed: boolean): Promise<void> {
+    if (r.settled) return;
+    r.settled = true;
+    r.chunks = [];
+    if (!committed) {
+      try {
+        await (await r.segment.handle()).truncate(r.recordOffset);
+      } catch {
+        // Cannot cut it off: take no more records in this segment; the unacknowledged tail (it has no
+        // record header) is cut off at the next start.
+        r.segment.writable = false;
+      }
+    }
+    this.releaseWriter(r.segment);
+  }
+
+  /** The Part 10 bytes of a received instance: from memory when it is small, else from its segment. */
+  async bytesOf(received: ReceivedFile): Promise<Uint8Array | InstanceLocation> {
+    const r = received as Receipt;
+    if (r.written === 0) return Buffer.concat(r.chunks, r.chunkBytes);
+    await this.writeChunks(r);
+    return { file: r.segment.path, offset: r.bodyOffset, size: r.size };
+  }
+
+  /** Up to `max` bytes of a received instance's data set (for a head longer than HEAD_BYTES). */
+  async datasetBytes(received: ReceivedFile, max: number): Promise<Uint8Array> {
+    const bytes = await this.bytesOf(received);
+    const r = received as Receipt;
+    if (bytes instanceof Uint8Array) return bytes.subarray(r.metaLength, r.metaLength + max);
+    return readRange(bytes.file, bytes.offset + r.metaLength, Math.min(max, r.size - r.metaLength));
+  }
+
+  /** Makes a received instance durable: one write of the record's rest, one fdatasync. Then it may be acknowledged. */
+  async commit(received: ReceivedFile, info: Omit<SpoolRecord, "id" | "tenant" | "size" | "md5">): Promise<SpoolEntry> {
+    const r = received as Receipt;
+    const record: SpoolRecord = { id: r.id, tenant: this.tenant, ...info, size: r.size, md5: r.md5 };
+    const infoBytes = new TextEncoder().encode(JSON.stringify(record));
+    const header = encodeRecordHeader({ state: STATE_PENDING, infoLength: infoBytes.length, bodyLength: r.size, md5: r.md5 });
+    this.receivingBytes += r.size; // counted until committed, so the quota holds meanwhile
+    try {
+      const dsync = r.written === 0 ? await r.segment.dsyncHandle() : undefined;
+      if (dsync) {
+        // The whole record in one O_DSYNC write: durable when it returns.
+        await writeAll(dsync, [header, ...r.chunks, infoBytes], r.recordOffset);
+      } else {
+        const fh = await r.segment.handle();
+        if (r.written === 0) await writeAll(fh, [header, ...r.chunks, infoBytes], r.recordOffset);
+        else {
+          await writeAll(fh, [...r.chunks, infoBytes], r.bodyOffset + r.written);
+          await writeAll(fh, [header], r.recordOffset);
+        }
+        await fh.datasync();
+      }
+    } catch (e) {
+      await this.settle(r, false);
+      throw diskError(e, this.segmentsDir);
+    } finally {
+      this.receivingBytes -= r.size;
+    }
+    r.segment.size = r.bodyOffset + r.size + infoBytes.length;
+    r.segment.live++;
+    this.records.set(r.id, { segment: r.segment, recordOffset: r.recordOffset });
+    await this.settle(r, true);
+    const entry: SpoolEntry = { ...record, file: r.segment.path, offset: r.bodyOffset };
     this.pending.set(entry.id, entry);
     this.committedBytes += entry.size;
     return entry;
   }
 
-  /** The fsync of queue/ under way, and the one that will start after it (shared by everyone waiting). */
-  private dirSync: Promise<void> | undefined;
-  private nextDirSync: Promise<void> | undefined;
-
-  /**
-   * fsync(queue/) shared by concurrent commits (group commit): a commit needs a sync that started after
-   * its rename, so while one runs, later commits all wait for the single next one.
-   */
-  private syncQueueDir(): Promise<void> {
-    if (!this.dirSync) return (this.dirSync = this.runDirSync());
-    this.nextDirSync ??= this.dirSync.then(
-      () => {
-        this.nextDirSync = undefined;
-        return (this.dirSync = this.runDirSync());
-      },
-      () => {
-        this.nextDirSync = undefined;
-        return (this.dirSync = this.runDirSync());
-      },
-    );
-    return this.nextDirSync;
-  }
-
-  private async runDirSync(): Promise<void> {
-    try {
-      await fsyncDir(this.queue);
-    } finally {
-      this.dirSync = undefined;
-    }
-  }
-
-  /** Drops a received file that will not be committed (Sync mode after forwarding, or a refused instance). */
+  /** Drops a received instance that will not be committed (Sync mode after forwarding, or a refused instance). */
   async discard(received: ReceivedFile): Promise<void> {
-    await rm(received.path, { force: true });
+    await this.settle(received as Receipt, false);
   }
 
-  /** The entry reached Orthanc: forget it. (A crash before the unlink is durable replays it: Orthanc answers AlreadyStored.) */
-  async remove(entry: SpoolEntry): Promise<void> {
-    await rm(entry.file, { force: true });
+  /** The entry is done with (in Orthanc, or quarantined): mark it, and delete its segment once nothing there is pending. */
+  private async finish(entry: SpoolEntry): Promise<void> {
+    const at = this.records.get(entry.id);
     if (this.pending.delete(entry.id)) this.committedBytes -= entry.size;
+    if (!at) {
+      await rm(entry.file, { force: true }); // a file of the layout before 0.2
+      return;
+    }
+    this.records.delete(entry.id);
+    const { segment } = at;
+    segment.live--;
+    if (segment.live === 0 && !segment.writable) return this.dropSegment(segment);
+    // Not synced: if the mark is lost, a restart forwards the instance again and Orthanc answers AlreadyStored.
+    await segment.markDone(at.recordOffset).catch(() => {});
+  }
+
+  /** The entry reached Orthanc: forget it. */
+  async remove(entry: SpoolEntry): Promise<void> {
+    await this.finish(entry);
   }
 
   /** Orthanc refused the instance for good: keep it aside with the reason, out of the queue and the quota. */
   async quarantine(entry: SpoolEntry, reason: string): Promise<QuarantineEntry> {
-    const q: QuarantineEntry = { ...stripFile(entry), reason, quarantinedAt: new Date().toISOString() };
-    await rename(entry.file, join(this.quarantineDir, `${entry.id}.dcm`));
+    const { file: _file, offset: _offset, ...record } = entry;
+    const q: QuarantineEntry = { ...record, reason, quarantinedAt: new Date().toISOString() };
+    await copyRange(entry, join(this.quarantineDir, `${entry.id}.dcm`));
     await writeFile(join(this.quarantineDir, `${entry.id}.json`), JSON.stringify(q, null, 2), { mode: 0o600 });
     await fsyncDir(this.quarantineDir);
-    if (this.pending.delete(entry.id)) this.committedBytes -= entry.size;
+    await this.finish(entry);
     this.quarantined.push(q);
     return q;
   }
 
-  /** MD5 of a file, hex (integrity check of entries replayed after a restart). */
-  static async md5Of(path: string): Promise<string> {
-    const hash = createHash("md5");
-    const fh = await open(path, "r");
+  /** Closes the segments; those with nothing pending are deleted. */
+  async close(): Promise<void> {
+    this.idleWriters.length = 0;
+    for (const s of [...this.segments]) {
+      s.writable = false;
+      if (s.live === 0) await this.dropSegment(s);
+      else await s.close();
+    }
+  }
+
+  /** MD5 (hex) of an entry's Part 10 bytes. */
+  static async md5Of(entry: InstanceLocation): Promise<string> {
+    const fh = await open(entry.file, "r");
     try {
-      const buf = new Uint8Array(1 << 20);
-      for (;;) {
-        const { bytesRead } = await fh.read(buf, 0, buf.length, null);
-        if (bytesRead === 0) break;
-        hash.update(buf.subarray(0, bytesRead));
-      }
+      return await md5OfRange(fh, entry.offset, entry.size);
     } finally {
       await fh.close();
     }
-    return hash.digest("hex");
   }
 }
 
-/** The record of a committed file, from its meta header and its inode. */
-async function readRecord(file: string, id: string, tenant: string): Promise<SpoolRecord> {
+/** Copies an instance's Part 10 bytes to a file of its own, synced. */
+async function copyRange(src: InstanceLocation, dest: string): Promise<void> {
+  const input = await open(src.file, "r");
+  const out = await open(dest, "w", 0o600);
+  try {
+    const buf = new Uint8Array(Math.min(1 << 20, Math.max(1, src.size)));
+    for (let done = 0; done < src.size; ) {
+      const { bytesRead } = await input.read(buf, 0, Math.min(buf.length, src.size - done), src.offset + done);
+      if (bytesRead === 0) throw new Error(`${src.file}: unexpected end of file`);
+      await writeAll(out, [buf.subarray(0, bytesRead)], done);
+      done += bytesRead;
+    }
+    await out.datasync();
+  } finally {
+    await input.close();
+    await out.close();
+  }
+}
+
+/** The record of a Part 10 file of the layout before 0.2, from its meta header and its inode. */
+async function readLegacyRecord(file: string, id: string, tenant: string): Promise<SpoolRecord> {
   const fh = await open(file, "r");
   try {
     const head = new Uint8Array(8192);
@@ -363,9 +563,4 @@ async function readRecord(file: string, id: string, tenant: string): Promise<Spo
   } finally {
     await fh.close();
   }
-}
-
-function stripFile(e: SpoolEntry): SpoolRecord {
-  const { file: _file, ...rest } = e;
-  return rest;
 }

@@ -185,13 +185,19 @@ export class IsolationGuard {
   }
 }
 
-/** The first bytes of a Part 10 file's data set (after the meta header), enough for readDatasetHead. */
-export async function readFileDatasetHead(path: string, max = 1 << 20): Promise<Uint8Array> {
-  const fh = await open(path, "r");
+/** Where a spooled instance's Part 10 bytes are (a byte range of a spool segment). */
+export interface PartTenRange {
+  file: string;
+  offset: number;
+  size: number;
+}
+
+/** The first bytes of a spooled Part 10 file's data set (after the meta header), enough for readDatasetHead. */
+export async function readFileDatasetHead(at: PartTenRange, max = 1 << 20): Promise<Uint8Array> {
+  const fh = await open(at.file, "r");
   try {
-    const size = (await fh.stat()).size;
-    const buf = new Uint8Array(Math.min(max, size));
-    const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
+    const buf = new Uint8Array(Math.min(max, at.size));
+    const { bytesRead } = await fh.read(buf, 0, buf.length, at.offset);
     const head = buf.subarray(0, bytesRead);
     return head.subarray(fileMetaLength(head) ?? head.length);
   } finally {
@@ -200,11 +206,11 @@ export async function readFileDatasetHead(path: string, max = 1 << 20): Promise<
 }
 
 /** The placement attributes of a spooled file: from its first 64 KiB, or its first MiB if needed. */
-export async function readFileHeadAttributes(path: string, transferSyntax: string): Promise<DatasetHead> {
+export async function readFileHeadAttributes(at: PartTenRange, transferSyntax: string): Promise<DatasetHead> {
   try {
-    return readDatasetHead(await readFileDatasetHead(path, 64 * 1024), transferSyntax);
+    return readDatasetHead(await readFileDatasetHead(at, 64 * 1024), transferSyntax);
   } catch (e) {
     if (!(e instanceof DatasetHeadError && e.truncated)) throw e;
-    return readDatasetHead(await readFileDatasetHead(path), transferSyntax);
+    return readDatasetHead(await readFileDatasetHead(at), transferSyntax);
   }
 }

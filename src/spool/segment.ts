@@ -1,0 +1,150 @@
+/**
+ * One segment file of a tenant's spool log: records appended one after the other, each
+ *
+ *   offset 0   record header, RECORD_HEADER bytes (little endian):
+ *                0  magic "DGSPOOL1"
+ *                8  state u32: 1 pending, 2 done (forwarded, quarantined)
+ *               12  info length u32
+ *               16  body length u64
+ *               24  MD5 of the body (16 bytes)
+ *   then       body: the Part 10 file (meta header + data set, the data set byte for byte as received)
+ *   then       info: the SpoolRecord as UTF-8 JSON
+ *
+ * A record is written whole, then fdatasync'd, before the next one in the same segment starts (one
+ * writer at a time per segment), so after a crash only the last record of a segment can be torn: it is
+ * checked against its MD5 and cut off when it does not match. The header (with its magic) is written
+ * last, together with the tail of the record, so a record without a header was never acknowledged.
+ * "done" is flipped in place without a sync: a lost flip only replays an instance Orthanc already has.
+ */
+import { Buffer } from "node:buffer";
+import { createHash } from "node:crypto";
+import { constants } from "node:fs";
+import { open, type FileHandle } from "node:fs/promises";
+
+export const RECORD_HEADER = 64;
+const MAGIC = Buffer.from("DGSPOOL1", "latin1");
+export const STATE_PENDING = 1;
+export const STATE_DONE = 2;
+
+export interface RecordHeader {
+  state: number;
+  infoLength: number;
+  bodyLength: number;
+  md5: string;
+}
+
+export function encodeRecordHeader(h: RecordHeader): Uint8Array {
+  const b = Buffer.alloc(RECORD_HEADER);
+  MAGIC.copy(b, 0);
+  b.writeUInt32LE(h.state, 8);
+  b.writeUInt32LE(h.infoLength, 12);
+  b.writeBigUInt64LE(BigInt(h.bodyLength), 16);
+  Buffer.from(h.md5, "hex").copy(b, 24);
+  return b;
+}
+
+export function decodeRecordHeader(b: Uint8Array): RecordHeader | undefined {
+  if (b.length < RECORD_HEADER) return undefined;
+  const buf = Buffer.from(b.buffer, b.byteOffset, RECORD_HEADER);
+  if (!buf.subarray(0, 8).equals(MAGIC)) return undefined;
+  const state = buf.readUInt32LE(8);
+  if (state !== STATE_PENDING && state !== STATE_DONE) return undefined;
+  const bodyLength = buf.readBigUInt64LE(16);
+  if (bodyLength > BigInt(Number.MAX_SAFE_INTEGER)) return undefined;
+  return { state, infoLength: buf.readUInt32LE(12), bodyLength: Number(bodyLength), md5: buf.subarray(24, 40).toString("hex") };
+}
+
+/** A segment file and what the spool knows about it. */
+export class Segment {
+  /** Records in it still waiting for Orthanc. */
+  live = 0;
+  /** Open for appending (a writer); a sealed segment is deleted once nothing in it is live. */
+  writable: boolean;
+  private fh: FileHandle | undefined;
+  private opening: Promise<FileHandle> | undefined;
+  /** Writers only: a second handle opened with O_DSYNC, so a small record is written and made durable in one call. */
+  private dsync: FileHandle | undefined;
+
+  constructor(
+    readonly path: string,
+    /** Logical end: where the next record starts. */
+    public size: number,
+    writable: boolean,
+    fh?: FileHandle,
+  ) {
+    this.writable = writable;
+    this.fh = fh;
+  }
+
+  /** The open handle (sealed segments open one on demand and keep it until closed). */
+  handle(): Promise<FileHandle> {
+    if (this.fh) return Promise.resolve(this.fh);
+    this.opening ??= open(this.path, "r+").then(
+      (fh) => {
+        this.fh = fh;
+        this.opening = undefined;
+        return fh;
+      },
+      (e) => {
+        this.opening = undefined;
+        throw e;
+      },
+    );
+    return this.opening;
+  }
+
+  /**
+   * The O_DSYNC handle of a writer (undefined where the platform has no O_DSYNC): each write on it
+   * returns once its data is durable, as write + fdatasync would, in one system call instead of two.
+   */
+  async dsyncHandle(): Promise<FileHandle | undefined> {
+    if (this.dsync || constants.O_DSYNC === undefined) return this.dsync;
+    this.dsync = await open(this.path, constants.O_WRONLY | constants.O_DSYNC);
+    return this.dsync;
+  }
+
+  async close(): Promise<void> {
+    const fh = this.fh ?? (await this.opening?.catch(() => undefined));
+    const dsync = this.dsync;
+    this.fh = undefined;
+    this.dsync = undefined;
+    await fh?.close();
+    await dsync?.close();
+  }
+
+  /** Marks the record at `recordOffset` done (no sync: see the file header). */
+  async markDone(recordOffset: number): Promise<void> {
+    const b = Buffer.alloc(4);
+    b.writeUInt32LE(STATE_DONE, 0);
+    await (await this.handle()).write(b, 0, 4, recordOffset + 8);
+  }
+}
+
+/** MD5 (hex) of `length` bytes at `offset` of an open file. */
+export async function md5OfRange(fh: FileHandle, offset: number, length: number): Promise<string> {
+  const hash = createHash("md5");
+  const buf = new Uint8Array(Math.min(1 << 20, Math.max(1, length)));
+  for (let done = 0; done < length; ) {
+    const { bytesRead } = await fh.read(buf, 0, Math.min(buf.length, length - done), offset + done);
+    if (bytesRead === 0) throw new Error(`unexpected end of file at ${offset + done}`);
+    hash.update(buf.subarray(0, bytesRead));
+    done += bytesRead;
+  }
+  return hash.digest("hex");
+}
+
+/** `length` bytes at `offset` of a file (a short read is an error: the spool promised them). */
+export async function readRange(path: string, offset: number, length: number): Promise<Uint8Array> {
+  const fh = await open(path, "r");
+  try {
+    const buf = new Uint8Array(length);
+    for (let done = 0; done < length; ) {
+      const { bytesRead } = await fh.read(buf, done, length - done, offset + done);
+      if (bytesRead === 0) throw new Error(`${path}: unexpected end of file at ${offset + done}`);
+      done += bytesRead;
+    }
+    return buf;
+  } finally {
+    await fh.close();
+  }
+}
