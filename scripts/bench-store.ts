@@ -6,6 +6,12 @@
  *    association to each target; for Spool also the time until all 500 are in Orthanc with their labels.
  * 2. 4 parallel associations × 125 instances, plugin vs gateway Spool.
  * 3. One ~1 GiB instance into the gateway's spool: throughput and the gateway's peak RSS (VmHWM).
+ *
+ * Two reference rows show what Orthanc's REST API alone allows on this machine (the same 500 files,
+ * read into memory first, POST /instances + the labels, no DICOM at all): with 4 parallel keep-alive
+ * uploads (the bound of any end-to-end time through REST) and one at a time (with the storescp floor,
+ * the bound of Sync, which acknowledges each instance only once Orthanc has stored and labeled it, while
+ * storescu sends the next instance only after that answer).
  */
 import { spawnSync } from "node:child_process";
 import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeSync } from "node:fs";
@@ -40,6 +46,39 @@ async function checkLabels(o: OrthancHandle, expected: number): Promise<string> 
   );
   const want = [10, 20, expected];
   return levels.every((n, i) => n === want[i]) ? `ok (${levels.join("/")} studies/series/instances labeled)` : `WRONG: ${levels.join("/")} labeled, want ${want.join("/")}`;
+}
+
+/** Orthanc's REST API alone: the files uploaded from memory and labeled (Study, Series, Instance), `parallel` at a time. */
+async function restIngest(files: string[], parallel: number): Promise<{ seconds: number; labels: string }> {
+  const o = await orthanc();
+  const bodies = files.map((f) => readFileSync(f));
+  const labeled = new Set<string>();
+  const label = async (path: string) => {
+    const res = await fetch(`${o.url}${path}/labels/${LABEL}`, { method: "PUT" });
+    await res.arrayBuffer();
+    if (!res.ok) throw new Error(`PUT ${path}/labels: HTTP ${res.status}`);
+  };
+  let next = 0;
+  const t0 = performance.now();
+  await Promise.all(
+    Array.from({ length: parallel }, async () => {
+      while (next < bodies.length) {
+        const res = await fetch(o.url + "/instances", { method: "POST", body: bodies[next++]! });
+        if (!res.ok) throw new Error(`POST /instances: HTTP ${res.status}`);
+        const a = (await res.json()) as { ID: string; ParentStudy: string; ParentSeries: string };
+        const calls = [label(`/instances/${a.ID}`)];
+        for (const p of [`/studies/${a.ParentStudy}`, `/series/${a.ParentSeries}`]) {
+          if (!labeled.has(p)) {
+            labeled.add(p);
+            calls.push(label(p));
+          }
+        }
+        await Promise.all(calls);
+      }
+    }),
+  );
+  const seconds = (performance.now() - t0) / 1000;
+  return { seconds, labels: await checkLabels(o, files.length) };
 }
 
 function storescuArgs(aet: string, port: number, files: string[]): string[] {
@@ -123,6 +162,10 @@ async function main(): Promise<void> {
   await scp.stop();
   rmSync(scp.dir, { recursive: true, force: true });
 
+  // (e), (f) Orthanc's REST API alone, for reference
+  const restParallel = await restIngest(files, 4);
+  const restSerial = await restIngest(files, 1);
+
   console.log(`500 instances (${(statSync(files[0]!).size / 1024).toFixed(0)} KiB each), one association:\n`);
   console.log(
     table([
@@ -132,6 +175,8 @@ async function main(): Promise<void> {
       ["(b) gateway Spool: all in Orthanc, labeled", spoolE2e, (N / spoolE2e).toFixed(0), (spoolE2e / plugin.seconds).toFixed(2), spoolLabels],
       ["(c) gateway Sync", sync.seconds, (N / sync.seconds).toFixed(0), (sync.seconds / plugin.seconds).toFixed(2), syncLabels],
       ["(d) dcmtk storescp to disk (floor)", floor.seconds, (N / floor.seconds).toFixed(0), (floor.seconds / plugin.seconds).toFixed(2), ""],
+      ["(e) Orthanc REST alone, 4 parallel (no DICOM)", restParallel.seconds, (N / restParallel.seconds).toFixed(0), (restParallel.seconds / plugin.seconds).toFixed(2), restParallel.labels],
+      ["(f) Orthanc REST alone, one at a time", restSerial.seconds, (N / restSerial.seconds).toFixed(0), (restSerial.seconds / plugin.seconds).toFixed(2), restSerial.labels],
     ]),
   );
   console.log(`
@@ -140,6 +185,10 @@ targets:
   Spool ack <= 1.5 x storescp floor: ${(spool.seconds / floor.seconds).toFixed(2)} ${verdict(spool.seconds <= 1.5 * floor.seconds)}
   Spool end-to-end <= 1/2 of plugin: ${(spoolE2e / plugin.seconds).toFixed(2)} ${verdict(spoolE2e <= plugin.seconds / 2)}
   Sync <= 1/1.2 of plugin:           ${(sync.seconds / plugin.seconds).toFixed(2)} ${verdict(sync.seconds <= plugin.seconds / 1.2)}
+what Orthanc's REST API allows here (rows e, f, without receiving any DICOM):
+  end-to-end through REST >= (e):    ${(restParallel.seconds / plugin.seconds).toFixed(2)} of plugin ${restParallel.seconds <= plugin.seconds / 2 ? "(the 1/2 target is reachable)" : "(above 1/2: the end-to-end target is out of reach through REST on this machine)"}
+  Sync >= (d) + (f):                 ${((floor.seconds + restSerial.seconds) / plugin.seconds).toFixed(2)} of plugin ${floor.seconds + restSerial.seconds <= plugin.seconds / 1.2 ? "(the 1/1.2 target is reachable)" : "(above 1/1.2: the Sync target is out of reach through REST on this machine)"}
+    (storescu sends an instance only after the previous one's answer, and Sync answers only once Orthanc has it)
 `);
 
   // Parallel associations: 4 × 125 into fresh Orthancs.

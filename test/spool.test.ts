@@ -70,14 +70,16 @@ describe("spool log", () => {
     for (const [i, ds] of sets.entries()) entries.push(await store(spool, `1.2.3.${i}`, ds));
     for (const [i, e] of entries.entries()) {
       expect(bytesAt(e)).toEqual(partTen(`1.2.3.${i}`, sets[i]!));
+      expect(await spool.read(e)).toEqual(partTen(`1.2.3.${i}`, sets[i]!)); // through the writer's handle
       expect(e.md5).toBe(md5(partTen(`1.2.3.${i}`, sets[i]!)));
     }
-    const { pending, discarded } = await reopen();
+    const { pending, discarded, spool: recovered } = await reopen();
     expect(discarded).toEqual([]);
     expect(pending.map((e) => e.sopInstanceUid)).toEqual(["1.2.3.0", "1.2.3.1", "1.2.3.2"]);
     for (const [i, e] of pending.entries()) {
       expect(bytesAt(e)).toEqual(partTen(`1.2.3.${i}`, sets[i]!));
       expect(e).toMatchObject({ tenant: TENANT, callingAeTitle: "MODALITY", peer: "127.0.0.1:1234", md5: entries[i]!.md5, size: entries[i]!.size });
+      expect(await recovered.read(e)).toEqual(partTen(`1.2.3.${i}`, sets[i]!)); // through a sealed segment's handle
     }
   });
 

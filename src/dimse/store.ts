@@ -113,6 +113,7 @@ function storeHandler(deps: StoreServiceDeps): DimseHandler {
         callingAeTitle: responder.association.callingAeTitle,
         peer: `${responder.association.peer.address}:${responder.association.peer.port}`,
         receivedAt: new Date().toISOString(),
+        ...(ids ? { orthancIds: ids } : {}),
       });
       deps.forwarder.add(tenant, spool, entry);
     } catch (e) {

@@ -83,7 +83,7 @@ async function readRange(range: FileRange): Promise<Uint8Array> {
 }
 
 /** Files up to this size are sent from one buffer; larger ones are streamed (memory stays bounded). */
-const STREAM_ABOVE = 4 << 20;
+export const STREAM_ABOVE = 4 << 20;
 
 /** POST /instances with an instance's Part 10 bytes: given, read from disk, or streamed from disk when large. */
 export async function uploadFile(client: OrthancClient, source: Uint8Array | FileRange, signal?: AbortSignal): Promise<StoredInstance> {

@@ -13,7 +13,7 @@
  */
 import type { TenantConfig } from "../config/types.ts";
 import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
-import { isPermanentRejection, storedAttachmentInfo, uploadFile, type Labeler, type StoredInstance } from "../orthanc/store.ts";
+import { isPermanentRejection, storedAttachmentInfo, STREAM_ABOVE, uploadFile, type Labeler, type StoredInstance } from "../orthanc/store.ts";
 import { TenantSpool, type SpoolEntry } from "./spool.ts";
 import { DatasetHeadError } from "../dicom/dataset-head.ts";
 import { orthancIds, type OrthancIds } from "../orthanc/identity.ts";
@@ -259,7 +259,7 @@ export class Forwarder {
       const guard = this.opts.guardFor?.(tenant);
       let ids: OrthancIds | undefined;
       if (guard) {
-        ids = orthancIds(await readFileHeadAttributes(entry, entry.transferSyntaxUid));
+        ids = entry.orthancIds ?? orthancIds(await readFileHeadAttributes(entry, entry.transferSyntaxUid));
         const verdict = await guard.check(ids);
         if (!verdict.ok) {
           const reason = `isolation: ${verdict.reason}`;
@@ -269,7 +269,7 @@ export class Forwarder {
           return;
         }
       }
-      const stored = await uploadFile(this.opts.orthanc, entry);
+      const stored = await uploadFile(this.opts.orthanc, entry.size <= STREAM_ABOVE ? await spool.read(entry) : entry);
       if (ids && (stored.parentStudy !== ids.study || stored.parentSeries !== ids.series || stored.id !== ids.instance)) {
         // Orthanc filed it elsewhere than the isolation check assumed: undo a fresh store, keep the file aside.
         if (stored.status === "Success") await this.opts.orthanc.delete(`/instances/${stored.id}`);

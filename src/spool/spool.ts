@@ -20,6 +20,7 @@ import { createHash, randomBytes } from "node:crypto";
 import { mkdir, open, readdir, readFile, rename, rm, rmdir, writeFile, type FileHandle } from "node:fs/promises";
 import { join } from "node:path";
 import { decodeFileMeta, encodeFileMeta, type FileMeta } from "../dicom/part10.ts";
+import type { OrthancIds } from "../orthanc/identity.ts";
 import { decodeRecordHeader, encodeRecordHeader, md5OfRange, readRange, RECORD_HEADER, Segment, STATE_PENDING } from "./segment.ts";
 
 export interface SpoolRecord {
@@ -35,6 +36,8 @@ export interface SpoolRecord {
   size: number;
   /** MD5 of the Part 10 file (what Orthanc stores), hex (absent for files of the layout before 0.2). */
   md5?: string;
+  /** Where Orthanc files it, as checked by Strict isolation at C-STORE time (the forwarder checks again). */
+  orthancIds?: OrthancIds;
 }
 
 /** Where an instance's Part 10 bytes are: a byte range of a file. */
@@ -305,7 +308,7 @@ export class TenantSpool {
     const path = join(this.segmentsDir, `${newSpoolId()}.seg`);
     let fh: FileHandle | undefined;
     try {
-      fh = await open(path, "wx", 0o600);
+      fh = await open(path, "wx+", 0o600); // read too: the forwarder reads records through this handle
       await fsyncDir(this.segmentsDir);
     } catch (e) {
       await fh?.close().catch(() => {});
@@ -509,6 +512,20 @@ export class TenantSpool {
       if (s.live === 0) await this.dropSegment(s);
       else await s.close();
     }
+  }
+
+  /** An entry's Part 10 bytes, read through its segment's open handle. */
+  async read(entry: SpoolEntry): Promise<Uint8Array> {
+    const at = this.records.get(entry.id);
+    if (!at) return readRange(entry.file, entry.offset, entry.size);
+    const fh = await at.segment.handle();
+    const buf = new Uint8Array(entry.size);
+    for (let done = 0; done < entry.size; ) {
+      const { bytesRead } = await fh.read(buf, done, entry.size - done, entry.offset + done);
+      if (bytesRead === 0) throw new Error(`${entry.file}: unexpected end of file at ${entry.offset + done}`);
+      done += bytesRead;
+    }
+    return buf;
   }
 
   /** MD5 (hex) of an entry's Part 10 bytes. */
