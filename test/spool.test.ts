@@ -9,7 +9,8 @@ import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, tr
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { encodeFileMeta } from "../src/dicom/part10.ts";
-import { SpoolQuotaError, TenantSpool, type ReceivedFile, type SpoolEntry } from "../src/spool/spool.ts";
+import { SEGMENT_BYTES, SpoolQuotaError, TenantSpool, type ReceivedFile, type SpoolEntry } from "../src/spool/spool.ts";
+import { until } from "./helpers/wait.ts";
 
 let root: string;
 /** Every spool a test opened ("crashed" ones included), closed after the test: Bun refuses file handles left to the GC. */
@@ -56,8 +57,9 @@ function bytesAt(e: { file: string; offset: number; size: number }): Uint8Array 
 const md5 = (b: Uint8Array) => createHash("md5").update(b).digest("hex");
 const partTen = (sop: string, ds: Uint8Array) => new Uint8Array([...encodeFileMeta(meta(sop)), ...ds]);
 
-async function reopen(): Promise<{ spool: TenantSpool; pending: SpoolEntry[]; discarded: string[] }> {
-  const spool = new TenantSpool(root, TENANT, 1 << 30);
+/** A spool on the test directory; without preallocation unless asked, so file sizes show what was written. */
+async function reopen(preallocate = false): Promise<{ spool: TenantSpool; pending: SpoolEntry[]; discarded: string[] }> {
+  const spool = new TenantSpool(root, TENANT, 1 << 30, { preallocate });
   opened.push(spool);
   return { spool, ...(await spool.open()) };
 }
@@ -112,9 +114,12 @@ describe("spool log", () => {
     const r = await spool.receive(meta("1.2.3.2"), fragments(dataset(700_000, 2)));
     expect(r.size).toBeGreaterThan(700_000);
     // "crash" here: the bytes written so far have no record header
-    const { pending, discarded } = await reopen();
+    const { pending } = await reopen();
     expect(pending.map((e) => e.sopInstanceUid)).toEqual(["1.2.3.1"]);
-    expect(discarded.length).toBe(1);
+    // cut right after the record before it: its header, Part 10 bytes and info
+    const size = statSync(pending[0]!.file).size;
+    expect(size).toBeGreaterThan(pending[0]!.offset + pending[0]!.size);
+    expect(size).toBeLessThan(pending[0]!.offset + pending[0]!.size + 1000);
   });
 
   test("discard and a failing source cut the bytes off at once, and the writer goes on", async () => {
@@ -185,7 +190,7 @@ describe("spool log", () => {
   });
 
   test("the quota counts what is pending and what is arriving", async () => {
-    const spool = new TenantSpool(root, TENANT, 100_000);
+    const spool = new TenantSpool(root, TENANT, 100_000, { preallocate: false });
     opened.push(spool);
     await spool.open();
     await store(spool, "1.2.3.1", dataset(60_000, 1));
@@ -208,5 +213,42 @@ describe("spool log", () => {
     expect(bytesAt(pending[0]!)).toEqual(bytes);
     await spool.remove(pending[0]!);
     expect(readdirSync(queue)).toEqual([]);
+  });
+
+  test("preallocated writers: records overwrite the zeros, a crash replays exactly them and cuts the rest", async () => {
+    const { spool } = await reopen(true);
+    await until("a zero-filled standby segment is ready", () => segFiles().some((f) => statSync(f).size === SEGMENT_BYTES), 20_000);
+    const sets = [dataset(38_000, 1), dataset(500_000, 2)];
+    const entries = [];
+    for (const [i, ds] of sets.entries()) entries.push(await store(spool, `1.2.3.${i}`, ds));
+    expect(statSync(entries[0]!.file).size).toBe(SEGMENT_BYTES); // written inside the preallocation
+    const { pending, discarded } = await reopen();
+    expect(discarded).toEqual([]);
+    expect(pending.map((e) => e.sopInstanceUid)).toEqual(["1.2.3.0", "1.2.3.1"]);
+    for (const [i, e] of pending.entries()) expect(bytesAt(e)).toEqual(partTen(`1.2.3.${i}`, sets[i]!));
+    expect(statSync(pending[0]!.file).size).toBeLessThan(600_000); // the zeros are cut off
+  });
+
+  test("a recycled segment starts a new life: the records of its old life are never replayed", async () => {
+    const { spool } = await reopen(true);
+    await spool.backgroundWork(); // the first standby is ready
+    const big = dataset(4 << 20, 9);
+    const stored: SpoolEntry[] = [];
+    // Fill writer A past SEGMENT_BYTES, so that it is sealed and the next record goes to the standby B.
+    while (stored.length === 0 || stored.at(-1)!.file === stored[0]!.file) {
+      stored.push(await store(spool, `1.2.4.${stored.length}`, big));
+      await spool.backgroundWork();
+    }
+    const a = stored[0]!.file;
+    const inA = stored.filter((e) => e.file === a);
+    expect(inA.length).toBeGreaterThanOrEqual(8);
+    for (const e of inA) await spool.remove(e);
+    await spool.backgroundWork();
+    // A is the new standby: renamed, its blocks (and its old records, under the old key) kept.
+    expect(segFiles()).not.toContain(a);
+    expect(segFiles().filter((f) => statSync(f).size === SEGMENT_BYTES).length).toBeGreaterThanOrEqual(1);
+    const { pending, discarded } = await reopen();
+    expect(discarded).toEqual([]);
+    expect(pending.map((e) => e.sopInstanceUid)).toEqual(stored.filter((e) => e.file !== a).map((e) => e.sopInstanceUid));
   });
 });

@@ -7,6 +7,8 @@
  *               12  info length u32
  *               16  body length u64
  *               24  MD5 of the body (16 bytes)
+ *               40  segment key (8 bytes): derived from the segment's file name, so that the records of an
+ *                   earlier life of a recycled segment file are not taken for records of this one
  *   then       body: the Part 10 file (meta header + data set, the data set byte for byte as received)
  *   then       info: the SpoolRecord as UTF-8 JSON
  *
@@ -15,9 +17,14 @@
  * checked against its MD5 and cut off when it does not match. The header (with its magic) is written
  * last, together with the tail of the record, so a record without a header was never acknowledged.
  * "done" is flipped in place without a sync: a lost flip only replays an instance Orthanc already has.
+ *
+ * Writers may be preallocated (written with zeros ahead, or recycled from a segment whose records are
+ * all done): overwriting blocks that already exist makes the per-record sync cheaper than appending,
+ * which also has to commit the file's new size and blocks (the technique of database write-ahead logs).
  */
 import { Buffer } from "node:buffer";
 import { createHash } from "node:crypto";
+import { basename } from "node:path";
 import { constants } from "node:fs";
 import { open, type FileHandle } from "node:fs/promises";
 
@@ -33,20 +40,27 @@ export interface RecordHeader {
   md5: string;
 }
 
-export function encodeRecordHeader(h: RecordHeader): Uint8Array {
+/** The key of a segment file: the first 8 bytes of the MD5 of its name. */
+export function segmentKey(path: string): Buffer {
+  return createHash("md5").update(basename(path)).digest().subarray(0, 8);
+}
+
+export function encodeRecordHeader(h: RecordHeader, key: Uint8Array): Uint8Array {
   const b = Buffer.alloc(RECORD_HEADER);
   MAGIC.copy(b, 0);
   b.writeUInt32LE(h.state, 8);
   b.writeUInt32LE(h.infoLength, 12);
   b.writeBigUInt64LE(BigInt(h.bodyLength), 16);
   Buffer.from(h.md5, "hex").copy(b, 24);
+  b.set(key, 40);
   return b;
 }
 
-export function decodeRecordHeader(b: Uint8Array): RecordHeader | undefined {
+/** A record header of the segment with this key, or undefined (zeros, another life of the file, garbage). */
+export function decodeRecordHeader(b: Uint8Array, key: Uint8Array): RecordHeader | undefined {
   if (b.length < RECORD_HEADER) return undefined;
   const buf = Buffer.from(b.buffer, b.byteOffset, RECORD_HEADER);
-  if (!buf.subarray(0, 8).equals(MAGIC)) return undefined;
+  if (!buf.subarray(0, 8).equals(MAGIC) || !buf.subarray(40, 48).equals(key)) return undefined;
   const state = buf.readUInt32LE(8);
   if (state !== STATE_PENDING && state !== STATE_DONE) return undefined;
   const bodyLength = buf.readBigUInt64LE(16);
@@ -58,15 +72,18 @@ export function decodeRecordHeader(b: Uint8Array): RecordHeader | undefined {
 export class Segment {
   /** Records in it still waiting for Orthanc. */
   live = 0;
-  /** Open for appending (a writer); a sealed segment is deleted once nothing in it is live. */
+  /** Open for appending (a writer); a sealed segment is deleted (or recycled) once nothing in it is live. */
   writable: boolean;
+  /** Bytes of the file that exist already (preallocated or recycled): records below this overwrite, not append. */
+  allocated = 0;
+  key: Buffer;
   private fh: FileHandle | undefined;
   private opening: Promise<FileHandle> | undefined;
   /** Writers only: a second handle opened with O_DSYNC, so a small record is written and made durable in one call. */
   private dsync: FileHandle | undefined;
 
   constructor(
-    readonly path: string,
+    public path: string,
     /** Logical end: where the next record starts. */
     public size: number,
     writable: boolean,
@@ -74,6 +91,20 @@ export class Segment {
   ) {
     this.writable = writable;
     this.fh = fh;
+    this.key = segmentKey(path);
+  }
+
+  /**
+   * Starts a new life of this file under `path` (renamed by the caller): empty, writable, its blocks
+   * kept. The records of the old life no longer carry this segment's key.
+   */
+  reborn(path: string, allocated: number): void {
+    this.path = path;
+    this.key = segmentKey(path);
+    this.size = 0;
+    this.live = 0;
+    this.writable = true;
+    this.allocated = allocated;
   }
 
   /** The open handle (sealed segments open one on demand and keep it until closed). */

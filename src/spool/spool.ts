@@ -164,11 +164,19 @@ export class TenantSpool {
   private receivingBytes = 0;
   private quarantined: QuarantineEntry[] = [];
 
+  /** A preallocated segment ready to become the next writer (see prepareStandby). */
+  private standby: Segment | undefined;
+  private preparing: Promise<void> | undefined;
+  private closed = false;
+  private readonly preallocate: boolean;
+
   constructor(
     root: string,
     readonly tenant: string,
     public quotaBytes: number,
+    opts: { /** Keep a zero-filled or recycled segment ready for the next writer (default true). */ preallocate?: boolean } = {},
   ) {
+    this.preallocate = opts.preallocate ?? true;
     this.dir = join(root, tenantDirectoryName(tenant));
     this.segmentsDir = join(this.dir, "segments");
     this.quarantineDir = join(this.dir, "quarantine");
@@ -201,45 +209,60 @@ export class TenantSpool {
         // a damaged quarantine record is not worth stopping for
       }
     }
+    void this.prepareStandby();
     return { pending: found, discarded };
   }
 
-  /** Reads one segment: pending records become entries; a torn last record (never acknowledged) is cut off. */
+  /**
+   * Reads one segment: pending records become entries. The records end at the first header that is not
+   * one of this segment's (zeros of a preallocation, an earlier life of a recycled file, a record never
+   * finished); the last record is checked against its MD5 (only it can be torn), and the file is cut there.
+   */
   private async scanSegment(path: string, found: SpoolEntry[], discarded: string[]): Promise<void> {
     const fh = await open(path, "r+");
     const segment = new Segment(path, 0, false);
     try {
       const size = (await fh.stat()).size;
       const hb = new Uint8Array(RECORD_HEADER);
+      const records: { pos: number; end: number; state: number; md5: string; record: SpoolRecord }[] = [];
       let pos = 0;
       while (pos + RECORD_HEADER <= size) {
         await fh.read(hb, 0, RECORD_HEADER, pos);
-        const h = decodeRecordHeader(hb);
+        const h = decodeRecordHeader(hb, segment.key);
         if (!h) break;
         const end = pos + RECORD_HEADER + h.bodyLength + h.infoLength;
-        if (end > size) break;
+        const incomplete = () => discarded.push(`${path}: incomplete record at byte ${pos}`);
+        if (end > size) {
+          incomplete();
+          break;
+        }
         const info = new Uint8Array(h.infoLength);
         await fh.read(info, 0, info.length, pos + RECORD_HEADER + h.bodyLength);
         let record: SpoolRecord;
         try {
           record = JSON.parse(new TextDecoder().decode(info)) as SpoolRecord;
-          if (typeof record.id !== "string" || typeof record.sopInstanceUid !== "string" || record.size !== h.bodyLength) break;
+          if (typeof record.id !== "string" || typeof record.sopInstanceUid !== "string" || record.size !== h.bodyLength) throw new Error("not a record");
         } catch {
+          incomplete();
           break;
         }
-        // Only the last record can be torn (each record is synced before the next one starts).
-        if (end === size && (await md5OfRange(fh, pos + RECORD_HEADER, h.bodyLength)) !== h.md5) break;
-        if (h.state === STATE_PENDING) {
-          found.push({ ...record, tenant: this.tenant, md5: h.md5, file: path, offset: pos + RECORD_HEADER, size: h.bodyLength });
-          this.records.set(record.id, { segment, recordOffset: pos });
-          segment.live++;
-        }
+        records.push({ pos, end, state: h.state, md5: h.md5, record });
         pos = end;
       }
-      if (pos < size) {
-        await fh.truncate(pos);
-        discarded.push(`${path} from byte ${pos} (${size - pos} bytes)`);
+      // Each record was synced before the next one started: only the last one can be torn.
+      const last = records.at(-1);
+      if (last && (await md5OfRange(fh, last.pos + RECORD_HEADER, last.record.size)) !== last.md5) {
+        records.pop();
+        pos = last.pos;
+        discarded.push(`${path}: torn record at byte ${pos} (its bytes do not match its MD5)`);
       }
+      for (const { pos: at, state, md5, record } of records) {
+        if (state !== STATE_PENDING) continue;
+        found.push({ ...record, tenant: this.tenant, md5, file: path, offset: at + RECORD_HEADER, size: record.size });
+        this.records.set(record.id, { segment, recordOffset: at });
+        segment.live++;
+      }
+      if (pos < size) await fh.truncate(pos);
       segment.size = pos;
     } finally {
       await fh.close();
@@ -301,10 +324,21 @@ export class TenantSpool {
     return this.usedBytes < this.quotaBytes;
   }
 
-  /** A segment to append to: an idle writer, or a new segment whose name is made durable first. */
+  /** A segment to append to: an idle writer, the standby, or a new segment whose name is made durable first. */
   private async acquireWriter(): Promise<Segment> {
+    // Preferred: a writer with preallocated room left, then the standby, then any idle writer.
+    for (let i = this.idleWriters.length - 1; i >= 0; i--) {
+      if (this.idleWriters[i]!.allocated > this.idleWriters[i]!.size) return this.idleWriters.splice(i, 1)[0]!;
+    }
+    const standby = this.standby;
+    if (standby) {
+      // The next standby is prepared when this one runs short (commit), not now, while instances arrive.
+      this.standby = undefined;
+      return standby;
+    }
     const idle = this.idleWriters.pop();
     if (idle) return idle;
+    void this.prepareStandby();
     const path = join(this.segmentsDir, `${newSpoolId()}.seg`);
     let fh: FileHandle | undefined;
     try {
@@ -320,12 +354,70 @@ export class TenantSpool {
     return segment;
   }
 
+  /**
+   * Keeps one writer ready whose blocks exist already: a new segment written with zeros (once), in the
+   * background: at start-up, and when the writer in use runs short of preallocated room. Recycled
+   * segments (retire) take this role in a steady state, so nothing is zero-filled then.
+   */
+  private prepareStandby(): Promise<void> {
+    if (!this.preallocate || this.closed || this.standby || this.preparing) return this.preparing ?? Promise.resolve();
+    this.preparing = (async () => {
+      const path = join(this.segmentsDir, `${newSpoolId()}.seg`);
+      let fh: FileHandle | undefined;
+      try {
+        fh = await open(path, "wx+", 0o600);
+        const zeros = new Uint8Array(1 << 20);
+        for (let at = 0; at < SEGMENT_BYTES; at += zeros.length) await writeAll(fh, [zeros], at);
+        await fh.datasync();
+        await fsyncDir(this.segmentsDir);
+      } catch {
+        // No room (or no permission) for a preallocation: writers are created as they are needed.
+        await fh?.close().catch(() => {});
+        await rm(path, { force: true }).catch(() => {});
+        return;
+      }
+      const segment = new Segment(path, 0, true, fh);
+      segment.allocated = SEGMENT_BYTES;
+      this.segments.add(segment);
+      if (this.closed) await this.dropSegment(segment);
+      else this.standby = segment;
+    })().finally(() => {
+      this.preparing = undefined;
+    });
+    return this.preparing;
+  }
+
   private releaseWriter(segment: Segment): void {
-    if (segment.writable && segment.size < SEGMENT_BYTES && this.idleWriters.length < IDLE_WRITERS) this.idleWriters.push(segment);
+    if (segment.writable && segment.size < SEGMENT_BYTES && this.idleWriters.length < IDLE_WRITERS && !this.closed) this.idleWriters.push(segment);
     else {
       segment.writable = false;
-      if (segment.live === 0) void this.dropSegment(segment);
+      if (segment.live === 0) void this.retire(segment);
     }
+  }
+
+  /** A sealed segment with nothing pending: becomes the standby under a new name if one is wanted, else is deleted. */
+  private async retire(segment: Segment): Promise<void> {
+    if (!this.preallocate || this.closed || this.standby || this.preparing || segment.size < SEGMENT_BYTES || segment.size > 2 * SEGMENT_BYTES) {
+      return this.dropSegment(segment);
+    }
+    const path = join(this.segmentsDir, `${newSpoolId()}.seg`);
+    const recycling = (async () => {
+      try {
+        const fh = await segment.handle();
+        await fh.truncate(SEGMENT_BYTES);
+        await rename(segment.path, path);
+        await fsyncDir(this.segmentsDir);
+      } catch {
+        return this.dropSegment(segment);
+      }
+      segment.reborn(path, SEGMENT_BYTES);
+      if (this.closed) await this.dropSegment(segment);
+      else this.standby = segment;
+    })().finally(() => {
+      this.preparing = undefined;
+    });
+    this.preparing = recycling;
+    return recycling;
   }
 
   private async dropSegment(segment: Segment): Promise<void> {
@@ -396,17 +488,23 @@ export class TenantSpool {
     }
   }
 
-  /** Gives a receipt's writer back; without a commit, whatever it wrote is cut off again. */
-  private async settle(r: Receipt, committed: boolean): Promise<void> {
+  /**
+   * Gives a receipt's writer back. Without a commit, what it wrote is undone: a header it may have
+   * written is zeroed, bytes past the segment's preallocation are cut off (below it they are left: the
+   * next record overwrites them, and they carry no header).
+   */
+  private async settle(r: Receipt, committed: boolean, headerWritten = false): Promise<void> {
     if (r.settled) return;
     r.settled = true;
     r.chunks = [];
-    if (!committed) {
+    if (!committed && (r.written > 0 || headerWritten)) {
       try {
-        await (await r.segment.handle()).truncate(r.recordOffset);
+        const fh = await r.segment.handle();
+        if (headerWritten && r.recordOffset < r.segment.allocated) await writeAll(fh, [new Uint8Array(RECORD_HEADER)], r.recordOffset);
+        if (r.bodyOffset + r.written > r.segment.allocated || headerWritten) await fh.truncate(Math.max(r.recordOffset, r.segment.allocated));
       } catch {
-        // Cannot cut it off: take no more records in this segment; the unacknowledged tail (it has no
-        // record header) is cut off at the next start.
+        // Cannot undo it: take no more records in this segment; the unacknowledged tail (it has no
+        // valid header) is cut off at the next start.
         r.segment.writable = false;
       }
     }
@@ -434,7 +532,7 @@ export class TenantSpool {
     const r = received as Receipt;
     const record: SpoolRecord = { id: r.id, tenant: this.tenant, ...info, size: r.size, md5: r.md5 };
     const infoBytes = new TextEncoder().encode(JSON.stringify(record));
-    const header = encodeRecordHeader({ state: STATE_PENDING, infoLength: infoBytes.length, bodyLength: r.size, md5: r.md5 });
+    const header = encodeRecordHeader({ state: STATE_PENDING, infoLength: infoBytes.length, bodyLength: r.size, md5: r.md5 }, r.segment.key);
     this.receivingBytes += r.size; // counted until committed, so the quota holds meanwhile
     try {
       const dsync = r.written === 0 ? await r.segment.dsyncHandle() : undefined;
@@ -451,13 +549,14 @@ export class TenantSpool {
         await fh.datasync();
       }
     } catch (e) {
-      await this.settle(r, false);
+      await this.settle(r, false, true);
       throw diskError(e, this.segmentsDir);
     } finally {
       this.receivingBytes -= r.size;
     }
     r.segment.size = r.bodyOffset + r.size + infoBytes.length;
     r.segment.live++;
+    if (r.segment.allocated > 0 && r.segment.allocated - r.segment.size < SEGMENT_BYTES / 4) void this.prepareStandby();
     this.records.set(r.id, { segment: r.segment, recordOffset: r.recordOffset });
     await this.settle(r, true);
     const entry: SpoolEntry = { ...record, file: r.segment.path, offset: r.bodyOffset };
@@ -482,7 +581,7 @@ export class TenantSpool {
     this.records.delete(entry.id);
     const { segment } = at;
     segment.live--;
-    if (segment.live === 0 && !segment.writable) return this.dropSegment(segment);
+    if (segment.live === 0 && !segment.writable) return this.retire(segment);
     // Not synced: if the mark is lost, a restart forwards the instance again and Orthanc answers AlreadyStored.
     await segment.markDone(at.recordOffset).catch(() => {});
   }
@@ -504,9 +603,17 @@ export class TenantSpool {
     return q;
   }
 
-  /** Closes the segments; those with nothing pending are deleted. */
+  /** Resolves when the preparation or recycling of a standby segment under way is done. */
+  async backgroundWork(): Promise<void> {
+    await this.preparing;
+  }
+
+  /** Closes the segments; those with nothing pending (preallocated ones included) are deleted. */
   async close(): Promise<void> {
+    this.closed = true;
     this.idleWriters.length = 0;
+    this.standby = undefined;
+    await this.preparing;
     for (const s of [...this.segments]) {
       s.writable = false;
       if (s.live === 0) await this.dropSegment(s);
