@@ -4,6 +4,7 @@
  *
  * 1. 500 distinct instances (a real CT slice, 5 patients × 2 studies × 2 series × 25) with one storescu
  *    association to each target; for Spool also the time until all 500 are in Orthanc with their labels.
+ *    `--rounds N` (default 3) rounds, each target on a fresh Orthanc; medians, with the range.
  * 2. 4 parallel associations × 125 instances, plugin vs gateway Spool.
  * 3. One ~1 GiB instance into the gateway's spool: throughput and the gateway's peak RSS (VmHWM).
  *
@@ -18,7 +19,7 @@ import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, write
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { startOrthanc, type OrthancHandle } from "./orthanc-testbed.ts";
-import { freePort, REPO, startGatewayProcess, startStorescp, table, timed, until, verdict, type GatewayChild } from "./bench-lib.ts";
+import { freePort, median, REPO, startGatewayProcess, startStorescp, table, timed, until, verdict, type GatewayChild } from "./bench-lib.ts";
 import { DEFAULT_SOURCE, generateDataset } from "./generate-dataset.ts";
 
 const LABEL = "bench";
@@ -49,7 +50,7 @@ async function checkLabels(o: OrthancHandle, expected: number): Promise<string> 
 }
 
 /** Orthanc's REST API alone: the files uploaded from memory and labeled (Study, Series, Instance), `parallel` at a time. */
-async function restIngest(files: string[], parallel: number): Promise<{ seconds: number; labels: string }> {
+async function restIngest(files: string[], parallel: number): Promise<{ seconds: number; cpu: number; labels: string }> {
   const o = await orthanc();
   const bodies = files.map((f) => readFileSync(f));
   const labeled = new Set<string>();
@@ -59,6 +60,7 @@ async function restIngest(files: string[], parallel: number): Promise<{ seconds:
     if (!res.ok) throw new Error(`PUT ${path}/labels: HTTP ${res.status}`);
   };
   let next = 0;
+  const cpu0 = cpuSeconds();
   const t0 = performance.now();
   await Promise.all(
     Array.from({ length: parallel }, async () => {
@@ -78,7 +80,8 @@ async function restIngest(files: string[], parallel: number): Promise<{ seconds:
     }),
   );
   const seconds = (performance.now() - t0) / 1000;
-  return { seconds, labels: await checkLabels(o, files.length) };
+  const cpu = cpuSeconds() - cpu0;
+  return { seconds, cpu, labels: await checkLabels(o, files.length) };
 }
 
 function storescuArgs(aet: string, port: number, files: string[]): string[] {
@@ -122,18 +125,31 @@ function makeLargeInstance(): { path: string; bytes: number } {
   return { path, bytes: statSync(path).size };
 }
 
-async function main(): Promise<void> {
-  console.log("dicom-gateway C-STORE benchmark (dcmtk storescu with TCP_NODELAY=1, Orthanc from scripts/orthanc-testbed.ts)\n");
-  const data = await generateDataset({ outDir: join(REPO, ".cache", "bench-dataset-500"), patients: 5, studiesPerPatient: 2, seriesPerStudy: 2, instancesPerSeries: 25 });
-  const files = data.instances.map((i) => i.path);
-  const N = files.length;
+interface Round {
+  plugin: number;
+  spoolAck: number;
+  spoolE2e: number;
+  sync: number;
+  floor: number;
+  restParallel: number;
+  restSerial: number;
+  /** CPU seconds of the whole machine during (d) and (e). */
+  cpuFloor: number;
+  cpuRestParallel: number;
+  labels: Record<string, string>;
+}
 
+/** One round of the single-association comparison, every target on a fresh Orthanc. */
+async function oneRound(files: string[]): Promise<Round> {
+  const N = files.length;
+  const started = orthancs.length;
+  const labels: Record<string, string> = {};
   // (a) the plugin
   const pluginPort = await freePort();
   const oPlugin = await orthanc({ AET: "PLUGIN", Port: pluginPort });
   const plugin = await timed("storescu", storescuArgs("PLUGIN", pluginPort, files));
   if (plugin.code !== 0) throw new Error(`storescu to the plugin failed:\n${plugin.output.slice(-2000)}`);
-  const pluginLabels = await checkLabels(oPlugin, N);
+  labels.plugin = await checkLabels(oPlugin, N);
 
   // (b) the gateway, Spool
   const oSpool = await orthanc();
@@ -145,7 +161,8 @@ async function main(): Promise<void> {
   if (spool.code !== 0) throw new Error(`storescu to the gateway failed:\n${spool.output.slice(-2000)}`);
   await until("all instances labeled in Orthanc", async () => (await labeledCount(oSpool)) === N);
   const spoolE2e = (performance.now() - t0) / 1000;
-  const spoolLabels = await checkLabels(oSpool, N);
+  labels.spool = await checkLabels(oSpool, N);
+  await gSpool.stop();
 
   // (c) the gateway, Sync
   const oSync = await orthanc();
@@ -154,40 +171,87 @@ async function main(): Promise<void> {
   gateways.push(gSync);
   const sync = await timed("storescu", storescuArgs("SYNC", syncPort, files));
   if (sync.code !== 0) throw new Error(`storescu to the gateway (Sync) failed:\n${sync.output.slice(-2000)}`);
-  const syncLabels = await checkLabels(oSync, N);
+  labels.sync = await checkLabels(oSync, N);
+  await gSync.stop();
 
   // (d) the floor
   const scp = await startStorescp();
+  const cpu0 = cpuSeconds();
   const floor = await timed("storescu", storescuArgs("FLOOR", scp.port, files));
+  const cpuFloor = cpuSeconds() - cpu0;
   await scp.stop();
   rmSync(scp.dir, { recursive: true, force: true });
 
   // (e), (f) Orthanc's REST API alone, for reference
   const restParallel = await restIngest(files, 4);
   const restSerial = await restIngest(files, 1);
+  labels.rest = restParallel.labels;
 
-  console.log(`500 instances (${(statSync(files[0]!).size / 1024).toFixed(0)} KiB each), one association:\n`);
+  await Promise.all(orthancs.splice(started).map((o) => o.stop()));
+  return {
+    plugin: plugin.seconds,
+    spoolAck: spool.seconds,
+    spoolE2e,
+    sync: sync.seconds,
+    floor: floor.seconds,
+    restParallel: restParallel.seconds,
+    restSerial: restSerial.seconds,
+    cpuFloor,
+    cpuRestParallel: restParallel.cpu,
+    labels,
+  };
+}
+
+/** CPU time used so far by the whole machine (all processes, all cores), from /proc/stat. */
+function cpuSeconds(): number {
+  const f = readFileSync("/proc/stat", "utf8").split("\n")[0]!.trim().split(/\s+/).slice(1).map(Number);
+  // user nice system idle iowait irq softirq steal: busy = all but idle and iowait
+  return (f[0]! + f[1]! + f[2]! + f[5]! + f[6]! + (f[7] ?? 0)) / 100;
+}
+
+async function main(): Promise<void> {
+  const ri = process.argv.indexOf("--rounds");
+  const ROUNDS = ri >= 0 ? Number(process.argv[ri + 1]) : 3;
+  console.log("dicom-gateway C-STORE benchmark (dcmtk storescu with TCP_NODELAY=1, Orthanc from scripts/orthanc-testbed.ts)\n");
+  const data = await generateDataset({ outDir: join(REPO, ".cache", "bench-dataset-500"), patients: 5, studiesPerPatient: 2, seriesPerStudy: 2, instancesPerSeries: 25 });
+  const files = data.instances.map((i) => i.path);
+  const N = files.length;
+
+  const rounds: Round[] = [];
+  for (let r = 0; r < ROUNDS; r++) rounds.push(await oneRound(files));
+  const m = (k: keyof Omit<Round, "labels">) => median(rounds.map((r) => r[k]));
+  const range = (k: keyof Omit<Round, "labels">) => `${Math.min(...rounds.map((r) => r[k])).toFixed(2)}-${Math.max(...rounds.map((r) => r[k])).toFixed(2)}`;
+  const wrong = rounds.flatMap((r) => Object.entries(r.labels).filter(([, v]) => !v.startsWith("ok")).map(([k, v]) => `${k}: ${v}`));
+  const plugin = m("plugin");
+  const row = (name: string, k: keyof Omit<Round, "labels">) => [name, m(k), range(k), (N / m(k)).toFixed(0), (m(k) / plugin).toFixed(2)];
+
+  console.log(`500 instances (${(statSync(files[0]!).size / 1024).toFixed(0)} KiB each), one association; median of ${ROUNDS} rounds, each on fresh Orthancs:\n`);
   console.log(
     table([
-      ["target", "seconds", "inst/s", "vs plugin", "labels"],
-      ["(a) Orthanc MultitenantDicom plugin", plugin.seconds, (N / plugin.seconds).toFixed(0), "1.00", pluginLabels],
-      ["(b) gateway Spool: last ack", spool.seconds, (N / spool.seconds).toFixed(0), (spool.seconds / plugin.seconds).toFixed(2), ""],
-      ["(b) gateway Spool: all in Orthanc, labeled", spoolE2e, (N / spoolE2e).toFixed(0), (spoolE2e / plugin.seconds).toFixed(2), spoolLabels],
-      ["(c) gateway Sync", sync.seconds, (N / sync.seconds).toFixed(0), (sync.seconds / plugin.seconds).toFixed(2), syncLabels],
-      ["(d) dcmtk storescp to disk (floor)", floor.seconds, (N / floor.seconds).toFixed(0), (floor.seconds / plugin.seconds).toFixed(2), ""],
-      ["(e) Orthanc REST alone, 4 parallel (no DICOM)", restParallel.seconds, (N / restParallel.seconds).toFixed(0), (restParallel.seconds / plugin.seconds).toFixed(2), restParallel.labels],
-      ["(f) Orthanc REST alone, one at a time", restSerial.seconds, (N / restSerial.seconds).toFixed(0), (restSerial.seconds / plugin.seconds).toFixed(2), restSerial.labels],
+      ["target", "seconds", "range", "inst/s", "vs plugin"],
+      row("(a) Orthanc MultitenantDicom plugin", "plugin"),
+      row("(b) gateway Spool: last ack", "spoolAck"),
+      row("(b) gateway Spool: all in Orthanc, labeled", "spoolE2e"),
+      row("(c) gateway Sync", "sync"),
+      row("(d) dcmtk storescp to disk (floor)", "floor"),
+      row("(e) Orthanc REST alone, 4 parallel (no DICOM)", "restParallel"),
+      row("(f) Orthanc REST alone, one at a time", "restSerial"),
     ]),
   );
+  console.log(`\nlabels at Study, Series and Instance level: ${wrong.length === 0 ? `all ${N} instances, every target, every round` : `WRONG: ${wrong.join("; ")}`}`);
+  const cores = (await import("node:os")).cpus().length;
+  // Receiving the instances (at least what storescu + storescp use) and Orthanc ingesting them through
+  // REST (at least what (e) uses) share the machine's cores: end-to-end cannot take less than that work / cores.
+  const cpuBound = (m("cpuFloor") + m("cpuRestParallel")) / cores;
   console.log(`
-targets:
-  Spool ack <= 1/3 of plugin:        ${(spool.seconds / plugin.seconds).toFixed(2)} ${verdict(spool.seconds <= plugin.seconds / 3)}
-  Spool ack <= 1.5 x storescp floor: ${(spool.seconds / floor.seconds).toFixed(2)} ${verdict(spool.seconds <= 1.5 * floor.seconds)}
-  Spool end-to-end <= 1/2 of plugin: ${(spoolE2e / plugin.seconds).toFixed(2)} ${verdict(spoolE2e <= plugin.seconds / 2)}
-  Sync <= 1/1.2 of plugin:           ${(sync.seconds / plugin.seconds).toFixed(2)} ${verdict(sync.seconds <= plugin.seconds / 1.2)}
-what Orthanc's REST API allows here (rows e, f, without receiving any DICOM):
-  end-to-end through REST >= (e):    ${(restParallel.seconds / plugin.seconds).toFixed(2)} of plugin ${restParallel.seconds <= plugin.seconds / 2 ? "(the 1/2 target is reachable)" : "(above 1/2: the end-to-end target is out of reach through REST on this machine)"}
-  Sync >= (d) + (f):                 ${((floor.seconds + restSerial.seconds) / plugin.seconds).toFixed(2)} of plugin ${floor.seconds + restSerial.seconds <= plugin.seconds / 1.2 ? "(the 1/1.2 target is reachable)" : "(above 1/1.2: the Sync target is out of reach through REST on this machine)"}
+targets (medians):
+  Spool ack <= 1/3 of plugin:        ${(m("spoolAck") / plugin).toFixed(2)} ${verdict(m("spoolAck") <= plugin / 3)}
+  Spool ack <= 1.5 x storescp floor: ${(m("spoolAck") / m("floor")).toFixed(2)} ${verdict(m("spoolAck") <= 1.5 * m("floor"))}
+  Spool end-to-end <= 1/2 of plugin: ${(m("spoolE2e") / plugin).toFixed(2)} ${verdict(m("spoolE2e") <= plugin / 2)}
+  Sync <= 1/1.2 of plugin:           ${(m("sync") / plugin).toFixed(2)} ${verdict(m("sync") <= plugin / 1.2)}
+lower bounds on this machine (${cores} cores), from rows d, e, f:
+  end-to-end >= CPU of (d) + CPU of (e), over ${cores} cores: ${m("cpuFloor").toFixed(2)} + ${m("cpuRestParallel").toFixed(2)} CPU-s / ${cores} = ${cpuBound.toFixed(2)} s = ${(cpuBound / plugin).toFixed(2)} of plugin
+  Sync >= (d) + (f):                 ${(m("floor") + m("restSerial")).toFixed(2)} s = ${((m("floor") + m("restSerial")) / plugin).toFixed(2)} of plugin
     (storescu sends an instance only after the previous one's answer, and Sync answers only once Orthanc has it)
 `);
 
