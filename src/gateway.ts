@@ -235,7 +235,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     let pending: SpoolEntry[] = [];
     if (spool) spool.quotaBytes = tenant.spoolQuotaBytes;
     else {
-      spool = new TenantSpool(config.spool.directory, tenant.aet, tenant.spoolQuotaBytes);
+      spool = new TenantSpool(config.spool.directory, tenant.aet, tenant.spoolQuotaBytes, { md5: config.spool.verifyIntegrity });
       const opened = await spool.open();
       spools.set(tenantDirectoryName(tenant.aet), spool);
       pending = opened.pending;

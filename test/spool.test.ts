@@ -58,8 +58,8 @@ const md5 = (b: Uint8Array) => createHash("md5").update(b).digest("hex");
 const partTen = (sop: string, ds: Uint8Array) => new Uint8Array([...encodeFileMeta(meta(sop)), ...ds]);
 
 /** A spool on the test directory; without preallocation unless asked, so file sizes show what was written. */
-async function reopen(preallocate = false): Promise<{ spool: TenantSpool; pending: SpoolEntry[]; discarded: string[] }> {
-  const spool = new TenantSpool(root, TENANT, 1 << 30, { preallocate });
+async function reopen(preallocate = false, md5 = true): Promise<{ spool: TenantSpool; pending: SpoolEntry[]; discarded: string[] }> {
+  const spool = new TenantSpool(root, TENANT, 1 << 30, { preallocate, md5 });
   opened.push(spool);
   return { spool, ...(await spool.open()) };
 }
@@ -85,7 +85,16 @@ describe("spool log", () => {
     }
   });
 
-  test("a torn last record (short file, or bytes that do not match its MD5) is cut off; the records before it stay", async () => {
+  test("without integrity verification no MD5 is computed (the records are checked by CRC-32)", async () => {
+    const { spool } = await reopen(false, false);
+    const e = await store(spool, "1.2.3.1", dataset(5000, 1));
+    expect(e.md5).toBeUndefined();
+    expect(await TenantSpool.md5Of(e)).toBe(md5(partTen("1.2.3.1", dataset(5000, 1))));
+    const { pending } = await reopen(false, false);
+    expect(pending.map((p) => [p.sopInstanceUid, p.md5])).toEqual([["1.2.3.1", undefined]]);
+  });
+
+  test("a torn last record (short file, or bytes that do not match its CRC-32) is cut off; the records before it stay", async () => {
     for (const damage of ["short", "flipped"] as const) {
       for (const s of opened.splice(0)) await s.close();
       rmSync(root, { recursive: true, force: true });

@@ -6,7 +6,7 @@
  *                8  state u32: 1 pending, 2 done (forwarded, quarantined)
  *               12  info length u32
  *               16  body length u64
- *               24  MD5 of the body (16 bytes)
+ *               24  CRC-32 of the body u32, then 12 bytes reserved (zero)
  *               40  segment key (8 bytes): derived from the segment's file name, so that the records of an
  *                   earlier life of a recycled segment file are not taken for records of this one
  *   then       body: the Part 10 file (meta header + data set, the data set byte for byte as received)
@@ -14,7 +14,7 @@
  *
  * A record is written whole, then fdatasync'd, before the next one in the same segment starts (one
  * writer at a time per segment), so after a crash only the last record of a segment can be torn: it is
- * checked against its MD5 and cut off when it does not match. The header (with its magic) is written
+ * checked against its CRC-32 and cut off when it does not match. The header (with its magic) is written
  * last, together with the tail of the record, so a record without a header was never acknowledged.
  * "done" is flipped in place without a sync: a lost flip only replays an instance Orthanc already has.
  *
@@ -25,6 +25,7 @@
 import { Buffer } from "node:buffer";
 import { createHash } from "node:crypto";
 import { basename } from "node:path";
+import * as zlib from "node:zlib";
 import { constants } from "node:fs";
 import { open, type FileHandle } from "node:fs/promises";
 
@@ -37,7 +38,8 @@ export interface RecordHeader {
   state: number;
   infoLength: number;
   bodyLength: number;
-  md5: string;
+  /** CRC-32 of the body. */
+  crc: number;
 }
 
 /** The key of a segment file: the first 8 bytes of the MD5 of its name. */
@@ -51,7 +53,7 @@ export function encodeRecordHeader(h: RecordHeader, key: Uint8Array): Uint8Array
   b.writeUInt32LE(h.state, 8);
   b.writeUInt32LE(h.infoLength, 12);
   b.writeBigUInt64LE(BigInt(h.bodyLength), 16);
-  Buffer.from(h.md5, "hex").copy(b, 24);
+  b.writeUInt32LE(h.crc >>> 0, 24);
   b.set(key, 40);
   return b;
 }
@@ -65,7 +67,7 @@ export function decodeRecordHeader(b: Uint8Array, key: Uint8Array): RecordHeader
   if (state !== STATE_PENDING && state !== STATE_DONE) return undefined;
   const bodyLength = buf.readBigUInt64LE(16);
   if (bodyLength > BigInt(Number.MAX_SAFE_INTEGER)) return undefined;
-  return { state, infoLength: buf.readUInt32LE(12), bodyLength: Number(bodyLength), md5: buf.subarray(24, 40).toString("hex") };
+  return { state, infoLength: buf.readUInt32LE(12), bodyLength: Number(bodyLength), crc: buf.readUInt32LE(24) };
 }
 
 /** A segment file and what the spool knows about it. */
@@ -151,17 +153,45 @@ export class Segment {
   }
 }
 
-/** MD5 (hex) of `length` bytes at `offset` of an open file. */
-export async function md5OfRange(fh: FileHandle, offset: number, length: number): Promise<string> {
-  const hash = createHash("md5");
+/** Reads `length` bytes at `offset` of an open file in pieces of at most 1 MiB. */
+async function eachPiece(fh: FileHandle, offset: number, length: number, f: (piece: Uint8Array) => void): Promise<void> {
   const buf = new Uint8Array(Math.min(1 << 20, Math.max(1, length)));
   for (let done = 0; done < length; ) {
     const { bytesRead } = await fh.read(buf, 0, Math.min(buf.length, length - done), offset + done);
     if (bytesRead === 0) throw new Error(`unexpected end of file at ${offset + done}`);
-    hash.update(buf.subarray(0, bytesRead));
+    f(buf.subarray(0, bytesRead));
     done += bytesRead;
   }
+}
+
+/** MD5 (hex) of `length` bytes at `offset` of an open file. */
+export async function md5OfRange(fh: FileHandle, offset: number, length: number): Promise<string> {
+  const hash = createHash("md5");
+  await eachPiece(fh, offset, length, (p) => hash.update(p));
   return hash.digest("hex");
+}
+
+/** CRC-32 of `length` bytes at `offset` of an open file. */
+export async function crc32OfRange(fh: FileHandle, offset: number, length: number): Promise<number> {
+  let crc = 0;
+  await eachPiece(fh, offset, length, (p) => (crc = crc32(p, crc)));
+  return crc;
+}
+
+const nativeCrc32 = (zlib as { crc32?: (data: Uint8Array, value?: number) => number }).crc32;
+let table: Uint32Array | undefined;
+
+/** CRC-32 (IEEE, as zlib) of `data`, continuing from `crc`: zlib's where the runtime has it (Bun, Deno, Node >= 22.2). */
+export function crc32(data: Uint8Array, crc = 0): number {
+  if (nativeCrc32) return nativeCrc32(data, crc);
+  table ??= Uint32Array.from({ length: 256 }, (_, n) => {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    return c >>> 0;
+  });
+  let c = ~crc >>> 0;
+  for (let i = 0; i < data.length; i++) c = table[(c ^ data[i]!) & 0xff]! ^ (c >>> 8);
+  return ~c >>> 0;
 }
 
 /** `length` bytes at `offset` of a file (a short read is an error: the spool promised them). */
