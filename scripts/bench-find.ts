@@ -6,7 +6,8 @@
  * NumberOfStudyRelatedInstances, which the plugin never returns, once without) and 100 series-level
  * queries (one per study, by StudyInstanceUID) are sent on one association each (findscu with 100
  * query files), to the plugin's tenant and to the gateway's tenant, alternately, `--rounds` times. Per-query latency
- * is read from findscu's own log timestamps (request sent -> final response received).
+ * is read from findscu's own log timestamps (request sent -> final response received). The gateway's
+ * own /tools/find requests are then replayed to Orthanc alone: what one REST round trip costs per query.
  *
  * Usage: npx bun scripts/bench-find.ts [--rounds N] [--studies N] [--json]
  */
@@ -191,11 +192,23 @@ async function main(): Promise<void> {
     // Warm-up (connections, caches), not measured.
     for (const t of targets) await findscu(t.port, t.aet, files.study.slice(0, 10), logConfig);
 
+    // The gateway's own /tools/find requests, recorded in the first round, are replayed alone afterwards:
+    // what Orthanc's REST API costs per query, before any DICOM.
+    const sent: Record<string, unknown[]> = {};
+    let recording: string | undefined;
+    const client = gw.orthanc as unknown as { postJson: (path: string, body: unknown, opts?: unknown) => Promise<unknown> };
+    const postJson = client.postJson.bind(client);
+    client.postJson = (path, body, opts) => {
+      if (recording && path === "/tools/find") (sent[recording] ??= []).push(body);
+      return postJson(path, body, opts);
+    };
+
     const results: Record<string, Record<string, { latencies: number[]; responses: number; failures: number; wallMs: number[] }>> = {};
     for (let round = 0; round < ROUNDS; round++) {
       for (const kind of KINDS) {
         const order = round % 2 === 0 ? targets : [...targets].reverse();
         for (const t of order) {
+          recording = round === 0 && t.name === "gateway" ? kind : undefined;
           const started = performance.now();
           const r = await findscu(t.port, t.aet, files[kind], logConfig);
           const wall = performance.now() - started;
@@ -206,6 +219,21 @@ async function main(): Promise<void> {
           acc.wallMs.push(wall);
         }
       }
+    }
+
+    recording = undefined;
+    const restAlone: Record<string, number> = {};
+    for (const kind of KINDS) {
+      const lat: number[] = [];
+      for (let round = 0; round < ROUNDS; round++) {
+        for (const body of sent[kind] ?? []) {
+          const t0 = performance.now();
+          const res = await fetch(orthanc.url + "/tools/find", { method: "POST", body: JSON.stringify(body) });
+          await res.arrayBuffer();
+          lat.push(performance.now() - t0);
+        }
+      }
+      restAlone[kind] = median(lat);
     }
 
     const summary: Record<string, unknown> = { orthanc: orthanc.version, rounds: ROUNDS, queriesPerAssociation: 100 };
@@ -232,6 +260,10 @@ async function main(): Promise<void> {
       const ratio = median(results[kind]!.gateway!.latencies) / median(results[kind]!.plugin!.latencies);
       summary[`${kind}.ratio`] = ratio;
       log(`${kind.padEnd(12)} gateway/plugin median ratio: ${ratio.toFixed(2)} ${ratio <= 1 ? "(target met: <= 1)" : "(target missed: > 1)"}`);
+      summary[`${kind}.orthancRestAloneMs`] = restAlone[kind];
+      log(
+        `${kind.padEnd(12)} Orthanc's /tools/find alone (the gateway's requests replayed, no DICOM): median ${restAlone[kind]!.toFixed(3)} ms = ${(restAlone[kind]! / median(results[kind]!.plugin!.latencies)).toFixed(2)} of the plugin's whole query`,
+      );
     }
     if (JSON_OUT) process.stdout.write(JSON.stringify(summary, null, 2) + "\n");
   } finally {
