@@ -1,7 +1,11 @@
 /**
- * Serving a fetch handler over HTTP, whatever the runtime: one thin adapter per runtime
- * (src/adapter/{bun,deno,node}/serve.ts), picked here. Everything else is runtime-agnostic.
+ * What differs between runtimes, one thin adapter per runtime (src/adapter/{bun,deno,node}/), picked
+ * here: serving a fetch handler over HTTP, and collecting garbage on request. Everything else is
+ * runtime-agnostic.
  */
+import { collectGarbage as bunGc } from "./bun/gc.ts";
+import { collectGarbage as denoGc } from "./deno/gc.ts";
+import { collectGarbage as nodeGc } from "./node/gc.ts";
 
 /** Anything with a web-standard fetch handler, e.g. a Hono app. */
 export interface FetchApp {
@@ -29,6 +33,22 @@ export function detectRuntime(): Runtime {
   if ("Deno" in globalThis) return "deno";
   return "node";
 }
+
+const gcOf: Record<Runtime, () => void> = { bun: bunGc, deno: denoGc, node: nodeGc };
+
+/**
+ * Collects garbage now, where the runtime lets a program ask (Bun; Deno and Node only when started with
+ * the flag that exposes gc()). The spool calls it while a large data set streams through: at hundreds
+ * of MB/s the socket buffers already written to disk pile up faster than the collector runs on its own
+ * (measured with a 1 GiB instance at 600-800 MB/s: peak RSS 150-166 MiB, 110-128 MiB with a collection
+ * every 64 MiB, each taking a few milliseconds).
+ */
+export function collectGarbage(): void {
+  gcOf[detectRuntime()]();
+}
+
+/** How often a large stream (a data set arriving, an upload) asks for a collection: every this many bytes. */
+export const COLLECT_EVERY_BYTES = 64 << 20;
 
 /** Serve `app` on opts.hostname:opts.port with the current runtime's adapter. */
 export async function serveHttp(app: FetchApp, opts: ServeOptions): Promise<HttpServerHandle> {

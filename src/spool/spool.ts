@@ -20,6 +20,7 @@ import { createHash, randomBytes } from "node:crypto";
 import { mkdir, open, readdir, readFile, rename, rm, rmdir, writeFile, type FileHandle } from "node:fs/promises";
 import { writeSync, writevSync } from "node:fs";
 import { join } from "node:path";
+import { COLLECT_EVERY_BYTES, collectGarbage } from "../adapter/index.ts";
 import { decodeFileMeta, encodeFileMeta, type FileMeta } from "../dicom/part10.ts";
 import type { OrthancIds } from "../orthanc/identity.ts";
 import { crc32, crc32OfRange, decodeRecordHeader, encodeRecordHeader, md5OfRange, readRange, RECORD_HEADER, Segment, STATE_PENDING } from "./segment.ts";
@@ -496,6 +497,7 @@ export class TenantSpool {
       add(metaHeader);
       const head = new Uint8Array(HEAD_BYTES);
       let headLength = 0;
+      let collectedAt = 0;
       for await (const chunk of source) {
         add(chunk);
         if (headLength < HEAD_BYTES) {
@@ -503,7 +505,13 @@ export class TenantSpool {
           head.set(chunk.subarray(0, n), headLength);
           headLength += n;
         }
-        if (r.chunkBytes >= WRITE_BATCH) await this.writeChunks(r);
+        if (r.chunkBytes >= WRITE_BATCH) {
+          await this.writeChunks(r);
+          if (r.written - collectedAt >= COLLECT_EVERY_BYTES) {
+            collectedAt = r.written;
+            collectGarbage();
+          }
+        }
       }
       r.head = head.subarray(0, headLength);
       r.md5 = hash?.digest("hex");
