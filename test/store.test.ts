@@ -308,13 +308,18 @@ describe("receive priority (Gateway.Orthanc.ReceivePriorityMilliseconds)", () =>
     return peer;
   }
 
-  test("uploads wait while instances arrive and start as soon as the arrivals stop", async () => {
-    const g = await startTestGateway([{ AET: "PRIO", Labels: ["prio"] }], orthanc.url, { Gateway: { Orthanc: { Url: orthanc.url, ReceivePriorityMilliseconds: 60_000 } } });
+  /** A gateway with this ReceivePriorityMilliseconds, a data set kept arriving, and one instance stored meanwhile. */
+  async function storeWhileArriving(aet: string, limitMs: number) {
+    const g = await startTestGateway([{ AET: aet, Labels: ["prio"] }], orthanc.url, { Gateway: { Orthanc: { Url: orthanc.url, ReceivePriorityMilliseconds: limitMs } } });
     stopLater.push(g);
-    const peer = await openArrival(g, "PRIO");
+    const peer = await openArrival(g, aet);
     const [file] = await uniqueCopies(pydicomFile("CT_small.dcm"), 1, { newStudy: true });
-    expect((await storescu(g.portOf("PRIO"), "PRIO", [file!])).code).toBe(0);
-    const sop = await tagValue(file!, "0008,0018");
+    expect((await storescu(g.portOf(aet), aet, [file!])).code).toBe(0);
+    return { g, peer, acked: Date.now(), sop: await tagValue(file!, "0008,0018") };
+  }
+
+  test("uploads wait while instances arrive and start as soon as the arrivals stop", async () => {
+    const { g, peer, sop } = await storeWhileArriving("PRIO", 60_000);
     // Acknowledged, and held back while the other data set is still arriving.
     await new Promise((r) => setTimeout(r, 500));
     expect(await orthancIdOf(sop)).toBeUndefined();
@@ -325,13 +330,7 @@ describe("receive priority (Gateway.Orthanc.ReceivePriorityMilliseconds)", () =>
   });
 
   test("an instance waits no longer than the limit, even while arrivals go on", async () => {
-    const g = await startTestGateway([{ AET: "PRIO2", Labels: ["prio"] }], orthanc.url, { Gateway: { Orthanc: { Url: orthanc.url, ReceivePriorityMilliseconds: 1000 } } });
-    stopLater.push(g);
-    const peer = await openArrival(g, "PRIO2");
-    const [file] = await uniqueCopies(pydicomFile("CT_small.dcm"), 1, { newStudy: true });
-    expect((await storescu(g.portOf("PRIO2"), "PRIO2", [file!])).code).toBe(0);
-    const acked = Date.now();
-    const sop = await tagValue(file!, "0008,0018");
+    const { peer, acked, sop } = await storeWhileArriving("PRIO2", 1000);
     await until("the instance is in Orthanc", async () => (await orthancIdOf(sop)) !== undefined, 10_000);
     expect(Date.now() - acked).toBeGreaterThanOrEqual(900);
     peer.close();

@@ -4,6 +4,7 @@
  */
 import { open } from "node:fs/promises";
 import { COLLECT_EVERY_BYTES, collectGarbage } from "../adapter/index.ts";
+import { readRange, type FileRange } from "../file-range.ts";
 import type { ResourceLevel } from "../config/types.ts";
 import { OrthancError, type OrthancClient } from "./client.ts";
 
@@ -23,13 +24,6 @@ interface PostInstancesAnswer {
   ParentStudy: string;
   ParentSeries: string;
   Status: string;
-}
-
-/** Where an instance's Part 10 bytes are: `size` bytes at `offset` of `file` (a spool segment). */
-export interface FileRange {
-  file: string;
-  offset: number;
-  size: number;
 }
 
 /** A byte range of a file as a stream of 256 KiB chunks read on demand, for a streamed upload body. */
@@ -72,21 +66,6 @@ export function fileStream(range: FileRange, chunkSize = 256 * 1024): ReadableSt
 /** Upload time allowed: the REST timeout plus the time to send the file at a pessimistic 10 MB/s. */
 function uploadTimeout(client: OrthancClient, size: number): number {
   return client.timeoutMs + Math.ceil(size / 10_000);
-}
-
-async function readRange(range: FileRange): Promise<Uint8Array> {
-  const fh = await open(range.file, "r");
-  try {
-    const buf = new Uint8Array(range.size);
-    for (let done = 0; done < range.size; ) {
-      const { bytesRead } = await fh.read(buf, done, range.size - done, range.offset + done);
-      if (bytesRead === 0) throw new Error(`${range.file}: unexpected end of file at ${range.offset + done}`);
-      done += bytesRead;
-    }
-    return buf;
-  } finally {
-    await fh.close();
-  }
 }
 
 /** Files up to this size are sent from one buffer; larger ones are streamed (memory stays bounded). */

@@ -193,19 +193,3 @@ export function crc32(data: Uint8Array, crc = 0): number {
   for (let i = 0; i < data.length; i++) c = table[(c ^ data[i]!) & 0xff]! ^ (c >>> 8);
   return ~c >>> 0;
 }
-
-/** `length` bytes at `offset` of a file (a short read is an error: the spool promised them). */
-export async function readRange(path: string, offset: number, length: number): Promise<Uint8Array> {
-  const fh = await open(path, "r");
-  try {
-    const buf = new Uint8Array(length);
-    for (let done = 0; done < length; ) {
-      const { bytesRead } = await fh.read(buf, done, length - done, offset + done);
-      if (bytesRead === 0) throw new Error(`${path}: unexpected end of file at ${offset + done}`);
-      done += bytesRead;
-    }
-    return buf;
-  } finally {
-    await fh.close();
-  }
-}

@@ -23,7 +23,8 @@ import { join } from "node:path";
 import { COLLECT_EVERY_BYTES, collectGarbage } from "../adapter/index.ts";
 import { decodeFileMeta, encodeFileMeta, type FileMeta } from "../dicom/part10.ts";
 import type { OrthancIds } from "../orthanc/identity.ts";
-import { crc32, crc32OfRange, decodeRecordHeader, encodeRecordHeader, md5OfRange, readRange, RECORD_HEADER, Segment, STATE_PENDING } from "./segment.ts";
+import { crc32, crc32OfRange, decodeRecordHeader, encodeRecordHeader, md5OfRange, RECORD_HEADER, Segment, STATE_PENDING } from "./segment.ts";
+import { readFully, readRange, type FileRange } from "../file-range.ts";
 
 export interface SpoolRecord {
   id: string;
@@ -42,14 +43,8 @@ export interface SpoolRecord {
   orthancIds?: OrthancIds;
 }
 
-/** Where an instance's Part 10 bytes are: a byte range of a file. */
-export interface InstanceLocation {
-  file: string;
-  offset: number;
-  size: number;
-}
 
-export interface SpoolEntry extends SpoolRecord, InstanceLocation {}
+export interface SpoolEntry extends SpoolRecord, FileRange {}
 
 export interface QuarantineEntry extends SpoolRecord {
   reason: string;
@@ -561,7 +556,7 @@ export class TenantSpool {
   }
 
   /** The Part 10 bytes of a received instance: from memory when it is small, else from its segment. */
-  async bytesOf(received: ReceivedFile): Promise<Uint8Array | InstanceLocation> {
+  async bytesOf(received: ReceivedFile): Promise<Uint8Array | FileRange> {
     const r = received as Receipt;
     if (r.written === 0) return Buffer.concat(r.chunks, r.chunkBytes);
     await this.writeChunks(r);
@@ -573,7 +568,7 @@ export class TenantSpool {
     const bytes = await this.bytesOf(received);
     const r = received as Receipt;
     if (bytes instanceof Uint8Array) return bytes.subarray(r.metaLength, r.metaLength + max);
-    return readRange(bytes.file, bytes.offset + r.metaLength, Math.min(max, r.size - r.metaLength));
+    return readRange({ file: bytes.file, offset: bytes.offset + r.metaLength, size: Math.min(max, r.size - r.metaLength) });
   }
 
   /** Makes a received instance durable: one write of the record's rest, one fdatasync. Then it may be acknowledged. */
@@ -673,19 +668,12 @@ export class TenantSpool {
   /** An entry's Part 10 bytes, read through its segment's open handle. */
   async read(entry: SpoolEntry): Promise<Uint8Array> {
     const at = this.records.get(entry.id);
-    if (!at) return readRange(entry.file, entry.offset, entry.size);
-    const fh = await at.segment.handle();
-    const buf = new Uint8Array(entry.size);
-    for (let done = 0; done < entry.size; ) {
-      const { bytesRead } = await fh.read(buf, done, entry.size - done, entry.offset + done);
-      if (bytesRead === 0) throw new Error(`${entry.file}: unexpected end of file at ${entry.offset + done}`);
-      done += bytesRead;
-    }
-    return buf;
+    if (!at) return readRange(entry);
+    return readFully(await at.segment.handle(), entry.offset, entry.size, entry.file);
   }
 
   /** MD5 (hex) of an entry's Part 10 bytes. */
-  static async md5Of(entry: InstanceLocation): Promise<string> {
+  static async md5Of(entry: FileRange): Promise<string> {
     const fh = await open(entry.file, "r");
     try {
       return await md5OfRange(fh, entry.offset, entry.size);
@@ -696,7 +684,7 @@ export class TenantSpool {
 }
 
 /** Copies an instance's Part 10 bytes to a file of its own, synced. */
-async function copyRange(src: InstanceLocation, dest: string): Promise<void> {
+async function copyRange(src: FileRange, dest: string): Promise<void> {
   const input = await open(src.file, "r");
   const out = await open(dest, "w", 0o600);
   try {

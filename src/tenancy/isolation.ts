@@ -23,6 +23,7 @@ import type { ResourceLevel, TenantConfig } from "../config/types.ts";
 import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
 import type { OrthancIds } from "../orthanc/identity.ts";
 import { fileMetaLength } from "../dicom/part10.ts";
+import type { FileRange } from "../file-range.ts";
 import { DatasetHeadError, readDatasetHead, type DatasetHead } from "../dicom/dataset-head.ts";
 
 export type IsolationVerdict =
@@ -185,15 +186,8 @@ export class IsolationGuard {
   }
 }
 
-/** Where a spooled instance's Part 10 bytes are (a byte range of a spool segment). */
-export interface PartTenRange {
-  file: string;
-  offset: number;
-  size: number;
-}
-
 /** The first bytes of a spooled Part 10 file's data set (after the meta header), enough for readDatasetHead. */
-export async function readFileDatasetHead(at: PartTenRange, max = 1 << 20): Promise<Uint8Array> {
+export async function readFileDatasetHead(at: FileRange, max = 1 << 20): Promise<Uint8Array> {
   const fh = await open(at.file, "r");
   try {
     const buf = new Uint8Array(Math.min(max, at.size));
@@ -206,7 +200,7 @@ export async function readFileDatasetHead(at: PartTenRange, max = 1 << 20): Prom
 }
 
 /** The placement attributes of a spooled file: from its first 64 KiB, or its first MiB if needed. */
-export async function readFileHeadAttributes(at: PartTenRange, transferSyntax: string): Promise<DatasetHead> {
+export async function readFileHeadAttributes(at: FileRange, transferSyntax: string): Promise<DatasetHead> {
   try {
     return readDatasetHead(await readFileDatasetHead(at, 64 * 1024), transferSyntax);
   } catch (e) {
