@@ -18,7 +18,7 @@
 import { Buffer } from "node:buffer";
 import { createHash, randomBytes } from "node:crypto";
 import { mkdir, open, readdir, readFile, rename, rm, rmdir, writeFile, type FileHandle } from "node:fs/promises";
-import { writeSync, writevSync } from "node:fs";
+import { readSync, writeSync, writevSync } from "node:fs";
 import { join } from "node:path";
 import { COLLECT_EVERY_BYTES, collectGarbage } from "../adapter/index.ts";
 import { decodeFileMeta, encodeFileMeta, type FileMeta } from "../dicom/part10.ts";
@@ -261,8 +261,10 @@ export class TenantSpool {
       const hb = new Uint8Array(RECORD_HEADER);
       const records: { pos: number; end: number; state: number; crc: number; record: SpoolRecord }[] = [];
       let pos = 0;
+      // Two small reads per record, made synchronously (at start-up, or for a tenant a reload adds): with a
+      // thread-pool round trip each, a backlog of 20,000 records took 1.7 s to open, 0.18 s so.
       while (pos + RECORD_HEADER <= size) {
-        await fh.read(hb, 0, RECORD_HEADER, pos);
+        readSync(fh.fd, hb, 0, RECORD_HEADER, pos);
         const h = decodeRecordHeader(hb, segment.key);
         if (!h) break;
         const end = pos + RECORD_HEADER + h.bodyLength + h.infoLength;
@@ -272,7 +274,7 @@ export class TenantSpool {
           break;
         }
         const info = new Uint8Array(h.infoLength);
-        await fh.read(info, 0, info.length, pos + RECORD_HEADER + h.bodyLength);
+        readSync(fh.fd, info, 0, info.length, pos + RECORD_HEADER + h.bodyLength);
         let record: SpoolRecord;
         try {
           record = JSON.parse(new TextDecoder().decode(info)) as SpoolRecord;
