@@ -6,10 +6,11 @@
 import { afterEach, beforeEach, describe, expect, test } from "bun:test";
 import { createHash } from "node:crypto";
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync, openSync, writeSync, closeSync } from "node:fs";
+import { spawnSync } from "node:child_process";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { encodeFileMeta } from "../src/dicom/part10.ts";
-import { SEGMENT_BYTES, SpoolQuotaError, TenantSpool, type ReceivedFile, type SpoolEntry } from "../src/spool/spool.ts";
+import { SEGMENT_BYTES, SpoolDiskError, SpoolQuotaError, TenantSpool, type ReceivedFile, type SpoolEntry } from "../src/spool/spool.ts";
 import { until } from "./helpers/wait.ts";
 
 let root: string;
@@ -259,5 +260,50 @@ describe("spool log", () => {
     const { pending, discarded } = await reopen();
     expect(discarded).toEqual([]);
     expect(pending.map((e) => e.sopInstanceUid)).toEqual(stored.filter((e) => e.file !== a).map((e) => e.sopInstanceUid));
+  });
+
+  test("a full disk: a clear error naming the cause and the fix, nothing acknowledged lost, room again once forwarded", async () => {
+    // A 4 MiB tmpfs as the spool's disk (the tests run as root, as CI does: README's test command).
+    const disk = mkdtempSync(join(tmpdir(), "gw-full-disk-"));
+    const mounted = spawnSync("mount", ["-t", "tmpfs", "-o", "size=4m", "tmpfs", disk], { encoding: "utf8" });
+    if (mounted.status !== 0) throw new Error(`this test mounts a 4 MiB tmpfs and needs root: ${mounted.stderr}`);
+    try {
+      const spool = new TenantSpool(disk, TENANT, 1 << 30, { preallocate: true });
+      opened.push(spool);
+      await spool.open();
+      await spool.backgroundWork();
+      const dir = join(disk, "CT%2f1", "segments");
+      expect(readdirSync(dir)).toEqual([]); // no 32 MiB preallocation on a disk this small
+      const kept: SpoolEntry[] = [];
+      let refused: unknown;
+      for (let i = 0; i < 100 && !refused; i++) {
+        try {
+          kept.push(await store(spool, `1.2.9.${i}`, dataset(300_000, i)));
+        } catch (e) {
+          refused = e;
+        }
+      }
+      expect(refused).toBeInstanceOf(SpoolDiskError);
+      expect((refused as Error).message).toContain("the spool disk is full");
+      expect((refused as Error).message).toContain("Gateway.SpoolDirectory");
+      expect(kept.length).toBeGreaterThan(5);
+      // Everything acknowledged is there, byte for byte (a restart would replay exactly these).
+      const again = new TenantSpool(disk, TENANT, 1 << 30, { preallocate: false });
+      opened.push(again);
+      const { pending } = await again.open();
+      expect(pending.map((e) => e.sopInstanceUid)).toEqual(kept.map((e) => e.sopInstanceUid));
+      for (const [i, e] of pending.entries()) expect(bytesAt(e)).toEqual(partTen(`1.2.9.${i}`, dataset(300_000, i)));
+      await again.close();
+      // Forwarded: the spool gives the room back, and storing works again.
+      for (const e of kept) await spool.remove(e);
+      await spool.backgroundWork();
+      const next = await store(spool, "1.2.9.999", dataset(300_000, 999));
+      expect(bytesAt(next)).toEqual(partTen("1.2.9.999", dataset(300_000, 999)));
+      await spool.close();
+    } finally {
+      for (const s of opened.splice(0)) await s.close().catch(() => {});
+      spawnSync("umount", [disk]);
+      rmSync(disk, { recursive: true, force: true });
+    }
   });
 });

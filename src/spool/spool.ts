@@ -17,7 +17,7 @@
  */
 import { Buffer } from "node:buffer";
 import { createHash, randomBytes } from "node:crypto";
-import { mkdir, open, readdir, readFile, rename, rm, rmdir, writeFile, type FileHandle } from "node:fs/promises";
+import { mkdir, open, readdir, readFile, rename, rm, rmdir, statfs, writeFile, type FileHandle } from "node:fs/promises";
 import { readSync, writeSync, writevSync } from "node:fs";
 import { join } from "node:path";
 import { COLLECT_EVERY_BYTES, collectGarbage } from "../adapter/index.ts";
@@ -74,6 +74,8 @@ export class SpoolDiskError extends Error {
 const WRITE_BATCH = 256 * 1024;
 /** A segment takes no new records past this size; it is deleted when none of its records is pending. */
 export const SEGMENT_BYTES = 32 << 20;
+/** After a preallocation was given up, the next attempt waits this long. */
+const STANDBY_RETRY_MS = 60_000;
 /** Writers kept open between associations. */
 const IDLE_WRITERS = 4;
 let counter = 0;
@@ -195,6 +197,8 @@ export class TenantSpool {
   /** A preallocated segment ready to become the next writer (see prepareStandby). */
   private standby: Segment | undefined;
   private preparing: Promise<void> | undefined;
+  /** When a preallocation was last given up (disk nearly full, or an error): not tried again for a while. */
+  private standbyFailedAt = 0;
   private closed = false;
   private readonly preallocate: boolean;
   private readonly md5: boolean;
@@ -384,7 +388,7 @@ export class TenantSpool {
     } catch (e) {
       await fh?.close().catch(() => {});
       await rm(path, { force: true });
-      throw diskError(e, this.segmentsDir);
+      throw await this.diskFailure(e);
     }
     const segment = new Segment(path, 0, true, fh);
     this.segments.add(segment);
@@ -398,7 +402,14 @@ export class TenantSpool {
    */
   private prepareStandby(): Promise<void> {
     if (!this.preallocate || this.closed || this.standby || this.preparing) return this.preparing ?? Promise.resolve();
+    if (Date.now() - this.standbyFailedAt < STANDBY_RETRY_MS) return Promise.resolve();
     this.preparing = (async () => {
+      // Never on a nearly full disk: the zeros would take the room that acknowledgements need.
+      const fs = await statfs(this.segmentsDir).catch(() => undefined);
+      if (fs && Number(fs.bavail) * Number(fs.bsize) < 4 * SEGMENT_BYTES) {
+        this.standbyFailedAt = Date.now();
+        return;
+      }
       const path = join(this.segmentsDir, `${newSpoolId()}.seg`);
       let fh: FileHandle | undefined;
       try {
@@ -409,6 +420,7 @@ export class TenantSpool {
         await fsyncDir(this.segmentsDir);
       } catch {
         // No room (or no permission) for a preallocation: writers are created as they are needed.
+        this.standbyFailedAt = Date.now();
         await fh?.close().catch(() => {});
         await rm(path, { force: true }).catch(() => {});
         return;
@@ -463,6 +475,32 @@ export class TenantSpool {
     await rm(segment.path, { force: true }).catch(() => {});
   }
 
+  /** A disk error as a SpoolDiskError; a full disk first gives back the room that holds nothing pending. */
+  private async diskFailure(e: unknown): Promise<Error> {
+    const err = diskError(e, this.segmentsDir);
+    if (err instanceof SpoolDiskError) await this.reclaimIfFull(err);
+    return err;
+  }
+
+  /**
+   * The disk (or the quota of its user) is full: the standby and the idle writers with nothing pending are
+   * deleted, idle writers that still hold pending records are sealed (deleted once forwarded), and no
+   * preallocation is tried for a while. The instance that met the full disk was refused (0xA700, to be
+   * sent again); the next ones find the room that forwarded instances held.
+   */
+  private async reclaimIfFull(err: SpoolDiskError): Promise<void> {
+    const code = (err.cause as NodeJS.ErrnoException | undefined)?.code;
+    if (code !== "ENOSPC" && code !== "EDQUOT") return;
+    this.standbyFailedAt = Date.now();
+    const standby = this.standby;
+    this.standby = undefined;
+    if (standby) await this.dropSegment(standby);
+    for (const w of this.idleWriters.splice(0)) {
+      w.writable = false;
+      if (w.live === 0) await this.dropSegment(w);
+    }
+  }
+
   /**
    * Receives a Part 10 file (meta header + data set chunks as they arrive) into a segment writer, not
    * synced: commit() makes it durable, discard() drops it. Throws SpoolQuotaError when the quota is
@@ -515,6 +553,7 @@ export class TenantSpool {
       return r;
     } catch (e) {
       await this.settle(r, false);
+      if (e instanceof SpoolDiskError) await this.reclaimIfFull(e);
       throw e;
     } finally {
       this.receivingBytes -= r.size;
@@ -596,7 +635,7 @@ export class TenantSpool {
       }
     } catch (e) {
       await this.settle(r, false, true);
-      throw diskError(e, this.segmentsDir);
+      throw await this.diskFailure(e);
     } finally {
       this.receivingBytes -= r.size;
     }
