@@ -194,7 +194,10 @@ describe("announced huge PDUs", () => {
         sent += junk.length;
         if (!s.write(junk)) await new Promise((r) => { const f = () => { s.off("drain", f); s.off("close", f); r(); }; s.on("drain", f); s.on("close", f); });
       }
-      console.log(JSON.stringify({ sent, abortMs, reason, open: !s.destroyed }));
+      // The writes may all have gone out without yielding: let the A-ABORT already received be read.
+      const open = !s.destroyed;
+      for (const until = Date.now() + 3000; reason < 0 && !s.destroyed && Date.now() < until; ) await new Promise((r) => setTimeout(r, 5));
+      console.log(JSON.stringify({ sent, abortMs, reason, open }));
     }
     s.on("data", (d) => {
       buf = Buffer.concat([buf, d]);
