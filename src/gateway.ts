@@ -341,6 +341,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
             oldestAgeSeconds: st.oldestReceivedAt ? Math.max(0, (now - Date.parse(st.oldestReceivedAt)) / 1000) : undefined,
             quarantined: st.quarantined,
             lastError: lastForwardError,
+            uploadsWaitingForArrivals: st.depth > 0 && forwarder.waitingForArrivals,
           },
         };
       }),

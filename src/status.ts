@@ -32,6 +32,8 @@ export interface SpoolStatus {
   quarantined: number;
   /** The last forwarding error, if the last attempt failed. */
   lastError?: string;
+  /** Uploads are holding back while instances arrive (Gateway.Orthanc.ReceivePriorityMilliseconds). */
+  uploadsWaitingForArrivals?: boolean;
 }
 
 export interface QuarantineSummary {

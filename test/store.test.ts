@@ -323,10 +323,12 @@ describe("receive priority (Gateway.Orthanc.ReceivePriorityMilliseconds)", () =>
     // Acknowledged, and held back while the other data set is still arriving.
     await new Promise((r) => setTimeout(r, 500));
     expect(await orthancIdOf(sop)).toBeUndefined();
-    const s = (await (await fetch(g.httpUrl + "/status")).json()) as { tenants: { spool: { depth: number } }[] };
-    expect(s.tenants[0]!.spool.depth).toBe(1);
+    const spoolStatus = async () => ((await (await fetch(g.httpUrl + "/status")).json()) as { tenants: { spool: { depth: number; uploadsWaitingForArrivals: boolean } }[] }).tenants[0]!.spool;
+    expect(await spoolStatus()).toMatchObject({ depth: 1, uploadsWaitingForArrivals: true });
     peer.close(); // the arrival ends (cut): the upload goes at once, long before the 60 s limit
     await until("the instance is in Orthanc", async () => (await orthancIdOf(sop)) !== undefined, 10_000);
+    await until("the spool is empty", async () => (await spoolStatus()).depth === 0, 10_000);
+    expect((await spoolStatus()).uploadsWaitingForArrivals).toBe(false);
   });
 
   test("an instance waits no longer than the limit, even while arrivals go on", async () => {

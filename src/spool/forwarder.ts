@@ -135,6 +135,13 @@ export class Forwarder {
     if (this.arriving === 0 && this.ready.length > 0 && this.sleepers.length > 0) this.wakeAt(this.lastArrivalAt + QUIET_MS, this.lastArrivalAt);
   }
 
+  /** Whether uploads are waiting now because instances are arriving (receive priority). */
+  get waitingForArrivals(): boolean {
+    const oldest = this.ready.peek();
+    const now = Date.now();
+    return oldest !== undefined && this.deferredUntil(now, oldest) > now;
+  }
+
   /** Until when uploads wait for arrivals (0: they need not), given the oldest waiting entry. */
   private deferredUntil(now: number, oldest: Job): number {
     const limit = this.opts.receivePriorityMs ?? 0;
