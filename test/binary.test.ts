@@ -1,6 +1,7 @@
 /**
  * The compiled appliance: `bun scripts/build-binary.ts` builds linux-x64 and linux-arm64
- * executables; the x64 one starts with a real Orthanc, answers C-ECHO, /health and /ready.
+ * executables; the x64 one starts with a real Orthanc, answers C-ECHO, /health and /ready, stores an
+ * instance through its spool into Orthanc and finds it with C-FIND.
  */
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { spawnSync } from "node:child_process";
@@ -8,7 +9,9 @@ import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts";
-import { echoscu } from "./helpers/dcmtk.ts";
+import { echoscu, findscuKeys, runTool } from "./helpers/dcmtk.ts";
+import { pydicomFile, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
+import { until } from "./helpers/wait.ts";
 import { httpPortFromLog, spawnGateway, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
 
 const ROOT = join(import.meta.dir, "..");
@@ -56,5 +59,23 @@ test("the x64 binary serves: C-ECHO on each tenant, /health 200, /ready 200 with
   expect((await fetch(`http://127.0.0.1:${port}/health`)).status).toBe(200);
   const ready = await fetch(`http://127.0.0.1:${port}/ready`);
   expect(ready.status).toBe(200);
+  expect(await gw.stop()).toBe(0);
+}, 60_000);
+
+test("the x64 binary stores and finds: a C-STORE goes through its spool into Orthanc with the tenant's label, C-FIND finds it", async () => {
+  const config = await testConfigObject([{ AET: "BINSTORE", Labels: ["bstore"] }], orthanc.url, { Gateway: { Log: { Level: "info", Format: "json" } } });
+  gw = spawnGateway(join(outdir, "dicom-gateway-linux-x64"), ["serve", "--config", writeConfigFile(config)]);
+  const port = httpPortFromLog(await gw.waitForLine(/"HTTP endpoint started"/));
+  const { Port } = (config.MultitenantDicom as { Servers: { AET: string; Port: number }[] }).Servers[0]!;
+  const [file] = await uniqueCopies(pydicomFile("CT_small.dcm"), 1, { newStudy: true });
+  const study = await tagValue(file!, "0020,000d");
+  const stored = await runTool("storescu", ["-v", "-aec", "BINSTORE", "127.0.0.1", String(Port), file!]);
+  expect(stored.output).toContain("Received Store Response (Success)");
+  await until("the spool is empty", async () => ((await (await fetch(`http://127.0.0.1:${port}/status`)).json()) as { tenants: { spool: { depth: number } }[] }).tenants[0]!.spool.depth === 0, 20_000);
+  const labeled = (await (await fetch(`${orthanc.url}/tools/find`, { method: "POST", body: JSON.stringify({ Level: "Study", Query: { StudyInstanceUID: study }, Labels: ["bstore"] }) })).json()) as string[];
+  expect(labeled.length).toBe(1);
+  const found = await findscuKeys(Port, "BINSTORE", "-S", "STUDY", { StudyInstanceUID: study, PatientName: "" });
+  expect(found.success).toBe(true);
+  expect(found.matches).toBe(1);
   expect(await gw.stop()).toBe(0);
 }, 60_000);
