@@ -47,8 +47,18 @@ export function collectGarbage(): void {
   gcOf[detectRuntime()]();
 }
 
-/** How often a large stream (a data set arriving, an upload) asks for a collection: every this many bytes. */
+/** How often a large stream (a data set arriving, an upload, a retrieve) asks for a collection: every this many bytes. */
 export const COLLECT_EVERY_BYTES = 64 << 20;
+
+/** For one stream: call it with the bytes streamed so far; it asks for a collection every COLLECT_EVERY_BYTES. */
+export function collectAsStreamGrows(): (bytesSoFar: number) => void {
+  let collectedAt = 0;
+  return (bytesSoFar) => {
+    if (bytesSoFar - collectedAt < COLLECT_EVERY_BYTES) return;
+    collectedAt = bytesSoFar;
+    collectGarbage();
+  };
+}
 
 /** Serve `app` on opts.hostname:opts.port with the current runtime's adapter. */
 export async function serveHttp(app: FetchApp, opts: ServeOptions): Promise<HttpServerHandle> {

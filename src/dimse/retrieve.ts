@@ -5,6 +5,7 @@
  * number fetched ahead.
  */
 import dcmjs from "dcmjs";
+import { collectAsStreamGrows } from "../adapter/index.ts";
 import type { TenantConfig } from "../config/types.ts";
 import type { OrthancClient } from "../orthanc/client.ts";
 import { anchorStillInScope, resolveInstances, tenantLabelScope, type LabelScope, type ResolvedInstance, type RetrieveKeys, type RetrieveLevel } from "../orthanc/resolve.ts";
@@ -488,11 +489,14 @@ export async function fetchInstance(orthanc: OrthancClient, instance: ResolvedIn
         fetched.bytes += rest.length;
         yield rest;
       }
+      // A large instance: the chunks already sent would pile up faster than the collector runs on its own.
+      const collect = collectAsStreamGrows();
       for (;;) {
         const { done, value } = await it.next();
         if (done) return;
         if (value.length === 0) continue;
         fetched.bytes += value.length;
+        collect(fetched.bytes);
         yield value;
       }
     } finally {

@@ -3,7 +3,7 @@
  * Shared by the spool forwarder and by Sync-mode C-STORE.
  */
 import { open } from "node:fs/promises";
-import { COLLECT_EVERY_BYTES, collectGarbage } from "../adapter/index.ts";
+import { collectAsStreamGrows } from "../adapter/index.ts";
 import { readRange, type FileRange } from "../file-range.ts";
 import type { ResourceLevel } from "../config/types.ts";
 import { OrthancError, type OrthancClient } from "./client.ts";
@@ -30,7 +30,7 @@ interface PostInstancesAnswer {
 export function fileStream(range: FileRange, chunkSize = 256 * 1024): ReadableStream<Uint8Array> {
   let fh: Awaited<ReturnType<typeof open>> | undefined;
   let done = 0;
-  let collectedAt = 0;
+  const collect = collectAsStreamGrows();
   return new ReadableStream<Uint8Array>(
     {
       async start() {
@@ -42,10 +42,7 @@ export function fileStream(range: FileRange, chunkSize = 256 * 1024): ReadableSt
         const { bytesRead } = want === 0 ? { bytesRead: 0 } : await fh!.read(buf, 0, want, range.offset + done);
         done += bytesRead;
         // Large uploads: the chunks already sent would pile up faster than the collector runs on its own.
-        if (done - collectedAt >= COLLECT_EVERY_BYTES) {
-          collectedAt = done;
-          collectGarbage();
-        }
+        collect(done);
         if (bytesRead === 0) {
           await fh!.close();
           fh = undefined;

@@ -20,7 +20,7 @@ import { createHash, randomBytes } from "node:crypto";
 import { mkdir, open, readdir, readFile, rename, rm, rmdir, statfs, writeFile, type FileHandle } from "node:fs/promises";
 import { readSync, writeSync, writevSync } from "node:fs";
 import { join } from "node:path";
-import { COLLECT_EVERY_BYTES, collectGarbage } from "../adapter/index.ts";
+import { collectAsStreamGrows } from "../adapter/index.ts";
 import { decodeFileMeta, encodeFileMeta, type FileMeta } from "../dicom/part10.ts";
 import type { OrthancIds } from "../orthanc/identity.ts";
 import { crc32, crc32OfRange, decodeRecordHeader, encodeRecordHeader, md5OfRange, RECORD_HEADER, Segment, STATE_PENDING } from "./segment.ts";
@@ -532,7 +532,7 @@ export class TenantSpool {
       add(metaHeader);
       const head = new Uint8Array(HEAD_BYTES);
       let headLength = 0;
-      let collectedAt = 0;
+      const collect = collectAsStreamGrows();
       for await (const chunk of source) {
         add(chunk);
         if (headLength < HEAD_BYTES) {
@@ -542,10 +542,7 @@ export class TenantSpool {
         }
         if (r.chunkBytes >= WRITE_BATCH) {
           await this.writeChunks(r);
-          if (r.written - collectedAt >= COLLECT_EVERY_BYTES) {
-            collectedAt = r.written;
-            collectGarbage();
-          }
+          collect(r.written);
         }
       }
       r.head = head.subarray(0, headLength);
