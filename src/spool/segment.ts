@@ -153,13 +153,16 @@ export class Segment {
   }
 }
 
-/** Reads `length` bytes at `offset` of an open file in pieces of at most 1 MiB. */
-async function eachPiece(fh: FileHandle, offset: number, length: number, f: (piece: Uint8Array) => void): Promise<void> {
+/**
+ * Reads `length` bytes at `offset` of an open file in pieces of at most 1 MiB, handing each to `f` (with
+ * its position in the range) before the next is read into the same buffer.
+ */
+export async function eachPiece(fh: FileHandle, offset: number, length: number, f: (piece: Uint8Array, at: number) => void | Promise<void>): Promise<void> {
   const buf = new Uint8Array(Math.min(1 << 20, Math.max(1, length)));
   for (let done = 0; done < length; ) {
     const { bytesRead } = await fh.read(buf, 0, Math.min(buf.length, length - done), offset + done);
     if (bytesRead === 0) throw new Error(`unexpected end of file at ${offset + done}`);
-    f(buf.subarray(0, bytesRead));
+    await f(buf.subarray(0, bytesRead), done);
     done += bytesRead;
   }
 }
@@ -167,14 +170,16 @@ async function eachPiece(fh: FileHandle, offset: number, length: number, f: (pie
 /** MD5 (hex) of `length` bytes at `offset` of an open file. */
 export async function md5OfRange(fh: FileHandle, offset: number, length: number): Promise<string> {
   const hash = createHash("md5");
-  await eachPiece(fh, offset, length, (p) => hash.update(p));
+  await eachPiece(fh, offset, length, (p) => void hash.update(p));
   return hash.digest("hex");
 }
 
 /** CRC-32 of `length` bytes at `offset` of an open file. */
 export async function crc32OfRange(fh: FileHandle, offset: number, length: number): Promise<number> {
   let crc = 0;
-  await eachPiece(fh, offset, length, (p) => (crc = crc32(p, crc)));
+  await eachPiece(fh, offset, length, (p) => {
+    crc = crc32(p, crc);
+  });
   return crc;
 }
 
