@@ -239,6 +239,25 @@ describe("spool log", () => {
     expect(statSync(pending[0]!.file).size).toBeLessThan(600_000); // the zeros are cut off
   });
 
+  test("the standby is kept across a clean stop and taken as it is at the next start, not written again", async () => {
+    const first = (await reopen(true)).spool;
+    await first.backgroundWork();
+    const files = segFiles();
+    expect(files.map((f) => statSync(f).size)).toEqual([SEGMENT_BYTES]);
+    const written = statSync(files[0]!).mtimeMs;
+    await first.close();
+    expect(segFiles()).toEqual(files);
+    const { spool, pending, discarded } = await reopen(true);
+    await spool.backgroundWork();
+    expect([pending, discarded]).toEqual([[], []]);
+    expect(segFiles()).toEqual(files);
+    expect(statSync(files[0]!).mtimeMs).toBe(written);
+    const e = await store(spool, "1.2.3.1", dataset(1000, 1));
+    expect(e.file).toBe(files[0]!);
+    expect(statSync(files[0]!).size).toBe(SEGMENT_BYTES);
+    expect((await reopen()).pending.map((p) => bytesAt(p))).toEqual([partTen("1.2.3.1", dataset(1000, 1))]);
+  });
+
   test("a recycled segment starts a new life: the records of its old life are never replayed", async () => {
     const { spool } = await reopen(true);
     await spool.backgroundWork(); // the first standby is ready

@@ -258,6 +258,8 @@ export class TenantSpool {
   private async scanSegment(path: string, found: SpoolEntry[], discarded: string[]): Promise<void> {
     const fh = await open(path, "r+");
     const segment = new Segment(path, 0, false);
+    const discardedBefore = discarded.length;
+    let adopted = false;
     try {
       const size = (await fh.stat()).size;
       const hb = new Uint8Array(RECORD_HEADER);
@@ -301,13 +303,21 @@ export class TenantSpool {
         this.records.set(record.id, { segment, recordOffset: at });
         segment.live++;
       }
-      if (pos < size) await fh.truncate(pos);
+      // A standby left by the last run (no record of this segment's key in it, full size): the next
+      // writer, as it is, instead of writing 32 MiB of zeros again.
+      adopted = this.preallocate && !this.standby && records.length === 0 && discarded.length === discardedBefore && size >= SEGMENT_BYTES;
+      if (adopted) {
+        if (size > SEGMENT_BYTES) await fh.truncate(SEGMENT_BYTES);
+        segment.writable = true;
+        segment.allocated = SEGMENT_BYTES;
+        this.standby = segment;
+      } else if (pos < size) await fh.truncate(pos);
       segment.size = pos;
     } finally {
       await fh.close();
     }
-    if (segment.live === 0) await rm(path, { force: true });
-    else this.segments.add(segment);
+    if (segment.live > 0 || adopted) this.segments.add(segment);
+    else await rm(path, { force: true });
   }
 
   /** One Part 10 file per instance, as spooled before 0.2: forwarded as they are, then deleted. */
@@ -683,15 +693,16 @@ export class TenantSpool {
     await this.preparing;
   }
 
-  /** Closes the segments; those with nothing pending (preallocated ones included) are deleted. */
+  /** Closes the segments; those with nothing pending are deleted, but for the standby, kept for the next start. */
   async close(): Promise<void> {
     this.closed = true;
     this.idleWriters.length = 0;
+    const standby = this.standby;
     this.standby = undefined;
     await this.preparing;
     for (const s of [...this.segments]) {
       s.writable = false;
-      if (s.live === 0) await this.dropSegment(s);
+      if (s.live === 0 && s !== standby) await this.dropSegment(s);
       else await s.close();
     }
   }
