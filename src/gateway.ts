@@ -229,18 +229,24 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
   const spools = new Map<string, TenantSpool>();
   const closeSpools = () => Promise.all([...spools.values()].map((s) => s.close()));
 
+  /** The tenant's spool, opened (with what it holds, to replay) the first time only. */
+  const spoolFor = async (tenant: TenantConfig): Promise<{ spool: TenantSpool; pending: SpoolEntry[] }> => {
+    const key = tenantDirectoryName(tenant.aet);
+    const known = spools.get(key);
+    if (known) {
+      known.quotaBytes = tenant.spoolQuotaBytes;
+      return { spool: known, pending: [] };
+    }
+    const spool = new TenantSpool(config.spool.directory, tenant.aet, tenant.spoolQuotaBytes, { md5: config.spool.verifyIntegrity });
+    const { pending, discarded } = await spool.open();
+    spools.set(key, spool);
+    if (discarded.length > 0) log.warn("discarded incomplete spool records (never acknowledged)", { tenant: tenant.aet, records: discarded });
+    return { spool, pending };
+  };
+
   /** Creates a tenant's spool (replaying what it holds), services and listener(s), and starts listening. */
   const startTenant = async (tenant: TenantConfig): Promise<TenantListener> => {
-    let spool = spools.get(tenantDirectoryName(tenant.aet));
-    let pending: SpoolEntry[] = [];
-    if (spool) spool.quotaBytes = tenant.spoolQuotaBytes;
-    else {
-      spool = new TenantSpool(config.spool.directory, tenant.aet, tenant.spoolQuotaBytes, { md5: config.spool.verifyIntegrity });
-      const opened = await spool.open();
-      spools.set(tenantDirectoryName(tenant.aet), spool);
-      pending = opened.pending;
-      if (opened.discarded.length > 0) log.warn("discarded incomplete spool records (never acknowledged)", { tenant: tenant.aet, records: opened.discarded });
-    }
+    const { spool, pending } = await spoolFor(tenant);
     if (pending.length > 0) log.info("replaying spooled instances", { tenant: tenant.aet, instances: pending.length });
     if (tenant.isolation === "Strict") guards.set(tenant.aet, new IsolationGuard(orthanc, claims, tenant));
     else guards.delete(tenant.aet);
@@ -299,7 +305,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
       log.info("DICOM listener started", { tenant: tenant.aet, port: e.port, tls: e.tls, labels: tenant.labels, labelsConstraint: tenant.labelsConstraint });
     }
     // Pending entries are queued once the tenant is up (a replay uses the tenant's current settings).
-    for (const entry of pending) forwarder.add(tenant, spool!, entry);
+    for (const entry of pending) forwarder.add(tenant, spool, entry);
     byTenant.set(tenant.aet, l);
     return l;
   };
