@@ -6,8 +6,10 @@
  * NumberOfStudyRelatedInstances, which the plugin never returns, once without) and 100 series-level
  * queries (one per study, by StudyInstanceUID) are sent on one association each (findscu with 100
  * query files), to the plugin's tenant and to the gateway's tenant, alternately, `--rounds` times. Per-query latency
- * is read from findscu's own log timestamps (request sent -> final response received). The gateway's
- * own /tools/find requests are then replayed to Orthanc alone: what one REST round trip costs per query.
+ * is read from findscu's own log timestamps (request sent -> final response received). The gateway runs
+ * as its own process (bun src/cli.ts serve), as in production: in this process it would share an event
+ * loop with the benchmark reading findscu's log. Its /tools/find requests, recorded beforehand through
+ * an in-process gateway, are then replayed to Orthanc alone: what one REST round trip costs per query.
  *
  * Usage: npx bun scripts/bench-find.ts [--rounds N] [--studies N] [--json]
  */
@@ -18,7 +20,7 @@ import dcmjs from "dcmjs";
 import { encodeDataset, type OutElement } from "../src/dicom/identifier.ts";
 import { OrthancClient } from "../src/orthanc/client.ts";
 import { startTestGateway } from "../test/helpers/gateway.ts";
-import { freePort, median, timed } from "./bench-lib.ts";
+import { freePort, median, startGatewayProcess, timed, type GatewayChild } from "./bench-lib.ts";
 import { startOrthanc } from "./orthanc-testbed.ts";
 
 const CT_FILE = "/usr/lib/python3/dist-packages/pydicom/data/test_files/CT_small.dcm";
@@ -156,13 +158,13 @@ async function main(): Promise<void> {
     extraConfig: { DicomAlwaysAllowFind: true, DicomAlwaysAllowEcho: true },
   });
   const dir = mkdtempSync(join(tmpdir(), "bench-find-"));
-  let gw: Awaited<ReturnType<typeof startTestGateway>> | undefined;
+  let recorder: Awaited<ReturnType<typeof startTestGateway>> | undefined;
+  let gw: GatewayChild | undefined;
   try {
     log(`Orthanc ${orthanc.version} at ${orthanc.url}; loading ${STUDIES} patients x 1 study x 2 series...`);
     const t0 = performance.now();
     await load(orthanc.url);
     log(`loaded in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
-    gw = await startTestGateway([{ AET: "GATEWAY", Labels: ["bench"] }], orthanc.url);
 
     const logConfig = join(dir, "log.cfg");
     writeFileSync(
@@ -174,7 +176,7 @@ async function main(): Promise<void> {
         "log4cplus.appender.console.layout.ConversionPattern = %D{%H:%M:%S.%Q} %m%n",
       ].join("\n"),
     );
-    const KINDS = ["study", "study-plain", "series"] as const;
+    const KINDS = (process.env.KINDS?.split(",") ?? ["study", "study-plain", "series"]) as ["study", "study-plain", "series"];
     const files: Record<(typeof KINDS)[number], string[]> = { study: [], "study-plain": [], series: [] };
     for (let p = 1; p <= 100; p++) {
       const n = ((p - 1) % STUDIES) + 1;
@@ -185,30 +187,52 @@ async function main(): Promise<void> {
       }
     }
 
-    const targets = [
-      { name: "plugin", port: pluginPort, aet: "PLUGIN" },
-      { name: "gateway", port: gw.portOf("GATEWAY"), aet: "GATEWAY" },
-    ];
-    // Warm-up (connections, caches), not measured.
-    for (const t of targets) await findscu(t.port, t.aet, files.study.slice(0, 10), logConfig);
-
-    // The gateway's own /tools/find requests, recorded in the first round, are replayed alone afterwards:
-    // what Orthanc's REST API costs per query, before any DICOM.
+    // The gateway's own /tools/find requests, recorded through an in-process gateway with the same
+    // tenant, are replayed alone afterwards: what Orthanc's REST API costs per query, before any DICOM.
     const sent: Record<string, unknown[]> = {};
-    let recording: string | undefined;
-    const client = gw.orthanc as unknown as { postJson: (path: string, body: unknown, opts?: unknown) => Promise<unknown> };
+    recorder = await startTestGateway([{ AET: "GATEWAY", Labels: ["bench"] }], orthanc.url);
+    const client = recorder.orthanc as unknown as { postJson: (path: string, body: unknown, opts?: unknown) => Promise<unknown> };
     const postJson = client.postJson.bind(client);
+    let recording: string | undefined;
     client.postJson = (path, body, opts) => {
       if (recording && path === "/tools/find") (sent[recording] ??= []).push(body);
       return postJson(path, body, opts);
     };
+    for (const kind of KINDS) {
+      recording = kind;
+      await findscu(recorder.portOf("GATEWAY"), "GATEWAY", files[kind], logConfig);
+    }
+    recording = undefined;
+    await recorder.stop();
+    recorder = undefined;
+
+    const gatewayPort = await freePort();
+    gw = await startGatewayProcess(
+      {
+        MultitenantDicom: { Servers: [{ AET: "GATEWAY", Port: gatewayPort, Labels: ["bench"] }] },
+        Gateway: {
+          Orthanc: { Url: orthanc.url },
+          Http: { Host: "127.0.0.1", Port: await freePort() },
+          SpoolDirectory: mkdtempSync(join(tmpdir(), "bench-find-spool-")),
+          Log: { Level: "warn", Format: "json" },
+        },
+      },
+      { readyWhenEchoes: { aet: "GATEWAY", port: gatewayPort } },
+    );
+    const targets = [
+      { name: "plugin", port: pluginPort, aet: "PLUGIN" },
+      { name: "gateway", port: gatewayPort, aet: "GATEWAY" },
+    ];
+    // Warm-up, not measured: connections, Orthanc's caches, and the gateway's JIT (JavaScriptCore
+    // optimizes a function after some thousands of calls; a gateway in service has long passed that).
+    const WARMUP = Number(process.env.WARMUP ?? 10);
+    for (const t of targets) for (const kind of KINDS) for (let i = 0; i < WARMUP; i++) await findscu(t.port, t.aet, files[kind], logConfig);
 
     const results: Record<string, Record<string, { latencies: number[]; responses: number; failures: number; wallMs: number[] }>> = {};
     for (let round = 0; round < ROUNDS; round++) {
       for (const kind of KINDS) {
         const order = round % 2 === 0 ? targets : [...targets].reverse();
         for (const t of order) {
-          recording = round === 0 && t.name === "gateway" ? kind : undefined;
           const started = performance.now();
           const r = await findscu(t.port, t.aet, files[kind], logConfig);
           const wall = performance.now() - started;
@@ -221,7 +245,6 @@ async function main(): Promise<void> {
       }
     }
 
-    recording = undefined;
     const restAlone: Record<string, number> = {};
     for (const kind of KINDS) {
       const lat: number[] = [];
@@ -267,6 +290,7 @@ async function main(): Promise<void> {
     }
     if (JSON_OUT) process.stdout.write(JSON.stringify(summary, null, 2) + "\n");
   } finally {
+    await recorder?.stop();
     await gw?.stop();
     await orthanc.stop();
     rmSync(dir, { recursive: true, force: true });

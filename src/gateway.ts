@@ -370,6 +370,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     await closeSpools();
     audit.close();
     await claims.close();
+    orthanc.close();
     throw e;
   }
 
@@ -458,6 +459,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
       await claims.close();
       await http!.close();
       audit.close();
+      orthanc.close();
     },
   };
 }

@@ -1,12 +1,16 @@
 /**
  * The command line as an operator uses it: `serve`, `check-config`, `version`, `--help`, run as a
- * child process with Bun, and the same source under Deno (type check + a smoke run with C-ECHO).
+ * child process with Bun, and the same source under Deno (type check, a smoke run with C-ECHO, and a
+ * store + C-FIND against a real Orthanc through the node:net HTTP client).
  */
 import { afterAll, describe, expect, test } from "bun:test";
 import { spawnSync } from "node:child_process";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { echoscu } from "./helpers/dcmtk.ts";
+import { echoscu, findscuKeys, runTool } from "./helpers/dcmtk.ts";
+import { pydicomFile, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
+import { getSharedOrthanc } from "./helpers/orthanc.ts";
+import { until } from "./helpers/wait.ts";
 import { httpPortFromLog, spawnGateway, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
 import { freePort } from "./helpers/ports.ts";
 
@@ -142,6 +146,24 @@ describe("the same source under Deno", () => {
     expect(r.output).toContain("Received Echo Response (Success)");
     expect((await fetch(`http://127.0.0.1:${httpPortFromLog(httpLine)}/health`)).status).toBe(200);
     expect(await fetch(`http://127.0.0.1:${httpPortFromLog(httpLine)}/metrics`).then((r) => r.text())).toContain('dicom_gateway_dimse_operations_total{tenant="DENO",service="C-ECHO",status="0x0000"} 1');
+    expect(await gw.stop()).toBe(0);
+  }, 60_000);
+
+  test("deno run src/cli.ts serve stores into a real Orthanc and answers C-FIND from it (node:net HTTP client under Deno)", async () => {
+    const orthanc = await getSharedOrthanc();
+    const config = await testConfigObject([{ AET: "DENOFIND", Labels: ["dfind"] }], orthanc.url, { Gateway: { Log: { Level: "info", Format: "json" } } });
+    const gw = spawnGateway(DENO, ["run", "--no-prompt", "--allow-net", "--allow-read", "--allow-write", "--allow-env", "--allow-sys", CLI, "serve", "--config", writeConfigFile(config)]);
+    started.push(gw);
+    const httpPort = httpPortFromLog(await gw.waitForLine(/"HTTP endpoint started"/, 30_000));
+    const port = (config.MultitenantDicom as { Servers: { Port: number }[] }).Servers[0]!.Port;
+    const [file] = await uniqueCopies(pydicomFile("CT_small.dcm"), 1, { newStudy: true });
+    const study = await tagValue(file!, "0020,000d");
+    expect((await runTool("storescu", ["-v", "-aec", "DENOFIND", "127.0.0.1", String(port), file!])).output).toContain("Received Store Response (Success)");
+    await until("the spool is empty", async () => ((await (await fetch(`http://127.0.0.1:${httpPort}/status`)).json()) as { tenants: { spool: { depth: number } }[] }).tenants[0]!.spool.depth === 0, 20_000);
+    const found = await findscuKeys(port, "DENOFIND", "-S", "STUDY", { StudyInstanceUID: study, PatientName: "", ModalitiesInStudy: "" });
+    expect(found.success).toBe(true);
+    expect(found.matches).toBe(1);
+    expect(found.output).toContain("CT");
     expect(await gw.stop()).toBe(0);
   }, 60_000);
 });

@@ -287,6 +287,17 @@ const utf8 = new TextEncoder();
  * Encodes text in the given character set; undefined when some character does not fit it (the
  * caller then answers in ISO_IR 192). GB18030 and GBK are not encoded except for ASCII text.
  */
+function isAscii(text: string): boolean {
+  for (let i = 0; i < text.length; i++) if (text.charCodeAt(i) >= 0x80) return false;
+  return true;
+}
+
+function asciiBytes(text: string): Uint8Array {
+  const b = new Uint8Array(text.length);
+  for (let i = 0; i < text.length; i++) b[i] = text.charCodeAt(i);
+  return b;
+}
+
 export function encodeText(text: string, terms: string[], pn = false): Uint8Array | undefined {
   if (isUtf8(terms)) return utf8.encode(text);
   const chars = Array.from(text);
@@ -294,6 +305,9 @@ export function encodeText(text: string, terms: string[], pn = false): Uint8Arra
     return chars.every((c) => c.charCodeAt(0) < 0x80 && c.length === 1) ? Uint8Array.from(chars, (c) => c.charCodeAt(0)) : undefined;
   }
   for (const t of terms) if (!charsets().has(t)) return undefined;
+  // Most values are ASCII: in a set whose initial G0 is single-byte (ASCII, or JIS X 0201 romaji handled
+  // as ASCII) they are their own bytes, without escape sequences.
+  if (isAscii(text) && initialElements(terms).g0.width === 1) return asciiBytes(text);
   const def = charsets().get(terms[0]!)!;
   if (!isCodeExtension(terms) && def.label && !def.g1) {
     // GB18030 / GBK: only ASCII.

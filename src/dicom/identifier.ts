@@ -8,7 +8,7 @@
  * Latin-1). dcmjs provides the data dictionary: VRs for implicit VR and keyword <-> tag.
  */
 import dcmjs from "dcmjs";
-import { concatBytes } from "../dimse/bytes.ts";
+import { getU16LE, getU32LE } from "../dimse/bytes.ts";
 import { CHARSET_VRS, decodeText, encodeText } from "./charset.ts";
 
 const IMPLICIT_VR_LE = "1.2.840.10008.1.2";
@@ -43,23 +43,49 @@ function hex4(n: number): string {
   return n.toString(16).padStart(4, "0");
 }
 
+const HEX2 = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, "0"));
+
 /** "gggg,eeee" (Orthanc's spelling, lower-case hex). */
 export function orthancTag(tag: number): string {
-  return `${hex4(tag >>> 16)},${hex4(tag & 0xffff)}`;
+  return HEX2[(tag >>> 24) & 0xff]! + HEX2[(tag >>> 16) & 0xff]! + "," + HEX2[(tag >>> 8) & 0xff]! + HEX2[tag & 0xff]!;
 }
 
+/** The tag of "gggg,eeee" (either case of hex digits), undefined for anything else. */
 export function parseOrthancTag(s: string): number | undefined {
-  const m = /^([0-9a-fA-F]{4}),([0-9a-fA-F]{4})$/.exec(s);
-  return m ? ((parseInt(m[1]!, 16) << 16) | parseInt(m[2]!, 16)) >>> 0 : undefined;
+  if (s.length !== 9 || s.charCodeAt(4) !== 0x2c) return undefined;
+  let v = 0;
+  for (let i = 0; i < 9; i++) {
+    if (i === 4) continue;
+    const c = s.charCodeAt(i);
+    const d = c >= 0x30 && c <= 0x39 ? c - 0x30 : c >= 0x61 && c <= 0x66 ? c - 0x57 : c >= 0x41 && c <= 0x46 ? c - 0x37 : -1;
+    if (d < 0) return undefined;
+    v = v * 16 + d;
+  }
+  return v;
 }
+
+export interface DictionaryEntry {
+  readonly vr: string;
+  readonly vm: string;
+  readonly keyword: string;
+}
+
+/** Entries looked up so far: at most the size of the standard dictionary (unknown tags are not kept). */
+const entries = new Map<number, DictionaryEntry>();
 
 /** Dictionary entry of a standard tag (VR, VM, keyword), undefined for private or unknown tags. */
-export function dictionaryEntry(tag: number): { vr: string; vm: string; keyword: string } | undefined {
-  if ((tag & 0xffff) === 0) return { vr: "UL", vm: "1", keyword: "GroupLength" };
-  const e = dict.dictionary[tagKey(tag)];
-  if (!e) return undefined;
-  // Multi-VR entries ("US or SS", "OB or OW") use the first.
-  return { vr: e.vr.split(/ or |\|/)[0]!.trim(), vm: e.vm, keyword: e.name };
+export function dictionaryEntry(tag: number): DictionaryEntry | undefined {
+  let entry = entries.get(tag);
+  if (entry) return entry;
+  if ((tag & 0xffff) === 0) entry = { vr: "UL", vm: "1", keyword: "GroupLength" };
+  else {
+    const e = dict.dictionary[tagKey(tag)];
+    if (!e) return undefined;
+    // Multi-VR entries ("US or SS", "OB or OW") use the first.
+    entry = { vr: e.vr.split(/ or |\|/)[0]!.trim(), vm: e.vm, keyword: e.name };
+  }
+  entries.set(tag, Object.freeze(entry));
+  return entry;
 }
 
 /** Tag of a keyword (e.g. "PatientName"). Throws for unknown keywords. */
@@ -88,12 +114,11 @@ function vrOf(tag: number): string {
 /** Parses a bare data set. Throws IdentifierError on malformed input. */
 export function parseDataset(bytes: Uint8Array, transferSyntax: string): DataElement[] {
   const explicit = transferSyntax !== IMPLICIT_VR_LE;
-  const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   let o = 0;
 
   const readTag = (): number => {
     if (o + 4 > bytes.length) throw new IdentifierError(`truncated data set at byte ${o}`);
-    const t = ((dv.getUint16(o, true) << 16) | dv.getUint16(o + 2, true)) >>> 0;
+    const t = ((getU16LE(bytes, o) << 16) | getU16LE(bytes, o + 2)) >>> 0;
     o += 4;
     return t;
   };
@@ -115,16 +140,16 @@ export function parseDataset(bytes: Uint8Array, transferSyntax: string): DataEle
         if (!/^[A-Z]{2}$/.test(vr)) throw new IdentifierError(`invalid VR at byte ${o} for tag (${orthancTag(tag)})`);
         if (LONG_VRS.has(vr)) {
           if (o + 8 > bytes.length) throw new IdentifierError(`truncated element header at byte ${o}`);
-          length = dv.getUint32(o + 4, true);
+          length = getU32LE(bytes, o + 4);
           o += 8;
         } else {
-          length = dv.getUint16(o + 2, true);
+          length = getU16LE(bytes, o + 2);
           o += 4;
         }
       } else {
         if (o + 4 > bytes.length) throw new IdentifierError(`truncated element header at byte ${o}`);
         vr = vrOf(tag);
-        length = dv.getUint32(o, true);
+        length = getU32LE(bytes, o);
         o += 4;
       }
       if (vr === "SQ" || (length === UNDEFINED && vr !== "NONE")) {
@@ -146,7 +171,7 @@ export function parseDataset(bytes: Uint8Array, transferSyntax: string): DataEle
     while (o < end) {
       const tag = readTag();
       if (o + 4 > bytes.length) throw new IdentifierError("truncated item header");
-      const itemLength = dv.getUint32(o, true);
+      const itemLength = getU32LE(bytes, o);
       o += 4;
       if (tag === SEQUENCE_DELIMITATION) {
         if (length !== UNDEFINED) throw new IdentifierError("sequence delimitation in a defined-length sequence");
@@ -194,47 +219,109 @@ export interface OutElement {
 
 /** Encodes every text value in `charset`; undefined when some value does not fit it. */
 export function encodeDataset(elements: OutElement[], transferSyntax: string, charset: string[]): Uint8Array | undefined {
-  const explicit = transferSyntax !== IMPLICIT_VR_LE;
-  const parts: Uint8Array[] = [];
-  let ok = true;
-  const put = (els: OutElement[]) => {
-    for (const e of [...els].sort((a, b) => a.tag - b.tag)) {
-      if (!ok) return;
-      if (e.items || e.vr === "SQ") {
-        const header = elementHeader(e.tag, "SQ", UNDEFINED, explicit);
-        parts.push(header);
-        for (const item of e.items ?? []) {
-          parts.push(itemHeader(ITEM, UNDEFINED));
-          put(item);
-          parts.push(itemHeader(ITEM_DELIMITATION, 0));
-        }
-        parts.push(itemHeader(SEQUENCE_DELIMITATION, 0));
-        continue;
+  const w = new ByteWriter(512);
+  return writeElements(w, elements, transferSyntax !== IMPLICIT_VR_LE, charset) ? w.bytes() : undefined;
+}
+
+/** Elements in tag order (PS3.5 7.1); sequences and items with undefined length and delimiters. */
+function writeElements(w: ByteWriter, elements: OutElement[], explicit: boolean, charset: string[]): boolean {
+  for (const e of [...elements].sort((a, b) => a.tag - b.tag)) {
+    if (e.items || e.vr === "SQ") {
+      w.header(e.tag, "SQ", UNDEFINED, explicit);
+      for (const item of e.items ?? []) {
+        w.item(ITEM, UNDEFINED);
+        if (!writeElements(w, item, explicit, charset)) return false;
+        w.item(ITEM_DELIMITATION, 0);
       }
-      let value: Uint8Array | undefined = e.bytes;
-      if (!value) {
-        const text = e.text ?? "";
-        value = CHARSET_VRS.has(e.vr) ? encodeText(text, charset, e.vr === "PN") : asciiBytes(text);
-        if (!value) {
-          ok = false;
-          return;
-        }
-      }
-      if (value.length % 2 === 1) {
-        const padded = new Uint8Array(value.length + 1);
-        padded.set(value);
-        padded[value.length] = e.vr === "UI" || e.vr === "OB" || e.vr === "UN" ? 0 : 0x20;
-        value = padded;
-      }
-      let vr = e.vr;
-      if (explicit && !LONG_VRS.has(vr) && value.length > 0xffff) vr = "UN";
-      parts.push(elementHeader(e.tag, vr, value.length, explicit));
-      parts.push(value);
+      w.item(SEQUENCE_DELIMITATION, 0);
+      continue;
     }
-  };
-  put(elements);
-  if (!ok) return undefined;
-  return concatBytes(parts);
+    let value: Uint8Array | undefined = e.bytes;
+    if (!value) {
+      const text = e.text ?? "";
+      value = CHARSET_VRS.has(e.vr) ? encodeText(text, charset, e.vr === "PN") : asciiBytes(text);
+      if (!value) return false;
+    }
+    // Values have an even length (PS3.5 7.1.1): UI (and binary) padded with NUL, text with a space.
+    const pad = value.length % 2;
+    let vr = e.vr;
+    if (explicit && !LONG_VRS.has(vr) && value.length + pad > 0xffff) vr = "UN";
+    w.header(e.tag, vr, value.length + pad, explicit);
+    w.put(value);
+    if (pad) w.byte(e.vr === "UI" || e.vr === "OB" || e.vr === "UN" ? 0 : 0x20);
+  }
+  return true;
+}
+
+/** A growing little-endian byte buffer for data set encoding. */
+class ByteWriter {
+  private buf: Uint8Array;
+  private dv: DataView;
+  private n = 0;
+
+  constructor(size: number) {
+    // From an ArrayBuffer: a DataView on a typed array allocated by length would make JavaScriptCore create its buffer late.
+    const ab = new ArrayBuffer(size);
+    this.buf = new Uint8Array(ab);
+    this.dv = new DataView(ab);
+  }
+
+  private room(k: number): void {
+    if (this.n + k <= this.buf.length) return;
+    const ab = new ArrayBuffer(Math.max(this.buf.length * 2, this.n + k));
+    const next = new Uint8Array(ab);
+    next.set(this.buf.subarray(0, this.n));
+    this.buf = next;
+    this.dv = new DataView(ab);
+  }
+
+  byte(b: number): void {
+    this.room(1);
+    this.buf[this.n++] = b;
+  }
+
+  put(bytes: Uint8Array): void {
+    this.room(bytes.length);
+    this.buf.set(bytes, this.n);
+    this.n += bytes.length;
+  }
+
+  /** An element header: tag, then (explicit VR) the VR and a 2- or 4-byte length, or (implicit) a 4-byte length. */
+  header(tag: number, vr: string, length: number, explicit: boolean): void {
+    const long = !explicit || LONG_VRS.has(vr);
+    this.room(12);
+    const dv = this.dv;
+    dv.setUint16(this.n, tag >>> 16, true);
+    dv.setUint16(this.n + 2, tag & 0xffff, true);
+    if (!explicit) {
+      dv.setUint32(this.n + 4, length, true);
+      this.n += 8;
+      return;
+    }
+    this.buf[this.n + 4] = vr.charCodeAt(0);
+    this.buf[this.n + 5] = vr.charCodeAt(1);
+    if (long) {
+      dv.setUint16(this.n + 6, 0, true);
+      dv.setUint32(this.n + 8, length, true);
+      this.n += 12;
+    } else {
+      dv.setUint16(this.n + 6, length, true);
+      this.n += 8;
+    }
+  }
+
+  /** An item, item delimitation or sequence delimitation header (PS3.5 7.5). */
+  item(tag: number, length: number): void {
+    this.room(8);
+    this.dv.setUint16(this.n, tag >>> 16, true);
+    this.dv.setUint16(this.n + 2, tag & 0xffff, true);
+    this.dv.setUint32(this.n + 4, length, true);
+    this.n += 8;
+  }
+
+  bytes(): Uint8Array {
+    return this.buf.subarray(0, this.n);
+  }
 }
 
 function asciiBytes(s: string): Uint8Array {
@@ -244,30 +331,4 @@ function asciiBytes(s: string): Uint8Array {
     b[i] = c < 0x80 ? c : 0x3f; // default-repertoire VRs: anything else is invalid data, shown as '?'
   }
   return b;
-}
-
-function elementHeader(tag: number, vr: string, length: number, explicit: boolean): Uint8Array {
-  const long = !explicit || LONG_VRS.has(vr);
-  const h = new Uint8Array(explicit && long ? 12 : 8);
-  const dv = new DataView(h.buffer);
-  dv.setUint16(0, tag >>> 16, true);
-  dv.setUint16(2, tag & 0xffff, true);
-  if (!explicit) {
-    dv.setUint32(4, length, true);
-    return h;
-  }
-  h[4] = vr.charCodeAt(0);
-  h[5] = vr.charCodeAt(1);
-  if (long) dv.setUint32(8, length, true);
-  else dv.setUint16(6, length, true);
-  return h;
-}
-
-function itemHeader(tag: number, length: number): Uint8Array {
-  const h = new Uint8Array(8);
-  const dv = new DataView(h.buffer);
-  dv.setUint16(0, tag >>> 16, true);
-  dv.setUint16(2, tag & 0xffff, true);
-  dv.setUint32(4, length, true);
-  return h;
 }

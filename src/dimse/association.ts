@@ -92,9 +92,11 @@ export interface DimseResponder {
   association: AssociationInfo;
   /**
    * Sends a response to the request: command field, message ID being responded to, affected SOP class
-   * and data set type are filled in. Statuses other than Pending end the operation.
+   * and data set type are filled in. Statuses other than Pending end the operation. A Pending response
+   * sent with `hold` goes out together with the next response sent without it (which the handler
+   * always sends: at the latest its final one).
    */
-  respond(fields: CommandSet, dataset?: Uint8Array): Promise<void>;
+  respond(fields: CommandSet, dataset?: Uint8Array, opts?: { hold?: boolean }): Promise<void>;
   /**
    * Sends a request to the peer on this association and resolves with its response: the C-STORE
    * sub-operations of C-GET (PS3.4 C.4.3.3, PS3.7 9.1.3). The Message ID is assigned here; the
@@ -408,7 +410,7 @@ export class AcceptorAssociation {
     const auditFields: Record<string, unknown> = {};
     const responder: DimseResponder = {
       association: info,
-      respond: async (fields, dataset) => {
+      respond: async (fields, dataset, opts) => {
         if (finalStatus !== undefined) throw new Error(`${service}: a response was sent after the final one`);
         const status = fields.status ?? Status.Success;
         const pending = status === Status.Pending || status === Status.PendingWarning;
@@ -426,7 +428,7 @@ export class AcceptorAssociation {
           commandDataSetType: dataset ? 0x0000 : NO_DATASET,
           status,
         };
-        await this.writer!.send(op.pc.id, cmd, dataset);
+        await this.writer!.send(op.pc.id, cmd, dataset, pending && opts?.hold === true);
       },
       subOperation: (pcId, command, dataset) => {
         if (this.state === "closing") return Promise.reject(new Error("association ended"));

@@ -18,3 +18,26 @@ export function copyBytes(b: Uint8Array): Uint8Array {
   out.set(b);
   return out;
 }
+
+// Little-endian integer access without a DataView: on a typed array allocated by length, JavaScriptCore
+// creates its ArrayBuffer only when `.buffer` is first read, which costs more than the arithmetic.
+
+export function getU16LE(b: Uint8Array, o: number): number {
+  return b[o]! | (b[o + 1]! << 8);
+}
+
+export function getU32LE(b: Uint8Array, o: number): number {
+  return (b[o]! | (b[o + 1]! << 8) | (b[o + 2]! << 16) | (b[o + 3]! << 24)) >>> 0;
+}
+
+export function putU16LE(b: Uint8Array, o: number, v: number): void {
+  b[o] = v & 0xff;
+  b[o + 1] = (v >>> 8) & 0xff;
+}
+
+export function putU32LE(b: Uint8Array, o: number, v: number): void {
+  b[o] = v & 0xff;
+  b[o + 1] = (v >>> 8) & 0xff;
+  b[o + 2] = (v >>> 16) & 0xff;
+  b[o + 3] = (v >>> 24) & 0xff;
+}

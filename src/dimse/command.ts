@@ -5,6 +5,8 @@
  * general data-set library; identifiers and data sets are never touched by this module.
  */
 
+import { getU16LE, getU32LE, putU16LE, putU32LE } from "./bytes.ts";
+
 type Vr = "UL" | "US" | "UI" | "AE" | "LO" | "AT";
 
 /** Command elements by name, PS3.7 Annex E table E.1-1 (the subset used by composite services). */
@@ -40,9 +42,10 @@ export type CommandSet = { [K in ElementName]?: ValueOf<(typeof ELEMENTS)[K][1]>
   unknown?: Map<number, Uint8Array>;
 };
 
-const BY_ELEMENT = new Map<number, [ElementName, Vr]>(
-  (Object.entries(ELEMENTS) as [ElementName, readonly [number, Vr]][]).map(([name, [el, vr]]) => [el, [name, vr]]),
-);
+/** The table in element order: encoding walks it as it is, and its output is already sorted. */
+const IN_ORDER = (Object.entries(ELEMENTS) as [ElementName, readonly [number, Vr]][]).sort((a, b) => a[1][0] - b[1][0]);
+
+const BY_ELEMENT = new Map<number, [ElementName, Vr]>(IN_ORDER.map(([name, [el, vr]]) => [el, [name, vr]]));
 
 export class CommandSetError extends Error {
   override name = "CommandSetError";
@@ -54,21 +57,20 @@ function encodeValue(vr: Vr, value: unknown): Uint8Array {
   switch (vr) {
     case "US": {
       const b = new Uint8Array(2);
-      new DataView(b.buffer).setUint16(0, Number(value), true);
+      putU16LE(b, 0, Number(value));
       return b;
     }
     case "UL": {
       const b = new Uint8Array(4);
-      new DataView(b.buffer).setUint32(0, Number(value), true);
+      putU32LE(b, 0, Number(value));
       return b;
     }
     case "AT": {
       const tags = value as number[];
       const b = new Uint8Array(tags.length * 4);
-      const dv = new DataView(b.buffer);
       tags.forEach((t, i) => {
-        dv.setUint16(i * 4, t >>> 16, true);
-        dv.setUint16(i * 4 + 2, t & 0xffff, true);
+        putU16LE(b, i * 4, t >>> 16);
+        putU16LE(b, i * 4 + 2, t & 0xffff);
       });
       return b;
     }
@@ -90,26 +92,24 @@ function encodeValue(vr: Vr, value: unknown): Uint8Array {
 
 export function encodeCommandSet(cmd: CommandSet): Uint8Array {
   const elements: [number, Uint8Array][] = [];
-  for (const [name, [el, vr]] of Object.entries(ELEMENTS) as [ElementName, readonly [number, Vr]][]) {
+  for (const [name, [el, vr]] of IN_ORDER) {
     const v = cmd[name];
     if (v === undefined) continue;
     elements.push([el, encodeValue(vr, v)]);
   }
-  for (const [el, raw] of cmd.unknown ?? []) elements.push([el, raw]);
-  elements.sort((a, b) => a[0] - b[0]);
+  if (cmd.unknown && cmd.unknown.size > 0) {
+    for (const [el, raw] of cmd.unknown) elements.push([el, raw]);
+    elements.sort((a, b) => a[0] - b[0]);
+  }
   const bodyLength = elements.reduce((n, [, v]) => n + 8 + v.length, 0);
   const out = new Uint8Array(12 + bodyLength);
-  const dv = new DataView(out.buffer);
   // (0000,0000) CommandGroupLength UL: length of everything after it.
-  dv.setUint16(0, 0, true);
-  dv.setUint16(2, 0, true);
-  dv.setUint32(4, 4, true);
-  dv.setUint32(8, bodyLength, true);
+  putU32LE(out, 4, 4);
+  putU32LE(out, 8, bodyLength);
   let o = 12;
   for (const [el, v] of elements) {
-    dv.setUint16(o, 0, true);
-    dv.setUint16(o + 2, el, true);
-    dv.setUint32(o + 4, v.length, true);
+    putU16LE(out, o + 2, el);
+    putU32LE(out, o + 4, v.length);
     out.set(v, o + 8);
     o += 8 + v.length;
   }
@@ -117,15 +117,14 @@ export function encodeCommandSet(cmd: CommandSet): Uint8Array {
 }
 
 export function decodeCommandSet(bytes: Uint8Array): CommandSet {
-  const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const cmd: CommandSet = {};
   const rec = cmd as Record<string, unknown>;
   let o = 0;
   while (o < bytes.length) {
     if (o + 8 > bytes.length) throw new CommandSetError("truncated element header in command set");
-    const group = dv.getUint16(o, true);
-    const el = dv.getUint16(o + 2, true);
-    const len = dv.getUint32(o + 4, true);
+    const group = getU16LE(bytes, o);
+    const el = getU16LE(bytes, o + 2);
+    const len = getU32LE(bytes, o + 4);
     if (group !== 0) throw new CommandSetError(`element (${group.toString(16).padStart(4, "0")},${el.toString(16).padStart(4, "0")}) outside group 0000 in command set`);
     if (len === 0xffffffff || o + 8 + len > bytes.length) throw new CommandSetError(`element (0000,${el.toString(16).padStart(4, "0")}) length ${len} overruns the command set`);
     const v = bytes.subarray(o + 8, o + 8 + len);
@@ -137,16 +136,15 @@ export function decodeCommandSet(bytes: Uint8Array): CommandSet {
       continue;
     }
     const [name, vr] = known;
-    const vdv = new DataView(v.buffer, v.byteOffset, v.byteLength);
     if (vr === "US") {
       if (len !== 2) throw new CommandSetError(`${name} (0000,${el.toString(16).padStart(4, "0")}) must be 2 bytes, got ${len}`);
-      rec[name] = vdv.getUint16(0, true);
+      rec[name] = getU16LE(v, 0);
     } else if (vr === "UL") {
       if (len !== 4) throw new CommandSetError(`${name} must be 4 bytes, got ${len}`);
-      rec[name] = vdv.getUint32(0, true);
+      rec[name] = getU32LE(v, 0);
     } else if (vr === "AT") {
       const tags: number[] = [];
-      for (let i = 0; i + 4 <= len; i += 4) tags.push(((vdv.getUint16(i, true) << 16) | vdv.getUint16(i + 2, true)) >>> 0);
+      for (let i = 0; i + 4 <= len; i += 4) tags.push(((getU16LE(v, i) << 16) | getU16LE(v, i + 2)) >>> 0);
       rec[name] = tags;
     } else {
       rec[name] = latin1.decode(v).replace(/[\0 ]+$/, "").replace(/^ +/, "");

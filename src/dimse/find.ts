@@ -110,19 +110,22 @@ export function createFindHandler(opts: FindHandlerOptions): DimseHandler {
     const ts = request.presentationContext.transferSyntax;
     try {
       for await (const page of runFind(query, { orthanc: opts.orthanc, tenant: opts.tenant, settings: opts.find, signal: request.signal })) {
-        for (const r of page) {
+        const { results } = page;
+        for (let i = 0; i < results.length; i++) {
           if (request.signal.aborted) throw new Cancelled();
           count++;
           if (limit > 0 && count > limit) throw new FindLimitError(`more than ${limit} matches (LimitFindResults)`);
-          const identifier = responseIdentifier(query, r, charset, ts, opts.tenant.aet);
+          const identifier = responseIdentifier(query, results[i]!, charset, ts, opts.tenant.aet);
           if (limit > 0) held.push(identifier);
-          else await pending(responder, identifier);
+          // A page's responses go out in one write: with the final response after the last page, else
+          // with the page's last match.
+          else await pending(responder, identifier, page.last || i < results.length - 1);
         }
       }
       if (request.signal.aborted) throw new Cancelled();
       for (const identifier of held) {
         if (request.signal.aborted) throw new Cancelled();
-        await pending(responder, identifier);
+        await pending(responder, identifier, true);
       }
       responder.audit({ matches: count });
       await responder.respond({ status: Status.Success });
@@ -151,8 +154,8 @@ export function createFindHandler(opts: FindHandlerOptions): DimseHandler {
   };
 }
 
-function pending(responder: DimseResponder, identifier: Uint8Array): Promise<void> {
-  return responder.respond({ status: Status.Pending }, identifier);
+function pending(responder: DimseResponder, identifier: Uint8Array, hold: boolean): Promise<void> {
+  return responder.respond({ status: Status.Pending }, identifier, { hold });
 }
 
 /**
@@ -161,25 +164,60 @@ function pending(responder: DimseResponder, identifier: Uint8Array): Promise<voi
  * the levels above. Encoded in the requester's character set when every value fits, else ISO_IR 192.
  */
 export function responseIdentifier(q: FindQuery, r: FindResult, charset: string[], transferSyntax: string, retrieveAeTitle: string): Uint8Array {
-  const active = new Set(activeKeys(q).map((k) => k.tag));
-  const out = new Map<number, OutElement>();
+  const t = templateOf(q);
+  const out: OutElement[] = [];
+  for (const k of t.keys) {
+    if (k.tag === T.InstanceAvailability) out.push({ tag: k.tag, vr: k.vr, text: "ONLINE" });
+    else if (k.parent && !k.active) out.push({ tag: k.tag, vr: k.vr, text: stringOf(r.get(k.tag)) });
+    else {
+      const e = outElement(k.tag, k.vr, k.active ? (r.get(k.tag) ?? null) : null, k.sequence);
+      // A requested unique key of a level above is never answered empty (PS3.4 C.4.1.1.3.2).
+      out.push(k.parent && !e.text && !e.items ? { tag: k.tag, vr: k.vr, text: stringOf(r.get(k.tag)) } : e);
+    }
+  }
+  for (const tag of t.addedParents) out.push({ tag, vr: tag === T.PatientID ? "LO" : "UI", text: stringOf(r.get(tag)) });
+  out.push({ tag: T.QueryRetrieveLevel, vr: "CS", text: DICOM_LEVEL[q.level] }, { tag: T.RetrieveAETitle, vr: "AE", text: retrieveAeTitle });
+  const cs: OutElement = { tag: T.SpecificCharacterSet, vr: "CS", text: charset.join("\\") };
+  out.push(cs);
+  const bytes = encodeDataset(out, transferSyntax, charset);
+  if (bytes) return bytes;
+  cs.text = "ISO_IR 192";
+  return encodeDataset(out, transferSyntax, ["ISO_IR 192"])!;
+}
+
+interface TemplateKey {
+  tag: number;
+  vr: string;
+  active: boolean;
+  sequence: boolean;
+  /** The unique key of the query level or a level above. */
+  parent: boolean;
+}
+
+/** What every response to one query has in common: the keys in order, and which are answered from Orthanc. */
+interface ResponseTemplate {
+  keys: TemplateKey[];
+  /** Unique keys of the levels above (and the level's own) that the query did not ask for. */
+  addedParents: number[];
+}
+
+const templates = new WeakMap<FindQuery, ResponseTemplate>();
+
+function templateOf(q: FindQuery): ResponseTemplate {
+  let t = templates.get(q);
+  if (t) return t;
+  const active = new Set(activeKeys(q));
+  const parents = [...parentKeys(q), UNIQUE_KEY[q.level]];
+  const keys: TemplateKey[] = [];
+  const seen = new Set<number>([T.QueryRetrieveLevel, T.RetrieveAETitle, T.SpecificCharacterSet]);
   for (const k of q.keys) {
-    const vr = k.vr === "UN" ? (dictionaryEntry(k.tag)?.vr ?? "UN") : k.vr;
-    const value = active.has(k.tag) ? r.get(k.tag) : null;
-    if (k.tag === T.InstanceAvailability) out.set(k.tag, { tag: k.tag, vr, text: "ONLINE" });
-    else out.set(k.tag, outElement(k.tag, vr, value ?? null, k.sequence));
+    if (seen.has(k.tag)) continue;
+    seen.add(k.tag);
+    keys.push({ tag: k.tag, vr: k.vr === "UN" ? (dictionaryEntry(k.tag)?.vr ?? "UN") : k.vr, active: active.has(k), sequence: k.sequence, parent: parents.includes(k.tag) });
   }
-  for (const tag of [...parentKeys(q), UNIQUE_KEY[q.level]]) {
-    if (!out.has(tag) || !out.get(tag)!.text) out.set(tag, { tag, vr: tag === T.PatientID ? "LO" : "UI", text: stringOf(r.get(tag)) });
-  }
-  out.set(T.QueryRetrieveLevel, { tag: T.QueryRetrieveLevel, vr: "CS", text: DICOM_LEVEL[q.level] });
-  out.set(T.RetrieveAETitle, { tag: T.RetrieveAETitle, vr: "AE", text: retrieveAeTitle });
-  for (const cs of [charset, ["ISO_IR 192"]]) {
-    out.set(T.SpecificCharacterSet, { tag: T.SpecificCharacterSet, vr: "CS", text: cs.join("\\") });
-    const bytes = encodeDataset([...out.values()], transferSyntax, cs);
-    if (bytes) return bytes;
-  }
-  throw new Error("cannot encode a C-FIND response in ISO_IR 192");
+  t = { keys, addedParents: parents.filter((tag) => !seen.has(tag)) };
+  templates.set(q, t);
+  return t;
 }
 
 function stringOf(v: OrthancValue | undefined): string {

@@ -2,7 +2,8 @@
  * Sends DIMSE messages as P-DATA-TF PDUs (PS3.8 9.3.5, PS3.7 Annex E): each PDU carries one PDV,
  * fragments never exceed the peer's Maximum Length Receive, and every write waits for the socket
  * to drain, so a data set of any size is streamed with bounded memory.
- * Messages are serialized: one message's fragments are never interleaved with another's.
+ * Messages are serialized: one message's fragments are never interleaved with another's, and held
+ * messages go out before any later one.
  */
 import type { Socket } from "node:net";
 import { encodeCommandSet, type CommandSet } from "./command.ts";
@@ -26,6 +27,9 @@ export class PDataWriter {
   onProgress: () => void = () => {};
   /** True while a write waits for the peer to read (the socket buffer is full). */
   waitingForPeer = false;
+  /** Messages sent with `hold`, not yet written (at most SMALL_MESSAGE bytes). */
+  private held: Uint8Array[] = [];
+  private heldBytes = 0;
 
   constructor(
     private readonly socket: Socket,
@@ -61,21 +65,48 @@ export class PDataWriter {
     this.onProgress();
   }
 
-  /** Sends a command set and, if given, its data set (bytes or a stream of chunks). */
-  send(pcId: number, command: CommandSet, dataset?: Uint8Array | AsyncIterable<Uint8Array>): Promise<void> {
+  /**
+   * Sends a command set and, if given, its data set (bytes or a stream of chunks). A small message sent
+   * with `hold` is kept and goes out in the same socket write as the next message sent without it
+   * (C-FIND Pending responses of one page and the final response: one wake-up of the peer, not one
+   * per message).
+   */
+  send(pcId: number, command: CommandSet, dataset?: Uint8Array | AsyncIterable<Uint8Array>, hold = false): Promise<void> {
     const run = async () => {
       const cmd = encodeCommandSet(command);
       // A response (and a small identifier) goes out in one write: one TCP segment instead of two.
       if (!dataset || (dataset instanceof Uint8Array && dataset.length <= SMALL_MESSAGE)) {
-        await this.write(this.pdus(pcId, cmd, dataset));
+        const bytes = this.pdus(pcId, cmd, dataset);
+        if (hold && this.heldBytes + bytes.length <= SMALL_MESSAGE) {
+          this.held.push(bytes);
+          this.heldBytes += bytes.length;
+          return;
+        }
+        await this.write(this.takeHeld(bytes));
         return;
       }
+      if (this.held.length > 0) await this.write(this.takeHeld());
       await this.sendFragments(pcId, true, [cmd]);
       await this.sendFragments(pcId, false, dataset instanceof Uint8Array ? [dataset] : dataset);
     };
     const p = this.chain.then(run, run);
     this.chain = p.catch(() => {});
     return p;
+  }
+
+  /** The held messages (and `next`) as one buffer, in order; nothing is held afterwards. */
+  private takeHeld(next?: Uint8Array): Uint8Array {
+    if (this.held.length === 0) return next ?? new Uint8Array(0);
+    const parts = next ? [...this.held, next] : this.held;
+    const out = new Uint8Array(parts.reduce((n, b) => n + b.length, 0));
+    let o = 0;
+    for (const b of parts) {
+      out.set(b, o);
+      o += b.length;
+    }
+    this.held = [];
+    this.heldBytes = 0;
+    return out;
   }
 
   /** Every PDU of a message whose command and data set are in memory, as one buffer. */

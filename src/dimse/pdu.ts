@@ -207,13 +207,19 @@ export interface Pdv {
   data: Uint8Array;
 }
 
+function putU32BE(b: Uint8Array, o: number, v: number): void {
+  b[o] = (v >>> 24) & 0xff;
+  b[o + 1] = (v >>> 16) & 0xff;
+  b[o + 2] = (v >>> 8) & 0xff;
+  b[o + 3] = v & 0xff;
+}
+
 /** The header of a P-DATA-TF PDU carrying a single PDV of `dataLength` bytes (PS3.8 9.3.5, E.2). */
 export function encodePDataHeader(pcId: number, isCommand: boolean, isLast: boolean, dataLength: number): Uint8Array {
   const h = new Uint8Array(12);
-  const dv = new DataView(h.buffer);
   h[0] = PduType.PData;
-  dv.setUint32(2, dataLength + 6);
-  dv.setUint32(6, dataLength + 2);
+  putU32BE(h, 2, dataLength + 6);
+  putU32BE(h, 6, dataLength + 2);
   h[10] = pcId;
   h[11] = (isCommand ? 1 : 0) | (isLast ? 2 : 0);
   return h;

@@ -1,10 +1,13 @@
 /**
  * A small client for Orthanc's REST API.
  *
- * Runtime-agnostic: global fetch (keep-alive by default in Bun, Deno and Node), AbortSignal.timeout
+ * Runtime-agnostic: short JSON calls over plain http through our keep-alive HTTP/1.1 client
+ * (http1.ts), everything else through global fetch (keep-alive in Bun, Deno and Node); AbortSignal.timeout
  * for per-call timeouts, btoa for HTTP Basic auth. Every failure is an OrthancError whose message
  * names the cause and the fix.
  */
+
+import { Http1Agent, Http1Error, type Http1Response } from "./http1.ts";
 
 export interface OrthancClientOptions {
   /** Base URL of Orthanc's REST API, e.g. http://127.0.0.1:8042 (a path prefix behind a proxy is kept). */
@@ -67,11 +70,24 @@ export class OrthancClient {
   readonly url: string;
   readonly timeoutMs: number;
   private readonly authorization?: string;
+  /** Short JSON calls over plain http go through our own keep-alive client (see http1.ts). */
+  private readonly agent?: Http1Agent;
+  private readonly basePath: string = "";
 
   constructor(opts: OrthancClientOptions) {
     this.url = opts.url.replace(/\/+$/, "");
     this.timeoutMs = opts.timeoutMs ?? 30_000;
     if (opts.username) this.authorization = "Basic " + base64Utf8(`${opts.username}:${opts.password ?? ""}`);
+    const u = URL.canParse(this.url) ? new URL(this.url) : undefined;
+    if (u?.protocol === "http:" && !u.username) {
+      this.agent = new Http1Agent(u.hostname.replace(/^\[|\]$/g, ""), Number(u.port || 80));
+      this.basePath = u.pathname.replace(/\/+$/, "");
+    }
+  }
+
+  /** Closes kept-alive connections (calls still running finish on theirs). */
+  close(): void {
+    this.agent?.close();
   }
 
   /** GET /system. */
@@ -80,8 +96,9 @@ export class OrthancClient {
   }
 
   async getJson<T>(path: string, opts?: RequestOptions): Promise<T> {
+    if (this.agent) return parseJson(await this.exchange("GET", path, { ...opts, accept: "application/json" })) as T;
     const res = await this.request("GET", path, { ...opts, accept: "application/json" });
-    return (await readJson(res)) as T;
+    return parseJson({ status: res.status, text: await res.text() }) as T;
   }
 
   /** GET returning the raw body (e.g. /instances/{id}/file). */
@@ -91,18 +108,57 @@ export class OrthancClient {
   }
 
   async postJson<T>(path: string, body: OrthancBody, opts?: RequestOptions): Promise<T> {
+    if (this.agent && !(body instanceof ReadableStream)) return parseJson(await this.exchange("POST", path, { ...opts, body, accept: "application/json" })) as T;
     const res = await this.request("POST", path, { ...opts, body, accept: "application/json" });
-    return (await readJson(res)) as T;
+    return parseJson({ status: res.status, text: await res.text() }) as T;
   }
 
   async put(path: string, body?: OrthancBody, opts?: RequestOptions): Promise<void> {
+    if (this.agent && !(body instanceof ReadableStream)) {
+      await this.exchange("PUT", path, { ...opts, body: body ?? "" });
+      return;
+    }
     const res = await this.request("PUT", path, { ...opts, body: body ?? "" });
     await res.body?.cancel();
   }
 
   async delete(path: string, opts?: RequestOptions): Promise<void> {
+    if (this.agent) {
+      await this.exchange("DELETE", path, opts ?? {});
+      return;
+    }
     const res = await this.request("DELETE", path, opts);
     await res.body?.cancel();
+  }
+
+  /**
+   * One call with an in-memory body through the keep-alive agent; resolves with a 2xx answer's status
+   * and text, throws OrthancError otherwise (the same errors as request()).
+   */
+  private async exchange(
+    method: string,
+    path: string,
+    opts: RequestOptions & { body?: Exclude<OrthancBody, ReadableStream<Uint8Array>>; accept?: string },
+  ): Promise<{ status: number; text: string }> {
+    const timeoutMs = opts.timeoutMs ?? this.timeoutMs;
+    const headers = this.headers(opts);
+    const body = opts.body === undefined || opts.body === null ? undefined : bodyBytes(opts.body, headers);
+    let res: Http1Response;
+    try {
+      res = await this.agent!.request(method, this.basePath + (path.startsWith("/") ? path : "/" + path), headers, body, { timeoutMs, signal: opts.signal });
+    } catch (err) {
+      throw this.networkFailure(err, method, path, timeoutMs, err instanceof Http1Error && err.code === "ETIMEDOUT", opts.signal);
+    }
+    const text = utf8.decode(res.body);
+    if (res.status >= 200 && res.status < 300) return { status: res.status, text };
+    throw this.httpFailure(method, path, res.status, res.statusText, text);
+  }
+
+  private headers(opts: RequestOptions & { accept?: string }): Record<string, string> {
+    const headers: Record<string, string> = { ...opts.headers };
+    if (this.authorization) headers["Authorization"] = this.authorization;
+    if (opts.accept) headers["Accept"] = opts.accept;
+    return headers;
   }
 
   /**
@@ -117,25 +173,14 @@ export class OrthancClient {
   ): Promise<Response> {
     const target = this.url + (path.startsWith("/") ? path : "/" + path);
     const timeoutMs = opts.timeoutMs ?? this.timeoutMs;
-    const headers: Record<string, string> = { ...opts.headers };
-    if (this.authorization) headers["Authorization"] = this.authorization;
-    if (opts.accept) headers["Accept"] = opts.accept;
+    const headers = this.headers(opts);
     let body: BodyInit | undefined;
-    if (opts.body !== undefined && opts.body !== null) {
-      if (opts.body instanceof ReadableStream) {
-        // Streamed upload (a spooled instance): never held whole in memory.
-        body = opts.body as unknown as BodyInit;
-        headers["Content-Type"] ??= "application/octet-stream";
-      } else if (opts.body instanceof Uint8Array || opts.body instanceof ArrayBuffer) {
-        body = opts.body as unknown as BodyInit;
-        headers["Content-Type"] ??= "application/octet-stream";
-      } else if (typeof opts.body === "string") {
-        body = opts.body;
-        headers["Content-Type"] ??= "text/plain";
-      } else {
-        body = JSON.stringify(opts.body);
-        headers["Content-Type"] ??= "application/json";
-      }
+    if (opts.body instanceof ReadableStream) {
+      // Streamed upload (a spooled instance): never held whole in memory.
+      body = opts.body as unknown as BodyInit;
+      headers["Content-Type"] ??= "application/octet-stream";
+    } else if (opts.body !== undefined && opts.body !== null) {
+      body = bodyBytes(opts.body, headers) as unknown as BodyInit;
     }
     const timeout = AbortSignal.timeout(timeoutMs);
     const signal = opts.signal ? anySignal([timeout, opts.signal]) : timeout;
@@ -154,43 +199,48 @@ export class OrthancClient {
         res = await fetch(target, init);
       }
     } catch (err) {
-      if (timeout.aborted) {
-        throw new OrthancError(
-          `Orthanc at ${this.url} did not answer ${method} ${path} within ${timeoutMs} ms: check that Orthanc is running and not overloaded, or raise Gateway.Orthanc.TimeoutSeconds`,
-          { kind: "timeout", cause: err },
-        );
-      }
-      if (opts.signal?.aborted) throw opts.signal.reason ?? err;
-      const code = networkErrorCode(err);
-      throw new OrthancError(
-        `Orthanc at ${this.url} is unreachable (${code}): check Gateway.Orthanc.Url and that Orthanc is running`,
-        { kind: "unreachable", cause: err },
-      );
+      throw this.networkFailure(err, method, path, timeoutMs, timeout.aborted, opts.signal);
     }
     if (res.ok) return res;
-
     const text = await res.text().catch(() => "");
+    throw this.httpFailure(method, path, res.status, res.statusText, text);
+  }
+
+  /** What a call that got no HTTP answer throws: a timeout, the caller's own abort, or unreachable. */
+  private networkFailure(err: unknown, method: string, path: string, timeoutMs: number, timedOut: boolean, callerSignal?: AbortSignal): unknown {
+    if (timedOut) {
+      return new OrthancError(
+        `Orthanc at ${this.url} did not answer ${method} ${path} within ${timeoutMs} ms: check that Orthanc is running and not overloaded, or raise Gateway.Orthanc.TimeoutSeconds`,
+        { kind: "timeout", cause: err },
+      );
+    }
+    if (callerSignal?.aborted) return callerSignal.reason ?? err;
+    const code = networkErrorCode(err);
+    return new OrthancError(`Orthanc at ${this.url} is unreachable (${code}): check Gateway.Orthanc.Url and that Orthanc is running`, { kind: "unreachable", cause: err });
+  }
+
+  /** The OrthancError for a non-2xx answer, naming Orthanc's own message and what to fix. */
+  private httpFailure(method: string, path: string, status: number, reason: string, text: string): OrthancError {
     let parsed: unknown;
     try {
       parsed = text ? JSON.parse(text) : undefined;
     } catch {
       parsed = undefined;
     }
-    const status = res.status;
-    const statusText = res.statusText || httpReason(status);
+    const statusText = reason || httpReason(status);
     if (status === 401) {
       const message = this.authorization
         ? `Orthanc rejected the credentials (401): check Gateway.Orthanc.Username/Password or ORTHANC_PASSWORD`
         : `Orthanc requires authentication (401): set Gateway.Orthanc.Username/Password (or ORTHANC_PASSWORD)`;
-      throw new OrthancError(message, { kind: "auth", status, body: parsed ?? text });
+      return new OrthancError(message, { kind: "auth", status, body: parsed ?? text });
     }
     if (status === 403) {
-      throw new OrthancError(
+      return new OrthancError(
         `Orthanc refused ${method} ${path} (403 ${statusText}): the Orthanc user in Gateway.Orthanc.Username lacks permission for this call`,
         { kind: "auth", status, body: parsed ?? text },
       );
     }
-    throw new OrthancError(`Orthanc answered ${status} ${statusText} to ${method} ${path}${describeBody(parsed, text)}`, {
+    return new OrthancError(`Orthanc answered ${status} ${statusText} to ${method} ${path}${describeBody(parsed, text)}`, {
       kind: "http",
       status,
       body: parsed ?? text,
@@ -198,8 +248,25 @@ export class OrthancClient {
   }
 }
 
-async function readJson(res: Response): Promise<unknown> {
-  const text = await res.text();
+const utf8 = new TextDecoder();
+const utf8Encoder = new TextEncoder();
+
+/** A request body in memory: bytes as application/octet-stream, strings as text/plain, anything else as JSON. */
+function bodyBytes(body: Exclude<OrthancBody, ReadableStream<Uint8Array> | null>, headers: Record<string, string>): Uint8Array {
+  if (body instanceof Uint8Array || body instanceof ArrayBuffer) {
+    headers["Content-Type"] ??= "application/octet-stream";
+    return body instanceof Uint8Array ? body : new Uint8Array(body);
+  }
+  if (typeof body === "string") {
+    headers["Content-Type"] ??= "text/plain";
+    return utf8Encoder.encode(body);
+  }
+  headers["Content-Type"] ??= "application/json";
+  return utf8Encoder.encode(JSON.stringify(body));
+}
+
+function parseJson(res: { status: number; text: string }): unknown {
+  const text = res.text;
   if (text.trim() === "") return undefined;
   try {
     return JSON.parse(text);

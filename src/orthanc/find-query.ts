@@ -467,6 +467,12 @@ export type OrthancValue = string | null | Array<Record<string, unknown>>;
 /** One matching resource: tag -> value, for the keys of the query. */
 export type FindResult = Map<number, OrthancValue>;
 
+/** The matches of one page of Orthanc's answer; `last` when no page follows. */
+export interface FindPage {
+  results: FindResult[];
+  last: boolean;
+}
+
 /**
  * Orthanc query constraint for a key, or undefined when Orthanc could match more narrowly than DICOM
  * (then the key is matched here only). Orthanc compares case-insensitively (CaseSensitive false) and
@@ -534,7 +540,7 @@ async function* findPages(
   query: Record<string, string>,
   scope: Record<string, unknown>,
   requested: Set<number>,
-): AsyncGenerator<OrthancResource[]> {
+): AsyncGenerator<{ resources: OrthancResource[]; last: boolean }> {
   const pageSize = Math.max(1, ctx.settings.pageSize);
   for (let since = 0; ; since += pageSize) {
     const page = await post(ctx, {
@@ -549,8 +555,9 @@ async function* findPages(
       Since: since,
       Limit: pageSize,
     });
-    yield page;
-    if (page.length < pageSize) return;
+    const last = page.length < pageSize;
+    yield { resources: page, last };
+    if (last) return;
   }
 }
 
@@ -569,18 +576,18 @@ function text(v: OrthancValue | undefined): string {
 
 /** Whether a candidate matches every key exactly (and the combined date-time pairs). */
 export function matchesQuery(q: FindQuery, keys: QueryKey[], r: FindResult, opts: MatchOptions): boolean {
-  const combined = new Set<number>();
+  const combined: number[] = [];
   if (q.combinedDateTime) {
     for (const [dt, tm] of DATE_TIME_PAIRS) {
       const d = keys.find((k) => k.tag === dt);
       const t = keys.find((k) => k.tag === tm);
       if (!d || !t || d.matchers.some((m) => m.type === "universal") || t.matchers.some((m) => m.type === "universal")) continue;
       if (!matchDateTimePair(d.matchers, t.matchers, text(r.get(dt)), text(r.get(tm)))) return false;
-      combined.add(dt).add(tm);
+      combined.push(dt, tm);
     }
   }
   for (const k of keys) {
-    if (combined.has(k.tag) || k.sequence) continue;
+    if (k.sequence || (combined.length > 0 && combined.includes(k.tag))) continue;
     const v = r.get(k.tag);
     if (!matchKey(k, typeof v === "string" ? v : null, opts)) return false;
   }
@@ -591,7 +598,7 @@ export function matchesQuery(q: FindQuery, keys: QueryKey[], r: FindResult, opts
  * Runs a query against Orthanc for a tenant and yields the matching results page by page (one
  * `/tools/find` call per page; two when the tenant's labels are on a level above the query level).
  */
-export async function* runFind(q: FindQuery, ctx: FindContext): AsyncGenerator<FindResult[]> {
+export async function* runFind(q: FindQuery, ctx: FindContext): AsyncGenerator<FindPage> {
   const plan = scopePlan(ctx.tenant, q.level);
   if (plan.kind === "descendant") {
     yield* runDerived(q, ctx, plan.level);
@@ -608,10 +615,9 @@ export async function* runFind(q: FindQuery, ctx: FindContext): AsyncGenerator<F
   const ancestor = plan.kind === "ancestor" ? plan.level : undefined;
   if (ancestor) requested.add(UNIQUE_KEY[ancestor]);
   for await (const page of findPages(ctx, q.level, query, plan.kind === "direct" ? scopeFilter(ctx.tenant) : {}, requested)) {
-    let candidates = page.filter((r) => plan.kind !== "direct" || inScope(r.Labels, ctx.tenant)).map(toResult);
-    if (ancestor) candidates = await inScopeAncestors(ctx, ancestor, candidates);
-    const matches = candidates.filter((r) => matchesQuery(q, keys, r, opts));
-    if (matches.length > 0) yield matches;
+    let candidates = page.resources.filter((r) => plan.kind !== "direct" || inScope(r.Labels, ctx.tenant)).map(toResult);
+    if (ancestor && candidates.length > 0) candidates = await inScopeAncestors(ctx, ancestor, candidates);
+    yield { results: candidates.filter((r) => matchesQuery(q, keys, r, opts)), last: page.last };
   }
 }
 
@@ -647,7 +653,7 @@ interface Aggregate {
  * A level above the labeled levels (typically PATIENT): resources are derived from their visible
  * descendants at `from`, and the computed attributes count only those.
  */
-async function* runDerived(q: FindQuery, ctx: FindContext, from: ResourceLevel): AsyncGenerator<FindResult[]> {
+async function* runDerived(q: FindQuery, ctx: FindContext, from: ResourceLevel): AsyncGenerator<FindPage> {
   const keys = activeKeys(q);
   const opts: MatchOptions = { caseSensitivePN: ctx.settings.caseSensitivePN };
   const computed = keys.filter((k) => k.tag in COMPUTED);
@@ -668,7 +674,7 @@ async function* runDerived(q: FindQuery, ctx: FindContext, from: ResourceLevel):
 
   const groups = new Map<string, Aggregate>();
   for await (const page of findPages(ctx, from, query, scopeFilter(ctx.tenant), requested)) {
-    for (const r of page) {
+    for (const r of page.resources) {
       if (!inScope(r.Labels, ctx.tenant)) continue;
       const res = toResult(r);
       if (!matchesQuery(q, plain, res, opts)) continue;
@@ -711,6 +717,6 @@ async function* runDerived(q: FindQuery, ctx: FindContext, from: ResourceLevel):
     set(T.SOPClassesInStudy, [...g.sopClasses].sort().join("\\"));
     if (matchesQuery(q, computed, r, opts)) out.push(r);
   }
-  if (out.length > 0) yield out;
+  yield { results: out, last: true };
 }
 
