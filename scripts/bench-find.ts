@@ -8,10 +8,17 @@
  * query files), to the plugin's tenant and to the gateway's tenant, alternately, `--rounds` times. Per-query latency
  * is read from findscu's own log timestamps (request sent -> final response received). The gateway runs
  * as its own process (bun src/cli.ts serve), as in production: in this process it would share an event
- * loop with the benchmark reading findscu's log. Its /tools/find requests, recorded beforehand through
- * an in-process gateway, are then replayed to Orthanc alone: what one REST round trip costs per query.
+ * loop with the benchmark reading findscu's log. It is warmed up first (`--warmup` associations per
+ * kind: JavaScriptCore optimizes a function after some thousands of calls, which a gateway in service
+ * has long passed).
  *
- * Usage: npx bun scripts/bench-find.ts [--rounds N] [--studies N] [--json]
+ * What no gateway over Orthanc's REST API can go below is printed beside: its /tools/find requests,
+ * recorded beforehand through an in-process gateway, are replayed to Orthanc alone with the gateway's
+ * own HTTP client (one REST round trip per query), and findscu's own share of each query (sending,
+ * reading the answer, the network) is the gateway's latency minus the gateway's own time per
+ * operation (from its /metrics). Their sum is the floor of a gateway that did no work at all.
+ *
+ * Usage: npx bun scripts/bench-find.ts [--rounds N] [--studies N] [--warmup N] [--kinds study,study-plain,series] [--json]
  */
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -20,7 +27,7 @@ import dcmjs from "dcmjs";
 import { encodeDataset, type OutElement } from "../src/dicom/identifier.ts";
 import { OrthancClient } from "../src/orthanc/client.ts";
 import { startTestGateway } from "../test/helpers/gateway.ts";
-import { freePort, median, startGatewayProcess, timed, type GatewayChild } from "./bench-lib.ts";
+import { freePort, mean, median, startGatewayProcess, timed, type GatewayChild } from "./bench-lib.ts";
 import { startOrthanc } from "./orthanc-testbed.ts";
 
 const CT_FILE = "/usr/lib/python3/dist-packages/pydicom/data/test_files/CT_small.dcm";
@@ -33,6 +40,11 @@ function arg(name: string, dflt: number): number {
 }
 const ROUNDS = arg("--rounds", 3);
 const STUDIES = arg("--studies", 100);
+const WARMUP = arg("--warmup", 10);
+const ALL_KINDS = ["study", "study-plain", "series"] as const;
+type Kind = (typeof ALL_KINDS)[number];
+const kindsArg = process.argv.indexOf("--kinds");
+const KINDS: Kind[] = kindsArg >= 0 ? (process.argv[kindsArg + 1]!.split(",").filter((k) => (ALL_KINDS as readonly string[]).includes(k)) as Kind[]) : [...ALL_KINDS];
 const JSON_OUT = process.argv.includes("--json");
 const log = (s: string) => {
   if (!JSON_OUT) process.stdout.write(s + "\n");
@@ -145,6 +157,13 @@ async function findscu(port: number, aet: string, files: string[], logConfig: st
   return { latencies, responses, failures };
 }
 
+/** The gateway's C-FIND operation time so far (the histogram's sum and count in /metrics). */
+async function findSeconds(httpUrl: string): Promise<{ sum: number; count: number }> {
+  const text = await (await fetch(httpUrl + "/metrics")).text();
+  const value = (name: string) => Number(new RegExp(`^${name}\\{tenant="GATEWAY",service="C-FIND"\\} (\\S+)$`, "m").exec(text)?.[1] ?? 0);
+  return { sum: value("dicom_gateway_dimse_operation_duration_seconds_sum"), count: value("dicom_gateway_dimse_operation_duration_seconds_count") };
+}
+
 const pct = (xs: number[], p: number) => {
   const s = [...xs].sort((a, b) => a - b);
   return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))]!;
@@ -176,8 +195,7 @@ async function main(): Promise<void> {
         "log4cplus.appender.console.layout.ConversionPattern = %D{%H:%M:%S.%Q} %m%n",
       ].join("\n"),
     );
-    const KINDS = (process.env.KINDS?.split(",") ?? ["study", "study-plain", "series"]) as ["study", "study-plain", "series"];
-    const files: Record<(typeof KINDS)[number], string[]> = { study: [], "study-plain": [], series: [] };
+    const files: Record<Kind, string[]> = { study: [], "study-plain": [], series: [] };
     for (let p = 1; p <= 100; p++) {
       const n = ((p - 1) % STUDIES) + 1;
       for (const kind of KINDS) {
@@ -223,41 +241,48 @@ async function main(): Promise<void> {
       { name: "plugin", port: pluginPort, aet: "PLUGIN" },
       { name: "gateway", port: gatewayPort, aet: "GATEWAY" },
     ];
-    // Warm-up, not measured: connections, Orthanc's caches, and the gateway's JIT (JavaScriptCore
-    // optimizes a function after some thousands of calls; a gateway in service has long passed that).
-    const WARMUP = Number(process.env.WARMUP ?? 10);
+    // Warm-up, not measured: connections, Orthanc's caches, the gateway's JIT.
     for (const t of targets) for (const kind of KINDS) for (let i = 0; i < WARMUP; i++) await findscu(t.port, t.aet, files[kind], logConfig);
 
-    const results: Record<string, Record<string, { latencies: number[]; responses: number; failures: number; wallMs: number[] }>> = {};
+    const results: Record<string, Record<string, { latencies: number[]; responses: number; failures: number; wallMs: number[]; peerShareMs: number[] }>> = {};
     for (let round = 0; round < ROUNDS; round++) {
       for (const kind of KINDS) {
         const order = round % 2 === 0 ? targets : [...targets].reverse();
         for (const t of order) {
+          const before = t.name === "gateway" ? await findSeconds(gw.httpUrl) : undefined;
           const started = performance.now();
           const r = await findscu(t.port, t.aet, files[kind], logConfig);
           const wall = performance.now() - started;
-          const acc = ((results[kind] ??= {})[t.name] ??= { latencies: [], responses: 0, failures: 0, wallMs: [] });
+          const acc = ((results[kind] ??= {})[t.name] ??= { latencies: [], responses: 0, failures: 0, wallMs: [], peerShareMs: [] });
           acc.latencies.push(...r.latencies);
           acc.responses += r.responses;
           acc.failures += r.failures;
           acc.wallMs.push(wall);
+          if (before) {
+            // findscu's share: its latency minus the gateway's own time per operation (mean over the association).
+            const after = await findSeconds(gw.httpUrl);
+            const ownMs = ((after.sum - before.sum) / (after.count - before.count)) * 1000;
+            acc.peerShareMs.push(mean(r.latencies) - ownMs);
+          }
         }
       }
     }
 
+    // Orthanc alone: the recorded requests through the gateway's own client (keep-alive HTTP/1.1).
     const restAlone: Record<string, number> = {};
+    const replay = new OrthancClient({ url: orthanc.url });
     for (const kind of KINDS) {
       const lat: number[] = [];
       for (let round = 0; round < ROUNDS; round++) {
         for (const body of sent[kind] ?? []) {
           const t0 = performance.now();
-          const res = await fetch(orthanc.url + "/tools/find", { method: "POST", body: JSON.stringify(body) });
-          await res.arrayBuffer();
+          await replay.postJson("/tools/find", body as object);
           lat.push(performance.now() - t0);
         }
       }
       restAlone[kind] = median(lat);
     }
+    replay.close();
 
     const summary: Record<string, unknown> = { orthanc: orthanc.version, rounds: ROUNDS, queriesPerAssociation: 100 };
     log("");
@@ -283,10 +308,13 @@ async function main(): Promise<void> {
       const ratio = median(results[kind]!.gateway!.latencies) / median(results[kind]!.plugin!.latencies);
       summary[`${kind}.ratio`] = ratio;
       log(`${kind.padEnd(12)} gateway/plugin median ratio: ${ratio.toFixed(2)} ${ratio <= 1 ? "(target met: <= 1)" : "(target missed: > 1)"}`);
-      summary[`${kind}.orthancRestAloneMs`] = restAlone[kind];
-      log(
-        `${kind.padEnd(12)} Orthanc's /tools/find alone (the gateway's requests replayed, no DICOM): median ${restAlone[kind]!.toFixed(3)} ms = ${(restAlone[kind]! / median(results[kind]!.plugin!.latencies)).toFixed(2)} of the plugin's whole query`,
-      );
+      const pluginMs = median(results[kind]!.plugin!.latencies);
+      const peerShare = median(results[kind]!.gateway!.peerShareMs);
+      const floor = peerShare + restAlone[kind]!;
+      Object.assign(summary, { [`${kind}.orthancRestAloneMs`]: restAlone[kind], [`${kind}.findscuShareMs`]: peerShare, [`${kind}.floorMs`]: floor, [`${kind}.floorRatio`]: floor / pluginMs });
+      log(`${kind.padEnd(12)}   Orthanc's /tools/find answer alone (the gateway's requests replayed): ${restAlone[kind]!.toFixed(3)} ms = ${(restAlone[kind]! / pluginMs).toFixed(2)} of the plugin's query`);
+      log(`${kind.padEnd(12)}   findscu's own share (gateway latency - gateway time per operation): ${peerShare.toFixed(3)} ms`);
+      log(`${kind.padEnd(12)}   floor of a gateway over REST that did no work at all (sum): ${floor.toFixed(3)} ms = ${(floor / pluginMs).toFixed(2)} of the plugin's query`);
     }
     if (JSON_OUT) process.stdout.write(JSON.stringify(summary, null, 2) + "\n");
   } finally {

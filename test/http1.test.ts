@@ -136,15 +136,17 @@ describe("framing", () => {
     expect(s.connections).toBe(1);
   });
 
-  test("the request: one write with Host, the headers given and Content-Length", async () => {
+  test("the request: Host, the headers given and Content-Length, each once", async () => {
     const s = await rawServer((sock) => sock.write(ok("{}")));
     const a = agentFor(s);
-    await a.request("POST", "/tools/find", { Authorization: "Basic eDp5", "Content-Type": "application/json" }, new TextEncoder().encode('{"Level":"Study"}'), { timeoutMs: 5000 });
+    // A caller's own framing headers (here a wrong Content-Length) never reach the wire: the agent's do.
+    await a.request("POST", "/tools/find", { Authorization: "Basic eDp5", "Content-Type": "application/json", "content-length": "999", Host: "evil" }, new TextEncoder().encode('{"Level":"Study"}'), { timeoutMs: 5000 });
     const { head, body } = s.requests[0]!;
-    expect(head.split("\r\n")[0]).toBe("POST /tools/find HTTP/1.1");
-    expect(head).toContain(`Host: 127.0.0.1:${s.port}`);
+    const lines = head.split("\r\n");
+    expect(lines[0]).toBe("POST /tools/find HTTP/1.1");
+    expect(lines.filter((l) => /^host:/i.test(l))).toEqual([`Host: 127.0.0.1:${s.port}`]);
+    expect(lines.filter((l) => /^content-length:/i.test(l))).toEqual(["Content-Length: 17"]);
     expect(head).toContain("Authorization: Basic eDp5");
-    expect(head).toContain("Content-Length: 17");
     expect(body).toBe('{"Level":"Study"}');
   });
 

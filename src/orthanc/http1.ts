@@ -379,10 +379,14 @@ export class Http1Agent {
   }
 }
 
+const FRAMING_HEADERS = new Set(["host", "content-length", "transfer-encoding", "connection"]);
+
 function requestBytes(method: string, target: string, host: string, headers: Record<string, string>, body: Uint8Array | undefined): Uint8Array {
   let head = `${method} ${target} HTTP/1.1\r\nHost: ${host}\r\n`;
   for (const [name, value] of Object.entries(headers)) {
     if (/[\r\n]/.test(name) || /[\r\n]/.test(value)) throw new Error(`header ${name} contains a line break`);
+    // The framing is ours alone: a caller's own Host or Content-Length would repeat (or contradict) it.
+    if (FRAMING_HEADERS.has(name.toLowerCase())) continue;
     head += `${name}: ${value}\r\n`;
   }
   head += `Content-Length: ${body?.length ?? 0}\r\n\r\n`;
