@@ -283,10 +283,6 @@ function decodeIso2022(bytes: Uint8Array, terms: string[], pn: boolean): string 
 
 const utf8 = new TextEncoder();
 
-/**
- * Encodes text in the given character set; undefined when some character does not fit it (the
- * caller then answers in ISO_IR 192). GB18030 and GBK are not encoded except for ASCII text.
- */
 function isAscii(text: string): boolean {
   for (let i = 0; i < text.length; i++) if (text.charCodeAt(i) >= 0x80) return false;
   return true;
@@ -298,16 +294,20 @@ function asciiBytes(text: string): Uint8Array {
   return b;
 }
 
+/**
+ * Encodes text in the given character set; undefined when some character does not fit it (the
+ * caller then answers in ISO_IR 192). GB18030 and GBK are not encoded except for ASCII text.
+ */
 export function encodeText(text: string, terms: string[], pn = false): Uint8Array | undefined {
   if (isUtf8(terms)) return utf8.encode(text);
+  // Most values are ASCII: in a set whose initial G0 is single-byte (ASCII, or JIS X 0201 romaji handled
+  // as ASCII) they are their own bytes, without escape sequences.
+  if (isAscii(text) && terms.every((t) => charsets().has(t)) && (terms.length === 0 || initialElements(terms).g0.width === 1)) return asciiBytes(text);
   const chars = Array.from(text);
   if (terms.length === 0) {
     return chars.every((c) => c.charCodeAt(0) < 0x80 && c.length === 1) ? Uint8Array.from(chars, (c) => c.charCodeAt(0)) : undefined;
   }
   for (const t of terms) if (!charsets().has(t)) return undefined;
-  // Most values are ASCII: in a set whose initial G0 is single-byte (ASCII, or JIS X 0201 romaji handled
-  // as ASCII) they are their own bytes, without escape sequences.
-  if (isAscii(text) && initialElements(terms).g0.width === 1) return asciiBytes(text);
   const def = charsets().get(terms[0]!)!;
   if (!isCodeExtension(terms) && def.label && !def.g1) {
     // GB18030 / GBK: only ASCII.

@@ -182,7 +182,9 @@ export function responseIdentifier(q: FindQuery, r: FindResult, charset: string[
   const bytes = encodeDataset(out, transferSyntax, charset);
   if (bytes) return bytes;
   cs.text = "ISO_IR 192";
-  return encodeDataset(out, transferSyntax, ["ISO_IR 192"])!;
+  const utf8 = encodeDataset(out, transferSyntax, ["ISO_IR 192"]);
+  if (!utf8) throw new Error("cannot encode a C-FIND response in ISO_IR 192");
+  return utf8;
 }
 
 interface TemplateKey {

@@ -1,12 +1,11 @@
 /**
  * A small client for Orthanc's REST API.
  *
- * Runtime-agnostic: short JSON calls over plain http through our keep-alive HTTP/1.1 client
- * (http1.ts), everything else through global fetch (keep-alive in Bun, Deno and Node); AbortSignal.timeout
- * for per-call timeouts, btoa for HTTP Basic auth. Every failure is an OrthancError whose message
+ * Runtime-agnostic: calls with an in-memory body over plain http go through our keep-alive HTTP/1.1
+ * client (http1.ts), streams and https through global fetch (keep-alive in Bun, Deno and Node); every
+ * call has a time limit; btoa for HTTP Basic auth. Every failure is an OrthancError whose message
  * names the cause and the fix.
  */
-
 import { Http1Agent, Http1Error, type Http1Response } from "./http1.ts";
 
 export interface OrthancClientOptions {

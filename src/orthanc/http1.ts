@@ -1,6 +1,7 @@
 /**
- * A small HTTP/1.1 client (RFC 9112) for Orthanc's short JSON calls over plain http: one request per
- * kept-alive TCP connection at a time, the whole request in one write, Nagle off.
+ * A small HTTP/1.1 client (RFC 9112) for Orthanc's calls whose body is in memory (JSON, labels, instances
+ * up to 4 MiB) over plain http: one request per kept-alive TCP connection at a time, the whole request
+ * in one write, Nagle off.
  *
  * Why not fetch: a C-FIND is one `POST /tools/find` of a few hundred bytes, and fetch adds about 0.1 ms
  * to each such round trip here (Bun hands every request to its HTTP thread and back) — a third of what
