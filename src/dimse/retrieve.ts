@@ -10,6 +10,7 @@ import type { TenantConfig } from "../config/types.ts";
 import type { OrthancClient } from "../orthanc/client.ts";
 import { anchorStillInScope, resolveInstances, tenantLabelScope, type LabelScope, type ResolvedInstance, type RetrieveKeys, type RetrieveLevel } from "../orthanc/resolve.ts";
 import type { DimseRequest } from "./association.ts";
+import { concatBytes } from "./bytes.ts";
 import type { CommandSet } from "./command.ts";
 import { Status, TransferSyntax } from "./constants.ts";
 import { parseDataset } from "../dicom/identifier.ts";
@@ -472,7 +473,7 @@ export async function fetchInstance(orthanc: OrthancClient, instance: ResolvedIn
         if (!parsed) throw new Error(`instance ${instance.id}: the file ends inside its meta header`);
         break;
       }
-      head = head.length === 0 ? value : join([head, value], head.length + value.length);
+      head = head.length === 0 ? value : concatBytes([head, value]);
       parsed = parseFileMeta(head);
       if (parsed) break;
       if (head.length > 1 << 20) throw new Error(`instance ${instance.id}: meta header larger than 1 MiB`);
@@ -504,17 +505,6 @@ export async function fetchInstance(orthanc: OrthancClient, instance: ResolvedIn
     }
   })();
   return fetched;
-}
-
-function join(parts: Uint8Array[], length: number): Uint8Array {
-  if (parts.length === 1) return parts[0]!;
-  const out = new Uint8Array(length);
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
 }
 
 export class OutOfScopeError extends Error {

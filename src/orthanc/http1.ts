@@ -11,6 +11,7 @@
  * Runtime-neutral: node:net only (Bun, Deno and Node implement it alike).
  */
 import { connect, type Socket } from "node:net";
+import { concatBytes } from "../dimse/bytes.ts";
 
 export interface Http1Response {
   status: number;
@@ -72,7 +73,7 @@ class ResponseParser {
     if (!this.mode) {
       this.head.push(chunk);
       this.headLength += chunk.length;
-      const all = this.head.length === 1 ? this.head[0]! : concat(this.head, this.headLength);
+      const all = concatBytes(this.head);
       const end = indexOfHeadEnd(all);
       if (end < 0) {
         if (this.headLength > MAX_HEAD) throw new Error(`response head larger than ${MAX_HEAD} bytes`);
@@ -95,7 +96,7 @@ class ResponseParser {
   }
 
   get body(): Uint8Array {
-    return this.bodyParts.length === 1 ? this.bodyParts[0]! : concat(this.bodyParts, this.bodyParts.reduce((n, p) => n + p.length, 0));
+    return concatBytes(this.bodyParts);
   }
 
   private parseHead(text: string): void {
@@ -146,7 +147,7 @@ class ResponseParser {
 
   /** RFC 9112 7.1: size line (hex, optional extensions), data, CRLF; a zero size, trailers, CRLF. */
   private pushChunked(bytes: Uint8Array): boolean {
-    let buf = this.pending.length > 0 ? concat([this.pending, bytes], this.pending.length + bytes.length) : bytes;
+    let buf = this.pending.length > 0 ? concatBytes([this.pending, bytes]) : bytes;
     for (;;) {
       if (this.chunkRemaining > 0) {
         const k = Math.min(this.chunkRemaining, buf.length);
@@ -195,16 +196,6 @@ function indexOfHeadEnd(b: Uint8Array): number {
 function indexOfCrlf(b: Uint8Array): number {
   for (let i = 0; i + 1 < b.length; i++) if (b[i] === 13 && b[i + 1] === 10) return i;
   return -1;
-}
-
-function concat(parts: Uint8Array[], length: number): Uint8Array {
-  const out = new Uint8Array(length);
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
 }
 
 /** One exchange in flight on a connection. */
