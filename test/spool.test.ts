@@ -11,7 +11,6 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { encodeFileMeta } from "../src/dicom/part10.ts";
 import { SEGMENT_BYTES, SpoolDiskError, SpoolQuotaError, TenantSpool, type ReceivedFile, type SpoolEntry } from "../src/spool/spool.ts";
-import { until } from "./helpers/wait.ts";
 
 let root: string;
 /** Every spool a test opened ("crashed" ones included), closed after the test: Bun refuses file handles left to the GC. */
@@ -227,7 +226,9 @@ describe("spool log", () => {
 
   test("preallocated writers: records overwrite the zeros, a crash replays exactly them and cuts the rest", async () => {
     const { spool } = await reopen(true);
-    await until("a zero-filled standby segment is ready", () => segFiles().some((f) => statSync(f).size === SEGMENT_BYTES), 20_000);
+    // Ready once zero-filled and synced (the file reaches its full size before that: not a signal).
+    await spool.backgroundWork();
+    expect(segFiles().filter((f) => statSync(f).size === SEGMENT_BYTES).length).toBe(1);
     const sets = [dataset(38_000, 1), dataset(500_000, 2)];
     const entries = [];
     for (const [i, ds] of sets.entries()) entries.push(await store(spool, `1.2.3.${i}`, ds));
