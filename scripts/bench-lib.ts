@@ -1,9 +1,10 @@
 /** Shared pieces of the benchmarks: timing dcmtk runs, a gateway child process, storescp (floor or move destination), tables, statistics. */
-import { spawn, type ChildProcess } from "node:child_process";
-import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { closeSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync, writeSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { DEFAULT_SOURCE } from "./generate-dataset.ts";
 
 export const REPO = join(import.meta.dirname ?? new URL(".", import.meta.url).pathname, "..");
 export const DCMTK_ENV = { ...process.env, TCP_NODELAY: "1" };
@@ -216,4 +217,28 @@ export function median(xs: number[]): number {
 
 export function mean(xs: number[]): number {
   return xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : NaN;
+}
+
+/** A ~1 GiB CT instance: the real slice's attributes with 2048 frames of 512×512 16-bit pixels. */
+export function makeLargeInstance(): { path: string; bytes: number } {
+  const dir = mkdtempSync(join(tmpdir(), "gw-bench-big-"));
+  const path = join(dir, "big.dcm");
+  const tmpl = join(dir, "template.dcm");
+  spawnSync("cp", [DEFAULT_SOURCE, tmpl]);
+  const m = spawnSync("dcmodify", ["-nb", "-gin", "-e", "(7fe0,0010)", "-i", "(0028,0010)=512", "-i", "(0028,0011)=512", "-i", "(0028,0008)=2048", tmpl]);
+  if (m.status !== 0) throw new Error(`dcmodify: ${m.stderr}`);
+  const head = readFileSync(tmpl);
+  const pixels = 512 * 512 * 2 * 2048;
+  const fd = openSync(path, "w");
+  writeSync(fd, head);
+  const el = Buffer.alloc(12);
+  el.writeUInt16LE(0x7fe0, 0);
+  el.writeUInt16LE(0x0010, 2);
+  el.write("OW", 4, "latin1");
+  el.writeUInt32LE(pixels, 8);
+  writeSync(fd, el);
+  const chunk = Buffer.alloc(16 << 20, 7);
+  for (let written = 0; written < pixels; written += chunk.length) writeSync(fd, chunk, 0, Math.min(chunk.length, pixels - written));
+  closeSync(fd);
+  return { path, bytes: statSync(path).size };
 }

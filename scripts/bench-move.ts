@@ -11,14 +11,19 @@
  *    through the plugin, then through the gateway; the destination must receive all 500 instances.
  *    Times: the whole round (10 moves), and per move the time from movescu's start to the first
  *    C-STORE storescp reports (time to first sub-operation).
+ * 4. One ~1 GiB instance (the CT slice's attributes, 2048 frames of 512×512) is uploaded and labeled,
+ *    then moved to storescp through the plugin and through the gateway, and fetched with C-GET (getscu)
+ *    through the gateway: times, MB/s, and the gateway's peak resident memory (VmHWM) after each.
+ *    `--no-large` skips it.
  * Every dcmtk process runs with TCP_NODELAY=1.
  * Env: BENCH_PARALLELISM=N sets the gateway's Gateway.Move.Parallelism; BENCH_DEBUG=1 prints movescu's
  * output for moves that delivered nothing.
  */
-import { mkdtempSync } from "node:fs";
+import { createReadStream, mkdtempSync, readdirSync, rmSync, statSync } from "node:fs";
+import { Readable } from "node:stream";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { freePort, mean, median, REPO, startGatewayProcess, startStorescp, table, timed, verdict, type BenchStorescp, type GatewayChild } from "./bench-lib.ts";
+import { freePort, makeLargeInstance, mean, median, REPO, startGatewayProcess, startStorescp, table, timed, verdict, type BenchStorescp, type GatewayChild } from "./bench-lib.ts";
 import { generateDataset, type GeneratedDataset } from "./generate-dataset.ts";
 import { startOrthanc, type OrthancHandle } from "./orthanc-testbed.ts";
 
@@ -81,6 +86,24 @@ async function moveRound(aet: string, port: number, dest: BenchStorescp, data: G
 }
 
 const ms = (s: number) => `${(s * 1000).toFixed(1)} ms`;
+
+/** Uploads one large file to Orthanc as a stream and labels it at every level; returns its Study Instance UID. */
+async function uploadLarge(o: OrthancHandle, path: string): Promise<string> {
+  const body = Readable.toWeb(createReadStream(path, { highWaterMark: 1 << 20 })) as unknown as BodyInit;
+  const res = await fetch(`${o.url}/instances`, { method: "POST", body, headers: { "Content-Length": String(statSync(path).size) }, duplex: "half" } as RequestInit);
+  if (!res.ok) throw new Error(`upload of the large instance failed: ${res.status} ${await res.text()}`);
+  const r = (await res.json()) as { ID: string; ParentSeries: string; ParentStudy: string };
+  for (const p of [`/studies/${r.ParentStudy}`, `/series/${r.ParentSeries}`, `/instances/${r.ID}`]) await fetch(`${o.url}${p}/labels/${LABEL}`, { method: "PUT", body: "" });
+  const study = (await (await fetch(`${o.url}/studies/${r.ParentStudy}`)).json()) as { MainDicomTags: { StudyInstanceUID: string } };
+  return study.MainDicomTags.StudyInstanceUID;
+}
+
+/** One C-MOVE (or, with getscu, C-GET) of a study; seconds and whether it succeeded. */
+async function retrieveOnce(tool: "movescu" | "getscu", aet: string, port: number, study: string, extra: string[]): Promise<{ seconds: number; ok: boolean; output: string }> {
+  const t0 = performance.now();
+  const r = await timed(tool, ["-S", "-aet", "BENCHSCU", "-aec", aet, ...extra, "-k", "QueryRetrieveLevel=STUDY", "-k", `StudyInstanceUID=${study}`, "127.0.0.1", String(port)]);
+  return { seconds: (performance.now() - t0) / 1000, ok: r.code === 0, output: r.output };
+}
 
 async function main(): Promise<void> {
   const args = process.argv.slice(2);
@@ -166,6 +189,41 @@ async function main(): Promise<void> {
     log(`every round delivered all ${data.instances.length} instances: ${complete ? "yes" : "NO"}`);
     for (const f of [...p.failures.map((x) => `plugin: ${x}`), ...g.failures.map((x) => `gateway: ${x}`)]) log(`  ${f}`);
     if (!complete || p.failures.length + g.failures.length > 0) process.exitCode = 1;
+
+    if (!args.includes("--no-large")) {
+      const big = makeLargeInstance();
+      const mb = big.bytes / 1e6;
+      const study = await uploadLarge(orthanc, big.path);
+      rmSync(big.path, { force: true });
+      log("");
+      log(`one ${(big.bytes / 2 ** 30).toFixed(2)} GiB instance (uploaded and labeled), gateway peak RSS (VmHWM) before: ${gateway.peakRssMiB().toFixed(0)} MiB`);
+      const received = () => readdirSync(dest.dir).reduce((n, f) => n + statSync(join(dest.dir, f)).size, 0);
+      const rows: string[][] = [["", "seconds", "MB/s", "received", "gateway VmHWM after"]];
+      for (const [name, aet, port] of [["plugin C-MOVE", "PLUGIN", pluginPort], ["gateway C-MOVE", "GATEWAY", gatewayPort]] as const) {
+        dest.clear();
+        const r = await retrieveOnce("movescu", aet, port, study, ["-aem", dest.aet]);
+        const got = received();
+        rows.push([name, r.seconds.toFixed(2), (mb / r.seconds).toFixed(0), `${(got / 2 ** 30).toFixed(2)} GiB`, name.startsWith("gateway") ? `${gateway.peakRssMiB().toFixed(0)} MiB` : ""]);
+        if (!r.ok || got < big.bytes * 0.99) {
+          log(`  ${name} failed:\n${r.output.slice(-1500)}`);
+          process.exitCode = 1;
+        }
+      }
+      dest.clear();
+      const getDir = mkdtempSync(join(tmpdir(), "gw-bench-get-"));
+      try {
+        const r = await retrieveOnce("getscu", "GATEWAY", gatewayPort, study, ["-od", getDir]);
+        const got = readdirSync(getDir).reduce((n, f) => n + statSync(join(getDir, f)).size, 0);
+        rows.push(["gateway C-GET", r.seconds.toFixed(2), (mb / r.seconds).toFixed(0), `${(got / 2 ** 30).toFixed(2)} GiB`, `${gateway.peakRssMiB().toFixed(0)} MiB`]);
+        if (!r.ok || got < big.bytes * 0.99) {
+          log(`  gateway C-GET failed:\n${r.output.slice(-1500)}`);
+          process.exitCode = 1;
+        }
+      } finally {
+        rmSync(getDir, { recursive: true, force: true });
+      }
+      log(table(rows));
+    }
   } finally {
     await gateway?.stop();
     await orthanc.stop();

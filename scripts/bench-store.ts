@@ -14,13 +14,12 @@
  * the bound of Sync, which acknowledges each instance only once Orthanc has stored and labeled it, while
  * storescu sends the next instance only after that answer).
  */
-import { spawnSync } from "node:child_process";
-import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { startOrthanc, type OrthancHandle } from "./orthanc-testbed.ts";
-import { freePort, median, REPO, startGatewayProcess, startStorescp, table, timed, until, verdict, type GatewayChild } from "./bench-lib.ts";
-import { DEFAULT_SOURCE, generateDataset } from "./generate-dataset.ts";
+import { freePort, makeLargeInstance, median, REPO, startGatewayProcess, startStorescp, table, timed, until, verdict, type GatewayChild } from "./bench-lib.ts";
+import { generateDataset } from "./generate-dataset.ts";
 
 const LABEL = "bench";
 const orthancs: OrthancHandle[] = [];
@@ -99,30 +98,6 @@ function gatewayConfig(o: OrthancHandle, tenants: Record<string, unknown>[], ext
     },
     ...extra,
   };
-}
-
-/** A ~1 GiB CT instance: the real slice's attributes with 2048 frames of 512×512 16-bit pixels. */
-function makeLargeInstance(): { path: string; bytes: number } {
-  const dir = mkdtempSync(join(tmpdir(), "gw-bench-big-"));
-  const path = join(dir, "big.dcm");
-  const tmpl = join(dir, "template.dcm");
-  spawnSync("cp", [DEFAULT_SOURCE, tmpl]);
-  const m = spawnSync("dcmodify", ["-nb", "-gin", "-e", "(7fe0,0010)", "-i", "(0028,0010)=512", "-i", "(0028,0011)=512", "-i", "(0028,0008)=2048", tmpl]);
-  if (m.status !== 0) throw new Error(`dcmodify: ${m.stderr}`);
-  const head = readFileSync(tmpl);
-  const pixels = 512 * 512 * 2 * 2048;
-  const fd = openSync(path, "w");
-  writeSync(fd, head);
-  const el = Buffer.alloc(12);
-  el.writeUInt16LE(0x7fe0, 0);
-  el.writeUInt16LE(0x0010, 2);
-  el.write("OW", 4, "latin1");
-  el.writeUInt32LE(pixels, 8);
-  writeSync(fd, el);
-  const chunk = Buffer.alloc(16 << 20, 7);
-  for (let written = 0; written < pixels; written += chunk.length) writeSync(fd, chunk, 0, Math.min(chunk.length, pixels - written));
-  closeSync(fd);
-  return { path, bytes: statSync(path).size };
 }
 
 interface Round {
