@@ -12,7 +12,8 @@ import { join } from "node:path";
 import { startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts";
 import { parseSpecificCharacterSet } from "../src/dicom/charset.ts";
 import { elementText, encodeDataset, parseDataset, tagName, tagOf, type OutElement } from "../src/dicom/identifier.ts";
-import { CHARSET_FILES, FIND_STUDIES, instanceUid, loadFindFixture, visibleStudies } from "./helpers/find-data.ts";
+import { OrthancClient } from "../src/orthanc/client.ts";
+import { CHARSET_FILES, CT_FILE, FIND_STUDIES, instanceUid, loadFindFixture, visibleStudies } from "./helpers/find-data.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
 import { freePort, freePorts } from "./helpers/ports.ts";
 
@@ -504,6 +505,36 @@ describe("C-CANCEL, Orthanc failures and timeouts", () => {
       await g.stop();
     }
   });
+
+  test("Orthanc restarted between two associations: the next queries are answered on new connections", async () => {
+    const port = await freePort();
+    const url = `http://127.0.0.1:${port}`;
+    const load = async () => {
+      const client = new OrthancClient({ url });
+      const r = await client.postJson<{ ID: string }>("/instances", readFileSync(CT_FILE));
+      await client.put(`/instances/${r.ID}/labels/restart`);
+      client.close();
+    };
+    let first: OrthancHandle | undefined = await startOrthanc({ httpPort: port });
+    let second: OrthancHandle | undefined;
+    const g = await startTestGateway([{ AET: "RESTART", Labels: [], LabelsStoreLevels: ["Instance"] }], url);
+    try {
+      await load();
+      const ask = () => findscu(g.portOf("RESTART"), "RESTART", [0, 1, 2].map(() => q([["QueryRetrieveLevel", "STUDY"], ["StudyInstanceUID", ""]])));
+      const before = await ask();
+      expect(before.statuses).toEqual([0, 0, 0]);
+      expect(before.results.length).toBe(3);
+      await first.stop();
+      first = undefined;
+      second = await startOrthanc({ httpPort: port });
+      await load();
+      const after = await ask();
+      expect(after.statuses).toEqual([0, 0, 0]);
+      expect(after.results.length).toBe(3);
+    } finally {
+      await Promise.all([g.stop(), first?.stop(), second?.stop()]);
+    }
+  }, 60_000);
 
   test("Orthanc not answering: 0xC000 within Gateway.Find.TimeoutSeconds", async () => {
     const hang = createHttpServer(() => {});
