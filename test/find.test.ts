@@ -427,6 +427,30 @@ describe("models and peers", () => {
     expect(noParent.output).toContain("STUDY query needs one PatientID value");
   });
 
+  test("paged through Orthanc (PageSize 1, 2, 3): the same matches as in one page, each once, then Success", async () => {
+    const study = q([["QueryRetrieveLevel", "STUDY"], ["StudyInstanceUID", ""], ["PatientID", ""]]);
+    const biggest = FIND_STUDIES.flatMap((st) => st.series.map((se) => ({ study: st.uid, ...se }))).sort((a, b) => b.instances - a.instances)[0]!;
+    const image = q([["QueryRetrieveLevel", "IMAGE"], ["StudyInstanceUID", biggest.study], ["SeriesInstanceUID", biggest.uid], ["SOPInstanceUID", ""]]);
+    const onePage = await findscu(gw.portOf("EMPTY"), "EMPTY", [study, image]);
+    expect(onePage.statuses).toEqual([0, 0]);
+    const studies = onePage.results.filter((r) => r["QueryRetrieveLevel"] === "STUDY").map((r) => r["StudyInstanceUID"]).sort();
+    const images = onePage.results.filter((r) => r["QueryRetrieveLevel"] === "IMAGE").map((r) => r["SOPInstanceUID"]).sort();
+    expect(studies.length).toBeGreaterThan(3);
+    expect(images.length).toBe(biggest.instances);
+    expect(biggest.instances).toBeGreaterThan(1);
+    for (const pageSize of [1, 2, 3]) {
+      const g = await startTestGateway([{ AET: "PAGED", Labels: [] }], orthanc.url, { Gateway: { Find: { PageSize: pageSize } } });
+      try {
+        const paged = await findscu(g.portOf("PAGED"), "PAGED", [study, image]);
+        expect(paged.statuses).toEqual([0, 0]);
+        expect(paged.results.filter((r) => r["QueryRetrieveLevel"] === "STUDY").map((r) => r["StudyInstanceUID"]).sort()).toEqual(studies);
+        expect(paged.results.filter((r) => r["QueryRetrieveLevel"] === "IMAGE").map((r) => r["SOPInstanceUID"]).sort()).toEqual(images);
+      } finally {
+        await g.stop();
+      }
+    }
+  });
+
   test("dcmjs-dimse as a second peer", async () => {
     const dimse = (await import("dcmjs-dimse")) as any;
     const lib = dimse.default ?? dimse;
