@@ -3,9 +3,10 @@
  * the same labeled data, in one run.
  *
  * 100 study-level queries (one per patient, by PatientID; once with the computed ModalitiesInStudy and
- * NumberOfStudyRelatedInstances, which the plugin never returns, once without) and 100 series-level
- * queries (one per study, by StudyInstanceUID) are sent on one association each (findscu with 100
- * query files), to the plugin's tenant and to the gateway's tenant, alternately, `--rounds` times. Per-query latency
+ * NumberOfStudyRelatedInstances, which the plugin never returns, once without), 100 series-level
+ * queries (one per study, by StudyInstanceUID), and 20 study-list queries (every study, with the computed
+ * keys: a viewer's study list) are sent on one association each (findscu with the query files), to the
+ * plugin's tenant and to the gateway's tenant, alternately, `--rounds` times. Per-query latency
  * is read from findscu's own log timestamps (request sent -> final response received). The gateway runs
  * as its own process (bun src/cli.ts serve), as in production: in this process it would share an event
  * loop with the benchmark reading findscu's log. It is warmed up first (`--warmup` associations per
@@ -18,7 +19,7 @@
  * reading the answer, the network) is the gateway's latency minus the gateway's own time per
  * operation (from its /metrics). Their sum is the floor of a gateway that did no work at all.
  *
- * Usage: npx bun scripts/bench-find.ts [--rounds N] [--studies N] [--warmup N] [--kinds study,study-plain,series] [--json]
+ * Usage: npx bun scripts/bench-find.ts [--rounds N] [--studies N] [--warmup N] [--kinds study,study-plain,series,study-list] [--json]
  */
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -41,7 +42,9 @@ function arg(name: string, dflt: number): number {
 const ROUNDS = arg("--rounds", 3);
 const STUDIES = arg("--studies", 100);
 const WARMUP = arg("--warmup", 10);
-const ALL_KINDS = ["study", "study-plain", "series"] as const;
+const ALL_KINDS = ["study", "study-plain", "series", "study-list"] as const;
+/** Queries per association, by kind. */
+const QUERIES: Record<(typeof ALL_KINDS)[number], number> = { study: 100, "study-plain": 100, series: 100, "study-list": 20 };
 type Kind = (typeof ALL_KINDS)[number];
 const kindsArg = process.argv.indexOf("--kinds");
 const KINDS: Kind[] = kindsArg >= 0 ? (process.argv[kindsArg + 1]!.split(",").filter((k) => (ALL_KINDS as readonly string[]).includes(k)) as Kind[]) : [...ALL_KINDS];
@@ -98,12 +101,13 @@ async function load(url: string): Promise<void> {
 
 const el = (tag: number, vr: string, text = ""): OutElement => ({ tag, vr, text });
 
-function studyQuery(p: number, computed = true): Uint8Array {
+/** A STUDY query for patient `p`, or for every patient when `p` is undefined. */
+function studyQuery(p: number | undefined, computed = true): Uint8Array {
   return encodeDataset(
     [
       el(0x00080052, "CS", "STUDY"),
       el(0x00100010, "PN"),
-      el(0x00100020, "LO", `BENCH${String(p).padStart(4, "0")}`),
+      el(0x00100020, "LO", p === undefined ? "" : `BENCH${String(p).padStart(4, "0")}`),
       el(0x00100030, "DA"),
       el(0x00080020, "DA"),
       el(0x00080030, "TM"),
@@ -195,12 +199,12 @@ async function main(): Promise<void> {
         "log4cplus.appender.console.layout.ConversionPattern = %D{%H:%M:%S.%Q} %m%n",
       ].join("\n"),
     );
-    const files: Record<Kind, string[]> = { study: [], "study-plain": [], series: [] };
-    for (let p = 1; p <= 100; p++) {
-      const n = ((p - 1) % STUDIES) + 1;
-      for (const kind of KINDS) {
+    const files: Record<Kind, string[]> = { study: [], "study-plain": [], series: [], "study-list": [] };
+    for (const kind of KINDS) {
+      for (let p = 1; p <= QUERIES[kind]; p++) {
+        const n = ((p - 1) % STUDIES) + 1;
         const f = join(dir, `${kind}-${p}.dcm`);
-        writeFileSync(f, kind === "series" ? seriesQuery(n) : studyQuery(n, kind === "study"));
+        writeFileSync(f, kind === "series" ? seriesQuery(n) : kind === "study-list" ? studyQuery(undefined) : studyQuery(n, kind === "study"));
         files[kind].push(f);
       }
     }
@@ -284,10 +288,11 @@ async function main(): Promise<void> {
     }
     replay.close();
 
-    const summary: Record<string, unknown> = { orthanc: orthanc.version, rounds: ROUNDS, queriesPerAssociation: 100 };
+    const summary: Record<string, unknown> = { orthanc: orthanc.version, rounds: ROUNDS, queriesPerAssociation: QUERIES };
     log("");
-    log(`C-FIND latency per query (findscu timestamps), ${ROUNDS} rounds x 100 queries on one association:`);
-    log("study: with ModalitiesInStudy + NumberOfStudyRelatedInstances (the plugin leaves them out); study-plain: without");
+    log(`C-FIND latency per query (findscu timestamps), ${ROUNDS} rounds, the queries of a kind on one association:`);
+    log("study: one patient's study, with ModalitiesInStudy + NumberOfStudyRelatedInstances (the plugin leaves them out); study-plain: without;");
+    log(`series: one study's series; study-list: all ${STUDIES} studies, with the computed keys (20 queries)`);
     log("level        target    median ms   p90 ms   queries  responses  failures  association s (median)");
     for (const kind of KINDS) {
       for (const t of targets) {
