@@ -427,7 +427,7 @@ describe("models and peers", () => {
     expect(noParent.output).toContain("STUDY query needs one PatientID value");
   });
 
-  test("paged through Orthanc (PageSize 1, 2, 3): the same matches as in one page, each once, then Success", async () => {
+  test("paged through Orthanc (PageSize 1, 2, 3, exactly the matches): the same matches as in one page, each once, one REST call per page", async () => {
     const study = q([["QueryRetrieveLevel", "STUDY"], ["StudyInstanceUID", ""], ["PatientID", ""]]);
     const biggest = FIND_STUDIES.flatMap((st) => st.series.map((se) => ({ study: st.uid, ...se }))).sort((a, b) => b.instances - a.instances)[0]!;
     const image = q([["QueryRetrieveLevel", "IMAGE"], ["StudyInstanceUID", biggest.study], ["SeriesInstanceUID", biggest.uid], ["SOPInstanceUID", ""]]);
@@ -438,16 +438,26 @@ describe("models and peers", () => {
     expect(studies.length).toBeGreaterThan(3);
     expect(images.length).toBe(biggest.instances);
     expect(biggest.instances).toBeGreaterThan(1);
-    for (const pageSize of [1, 2, 3]) {
-      const g = await startTestGateway([{ AET: "PAGED", Labels: [] }], orthanc.url, { Gateway: { Find: { PageSize: pageSize } } });
-      try {
-        const paged = await findscu(g.portOf("PAGED"), "PAGED", [study, image]);
-        expect(paged.statuses).toEqual([0, 0]);
-        expect(paged.results.filter((r) => r["QueryRetrieveLevel"] === "STUDY").map((r) => r["StudyInstanceUID"]).sort()).toEqual(studies);
-        expect(paged.results.filter((r) => r["QueryRetrieveLevel"] === "IMAGE").map((r) => r["SOPInstanceUID"]).sort()).toEqual(images);
-      } finally {
-        await g.stop();
+    const proxy = await slowProxy(orthanc.url, 0);
+    try {
+      for (const pageSize of [1, 2, 3, studies.length]) {
+        const g = await startTestGateway([{ AET: "PAGED", Labels: [] }], proxy.url, { Gateway: { Find: { PageSize: pageSize } } });
+        try {
+          proxy.finds.length = 0;
+          const paged = await findscu(g.portOf("PAGED"), "PAGED", study);
+          expect(paged.statuses).toEqual([0]);
+          expect(paged.results.map((r) => r["StudyInstanceUID"]).sort()).toEqual(studies);
+          // One REST call per page, and no call for an empty page after a full last one.
+          expect(proxy.finds.length).toBe(Math.ceil(studies.length / pageSize));
+          const images2 = await findscu(g.portOf("PAGED"), "PAGED", image);
+          expect(images2.results.map((r) => r["SOPInstanceUID"]).sort()).toEqual(images);
+        } finally {
+          await g.stop();
+        }
       }
+    } finally {
+      proxy.server.closeAllConnections();
+      proxy.server.close();
     }
   });
 
@@ -478,13 +488,16 @@ describe("models and peers", () => {
 // ---- cancel, failures, timeouts ---------------------------------------------------------------------
 
 /** An HTTP proxy to Orthanc that holds /tools/find calls asking for a later page (Since > 0). */
-function slowProxy(target: string, delayMs: number): Promise<{ url: string; server: Server }> {
+/** A proxy to Orthanc that delays every /tools/find call after the first page, and records their bodies. */
+function slowProxy(target: string, delayMs: number): Promise<{ url: string; server: Server; finds: string[] }> {
   const t = new URL(target);
+  const finds: string[] = [];
   const server = createHttpServer((req, res) => {
     const chunks: Buffer[] = [];
     req.on("data", (c: Buffer) => chunks.push(c));
     req.on("end", () => {
       const body = Buffer.concat(chunks);
+      if (req.url === "/tools/find") finds.push(body.toString());
       const since = /"Since":\s*(\d+)/.exec(body.toString())?.[1];
       const forward = () => {
         const up = httpRequest({ host: t.hostname, port: t.port, path: req.url, method: req.method, headers: req.headers }, (r) => {
@@ -498,7 +511,7 @@ function slowProxy(target: string, delayMs: number): Promise<{ url: string; serv
       res.on("close", () => clearTimeout(timer));
     });
   });
-  return new Promise((resolve) => server.listen(0, "127.0.0.1", () => resolve({ url: `http://127.0.0.1:${(server.address() as { port: number }).port}`, server })));
+  return new Promise((resolve) => server.listen(0, "127.0.0.1", () => resolve({ url: `http://127.0.0.1:${(server.address() as { port: number }).port}`, server, finds })));
 }
 
 describe("C-CANCEL, Orthanc failures and timeouts", () => {

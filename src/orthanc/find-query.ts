@@ -532,7 +532,8 @@ function post(ctx: FindContext, body: Record<string, unknown>): Promise<OrthancR
 
 /**
  * The pages of one `POST /tools/find` (Expand + RequestedTags, Labels in the answer, case-insensitive
- * pre-filter), `Since`/`Limit` by `pageSize`: one REST call per page, the last page shorter.
+ * pre-filter), `Since`/`Limit` by `pageSize`: one REST call per page. Each call asks for one resource
+ * more than a page, so that a full last page is known to be the last without another call.
  */
 async function* findPages(
   ctx: FindContext,
@@ -553,10 +554,10 @@ async function* findPages(
       RequestedTags: [...requested].map(orthancTag),
       CaseSensitive: false,
       Since: since,
-      Limit: pageSize,
+      Limit: pageSize + 1,
     });
-    const last = page.length < pageSize;
-    yield { resources: page, last };
+    const last = page.length <= pageSize;
+    yield { resources: last ? page : page.slice(0, pageSize), last };
     if (last) return;
   }
 }
