@@ -6,6 +6,7 @@
  * call has a time limit; btoa for HTTP Basic auth. Every failure is an OrthancError whose message
  * names the cause and the fix.
  */
+import { FindLimits } from "./find-pages.ts";
 import { Http1Agent, Http1Error, type Http1Response } from "./http1.ts";
 
 export interface OrthancClientOptions {
@@ -72,6 +73,8 @@ export class OrthancClient {
   /** Short JSON calls over plain http go through our own keep-alive client (see http1.ts). */
   private readonly agent?: Http1Agent;
   private readonly basePath: string = "";
+  /** What is known of Orthanc's LimitFindResults/LimitFindInstances clip of /tools/find answers (find-pages.ts). */
+  readonly findLimits = new FindLimits();
 
   constructor(opts: OrthancClientOptions) {
     this.url = opts.url.replace(/\/+$/, "");

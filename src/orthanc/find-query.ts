@@ -22,6 +22,7 @@ import type { FindSettings, ResourceLevel, TenantConfig } from "../config/types.
 import { dictionaryEntry, orthancTag, parseOrthancTag, tagName } from "../dicom/identifier.ts";
 import { inScope, scopeFilter, scopePlan } from "../tenancy/label-scope.ts";
 import type { OrthancClient } from "./client.ts";
+import { findAll, findPages, type FindBody } from "./find-pages.ts";
 
 // ---- tags ---------------------------------------------------------------------------------------
 
@@ -526,40 +527,13 @@ interface OrthancResource {
   RequestedTags?: Record<string, OrthancValue>;
 }
 
-function post(ctx: FindContext, body: Record<string, unknown>): Promise<OrthancResource[]> {
-  return ctx.orthanc.postJson<OrthancResource[]>("/tools/find", body, { timeoutMs: ctx.settings.timeoutMs, signal: ctx.signal });
+/** Expand + RequestedTags, Labels in the answer, case-insensitive pre-filter (see orthancConstraint). */
+function findBody(level: string, query: Record<string, string>, scope: Record<string, unknown>, requested: Iterable<number>): FindBody {
+  return { Level: level, Query: query, ...scope, Expand: true, Short: true, ResponseContent: ["Labels"], RequestedTags: [...requested].map(orthancTag), CaseSensitive: false };
 }
 
-/**
- * The pages of one `POST /tools/find` (Expand + RequestedTags, Labels in the answer, case-insensitive
- * pre-filter), `Since`/`Limit` by `pageSize`: one REST call per page. Each call asks for one resource
- * more than a page, so that a full last page is known to be the last without another call.
- */
-async function* findPages(
-  ctx: FindContext,
-  level: string,
-  query: Record<string, string>,
-  scope: Record<string, unknown>,
-  requested: Set<number>,
-): AsyncGenerator<{ resources: OrthancResource[]; last: boolean }> {
-  const pageSize = Math.max(1, ctx.settings.pageSize);
-  for (let since = 0; ; since += pageSize) {
-    const page = await post(ctx, {
-      Level: level,
-      Query: query,
-      ...scope,
-      Expand: true,
-      Short: true,
-      ResponseContent: ["Labels"],
-      RequestedTags: [...requested].map(orthancTag),
-      CaseSensitive: false,
-      Since: since,
-      Limit: pageSize + 1,
-    });
-    const last = page.length <= pageSize;
-    yield { resources: last ? page : page.slice(0, pageSize), last };
-    if (last) return;
-  }
+function findOpts(ctx: FindContext) {
+  return { timeoutMs: ctx.settings.timeoutMs, signal: ctx.signal };
 }
 
 function toResult(r: OrthancResource): FindResult {
@@ -615,7 +589,7 @@ export async function* runFind(q: FindQuery, ctx: FindContext): AsyncGenerator<F
   const requested = new Set<number>([...keys.map((k) => k.tag), ...parentKeys(q), UNIQUE_KEY[q.level]]);
   const ancestor = plan.kind === "ancestor" ? plan.level : undefined;
   if (ancestor) requested.add(UNIQUE_KEY[ancestor]);
-  for await (const page of findPages(ctx, q.level, query, plan.kind === "direct" ? scopeFilter(ctx.tenant) : {}, requested)) {
+  for await (const page of findPages<OrthancResource>(ctx.orthanc, findBody(q.level, query, plan.kind === "direct" ? scopeFilter(ctx.tenant) : {}, requested), ctx.settings.pageSize, findOpts(ctx))) {
     let candidates = page.resources.filter((r) => plan.kind !== "direct" || inScope(r.Labels, ctx.tenant)).map(toResult);
     if (ancestor && candidates.length > 0) candidates = await inScopeAncestors(ctx, ancestor, candidates);
     yield { results: candidates.filter((r) => matchesQuery(q, keys, r, opts)), last: page.last };
@@ -627,15 +601,7 @@ async function inScopeAncestors(ctx: FindContext, level: ResourceLevel, results:
   const tag = UNIQUE_KEY[level];
   const uids = [...new Set(results.map((r) => text(r.get(tag))).filter((u) => u !== "" && !u.includes("\\")))];
   if (uids.length === 0) return [];
-  const parents = await post(ctx, {
-    Level: level,
-    Query: { [orthancTag(tag)]: uids.join("\\") },
-    ...scopeFilter(ctx.tenant),
-    Expand: true,
-    Short: true,
-    ResponseContent: ["Labels"],
-    RequestedTags: [orthancTag(tag)],
-  });
+  const parents = await findAll<OrthancResource>(ctx.orthanc, { ...findBody(level, { [orthancTag(tag)]: uids.join("\\") }, scopeFilter(ctx.tenant), [tag]), CaseSensitive: true }, findOpts(ctx));
   const visible = new Set(parents.filter((p) => inScope(p.Labels, ctx.tenant)).map((p) => text(toResult(p).get(tag))));
   return results.filter((r) => visible.has(text(r.get(tag))));
 }
@@ -674,7 +640,7 @@ async function* runDerived(q: FindQuery, ctx: FindContext, from: ResourceLevel):
   if (computed.some((k) => k.tag === T.SOPClassesInStudy) && from === "Study") requested.add(T.SOPClassesInStudy);
 
   const groups = new Map<string, Aggregate>();
-  for await (const page of findPages(ctx, from, query, scopeFilter(ctx.tenant), requested)) {
+  for await (const page of findPages<OrthancResource>(ctx.orthanc, findBody(from, query, scopeFilter(ctx.tenant), requested), ctx.settings.pageSize, findOpts(ctx))) {
     for (const r of page.resources) {
       if (!inScope(r.Labels, ctx.tenant)) continue;
       const res = toResult(r);

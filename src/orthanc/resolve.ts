@@ -22,6 +22,7 @@
 import type { LabelsConstraint, ResourceLevel } from "../config/types.ts";
 import { inScope, isUnrestricted, labeledLevels, type ScopedTenant } from "../tenancy/label-scope.ts";
 import type { OrthancClient, RequestOptions } from "./client.ts";
+import { findAll, type FindBody } from "./find-pages.ts";
 
 export type RetrieveLevel = "PATIENT" | "STUDY" | "SERIES" | "IMAGE";
 
@@ -143,7 +144,7 @@ export async function resolveInstances(orthanc: OrthancClient, scope: LabelScope
   const named = anchorLevel === "Study" ? keys.studyInstanceUids : anchorLevel === "Series" ? (keys.seriesInstanceUids ?? keys.studyInstanceUids) : undefined;
   if (named) {
     const [anchors, found] = await Promise.all([
-      orthanc.postJson<AnchorResource[]>("/tools/find", anchorBody, opts).then(scoped),
+      findAll<AnchorResource>(orthanc, anchorBody, opts).then(scoped),
       findInstances(orthanc, instanceQuery(keys), undefined, undefined, opts),
     ]);
     const anchorOfSeries = new Map<string, AnchorResource>();
@@ -161,7 +162,7 @@ export async function resolveInstances(orthanc: OrthancClient, scope: LabelScope
     return sortInstances(out);
   }
 
-  const inScope = scoped(await orthanc.postJson<AnchorResource[]>("/tools/find", anchorBody, opts));
+  const inScope = scoped(await findAll<AnchorResource>(orthanc, anchorBody, opts));
   const results: ResolvedInstance[][] = new Array(inScope.length);
   let next = 0;
   const worker = async () => {
@@ -226,8 +227,7 @@ async function ancestorKeys(orthanc: OrthancClient, keys: RetrieveKeys, anchor: 
   if (keys.sopInstanceUids) query["SOPInstanceUID"] = keys.sopInstanceUids.join("\\");
   if (Object.keys(query).length === 0) throw new ResolveError("the request has no unique key to match");
   const tag = anchor === "Patient" ? "PatientID" : anchor === "Study" ? "StudyInstanceUID" : "SeriesInstanceUID";
-  const found = await orthanc.postJson<FoundInstance[]>("/tools/find", { Level: "Instance", Query: query, RequestedTags: [tag], Expand: true }, opts);
-  if (!Array.isArray(found)) throw new ResolveError("Orthanc's /tools/find answer is not a list");
+  const found = await findAll<FoundInstance>(orthanc, { Level: "Instance", Query: query, RequestedTags: [tag], Expand: true }, opts);
   const values = [...new Set(found.map((f) => f?.RequestedTags?.[tag]).filter((v): v is string => typeof v === "string" && v !== "" && !/[*?\\]/.test(v)))];
   return values.length > 0 ? { [tag]: values.join("\\") } : undefined;
 }
@@ -247,7 +247,7 @@ async function findInstances(
   parent: Record<string, string> | undefined,
   opts: ResolveOptions,
 ): Promise<FoundInstance[]> {
-  const body: Record<string, unknown> = {
+  const body: FindBody = {
     Level: "Instance",
     Query: query,
     ...parent,
@@ -260,11 +260,9 @@ async function findInstances(
     body["Labels"] = [...scope.labels];
     body["LabelsConstraint"] = scope.constraint;
   }
-  let found = await orthanc.postJson<(FoundInstance | string)[]>("/tools/find", body, opts);
-  if (!Array.isArray(found)) throw new ResolveError("Orthanc's /tools/find answer is not a list");
+  let found = await findAll<FoundInstance | string>(orthanc, body, opts);
   if (found.some((f) => typeof f === "string")) {
-    found = await orthanc.postJson<FoundInstance[]>("/tools/find", { ...body, ResponseContent: undefined, Expand: true, RequestedTags: ["PatientID"] }, opts);
-    if (!Array.isArray(found)) throw new ResolveError("Orthanc's /tools/find answer is not a list");
+    found = await findAll<FoundInstance>(orthanc, { ...body, ResponseContent: undefined, Expand: true, RequestedTags: ["PatientID"] }, opts);
   }
   return found.filter((f): f is FoundInstance => !!f && typeof f === "object" && typeof f.ID === "string");
 }
