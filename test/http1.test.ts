@@ -290,6 +290,23 @@ describe("OrthancClient over the agent", () => {
     c.close();
   });
 
+  test("an IPv6 literal URL: connects to the address, Host names it in brackets", async () => {
+    let head = "";
+    const server = createServer((sock) => {
+      sock.on("data", (d: Buffer) => {
+        head += d.toString("latin1");
+        if (head.includes("\r\n\r\n")) sock.write(ok('{"Version":"1.12.7"}'));
+      });
+    });
+    servers.push(server);
+    await new Promise<void>((r) => server.listen(0, "::1", r));
+    const port = (server.address() as { port: number }).port;
+    const c = new OrthancClient({ url: `http://[::1]:${port}` });
+    expect((await c.system()).Version).toBe("1.12.7");
+    expect(head).toContain(`Host: [::1]:${port}\r\n`);
+    c.close();
+  });
+
   test("Orthanc's error JSON becomes an OrthancError naming its message", async () => {
     const s = await rawServer((sock) => sock.write(`HTTP/1.1 404 Not Found\r\nContent-Length: 56\r\n\r\n{"HttpError":"Not Found","Message":"Unknown resource"}  `));
     const c = new OrthancClient({ url: `http://127.0.0.1:${s.port}` });
