@@ -8,7 +8,7 @@
  * the clip of each kind: an exact value once seen, else a lower bound (an answer of n resources proves
  * the clip is at least n). A short page that could be a clipped one (at least as long as that bound) is
  * checked with one more call for IDs only; in a gateway in service the bound soon exceeds every page
- * asked for, and then no check is made. The monitor probes at start and once a minute (an Orthanc
+ * asked for, and then no check is made. The monitor probes at start and every 15 s (an Orthanc
  * restarted with another configuration is known again within that time), and forgets all when Orthanc
  * goes away.
  */
@@ -31,7 +31,7 @@ interface Knowledge {
 /** Page size of findAll (retrieve listings, scope checks); the probe asks for at least this many. */
 const LIST_PAGE = 1000;
 
-const REPROBE_MS = 60_000;
+const REPROBE_MS = 15_000;
 
 export class FindLimits {
   private known: Record<LimitKind, Knowledge> = { results: { atLeast: 0 }, instances: { atLeast: 0 } };
@@ -68,7 +68,7 @@ export class FindLimits {
 
   /**
    * Learns both clips from Orthanc's index (IDs only, at most one more than the largest page asked for,
-   * per kind), unless done within the last minute. Never rejects: what it cannot learn stays checked
+   * per kind), unless done within the last 15 s. Never rejects: what it cannot learn stays checked
    * page by page.
    */
   refresh(orthanc: OrthancClient, opts: RequestOptions = {}): Promise<void> {

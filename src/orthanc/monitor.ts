@@ -99,8 +99,8 @@ export class OrthancMonitor {
     }
     const prev = this.current;
     this.current = next;
-    // Orthanc's clip of /tools/find answers (find-pages.ts): probed while Orthanc answers (at most once a
-    // minute), forgotten when it does not (it may come back with another configuration).
+    // Orthanc's clip of /tools/find answers (find-pages.ts): probed while Orthanc answers (at most every
+    // 15 s), forgotten when it does not (it may come back with another configuration).
     if (next.reachable && !next.error) void this.client.findLimits.refresh(this.client, { timeoutMs: 10_000 });
     else if (!next.reachable) this.client.findLimits.forget();
     const changed =
