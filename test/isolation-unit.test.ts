@@ -5,7 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { deflateRawSync } from "node:zlib";
 import { DatasetHeadError, readDatasetHead } from "../src/dicom/dataset-head.ts";
-import { decodeFileMeta, fileMetaLength } from "../src/dicom/part10.ts";
+import { decodeFileMeta, explicitVrElement, fileMetaLength } from "../src/dicom/part10.ts";
 import { orthancIds } from "../src/orthanc/identity.ts";
 import { ClaimRegistry, ownsByLabels } from "../src/tenancy/isolation.ts";
 import { pydicomFile } from "./helpers/dicom-files.ts";
@@ -15,19 +15,7 @@ function dataset(name: string): { bytes: Uint8Array; ts: string } {
   return { bytes: b.subarray(fileMetaLength(b)!), ts: decodeFileMeta(b).transferSyntaxUid };
 }
 
-/** An explicit VR LE element. */
-function el(group: number, element: number, vr: string, value: Uint8Array): Uint8Array {
-  const long = ["OB", "OW", "SQ", "UN", "UT"].includes(vr);
-  const h = new Uint8Array(long ? 12 : 8);
-  const dv = new DataView(h.buffer);
-  dv.setUint16(0, group, true);
-  dv.setUint16(2, element, true);
-  h[4] = vr.charCodeAt(0);
-  h[5] = vr.charCodeAt(1);
-  if (long) dv.setUint32(8, value.length, true);
-  else dv.setUint16(6, value.length, true);
-  return new Uint8Array([...h, ...value]);
-}
+const el = explicitVrElement;
 const text = (s: string) => new TextEncoder().encode(s.length % 2 ? s + " " : s);
 const uid = (s: string) => new TextEncoder().encode(s.length % 2 ? s + "\0" : s);
 

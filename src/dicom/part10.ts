@@ -13,7 +13,8 @@ export interface FileMeta {
   sourceAeTitle?: string;
 }
 
-function element(group: number, el: number, vr: string, value: Uint8Array): Uint8Array {
+/** One explicit VR little endian element (PS3.5 7.1.2) with `value` as given (already even-length). */
+export function explicitVrElement(group: number, el: number, vr: string, value: Uint8Array): Uint8Array {
   const long = vr === "OB" || vr === "OW" || vr === "UN" || vr === "SQ" || vr === "UT";
   const header = new Uint8Array(long ? 12 : 8);
   const dv = new DataView(header.buffer);
@@ -38,18 +39,18 @@ function text(s: string, pad: string): Uint8Array {
 
 export function encodeFileMeta(meta: FileMeta): Uint8Array {
   const elements = [
-    element(2, 0x0001, "OB", Uint8Array.of(0, 1)),
-    element(2, 0x0002, "UI", text(meta.sopClassUid, "\0")),
-    element(2, 0x0003, "UI", text(meta.sopInstanceUid, "\0")),
-    element(2, 0x0010, "UI", text(meta.transferSyntaxUid, "\0")),
-    element(2, 0x0012, "UI", text(IMPLEMENTATION_CLASS_UID, "\0")),
-    element(2, 0x0013, "SH", text(IMPLEMENTATION_VERSION_NAME, " ")),
-    ...(meta.sourceAeTitle ? [element(2, 0x0016, "AE", text(meta.sourceAeTitle.slice(0, 16), " "))] : []),
+    explicitVrElement(2, 0x0001, "OB", Uint8Array.of(0, 1)),
+    explicitVrElement(2, 0x0002, "UI", text(meta.sopClassUid, "\0")),
+    explicitVrElement(2, 0x0003, "UI", text(meta.sopInstanceUid, "\0")),
+    explicitVrElement(2, 0x0010, "UI", text(meta.transferSyntaxUid, "\0")),
+    explicitVrElement(2, 0x0012, "UI", text(IMPLEMENTATION_CLASS_UID, "\0")),
+    explicitVrElement(2, 0x0013, "SH", text(IMPLEMENTATION_VERSION_NAME, " ")),
+    ...(meta.sourceAeTitle ? [explicitVrElement(2, 0x0016, "AE", text(meta.sourceAeTitle.slice(0, 16), " "))] : []),
   ];
   const groupLength = elements.reduce((n, e) => n + e.length, 0);
   const gl = new Uint8Array(4);
   new DataView(gl.buffer).setUint32(0, groupLength, true);
-  const all = [element(2, 0x0000, "UL", gl), ...elements];
+  const all = [explicitVrElement(2, 0x0000, "UL", gl), ...elements];
   const out = new Uint8Array(132 + all.reduce((n, e) => n + e.length, 0));
   out.set([0x44, 0x49, 0x43, 0x4d], 128); // "DICM"
   let o = 132;
