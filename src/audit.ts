@@ -24,7 +24,11 @@ export type AuditEvent =
   /** A connection refused before any DICOM exchange (TLS handshake failure, closed past the limits). */
   | "connection-refused"
   /** One DIMSE operation, with its final status. */
-  | "operation";
+  | "operation"
+  /** An acknowledged instance set aside instead of reaching Orthanc (src/spool: quarantine), with the reason. */
+  | "instance-quarantined"
+  /** An instance Orthanc filed elsewhere than the gateway checked, and what was done about it. */
+  | "instance-misplaced";
 
 export interface AuditAssociationRecord {
   event: Exclude<AuditEvent, "operation">;
@@ -60,9 +64,23 @@ export interface AuditOperationRecord {
   [field: string]: unknown;
 }
 
+/** What happens to an instance after its C-STORE was answered (forwarding from the spool). */
+export interface AuditInstanceRecord {
+  event: "instance-quarantined" | "instance-misplaced";
+  tenant: string;
+  callingAe?: string;
+  peer?: string;
+  sopInstanceUid: string;
+  /** quarantined | deleted | left ... */
+  outcome: string;
+  reason: string;
+  [field: string]: unknown;
+}
+
 export interface AuditLog {
   association(record: AuditAssociationRecord): void;
   operation(record: AuditOperationRecord): void;
+  instance(record: AuditInstanceRecord): void;
   /** Lines written, and writes that failed (disk full, file removed without permission to recreate...). */
   readonly stats: { lines: number; errors: number; lastError?: string };
   close(): void;
@@ -141,6 +159,10 @@ export function createAuditLog(opts: AuditLogOptions): AuditLog {
         ...withoutReserved(rest),
         ...withoutReserved(fields ?? {}),
       });
+    },
+    instance(r) {
+      const { event, tenant, callingAe, peer, sopInstanceUid, outcome, reason, ...rest } = r;
+      emit({ event, tenant, callingAe, peer, sopInstanceUid, outcome, reason, ...withoutReserved(rest) });
     },
     close() {
       sink.close();

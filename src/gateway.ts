@@ -14,11 +14,13 @@ import { createMetrics, formatStatus, type GatewayMetrics } from "./metrics.ts";
 import { OrthancClient } from "./orthanc/client.ts";
 import { OrthancMonitor } from "./orthanc/monitor.ts";
 import { Labeler } from "./orthanc/store.ts";
-import { ClaimRegistry, IsolationGuard } from "./tenancy/isolation.ts";
+import { IsolationGuard, IsolationGuards } from "./tenancy/isolation.ts";
+import { UidRegistry } from "./tenancy/ownership.ts";
+import { ChangesFeed } from "./orthanc/changes.ts";
 import { Counter } from "prom-client";
 import { mkdir } from "node:fs/promises";
 import { createTenantServices } from "./services.ts";
-import { Forwarder } from "./spool/forwarder.ts";
+import { Forwarder, type QuarantineKind } from "./spool/forwarder.ts";
 import { createStoreMetrics, type StoreMetrics } from "./spool/metrics.ts";
 import { TenantSpool, tenantDirectoryName, type SpoolEntry } from "./spool/spool.ts";
 import type { GatewaySnapshot, QuarantineSummary } from "./status.ts";
@@ -79,6 +81,15 @@ export interface Gateway {
   /** Stops accepting, lets open associations finish for up to `graceMs`, then aborts them. */
   stop(graceMs?: number): Promise<void>;
 }
+
+/** The log line of a quarantine, by its reason. */
+const QUARANTINE_LOG: Record<QuarantineKind, string> = {
+  "orthanc-refused": "Orthanc refused it",
+  unreadable: "its spooled data set cannot be read",
+  isolation: "Strict isolation refused it when forwarding",
+  placement: "Orthanc filed it elsewhere than checked",
+  integrity: "Orthanc stored other bytes than received",
+};
 
 /** A-ASSOCIATE-RJ reasons as metric/log labels. */
 function rejectReasonName(source: number, reason: number): string {
@@ -163,12 +174,24 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
   const orthanc = new OrthancClient({ url: config.orthanc.url, username: config.orthanc.username, password: config.orthanc.password, timeoutMs: config.orthanc.timeoutMs });
 
   const storeMetrics = createStoreMetrics(metrics.registry);
-  const labeler = new Labeler(orthanc);
-  // Strict isolation: who created which study/series through this gateway, and one guard per Strict tenant.
-  const claims = new ClaimRegistry(config.spool.directory);
+  // Orthanc's change log keeps the label and ownership caches in step with Orthanc (deletions, a new database).
+  const changes = new ChangesFeed(orthanc, opts.orthancCheckIntervalMs ?? 2000);
+  const labeler = new Labeler(orthanc, { feed: changes });
+  // Strict isolation: which UIDs were created by which tenant or are in flight, and one guard per Strict tenant.
+  const registry = new UidRegistry(config.spool.directory);
   await mkdir(config.spool.directory, { recursive: true });
-  await claims.open();
-  const guards = new Map<string, IsolationGuard>();
+  await registry.open();
+  const guards = new IsolationGuards(orthanc);
+  registry.onRelease = (level, uid) => guards.forget(level, uid);
+  changes.addListener(guards);
+  changes.addListener({ reset: () => labeler.clear() });
+  const quarantines = new Counter({
+    name: "dicom_gateway_quarantined_instances_total",
+    help: "Acknowledged instances set aside instead of reaching Orthanc, by reason (orthanc-refused, unreadable, isolation, placement, integrity): alert on any increase.",
+    labelNames: ["tenant", "reason"] as const,
+    registers: [metrics.registry],
+  });
+  const tenantDirectoryPath = (tenant: TenantConfig) => `${config.spool.directory}/${tenantDirectoryName(tenant.aet)}`;
   const isolationRefusals = new Counter({
     name: "dicom_gateway_isolation_refusals_total",
     help: "Instances refused by Strict tenant isolation, at C-STORE time (status 0x0124) or when forwarding (quarantined).",
@@ -183,6 +206,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     receivePriorityMs: config.orthanc.receivePriorityMs,
     verifyIntegrity: config.spool.verifyIntegrity,
     guardFor: (tenant) => guards.get(tenant.aet),
+    registry,
     events: {
       isolationRefused(tenant, entry, reason) {
         isolationRefusals.inc({ tenant: tenant.aet, stage: "forward" });
@@ -201,9 +225,16 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
         storeMetrics.count(tenant.aet, "failed");
         log.warn("forwarding to Orthanc failed, will retry", { tenant: tenant.aet, sopInstanceUid: entry.sopInstanceUid, attempt, retryInMs, error: error.message });
       },
-      quarantined(tenant, entry, reason) {
+      quarantined(tenant, entry, reason, kind) {
         storeMetrics.count(tenant.aet, "quarantined", entry.size);
-        log.error("instance quarantined: Orthanc refused it", { tenant: tenant.aet, sopInstanceUid: entry.sopInstanceUid, callingAe: entry.callingAeTitle, reason, file: entry.file });
+        quarantines.inc({ tenant: tenant.aet, reason: kind });
+        const file = `${tenantDirectoryPath(tenant)}/quarantine/${entry.id}.dcm`;
+        audit.instance({ event: "instance-quarantined", tenant: tenant.aet, callingAe: entry.callingAeTitle, peer: entry.peer, sopInstanceUid: entry.sopInstanceUid, studyInstanceUid: entry.studyInstanceUid, outcome: "quarantined", reason, kind, file });
+        log.error(`instance quarantined: ${QUARANTINE_LOG[kind]}`, { tenant: tenant.aet, sopInstanceUid: entry.sopInstanceUid, callingAe: entry.callingAeTitle, reason, kind, file });
+      },
+      misplaced(tenant, entry, reason, deleted) {
+        audit.instance({ event: "instance-misplaced", tenant: tenant.aet, callingAe: entry.callingAeTitle, peer: entry.peer, sopInstanceUid: entry.sopInstanceUid, outcome: deleted ? "deleted" : "left", reason });
+        log.error("Orthanc filed an instance elsewhere than checked", { tenant: tenant.aet, sopInstanceUid: entry.sopInstanceUid, reason, deleted });
       },
     },
   });
@@ -248,8 +279,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
   const startTenant = async (tenant: TenantConfig): Promise<TenantListener> => {
     const { spool, pending } = await spoolFor(tenant);
     if (pending.length > 0) log.info("replaying spooled instances", { tenant: tenant.aet, instances: pending.length });
-    if (tenant.isolation === "Strict") guards.set(tenant.aet, new IsolationGuard(orthanc, claims, tenant));
-    else guards.delete(tenant.aet);
+    guards.set(tenant.aet, tenant.isolation === "Strict" ? new IsolationGuard(orthanc, registry, tenant) : undefined);
     const t = tenant.aet;
     const tlog = log.child({ tenant: t });
     const services = createTenantServices({
@@ -262,11 +292,14 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
       metrics,
       log: tlog,
       guard: guards.get(tenant.aet),
+      registry,
       storeEvents: {
         isolationRefused: (reason) => {
           isolationRefusals.inc({ tenant: t, stage: "store" });
           tlog.warn("isolation: C-STORE refused (0x0124)", { reason });
         },
+        isolationWarning: (warning, identity) => tlog.warn("isolation: allowed, but the UID is also used elsewhere by this tenant", { warning, patientId: identity.patientId, sopInstanceUid: identity.sopInstanceUid }),
+        misplaced: (reason, deleted) => tlog.error("Orthanc filed an instance elsewhere than checked (Sync mode, not acknowledged)", { reason, deleted }),
         received: (bytes) => storeMetrics.count(t, "received", bytes),
         acknowledged: (bytes) => storeMetrics.count(t, "acknowledged", bytes),
         refused: (status, reason) => {
@@ -304,8 +337,12 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     for (const e of server.endpoints) {
       log.info("DICOM listener started", { tenant: tenant.aet, port: e.port, tls: e.tls, labels: tenant.labels, labelsConstraint: tenant.labelsConstraint });
     }
-    // Pending entries are queued once the tenant is up (a replay uses the tenant's current settings).
-    for (const entry of pending) forwarder.add(tenant, spool, entry);
+    // Pending entries are queued once the tenant is up (a replay uses the tenant's current settings); they
+    // hold their UIDs until they are in Orthanc (records of 0.2 and older do not name them).
+    for (const entry of pending) {
+      if (entry.studyInstanceUid && entry.seriesInstanceUid) registry.hold(entry.id, tenant.aet, { studyInstanceUid: entry.studyInstanceUid, seriesInstanceUid: entry.seriesInstanceUid, sopInstanceUid: entry.sopInstanceUid });
+      forwarder.add(tenant, spool, entry);
+    }
     byTenant.set(tenant.aet, l);
     return l;
   };
@@ -369,7 +406,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     await Promise.all(listeners.map((l) => stopTenant(l, 0)));
     await closeSpools();
     audit.close();
-    await claims.close();
+    await registry.close();
     orthanc.close();
     throw e;
   }
@@ -432,6 +469,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
   // The first check is awaited so that the first /ready answer and the start-up log are accurate.
   monitor.start();
   await monitor.check();
+  changes.start();
   forwarder.start();
 
   return {
@@ -453,10 +491,11 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     },
     async stop(graceMs = 0) {
       monitor.stop();
+      changes.stop();
       await Promise.all(listeners.map((l) => stopTenant(l, graceMs)));
       await forwarder.stop();
       await closeSpools();
-      await claims.close();
+      await registry.close();
       await http!.close();
       audit.close();
       orthanc.close();

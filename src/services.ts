@@ -22,6 +22,7 @@ import type { Labeler } from "./orthanc/store.ts";
 import type { Forwarder } from "./spool/forwarder.ts";
 import type { TenantSpool } from "./spool/spool.ts";
 import type { IsolationGuard } from "./tenancy/isolation.ts";
+import type { UidRegistry } from "./tenancy/ownership.ts";
 
 /** Everything a tenant's services may need. */
 export interface TenantContext {
@@ -35,6 +36,8 @@ export interface TenantContext {
   storeEvents?: StoreEvents;
   /** The tenant's isolation guard when its Isolation is Strict. */
   guard?: IsolationGuard;
+  /** Where instances hold their UIDs between their check and Orthanc (every tenant). */
+  registry: UidRegistry;
   log: Logger;
 }
 
@@ -55,7 +58,7 @@ export function createTenantServices(ctx: TenantContext): TenantServices {
     isStandardStorageSopClass(uid) || (ctx.config.store.unknownSopClassAccepted && !uid.startsWith("1.2.840.10008.") && !abstractSyntaxes.has(uid));
   handlers.set(
     CommandField.CStoreRQ,
-    createStoreHandler({ tenant: ctx.tenant, spool: ctx.spool, orthanc: ctx.orthanc, labeler: ctx.labeler, forwarder: ctx.forwarder, guard: ctx.guard, events: ctx.storeEvents }),
+    createStoreHandler({ tenant: ctx.tenant, spool: ctx.spool, orthanc: ctx.orthanc, labeler: ctx.labeler, forwarder: ctx.forwarder, registry: ctx.registry, guard: ctx.guard, events: ctx.storeEvents }),
   );
 
   // Query (C-FIND SCP): Patient Root, Study Root and Patient/Study Only, within the tenant's labels.

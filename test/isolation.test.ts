@@ -8,6 +8,7 @@ import { readFileSync } from "node:fs";
 import { startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts";
 import { readDatasetHead } from "../src/dicom/dataset-head.ts";
 import { decodeFileMeta, fileMetaLength } from "../src/dicom/part10.ts";
+import { createLogger } from "../src/log.ts";
 import { OrthancClient } from "../src/orthanc/client.ts";
 import { orthancIds } from "../src/orthanc/identity.ts";
 import { findscuKeys, runTool } from "./helpers/dcmtk.ts";
@@ -19,6 +20,7 @@ let orthanc: OrthancHandle;
 let client: OrthancClient;
 let proxy: TcpProxy;
 let gw: Awaited<ReturnType<typeof startTestGateway>>;
+const logLines: string[] = [];
 
 const TENANTS = [
   { AET: "ALPHA", Labels: ["alpha"] },
@@ -41,10 +43,13 @@ async function findCount(aet: string, level: string, keys: Record<string, string
   return r.matches;
 }
 
-/** A copy of `source` edited with dcmodify: new SOP Instance UID plus the given tags. */
+/**
+ * A copy of `source` edited with dcmodify: new SOP Instance UID, new Study and Series Instance UIDs
+ * unless given (UIDs belong to the tenant that first stores them), plus the given tags.
+ */
 async function instance(tags: Record<string, string>, source = pydicomFile("CT_small.dcm")): Promise<string> {
   const [f] = await uniqueCopies(source, 1);
-  const args = Object.entries(tags).flatMap(([t, v]) => ["-i", `${t}=${v}`]);
+  const args = Object.entries({ "(0020,000d)": uid(), "(0020,000e)": uid(), ...tags }).flatMap(([t, v]) => ["-i", `${t}=${v}`]);
   const r = await runTool("dcmodify", ["-nb", ...args, f!]);
   if (r.code !== 0) throw new Error(r.output);
   return f!;
@@ -65,7 +70,12 @@ beforeAll(async () => {
   orthanc = await startOrthanc();
   client = new OrthancClient({ url: orthanc.url });
   proxy = await startTcpProxy(orthanc.httpPort);
-  gw = await startTestGateway(TENANTS, proxy.url, { Gateway: { Orthanc: { Url: proxy.url, TimeoutSeconds: 2 } } });
+  gw = await startTestGateway(
+    TENANTS,
+    proxy.url,
+    { Gateway: { Orthanc: { Url: proxy.url, TimeoutSeconds: 2 } } },
+    { logger: createLogger({ level: "warn", format: "json", sink: (l) => logLines.push(l) }) },
+  );
 }, 120_000);
 
 afterAll(async () => {
@@ -113,20 +123,94 @@ describe("Strict (default)", () => {
     expect(await labels("series", i.series)).toEqual(["alpha"]);
   });
 
-  test("the same Study UID under another PatientID is a different Orthanc study: allowed, and nothing leaks either way", async () => {
+  test("another tenant reusing a tenant's Study, Series or SOP Instance UID under another PatientID is refused (0x0124) at each level", async () => {
+    const victim = await instance({ "(0010,0020)": "VICTIM-UID", "(0020,000d)": uid() });
+    expect((await storescu("ALPHA", [victim])).output).toContain("Received Store Response (Success)");
+    await gw.forwarder.idle();
+    const [study, series, sop] = [await tagValue(victim, "0020,000d"), await tagValue(victim, "0020,000e"), await tagValue(victim, "0008,0018")];
+    const attacks: [string, Record<string, string>][] = [
+      ["Study", { "(0010,0020)": "ATTACKER-UID", "(0020,000d)": study }],
+      ["Series", { "(0010,0020)": "ATTACKER-UID", "(0020,000d)": uid(), "(0020,000e)": series }],
+      ["Instance", { "(0010,0020)": "ATTACKER-UID", "(0020,000d)": uid(), "(0008,0018)": sop }],
+    ];
+    for (const [level, tags] of attacks) {
+      const f = await instance(tags);
+      const r = await storescu("BETA", [f], ["-d"]);
+      expect(`${level}: ${r.output.match(/DIMSE Status\s+: (0x[0-9a-f]+)/)?.[1]}`).toBe(`${level}: 0x0124`);
+      expect(r.output).toContain(`Not authorized: ${level} belongs to another tenant`);
+    }
+    await gw.forwarder.idle();
+    // Orthanc holds one resource per UID, the victim's, with the victim's labels only.
+    for (const u of [study, series, sop]) expect((await client.postJson<unknown[]>("/tools/lookup", u)).length).toBe(1);
+    expect(await labels("studies", ids(victim).study)).toEqual(["alpha"]);
+    expect(await findCount("BETA", "STUDY", { StudyInstanceUID: study, PatientID: "" })).toBe(0);
+  });
+
+  test("within one tenant, the same Study UID under another PatientID is Orthanc's business: allowed, with a warning in the log", async () => {
     const study = uid();
-    const a = await instance({ "(0010,0020)": "PAT-A", "(0020,000d)": study });
-    const b = await instance({ "(0010,0020)": "PAT-B", "(0020,000d)": study });
-    expect((await storescu("ALPHA", [a])).output).toContain("Success");
-    expect((await storescu("BETA", [b])).output).toContain("Success");
+    const a = await instance({ "(0010,0020)": "SAME-TENANT-A", "(0020,000d)": study });
+    const b = await instance({ "(0010,0020)": "SAME-TENANT-B", "(0020,000d)": study });
+    expect((await storescu("ALPHA", [a])).output).toContain("Received Store Response (Success)");
+    await gw.forwarder.idle();
+    const before = logLines.length;
+    expect((await storescu("ALPHA", [b])).output).toContain("Received Store Response (Success)");
     await gw.forwarder.idle();
     expect(await labels("studies", ids(a).study)).toEqual(["alpha"]);
-    expect(await labels("studies", ids(b).study)).toEqual(["beta"]);
-    for (const level of ["PATIENT", "STUDY", "SERIES", "IMAGE"]) {
-      expect(`${level} ${await findCount("BETA", level, level === "PATIENT" ? { PatientID: "PAT-A" } : { PatientID: "PAT-A", StudyInstanceUID: level === "STUDY" ? study : study, ...(level === "IMAGE" ? { SeriesInstanceUID: await tagValue(a, "0020,000e") } : {}), ...(level === "SERIES" ? { SeriesInstanceUID: "" } : {}) })}`).toBe(`${level} 0`);
+    expect(await labels("studies", ids(b).study)).toEqual(["alpha"]);
+    const warning = logLines.slice(before).find((l) => l.includes("the UID is also used elsewhere by this tenant"));
+    expect(warning).toContain(study);
+    expect(await findCount("ALPHA", "STUDY", { StudyInstanceUID: study, PatientID: "" })).toBe(2);
+  });
+
+  test("a UID held in flight by another tenant (acknowledged while Orthanc was unreachable, not yet forwarded) is refused", async () => {
+    const study = uid();
+    const first = await instance({ "(0010,0020)": "INFLIGHT-A", "(0020,000d)": study });
+    proxy.cut();
+    try {
+      expect((await storescu("ALPHA", [first])).output).toContain("Received Store Response (Success)");
+      // Orthanc is still away: BETA's check consults the gateway's own records, which know ALPHA holds the study.
+      const attack = await instance({ "(0010,0020)": "INFLIGHT-B", "(0020,000d)": study });
+      const r = await storescu("BETA", [attack], ["-d"]);
+      expect(r.output).toMatch(/DIMSE Status\s+: 0x0124/);
+    } finally {
+      proxy.restore();
     }
-    expect(await findCount("BETA", "STUDY", { StudyInstanceUID: study, PatientID: "" })).toBe(1);
-    expect(await findCount("ALPHA", "STUDY", { StudyInstanceUID: study, PatientID: "" })).toBe(1);
+    gw.forwarder.wake();
+    await gw.forwarder.idle();
+    expect(await labels("studies", ids(first).study)).toEqual(["alpha"]);
+    expect((await client.postJson<unknown[]>("/tools/lookup", study)).length).toBe(1);
+  });
+
+  test("a study deleted in Orthanc and sent again is labeled again and visible to its tenant", async () => {
+    const study = uid();
+    const f = await instance({ "(0010,0020)": "DELETED-1", "(0020,000d)": study });
+    const g = await instance({ "(0010,0020)": "DELETED-1", "(0020,000d)": study, "(0020,000e)": await tagValue(f, "0020,000e") });
+    expect((await storescu("ALPHA", [f])).output).toContain("Success");
+    await gw.forwarder.idle();
+    expect(await findCount("ALPHA", "STUDY", { StudyInstanceUID: study })).toBe(1);
+    await client.delete(`/studies/${ids(f).study}`);
+    // Another instance of the same series: the gateway had labeled this study and series before.
+    expect((await storescu("ALPHA", [g])).output).toContain("Success");
+    await gw.forwarder.idle();
+    expect(await labels("studies", ids(g).study)).toEqual(["alpha"]);
+    expect(await labels("series", ids(g).series)).toEqual(["alpha"]);
+    expect(await findCount("ALPHA", "STUDY", { StudyInstanceUID: study })).toBe(1);
+    expect(await findCount("ALPHA", "IMAGE", { StudyInstanceUID: study, SeriesInstanceUID: await tagValue(g, "0020,000e"), SOPInstanceUID: "" })).toBe(1);
+  });
+
+  test("a claim on a study deleted from Orthanc is released: another tenant may then create that Study UID", async () => {
+    const study = uid();
+    const mine = await instance({ "(0010,0020)": "LVL-DELETED", "(0020,000d)": study });
+    expect((await storescu("LVL", [mine])).output).toContain("Success");
+    await gw.forwarder.idle();
+    const attack = await instance({ "(0010,0020)": "LVL-OTHER", "(0020,000d)": study });
+    expect((await storescu("ALPHA", [attack], ["-d"])).output).toMatch(/DIMSE Status\s+: 0x0124/);
+    await client.delete(`/studies/${ids(mine).study}`);
+    expect((await storescu("ALPHA", [attack])).output).toContain("Received Store Response (Success)");
+    await gw.forwarder.idle();
+    expect(await labels("studies", ids(attack).study)).toEqual(["alpha"]);
+    const claims = readFileSync(`${gw.config.spool.directory}/claims.jsonl`, "utf8").trim().split("\n").map((l) => JSON.parse(l) as { uid?: string; tenant: string; released?: boolean });
+    expect(claims.filter((c) => c.uid === study).map((c) => `${c.tenant}${c.released ? " released" : ""}`)).toEqual(["LVL", "LVL released", "ALPHA"]);
   });
 
   test("a shared PatientID in two tenants is allowed and never shows the other tenant's studies", async () => {
@@ -165,7 +249,7 @@ describe("Strict (default)", () => {
     // ...another tenant may not.
     const attack = await instance({ "(0010,0020)": "LVLPAT", "(0020,000d)": study, "(0020,000e)": uid() });
     expect((await storescu("ALPHA", [attack], ["-d"])).output).toMatch(/DIMSE Status\s+: 0x0124/);
-    expect(readFileSync(`${gw.config.spool.directory}/claims.jsonl`, "utf8")).toContain(ids(mine).study);
+    expect(readFileSync(`${gw.config.spool.directory}/claims.jsonl`, "utf8")).toContain(`"uid":"${study}","level":"Study","tenant":"LVL"`);
   });
 
   test("a study already in Orthanc without labels (not sent through a tenant) cannot be claimed", async () => {

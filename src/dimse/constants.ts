@@ -123,6 +123,8 @@ export const Status = {
   SopClassNotSupported: 0x0122,
   /** PS3.7 C.5.11 */
   NotAuthorized: 0x0124,
+  /** PS3.7 C.5.5: a general failure in processing the operation */
+  ProcessingFailure: 0x0110,
   /** PS3.7 C.5.10 */
   UnrecognizedOperation: 0x0211,
   /** PS3.7 C.4.x: duplicate invocation */

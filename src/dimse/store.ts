@@ -12,12 +12,12 @@
 import type { TenantConfig } from "../config/types.ts";
 import { isValidUid } from "../dicom/uids.ts";
 import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
-import { isPermanentRejection, uploadFile, type Labeler } from "../orthanc/store.ts";
+import { isPermanentRejection, placementMismatch, uploadFile, type Labeler } from "../orthanc/store.ts";
 import type { Forwarder } from "../spool/forwarder.ts";
-import { HEAD_BYTES, SpoolDiskError, SpoolQuotaError, type ReceivedFile, type TenantSpool } from "../spool/spool.ts";
+import { HEAD_BYTES, newSpoolId, SpoolDiskError, SpoolQuotaError, type ReceivedFile, type TenantSpool } from "../spool/spool.ts";
 import { DatasetHeadError, readDatasetHead } from "../dicom/dataset-head.ts";
-import { orthancIds, type OrthancIds } from "../orthanc/identity.ts";
-import type { IsolationGuard } from "../tenancy/isolation.ts";
+import type { InstanceIdentity, IsolationGuard, IsolationVerdict } from "../tenancy/isolation.ts";
+import type { UidRegistry } from "../tenancy/ownership.ts";
 import type { DimseHandler, DimseResponder } from "./association.ts";
 import { Status } from "./constants.ts";
 
@@ -29,7 +29,11 @@ export interface StoreEvents {
   /** A failure status was answered. */
   refused?(status: number, reason: string): void;
   /** Strict isolation refused an instance (also reported through refused). */
-  isolationRefused?(reason: string, ids: OrthancIds): void;
+  isolationRefused?(reason: string, identity: InstanceIdentity): void;
+  /** Strict isolation allowed an instance with a remark (the same UID under another PatientID of the tenant). */
+  isolationWarning?(warning: string, identity: InstanceIdentity): void;
+  /** Orthanc filed an instance elsewhere than checked (Sync mode); `deleted`: the gateway undid its upload. */
+  misplaced?(reason: string, deleted: boolean): void;
 }
 
 export interface StoreServiceDeps {
@@ -38,6 +42,8 @@ export interface StoreServiceDeps {
   orthanc: OrthancClient;
   labeler: Labeler;
   forwarder: Forwarder;
+  /** Every instance between its check and Orthanc holds its UIDs here (Strict and Shared tenants alike). */
+  registry: UidRegistry;
   /** Present when the tenant's Isolation is Strict. */
   guard?: IsolationGuard;
   events?: StoreEvents;
@@ -56,14 +62,17 @@ export function createStoreHandler(deps: StoreServiceDeps): DimseHandler {
   };
 }
 
+type Fail = (status: number, comment: string, reason?: string) => Promise<void>;
+
 function storeHandler(deps: StoreServiceDeps): DimseHandler {
   const { tenant, spool, events } = deps;
   return async (request, responder) => {
     const cmd = request.command;
     const sopClassUid = cmd.affectedSopClassUid ?? request.presentationContext.abstractSyntax;
     const sopInstanceUid = cmd.affectedSopInstanceUid ?? "";
+    const transferSyntaxUid = request.presentationContext.transferSyntax;
     /** ErrorComment is LO (64 characters): the comment says what happened; the log gets the whole reason. */
-    const fail = async (status: number, comment: string, reason = comment) => {
+    const fail: Fail = async (status, comment, reason = comment) => {
       request.dataset?.discard();
       events?.refused?.(status, reason);
       await responder.respond({ status, errorComment: truncate(comment), affectedSopInstanceUid: sopInstanceUid || undefined });
@@ -78,13 +87,12 @@ function storeHandler(deps: StoreServiceDeps): DimseHandler {
       );
     }
 
+    // The spool record's id also keys what the instance holds in the UID registry until it is in Orthanc.
+    const id = newSpoolId();
     let received: ReceivedFile;
     try {
       // Not durable yet: Spool commits (fsyncs) it below; Sync answers once Orthanc has it and discards it.
-      received = await spool.receive(
-        { sopClassUid, sopInstanceUid, transferSyntaxUid: request.presentationContext.transferSyntax, sourceAeTitle: responder.association.callingAeTitle },
-        request.dataset,
-      );
+      received = await spool.receive({ sopClassUid, sopInstanceUid, transferSyntaxUid, sourceAeTitle: responder.association.callingAeTitle }, request.dataset, id);
     } catch (e) {
       if (e instanceof SpoolQuotaError) return fail(Status.OutOfResources, "Gateway spool quota full, retry later", e.message);
       if (e instanceof SpoolDiskError) return fail(Status.OutOfResources, "Gateway spool disk error, retry later", e.message);
@@ -93,51 +101,62 @@ function storeHandler(deps: StoreServiceDeps): DimseHandler {
     events?.received?.(received.size);
     responder.audit({ sopInstanceUid, sopClassUid, bytes: received.size });
 
-    let ids: OrthancIds | undefined;
-    if (deps.guard) {
-      const checked = await checkIsolation(deps, received, request.presentationContext.transferSyntax, sopInstanceUid, responder);
-      if ("refusal" in checked) {
-        await spool.discard(received);
-        return fail(checked.refusal.status, checked.refusal.comment, checked.refusal.reason);
-      }
-      ids = checked.ids;
+    const refuse: Fail = async (status, comment, reason) => {
+      deps.registry.releaseHold(id);
+      await spool.discard(received);
+      return fail(status, comment, reason);
+    };
+    const identified = await identify(deps, received, transferSyntaxUid);
+    if ("refusal" in identified) return refuse(identified.refusal.status, identified.refusal.comment, identified.refusal.reason);
+    const identity = identified.identity;
+    if (identity.sopInstanceUid !== sopInstanceUid) {
+      return refuse(Status.UnableToProcess, "SOP Instance UID differs from the command", `the data set's SOP Instance UID ${identity.sopInstanceUid} differs from the command's ${sopInstanceUid}`);
     }
+    responder.audit({ studyInstanceUid: identity.studyInstanceUid, seriesInstanceUid: identity.seriesInstanceUid, patientId: identity.patientId });
 
-    if (tenant.forwarding === "Sync") return storeSync(deps, received, responder, sopInstanceUid, fail, ids);
+    let verdict: Extract<IsolationVerdict, { ok: true }> | undefined;
+    if (deps.guard) {
+      const checked = await checkIsolation(deps, identity, id, responder);
+      if ("refusal" in checked) return refuse(checked.refusal.status, checked.refusal.comment, checked.refusal.reason);
+      verdict = checked.verdict;
+    } else deps.registry.hold(id, tenant.aet, identity);
+
+    if (tenant.forwarding === "Sync") {
+      try {
+        return await storeSync(deps, received, responder, sopInstanceUid, fail, verdict);
+      } finally {
+        deps.registry.releaseHold(id);
+      }
+    }
 
     try {
       const entry = await spool.commit(received, {
         sopClassUid,
         sopInstanceUid,
-        transferSyntaxUid: request.presentationContext.transferSyntax,
+        transferSyntaxUid,
         callingAeTitle: responder.association.callingAeTitle,
         peer: `${responder.association.peer.address}:${responder.association.peer.port}`,
         receivedAt: new Date().toISOString(),
-        ...(ids ? { orthancIds: ids } : {}),
+        patientId: identity.patientId,
+        studyInstanceUid: identity.studyInstanceUid,
+        seriesInstanceUid: identity.seriesInstanceUid,
+        ...(verdict ? { isolation: verdict.checked ? "checked" : "unchecked", instanceIsNew: verdict.instanceIsNew } : {}),
       });
       deps.forwarder.add(tenant, spool, entry);
     } catch (e) {
-      await spool.discard(received);
-      return fail(Status.OutOfResources, "Gateway spool disk error, retry later", e instanceof Error ? e.message : String(e));
+      return refuse(Status.OutOfResources, "Gateway spool disk error, retry later", e instanceof Error ? e.message : String(e));
     }
     events?.acknowledged?.(received.size);
     await responder.respond({ status: Status.Success, affectedSopInstanceUid: sopInstanceUid });
   };
 }
 
-/**
- * Strict isolation at C-STORE time: where would Orthanc file this instance, and may this tenant store
- * there? Orthanc unreachable: Sync fails (nothing can be stored anyway); Spool checks the gateway's own
- * claims now and Orthanc when forwarding (the forwarder quarantines what turns out to conflict).
- */
-async function checkIsolation(
+/** What identifies the instance for Orthanc, read from its data set. */
+async function identify(
   deps: StoreServiceDeps,
   received: ReceivedFile,
   transferSyntax: string,
-  sopInstanceUid: string,
-  responder: DimseResponder,
-): Promise<{ refusal: { status: number; comment: string; reason: string } } | { ids: OrthancIds }> {
-  let ids: OrthancIds;
+): Promise<{ identity: InstanceIdentity } | { refusal: { status: number; comment: string; reason: string } }> {
   try {
     let head;
     try {
@@ -147,36 +166,46 @@ async function checkIsolation(
       if (!(e instanceof DatasetHeadError && e.truncated && received.head.length === HEAD_BYTES)) throw e;
       head = readDatasetHead(await deps.spool.datasetBytes(received, 1 << 20), transferSyntax);
     }
-    if (head.sopInstanceUid !== sopInstanceUid) {
-      return {
-        refusal: {
-          status: Status.UnableToProcess,
-          comment: "SOP Instance UID differs from the command",
-          reason: `the data set's SOP Instance UID ${head.sopInstanceUid} differs from the command's ${sopInstanceUid}`,
-        },
-      };
-    }
-    ids = orthancIds(head);
-    responder.audit({ studyInstanceUid: head.studyInstanceUid, seriesInstanceUid: head.seriesInstanceUid, patientId: head.patientId });
+    return { identity: head };
   } catch (e) {
     if (!(e instanceof DatasetHeadError)) throw e;
     return { refusal: { status: Status.UnableToProcess, comment: "Cannot read Study/Series/SOP Instance UID", reason: `cannot place the instance: ${e.message}` } };
   }
-  let verdict;
+}
+
+/**
+ * Strict isolation at C-STORE time: may this tenant store an instance with these UIDs? Orthanc
+ * unreachable: Sync fails (nothing can be stored anyway); Spool checks the gateway's own records now and
+ * Orthanc before forwarding (the forwarder quarantines what turns out to conflict, a cause the gateway
+ * could not know at C-STORE time).
+ */
+async function checkIsolation(
+  deps: StoreServiceDeps,
+  identity: InstanceIdentity,
+  holdKey: string,
+  responder: DimseResponder,
+): Promise<{ refusal: { status: number; comment: string; reason: string } } | { verdict: Extract<IsolationVerdict, { ok: true }> }> {
+  let verdict: IsolationVerdict;
   try {
-    verdict = await deps.guard!.check(ids);
+    try {
+      verdict = await deps.guard!.check(identity, holdKey);
+    } catch (e) {
+      if (!(e instanceof OrthancError)) throw e;
+      if (deps.tenant.forwarding === "Sync") {
+        return { refusal: { status: Status.OutOfResources, comment: "Orthanc unavailable, not stored; retry later", reason: `isolation check impossible: ${e.message}` } };
+      }
+      verdict = await deps.guard!.check(identity, holdKey, { offline: true });
+    }
   } catch (e) {
-    if (!(e instanceof OrthancError)) {
-      // The claims file could not be written (disk full, permissions): nothing was acknowledged.
-      return { refusal: { status: Status.OutOfResources, comment: "Gateway spool disk error, retry later", reason: `cannot record the claim: ${(e as Error).message}` } };
-    }
-    if (deps.tenant.forwarding === "Sync") {
-      return { refusal: { status: Status.OutOfResources, comment: "Orthanc unavailable, not stored; retry later", reason: `isolation check impossible: ${e.message}` } };
-    }
-    verdict = await deps.guard!.check(ids, { claimsOnly: true });
+    // The claims file could not be written (disk full, permissions): nothing was acknowledged.
+    return { refusal: { status: Status.OutOfResources, comment: "Gateway spool disk error, retry later", reason: `cannot record the claim: ${(e as Error).message}` } };
   }
-  if (verdict.ok) return { ids };
-  deps.events?.isolationRefused?.(verdict.reason, ids);
+  if (verdict.ok) {
+    for (const w of verdict.warnings) deps.events?.isolationWarning?.(w, identity);
+    if (verdict.warnings.length > 0) responder.audit({ isolationWarning: verdict.warnings.join("; ") });
+    return { verdict };
+  }
+  deps.events?.isolationRefused?.(verdict.reason, identity);
   responder.audit({ isolation: "refused", isolationReason: verdict.reason });
   return { refusal: { status: Status.NotAuthorized, comment: `Not authorized: ${verdict.level} belongs to another tenant`, reason: `isolation: ${verdict.reason}` } };
 }
@@ -186,14 +215,18 @@ async function storeSync(
   received: ReceivedFile,
   responder: DimseResponder,
   sopInstanceUid: string,
-  fail: (status: number, comment: string, reason?: string) => Promise<void>,
-  ids?: OrthancIds,
+  fail: Fail,
+  verdict?: Extract<IsolationVerdict, { ok: true }>,
 ): Promise<void> {
   try {
     const stored = await uploadFile(deps.orthanc, await deps.spool.bytesOf(received));
-    if (ids && (stored.parentStudy !== ids.study || stored.parentSeries !== ids.series || stored.id !== ids.instance)) {
-      if (stored.status === "Success") await deps.orthanc.delete(`/instances/${stored.id}`);
-      return fail(Status.NotAuthorized, "Not authorized: unexpected placement in Orthanc", `isolation: Orthanc filed the instance under study ${stored.parentStudy}, not the checked ${ids.study}`);
+    const misplaced = verdict && placementMismatch(stored, verdict.ids);
+    if (misplaced) {
+      // Never delete what this upload did not create: only a new instance that was not in Orthanc before.
+      const deleted = stored.status === "Success" && verdict.instanceIsNew;
+      if (deleted) await deps.orthanc.delete(`/instances/${stored.id}`);
+      deps.events?.misplaced?.(misplaced, deleted);
+      return fail(Status.ProcessingFailure, "Orthanc filed it elsewhere than checked (see log)", `isolation: ${misplaced}; ${deleted ? "the upload was undone" : "left in Orthanc as it was (not created by this upload)"}`);
     }
     await deps.labeler.apply(stored, deps.tenant);
   } catch (e) {

@@ -6,7 +6,9 @@ import { open } from "node:fs/promises";
 import { collectAsStreamGrows } from "../adapter/index.ts";
 import { readRange, type FileRange } from "../file-range.ts";
 import type { ResourceLevel } from "../config/types.ts";
+import type { ChangesFeed } from "./changes.ts";
 import { OrthancError, type OrthancClient } from "./client.ts";
+import type { OrthancIds } from "./identity.ts";
 
 export interface StoredInstance {
   id: string;
@@ -81,6 +83,15 @@ export async function uploadFile(client: OrthancClient, source: Uint8Array | Fil
   return { id: a.ID, parentPatient: a.ParentPatient, parentStudy: a.ParentStudy, parentSeries: a.ParentSeries, status: a.Status };
 }
 
+/**
+ * Why Orthanc's answer to an upload does not match where the gateway checked the instance would be filed
+ * (undefined when it matches): the gateway's reading of PatientID and the UIDs disagreed with Orthanc's.
+ */
+export function placementMismatch(stored: StoredInstance, expected: OrthancIds): string | undefined {
+  if (stored.parentStudy === expected.study && stored.parentSeries === expected.series && stored.id === expected.instance) return undefined;
+  return `Orthanc filed the instance as ${stored.id} under study ${stored.parentStudy}, series ${stored.parentSeries}, not the checked ${expected.instance}, ${expected.study}, ${expected.series}`;
+}
+
 /** True when retrying cannot help: Orthanc refused the content itself (400 Bad file format, 415...). */
 export function isPermanentRejection(e: unknown): boolean {
   return e instanceof OrthancError && e.kind === "http" && (e.status === 400 || e.status === 415 || e.status === 413);
@@ -89,49 +100,64 @@ export function isPermanentRejection(e: unknown): boolean {
 const LEVEL_PATH: Record<ResourceLevel, string> = { Patient: "patients", Study: "studies", Series: "series", Instance: "instances" };
 
 /**
- * Puts a tenant's labels on the levels it stores at. Studies, series and patients already labeled
- * are remembered (bounded), so a study of 500 instances costs one study label call, not 500.
+ * Puts a tenant's labels on the levels it stores at. Labels already put on a study, series or patient
+ * are remembered (bounded), so a study of 500 instances costs one study label call, not 500 — but only
+ * while that knowledge is current: a remembered label is put again when Orthanc's change log shows the
+ * resource created after it was labeled (it was deleted and created again by this upload: its labels
+ * are gone), and after `ttlMs` (another client may have removed it). Without a change feed (tests of the
+ * labeling alone), only the time limit applies.
  */
 export class Labeler {
-  private readonly done = new Map<string, true>();
+  /** level/id/label -> when it was put: the change log's sequence number then, and the time. */
+  private readonly done = new Map<string, { seq: number; at: number }>();
 
   constructor(
     private readonly client: OrthancClient,
-    private readonly cacheSize = 50_000,
+    private readonly opts: { feed?: ChangesFeed; cacheSize?: number; ttlMs?: number } = {},
   ) {}
 
   async apply(stored: StoredInstance, tenant: { labels: readonly string[]; labelsStoreLevels: readonly ResourceLevel[] }, signal?: AbortSignal): Promise<number> {
-    let calls = 0;
     const ids: Record<ResourceLevel, string> = { Patient: stored.parentPatient, Study: stored.parentStudy, Series: stored.parentSeries, Instance: stored.id };
-    const work: Promise<void>[] = [];
+    const now = Date.now();
+    const ttl = this.opts.ttlMs ?? 60_000;
+    const put: [ResourceLevel, string][] = [];
+    const remembered: [ResourceLevel, string, number][] = [];
     for (const level of tenant.labelsStoreLevels) {
       for (const label of tenant.labels) {
-        const key = `${level}/${ids[level]}/${label}`;
-        // Instances are new (or a replay): always label them; parents only once.
-        if (level !== "Instance" && this.done.has(key)) continue;
-        calls++;
-        work.push(
-          this.client.put(`/${LEVEL_PATH[level]}/${ids[level]}/labels/${encodeURIComponent(label)}`, "", { signal }).then(() => {
-            if (level !== "Instance") this.remember(key);
-          }),
-        );
+        // Instances are new (or a replay): always label them; parents only while nothing says otherwise.
+        const known = level === "Instance" ? undefined : this.done.get(`${level}/${ids[level]}/${label}`);
+        if (known && known.seq >= 0 && now - known.at < ttl) remembered.push([level, label, known.seq]);
+        else put.push([level, label]);
       }
     }
-    await Promise.all(work);
-    return calls;
+    if (remembered.length > 0 && this.opts.feed) {
+      // Was a remembered parent created again since it was labeled? This upload may have done it.
+      await this.opts.feed.sync();
+      for (const [level, label, seq] of remembered) if (this.opts.feed.createdSince(ids[level], seq)) put.push([level, label]);
+    }
+    const seq = this.opts.feed?.lastSeq ?? 0;
+    await Promise.all(
+      put.map(([level, label]) =>
+        this.client.put(`/${LEVEL_PATH[level]}/${ids[level]}/labels/${encodeURIComponent(label)}`, "", { signal }).then(() => {
+          if (level !== "Instance") this.remember(`${level}/${ids[level]}/${label}`, seq, now);
+        }),
+      ),
+    );
+    return put.length;
   }
 
-  /** Forget cached parents (e.g. after Orthanc was restarted with an empty database). */
+  /** Forget everything remembered (Orthanc's database was replaced). */
   clear(): void {
     this.done.clear();
   }
 
-  private remember(key: string): void {
-    if (this.done.size >= this.cacheSize) {
+  private remember(key: string, seq: number, at: number): void {
+    this.done.delete(key);
+    if (this.done.size >= (this.opts.cacheSize ?? 50_000)) {
       const oldest = this.done.keys().next().value;
       if (oldest !== undefined) this.done.delete(oldest);
     }
-    this.done.set(key, true);
+    this.done.set(key, { seq, at });
   }
 }
 

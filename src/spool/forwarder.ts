@@ -13,18 +13,32 @@
  */
 import type { TenantConfig } from "../config/types.ts";
 import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
-import { isPermanentRejection, storedAttachmentInfo, STREAM_ABOVE, uploadFile, type Labeler, type StoredInstance } from "../orthanc/store.ts";
+import { isPermanentRejection, placementMismatch, storedAttachmentInfo, STREAM_ABOVE, uploadFile, type Labeler, type StoredInstance } from "../orthanc/store.ts";
 import { TenantSpool, type SpoolEntry } from "./spool.ts";
 import { DatasetHeadError } from "../dicom/dataset-head.ts";
 import { orthancIds, type OrthancIds } from "../orthanc/identity.ts";
-import { readFileHeadAttributes, type IsolationGuard } from "../tenancy/isolation.ts";
+import type { InstanceIdentity, IsolationGuard } from "../tenancy/isolation.ts";
+import type { UidRegistry } from "../tenancy/ownership.ts";
+import { readFileHeadAttributes } from "./spooled-identity.ts";
+
+/**
+ * Why an acknowledged instance was set aside (a metric label; each one is worth an alert):
+ * orthanc-refused — Orthanc refused its content for good (400, 413, 415);
+ * unreadable — its spooled data set could not be read back (only records written before 0.3);
+ * isolation — Strict isolation refused it when forwarding (it was acknowledged while Orthanc was unreachable);
+ * placement — Orthanc filed it elsewhere than the gateway checked (its reading of the data set differs);
+ * integrity — Orthanc stored other bytes than were received (VerifyIntegrity).
+ */
+export type QuarantineKind = "orthanc-refused" | "unreadable" | "isolation" | "placement" | "integrity";
 
 export interface ForwarderEvents {
   /** Strict isolation found, when forwarding, that the instance would land in another tenant's resources. */
   isolationRefused?(tenant: TenantConfig, entry: SpoolEntry, reason: string): void;
   forwarded?(tenant: TenantConfig, entry: SpoolEntry, seconds: number, stored: StoredInstance): void;
   failed?(tenant: TenantConfig, entry: SpoolEntry, error: Error, attempt: number, retryInMs: number): void;
-  quarantined?(tenant: TenantConfig, entry: SpoolEntry, reason: string): void;
+  quarantined?(tenant: TenantConfig, entry: SpoolEntry, reason: string, kind: QuarantineKind): void;
+  /** Orthanc filed an instance elsewhere than checked; `deleted`: the gateway undid its own upload. */
+  misplaced?(tenant: TenantConfig, entry: SpoolEntry, reason: string, deleted: boolean): void;
 }
 
 export interface ForwarderOptions {
@@ -35,6 +49,8 @@ export interface ForwarderOptions {
   events?: ForwarderEvents;
   /** The isolation guard of a Strict tenant (undefined for Shared). */
   guardFor?: (tenant: TenantConfig) => IsolationGuard | undefined;
+  /** Where spooled instances hold their UIDs until they are in Orthanc (released here). */
+  registry?: UidRegistry;
   /** Backoff of one entry after a transient failure: base * 2^(attempt-1), capped, with ±50% jitter. */
   backoffBaseMs?: number;
   backoffMaxMs?: number;
@@ -261,52 +277,60 @@ export class Forwarder {
     const { tenant, spool, entry } = job;
     const started = performance.now();
     job.attempt++;
+    const quarantine = async (kind: QuarantineKind, reason: string) => {
+      await spool.quarantine(entry, reason);
+      this.opts.registry?.releaseHold(entry.id);
+      this.opts.events?.quarantined?.(tenant, entry, reason, kind);
+    };
     try {
-      // Strict isolation: checked again now that Orthanc can be asked (it may not have been at C-STORE time).
       const guard = this.opts.guardFor?.(tenant);
       let ids: OrthancIds | undefined;
+      let instanceIsNew = entry.instanceIsNew === true;
       if (guard) {
-        ids = entry.orthancIds ?? orthancIds(await readFileHeadAttributes(entry, entry.transferSyntaxUid));
-        const verdict = await guard.check(ids);
-        if (!verdict.ok) {
-          const reason = `isolation: ${verdict.reason}`;
-          await spool.quarantine(entry, reason);
-          this.opts.events?.isolationRefused?.(tenant, entry, reason);
-          this.opts.events?.quarantined?.(tenant, entry, reason);
-          return;
+        const identity = await this.identityOf(entry);
+        ids = orthancIds(identity);
+        // Strict isolation: an instance acknowledged while Orthanc was unreachable is checked now.
+        if (entry.isolation !== "checked") {
+          const verdict = await guard.check(identity, entry.id);
+          if (!verdict.ok) {
+            const reason = `isolation: ${verdict.reason} (checked when forwarding: Orthanc was unreachable when the instance was acknowledged)`;
+            await quarantine("isolation", reason);
+            this.opts.events?.isolationRefused?.(tenant, entry, reason);
+            return;
+          }
+          instanceIsNew = verdict.instanceIsNew;
         }
       }
       const stored = await uploadFile(this.opts.orthanc, entry.size <= STREAM_ABOVE ? await spool.read(entry) : entry);
-      if (ids && (stored.parentStudy !== ids.study || stored.parentSeries !== ids.series || stored.id !== ids.instance)) {
-        // Orthanc filed it elsewhere than the isolation check assumed: undo a fresh store, keep the file aside.
-        if (stored.status === "Success") await this.opts.orthanc.delete(`/instances/${stored.id}`);
-        const reason = `isolation: Orthanc filed the instance under study ${stored.parentStudy}, series ${stored.parentSeries}, not the checked ${ids.study}, ${ids.series}`;
-        await spool.quarantine(entry, reason);
-        this.opts.events?.quarantined?.(tenant, entry, reason);
+      const misplaced = ids && placementMismatch(stored, ids);
+      if (misplaced) {
+        // Never delete what this upload did not create: only a new instance that was not in Orthanc before.
+        const deleted = stored.status === "Success" && instanceIsNew;
+        if (deleted) await this.opts.orthanc.delete(`/instances/${stored.id}`);
+        this.opts.events?.misplaced?.(tenant, entry, misplaced, deleted);
+        await quarantine("placement", `isolation: ${misplaced}; ${deleted ? "the upload was undone" : "left in Orthanc as it was (not created by this upload)"}`);
         return;
       }
       if (this.opts.verifyIntegrity && stored.status === "Success") {
         const got = await storedAttachmentInfo(this.opts.orthanc, stored.id);
         const md5 = entry.md5 ?? (await TenantSpool.md5Of(entry));
         if (got.md5 !== md5 || got.size !== entry.size) {
-          const reason = `integrity check failed: Orthanc stored ${got.size} bytes with MD5 ${got.md5}, the gateway received ${entry.size} bytes with MD5 ${md5}`;
-          await spool.quarantine(entry, reason);
-          this.opts.events?.quarantined?.(tenant, entry, reason);
+          await quarantine("integrity", `integrity check failed: Orthanc stored ${got.size} bytes with MD5 ${got.md5}, the gateway received ${entry.size} bytes with MD5 ${md5}`);
           return;
         }
       }
       await this.opts.labeler.apply(stored, tenant);
       await spool.remove(entry);
+      this.opts.registry?.releaseHold(entry.id);
       this.outageOver();
       this.opts.events?.forwarded?.(tenant, entry, (performance.now() - started) / 1000, stored);
     } catch (e) {
       const err = e instanceof Error ? e : new Error(String(e));
       if (isPermanentRejection(err) || err instanceof DatasetHeadError) {
         this.outageOver();
-        const reason = `${err instanceof DatasetHeadError ? "cannot place the instance" : "Orthanc refused the instance"}: ${(err as Error).message}`;
+        const unreadable = err instanceof DatasetHeadError;
         try {
-          await spool.quarantine(entry, reason);
-          this.opts.events?.quarantined?.(tenant, entry, reason);
+          await quarantine(unreadable ? "unreadable" : "orthanc-refused", `${unreadable ? "cannot place the instance" : "Orthanc refused the instance"}: ${err.message}`);
           return;
         } catch (qe) {
           // Could not move it aside: keep it queued rather than lose it.
@@ -327,6 +351,14 @@ export class Forwarder {
       this.outageOver();
       this.requeue(job, err);
     }
+  }
+
+  /** What identifies a spooled instance: from its record, or (records of 0.2 and older) read from its data set. */
+  private async identityOf(entry: SpoolEntry): Promise<InstanceIdentity> {
+    if (entry.patientId !== undefined && entry.studyInstanceUid && entry.seriesInstanceUid) {
+      return { patientId: entry.patientId, studyInstanceUid: entry.studyInstanceUid, seriesInstanceUid: entry.seriesInstanceUid, sopInstanceUid: entry.sopInstanceUid };
+    }
+    return readFileHeadAttributes(entry, entry.transferSyntaxUid);
   }
 
   private requeue(job: Job, err: Error): void {

@@ -40,8 +40,19 @@ export interface SpoolRecord {
   size: number;
   /** MD5 of the Part 10 file (what Orthanc stores), hex; computed while receiving when integrity is verified. */
   md5?: string;
-  /** Where Orthanc files it, as checked by Strict isolation at C-STORE time (the forwarder checks again). */
+  /** Where Orthanc files it (0.2 records; later ones carry the identity below instead). */
   orthancIds?: OrthancIds;
+  /** What identifies it for Orthanc, read strictly at C-STORE time (absent in records of 0.2 and older). */
+  patientId?: string;
+  studyInstanceUid?: string;
+  seriesInstanceUid?: string;
+  /**
+   * Strict isolation at C-STORE time: "checked" against Orthanc, or "unchecked" (Orthanc was unreachable:
+   * only the gateway's own records were consulted; the forwarder checks before the upload).
+   */
+  isolation?: "checked" | "unchecked";
+  /** No instance with its SOP Instance UID was in Orthanc at C-STORE time. */
+  instanceIsNew?: boolean;
 }
 
 export interface SpoolEntry extends SpoolRecord, FileRange {}
@@ -515,9 +526,9 @@ export class TenantSpool {
    * exceeded, SpoolDiskError on disk problems; nothing of a failed instance stays, including one
    * whose source fails (truncated association).
    */
-  async receive(meta: FileMeta, source: AsyncIterable<Uint8Array>): Promise<ReceivedFile> {
+  async receive(meta: FileMeta, source: AsyncIterable<Uint8Array>, id = newSpoolId()): Promise<ReceivedFile> {
     const segment = await this.acquireWriter();
-    const r = new Receipt(newSpoolId(), segment, segment.size);
+    const r = new Receipt(id, segment, segment.size);
     // MD5 only where the forwarder compares it with Orthanc's (VerifyIntegrity): CRC-32 is ~40 times cheaper.
     const hash = this.md5 ? createHash("md5") : undefined;
     const reserve = (n: number) => {
