@@ -233,20 +233,13 @@ describe("bad data sets", () => {
     return rsp?.status;
   }
 
-  test("Strict: a data set whose Study/Series/SOP Instance UIDs cannot be read is refused with 0xC000", async () => {
+  test("a data set whose Study/Series/SOP Instance UIDs cannot be read is refused with 0xC000 before any acknowledgement, Strict or Shared", async () => {
     expect(await storeGarbage("ALPHA")).toBe(Status.UnableToProcess);
-  });
-
-  test("Shared: Orthanc refuses it permanently (400): quarantined with the reason, counted, listed in /status", async () => {
-    expect(await storeGarbage("LOOSE")).toBe(Status.Success);
+    expect(await storeGarbage("LOOSE")).toBe(Status.UnableToProcess);
     await gw.forwarder.idle();
-    const s = (await (await fetch(gw.httpUrl + "/status")).json()) as { quarantine: { tenant: string; sopInstanceUid: string; reason: string; file: string }[]; tenants: { aet: string; spool: { quarantined: number; depth: number } }[] };
-    const q = s.quarantine.find((e) => e.sopInstanceUid === "1.2.3.4.5.6.7");
-    expect(q?.tenant).toBe("LOOSE");
-    expect(q?.reason).toMatch(/Orthanc refused the instance: Orthanc answered 400/);
-    expect(readdirSync(join(gw.config.spool.directory, "LOOSE", "quarantine")).sort()).toEqual([q!.file.split("/").at(-1)!, q!.file.split("/").at(-1)!.replace(/\.dcm$/, ".json")].sort());
-    expect(s.tenants.find((t) => t.aet === "LOOSE")!.spool).toMatchObject({ quarantined: 1, depth: 0 });
-    expect(await (await fetch(gw.httpUrl + "/metrics")).text()).toMatch(/dicom_gateway_store_instances_total\{tenant="LOOSE",stage="quarantined"\} 1/);
+    const s = (await (await fetch(gw.httpUrl + "/status")).json()) as { quarantine: { sopInstanceUid: string }[]; tenants: { aet: string; spool: { quarantined: number; depth: number } }[] };
+    expect(s.quarantine.find((e) => e.sopInstanceUid === "1.2.3.4.5.6.7")).toBeUndefined();
+    expect(await (await fetch(gw.httpUrl + "/metrics")).text()).toMatch(/dicom_gateway_store_instances_total\{tenant="LOOSE",stage="refused"\} [1-9]/);
   });
 });
 

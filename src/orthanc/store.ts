@@ -80,6 +80,10 @@ export async function uploadFile(client: OrthancClient, source: Uint8Array | Fil
     signal,
   });
   if (!a || typeof a.ID !== "string") throw new OrthancError(`Orthanc's answer to POST /instances has no ID: ${JSON.stringify(a)}`, { kind: "http" });
+  if (a.Status === "FilteredOut") {
+    // Orthanc's own filter (a Lua ReceivedInstanceFilter, a plugin's incoming-instance filter) refused it, for good.
+    throw new OrthancError("Orthanc filtered the instance out (its ReceivedInstanceFilter or a plugin's filter refused it): see Orthanc's configuration", { kind: "http", status: 403, body: a });
+  }
   return { id: a.ID, parentPatient: a.ParentPatient, parentStudy: a.ParentStudy, parentSeries: a.ParentSeries, status: a.Status };
 }
 
@@ -92,9 +96,9 @@ export function placementMismatch(stored: StoredInstance, expected: OrthancIds):
   return `Orthanc filed the instance as ${stored.id} under study ${stored.parentStudy}, series ${stored.parentSeries}, not the checked ${expected.instance}, ${expected.study}, ${expected.series}`;
 }
 
-/** True when retrying cannot help: Orthanc refused the content itself (400 Bad file format, 415...). */
+/** True when retrying cannot help: Orthanc refused the content itself (400 Bad file format, 415..., or filtered it out). */
 export function isPermanentRejection(e: unknown): boolean {
-  return e instanceof OrthancError && e.kind === "http" && (e.status === 400 || e.status === 415 || e.status === 413);
+  return e instanceof OrthancError && e.kind === "http" && (e.status === 400 || e.status === 403 || e.status === 415 || e.status === 413);
 }
 
 const LEVEL_PATH: Record<ResourceLevel, string> = { Patient: "patients", Study: "studies", Series: "series", Instance: "instances" };

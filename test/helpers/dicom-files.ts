@@ -57,7 +57,8 @@ export async function uniqueCopies(source: string, n: number, opts: { newStudy?:
     copyFileSync(source, p);
     paths.push(p);
   }
-  const args = ["-nb", "-gin", ...(opts.newStudy ? ["-gst"] : []), ...(opts.newSeries ? ["-gse"] : []), ...(opts.patientId ? ["-m", `(0010,0020)=${opts.patientId}`] : [])];
+  // A new study gets a new series too: a Series Instance UID belongs to the tenant that first stored it.
+  const args = ["-nb", "-gin", ...(opts.newStudy ? ["-gst", "-gse"] : opts.newSeries ? ["-gse"] : []), ...(opts.patientId ? ["-m", `(0010,0020)=${opts.patientId}`] : [])];
   // dcmodify generates one UID per file when given several files with -gin/-gst/-gse.
   for (let i = 0; i < paths.length; i += 200) {
     const r = await runTool("dcmodify", [...args, ...paths.slice(i, i + 200)], { timeoutMs: 120_000 });
