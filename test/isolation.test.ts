@@ -281,6 +281,10 @@ describe("Strict (default)", () => {
     expect((await client.getJson<string[]>(`/studies/${ids(foreign).study}/series`)).length).toBe(1);
     const m = await (await fetch(gw.httpUrl + "/metrics")).text();
     expect(m).toMatch(/dicom_gateway_isolation_refusals_total\{tenant="BETA",stage="forward"\} 1/);
+    // Every quarantine is counted by its reason and audited.
+    expect(m).toMatch(/dicom_gateway_quarantined_instances_total\{tenant="BETA",reason="isolation"\} 1/);
+    const audit = readFileSync(gw.config.audit!.file, "utf8").trim().split("\n").map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect(audit.find((a) => a.event === "instance-quarantined" && a.sopInstanceUid === sop)).toMatchObject({ tenant: "BETA", outcome: "quarantined", kind: "isolation" });
     expect(m).toMatch(/dicom_gateway_isolation_refusals_total\{tenant="BETA",stage="store"\} [1-9]/);
   });
 });
