@@ -28,6 +28,11 @@ function storescu(aet: string, files: string[]) {
   return runTool("storescu", ["-d", "-aet", "MODALITY", "-aec", aet, "127.0.0.1", String(gw.portOf(aet)), ...files], { timeoutMs: 60_000 });
 }
 
+/** The DIMSE status of the (last) C-STORE response storescu printed. */
+async function storeStatus(aet: string, file: string): Promise<string | undefined> {
+  return (await storescu(aet, [file])).output.match(/DIMSE Status\s+: (0x[0-9a-f]+)/g)?.at(-1)?.slice(-6);
+}
+
 interface InstanceInfo {
   ID: string;
   ParentSeries: string;
@@ -55,7 +60,7 @@ afterAll(async () => {
 describe("OverwriteInstances: true", () => {
   test("re-sending the victim's SOP Instance UID (as it is, or under another PatientID/study) is refused before any upload; the victim's only instance stays intact", async () => {
     const victim = await instance({ "(0010,0020)": "OVW-VICTIM" });
-    expect((await storescu("VICTIM", [victim])).output).toContain("Received Store Response");
+    expect(await storeStatus("VICTIM", victim)).toBe("0x0000");
     await gw.forwarder.idle();
     const sop = await tagValue(victim, "0008,0018");
     const [found] = await client.postJson<{ ID: string }[]>("/tools/lookup", sop);
@@ -67,8 +72,7 @@ describe("OverwriteInstances: true", () => {
     const otherPatient = await instance({ "(0010,0020)": "OVW-ATTACKER", "(0008,0018)": sop });
     for (const aet of ["SPOOLATT", "SYNCATT"]) {
       for (const f of [asItIs, otherPatient]) {
-        const r = await storescu(aet, [f]);
-        expect(`${aet}: ${r.output.match(/DIMSE Status\s+: (0x[0-9a-f]+)/)?.[1]}`).toBe(`${aet}: 0x0124`);
+        expect(`${aet}: ${await storeStatus(aet, f)}`).toBe(`${aet}: 0x0124`);
       }
     }
     await gw.forwarder.idle();
@@ -79,5 +83,19 @@ describe("OverwriteInstances: true", () => {
     expect((await client.getJson<{ PatientName?: string }>(`/instances/${found!.ID}/simplified-tags`)).PatientName).not.toContain("ATTACKER");
     // Still one instance with that UID in Orthanc: nothing was uploaded under the attacker's PatientID either.
     expect((await client.postJson<unknown[]>("/tools/lookup", sop)).length).toBe(1);
+  });
+
+  test("the tenant re-sending its own only instance: Orthanc overwrites it and drops its labels (and the study's); the gateway labels it again", async () => {
+    const mine = await instance({ "(0010,0020)": "OVW-OWN" });
+    expect(await storeStatus("VICTIM", mine)).toBe("0x0000");
+    await gw.forwarder.idle();
+    expect(await storeStatus("VICTIM", mine)).toBe("0x0000");
+    await gw.forwarder.idle();
+    const [found] = await client.postJson<{ ID: string }[]>("/tools/lookup", await tagValue(mine, "0008,0018"));
+    const inst = await client.getJson<InstanceInfo>(`/instances/${found!.ID}`);
+    const series = await client.getJson<{ ParentStudy: string }>(`/series/${inst.ParentSeries}`);
+    expect(await client.getJson<string[]>(`/instances/${found!.ID}/labels`)).toEqual(["victim"]);
+    expect(await client.getJson<string[]>(`/series/${inst.ParentSeries}/labels`)).toEqual(["victim"]);
+    expect(await client.getJson<string[]>(`/studies/${series.ParentStudy}/labels`)).toEqual(["victim"]);
   });
 });
