@@ -30,6 +30,7 @@ export {
   DEFAULT_CHROOT_DIR,
   ensureChroot,
   ensureOrthancInstallation,
+  installedPackagesTouched,
   MIN_ORTHANC_VERSION,
   missingChrootPackages,
   parseOrthancVersionOutput,

@@ -164,6 +164,23 @@ const CHROOT_ENV: NodeJS.ProcessEnv = {
   HOME: "/root",
 };
 
+const APT_INSTALL_ARGS = ["-o", "DPkg::Lock::Timeout=120", "--no-install-recommends", "-y"];
+
+/**
+ * What `apt-get install packages` in the chroot at `dir` would do to packages already installed, from
+ * apt's own simulation: "Inst NAME" for an upgrade (apt shows the installed version in brackets) and
+ * "Remv NAME" for a removal. Empty when it would only add packages.
+ */
+export async function installedPackagesTouched(dir: string, packages: string[]): Promise<string[]> {
+  const chrootBin = (await findExecutable("chroot")) ?? "chroot";
+  const sim = await run(chrootBin, [dir, "apt-get", "install", "-s", ...APT_INSTALL_ARGS, ...packages], { env: CHROOT_ENV, timeoutMs: APT_TIMEOUT_MS });
+  if (sim.code !== 0) throw new Error(`apt-get install -s ${packages.join(" ")} in ${dir} failed:\n${tail(sim.stdout + sim.stderr, 15)}`);
+  return sim.stdout
+    .split("\n")
+    .filter((l) => /^Inst \S+ \[/.test(l) || l.startsWith("Remv "))
+    .map((l) => l.split(" ").slice(0, 2).join(" "));
+}
+
 /**
  * Installs `packages` into the chroot at `dir` with apt-get, adding packages only: a plan that would
  * upgrade or remove an installed package is refused before anything is touched, because an Orthanc
@@ -181,17 +198,12 @@ async function installPackages(dir: string, packages: string[], log: (s: string)
 
   const logFile = `${dir}.apt-${process.pid}.log`;
   const inChroot = (args: string[]) => run(chrootBin, [dir, ...args], { env: CHROOT_ENV, timeoutMs: APT_TIMEOUT_MS });
-  const aptArgs = ["-o", "DPkg::Lock::Timeout=120", "--no-install-recommends", "-y"];
+  const aptArgs = APT_INSTALL_ARGS;
   // A run killed half-way leaves dpkg asking for this before any install.
   await inChroot(["dpkg", "--configure", "-a"]);
 
   const checkPlan = async () => {
-    const sim = await inChroot(["apt-get", "install", "-s", ...aptArgs, ...packages]);
-    if (sim.code !== 0) throw new Error(`apt-get install -s ${packages.join(" ")} in ${dir} failed:\n${tail(sim.stdout + sim.stderr, 15)}`);
-    const touched = sim.stdout
-      .split("\n")
-      .filter((l) => /^Inst \S+ \[/.test(l) || l.startsWith("Remv "))
-      .map((l) => l.split(" ").slice(0, 2).join(" "));
+    const touched = await installedPackagesTouched(dir, packages);
     if (touched.length > 0) {
       throw new Error(
         `adding ${packages.join(" ")} to ${dir} would upgrade or remove installed packages (${touched.slice(0, 8).join(", ")}${touched.length > 8 ? ", …" : ""}), which could break an Orthanc running from it: when no test bed runs from it, remove the directory (rm -rf ${dir}) so it is rebuilt`,

@@ -57,6 +57,7 @@ export async function startPostgres(p: {
   await chown(hostPg, uid, gid);
   const env: NodeJS.ProcessEnv = { PATH: "/usr/bin:/bin", LC_ALL: "C", HOME: innerPg };
   // setpriv inside the chroot drops to postgres; --pdeathsig after the drop, which clears it.
+  // SIGQUIT (immediate shutdown), not SIGKILL: the postmaster then ends its own children too.
   const asPostgres = ["/usr/bin/setpriv", `--reuid=${uid}`, `--regid=${gid}`, "--clear-groups"];
 
   const init = await run(
@@ -78,9 +79,9 @@ export async function startPostgres(p: {
     full_page_writes: "off",
     shared_buffers: "32MB",
   };
-  const args = [p.chroot, ...asPostgres, "--pdeathsig", "SIGKILL", `${CHROOT_POSTGRES_BIN}/postgres`, "-D", `${innerPg}/data`, "-p", String(p.port)];
+  const args = [p.chroot, ...asPostgres, "--pdeathsig", "SIGQUIT", `${CHROOT_POSTGRES_BIN}/postgres`, "-D", `${innerPg}/data`, "-p", String(p.port)];
   for (const [k, v] of Object.entries(settings)) args.push("-c", `${k}=${v}`);
-  const daemon: Daemon = await spawnDaemon(chrootBin, args, { logFile, dir: p.hostDir, env, selfPdeathsig: true });
+  const daemon: Daemon = await spawnDaemon(chrootBin, args, { logFile, dir: p.hostDir, env, selfPdeathsig: true, exitSignal: "SIGQUIT" });
   await p.onSpawn?.(daemon.pid);
   const stop = () => stopDaemon(daemon, "SIGINT", 10_000); // SIGINT: PostgreSQL's fast shutdown
 

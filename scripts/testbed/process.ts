@@ -14,17 +14,17 @@ export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms))
 // ---------------------------------------------------------------------------------------------
 // Processes this module started: killed (and their directories removed) on exit.
 
-const live = new Map<number, string>();
+const live = new Map<number, { dir: string; signal: NodeJS.Signals }>();
 let exitHandlerInstalled = false;
 
-export function track(pid: number, dir: string): void {
-  live.set(pid, dir);
+export function track(pid: number, dir: string, signal: NodeJS.Signals = "SIGKILL"): void {
+  live.set(pid, { dir, signal });
   if (exitHandlerInstalled) return;
   exitHandlerInstalled = true;
   process.on("exit", () => {
-    for (const [p, d] of live) {
+    for (const [p, { dir: d, signal }] of live) {
       try {
-        process.kill(p, "SIGKILL");
+        process.kill(p, signal);
       } catch {
         // already gone
       }
@@ -192,7 +192,14 @@ export interface Daemon {
 export async function spawnDaemon(
   cmd: string,
   args: string[],
-  opts: { logFile: string; dir: string; env?: NodeJS.ProcessEnv; selfPdeathsig?: boolean },
+  opts: {
+    logFile: string;
+    dir: string;
+    env?: NodeJS.ProcessEnv;
+    selfPdeathsig?: boolean;
+    /** Sent when this process exits (default SIGKILL; PostgreSQL wants SIGQUIT to take its children along). */
+    exitSignal?: NodeJS.Signals;
+  },
 ): Promise<Daemon> {
   const setpriv = opts.selfPdeathsig ? undefined : await findSetprivPdeathsig();
   const [c, a] = setpriv ? [setpriv, ["--pdeathsig", "SIGKILL", cmd, ...args]] : [cmd, args];
@@ -215,7 +222,7 @@ export async function spawnDaemon(
     const r = await exited;
     throw new Error(`cannot start ${c}: ${r.error?.message ?? "no PID"}`);
   }
-  track(pid, opts.dir);
+  track(pid, opts.dir, opts.exitSignal);
   if (!setpriv && !opts.selfPdeathsig) startWatchdog(pid);
   return { pid, exited, hasExited: () => done };
 }
