@@ -62,8 +62,22 @@ interface NodeState {
   daemon?: Daemon;
 }
 
-/** Starts PostgreSQL, then every node at once (the plugin serializes its schema setup itself). */
+/**
+ * Starts PostgreSQL, then every node at once (the plugin serializes its schema setup itself). Free
+ * ports are picked; if one is taken before its daemon binds it, the whole cluster is started again.
+ */
 export async function startOrthancCluster(opts: StartClusterOptions): Promise<OrthancClusterHandle> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startClusterOnce(opts);
+    } catch (err) {
+      if (err instanceof PortConflict && attempt < 3) continue;
+      throw err;
+    }
+  }
+}
+
+async function startClusterOnce(opts: StartClusterOptions): Promise<OrthancClusterHandle> {
   if (!Number.isInteger(opts.nodes) || opts.nodes < 1) throw new Error(`startOrthancCluster: nodes must be an integer >= 1, got ${opts.nodes}`);
   if (process.env.ORTHANC_URL) {
     throw new Error(`startOrthancCluster needs managed Orthanc nodes, but ORTHANC_URL=${process.env.ORTHANC_URL} is set: unset ORTHANC_URL`);
@@ -158,7 +172,6 @@ export async function startOrthancCluster(opts: StartClusterOptions): Promise<Or
     await Promise.all(states.map((s) => startNode(s)));
   } catch (err) {
     await stop();
-    if (err instanceof PortConflict) throw new Error(`a port of the cluster was taken meanwhile; start it again: ${err.message}`);
     throw err;
   }
 

@@ -9,7 +9,7 @@ import { basename, dirname, join } from "node:path";
 import { OrthancClient, versionAtLeast } from "../../src/orthanc/client.ts";
 import { freePorts } from "../../test/helpers/ports.ts";
 import { CHROOT_PLUGINS, ensureOrthancInstallation, MIN_ORTHANC_VERSION, type OrthancInstallation } from "./chroot.ts";
-import { cleanupStaleTempDirs, type Daemon, defaultLog, findExecutable, pollUntil, readTail, spawnDaemon, stopDaemon, untrack } from "./process.ts";
+import { cleanupStaleTempDirs, type Daemon, defaultLog, findExecutable, pollUntil, PortConflict, readTail, spawnDaemon, stopDaemon, untrack } from "./process.ts";
 
 export const READY_TIMEOUT_MS = 60_000;
 const STOP_TIMEOUT_MS = 10_000;
@@ -69,8 +69,7 @@ export interface OrthancHandle {
   stop(): Promise<void>;
 }
 
-/** Orthanc exited because one of its ports was taken between our check and its bind. */
-export class PortConflict extends Error {}
+export { PortConflict };
 
 async function findHostPlugin(binary: string, name: RegExp): Promise<string | undefined> {
   const dirs = [

@@ -6,7 +6,7 @@
 import { chown, mkdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { CHROOT_POSTGRES_BIN } from "./chroot.ts";
-import { type Daemon, findExecutable, pollUntil, readTail, run, spawnDaemon, stopDaemon, tail } from "./process.ts";
+import { type Daemon, findExecutable, pollUntil, PortConflict, readTail, run, spawnDaemon, stopDaemon, tail } from "./process.ts";
 
 const PG_USER = "postgres";
 const READY_TIMEOUT_MS = 60_000;
@@ -93,7 +93,9 @@ export async function startPostgres(p: {
   });
   if (state !== "ready") {
     await stop();
-    throw new Error(`PostgreSQL ${state === "exited" ? "exited" : `was not ready within ${READY_TIMEOUT_MS / 1000} s`} on 127.0.0.1:${p.port}; its log:\n${readTail(logFile, 20)}`);
+    const t = readTail(logFile, 20);
+    const msg = `PostgreSQL ${state === "exited" ? "exited" : `was not ready within ${READY_TIMEOUT_MS / 1000} s`} on 127.0.0.1:${p.port}; its log:\n${t}`;
+    throw state === "exited" && /could not bind|already in use/i.test(t) ? new PortConflict(msg) : new Error(msg);
   }
   const created = await run(chrootBin, [p.chroot, `${CHROOT_POSTGRES_BIN}/createdb`, "-h", "127.0.0.1", "-p", String(p.port), "-U", PG_USER, p.database], { env, timeoutMs: 30_000 });
   if (created.code !== 0) {

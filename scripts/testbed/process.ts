@@ -175,6 +175,9 @@ export function readTail(file: string, lines = 25): string {
 // ---------------------------------------------------------------------------------------------
 // Daemons.
 
+/** A daemon exited because a port was taken between our check and its bind: pick new ports and retry. */
+export class PortConflict extends Error {}
+
 export interface Daemon {
   pid: number;
   /** Resolves when the process has exited (never rejects). */
