@@ -33,6 +33,9 @@ export const RECORD_HEADER = 64;
 const MAGIC = Buffer.from("DGSPOOL1", "latin1");
 export const STATE_PENDING = 1;
 export const STATE_DONE = 2;
+/** The state field of a done record, as written over a pending one (shared: writes only read it). */
+const DONE_STATE = [Buffer.alloc(4)];
+DONE_STATE[0]!.writeUInt32LE(STATE_DONE, 0);
 
 export interface RecordHeader {
   state: number;
@@ -152,9 +155,7 @@ export class Segment {
 
   /** Marks the record at `recordOffset` done (no sync: see the file header). */
   async markDone(recordOffset: number): Promise<void> {
-    const b = Buffer.alloc(4);
-    b.writeUInt32LE(STATE_DONE, 0);
-    await this.files.writev(await this.handle(), [b], recordOffset + 8);
+    await this.files.writev(await this.handle(), DONE_STATE, recordOffset + 8);
   }
 }
 
