@@ -8,7 +8,9 @@
  *   synced-only — nothing unsynced reaches the disk;
  *   all-written — everything written reaches it (the cache was flushed just before);
  *   torn        — each dirty sector independently (so a write can be torn anywhere), the size either
- *                 way, and an in-order prefix of each directory's unsynced name changes (a journal).
+ *                 way, and an in-order prefix of each directory's unsynced name changes (a journal);
+ *   reordered   — only the sectors of each file's latest write reach the disk, its earlier unsynced
+ *                 writes do not (the cache wrote back out of order), with the size and the names.
  */
 import { closeSync, ftruncateSync, mkdirSync, openSync, writeSync } from "node:fs";
 import { dirname, join, relative } from "node:path";
@@ -16,7 +18,7 @@ import type { FileEvent } from "./recording-files.ts";
 
 const SECTOR = 512;
 
-export type CrashMode = { kind: "synced-only" } | { kind: "all-written" } | { kind: "torn"; seed: number };
+export type CrashMode = { kind: "synced-only" } | { kind: "all-written" } | { kind: "torn"; seed: number } | { kind: "reordered" };
 
 interface Inode {
   /** Sector index -> content; a missing sector is zeros. */
@@ -24,6 +26,8 @@ interface Inode {
   current: Map<number, Uint8Array>;
   /** Sectors whose current content is not durable yet. */
   dirty: Set<number>;
+  /** Sector -> the write (its id) that last changed it. */
+  writtenBy: Map<number, number>;
   durableSize: number;
   currentSize: number;
 }
@@ -100,13 +104,13 @@ export class CrashModel {
     switch (e.kind) {
       case "existing": {
         const sectors = nonZeroSectors(e.content);
-        this.inodes.set(e.inode, { durable: sectors, current: new Map(sectors), dirty: new Set(), durableSize: e.content.length, currentSize: e.content.length });
+        this.inodes.set(e.inode, { durable: sectors, current: new Map(sectors), dirty: new Set(), writtenBy: new Map(), durableSize: e.content.length, currentSize: e.content.length });
         this.durableNames.set(e.path, e.inode);
         this.currentNames.set(e.path, e.inode);
         return;
       }
       case "create":
-        this.inodes.set(e.inode, { durable: new Map(), current: new Map(), dirty: new Set(), durableSize: 0, currentSize: 0 });
+        this.inodes.set(e.inode, { durable: new Map(), current: new Map(), dirty: new Set(), writtenBy: new Map(), durableSize: 0, currentSize: 0 });
         this.currentNames.set(e.path, e.inode);
         this.changeName(dirname(e.path), { kind: "create", path: e.path, inode: e.inode });
         return;
@@ -126,6 +130,7 @@ export class CrashModel {
           else f.current.delete(s);
           if (sameSector(next, f.durable.get(s))) f.dirty.delete(s);
           else f.dirty.add(s);
+          f.writtenBy.set(s, e.id);
         }
         f.currentSize = Math.max(f.currentSize, end);
         return;
@@ -228,18 +233,20 @@ export class CrashModel {
   /** The files a crash now would leave, by path. */
   crash(mode: CrashMode): Map<string, CrashImage> {
     const rnd = mode.kind === "torn" ? random(mode.seed) : () => 0;
-    const take = () => (mode.kind === "all-written" ? true : mode.kind === "torn" ? rnd() < 0.5 : false);
+    const take = () => (mode.kind === "all-written" || mode.kind === "reordered" ? true : mode.kind === "torn" ? rnd() < 0.5 : false);
     const names = new Map(this.durableNames);
     for (const list of this.unsyncedNames.values()) {
-      const n = mode.kind === "all-written" ? list.length : mode.kind === "torn" ? Math.floor(rnd() * (list.length + 1)) : 0;
+      const n = mode.kind === "all-written" || mode.kind === "reordered" ? list.length : mode.kind === "torn" ? Math.floor(rnd() * (list.length + 1)) : 0;
       for (const c of list.slice(0, n)) CrashModel.applyName(names, c);
     }
     const images = new Map<string, CrashImage>();
     for (const [path, inode] of names) {
       const f = this.inode(inode);
       const sectors = new Map(f.durable);
+      let latest = -1;
+      if (mode.kind === "reordered") for (const s of f.dirty) latest = Math.max(latest, f.writtenBy.get(s) ?? -1);
       for (const s of f.dirty) {
-        if (!take()) continue;
+        if (mode.kind === "reordered" ? f.writtenBy.get(s) !== latest : !take()) continue;
         const c = f.current.get(s);
         if (c) sectors.set(s, c);
         else sectors.delete(s);
