@@ -160,6 +160,9 @@ function connectionEventsFor(tenant: TenantConfig, log: Logger, metrics: Gateway
 }
 
 export async function startGateway(config: GatewayConfig, opts: GatewayOptions = {}): Promise<Gateway> {
+  // The spool's lock first, before anything is created: nothing in the spool directory is read, recovered
+  // or deleted while another process (or another gateway of this one) serves it. Released by stop().
+  const spoolLock = await lockSpoolDirectory(config.spool.directory, { command: "serve" });
   const log = opts.logger ?? silentLogger;
   const metrics = opts.metrics ?? createMetrics();
   const startedAt = new Date().toISOString();
@@ -167,9 +170,6 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
 
   const storeMetrics = createStoreMetrics(metrics.registry);
   const labeler = new Labeler(orthanc);
-  // The spool's lock first: nothing in the spool directory is read, recovered or deleted while
-  // another process (or another gateway of this one) serves it. Released by stop().
-  const spoolLock = await lockSpoolDirectory(config.spool.directory, { command: "serve" });
   // Strict isolation: who created which study/series through this gateway, and one guard per Strict tenant.
   const claims = new ClaimRegistry(config.spool.directory);
   try {
