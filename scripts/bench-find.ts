@@ -19,7 +19,14 @@
  * reading the answer, the network) is the gateway's latency minus the gateway's own time per
  * operation (from its /metrics). Their sum is the floor of a gateway that did no work at all.
  *
- * Usage: npx bun scripts/bench-find.ts [--rounds N] [--studies N] [--warmup N] [--kinds study,study-plain,series,study-list] [--json]
+ * `--rtt MS --mbit N` (issue 18): findscu reaches the plugin across an emulated WAN link
+ * (scripts/link-emulator.ts), the gateway (at the site, with findscu) reaches Orthanc's REST API across
+ * it, and so does the replay of the floor. Each row then also prints the floors of a query's traffic over
+ * the link: its round trips × RTT (one per C-FIND for the plugin, one per REST call for the gateway:
+ * request/response turns counted by the link, the plugin's A-ASSOCIATE and A-RELEASE left out as they
+ * are outside a query's latency) and its bytes / bandwidth.
+ *
+ * Usage: npx bun scripts/bench-find.ts [--rounds N] [--studies N] [--warmup N] [--kinds study,study-plain,series,study-list] [--json] [--rtt MS [--mbit N]]
  */
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -28,7 +35,7 @@ import dcmjs from "dcmjs";
 import { encodeDataset, type OutElement } from "../src/dicom/identifier.ts";
 import { OrthancClient } from "../src/orthanc/client.ts";
 import { startTestGateway } from "../test/helpers/gateway.ts";
-import { freePort, mean, median, startGatewayProcess, timed, type GatewayChild } from "./bench-lib.ts";
+import { freePort, mean, median, startGatewayProcess, timed, wanFromArgs, type GatewayChild } from "./bench-lib.ts";
 import { startOrthanc } from "./orthanc-testbed.ts";
 
 const CT_FILE = "/usr/lib/python3/dist-packages/pydicom/data/test_files/CT_small.dcm";
@@ -49,6 +56,9 @@ type Kind = (typeof ALL_KINDS)[number];
 const kindsArg = process.argv.indexOf("--kinds");
 const KINDS: Kind[] = kindsArg >= 0 ? (process.argv[kindsArg + 1]!.split(",").filter((k) => (ALL_KINDS as readonly string[]).includes(k)) as Kind[]) : [...ALL_KINDS];
 const JSON_OUT = process.argv.includes("--json");
+const wan = wanFromArgs();
+/** Round trips of a findscu association outside its queries: TCP's handshake, A-ASSOCIATE, A-RELEASE (PS3.8 7.1, 7.2). */
+const ASSOCIATION_ROUND_TRIPS = 3;
 const log = (s: string) => {
   if (!JSON_OUT) process.stdout.write(s + "\n");
 };
@@ -181,6 +191,10 @@ async function main(): Promise<void> {
     extraConfig: { DicomAlwaysAllowFind: true, DicomAlwaysAllowEcho: true },
   });
   const dir = mkdtempSync(join(tmpdir(), "bench-find-"));
+  // With --rtt: the site (findscu, the gateway) reaches the data centre (the plugin, Orthanc's REST API) across the link.
+  const pluginDicomPort = wan ? (await wan.link(pluginPort)).port : pluginPort;
+  const orthancUrl = wan ? (await wan.link(orthanc.httpPort)).url : orthanc.url;
+  if (wan) log(`across ${wan.describe()}: findscu -> plugin, gateway -> Orthanc REST`);
   let recorder: Awaited<ReturnType<typeof startTestGateway>> | undefined;
   let gw: GatewayChild | undefined;
   try {
@@ -233,7 +247,7 @@ async function main(): Promise<void> {
       {
         MultitenantDicom: { Servers: [{ AET: "GATEWAY", Port: gatewayPort, Labels: ["bench"] }] },
         Gateway: {
-          Orthanc: { Url: orthanc.url },
+          Orthanc: { Url: orthancUrl },
           Http: { Host: "127.0.0.1", Port: await freePort() },
           SpoolDirectory: mkdtempSync(join(tmpdir(), "bench-find-spool-")),
           Log: { Level: "warn", Format: "json" },
@@ -242,22 +256,32 @@ async function main(): Promise<void> {
       { readyWhenEchoes: { aet: "GATEWAY", port: gatewayPort } },
     );
     const targets = [
-      { name: "plugin", port: pluginPort, aet: "PLUGIN" },
+      { name: "plugin", port: pluginDicomPort, aet: "PLUGIN" },
       { name: "gateway", port: gatewayPort, aet: "GATEWAY" },
     ];
     // Warm-up, not measured: connections, Orthanc's caches, the gateway's JIT.
     for (const t of targets) for (const kind of KINDS) for (let i = 0; i < WARMUP; i++) await findscu(t.port, t.aet, files[kind], logConfig);
 
-    const results: Record<string, Record<string, { latencies: number[]; responses: number; failures: number; wallMs: number[]; peerShareMs: number[] }>> = {};
+    const results: Record<
+      string,
+      Record<string, { latencies: number[]; responses: number; failures: number; wallMs: number[]; peerShareMs: number[]; roundTripsPerQuery: number[]; bytesPerQuery: number[] }>
+    > = {};
     for (let round = 0; round < ROUNDS; round++) {
       for (const kind of KINDS) {
         const order = round % 2 === 0 ? targets : [...targets].reverse();
         for (const t of order) {
           const before = t.name === "gateway" ? await findSeconds(gw.httpUrl) : undefined;
+          const mark = wan?.mark();
           const started = performance.now();
           const r = await findscu(t.port, t.aet, files[kind], logConfig);
           const wall = performance.now() - started;
-          const acc = ((results[kind] ??= {})[t.name] ??= { latencies: [], responses: 0, failures: 0, wallMs: [], peerShareMs: [] });
+          const acc = ((results[kind] ??= {})[t.name] ??= { latencies: [], responses: 0, failures: 0, wallMs: [], peerShareMs: [], roundTripsPerQuery: [], bytesPerQuery: [] });
+          if (mark) {
+            const f = wan!.floors(mark);
+            const outside = t.name === "plugin" ? ASSOCIATION_ROUND_TRIPS : 0;
+            acc.roundTripsPerQuery.push((f.roundTrips - outside) / r.latencies.length);
+            acc.bytesPerQuery.push(f.bytes / r.latencies.length);
+          }
           acc.latencies.push(...r.latencies);
           acc.responses += r.responses;
           acc.failures += r.failures;
@@ -274,7 +298,7 @@ async function main(): Promise<void> {
 
     // Orthanc alone: the recorded requests through the gateway's own client (keep-alive HTTP/1.1).
     const restAlone: Record<string, number> = {};
-    const replay = new OrthancClient({ url: orthanc.url });
+    const replay = new OrthancClient({ url: orthancUrl });
     for (const kind of KINDS) {
       const lat: number[] = [];
       for (let round = 0; round < ROUNDS; round++) {
@@ -320,12 +344,26 @@ async function main(): Promise<void> {
       log(`${kind.padEnd(12)}   Orthanc's /tools/find answer alone (the gateway's requests replayed): ${restAlone[kind]!.toFixed(3)} ms = ${(restAlone[kind]! / pluginMs).toFixed(2)} of the plugin's query`);
       log(`${kind.padEnd(12)}   findscu's own share (gateway latency - gateway time per operation): ${peerShare.toFixed(3)} ms`);
       log(`${kind.padEnd(12)}   floor of a gateway over REST that did no work at all (sum): ${floor.toFixed(3)} ms = ${(floor / pluginMs).toFixed(2)} of the plugin's query`);
+      if (wan) {
+        for (const t of targets) {
+          const r = results[kind]![t.name]!;
+          const trips = median(r.roundTripsPerQuery);
+          const bytes = median(r.bytesPerQuery);
+          const tripsMs = trips * wan.rttMs;
+          const bandwidthMs = (bytes / ((wan.mbit * 1e6) / 8)) * 1000;
+          Object.assign(summary, { [`${kind}.${t.name}.roundTripsPerQuery`]: trips, [`${kind}.${t.name}.bytesPerQuery`]: bytes });
+          log(
+            `${kind.padEnd(12)}   floors over the link per query, ${t.name.padEnd(7)}: round trips x RTT ${trips.toFixed(2)} x ${wan.rttMs} ms = ${tripsMs.toFixed(1)} ms, bytes / bandwidth ${(bytes / 1e3).toFixed(1)} kB = ${bandwidthMs.toFixed(2)} ms`,
+          );
+        }
+      }
     }
     if (JSON_OUT) process.stdout.write(JSON.stringify(summary, null, 2) + "\n");
   } finally {
     await recorder?.stop();
     await gw?.stop();
     await orthanc.stop();
+    await wan?.close();
     rmSync(dir, { recursive: true, force: true });
   }
 }

@@ -5,6 +5,7 @@ import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { DEFAULT_SOURCE } from "./generate-dataset.ts";
+import { createWan, startLink, wanFloors, type Link, type Wan, type WanStats } from "./link-emulator.ts";
 
 export const REPO = join(import.meta.dirname ?? new URL(".", import.meta.url).pathname, "..");
 export const DCMTK_ENV = { ...process.env, TCP_NODELAY: "1" };
@@ -241,4 +242,80 @@ export function makeLargeInstance(): { path: string; bytes: number } {
   for (let written = 0; written < pixels; written += chunk.length) writeSync(fd, chunk, 0, Math.min(chunk.length, pixels - written));
   closeSync(fd);
   return { path, bytes: statSync(path).size };
+}
+
+/** What the link's traffic of one measurement costs at least (scripts/link-emulator.ts, wanFloors). */
+export interface Floors {
+  bytes: number;
+  bandwidthSeconds: number;
+  roundTrips: number;
+  roundTripSeconds: number;
+}
+
+/**
+ * The WAN of issue 18 between the site (modality, gateway, C-MOVE destination) and the data centre
+ * (Orthanc, its plugin), from `--rtt MS [--mbit N]` (no --mbit: no rate cap): every link of a run
+ * crosses this one WAN, sharing its rate cap per direction and its count of round trips.
+ */
+export interface BenchWan {
+  rttMs: number;
+  mbit: number;
+  /** A link to 127.0.0.1:`port`; its callers are at the site unless `callers` is "far" (the plugin dialling a C-MOVE destination). */
+  link(port: number, callers?: "near" | "far"): Promise<Link>;
+  /** The WAN's counters now: pass them to floors() after the measurement. */
+  mark(): WanStats;
+  floors(since: WanStats): Floors;
+  /** "--rtt 20 --mbit 100" as a heading. */
+  describe(): string;
+  close(): Promise<void>;
+}
+
+export function wanFromArgs(argv: string[] = process.argv.slice(2)): BenchWan | undefined {
+  const value = (name: string): number | undefined => {
+    const i = argv.indexOf(name);
+    if (i < 0) return undefined;
+    const n = Number(argv[i + 1]);
+    if (!Number.isFinite(n) || n < 0) throw new Error(`${name} ${argv[i + 1]}: expected a number >= 0`);
+    return n;
+  };
+  const rttMs = value("--rtt");
+  const mbitArg = value("--mbit");
+  if (rttMs === undefined) {
+    if (mbitArg !== undefined) throw new Error("--mbit needs --rtt (the link is set up only with --rtt)");
+    return undefined;
+  }
+  const mbit = mbitArg === undefined || mbitArg === 0 ? Infinity : mbitArg;
+  const wan: Wan = createWan({ rttMs, mbit });
+  const links: Link[] = [];
+  return {
+    rttMs,
+    mbit,
+    async link(port, callers = "near") {
+      const l = await startLink({ target: { host: "127.0.0.1", port }, wan, callers });
+      links.push(l);
+      return l;
+    },
+    mark: () => wan.stats(),
+    floors: (since) => wanFloors(since, wan.stats()),
+    describe: () => `a WAN link of ${rttMs} ms RTT, ${Number.isFinite(mbit) ? `${mbit} Mbit/s each way` : "no rate cap"} (scripts/link-emulator.ts)`,
+    async close() {
+      await Promise.all(links.splice(0).map((l) => l.close()));
+    },
+  };
+}
+
+/** The median of each field of the floors measured in several rounds. */
+export function medianFloors(fs: Floors[]): Floors {
+  return {
+    bytes: median(fs.map((f) => f.bytes)),
+    bandwidthSeconds: median(fs.map((f) => f.bandwidthSeconds)),
+    roundTrips: median(fs.map((f) => f.roundTrips)),
+    roundTripSeconds: median(fs.map((f) => f.roundTripSeconds)),
+  };
+}
+
+/** Table cells of the floors: "bytes / bandwidth" and "round trips × RTT" in seconds ("-": the row does not cross the link). */
+export function floorCells(f: Floors | undefined, rttMs: number): string[] {
+  if (!f) return ["-", "-"];
+  return [`${(f.bytes / 1e6).toFixed(1)} MB = ${f.bandwidthSeconds.toFixed(2)}`, `${f.roundTrips} x ${rttMs} ms = ${f.roundTripSeconds.toFixed(2)}`];
 }

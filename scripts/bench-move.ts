@@ -15,6 +15,13 @@
  *    then moved to storescp through the plugin and through the gateway, and fetched with C-GET (getscu)
  *    through the gateway: times, MB/s, and the gateway's peak resident memory (VmHWM) after each.
  *    `--no-large` skips it.
+ * `--rtt MS --mbit N` (issue 18): the site (movescu, the destination, the gateway) and the data centre
+ * (Orthanc, its plugin) are joined by an emulated WAN link (scripts/link-emulator.ts): movescu reaches the
+ * plugin across it and the plugin dials the destination across it; the gateway reaches Orthanc's REST
+ * API across it. Each row then also prints the floors of its traffic over the link: bytes / bandwidth
+ * and round trips × RTT (one per C-STORE sub-operation for the plugin, which waits for each response, one
+ * per REST call for the gateway; request/response turns that did not overlap, counted by the link, a
+ * new TCP connection's handshake included).
  * Every dcmtk process runs with TCP_NODELAY=1.
  * Env: BENCH_PARALLELISM=N sets the gateway's Gateway.Move.Parallelism; BENCH_DEBUG=1 prints movescu's
  * output for moves that delivered nothing.
@@ -23,11 +30,29 @@ import { createReadStream, mkdtempSync, readdirSync, rmSync, statSync } from "no
 import { Readable } from "node:stream";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { freePort, makeLargeInstance, mean, median, REPO, startGatewayProcess, startStorescp, table, timed, verdict, type BenchStorescp, type GatewayChild } from "./bench-lib.ts";
+import {
+  floorCells,
+  freePort,
+  makeLargeInstance,
+  mean,
+  median,
+  medianFloors,
+  REPO,
+  startGatewayProcess,
+  startStorescp,
+  table,
+  timed,
+  verdict,
+  wanFromArgs,
+  type BenchStorescp,
+  type Floors,
+  type GatewayChild,
+} from "./bench-lib.ts";
 import { generateDataset, type GeneratedDataset } from "./generate-dataset.ts";
 import { startOrthanc, type OrthancHandle } from "./orthanc-testbed.ts";
 
 const LABEL = "bench";
+const wan = wanFromArgs();
 
 async function upload(o: OrthancHandle, data: GeneratedDataset): Promise<void> {
   const { readFile } = await import("node:fs/promises");
@@ -62,6 +87,8 @@ interface RoundResult {
   firstSubOp: number[];
   received: number;
   failures: string[];
+  /** With --rtt: the floors of the round's traffic over the link. */
+  floors?: Floors;
 }
 
 /** Moves the studies one after the other through `aet` on `port`; times the round and each first sub-operation. */
@@ -69,6 +96,7 @@ async function moveRound(aet: string, port: number, dest: BenchStorescp, data: G
   dest.clear();
   const firstSubOp: number[] = [];
   const failures: string[] = [];
+  const mark = wan?.mark();
   const t0 = performance.now();
   for (const study of data.studies) {
     const before = dest.stores.length;
@@ -80,9 +108,10 @@ async function moveRound(aet: string, port: number, dest: BenchStorescp, data: G
     if (first !== undefined) firstSubOp.push((first - r.startedAt) / 1000);
   }
   const seconds = (performance.now() - t0) / 1000;
+  const floors = mark && wan!.floors(mark);
   // storescp may still be writing the last file when movescu returns.
   for (let i = 0; i < 100 && dest.files() < data.instances.length; i++) await new Promise((r) => setTimeout(r, 20));
-  return { seconds, firstSubOp, received: dest.files(), failures };
+  return { seconds, firstSubOp, received: dest.files(), failures, floors };
 }
 
 const ms = (s: number) => `${(s * 1000).toFixed(1)} ms`;
@@ -115,15 +144,19 @@ async function main(): Promise<void> {
 
   const dest = await startStorescp({ aet: "DEST", storeTimes: true });
   const [pluginPort] = [await freePort()];
+  // With --rtt: movescu reaches the plugin, and the plugin the destination (a connection opened from the far side), across the link.
+  const pluginDicomPort = wan ? (await wan.link(pluginPort)).port : pluginPort;
+  const destPortForPlugin = wan ? (await wan.link(dest.port, "far")).port : dest.port;
   const orthanc = await startOrthanc({
     multitenant: { servers: [{ AET: "PLUGIN", Port: pluginPort, Labels: [LABEL], LabelsConstraint: "All" }] },
     // The plugin only serves C-MOVE to callers listed in DicomModalities (DicomAlwaysAllowMove is false).
-    dicomModalities: { dest: [dest.aet, "127.0.0.1", dest.port], bench: ["BENCHSCU", "127.0.0.1", 4242] },
+    dicomModalities: { dest: [dest.aet, "127.0.0.1", destPortForPlugin], bench: ["BENCHSCU", "127.0.0.1", 4242] },
     log: () => {},
   });
   let gateway: GatewayChild | undefined;
   try {
     log(`Orthanc ${orthanc.version} with the MultitenantDicom plugin (tenant PLUGIN on port ${pluginPort})`);
+    if (wan) log(`across ${wan.describe()}: movescu -> plugin -> destination, gateway -> Orthanc REST`);
     // A data set left by an earlier run on the same cache is fine: Orthanc's storage is new each run.
     const t0 = performance.now();
     await upload(orthanc, data);
@@ -135,7 +168,7 @@ async function main(): Promise<void> {
       MultitenantDicom: { Servers: [{ AET: "GATEWAY", Port: gatewayPort, Labels: [LABEL], LabelsConstraint: "All" }] },
       DicomModalities: { dest: [dest.aet, "127.0.0.1", dest.port] },
       Gateway: {
-        Orthanc: { Url: orthanc.url },
+        Orthanc: { Url: wan ? (await wan.link(orthanc.httpPort)).url : orthanc.url },
         Http: { Host: "127.0.0.1", Port: httpPort },
         SpoolDirectory: mkdtempSync(join(tmpdir(), "gw-bench-move-spool-")),
         Log: { Level: "warn", Format: "json" },
@@ -145,14 +178,14 @@ async function main(): Promise<void> {
     log(`gateway (bun ${process.versions.bun ?? process.version}) tenant GATEWAY on port ${gatewayPort}`);
 
     // Warm-up: one study each (caches, keep-alive connections, JIT).
-    await moveRound("PLUGIN", pluginPort, dest, { ...data, studies: data.studies.slice(0, 1), instances: data.instances.slice(0, 100) });
+    await moveRound("PLUGIN", pluginDicomPort, dest, { ...data, studies: data.studies.slice(0, 1), instances: data.instances.slice(0, 100) });
     await moveRound("GATEWAY", gatewayPort, dest, { ...data, studies: data.studies.slice(0, 1), instances: data.instances.slice(0, 100) });
 
     // Rounds alternate which goes first, so that a burst of load on the machine hits both alike.
     const results: Record<"plugin" | "gateway", RoundResult[]> = { plugin: [], gateway: [] };
     for (let r = 0; r < rounds; r++) {
       const order: ["plugin" | "gateway", string, number][] = [
-        ["plugin", "PLUGIN", pluginPort],
+        ["plugin", "PLUGIN", pluginDicomPort],
         ["gateway", "GATEWAY", gatewayPort],
       ];
       if (r % 2) order.reverse();
@@ -165,15 +198,25 @@ async function main(): Promise<void> {
     const summary = (name: string, rs: RoundResult[]) => {
       const totals = rs.map((r) => r.seconds);
       const firsts = rs.flatMap((r) => r.firstSubOp);
-      return { name, total: median(totals), totals, firstMedian: median(firsts), firstMean: mean(firsts), firstMax: Math.max(...firsts), received: rs.map((r) => r.received), failures: rs.flatMap((r) => r.failures) };
+      const floors = wan ? medianFloors(rs.map((r) => r.floors!)) : undefined;
+      return { name, total: median(totals), totals, firstMedian: median(firsts), firstMean: mean(firsts), firstMax: Math.max(...firsts), received: rs.map((r) => r.received), failures: rs.flatMap((r) => r.failures), floors };
     };
     const p = summary("plugin", results.plugin);
     const g = summary("gateway", results.gateway);
     log("");
     log(`moving ${data.studies.length} studies (${data.instances.length} instances), ${rounds} rounds, one C-MOVE per study:`);
     const rows = [
-      ["", "total (median)", "rounds", "first sub-op (median)", "mean", "max", "received per round"],
-      ...[p, g].map((x) => [x.name, `${x.total.toFixed(2)} s`, x.totals.map((t) => t.toFixed(2)).join(" / "), ms(x.firstMedian), ms(x.firstMean), ms(x.firstMax), x.received.join(" / ")]),
+      ["", "total (median)", "rounds", "first sub-op (median)", "mean", "max", "received per round", ...(wan ? ["floor: bytes / bandwidth s", "floor: round trips x RTT s"] : [])],
+      ...[p, g].map((x) => [
+        x.name,
+        `${x.total.toFixed(2)} s`,
+        x.totals.map((t) => t.toFixed(2)).join(" / "),
+        ms(x.firstMedian),
+        ms(x.firstMean),
+        ms(x.firstMax),
+        x.received.join(" / "),
+        ...(wan ? floorCells(x.floors, wan.rttMs) : []),
+      ]),
     ];
     log(table(rows));
     log("");
@@ -198,12 +241,14 @@ async function main(): Promise<void> {
       log("");
       log(`one ${(big.bytes / 2 ** 30).toFixed(2)} GiB instance (uploaded and labeled), gateway peak RSS (VmHWM) before: ${gateway.peakRssMiB().toFixed(0)} MiB`);
       const received = () => readdirSync(dest.dir).reduce((n, f) => n + statSync(join(dest.dir, f)).size, 0);
-      const rows: string[][] = [["", "seconds", "MB/s", "received", "gateway VmHWM after"]];
-      for (const [name, aet, port] of [["plugin C-MOVE", "PLUGIN", pluginPort], ["gateway C-MOVE", "GATEWAY", gatewayPort]] as const) {
+      const rows: string[][] = [["", "seconds", "MB/s", "received", "gateway VmHWM after", ...(wan ? ["floor: bytes / bandwidth s", "floor: round trips x RTT s"] : [])]];
+      for (const [name, aet, port] of [["plugin C-MOVE", "PLUGIN", pluginDicomPort], ["gateway C-MOVE", "GATEWAY", gatewayPort]] as const) {
         dest.clear();
+        const mark = wan?.mark();
         const r = await retrieveOnce("movescu", aet, port, study, ["-aem", dest.aet]);
+        const floors = wan ? floorCells(wan.floors(mark!), wan.rttMs) : [];
         const got = received();
-        rows.push([name, r.seconds.toFixed(2), (mb / r.seconds).toFixed(0), `${(got / 2 ** 30).toFixed(2)} GiB`, name.startsWith("gateway") ? `${gateway.peakRssMiB().toFixed(0)} MiB` : ""]);
+        rows.push([name, r.seconds.toFixed(2), (mb / r.seconds).toFixed(0), `${(got / 2 ** 30).toFixed(2)} GiB`, name.startsWith("gateway") ? `${gateway.peakRssMiB().toFixed(0)} MiB` : "", ...floors]);
         if (!r.ok || got < big.bytes * 0.99) {
           log(`  ${name} failed:\n${r.output.slice(-1500)}`);
           process.exitCode = 1;
@@ -212,9 +257,11 @@ async function main(): Promise<void> {
       dest.clear();
       const getDir = mkdtempSync(join(tmpdir(), "gw-bench-get-"));
       try {
+        const mark = wan?.mark();
         const r = await retrieveOnce("getscu", "GATEWAY", gatewayPort, study, ["-od", getDir]);
+        const floors = wan ? floorCells(wan.floors(mark!), wan.rttMs) : [];
         const got = readdirSync(getDir).reduce((n, f) => n + statSync(join(getDir, f)).size, 0);
-        rows.push(["gateway C-GET", r.seconds.toFixed(2), (mb / r.seconds).toFixed(0), `${(got / 2 ** 30).toFixed(2)} GiB`, `${gateway.peakRssMiB().toFixed(0)} MiB`]);
+        rows.push(["gateway C-GET", r.seconds.toFixed(2), (mb / r.seconds).toFixed(0), `${(got / 2 ** 30).toFixed(2)} GiB`, `${gateway.peakRssMiB().toFixed(0)} MiB`, ...floors]);
         if (!r.ok || got < big.bytes * 0.99) {
           log(`  gateway C-GET failed:\n${r.output.slice(-1500)}`);
           process.exitCode = 1;
@@ -228,6 +275,7 @@ async function main(): Promise<void> {
     await gateway?.stop();
     await orthanc.stop();
     await dest.stop();
+    await wan?.close();
   }
 }
 

@@ -18,9 +18,10 @@ import { IsolationGuard, IsolationGuards } from "./tenancy/isolation.ts";
 import { UidRegistry } from "./tenancy/ownership.ts";
 import { ChangesFeed } from "./orthanc/changes.ts";
 import { Counter } from "prom-client";
-import { mkdir } from "node:fs/promises";
 import { createTenantServices } from "./services.ts";
 import { Forwarder, type QuarantineKind } from "./spool/forwarder.ts";
+import type { SpoolFiles } from "./spool/files.ts";
+import { lockSpoolDirectory } from "./spool/lock.ts";
 import { createStoreMetrics, type StoreMetrics } from "./spool/metrics.ts";
 import { TenantSpool, tenantDirectoryName, type SpoolEntry } from "./spool/spool.ts";
 import type { GatewaySnapshot, QuarantineSummary } from "./status.ts";
@@ -36,6 +37,8 @@ export interface GatewayOptions {
   artimTimeoutMs?: number;
   /** The audit trail (default: created from `Gateway.Audit.File`; closed by stop() either way). */
   audit?: AuditLog;
+  /** The spool's file layer (default node:fs): tests record writes, syncs and crashes through their own. */
+  spoolFiles?: SpoolFiles;
 }
 
 export interface TenantListener {
@@ -168,6 +171,9 @@ function connectionEventsFor(tenant: TenantConfig, log: Logger, metrics: Gateway
 }
 
 export async function startGateway(config: GatewayConfig, opts: GatewayOptions = {}): Promise<Gateway> {
+  // The spool's lock first, before anything is created: nothing in the spool directory is read, recovered
+  // or deleted while another process (or another gateway of this one) serves it. Released by stop().
+  const spoolLock = await lockSpoolDirectory(config.spool.directory, { command: "serve" });
   const log = opts.logger ?? silentLogger;
   const metrics = opts.metrics ?? createMetrics();
   const startedAt = new Date().toISOString();
@@ -179,8 +185,12 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
   const labeler = new Labeler(orthanc, { feed: changes });
   // Strict isolation: which UIDs were created by which tenant or are in flight, and one guard per Strict tenant.
   const registry = new UidRegistry(config.spool.directory);
-  await mkdir(config.spool.directory, { recursive: true });
-  await registry.open();
+  try {
+    await registry.open();
+  } catch (e) {
+    spoolLock.release();
+    throw e;
+  }
   const guards = new IsolationGuards(orthanc);
   registry.onRelease = (level, uid) => guards.forget(level, uid);
   changes.addListener(guards);
@@ -268,7 +278,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
       known.quotaBytes = tenant.spoolQuotaBytes;
       return { spool: known, pending: [] };
     }
-    const spool = new TenantSpool(config.spool.directory, tenant.aet, tenant.spoolQuotaBytes, { md5: config.spool.verifyIntegrity });
+    const spool = new TenantSpool(config.spool.directory, tenant.aet, tenant.spoolQuotaBytes, { md5: config.spool.verifyIntegrity, files: opts.spoolFiles });
     const { pending, discarded } = await spool.open();
     spools.set(key, spool);
     if (discarded.length > 0) log.warn("discarded incomplete spool records (never acknowledged)", { tenant: tenant.aet, records: discarded });
@@ -403,11 +413,15 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     http = await serveHttp(createHttpApp({ snapshot, metrics, logger: log }), { hostname: config.http.host, port: config.http.port });
     log.info("HTTP endpoint started", { url: `http://${config.http.host.includes(":") ? `[${config.http.host}]` : config.http.host}:${http.port}`, endpoints: "/health /ready /metrics /status" });
   } catch (e) {
-    await Promise.all(listeners.map((l) => stopTenant(l, 0)));
-    await closeSpools();
-    audit.close();
-    await registry.close();
-    orthanc.close();
+    try {
+      await Promise.all(listeners.map((l) => stopTenant(l, 0)));
+      await closeSpools();
+      audit.close();
+      await registry.close();
+      orthanc.close();
+    } finally {
+      spoolLock.release();
+    }
     throw e;
   }
 
@@ -490,15 +504,19 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
       return p;
     },
     async stop(graceMs = 0) {
-      monitor.stop();
-      changes.stop();
-      await Promise.all(listeners.map((l) => stopTenant(l, graceMs)));
-      await forwarder.stop();
-      await closeSpools();
-      await registry.close();
-      await http!.close();
-      audit.close();
-      orthanc.close();
+      try {
+        monitor.stop();
+        changes.stop();
+        await Promise.all(listeners.map((l) => stopTenant(l, graceMs)));
+        await forwarder.stop();
+        await closeSpools();
+        await registry.close();
+        await http!.close();
+        audit.close();
+        orthanc.close();
+      } finally {
+        spoolLock.release(); // last: the spool's files are closed
+      }
     },
   };
 }

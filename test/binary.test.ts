@@ -1,7 +1,8 @@
 /**
  * The compiled appliance: `bun scripts/build-binary.ts` builds linux-x64 and linux-arm64
  * executables; the x64 one starts with a real Orthanc, answers C-ECHO, /health and /ready, stores an
- * instance through its spool into Orthanc and finds it with C-FIND.
+ * instance through its spool into Orthanc and finds it with C-FIND, and holds its spool's lock
+ * (flock through bun:ffi, in the runtime the executable carries).
  */
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { spawnSync } from "node:child_process";
@@ -13,11 +14,13 @@ import { echoscu, findscuKeys, runTool } from "./helpers/dcmtk.ts";
 import { pydicomFile, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
 import { until } from "./helpers/wait.ts";
 import { httpPortFromLog, spawnGateway, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
+import { freePort } from "./helpers/ports.ts";
 
 const ROOT = join(import.meta.dir, "..");
 const outdir = mkdtempSync(join(tmpdir(), "gw-dist-"));
 let orthanc: OrthancHandle;
 let gw: GatewayProcess | undefined;
+const others: GatewayProcess[] = [];
 
 beforeAll(async () => {
   const build = spawnSync(process.execPath, [join(ROOT, "scripts/build-binary.ts"), "--target", "all", "--outdir", outdir], { encoding: "utf8", cwd: ROOT });
@@ -27,6 +30,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await gw?.stop();
+  await Promise.all(others.map((g) => g.stop()));
   await orthanc?.stop();
   rmSync(outdir, { recursive: true, force: true });
 }, 30_000);
@@ -77,5 +81,28 @@ test("the x64 binary stores and finds: a C-STORE goes through its spool into Ort
   const found = await findscuKeys(Port, "BINSTORE", "-S", "STUDY", { StudyInstanceUID: study, PatientName: "" });
   expect(found.success).toBe(true);
   expect(found.matches).toBe(1);
+  expect(await gw.stop()).toBe(0);
+}, 60_000);
+
+test("the x64 binary locks its spool: a second one with the same configuration exits 1 naming the first's PID; after kill -9 a third starts at once", async () => {
+  const exe = join(outdir, "dicom-gateway-linux-x64");
+  const config = await testConfigObject([{ AET: "BINLOCK" }], `http://127.0.0.1:${await freePort()}`, { Gateway: { Log: { Level: "info", Format: "json" } } });
+  const configPath = writeConfigFile(config);
+  const spoolDir = (config.Gateway as { SpoolDirectory: string }).SpoolDirectory;
+  const first = spawnGateway(exe, ["serve", "--config", configPath]);
+  others.push(first);
+  await first.waitForLine(/"HTTP endpoint started"/);
+  const second = spawnGateway(exe, ["serve", "--config", configPath]);
+  others.push(second);
+  expect(await second.exited).toBe(1);
+  expect(second.lines().join("\n")).toContain(`dicom-gateway: the spool directory ${spoolDir} is in use by another dicom-gateway process (PID ${first.child.pid}, serve `);
+  first.child.kill("SIGKILL");
+  await first.exited;
+  gw = spawnGateway(exe, ["serve", "--config", configPath]);
+  const port = httpPortFromLog(await gw.waitForLine(/"HTTP endpoint started"/));
+  // Logged once serve() is up, just before it installs its SIGTERM handler (Orthanc is unreachable here);
+  // an HTTP answer after it shows the event loop went round since.
+  await gw.waitForLine(/started without a usable Orthanc/);
+  expect((await fetch(`http://127.0.0.1:${port}/health`)).status).toBe(200);
   expect(await gw.stop()).toBe(0);
 }, 60_000);

@@ -1,17 +1,27 @@
+/**
+ * The test bed itself: mirror discovery, the chroot's packages, a single Orthanc (plain, with the
+ * MultitenantDicom plugin, with DICOMweb and extra configuration), a PostgreSQL-backed cluster, the
+ * nginx TLS proxy and the CLI, each against the real processes.
+ */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { mkdirSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { findDebianMirror, parseOrthancVersionOutput, startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts";
+import { dirname, join } from "node:path";
+import {
+  CHROOT_PACKAGES,
+  ensureChroot,
+  findDebianMirror,
+  installedPackagesTouched,
+  missingChrootPackages,
+  parseOrthancVersionOutput,
+  startOrthanc,
+  type OrthancHandle,
+} from "../scripts/orthanc-testbed.ts";
 import { versionAtLeast } from "../src/orthanc/client.ts";
 import { CT_SMALL, getSharedOrthanc, ORTHANC_START_TIMEOUT_MS, runDcmtk } from "./helpers/orthanc.ts";
 import { freePort, freePorts } from "./helpers/ports.ts";
-
-async function json<T>(res: Response): Promise<T> {
-  if (!res.ok) throw new Error(`${res.status} ${res.statusText}: ${await res.text()}`);
-  return (await res.json()) as T;
-}
+import { json, qidoStudies, upload } from "./helpers/testbed.ts";
 
 describe("free ports", () => {
   test("freePort and freePorts give distinct bindable ports", async () => {
@@ -163,4 +173,68 @@ describe("managed Orthanc with the MultitenantDicom plugin", () => {
     await orthanc.stop(); // idempotent
     await expect(fetch(`${orthanc.url}/system`)).rejects.toThrow();
   }, 20_000);
+});
+
+describe("the chroot's packages", () => {
+  test("a missing package is seen from its file alone", () => {
+    const dir = mkdtempSync(join(tmpdir(), "chroot-files-"));
+    try {
+      expect(missingChrootPackages(dir)).toEqual(CHROOT_PACKAGES.map((p) => p.name));
+      for (const p of CHROOT_PACKAGES.filter((p) => p.name === "orthanc" || p.name === "dcmtk")) {
+        mkdirSync(join(dir, dirname(p.file)), { recursive: true });
+        writeFileSync(join(dir, p.file), "");
+      }
+      // An old chroot (orthanc and dcmtk only) is upgraded with exactly these.
+      expect(missingChrootPackages(dir)).toEqual(["orthanc-postgresql", "postgresql-17", "orthanc-dicomweb", "nginx"]);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test("the cached chroot holds Orthanc, its PostgreSQL and DICOMweb plugins, PostgreSQL 17, nginx and dcmtk", async () => {
+    const dir = await ensureChroot();
+    expect(missingChrootPackages(dir)).toEqual([]);
+    expect(CHROOT_PACKAGES.map((p) => p.name)).toEqual(["orthanc", "dcmtk", "orthanc-postgresql", "postgresql-17", "orthanc-dicomweb", "nginx"]);
+  }, ORTHANC_START_TIMEOUT_MS);
+
+  test("the in-place upgrade's guard sees, from apt's simulation, a plan that would remove an installed package", async () => {
+    const dir = await ensureChroot();
+    // Installed already: nothing to touch. "dcmtk-" asks apt to remove dcmtk (simulated only).
+    expect(await installedPackagesTouched(dir, ["nginx", "orthanc-dicomweb"])).toEqual([]);
+    expect(await installedPackagesTouched(dir, ["dcmtk-"])).toContain("Remv dcmtk");
+  }, 60_000);
+});
+
+describe("a single Orthanc with DICOMweb and extra configuration", () => {
+  let orthanc: OrthancHandle;
+
+  beforeAll(async () => {
+    orthanc = await startOrthanc({ dicomWeb: true, extraConfig: { OverwriteInstances: true } });
+  }, ORTHANC_START_TIMEOUT_MS);
+
+  afterAll(async () => {
+    await orthanc?.stop();
+  }, 20_000);
+
+  test("QIDO-RS finds a study by its Study Instance UID under /dicom-web/", async () => {
+    expect(orthanc.dicomWebUrl).toBe(`${orthanc.url}/dicom-web`);
+    const up = await upload(orthanc.url, CT_SMALL);
+    const found = await qidoStudies(orthanc.dicomWebUrl!, { StudyInstanceUID: up.studyInstanceUid });
+    expect(found.length).toBe(1);
+    expect(found[0]!["0020000D"]?.Value).toEqual([up.studyInstanceUid]);
+    expect(await qidoStudies(orthanc.dicomWebUrl!, { StudyInstanceUID: "1.2.3.4.5.6.7.8.9" })).toEqual([]);
+  });
+
+  test("extraConfig reaches Orthanc: with OverwriteInstances a second upload is stored again", async () => {
+    const sys = await json<{ OverwriteInstances: boolean }>(await fetch(`${orthanc.url}/system`));
+    expect(sys.OverwriteInstances).toBe(true);
+    await upload(orthanc.url, CT_SMALL);
+    expect((await upload(orthanc.url, CT_SMALL)).status).toBe("Success");
+  });
+
+  test("without it (the shared Orthanc) the same upload is AlreadyStored", async () => {
+    const shared = await getSharedOrthanc();
+    await upload(shared.url, CT_SMALL);
+    expect((await upload(shared.url, CT_SMALL)).status).toBe("AlreadyStored");
+  }, ORTHANC_START_TIMEOUT_MS);
 });

@@ -1,7 +1,7 @@
 /**
  * What differs between runtimes, one thin adapter per runtime (src/adapter/{bun,deno,node}/), picked
- * here: serving a fetch handler over HTTP, and collecting garbage on request. Everything else is
- * runtime-agnostic.
+ * here: serving a fetch handler over HTTP, collecting garbage on request, and locking a file (flock).
+ * Everything else is runtime-agnostic.
  */
 import { collectGarbage as bunGc } from "./bun/gc.ts";
 import { collectGarbage as denoGc } from "./deno/gc.ts";
@@ -69,6 +69,34 @@ export async function serveHttp(app: FetchApp, opts: ServeOptions): Promise<Http
       return (await import("./deno/serve.ts")).serve(app, opts);
     default:
       return (await import("./node/serve.ts")).serve(app, opts);
+  }
+}
+
+/**
+ * An exclusive advisory lock (flock(2)) held through an open file: the kernel releases it when the
+ * file is closed or the process dies, however it dies, so it can never be left behind stale.
+ */
+export interface FileLock {
+  /** Replaces the locked file's content (who holds the lock). */
+  write(text: string): void;
+  /** Empties the file, releases the lock and closes the file. Idempotent. */
+  release(): void;
+}
+
+/**
+ * Opens `path` (created with `mode` if missing, never truncated) and takes an exclusive lock on it
+ * without waiting (LOCK_EX | LOCK_NB): undefined when another open file holds it, in this process or
+ * another. Bun: libc's flock through bun:ffi; Deno: Deno.FsFile.tryLockSync; Node: unavailable (throws,
+ * see src/adapter/node/flock.ts).
+ */
+export async function tryLockFile(path: string, mode = 0o644): Promise<FileLock | undefined> {
+  switch (detectRuntime()) {
+    case "bun":
+      return (await import("./bun/flock.ts")).tryLockFile(path, mode);
+    case "deno":
+      return (await import("./deno/flock.ts")).tryLockFile(path, mode);
+    default:
+      return (await import("./node/flock.ts")).tryLockFile(path, mode);
   }
 }
 

@@ -26,13 +26,16 @@ import { Buffer } from "node:buffer";
 import { createHash } from "node:crypto";
 import { basename } from "node:path";
 import * as zlib from "node:zlib";
-import { constants } from "node:fs";
-import { open, type FileHandle } from "node:fs/promises";
+import type { FileHandle } from "node:fs/promises";
+import type { SpoolFiles } from "./files.ts";
 
 export const RECORD_HEADER = 64;
 const MAGIC = Buffer.from("DGSPOOL1", "latin1");
 export const STATE_PENDING = 1;
 export const STATE_DONE = 2;
+/** The state field of a done record, as written over a pending one (shared: writes only read it). */
+const DONE_STATE = [Buffer.alloc(4)];
+DONE_STATE[0]!.writeUInt32LE(STATE_DONE, 0);
 
 export interface RecordHeader {
   state: number;
@@ -83,8 +86,12 @@ export class Segment {
   private opening: Promise<FileHandle> | undefined;
   /** Writers only: a second handle opened with O_DSYNC, so a small record is written and made durable in one call. */
   private dsync: FileHandle | undefined;
+  /** The platform has no O_DSYNC (see dsyncHandle). */
+  private noDsync = false;
 
   constructor(
+    /** The file layer every write, sync and open of this segment goes through. */
+    private readonly files: SpoolFiles,
     public path: string,
     /** Logical end: where the next record starts. */
     public size: number,
@@ -112,7 +119,7 @@ export class Segment {
   /** The open handle (sealed segments open one on demand and keep it until closed). */
   handle(): Promise<FileHandle> {
     if (this.fh) return Promise.resolve(this.fh);
-    this.opening ??= open(this.path, "r+").then(
+    this.opening ??= this.files.open(this.path).then(
       (fh) => {
         this.fh = fh;
         this.opening = undefined;
@@ -131,8 +138,9 @@ export class Segment {
    * returns once its data is durable, as write + fdatasync would, in one system call instead of two.
    */
   async dsyncHandle(): Promise<FileHandle | undefined> {
-    if (this.dsync || constants.O_DSYNC === undefined) return this.dsync;
-    this.dsync = await open(this.path, constants.O_WRONLY | constants.O_DSYNC);
+    if (this.dsync || this.noDsync) return this.dsync;
+    this.dsync = await this.files.openDsync(this.path);
+    this.noDsync = this.dsync === undefined;
     return this.dsync;
   }
 
@@ -141,15 +149,13 @@ export class Segment {
     const dsync = this.dsync;
     this.fh = undefined;
     this.dsync = undefined;
-    await fh?.close();
-    await dsync?.close();
+    if (fh) await this.files.close(fh);
+    if (dsync) await this.files.close(dsync);
   }
 
   /** Marks the record at `recordOffset` done (no sync: see the file header). */
   async markDone(recordOffset: number): Promise<void> {
-    const b = Buffer.alloc(4);
-    b.writeUInt32LE(STATE_DONE, 0);
-    await (await this.handle()).write(b, 0, 4, recordOffset + 8);
+    await this.files.writev(await this.handle(), DONE_STATE, recordOffset + 8);
   }
 }
 

@@ -13,19 +13,24 @@
  * records have all reached Orthanc is recycled as the next preallocated writer, or deleted.
  * Record ids sort in arrival order, so a restart replays FIFO.
  *
- * The layout before 0.2 (incoming/<id>.part, queue/<id>.dcm: one Part 10 file per instance) is still
- * read at start-up, so an upgrade forwards what an older version acknowledged.
+ * Start-up recovery (and the layout before 0.2, still read so that an upgrade forwards what an older
+ * version acknowledged) is in src/spool/recovery.ts; every write, sync, rename and delete of a segment
+ * goes through a file layer (src/spool/files.ts) that tests replace to check the order of writes, syncs
+ * and acknowledgements. The process serving the spool holds its lock (src/spool/lock.ts).
  */
 import { Buffer } from "node:buffer";
 import { createHash, randomBytes } from "node:crypto";
-import { mkdir, open, readdir, readFile, rename, rm, rmdir, statfs, writeFile, type FileHandle } from "node:fs/promises";
-import { readSync, writevSync } from "node:fs";
+import { mkdir, open, readdir, readFile, statfs, writeFile, type FileHandle } from "node:fs/promises";
 import { join } from "node:path";
 import { collectAsStreamGrows } from "../adapter/index.ts";
-import { decodeFileMeta, encodeFileMeta, type FileMeta } from "../dicom/part10.ts";
+import { encodeFileMeta, type FileMeta } from "../dicom/part10.ts";
 import type { OrthancIds } from "../orthanc/identity.ts";
-import { crc32, crc32OfRange, decodeRecordHeader, eachPiece, encodeRecordHeader, md5OfRange, RECORD_HEADER, Segment, STATE_PENDING } from "./segment.ts";
+import { diskError, InlineCommit, nodeSpoolFiles, SpoolDiskError, writeAll, type SpoolFiles } from "./files.ts";
+import { readLegacyLayout, scanSegment } from "./recovery.ts";
+import { crc32, eachPiece, encodeRecordHeader, md5OfRange, RECORD_HEADER, Segment, STATE_PENDING } from "./segment.ts";
 import { readFully, readRange, type FileRange } from "../file-range.ts";
+
+export { SpoolDiskError } from "./files.ts";
 
 export interface SpoolRecord {
   id: string;
@@ -77,9 +82,6 @@ export const HEAD_BYTES = 64 * 1024;
 export class SpoolQuotaError extends Error {
   override name = "SpoolQuotaError";
 }
-export class SpoolDiskError extends Error {
-  override name = "SpoolDiskError";
-}
 
 /** Bytes of an instance kept in memory before they are written (a whole small instance is one write). */
 const WRITE_BATCH = 256 * 1024;
@@ -100,63 +102,6 @@ export function newSpoolId(): string {
 /** AE titles may hold characters that are unsafe in a path; keep them readable and unique. */
 export function tenantDirectoryName(aet: string): string {
   return aet.replace(/[^A-Za-z0-9_-]/g, (c) => `%${c.charCodeAt(0).toString(16).padStart(2, "0")}`);
-}
-
-async function fsyncDir(path: string): Promise<void> {
-  const fh = await open(path, "r");
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
-
-function diskError(e: unknown, dir: string): Error {
-  const code = (e as NodeJS.ErrnoException)?.code;
-  if (code === "ENOSPC") return new SpoolDiskError(`the spool disk is full (${dir}): free space or move Gateway.SpoolDirectory to a larger disk`, { cause: e });
-  if (code === "EDQUOT") return new SpoolDiskError(`the disk quota of the spool is exhausted (${dir})`, { cause: e });
-  if (code === "EROFS" || code === "EACCES" || code === "EPERM")
-    return new SpoolDiskError(`cannot write the spool (${dir}): ${code}; check permissions of Gateway.SpoolDirectory (systemd: StateDirectory)`, { cause: e });
-  return e instanceof Error ? e : new Error(String(e));
-}
-
-/** Writes all of `parts` at `position` (writev may write less than asked). */
-async function writeAll(fh: FileHandle, parts: Uint8Array[], position: number): Promise<number> {
-  let total = 0;
-  for (const p of parts) total += p.length;
-  const { bytesWritten } = await fh.writev(parts, position);
-  if (bytesWritten < total) {
-    const rest = Buffer.concat(parts, total).subarray(bytesWritten);
-    for (let done = 0; done < rest.length; ) done += (await fh.write(rest, done, rest.length - done, position + bytesWritten + done)).bytesWritten;
-  }
-  return total;
-}
-
-/**
- * The O_DSYNC write of a small record, made on the event loop while the disk answers quickly, in a
- * worker thread otherwise. A write handed to the thread pool costs a round trip (~0.1 ms here) on
- * top of the disk's own sync (~0.2 ms), and storescu waits for each answer before it sends the next
- * instance: inline writes save the round trip. Blocking is bounded: when the writes' moving average
- * passes INLINE_LIMIT_MS (a slow or busy disk), they go to the thread pool, where they are still
- * timed, so that inline writes resume when the disk is quick again.
- */
-class InlineCommit {
-  static readonly INLINE_LIMIT_MS = 1;
-  /** Moving average of the write times, ms. */
-  private average = 0;
-
-  async write(fh: FileHandle, parts: Uint8Array[], position: number): Promise<void> {
-    const started = performance.now();
-    if (this.average > InlineCommit.INLINE_LIMIT_MS) await writeAll(fh, parts, position);
-    else {
-      let total = 0;
-      for (const p of parts) total += p.length;
-      const written = writevSync(fh.fd, parts, position);
-      // A short write (rare): the rest through the thread pool.
-      if (written < total) await writeAll(fh, [Buffer.concat(parts, total).subarray(written)], position + written);
-    }
-    this.average = 0.9 * this.average + 0.1 * (performance.now() - started);
-  }
 }
 
 /** The spool's side of a ReceivedFile. */
@@ -200,7 +145,7 @@ export class TenantSpool {
   private readonly idleWriters: Segment[] = [];
   private committedBytes = 0;
   private receivingBytes = 0;
-  private readonly inlineCommit = new InlineCommit();
+  private readonly inlineCommit: InlineCommit;
   private quarantined: QuarantineEntry[] = [];
 
   /** A preallocated segment ready to become the next writer (see prepareStandby). */
@@ -211,6 +156,7 @@ export class TenantSpool {
   private closed = false;
   private readonly preallocate: boolean;
   private readonly md5: boolean;
+  private readonly files: SpoolFiles;
 
   constructor(
     root: string,
@@ -221,10 +167,14 @@ export class TenantSpool {
       preallocate?: boolean;
       /** Compute each instance's MD5 while receiving (for VerifyIntegrity; default false). */
       md5?: boolean;
+      /** The file layer of the segments (default node:fs; tests record and crash through their own). */
+      files?: SpoolFiles;
     } = {},
   ) {
     this.preallocate = opts.preallocate ?? true;
     this.md5 = opts.md5 ?? false;
+    this.files = opts.files ?? nodeSpoolFiles;
+    this.inlineCommit = new InlineCommit(this.files);
     this.dir = join(root, tenantDirectoryName(tenant));
     this.segmentsDir = join(this.dir, "segments");
     this.quarantineDir = join(this.dir, "quarantine");
@@ -235,15 +185,26 @@ export class TenantSpool {
   /** Creates the directories, cuts off what was never acknowledged, and returns the pending entries in arrival order. */
   async open(): Promise<{ pending: SpoolEntry[]; discarded: string[] }> {
     try {
-      for (const d of [this.segmentsDir, this.quarantineDir]) await mkdir(d, { recursive: true });
+      let created = false;
+      for (const d of [this.segmentsDir, this.quarantineDir]) created = (await mkdir(d, { recursive: true })) !== undefined || created;
+      // New directories are made durable once, so that the first acknowledged records do not vanish with them.
+      if (created) for (const d of [this.dir, join(this.dir, "..")]) await this.files.syncDirectory(d);
     } catch (e) {
       throw diskError(e, this.dir);
     }
     const discarded: string[] = [];
     const found: SpoolEntry[] = [];
-    await this.openLegacy(found, discarded);
+    await readLegacyLayout({ incoming: this.legacyIncoming, queue: this.legacyQueue, quarantine: this.quarantineDir }, this.tenant, found, discarded);
     for (const n of (await readdir(this.segmentsDir)).sort()) {
-      if (n.endsWith(".seg")) await this.scanSegment(join(this.segmentsDir, n), found, discarded);
+      if (!n.endsWith(".seg")) continue;
+      const scanned = await scanSegment(this.files, join(this.segmentsDir, n), this.tenant, { adoptStandby: this.preallocate && !this.standby, segmentBytes: SEGMENT_BYTES }, discarded);
+      if (!scanned) continue;
+      this.segments.add(scanned.segment);
+      if (scanned.adopted) this.standby = scanned.segment;
+      for (const { entry, recordOffset } of scanned.pending) {
+        found.push(entry);
+        this.records.set(entry.id, { segment: scanned.segment, recordOffset });
+      }
     }
     found.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
     for (const e of found) {
@@ -259,107 +220,6 @@ export class TenantSpool {
     }
     void this.prepareStandby();
     return { pending: found, discarded };
-  }
-
-  /**
-   * Reads one segment: pending records become entries. The records end at the first header that is not
-   * one of this segment's (zeros of a preallocation, an earlier life of a recycled file, a record never
-   * finished); the last record is checked against its CRC-32 (only it can be torn), and the file is cut there.
-   */
-  private async scanSegment(path: string, found: SpoolEntry[], discarded: string[]): Promise<void> {
-    const fh = await open(path, "r+");
-    const segment = new Segment(path, 0, false);
-    const discardedBefore = discarded.length;
-    let adopted = false;
-    try {
-      const size = (await fh.stat()).size;
-      const hb = new Uint8Array(RECORD_HEADER);
-      const records: { pos: number; state: number; crc: number; record: SpoolRecord }[] = [];
-      let pos = 0;
-      // Two small reads per record, made synchronously (at start-up, or for a tenant a reload adds): with a
-      // thread-pool round trip each, a backlog of 20,000 records took 1.7 s to open, 0.18 s so.
-      while (pos + RECORD_HEADER <= size) {
-        readSync(fh.fd, hb, 0, RECORD_HEADER, pos);
-        const h = decodeRecordHeader(hb, segment.key);
-        if (!h) break;
-        const end = pos + RECORD_HEADER + h.bodyLength + h.infoLength;
-        const incomplete = () => discarded.push(`${path}: incomplete record at byte ${pos}`);
-        if (end > size) {
-          incomplete();
-          break;
-        }
-        const info = new Uint8Array(h.infoLength);
-        readSync(fh.fd, info, 0, info.length, pos + RECORD_HEADER + h.bodyLength);
-        let record: SpoolRecord;
-        try {
-          record = JSON.parse(new TextDecoder().decode(info)) as SpoolRecord;
-          if (typeof record.id !== "string" || typeof record.sopInstanceUid !== "string" || record.size !== h.bodyLength) throw new Error("not a record");
-        } catch {
-          incomplete();
-          break;
-        }
-        records.push({ pos, state: h.state, crc: h.crc, record });
-        pos = end;
-      }
-      // Each record was synced before the next one started: only the last one can be torn.
-      const last = records.at(-1);
-      if (last && (await crc32OfRange(fh, last.pos + RECORD_HEADER, last.record.size)) !== last.crc) {
-        records.pop();
-        pos = last.pos;
-        discarded.push(`${path}: torn record at byte ${pos} (its bytes do not match its CRC-32)`);
-      }
-      for (const { pos: at, state, record } of records) {
-        if (state !== STATE_PENDING) continue;
-        found.push({ ...record, tenant: this.tenant, file: path, offset: at + RECORD_HEADER, size: record.size });
-        this.records.set(record.id, { segment, recordOffset: at });
-        segment.live++;
-      }
-      // A standby left by the last run (no record of this segment's key in it, full size): the next
-      // writer, as it is, instead of writing 32 MiB of zeros again.
-      adopted = this.preallocate && !this.standby && records.length === 0 && discarded.length === discardedBefore && size >= SEGMENT_BYTES;
-      if (adopted) {
-        if (size > SEGMENT_BYTES) await fh.truncate(SEGMENT_BYTES);
-        segment.writable = true;
-        segment.allocated = SEGMENT_BYTES;
-        this.standby = segment;
-      } else if (pos < size) await fh.truncate(pos);
-      segment.size = pos;
-    } finally {
-      await fh.close();
-    }
-    if (segment.live > 0 || adopted) this.segments.add(segment);
-    else await rm(path, { force: true });
-  }
-
-  /** One Part 10 file per instance, as spooled before 0.2: forwarded as they are, then deleted. */
-  private async openLegacy(found: SpoolEntry[], discarded: string[]): Promise<void> {
-    let names: string[];
-    try {
-      for (const f of await readdir(this.legacyIncoming)) {
-        await rm(join(this.legacyIncoming, f), { force: true });
-        discarded.push(join(this.legacyIncoming, f));
-      }
-      await rmdir(this.legacyIncoming).catch(() => {});
-      names = await readdir(this.legacyQueue);
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === "ENOENT") return;
-      throw e;
-    }
-    for (const n of names.sort()) {
-      const file = join(this.legacyQueue, n);
-      if (!n.endsWith(".dcm")) {
-        if (n.endsWith(".tmp") || n.endsWith(".part")) await rm(file, { force: true });
-        continue;
-      }
-      try {
-        found.push({ ...(await readLegacyRecord(file, n.slice(0, -4), this.tenant)), file, offset: 0 });
-      } catch (e) {
-        // A committed file is complete (it was synced before the rename): if it cannot be read, keep it
-        // aside rather than forward or delete it.
-        await rename(file, join(this.quarantineDir, n));
-        discarded.push(`${file} (unreadable, moved to quarantine: ${(e as Error).message})`);
-      }
-    }
   }
 
   get usedBytes(): number {
@@ -402,14 +262,14 @@ export class TenantSpool {
     const path = join(this.segmentsDir, `${newSpoolId()}.seg`);
     let fh: FileHandle | undefined;
     try {
-      fh = await open(path, "wx+", 0o600); // read too: the forwarder reads records through this handle
-      await fsyncDir(this.segmentsDir);
+      fh = await this.files.create(path); // read too: the forwarder reads records through this handle
+      await this.files.syncDirectory(this.segmentsDir);
     } catch (e) {
-      await fh?.close().catch(() => {});
-      await rm(path, { force: true });
+      if (fh) await this.files.close(fh).catch(() => {});
+      await this.files.remove(path);
       throw await this.diskFailure(e);
     }
-    const segment = new Segment(path, 0, true, fh);
+    const segment = new Segment(this.files, path, 0, true, fh);
     this.segments.add(segment);
     return segment;
   }
@@ -432,19 +292,19 @@ export class TenantSpool {
       const path = join(this.segmentsDir, `${newSpoolId()}.seg`);
       let fh: FileHandle | undefined;
       try {
-        fh = await open(path, "wx+", 0o600);
+        fh = await this.files.create(path);
         const zeros = new Uint8Array(1 << 20);
-        for (let at = 0; at < SEGMENT_BYTES; at += zeros.length) await writeAll(fh, [zeros], at);
-        await fh.datasync();
-        await fsyncDir(this.segmentsDir);
+        for (let at = 0; at < SEGMENT_BYTES; at += zeros.length) await writeAll(this.files, fh, [zeros], at);
+        await this.files.datasync(fh);
+        await this.files.syncDirectory(this.segmentsDir);
       } catch {
         // No room (or no permission) for a preallocation: writers are created as they are needed.
         this.standbyFailedAt = Date.now();
-        await fh?.close().catch(() => {});
-        await rm(path, { force: true }).catch(() => {});
+        if (fh) await this.files.close(fh).catch(() => {});
+        await this.files.remove(path).catch(() => {});
         return;
       }
-      const segment = new Segment(path, 0, true, fh);
+      const segment = new Segment(this.files, path, 0, true, fh);
       segment.allocated = SEGMENT_BYTES;
       this.segments.add(segment);
       if (this.closed) await this.dropSegment(segment);
@@ -471,10 +331,9 @@ export class TenantSpool {
     const path = join(this.segmentsDir, `${newSpoolId()}.seg`);
     const recycling = (async () => {
       try {
-        const fh = await segment.handle();
-        await fh.truncate(SEGMENT_BYTES);
-        await rename(segment.path, path);
-        await fsyncDir(this.segmentsDir);
+        await this.files.truncate(await segment.handle(), SEGMENT_BYTES);
+        await this.files.rename(segment.path, path);
+        await this.files.syncDirectory(this.segmentsDir);
       } catch {
         return this.dropSegment(segment);
       }
@@ -491,7 +350,7 @@ export class TenantSpool {
   private async dropSegment(segment: Segment): Promise<void> {
     this.segments.delete(segment);
     await segment.close().catch(() => {});
-    await rm(segment.path, { force: true }).catch(() => {});
+    await this.files.remove(segment.path).catch(() => {});
   }
 
   /** A disk error as a SpoolDiskError; a full disk first gives back the room that holds nothing pending. */
@@ -583,7 +442,7 @@ export class TenantSpool {
     r.chunks = [];
     r.chunkBytes = 0;
     try {
-      r.written += await writeAll(await r.segment.handle(), chunks, r.bodyOffset + r.written);
+      r.written += await writeAll(this.files, await r.segment.handle(), chunks, r.bodyOffset + r.written);
     } catch (e) {
       throw diskError(e, this.segmentsDir);
     }
@@ -601,8 +460,8 @@ export class TenantSpool {
     if (!committed && (r.written > 0 || headerWritten)) {
       try {
         const fh = await r.segment.handle();
-        if (headerWritten && r.recordOffset < r.segment.allocated) await writeAll(fh, [new Uint8Array(RECORD_HEADER)], r.recordOffset);
-        if (r.bodyOffset + r.written > r.segment.allocated || headerWritten) await fh.truncate(Math.max(r.recordOffset, r.segment.allocated));
+        if (headerWritten && r.recordOffset < r.segment.allocated) await writeAll(this.files, fh, [new Uint8Array(RECORD_HEADER)], r.recordOffset);
+        if (r.bodyOffset + r.written > r.segment.allocated || headerWritten) await this.files.truncate(fh, Math.max(r.recordOffset, r.segment.allocated));
       } catch {
         // Cannot undo it: take no more records in this segment; the unacknowledged tail (it has no
         // valid header) is cut off at the next start.
@@ -642,12 +501,12 @@ export class TenantSpool {
         await this.inlineCommit.write(dsync, [header, ...r.chunks, infoBytes], r.recordOffset);
       } else {
         const fh = await r.segment.handle();
-        if (r.written === 0) await writeAll(fh, [header, ...r.chunks, infoBytes], r.recordOffset);
+        if (r.written === 0) await writeAll(this.files, fh, [header, ...r.chunks, infoBytes], r.recordOffset);
         else {
-          await writeAll(fh, [...r.chunks, infoBytes], r.bodyOffset + r.written);
-          await writeAll(fh, [header], r.recordOffset);
+          await writeAll(this.files, fh, [...r.chunks, infoBytes], r.bodyOffset + r.written);
+          await writeAll(this.files, fh, [header], r.recordOffset);
         }
-        await fh.datasync();
+        await this.files.datasync(fh);
       }
     } catch (e) {
       await this.settle(r, false, true);
@@ -676,7 +535,7 @@ export class TenantSpool {
     const at = this.records.get(entry.id);
     if (this.pending.delete(entry.id)) this.committedBytes -= entry.size;
     if (!at) {
-      await rm(entry.file, { force: true }); // a file of the layout before 0.2
+      await nodeSpoolFiles.remove(entry.file); // a file of the layout before 0.2
       return;
     }
     this.records.delete(entry.id);
@@ -693,7 +552,7 @@ export class TenantSpool {
     const q: QuarantineEntry = { ...record, reason, quarantinedAt: new Date().toISOString() };
     await copyRange(entry, join(this.quarantineDir, `${entry.id}.dcm`));
     await writeFile(join(this.quarantineDir, `${entry.id}.json`), JSON.stringify(q, null, 2), { mode: 0o600 });
-    await fsyncDir(this.quarantineDir);
+    await nodeSpoolFiles.syncDirectory(this.quarantineDir);
     await this.remove(entry);
     this.quarantined.push(q);
     return q;
@@ -742,35 +601,11 @@ async function copyRange(src: FileRange, dest: string): Promise<void> {
   const out = await open(dest, "w", 0o600);
   try {
     await eachPiece(input, src.offset, src.size, async (piece, at) => {
-      await writeAll(out, [piece], at);
+      await writeAll(nodeSpoolFiles, out, [piece], at);
     });
     await out.datasync();
   } finally {
     await input.close();
     await out.close();
-  }
-}
-
-/** The record of a Part 10 file of the layout before 0.2, from its meta header and its inode. */
-async function readLegacyRecord(file: string, id: string, tenant: string): Promise<SpoolRecord> {
-  const fh = await open(file, "r");
-  try {
-    const head = new Uint8Array(8192);
-    const { bytesRead } = await fh.read(head, 0, head.length, 0);
-    const meta = decodeFileMeta(head.subarray(0, bytesRead));
-    const st = await fh.stat();
-    return {
-      id,
-      tenant,
-      sopClassUid: meta.sopClassUid,
-      sopInstanceUid: meta.sopInstanceUid,
-      transferSyntaxUid: meta.transferSyntaxUid,
-      callingAeTitle: meta.sourceAeTitle ?? "",
-      peer: "",
-      receivedAt: st.mtime.toISOString(),
-      size: st.size,
-    };
-  } finally {
-    await fh.close();
   }
 }
