@@ -14,7 +14,7 @@
  */
 import { createInflateRaw, type InflateRaw } from "node:zlib";
 import { isValidUid } from "./uids.ts";
-import { ElementScanner, VR, type CaptureSpec } from "./element-scanner.ts";
+import { ElementScanner, VR, vrCode, type CaptureSpec } from "./element-scanner.ts";
 import { convertToUtf8, dcmtkUid, dcmtkValue, detectEncoding, encodingLabel, ORTHANC_MAX_STRING_BYTES, orthancEncodingByName, type DetectedEncoding, type OrthancEncoding } from "./orthanc-text.ts";
 import { DatasetRefusal, RefusalStatus, tagName } from "./refusal.ts";
 
@@ -49,12 +49,14 @@ export const Tag = {
 /**
  * The elements read, their VRs and largest lengths (beyond: refused; LO allows 64 characters, UI 64, CS 16
  * per value, PS3.5 6.2). Explicit VR UN is accepted where Orthanc's reading of it is known (the raw value,
- * one trailing NUL removed: FromDcmtkBridge's UN branch); SH for PatientID reads as LO does.
+ * one trailing NUL removed: FromDcmtkBridge's UN branch). PatientID in any space-padded string VR reads as
+ * LO does (checked against Orthanc); in UI, binary or numeric VRs it is refused.
  */
+const TEXT_VRS = ["LO", "SH", "PN", "CS", "AE", "AS", "DA", "DS", "DT", "IS", "LT", "ST", "TM", "UC", "UR", "UT"].map(vrCode);
 const CAPTURE = new Map<number, CaptureSpec>([
   [Tag.SpecificCharacterSet, { vrs: [VR.CS], maxLength: 256 }],
   [Tag.SOPInstanceUID, { vrs: [VR.UI, VR.UN], maxLength: 256 }],
-  [Tag.PatientID, { vrs: [VR.LO, VR.SH, VR.UN], maxLength: 1024 }],
+  [Tag.PatientID, { vrs: [...TEXT_VRS, VR.UN], maxLength: 1024 }],
   [Tag.StudyInstanceUID, { vrs: [VR.UI, VR.UN], maxLength: 256 }],
   [Tag.SeriesInstanceUID, { vrs: [VR.UI, VR.UN], maxLength: 256 }],
 ]);
@@ -182,7 +184,6 @@ export class InstanceReader {
     const studyInstanceUid = this.uid(Tag.StudyInstanceUID, "Study Instance UID");
     const seriesInstanceUid = this.uid(Tag.SeriesInstanceUID, "Series Instance UID");
     const pid = this.values.get(Tag.PatientID);
-    if (pid) oddUn(Tag.PatientID, pid);
     const patientId = pid === undefined ? "" : patientIdAsOrthanc(pid.value, detected, charset, pid.vr === VR.UN);
     return {
       patientId,
@@ -198,7 +199,6 @@ export class InstanceReader {
     const comment = (what: string) => `${name} ${tagName(tag)} ${what}`;
     if (el === undefined) throw new DatasetRefusal(RefusalStatus.DataSetMismatch, comment("missing"), `the data set has no ${name} ${tagName(tag)}: Orthanc refuses it`, tag);
     const raw = el.value;
-    oddUn(tag, el);
     // UN: Orthanc takes the bytes as they are (one trailing NUL removed), without DCMTK's white space removal.
     const v = el.vr === VR.UN ? latin1OrUndefined(unValue(raw)) : dcmtkUid(raw);
     if (v === "") throw new DatasetRefusal(RefusalStatus.DataSetMismatch, comment("is empty"), `${name} ${tagName(tag)} is empty: Orthanc refuses it`, tag);
@@ -209,16 +209,12 @@ export class InstanceReader {
   }
 }
 
-/** An odd-length UN value: how DCMTK pads it before Orthanc reads it as text is not known. */
-function oddUn(tag: number, el: { value: Uint8Array; vr: number }): void {
-  if (el.vr === VR.UN && el.value.length % 2 === 1) {
-    throw new DatasetRefusal(RefusalStatus.DataSetMismatch, `Element ${tagName(tag)} is UN of odd length`, `${tagName(tag)} is encoded as UN with an odd length (${el.value.length}); PS3.5 7.1.1 requires even lengths and how Orthanc reads it is not known`, tag);
-  }
-}
-
-/** An explicit VR UN value of a public text element as Orthanc reads it: the bytes, less one trailing NUL. */
+/**
+ * An explicit VR UN value of a public text element as Orthanc reads it: the bytes, less one trailing NUL
+ * when the length is even (an odd length reads the same whether or not DCMTK pads it with a NUL first).
+ */
 function unValue(raw: Uint8Array): Uint8Array {
-  return raw.length > 0 && raw[raw.length - 1] === 0 ? raw.subarray(0, raw.length - 1) : raw;
+  return raw.length % 2 === 0 && raw.length > 0 && raw[raw.length - 1] === 0 ? raw.subarray(0, raw.length - 1) : raw;
 }
 
 function latin1OrUndefined(b: Uint8Array): string | undefined {
@@ -296,12 +292,15 @@ class Inflater {
       }
     });
     // 'close' comes last, after 'end' or an error (and after destroy()).
-    this.done = new Promise<void>((resolve) => this.z.once("close", resolve));
+    let closed!: () => void;
+    this.done = new Promise<void>((resolve) => (closed = resolve));
+    this.z.once("close", () => closed());
     this.z.once("error", (e: Error & { code?: string }) => {
       this.error ??=
         e.code === "Z_BUF_ERROR"
           ? new DatasetRefusal(RefusalStatus.CannotUnderstand, "Deflated data set truncated", "the deflate stream of the data set ends before its final block: the modality sent an incomplete data set")
           : new DatasetRefusal(RefusalStatus.CannotUnderstand, "Deflated data set cannot be inflated", `the deflated data set is not a valid deflate stream (PS3.5 A.5): ${e.message}`);
+      closed();
     });
   }
 
@@ -309,7 +308,10 @@ class Inflater {
     if (this.error) return Promise.reject(this.error);
     this.compressed += chunk.length;
     return new Promise<void>((resolve, reject) => {
-      this.z.write(chunk, () => (this.error ? reject(this.error) : resolve()));
+      const settle = () => (this.error ? reject(this.error) : resolve());
+      this.z.write(chunk, settle);
+      // After an error the write callback may never come (Bun): the stream's closing settles it.
+      void this.done.then(settle);
     });
   }
 

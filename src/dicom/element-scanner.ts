@@ -21,7 +21,7 @@ const UNDEFINED = 0xffffffff;
 
 /** VR code (two ASCII bytes as a 16-bit number) -> 1: 16-bit length, 2: 32-bit length (PS3.5 7.1.2), 0: unknown. */
 const VR_KIND = new Uint8Array(65536);
-const vrCode = (vr: string) => (vr.charCodeAt(0) << 8) | vr.charCodeAt(1);
+export const vrCode = (vr: string) => (vr.charCodeAt(0) << 8) | vr.charCodeAt(1);
 for (const vr of ["AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "PN", "SH", "SL", "SS", "ST", "TM", "UI", "UL", "US"]) VR_KIND[vrCode(vr)] = 1;
 for (const vr of ["OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"]) VR_KIND[vrCode(vr)] = 2;
 export const VR = { SQ: vrCode("SQ"), UN: vrCode("UN"), OB: vrCode("OB"), OW: vrCode("OW"), CS: vrCode("CS"), LO: vrCode("LO"), SH: vrCode("SH"), UI: vrCode("UI") } as const;
@@ -222,11 +222,11 @@ export class ElementScanner {
     if (f.kind === Kind.Sequence || f.kind === Kind.Fragments) {
       this.refuse(`Element ${tagName(tag)} found where an item was expected`, `${tagName(tag)}${this.where()} appears where PS3.5 7.5 allows only items and the sequence delimiter`);
     }
-    if (this.depth === 0) this.topLevel(tag);
     const vr = this.hVr;
     if (f.explicit && VR_KIND[vr] === 0) {
       this.refuse(`Element ${tagName(tag)} has an unknown VR`, `${tagName(tag)}${this.where()} has the VR bytes 0x${hex4(vr)}, which no DICOM VR is (PS3.5 6.2)`);
     }
+    if (this.depth === 0) this.topLevel(tag);
     if (length === UNDEFINED) return this.openUndefined(f, tag, vr);
     if (f.end >= 0 && this.position + length > f.end) {
       this.refuse(`Element ${tagName(tag)} length exceeds its item`, `${tagName(tag)}${this.where()} declares ${length} bytes, past the end of its item or sequence at byte ${f.end}`);

@@ -279,9 +279,12 @@ function decodeEucPairs(b: Uint8Array, set: CjkSet): Conversion {
   return { ok: true, text: s };
 }
 
-/** ISO 2022 IR 87 as value 1: the whole value through ICU's "JIS" (ISO-2022-JP-1). */
+/**
+ * ISO 2022 IR 87 as value 1: the whole value through ICU's "JIS" (ISO-2022-JP-1): G0 designations of
+ * ASCII, JIS X 0201 romaji and katakana, JIS X 0208 (1978 and 1983 escapes read alike) and JIS X 0212.
+ */
 function decodeIso2022Jp(b: Uint8Array): Conversion {
-  type G0 = "ascii" | "roman" | CjkSet;
+  type G0 = "ascii" | "roman" | "katakana" | CjkSet;
   let g0: G0 = "ascii";
   let s = "";
   for (let i = 0; i < b.length; ) {
@@ -290,14 +293,22 @@ function decodeIso2022Jp(b: Uint8Array): Conversion {
       const seq = byteString(b.subarray(i + 1, i + 4));
       if (seq.startsWith("(B")) (g0 = "ascii"), (i += 3);
       else if (seq.startsWith("(J")) (g0 = "roman"), (i += 3);
-      else if (seq.startsWith("$B")) (g0 = "JIS X 0208"), (i += 3);
+      else if (seq.startsWith("(I")) (g0 = "katakana"), (i += 3);
+      else if (seq.startsWith("$B") || seq.startsWith("$@")) (g0 = "JIS X 0208"), (i += 3);
       else if (seq === "$(D") (g0 = "JIS X 0212"), (i += 4);
-      else return uncertain(`escape sequence ESC ${seq.slice(0, 2)} is not one of ISO 2022 IR 6, 13, 87, 159`);
+      else return uncertain(`escape sequence ESC ${printableSeq(seq)} is not one ISO-2022-JP-1 designates`);
       continue;
     }
+    // Controls (SO/SI, CR/LF reset states in some converters) and 8-bit bytes: not ISO-2022-JP text.
     if (c < 0x20 || c >= 0x7f) return uncertain(`byte 0x${hex2(c)} in ISO 2022 text`);
     if (g0 === "ascii" || g0 === "roman") {
       s += g0 === "roman" && c === 0x5c ? "\u00a5" : g0 === "roman" && c === 0x7e ? "\u203e" : String.fromCharCode(c);
+      i++;
+      continue;
+    }
+    if (g0 === "katakana") {
+      if (c < 0x21 || c > 0x5f) return uncertain(`byte 0x${hex2(c)} is not JIS X 0201 katakana`);
+      s += String.fromCharCode(0xff61 + c - 0x21);
       i++;
       continue;
     }
@@ -309,6 +320,10 @@ function decodeIso2022Jp(b: Uint8Array): Conversion {
     i += 2;
   }
   return { ok: true, text: s };
+}
+
+function printableSeq(seq: string): string {
+  return [...seq].map((ch) => (ch >= " " && ch <= "~" ? ch : `\\x${hex2(ch.charCodeAt(0))}`)).join(" ");
 }
 
 let gb18030: TextDecoder | undefined;
