@@ -98,7 +98,7 @@ export class ElementScanner {
   private hLength = 0;
 
   constructor(private readonly o: ScannerOptions) {
-    for (let i = 0; i <= MAX_DEPTH; i++) this.frames.push({ kind: Kind.Dataset, end: -1, little: o.littleEndian, explicit: o.explicitVr, tag: -1 });
+    this.frames.push({ kind: Kind.Dataset, end: -1, little: o.littleEndian, explicit: o.explicitVr, tag: -1 });
   }
 
   /** Scans the next bytes of the data set. Throws DatasetRefusal. */
@@ -134,7 +134,7 @@ export class ElementScanner {
       } else {
         const before = this.carryLength;
         const add = Math.min(12 - before, n - i);
-        this.carry.set(chunk.subarray(i, i + add), before);
+        for (let k = 0; k < add; k++) this.carry[before + k] = chunk[i + k]!; // no subarray view: nothing allocated per chunk
         this.carryLength += add;
         const used = this.parseHeader(this.carry, 0, this.carryLength);
         if (used === 0) {
@@ -310,7 +310,9 @@ export class ElementScanner {
 
   private open(kind: Kind, tag: number, end: number, little: boolean, explicit: boolean): void {
     if (this.depth === MAX_DEPTH) this.refuse(`Sequence ${tagName(tag)} nested too deeply`, `sequences and items are nested more than ${MAX_DEPTH} levels deep${this.where()}`);
-    const g = this.frames[++this.depth]!;
+    // Frames are made as nesting first needs them, then reused.
+    if (++this.depth === this.frames.length) this.frames.push({ kind, end, little, explicit, tag });
+    const g = this.frames[this.depth]!;
     g.kind = kind;
     g.end = end;
     g.little = little;

@@ -413,11 +413,14 @@ export const ORTHANC_MAX_STRING_BYTES = 256;
 export function dcmtkUid(raw: Uint8Array): string | undefined {
   let end = raw.length;
   while (end > 0 && raw[end - 1] === 0) end--;
-  let s = "";
+  let clean = true;
   for (let i = 0; i < end; i++) {
     const c = raw[i]!;
     if (c === 0) return undefined;
-    if (!isSpace(c)) s += String.fromCharCode(c);
+    if (isSpace(c)) clean = false;
   }
+  if (clean) return String.fromCharCode.apply(null, raw.subarray(0, end) as unknown as number[]);
+  let s = "";
+  for (let i = 0; i < end; i++) if (!isSpace(raw[i]!)) s += String.fromCharCode(raw[i]!);
   return s;
 }
