@@ -219,6 +219,10 @@ describe("structure (PS3.5 7.1, 7.5, A.4)", () => {
     const pixels = encapsulatedPixelData([bytes(1, 2, 3, 4)]);
     expect(refused(await verdict(ids(le, [pixels]), TS.explicitLE)).comment).toBe("Pixel Data has an undefined length");
     expect("identity" in (await verdict(ids(le, [pixels]), TS.jpegBaseline))).toBe(true);
+    // An Icon Image Sequence's Pixel Data is encapsulated like the image's.
+    const icon = sequence(le, 0x00880200, [[element(le, 0x00280010, "US", bytes(16, 0)), encapsulatedPixelData([bytes(9, 9)])]], true);
+    expect("identity" in (await verdict(ids(le, [icon, pixels]), TS.jpegBaseline))).toBe(true);
+    expect(refused(await verdict(ids(le, [icon]), TS.explicitLE)).comment).toBe("Pixel Data has an undefined length");
     // Implicit VR: a private element may be a sequence; a known non-sequence may not.
     const privSq = element("implicit", 0x00091010, "", concat([itemHeader("implicit", ITEM, UNDEFINED), element("implicit", 0x00091011, "", text("X")), itemHeader("implicit", ITEM_END, 0), itemHeader("implicit", SEQ_END, 0)]), UNDEFINED);
     expect("identity" in (await verdict(concat([element("implicit", 0x00080018, "", uid("1.2.3.3")), privSq, element("implicit", 0x00100020, "", text("P")), element("implicit", 0x0020000d, "", uid("1.2.3.1")), element("implicit", 0x0020000e, "", uid("1.2.3.2"))]), TS.implicit))).toBe(true);

@@ -235,7 +235,7 @@ export class ElementScanner {
       this.open(Kind.Sequence, tag, this.position + length, f.little, f.explicit);
       return;
     }
-    if (this.depth === 0) {
+    if (this.depth === 0 && tag <= this.o.boundary) {
       const want = this.o.capture.get(tag);
       if (want) return this.startCapture(tag, vr, length, want);
     }
@@ -288,7 +288,8 @@ export class ElementScanner {
 
   /** An element of undefined length: a sequence, or encapsulated Pixel Data (PS3.5 7.5, A.4). */
   private openUndefined(f: Frame, tag: number, vr: number): void {
-    if (tag === PIXEL_DATA && this.depth === 0) {
+    // Nested Pixel Data too: an Icon Image Sequence's is encapsulated like the image's (PS3.5 A.4, PS3.3 F.7).
+    if (tag === PIXEL_DATA) {
       if (this.o.encapsulated && f.explicit && (vr === VR.OB || vr === VR.OW)) {
         this.open(Kind.Fragments, tag, -1, f.little, f.explicit);
         return;
