@@ -270,6 +270,10 @@ describe("structure (PS3.5 7.1, 7.5, A.4)", () => {
     expect(refused(await verdict(ids(le, [], text("X".repeat(2000))), TS.explicitLE))).toEqual({ status: 0xa900, comment: "Element (0010,0020) too long (2000 bytes)" });
     const pidOb = concat([element(le, 0x00080018, "UI", uid("1.2.3.3")), element(le, 0x00100020, "OB", text("AB")), element(le, 0x0020000d, "UI", uid("1.2.3.1")), element(le, 0x0020000e, "UI", uid("1.2.3.2"))]);
     expect(refused(await verdict(pidOb, TS.explicitLE))).toEqual({ status: 0xa900, comment: "Element (0010,0020) has VR OB, expected LO" });
+    const pidSq = concat([element(le, 0x00080018, "UI", uid("1.2.3.3")), sequence(le, 0x00100020, [[element(le, 0x00100021, "LO", text("X"))]], false), element(le, 0x0020000d, "UI", uid("1.2.3.1")), element(le, 0x0020000e, "UI", uid("1.2.3.2"))]);
+    expect(refused(await verdict(pidSq, TS.explicitLE))).toEqual({ status: 0xa900, comment: "Element (0010,0020) has VR SQ, expected LO" });
+    const uidUndefined = concat([element(le, 0x00080018, "UN", concat([itemHeader(le, SEQ_END, 0)]), UNDEFINED), element(le, 0x0020000d, "UI", uid("1.2.3.1")), element(le, 0x0020000e, "UI", uid("1.2.3.2"))]);
+    expect(refused(await verdict(uidUndefined, TS.explicitLE))).toEqual({ status: 0xa900, comment: "Element (0008,0018) has an undefined length" });
   });
 
   test("an unknown transfer syntax is refused; an unknown DefaultEncoding is a configuration error", async () => {

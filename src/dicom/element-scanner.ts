@@ -7,8 +7,8 @@
  * Data not made of items (PS3.5 A.4), a data set ending inside an element.
  *
  * It holds no element value: values are skipped by counting, except the few top-level elements the
- * caller asks for, handed over as they complete. Per chunk it allocates nothing (a 12-byte carry buffer
- * holds a header split across chunks; the frames of nested sequences are reused).
+ * caller asks for (bounded), handed over as they complete. Per chunk it allocates nothing else: a 12-byte
+ * carry buffer holds a header split across chunks, and the frames of nested sequences are reused.
  */
 import { DatasetRefusal, RefusalStatus, tagName } from "./refusal.ts";
 import { isKnownPublicTag, SEQUENCE_TAGS } from "./sequence-tags.ts";
@@ -152,8 +152,10 @@ export class ElementScanner {
   finish(): void {
     this.closeFinishedFrames();
     if (this.mode !== Mode.Header || this.carryLength > 0 || this.depth > 0) {
-      const tag = this.mode !== Mode.Header || this.carryLength > 0 || this.depth === 0 ? this.hTag : this.frames[this.depth]!.tag;
-      const inside = this.depth === 0 && this.mode === Mode.Header ? "an element header" : this.topTag >= 0 ? `element ${tagName(this.topTag)}` : "an element";
+      const inHeader = this.mode === Mode.Header;
+      // The innermost thing left open: the value being read, else the item or sequence.
+      const tag = !inHeader ? this.hTag : this.depth > 0 ? this.frames[this.depth]!.tag : -1;
+      const inside = inHeader && this.depth === 0 ? "an element header" : this.topTag >= 0 ? `element ${tagName(this.topTag)}` : "an element";
       throw new DatasetRefusal(
         RefusalStatus.CannotUnderstand,
         `Data set truncated inside ${inside}`.slice(0, 64),
@@ -226,7 +228,12 @@ export class ElementScanner {
     if (f.explicit && VR_KIND[vr] === 0) {
       this.refuse(`Element ${tagName(tag)} has an unknown VR`, `${tagName(tag)}${this.where()} has the VR bytes 0x${hex4(vr)}, which no DICOM VR is (PS3.5 6.2)`);
     }
-    if (this.depth === 0) this.topLevel(tag);
+    if (this.depth === 0) {
+      this.topLevel(tag);
+      // Captured elements first: one encoded as a sequence (or with an undefined length) is refused, not skipped.
+      const want = tag <= this.o.boundary ? this.o.capture.get(tag) : undefined;
+      if (want) return this.startCapture(tag, vr, length, want);
+    }
     if (length === UNDEFINED) return this.openUndefined(f, tag, vr);
     if (f.end >= 0 && this.position + length > f.end) {
       this.refuse(`Element ${tagName(tag)} length exceeds its item`, `${tagName(tag)}${this.where()} declares ${length} bytes, past the end of its item or sequence at byte ${f.end}`);
@@ -234,10 +241,6 @@ export class ElementScanner {
     if (f.explicit ? vr === VR.SQ : SEQUENCE_TAGS.has(tag)) {
       this.open(Kind.Sequence, tag, this.position + length, f.little, f.explicit);
       return;
-    }
-    if (this.depth === 0 && tag <= this.o.boundary) {
-      const want = this.o.capture.get(tag);
-      if (want) return this.startCapture(tag, vr, length, want);
     }
     this.mode = Mode.Skip;
     this.remaining = length;
@@ -270,6 +273,9 @@ export class ElementScanner {
     else if (!want.vrs.includes(vr)) {
       const expected = vrName(want.vrs[0]!);
       this.refuse(`Element ${tagName(tag)} has VR ${vrName(vr)}, expected ${expected}`, `${tagName(tag)} is encoded with VR ${vrName(vr)} instead of ${expected} (PS3.6): how Orthanc reads it is not predictable`, RefusalStatus.DataSetMismatch);
+    }
+    if (length === UNDEFINED) {
+      this.refuse(`Element ${tagName(tag)} has an undefined length`, `${tagName(tag)} has an undefined length, which its VR does not allow (PS3.5 7.1.2)`, RefusalStatus.DataSetMismatch);
     }
     if (length > want.maxLength) {
       this.refuse(`Element ${tagName(tag)} too long (${length} bytes)`, `${tagName(tag)} is ${length} bytes long; the gateway reads at most ${want.maxLength} (its VR allows far less)`, RefusalStatus.DataSetMismatch);
