@@ -5,7 +5,6 @@
  * tenant isolation must reason about. Checked against Orthanc's own answers in test/isolation.test.ts.
  */
 import { createHash } from "node:crypto";
-import type { DatasetHead } from "../dicom/dataset-head.ts";
 
 function hashId(s: string): string {
   const h = createHash("sha1").update(s).digest("hex");
@@ -19,7 +18,15 @@ export interface OrthancIds {
   instance: string;
 }
 
-export function orthancIds(h: DatasetHead): OrthancIds {
+/** The values Orthanc hashes: an InstanceIdentity (src/dicom/dataset-reader.ts) or a DatasetHead. */
+export interface InstanceKeys {
+  patientId: string;
+  studyInstanceUid: string;
+  seriesInstanceUid: string;
+  sopInstanceUid: string;
+}
+
+export function orthancIds(h: InstanceKeys): OrthancIds {
   const p = h.patientId;
   const st = `${p}|${h.studyInstanceUid}`;
   const se = `${st}|${h.seriesInstanceUid}`;
