@@ -217,6 +217,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     verifyIntegrity: config.spool.verifyIntegrity,
     guardFor: (tenant) => guards.get(tenant.aet),
     registry,
+    defaultEncoding: config.dicom.defaultEncoding,
     events: {
       isolationRefused(tenant, entry, reason) {
         isolationRefusals.inc({ tenant: tenant.aet, stage: "forward" });

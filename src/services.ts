@@ -58,7 +58,7 @@ export function createTenantServices(ctx: TenantContext): TenantServices {
     isStandardStorageSopClass(uid) || (ctx.config.store.unknownSopClassAccepted && !uid.startsWith("1.2.840.10008.") && !abstractSyntaxes.has(uid));
   handlers.set(
     CommandField.CStoreRQ,
-    createStoreHandler({ tenant: ctx.tenant, spool: ctx.spool, orthanc: ctx.orthanc, labeler: ctx.labeler, forwarder: ctx.forwarder, registry: ctx.registry, guard: ctx.guard, events: ctx.storeEvents }),
+    createStoreHandler({ tenant: ctx.tenant, spool: ctx.spool, orthanc: ctx.orthanc, labeler: ctx.labeler, forwarder: ctx.forwarder, registry: ctx.registry, guard: ctx.guard, defaultEncoding: ctx.config.dicom.defaultEncoding, events: ctx.storeEvents }),
   );
 
   // Query (C-FIND SCP): Patient Root, Study Root and Patient/Study Only, within the tenant's labels.

@@ -384,8 +384,11 @@ describe("DICOM settings", () => {
     );
     expect(issue(base({ MaximumPduLength: 4095 }))).toBe("MaximumPduLength: expected integer 4096-131072, got 4095");
     expect(issue(base({ MaximumPduLength: 131073 }))).toBe("MaximumPduLength: expected integer 4096-131072, got 131073");
-    expect(issue(base({ DefaultEncoding: 8 }))).toBe("DefaultEncoding: expected encoding name such as Latin1 or Utf8, got 8");
-    expect(issue(base({ DefaultEncoding: "" }))).toBe('DefaultEncoding: empty string ""; expected encoding name such as Latin1 or Utf8');
+    const encodings = "Ascii, Utf8, Latin1, Latin2, Latin3, Latin4, Latin5, Cyrillic, Windows1251, Arabic, Greek, Hebrew, Thai, Japanese, Chinese, Korean, JapaneseKanji, SimplifiedChinese";
+    expect(issue(base({ DefaultEncoding: 8 }))).toBe(`DefaultEncoding: expected one of Orthanc's encodings (${encodings}), got 8`);
+    expect(issue(base({ DefaultEncoding: "" }))).toBe(`DefaultEncoding: unknown encoding ""; expected one of Orthanc's (${encodings}), the same as Orthanc's own DefaultEncoding`);
+    expect(issue(base({ DefaultEncoding: "Latin9" }))).toBe(`DefaultEncoding: unknown encoding "Latin9"; expected one of Orthanc's (${encodings}), the same as Orthanc's own DefaultEncoding`);
+    expect(parse(base({ DefaultEncoding: "utf8" })).dicom.defaultEncoding).toBe("utf8"); // case-insensitive, as Orthanc
   });
 
   test("bounds are inclusive", () => {

@@ -508,14 +508,42 @@ describe("regressions", () => {
 });
 
 describe("deflate bomb", () => {
-  test("a deflated data set that inflates without bound is refused quickly, with bounded memory", async () => {
-    const { readDatasetHead, DatasetHeadError } = await import("../src/dicom/dataset-head.ts");
-    const { deflateRawSync } = await import("node:zlib");
-    const bomb = deflateRawSync(new Uint8Array(256 << 20));
-    const rss = process.memoryUsage().rss;
+  test("a C-STORE whose deflated data set inflates without bound is refused (0xC000) quickly, with bounded memory, nothing acknowledged", async () => {
+    const { createDeflateRaw } = await import("node:zlib");
+    const { explicitVrElement } = await import("../src/dicom/part10.ts");
+    const text = (v: string, pad: string) => new TextEncoder().encode(v.length % 2 ? v + pad : v);
+    // A well-formed head, then Pixel Data announcing 1 GiB of zeros: 1 MiB deflated.
+    const head = concat(
+      explicitVrElement(0x0008, 0x0016, "UI", text("1.2.840.10008.5.1.4.1.1.7", "\0")),
+      explicitVrElement(0x0008, 0x0018, "UI", text("1.2.3.4.5.6.8", "\0")),
+      explicitVrElement(0x0010, 0x0020, "LO", text("BOMB", " ")),
+      explicitVrElement(0x0020, 0x000d, "UI", text("1.2.3.4.5.6", "\0")),
+      explicitVrElement(0x0020, 0x000e, "UI", text("1.2.3.4.5.6.7", "\0")),
+      Uint8Array.of(0xe0, 0x7f, 0x10, 0x00, 0x4f, 0x42, 0, 0, 0, 0, 0, 0x40), // (7FE0,0010) OB, 1 GiB
+    );
+    const deflater = createDeflateRaw({ level: 9 });
+    const out: Uint8Array[] = [];
+    deflater.on("data", (d: Uint8Array) => out.push(d));
+    const ended = new Promise((r) => deflater.on("end", r));
+    deflater.write(head);
+    const zeros = new Uint8Array(MB);
+    for (let i = 0; i < 1024; i++) if (!deflater.write(zeros)) await new Promise((r) => deflater.once("drain", r));
+    deflater.end();
+    await ended;
+    const bomb = concat(...out);
+    const context = { id: 1, abstractSyntax: "1.2.840.10008.5.1.4.1.1.7", transferSyntaxes: ["1.2.840.10008.1.2.1.99"] };
+    const peer = await RawPeer.connect(gw.portOf("ALPHA"));
+    expect((await peer.associate("ALPHA", [context]))?.type).toBe(PduType.AssociateAC);
+    const memory = rssMonitor();
     const t0 = performance.now();
-    expect(() => readDatasetHead(bomb.subarray(0, 64 * 1024), "1.2.840.10008.1.2.1.99")).toThrow(DatasetHeadError);
-    expect(performance.now() - t0).toBeLessThan(3000);
-    expect(process.memoryUsage().rss - rss).toBeLessThan(64 << 20);
+    peer.sendCommand(1, { commandField: CommandField.CStoreRQ, messageId: 1, affectedSopClassUid: context.abstractSyntax, affectedSopInstanceUid: "1.2.3.4.5.6.8", priority: 0, commandDataSetType: 0 }, bomb);
+    const rsp = await peer.readCommand(30_000);
+    const seconds = (performance.now() - t0) / 1000;
+    const growth = memory.stop();
+    peer.close();
+    expect(rsp?.status).toBe(Status.UnableToProcess);
+    expect(rsp?.errorComment).toMatch(/deflate|inflat/i);
+    expect(seconds).toBeLessThan(10);
+    expect(growth).toBeLessThan(96 * MB);
   });
 });

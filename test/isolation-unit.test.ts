@@ -1,10 +1,8 @@
-/** Units behind Strict isolation: the data set head reader, Orthanc identities, ownership by labels, durable claims. */
+/** Units behind Strict isolation: Orthanc identities, ownership by labels, claims and instances in flight (the strict reader: dataset-reader.test.ts). */
 import { describe, expect, test } from "bun:test";
 import { appendFileSync, mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { deflateRawSync } from "node:zlib";
-import { DatasetHeadError, readDatasetHead } from "../src/dicom/dataset-head.ts";
 import { decodeFileMeta, explicitVrElement, fileMetaLength } from "../src/dicom/part10.ts";
 import { orthancIds } from "../src/orthanc/identity.ts";
 import { ownsByLabels } from "../src/tenancy/isolation.ts";
@@ -19,51 +17,6 @@ function dataset(name: string): { bytes: Uint8Array; ts: string } {
 const el = explicitVrElement;
 const text = (s: string) => new TextEncoder().encode(s.length % 2 ? s + " " : s);
 const uid = (s: string) => new TextEncoder().encode(s.length % 2 ? s + "\0" : s);
-
-describe("readDatasetHead", () => {
-  test("reads PatientID and the UIDs in every uncompressed and compressed transfer syntax", () => {
-    for (const f of ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "image_dfl.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm"]) {
-      const { bytes, ts } = dataset(f);
-      const h = readDatasetHead(bytes, ts);
-      expect(`${f}: ${h.studyInstanceUid.length > 0 && h.seriesInstanceUid.length > 0 && h.sopInstanceUid.length > 0}`).toBe(`${f}: true`);
-    }
-    expect(readDatasetHead(dataset("MR_small_bigendian.dcm").bytes, "1.2.840.10008.1.2.2")).toEqual(readDatasetHead(dataset("MR_small.dcm").bytes, "1.2.840.10008.1.2.1"));
-  });
-
-  test("skips undefined-length sequences and items (with nested ones) before the UIDs", () => {
-    const undefinedItem = new Uint8Array([0xfe, 0xff, 0x00, 0xe0, 0xff, 0xff, 0xff, 0xff, ...el(0x0008, 0x0100, "SH", text("CODE")), 0xfe, 0xff, 0x0d, 0xe0, 0, 0, 0, 0]);
-    const seqEnd = new Uint8Array([0xfe, 0xff, 0xdd, 0xe0, 0, 0, 0, 0]);
-    const sq = new Uint8Array([0x08, 0x00, 0x40, 0x11, 0x53, 0x51, 0, 0, 0xff, 0xff, 0xff, 0xff, ...undefinedItem, ...seqEnd]); // (0008,1140) SQ undefined
-    const ds = new Uint8Array([
-      ...el(0x0008, 0x0018, "UI", uid("1.2.3.4")),
-      ...sq,
-      ...el(0x0010, 0x0020, "LO", text("PID 1")),
-      ...el(0x0020, 0x000d, "UI", uid("1.2.3")),
-      ...el(0x0020, 0x000e, "UI", uid("1.2.3.9")),
-    ]);
-    expect(readDatasetHead(ds, "1.2.840.10008.1.2.1")).toEqual({ patientId: "PID 1", studyInstanceUid: "1.2.3", seriesInstanceUid: "1.2.3.9", sopInstanceUid: "1.2.3.4" });
-  });
-
-  test("a head that ends before the UIDs says so (truncated); a missing Study UID is an error; garbage is an error", () => {
-    const { bytes, ts } = dataset("CT_small.dcm");
-    try {
-      readDatasetHead(bytes.subarray(0, 100), ts);
-      throw new Error("no error");
-    } catch (e) {
-      expect(e).toBeInstanceOf(DatasetHeadError);
-      expect((e as DatasetHeadError).truncated).toBe(true);
-    }
-    const noStudy = new Uint8Array([...el(0x0008, 0x0018, "UI", uid("1.2")), ...el(0x0020, 0x000e, "UI", uid("1.3")), ...el(0x0028, 0x0010, "US", new Uint8Array(2))]);
-    expect(() => readDatasetHead(noStudy, "1.2.840.10008.1.2.1")).toThrow(/no Study Instance UID/);
-    expect(() => readDatasetHead(new Uint8Array(4000).fill(0xa5), "1.2.840.10008.1.2.1")).toThrow(DatasetHeadError);
-  });
-
-  test("deflate: reads the head of a deflated data set, refuses a bomb", () => {
-    const { bytes } = dataset("CT_small.dcm");
-    expect(readDatasetHead(deflateRawSync(bytes), "1.2.840.10008.1.2.1.99")).toEqual(readDatasetHead(bytes, "1.2.840.10008.1.2.1"));
-    expect(() => readDatasetHead(deflateRawSync(new Uint8Array(64 << 20)).subarray(0, 65536), "1.2.840.10008.1.2.1.99")).toThrow(/inflates beyond/);
-  });
-});
 
 test("orthancIds: Orthanc's SHA-1 identifiers (the instance ID includes patient, study and series)", () => {
   const ids = orthancIds({ patientId: "1CT1", studyInstanceUid: "1.2", seriesInstanceUid: "1.2.3", sopInstanceUid: "1.2.3.4" });

@@ -6,7 +6,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync } from "node:fs";
 import { startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts";
-import { readDatasetHead } from "../src/dicom/dataset-head.ts";
+import { readInstanceIdentity } from "../src/dicom/dataset-reader.ts";
 import { decodeFileMeta, fileMetaLength } from "../src/dicom/part10.ts";
 import { createLogger } from "../src/log.ts";
 import { OrthancClient } from "../src/orthanc/client.ts";
@@ -55,9 +55,10 @@ async function instance(tags: Record<string, string>, source = pydicomFile("CT_s
   return f!;
 }
 
-function ids(file: string) {
+/** Where Orthanc files a file's instance, by the gateway's strict reader. */
+async function ids(file: string) {
   const b = new Uint8Array(readFileSync(file));
-  return orthancIds(readDatasetHead(b.subarray(fileMetaLength(b)!), decodeFileMeta(b).transferSyntaxUid));
+  return orthancIds(await readInstanceIdentity(b.subarray(fileMetaLength(b)!), decodeFileMeta(b).transferSyntaxUid, { defaultEncoding: "Latin1" }));
 }
 
 async function labels(level: string, id: string): Promise<string[]> {
@@ -89,7 +90,7 @@ describe("Strict (default)", () => {
     const f = await instance({ "(0010,0020)": "IDCHECK", "(0020,000d)": uid() });
     expect((await storescu("ALPHA", [f])).output).toContain("Received Store Response (Success)");
     await gw.forwarder.idle();
-    const i = ids(f);
+    const i = await ids(f);
     const inst = await client.getJson<{ ParentSeries: string; ID: string }>(`/instances/${i.instance}`);
     expect(inst.ParentSeries).toBe(i.series);
     expect((await client.getJson<{ ParentStudy: string }>(`/series/${i.series}`)).ParentStudy).toBe(i.study);
@@ -105,7 +106,7 @@ describe("Strict (default)", () => {
     expect(r.output).toMatch(/DIMSE Status\s+: 0x0124/);
     expect(r.output).toMatch(/\(0000,0902\) LO \[Not authorized: Study belongs to another tenant\]/);
     await gw.forwarder.idle();
-    const i = ids(mine);
+    const i = await ids(mine);
     expect(await labels("studies", i.study)).toEqual(["alpha"]);
     expect((await client.getJson<string[]>(`/studies/${i.study}/series`)).length).toBe(1);
     expect(await findCount("BETA", "STUDY", { StudyInstanceUID: study })).toBe(0);
@@ -118,7 +119,7 @@ describe("Strict (default)", () => {
     await gw.forwarder.idle();
     const r = await storescu("BETA", [mine], ["-d"]);
     expect(r.output).toMatch(/DIMSE Status\s+: 0x0124/);
-    const i = ids(mine);
+    const i = await ids(mine);
     expect(await labels("instances", i.instance)).toEqual(["alpha"]);
     expect(await labels("series", i.series)).toEqual(["alpha"]);
   });
@@ -142,7 +143,7 @@ describe("Strict (default)", () => {
     await gw.forwarder.idle();
     // Orthanc holds one resource per UID, the victim's, with the victim's labels only.
     for (const u of [study, series, sop]) expect((await client.postJson<unknown[]>("/tools/lookup", u)).length).toBe(1);
-    expect(await labels("studies", ids(victim).study)).toEqual(["alpha"]);
+    expect(await labels("studies", (await ids(victim)).study)).toEqual(["alpha"]);
     expect(await findCount("BETA", "STUDY", { StudyInstanceUID: study, PatientID: "" })).toBe(0);
   });
 
@@ -155,8 +156,8 @@ describe("Strict (default)", () => {
     const before = logLines.length;
     expect((await storescu("ALPHA", [b])).output).toContain("Received Store Response (Success)");
     await gw.forwarder.idle();
-    expect(await labels("studies", ids(a).study)).toEqual(["alpha"]);
-    expect(await labels("studies", ids(b).study)).toEqual(["alpha"]);
+    expect(await labels("studies", (await ids(a)).study)).toEqual(["alpha"]);
+    expect(await labels("studies", (await ids(b)).study)).toEqual(["alpha"]);
     const warning = logLines.slice(before).find((l) => l.includes("the UID is also used elsewhere by this tenant"));
     expect(warning).toContain(study);
     expect(await findCount("ALPHA", "STUDY", { StudyInstanceUID: study, PatientID: "" })).toBe(2);
@@ -177,7 +178,7 @@ describe("Strict (default)", () => {
     }
     gw.forwarder.wake();
     await gw.forwarder.idle();
-    expect(await labels("studies", ids(first).study)).toEqual(["alpha"]);
+    expect(await labels("studies", (await ids(first)).study)).toEqual(["alpha"]);
     expect((await client.postJson<unknown[]>("/tools/lookup", study)).length).toBe(1);
   });
 
@@ -188,12 +189,12 @@ describe("Strict (default)", () => {
     expect((await storescu("ALPHA", [f])).output).toContain("Success");
     await gw.forwarder.idle();
     expect(await findCount("ALPHA", "STUDY", { StudyInstanceUID: study })).toBe(1);
-    await client.delete(`/studies/${ids(f).study}`);
+    await client.delete(`/studies/${(await ids(f)).study}`);
     // Another instance of the same series: the gateway had labeled this study and series before.
     expect((await storescu("ALPHA", [g])).output).toContain("Success");
     await gw.forwarder.idle();
-    expect(await labels("studies", ids(g).study)).toEqual(["alpha"]);
-    expect(await labels("series", ids(g).series)).toEqual(["alpha"]);
+    expect(await labels("studies", (await ids(g)).study)).toEqual(["alpha"]);
+    expect(await labels("series", (await ids(g)).series)).toEqual(["alpha"]);
     expect(await findCount("ALPHA", "STUDY", { StudyInstanceUID: study })).toBe(1);
     expect(await findCount("ALPHA", "IMAGE", { StudyInstanceUID: study, SeriesInstanceUID: await tagValue(g, "0020,000e"), SOPInstanceUID: "" })).toBe(1);
   });
@@ -205,10 +206,10 @@ describe("Strict (default)", () => {
     await gw.forwarder.idle();
     const attack = await instance({ "(0010,0020)": "LVL-OTHER", "(0020,000d)": study });
     expect((await storescu("ALPHA", [attack], ["-d"])).output).toMatch(/DIMSE Status\s+: 0x0124/);
-    await client.delete(`/studies/${ids(mine).study}`);
+    await client.delete(`/studies/${(await ids(mine)).study}`);
     expect((await storescu("ALPHA", [attack])).output).toContain("Received Store Response (Success)");
     await gw.forwarder.idle();
-    expect(await labels("studies", ids(attack).study)).toEqual(["alpha"]);
+    expect(await labels("studies", (await ids(attack)).study)).toEqual(["alpha"]);
     const claims = readFileSync(`${gw.config.spool.directory}/claims.jsonl`, "utf8").trim().split("\n").map((l) => JSON.parse(l) as { uid?: string; tenant: string; released?: boolean });
     expect(claims.filter((c) => c.uid === study).map((c) => `${c.tenant}${c.released ? " released" : ""}`)).toEqual(["LVL", "LVL released", "ALPHA"]);
   });
@@ -233,7 +234,7 @@ describe("Strict (default)", () => {
       const attack = await instance({ "(0010,0020)": "VICTIM3", "(0020,000d)": study, "(0020,000e)": uid() });
       expect((await storescu(aet, [attack], ["-d"])).output).toMatch(/DIMSE Status\s+: 0x0124/);
     }
-    expect(await labels("studies", ids(mine).study)).toEqual(["beta"]);
+    expect(await labels("studies", (await ids(mine)).study)).toEqual(["beta"]);
   });
 
   test("LabelsStoreLevels without Study: the study stays the creator's (a durable claim), others are refused", async () => {
@@ -241,8 +242,8 @@ describe("Strict (default)", () => {
     const mine = await instance({ "(0010,0020)": "LVLPAT", "(0020,000d)": study });
     expect((await storescu("LVL", [mine])).output).toContain("Success");
     await gw.forwarder.idle();
-    expect(await labels("studies", ids(mine).study)).toEqual([]);
-    expect(await labels("series", ids(mine).series)).toEqual(["lv"]);
+    expect(await labels("studies", (await ids(mine)).study)).toEqual([]);
+    expect(await labels("series", (await ids(mine)).series)).toEqual(["lv"]);
     // The creator adds another series to its own (unlabeled) study...
     const more = await instance({ "(0010,0020)": "LVLPAT", "(0020,000d)": study, "(0020,000e)": uid() });
     expect((await storescu("LVL", [more])).output).toContain("Success");
@@ -257,7 +258,7 @@ describe("Strict (default)", () => {
     await client.postJson("/instances", new Uint8Array(readFileSync(foreign)));
     const attack = await instance({ "(0010,0020)": "ADMINPAT", "(0020,000d)": await tagValue(foreign, "0020,000d"), "(0020,000e)": uid() });
     expect((await storescu("ALPHA", [attack], ["-d"])).output).toMatch(/DIMSE Status\s+: 0x0124/);
-    expect(await labels("studies", ids(foreign).study)).toEqual([]);
+    expect(await labels("studies", (await ids(foreign)).study)).toEqual([]);
   });
 
   test("Orthanc unreachable at C-STORE time: acknowledged, then quarantined when forwarding finds the conflict", async () => {
@@ -277,8 +278,8 @@ describe("Strict (default)", () => {
     const q = status.quarantine.find((e) => e.sopInstanceUid === sop);
     expect(q?.tenant).toBe("BETA");
     expect(q?.reason).toContain("isolation");
-    expect(await labels("studies", ids(foreign).study)).toEqual([]);
-    expect((await client.getJson<string[]>(`/studies/${ids(foreign).study}/series`)).length).toBe(1);
+    expect(await labels("studies", (await ids(foreign)).study)).toEqual([]);
+    expect((await client.getJson<string[]>(`/studies/${(await ids(foreign)).study}/series`)).length).toBe(1);
     const m = await (await fetch(gw.httpUrl + "/metrics")).text();
     expect(m).toMatch(/dicom_gateway_isolation_refusals_total\{tenant="BETA",stage="forward"\} 1/);
     // Every quarantine is counted by its reason and audited.
@@ -313,7 +314,7 @@ describe("Shared (the MultitenantDicom plugin's behaviour, unsafe)", () => {
     const attack = await instance({ "(0010,0020)": "VICTIM4", "(0020,000d)": study, "(0020,000e)": uid() });
     expect((await storescu("SHARED", [attack])).output).toContain("Received Store Response (Success)");
     await gw.forwarder.idle();
-    expect(await labels("studies", ids(mine).study)).toEqual(["alpha", "shared"]);
+    expect(await labels("studies", (await ids(mine)).study)).toEqual(["alpha", "shared"]);
     expect(await findCount("SHARED", "STUDY", { StudyInstanceUID: study })).toBe(1);
   });
 });

@@ -11,6 +11,7 @@
  * Every problem becomes one line `JSON.PATH: what is wrong; expected WHAT`; all
  * problems are collected and thrown together as a ConfigError.
  */
+import { ORTHANC_ENCODINGS, orthancEncodingByName } from "../dicom/orthanc-text.ts";
 import { accessSync, constants as fsConstants, statSync } from "node:fs";
 import { readFile } from "node:fs/promises";
 import { dirname, resolve } from "node:path";
@@ -602,7 +603,13 @@ const rootSchema = section(
     DicomCheckCalledAet: boolean.default(true),
     DicomScpTimeout: integer(0, undefined, "integer >= 0 (seconds; 0 = no timeout)").default(30),
     MaximumPduLength: integer(4096, 131072, "integer 4096-131072").default(16384),
-    DefaultEncoding: nonEmptyString("encoding name such as Latin1 or Utf8").default("Latin1"),
+    // As Orthanc's own setting: the gateway reads data sets without (0008,0005) as Orthanc does, so both must agree.
+    DefaultEncoding: z
+      .string({ error: typeError(`one of Orthanc's encodings (${ORTHANC_ENCODINGS.join(", ")})`) })
+      .refine((s) => orthancEncodingByName(s) !== undefined, {
+        error: (iss) => `unknown encoding ${showValue(iss.input)}; expected one of Orthanc's (${ORTHANC_ENCODINGS.join(", ")}), the same as Orthanc's own DefaultEncoding`,
+      })
+      .default("Latin1"),
     UnknownSopClassAccepted: boolean.default(false),
     AcceptedTransferSyntaxes: acceptedTransferSyntaxes.default((): string[] => ["1.2.840.10008.1.*"]),
     CaseSensitivePN: boolean.default(false),

@@ -34,7 +34,7 @@ export type OrthancEncoding =
   | "JapaneseKanji"
   | "SimplifiedChinese";
 
-const ENCODINGS: readonly OrthancEncoding[] = [
+export const ORTHANC_ENCODINGS: readonly OrthancEncoding[] = [
   "Ascii",
   "Utf8",
   "Latin1",
@@ -58,7 +58,7 @@ const ENCODINGS: readonly OrthancEncoding[] = [
 /** Orthanc's `DefaultEncoding` value (case-insensitive, as Orthanc's StringToEncoding), or undefined. */
 export function orthancEncodingByName(name: string): OrthancEncoding | undefined {
   const upper = name.toUpperCase();
-  return ENCODINGS.find((e) => e.toUpperCase() === upper);
+  return ORTHANC_ENCODINGS.find((e) => e.toUpperCase() === upper);
 }
 
 /** Defined Terms of (0008,0005) Orthanc maps to an encoding; anything else makes it fall back to ASCII. */

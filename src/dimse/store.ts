@@ -14,9 +14,9 @@ import { isValidUid } from "../dicom/uids.ts";
 import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
 import { isPermanentRejection, placementMismatch, uploadFile, type Labeler } from "../orthanc/store.ts";
 import type { Forwarder } from "../spool/forwarder.ts";
-import { HEAD_BYTES, newSpoolId, SpoolDiskError, SpoolQuotaError, type ReceivedFile, type TenantSpool } from "../spool/spool.ts";
-import { DatasetHeadError, readDatasetHead } from "../dicom/dataset-head.ts";
-import type { InstanceIdentity, IsolationGuard, IsolationVerdict } from "../tenancy/isolation.ts";
+import { newSpoolId, SpoolDiskError, SpoolQuotaError, type ReceivedFile, type TenantSpool } from "../spool/spool.ts";
+import { DatasetRefusal, InstanceReader, type InstanceIdentity } from "../dicom/dataset-reader.ts";
+import type { IsolationGuard, IsolationVerdict } from "../tenancy/isolation.ts";
 import type { UidRegistry } from "../tenancy/ownership.ts";
 import type { DimseHandler, DimseResponder } from "./association.ts";
 import { Status } from "./constants.ts";
@@ -46,6 +46,8 @@ export interface StoreServiceDeps {
   registry: UidRegistry;
   /** Present when the tenant's Isolation is Strict. */
   guard?: IsolationGuard;
+  /** Orthanc's `DefaultEncoding`: how Orthanc reads a data set without (0008,0005). */
+  defaultEncoding: string;
   events?: StoreEvents;
 }
 
@@ -89,11 +91,31 @@ function storeHandler(deps: StoreServiceDeps): DimseHandler {
 
     // The spool record's id also keys what the instance holds in the UID registry until it is in Orthanc.
     const id = newSpoolId();
+    // The strict reader sees every chunk as it reaches the spool. As soon as PatientID and the UIDs have
+    // arrived, the instance is admitted (Strict isolation's lookups in Orthanc start) while the rest of the
+    // data set still arrives; the reader's verdict on the whole data set comes at its end.
+    const reader = new InstanceReader(transferSyntaxUid, { defaultEncoding: deps.defaultEncoding });
+    let readerRefused = false;
+    const observe = (chunk: Uint8Array) => {
+      if (readerRefused) return;
+      try {
+        const pushed = reader.push(chunk);
+        if (pushed) return pushed.catch(() => void (readerRefused = true));
+      } catch {
+        readerRefused = true; // end() gives the refusal
+      }
+    };
+    const admission = reader.identity.then(
+      (identity) => (identity.sopInstanceUid === sopInstanceUid ? admit(deps, identity, id, responder) : undefined),
+      () => undefined,
+    );
     let received: ReceivedFile;
     try {
       // Not durable yet: Spool commits (fsyncs) it below; Sync answers once Orthanc has it and discards it.
-      received = await spool.receive({ sopClassUid, sopInstanceUid, transferSyntaxUid, sourceAeTitle: responder.association.callingAeTitle }, request.dataset, id);
+      received = await spool.receive({ sopClassUid, sopInstanceUid, transferSyntaxUid, sourceAeTitle: responder.association.callingAeTitle }, request.dataset, { id, observe });
     } catch (e) {
+      await admission;
+      deps.registry.releaseHold(id);
       if (e instanceof SpoolQuotaError) return fail(Status.OutOfResources, "Gateway spool quota full, retry later", e.message);
       if (e instanceof SpoolDiskError) return fail(Status.OutOfResources, "Gateway spool disk error, retry later", e.message);
       throw e; // the association ended mid-transfer: the partial file is already gone
@@ -102,24 +124,25 @@ function storeHandler(deps: StoreServiceDeps): DimseHandler {
     responder.audit({ sopInstanceUid, sopClassUid, bytes: received.size });
 
     const refuse: Fail = async (status, comment, reason) => {
+      await admission; // a check under way may still take a hold: release it after
       deps.registry.releaseHold(id);
       await spool.discard(received);
       return fail(status, comment, reason);
     };
-    const identified = await identify(deps, received, transferSyntaxUid);
-    if ("refusal" in identified) return refuse(identified.refusal.status, identified.refusal.comment, identified.refusal.reason);
-    const identity = identified.identity;
+    let identity: InstanceIdentity;
+    try {
+      identity = await reader.end();
+    } catch (e) {
+      if (!(e instanceof DatasetRefusal)) throw e;
+      return refuse(e.status, e.comment, `refused before acknowledgement: ${e.reason}`);
+    }
     if (identity.sopInstanceUid !== sopInstanceUid) {
       return refuse(Status.UnableToProcess, "SOP Instance UID differs from the command", `the data set's SOP Instance UID ${identity.sopInstanceUid} differs from the command's ${sopInstanceUid}`);
     }
     responder.audit({ studyInstanceUid: identity.studyInstanceUid, seriesInstanceUid: identity.seriesInstanceUid, patientId: identity.patientId });
-
-    let verdict: Extract<IsolationVerdict, { ok: true }> | undefined;
-    if (deps.guard) {
-      const checked = await checkIsolation(deps, identity, id, responder);
-      if ("refusal" in checked) return refuse(checked.refusal.status, checked.refusal.comment, checked.refusal.reason);
-      verdict = checked.verdict;
-    } else deps.registry.hold(id, tenant.aet, identity);
+    const admitted = (await admission) ?? (await admit(deps, identity, id, responder));
+    if ("refusal" in admitted) return refuse(admitted.refusal.status, admitted.refusal.comment, admitted.refusal.reason);
+    const verdict = admitted.verdict;
 
     if (tenant.forwarding === "Sync") {
       try {
@@ -151,26 +174,16 @@ function storeHandler(deps: StoreServiceDeps): DimseHandler {
   };
 }
 
-/** What identifies the instance for Orthanc, read from its data set. */
-async function identify(
-  deps: StoreServiceDeps,
-  received: ReceivedFile,
-  transferSyntax: string,
-): Promise<{ identity: InstanceIdentity } | { refusal: { status: number; comment: string; reason: string } }> {
-  try {
-    let head;
-    try {
-      head = readDatasetHead(received.head, transferSyntax);
-    } catch (e) {
-      // Long private sequences before the UIDs: read further from the spooled file.
-      if (!(e instanceof DatasetHeadError && e.truncated && received.head.length === HEAD_BYTES)) throw e;
-      head = readDatasetHead(await deps.spool.datasetBytes(received, 1 << 20), transferSyntax);
-    }
-    return { identity: head };
-  } catch (e) {
-    if (!(e instanceof DatasetHeadError)) throw e;
-    return { refusal: { status: Status.UnableToProcess, comment: "Cannot read Study/Series/SOP Instance UID", reason: `cannot place the instance: ${e.message}` } };
-  }
+type Admission = { refusal: { status: number; comment: string; reason: string } } | { verdict?: Extract<IsolationVerdict, { ok: true }> };
+
+/**
+ * Admits an instance whose identity is known: Strict tenants through their isolation guard; every tenant's
+ * instance then holds its UIDs (UidRegistry) until it is in Orthanc, refused or quarantined.
+ */
+function admit(deps: StoreServiceDeps, identity: InstanceIdentity, holdKey: string, responder: DimseResponder): Promise<Admission> {
+  if (deps.guard) return checkIsolation(deps, identity, holdKey, responder);
+  deps.registry.hold(holdKey, deps.tenant.aet, identity);
+  return Promise.resolve({});
 }
 
 /**
@@ -184,7 +197,7 @@ async function checkIsolation(
   identity: InstanceIdentity,
   holdKey: string,
   responder: DimseResponder,
-): Promise<{ refusal: { status: number; comment: string; reason: string } } | { verdict: Extract<IsolationVerdict, { ok: true }> }> {
+): Promise<Admission> {
   let verdict: IsolationVerdict;
   try {
     try {

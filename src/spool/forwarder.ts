@@ -15,16 +15,17 @@ import type { TenantConfig } from "../config/types.ts";
 import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
 import { isPermanentRejection, placementMismatch, storedAttachmentInfo, STREAM_ABOVE, uploadFile, type Labeler, type StoredInstance } from "../orthanc/store.ts";
 import { TenantSpool, type SpoolEntry } from "./spool.ts";
-import { DatasetHeadError } from "../dicom/dataset-head.ts";
+import { DatasetRefusal, type InstanceIdentity } from "../dicom/dataset-reader.ts";
 import { orthancIds, type OrthancIds } from "../orthanc/identity.ts";
-import type { InstanceIdentity, IsolationGuard } from "../tenancy/isolation.ts";
+import type { IsolationGuard } from "../tenancy/isolation.ts";
 import type { UidRegistry } from "../tenancy/ownership.ts";
-import { readFileHeadAttributes } from "./spooled-identity.ts";
+import { readSpooledIdentity } from "./spooled-identity.ts";
 
 /**
  * Why an acknowledged instance was set aside (a metric label; each one is worth an alert):
  * orthanc-refused — Orthanc refused its content for good (400, 413, 415);
- * unreadable — its spooled data set could not be read back (only records written before 0.3);
+ * unreadable — its data set is refused by the strict reader (only records written before 0.3, which did not
+ *   check it before the acknowledgement);
  * isolation — Strict isolation refused it when forwarding (it was acknowledged while Orthanc was unreachable);
  * placement — Orthanc filed it elsewhere than the gateway checked (its reading of the data set differs);
  * integrity — Orthanc stored other bytes than were received (VerifyIntegrity).
@@ -51,6 +52,8 @@ export interface ForwarderOptions {
   guardFor?: (tenant: TenantConfig) => IsolationGuard | undefined;
   /** Where spooled instances hold their UIDs until they are in Orthanc (released here). */
   registry?: UidRegistry;
+  /** Orthanc's `DefaultEncoding`, for reading the identity of records written before 0.3. */
+  defaultEncoding: string;
   /** Backoff of one entry after a transient failure: base * 2^(attempt-1), capped, with ±50% jitter. */
   backoffBaseMs?: number;
   backoffMaxMs?: number;
@@ -326,9 +329,9 @@ export class Forwarder {
       this.opts.events?.forwarded?.(tenant, entry, (performance.now() - started) / 1000, stored);
     } catch (e) {
       const err = e instanceof Error ? e : new Error(String(e));
-      if (isPermanentRejection(err) || err instanceof DatasetHeadError) {
+      if (isPermanentRejection(err) || err instanceof DatasetRefusal) {
         this.outageOver();
-        const unreadable = err instanceof DatasetHeadError;
+        const unreadable = err instanceof DatasetRefusal;
         try {
           await quarantine(unreadable ? "unreadable" : "orthanc-refused", `${unreadable ? "cannot place the instance" : "Orthanc refused the instance"}: ${err.message}`);
           return;
@@ -358,7 +361,7 @@ export class Forwarder {
     if (entry.patientId !== undefined && entry.studyInstanceUid && entry.seriesInstanceUid) {
       return { patientId: entry.patientId, studyInstanceUid: entry.studyInstanceUid, seriesInstanceUid: entry.seriesInstanceUid, sopInstanceUid: entry.sopInstanceUid };
     }
-    return readFileHeadAttributes(entry, entry.transferSyntaxUid);
+    return readSpooledIdentity(entry, entry.transferSyntaxUid, this.opts.defaultEncoding);
   }
 
   private requeue(job: Job, err: Error): void {

@@ -72,12 +72,18 @@ export interface ReceivedFile {
   readonly id: string;
   readonly size: number;
   readonly md5?: string;
-  /** The first bytes of the data set (up to HEAD_BYTES), kept while receiving, for placing the instance. */
-  readonly head: Uint8Array;
 }
 
-/** How much of each data set is kept in memory while it is spooled (enough for PatientID and the UIDs). */
-export const HEAD_BYTES = 64 * 1024;
+export interface ReceiveOptions {
+  /** The record's id (default: a new one). */
+  id?: string;
+  /**
+   * Sees each chunk of the data set, in order, as it arrives (the strict reader); the next chunk waits for a
+   * promise it returns. It must not throw: a refusal is the caller's to remember (the data set is still
+   * received to its end, so the association stays in step).
+   */
+  observe?: (chunk: Uint8Array) => void | Promise<void>;
+}
 
 export class SpoolQuotaError extends Error {
   override name = "SpoolQuotaError";
@@ -109,7 +115,6 @@ class Receipt implements ReceivedFile {
   md5: string | undefined;
   crc = 0;
   size = 0;
-  head: Uint8Array = new Uint8Array(0);
   metaLength = 0;
   /** Bytes of the Part 10 body already written to the segment (after the record header). */
   written = 0;
@@ -380,14 +385,15 @@ export class TenantSpool {
   }
 
   /**
-   * Receives a Part 10 file (meta header + data set chunks as they arrive) into a segment writer, not
-   * synced: commit() makes it durable, discard() drops it. Throws SpoolQuotaError when the quota is
+   * Receives a Part 10 file (meta header + data set chunks as they arrive, each shown to `opts.observe`)
+   * into a segment writer, not synced: commit() makes it durable, discard() drops it. Throws SpoolQuotaError when the quota is
    * exceeded, SpoolDiskError on disk problems; nothing of a failed instance stays, including one
    * whose source fails (truncated association).
    */
-  async receive(meta: FileMeta, source: AsyncIterable<Uint8Array>, id = newSpoolId()): Promise<ReceivedFile> {
+  async receive(meta: FileMeta, source: AsyncIterable<Uint8Array>, opts: ReceiveOptions = {}): Promise<ReceivedFile> {
     const segment = await this.acquireWriter();
-    const r = new Receipt(id, segment, segment.size);
+    const r = new Receipt(opts.id ?? newSpoolId(), segment, segment.size);
+    const observe = opts.observe;
     // MD5 only where the forwarder compares it with Orthanc's (VerifyIntegrity): CRC-32 is ~40 times cheaper.
     const hash = this.md5 ? createHash("md5") : undefined;
     const reserve = (n: number) => {
@@ -408,22 +414,18 @@ export class TenantSpool {
       const metaHeader = encodeFileMeta(meta);
       r.metaLength = metaHeader.length;
       add(metaHeader);
-      const head = new Uint8Array(HEAD_BYTES);
-      let headLength = 0;
       const collect = collectAsStreamGrows();
       for await (const chunk of source) {
         add(chunk);
-        if (headLength < HEAD_BYTES) {
-          const n = Math.min(chunk.length, HEAD_BYTES - headLength);
-          head.set(chunk.subarray(0, n), headLength);
-          headLength += n;
+        if (observe) {
+          const seen = observe(chunk);
+          if (seen) await seen;
         }
         if (r.chunkBytes >= WRITE_BATCH) {
           await this.writeChunks(r);
           collect(r.written);
         }
       }
-      r.head = head.subarray(0, headLength);
       r.md5 = hash?.digest("hex");
       return r;
     } catch (e) {
@@ -477,14 +479,6 @@ export class TenantSpool {
     if (r.written === 0) return Buffer.concat(r.chunks, r.chunkBytes);
     await this.writeChunks(r);
     return { file: r.segment.path, offset: r.bodyOffset, size: r.size };
-  }
-
-  /** Up to `max` bytes of a received instance's data set (for a head longer than HEAD_BYTES). */
-  async datasetBytes(received: ReceivedFile, max: number): Promise<Uint8Array> {
-    const bytes = await this.bytesOf(received);
-    const r = received as Receipt;
-    if (bytes instanceof Uint8Array) return bytes.subarray(r.metaLength, r.metaLength + max);
-    return readRange({ file: bytes.file, offset: bytes.offset + r.metaLength, size: Math.min(max, r.size - r.metaLength) });
   }
 
   /** Makes a received instance durable: one write of the record's rest, one fdatasync. Then it may be acknowledged. */

@@ -1,28 +1,36 @@
-/** Reading what identifies a spooled instance back from its Part 10 bytes (records written before 0.3 lack it). */
+/**
+ * What identifies a spooled instance, read back from its Part 10 bytes by the strict reader: for records
+ * written before 0.3, which do not carry it (later records carry what was read at C-STORE time).
+ */
 import { open } from "node:fs/promises";
 import { fileMetaLength } from "../dicom/part10.ts";
-import { DatasetHeadError, readDatasetHead, type DatasetHead } from "../dicom/dataset-head.ts";
+import { readInstanceIdentity, type InstanceIdentity } from "../dicom/dataset-reader.ts";
 import type { FileRange } from "../file-range.ts";
 
-/** The first bytes of a spooled Part 10 file's data set (after the meta header). */
-async function readFileDatasetHead(at: FileRange, max: number): Promise<Uint8Array> {
+const CHUNK = 256 * 1024;
+
+/** The data set of a spooled Part 10 file (after its meta header), in chunks read on demand. */
+async function* datasetChunks(at: FileRange): AsyncGenerator<Uint8Array> {
   const fh = await open(at.file, "r");
   try {
-    const buf = new Uint8Array(Math.min(max, at.size));
-    const { bytesRead } = await fh.read(buf, 0, buf.length, at.offset);
-    const head = buf.subarray(0, bytesRead);
-    return head.subarray(fileMetaLength(head) ?? head.length);
+    const first = new Uint8Array(Math.min(at.size, CHUNK));
+    const { bytesRead } = await fh.read(first, 0, first.length, at.offset);
+    const meta = fileMetaLength(first.subarray(0, bytesRead));
+    if (meta === undefined || meta > bytesRead) throw new Error(`the Part 10 meta information of ${at.file} at ${at.offset} is truncated`);
+    yield first.subarray(meta, bytesRead);
+    for (let done = bytesRead; done < at.size; ) {
+      const buf = new Uint8Array(Math.min(CHUNK, at.size - done));
+      const r = await fh.read(buf, 0, buf.length, at.offset + done);
+      if (r.bytesRead === 0) throw new Error(`${at.file} ends ${at.size - done} bytes before its record`);
+      done += r.bytesRead;
+      yield buf.subarray(0, r.bytesRead);
+    }
   } finally {
     await fh.close();
   }
 }
 
-/** The placement attributes of a spooled file: from its first 64 KiB, or its first MiB if needed. */
-export async function readFileHeadAttributes(at: FileRange, transferSyntax: string): Promise<DatasetHead> {
-  try {
-    return readDatasetHead(await readFileDatasetHead(at, 64 * 1024), transferSyntax);
-  } catch (e) {
-    if (!(e instanceof DatasetHeadError && e.truncated)) throw e;
-    return readDatasetHead(await readFileDatasetHead(at, 1 << 20), transferSyntax);
-  }
+/** The identity of a spooled instance, or a DatasetRefusal when its data set would not be accepted today. */
+export function readSpooledIdentity(at: FileRange, transferSyntaxUid: string, defaultEncoding: string): Promise<InstanceIdentity> {
+  return readInstanceIdentity(datasetChunks(at), transferSyntaxUid, { defaultEncoding });
 }

@@ -28,12 +28,9 @@ import type { ResourceLevel, TenantConfig } from "../config/types.ts";
 import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
 import { orthancIds, type OrthancIds } from "../orthanc/identity.ts";
 import type { ChangesListener } from "../orthanc/changes.ts";
+import type { InstanceIdentity } from "../dicom/dataset-reader.ts";
 import type { InstanceUids, UidLevel, UidRegistry } from "./ownership.ts";
 
-/** What identifies an instance for Orthanc (PatientID exactly as Orthanc reads it). */
-export interface InstanceIdentity extends InstanceUids {
-  patientId: string;
-}
 
 export type IsolationVerdict =
   | {
