@@ -6,9 +6,9 @@
 import process from "node:process";
 import { parseArgs } from "node:util";
 import { ConfigError, describeConfig, loadConfigFile } from "./config/index.ts";
-import { startGateway } from "./gateway.ts";
-import { createLogger } from "./log.ts";
-import { VERSION } from "./version.ts";
+import { startGateway } from "./gateway/gateway.ts";
+import { createLogger } from "./shared/log.ts";
+import { VERSION } from "./shared/version.ts";
 
 const DEFAULT_CONFIG = "/etc/dicom-gateway/gateway.json";
 

@@ -7,12 +7,12 @@
  * C-ECHO needs no Orthanc: the gateway runs against an address where nothing listens.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { PduType, RejectReason, RejectResult, RejectSource } from "../src/dimse/constants.ts";
-import { decodeAssociateRJ } from "../src/dimse/pdu.ts";
-import type { Peer } from "../src/dimse/association.ts";
+import { PduType, RejectReason, RejectResult, RejectSource } from "../src/net/constants.ts";
+import { decodeAssociateRJ } from "../src/net/pdu.ts";
+import type { Peer } from "../src/net/association.ts";
 import { createAssociationPolicy, inRange, parseAddress, parseAddressRange } from "../src/tenancy/association-policy.ts";
-import { encodeAssociateRQ } from "../src/dimse/pdu.ts";
-import { DICOM_APPLICATION_CONTEXT } from "../src/dimse/constants.ts";
+import { encodeAssociateRQ } from "../src/net/pdu.ts";
+import { DICOM_APPLICATION_CONTEXT } from "../src/net/constants.ts";
 import { echoscu } from "./helpers/dcmtk.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
 import { freePort } from "./helpers/ports.ts";

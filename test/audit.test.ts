@@ -9,9 +9,9 @@ import { mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync, statSync, tru
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts";
-import { createAuditLog, statusOutcome } from "../src/audit.ts";
-import type { DimseHandler } from "../src/dimse/association.ts";
-import { CommandField, Status } from "../src/dimse/constants.ts";
+import { createAuditLog, statusOutcome } from "../src/observe/audit.ts";
+import type { DimseHandler } from "../src/net/association.ts";
+import { CommandField, Status } from "../src/net/constants.ts";
 import { echoscu, runTool } from "./helpers/dcmtk.ts";
 import { pydicomFile, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
 import { startTestGateway } from "./helpers/gateway.ts";

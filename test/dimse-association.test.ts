@@ -2,12 +2,12 @@
  * The DICOM upper layer against real peers (dcmtk echoscu, dcmjs-dimse) and hostile raw input.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import type { AssociationInfo, EndReason } from "../src/dimse/association.ts";
-import { AbortReason, CommandField, NO_DATASET, PduType, RejectReason, Status, TransferSyntax } from "../src/dimse/constants.ts";
-import { handleEcho } from "../src/dimse/echo.ts";
-import { UNCOMPRESSED_LITTLE_ENDIAN } from "../src/dimse/negotiation.ts";
-import { decodeAbort, decodeAssociateRJ, encodeReleaseRQ } from "../src/dimse/pdu.ts";
-import { DimseServer } from "../src/dimse/server.ts";
+import type { AssociationInfo, EndReason } from "../src/net/association.ts";
+import { AbortReason, CommandField, NO_DATASET, PduType, RejectReason, Status, TransferSyntax } from "../src/net/constants.ts";
+import { handleEcho } from "../src/services/echo.ts";
+import { UNCOMPRESSED_LITTLE_ENDIAN } from "../src/net/negotiation.ts";
+import { decodeAbort, decodeAssociateRJ, encodeReleaseRQ } from "../src/net/pdu.ts";
+import { DimseServer } from "../src/net/server.ts";
 import { createAssociationPolicy } from "../src/tenancy/association-policy.ts";
 import { echoscu } from "./helpers/dcmtk.ts";
 import { pendingUntilCancelled } from "./helpers/handlers.ts";
@@ -139,7 +139,7 @@ describe("protocol errors and timeouts (raw peer)", () => {
     const peer = await RawPeer.connect(server.port);
     await peer.associate("ALPHA", [VERIFICATION_CONTEXT]);
     const junk = Uint8Array.of(0, 0, 0, 1, 0xff, 0xff, 0xff, 0x7f); // element length overruns
-    const { encodePDataHeader } = await import("../src/dimse/pdu.ts");
+    const { encodePDataHeader } = await import("../src/net/pdu.ts");
     peer.write(concat(encodePDataHeader(1, true, true, junk.length), junk));
     expect((await peer.next())?.type).toBe(PduType.Abort);
     expect((await echoscu(server.port, "ALPHA")).code).toBe(0);

@@ -17,7 +17,7 @@ import { afterAll, beforeAll, expect, test } from "bun:test";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, relative } from "node:path";
-import { Status } from "../src/dimse/constants.ts";
+import { Status } from "../src/net/constants.ts";
 import { fileMetaLength } from "../src/dicom/part10.ts";
 import { RECORD_HEADER } from "../src/spool/segment.ts";
 import { TenantSpool, tenantDirectoryName } from "../src/spool/spool.ts";

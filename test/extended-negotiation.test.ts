@@ -1,8 +1,8 @@
 /** SOP Class Extended Negotiation for C-FIND (PS3.7 D.3.3.5, PS3.4 C.3.1): combined date-time matching is offered. */
 import { afterAll, beforeAll, expect, test } from "bun:test";
-import { DICOM_APPLICATION_CONTEXT, ItemType, PduType, TransferSyntax } from "../src/dimse/constants.ts";
-import { encodeExtendedNegotiation } from "../src/dimse/negotiation.ts";
-import { decodeAssociateAC, encodeAssociateRQ } from "../src/dimse/pdu.ts";
+import { DICOM_APPLICATION_CONTEXT, ItemType, PduType, TransferSyntax } from "../src/net/constants.ts";
+import { encodeExtendedNegotiation } from "../src/net/negotiation.ts";
+import { decodeAssociateAC, encodeAssociateRQ } from "../src/net/pdu.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
 import { RawPeer } from "./helpers/raw-peer.ts";
 

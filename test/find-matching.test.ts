@@ -20,7 +20,7 @@ import {
   T,
   type FindResult,
   type RawKey,
-} from "../src/orthanc/find-query.ts";
+} from "../src/services/find-query.ts";
 import { inScope, scopeFilter, scopePlan } from "../src/tenancy/label-scope.ts";
 
 const EXPLICIT = "1.2.840.10008.1.2.1";

@@ -17,10 +17,10 @@ import { afterAll, beforeAll, expect, test } from "bun:test";
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { CommandSetError, decodeCommandSet, encodeCommandSet } from "../src/dimse/command.ts";
-import { PduType } from "../src/dimse/constants.ts";
-import { decodeAbort, decodeAssociateAC, decodeAssociateRJ, decodeAssociateRQ, decodePData, encodeReleaseRQ, PduError } from "../src/dimse/pdu.ts";
-import { PduReader } from "../src/dimse/pdu-reader.ts";
+import { CommandSetError, decodeCommandSet, encodeCommandSet } from "../src/net/command.ts";
+import { PduType } from "../src/net/constants.ts";
+import { decodeAbort, decodeAssociateAC, decodeAssociateRJ, decodeAssociateRQ, decodePData, encodeReleaseRQ, PduError } from "../src/net/pdu.ts";
+import { PduReader } from "../src/net/pdu-reader.ts";
 import { echoscu } from "./helpers/dcmtk.ts";
 import {
   concatBytes,

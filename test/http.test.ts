@@ -4,9 +4,9 @@ import { join } from "node:path";
 import { bindError, detectRuntime, serveHttp, type HttpServerHandle } from "../src/adapter/index.ts";
 import { serve as serveNode } from "../src/adapter/node/serve.ts";
 import { createHttpApp } from "../src/http/app.ts";
-import type { Logger, LogFields } from "../src/log.ts";
-import { createMetrics, formatStatus } from "../src/metrics.ts";
-import type { GatewaySnapshot, TenantStatus } from "../src/status.ts";
+import type { Logger, LogFields } from "../src/shared/log.ts";
+import { createMetrics, formatStatus } from "../src/observe/metrics.ts";
+import type { GatewaySnapshot, TenantStatus } from "../src/observe/status.ts";
 
 const ROOT = join(import.meta.dir, "..");
 

@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, readdirSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { CommandField, Status, TransferSyntax } from "../src/dimse/constants.ts";
+import { CommandField, Status, TransferSyntax } from "../src/net/constants.ts";
 import { encodeFileMeta, explicitVrElement } from "../src/dicom/part10.ts";
 import { OrthancClient } from "../src/orthanc/client.ts";
 import { runTool } from "./helpers/dcmtk.ts";

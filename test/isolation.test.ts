@@ -8,7 +8,7 @@ import { readFileSync } from "node:fs";
 import { startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts";
 import { readInstanceIdentity } from "../src/dicom/dataset-reader.ts";
 import { decodeFileMeta, fileMetaLength } from "../src/dicom/part10.ts";
-import { createLogger } from "../src/log.ts";
+import { createLogger } from "../src/shared/log.ts";
 import { OrthancClient } from "../src/orthanc/client.ts";
 import { orthancIds } from "../src/orthanc/identity.ts";
 import { findscuKeys, runTool } from "./helpers/dcmtk.ts";
@@ -292,7 +292,7 @@ describe("Strict (default)", () => {
 
 test("Strict: an instance whose data set names another SOP Instance UID than its command is refused (0xC000)", async () => {
   const { RawPeer } = await import("./helpers/raw-peer.ts");
-  const { CommandField, Status, TransferSyntax } = await import("../src/dimse/constants.ts");
+  const { CommandField, Status, TransferSyntax } = await import("../src/net/constants.ts");
   const { readDataset } = await import("./helpers/dicom-files.ts");
   const peer = await RawPeer.connect(gw.portOf("ALPHA"));
   await peer.associate("ALPHA", [{ id: 1, abstractSyntax: "1.2.840.10008.5.1.4.1.1.2", transferSyntaxes: [TransferSyntax.ExplicitVRLittleEndian] }]);

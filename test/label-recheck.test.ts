@@ -29,7 +29,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { elementText, parseDataset, tagName } from "../src/dicom/identifier.ts";
 import { decodeFileMeta, fileMetaLength } from "../src/dicom/part10.ts";
-import { createLogger } from "../src/log.ts";
+import { createLogger } from "../src/shared/log.ts";
 import { OrthancClient } from "../src/orthanc/client.ts";
 import { runTool, type ToolResult } from "./helpers/dcmtk.ts";
 import { makeInstance, type StudySpec } from "./helpers/find-data.ts";

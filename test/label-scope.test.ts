@@ -1,10 +1,10 @@
 /**
- * The label scope of a retrieve (src/orthanc/resolve.ts) is the one of src/tenancy/label-scope.ts:
+ * The label scope of a retrieve (src/services/resolve.ts) is the one of src/tenancy/label-scope.ts:
  * its anchor level for every LabelsStoreLevels combination, and its label rule for All/Any/None.
  */
 import { describe, expect, test } from "bun:test";
 import type { LabelsConstraint, ResourceLevel } from "../src/config/types.ts";
-import { labelsInScope, tenantLabelScope } from "../src/orthanc/resolve.ts";
+import { labelsInScope, tenantLabelScope } from "../src/services/resolve.ts";
 import { inScope, labeledLevels } from "../src/tenancy/label-scope.ts";
 
 /**

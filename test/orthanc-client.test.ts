@@ -4,7 +4,7 @@ import { createServer as createHttpServer, type Server as HttpServer } from "nod
 import { createServer as createTcpServer, type Server as TcpServer, type Socket } from "node:net";
 import { compareVersions, OrthancClient, OrthancError, versionAtLeast } from "../src/orthanc/client.ts";
 import { OrthancMonitor } from "../src/orthanc/monitor.ts";
-import type { OrthancStatus } from "../src/status.ts";
+import type { OrthancStatus } from "../src/observe/status.ts";
 import { CT_SMALL, getSharedOrthanc, ORTHANC_START_TIMEOUT_MS, startOrthanc, type OrthancHandle } from "./helpers/orthanc.ts";
 import { freePort } from "./helpers/ports.ts";
 import { waitFor } from "./helpers/wait.ts";

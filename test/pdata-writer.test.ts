@@ -5,12 +5,12 @@
  */
 import { afterEach, beforeEach, expect, test } from "bun:test";
 import { createServer, connect, type Server, type Socket } from "node:net";
-import { concatBytes } from "../src/dimse/bytes.ts";
-import { decodeCommandSet, type CommandSet } from "../src/dimse/command.ts";
-import { PduType, Status } from "../src/dimse/constants.ts";
-import { PDataWriter } from "../src/dimse/pdata-writer.ts";
-import { decodePData } from "../src/dimse/pdu.ts";
-import { PduReader } from "../src/dimse/pdu-reader.ts";
+import { concatBytes } from "../src/shared/bytes.ts";
+import { decodeCommandSet, type CommandSet } from "../src/net/command.ts";
+import { PduType, Status } from "../src/net/constants.ts";
+import { PDataWriter } from "../src/net/pdata-writer.ts";
+import { decodePData } from "../src/net/pdu.ts";
+import { PduReader } from "../src/net/pdu-reader.ts";
 
 let server: Server;
 let client: Socket;

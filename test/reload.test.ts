@@ -7,7 +7,7 @@ import { afterAll, expect, test } from "bun:test";
 import { writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { join } from "node:path";
-import { CommandField, NO_DATASET, PduType, Status } from "../src/dimse/constants.ts";
+import { CommandField, NO_DATASET, PduType, Status } from "../src/net/constants.ts";
 import { echoscu } from "./helpers/dcmtk.ts";
 import { httpPortFromLog, spawnGateway, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
 import { freePorts } from "./helpers/ports.ts";

@@ -8,7 +8,7 @@ import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { inflateRawSync } from "node:zlib";
 import { startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts";
-import { CommandField, PduType, Status, TransferSyntax } from "../src/dimse/constants.ts";
+import { CommandField, PduType, Status, TransferSyntax } from "../src/net/constants.ts";
 import { OrthancClient } from "../src/orthanc/client.ts";
 import { runTool } from "./helpers/dcmtk.ts";
 import { datasetBytes, pydicomFile, readDataset, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
@@ -196,8 +196,8 @@ describe("Spool mode (store-and-forward)", () => {
     const ac = await peer.associate("ALPHA", [{ id: 1, abstractSyntax: "1.2.840.10008.5.1.4.1.1.2", transferSyntaxes: [TransferSyntax.ExplicitVRLittleEndian] }]);
     expect(ac?.type).toBe(PduType.AssociateAC);
     const ds = readDataset(pydicomFile("CT_small.dcm"));
-    const { encodeCommandSet } = await import("../src/dimse/command.ts");
-    const { encodePDataHeader } = await import("../src/dimse/pdu.ts");
+    const { encodeCommandSet } = await import("../src/net/command.ts");
+    const { encodePDataHeader } = await import("../src/net/pdu.ts");
     const cmd = encodeCommandSet({ commandField: CommandField.CStoreRQ, messageId: 1, affectedSopClassUid: "1.2.840.10008.5.1.4.1.1.2", affectedSopInstanceUid: "1.2.3.999", priority: 0, commandDataSetType: 0 });
     peer.write(new Uint8Array([...encodePDataHeader(1, true, true, cmd.length), ...cmd]));
     // More than the spool keeps in memory (256 KiB), so part of it is written to a segment before the cut.
@@ -250,7 +250,7 @@ describe("negotiation of storage", () => {
     const pdu = await peer.associate(aet, [{ id: 1, abstractSyntax, transferSyntaxes: [transferSyntax] }]);
     peer.close();
     if (pdu?.type !== PduType.AssociateAC) return "rejected";
-    const { decodeAssociateAC } = await import("../src/dimse/pdu.ts");
+    const { decodeAssociateAC } = await import("../src/net/pdu.ts");
     return decodeAssociateAC(pdu.body).presentationContexts[0]!.result;
   }
 
@@ -267,7 +267,7 @@ describe("negotiation of storage", () => {
       { id: 3, abstractSyntax: "1.2.840.10008.5.1.4.1.1.2", transferSyntaxes: ["1.2.840.10008.1.2.4.50"] },
     ]);
     peer.close();
-    const { decodeAssociateAC } = await import("../src/dimse/pdu.ts");
+    const { decodeAssociateAC } = await import("../src/net/pdu.ts");
     expect(decodeAssociateAC(ac!.body).presentationContexts.map((c) => [c.id, c.result, c.transferSyntax])).toEqual([
       [1, 4, TransferSyntax.ImplicitVRLittleEndian],
       [3, 0, "1.2.840.10008.1.2.4.50"],
@@ -292,8 +292,8 @@ describe("receive priority (Gateway.Orthanc.ReceivePriorityMilliseconds)", () =>
   async function openArrival(g: typeof gw, aet: string): Promise<RawPeer> {
     const peer = await RawPeer.connect(g.portOf(aet));
     await peer.associate(aet, [{ id: 1, abstractSyntax: "1.2.840.10008.5.1.4.1.1.2", transferSyntaxes: [TransferSyntax.ExplicitVRLittleEndian] }]);
-    const { encodeCommandSet } = await import("../src/dimse/command.ts");
-    const { encodePDataHeader } = await import("../src/dimse/pdu.ts");
+    const { encodeCommandSet } = await import("../src/net/command.ts");
+    const { encodePDataHeader } = await import("../src/net/pdu.ts");
     const cmd = encodeCommandSet({ commandField: CommandField.CStoreRQ, messageId: 1, affectedSopClassUid: "1.2.840.10008.5.1.4.1.1.2", affectedSopInstanceUid: "1.2.3.4242", priority: 0, commandDataSetType: 0 });
     peer.write(new Uint8Array([...encodePDataHeader(1, true, true, cmd.length), ...cmd]));
     const part = readDataset(pydicomFile("CT_small.dcm")).subarray(0, 2000);

@@ -12,7 +12,7 @@ import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { connect } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { createLogger } from "../src/log.ts";
+import { createLogger } from "../src/shared/log.ts";
 import { runTool } from "./helpers/dcmtk.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
 import { freePort, freePorts } from "./helpers/ports.ts";

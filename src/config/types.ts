@@ -3,6 +3,8 @@
  * Keys in the JSON file follow Orthanc's spelling (see README "Configuration");
  * these types are the normalized form the rest of the gateway works with.
  */
+import type { TlsListenerOptions } from "../net/server.ts";
+import type { LogFormat, LogLevel } from "../shared/log.ts";
 
 /** Orthanc resource levels, normalized from Orthanc's spellings (Patient(s), Study/Studies, Series, Instance(s)/Image(s)). */
 export type ResourceLevel = "Patient" | "Study" | "Series" | "Instance";
@@ -57,18 +59,8 @@ export interface AllowedCaller {
   host?: string;
 }
 
-export interface TenantTls {
-  /** PEM certificate chain file. */
-  certificateFile: string;
-  /** PEM private key file. */
-  keyFile: string;
-  /** PEM CA bundle to verify client certificates; undefined = no client verification. */
-  caFile?: string;
-  /** Require a client certificate signed by caFile (default true when caFile is set). */
-  requireClientCertificate: boolean;
-  /** TLS port; undefined = the tenant's Port speaks TLS only. When set, Port stays plain and this port adds TLS. */
-  port?: number;
-}
+/** A tenant's DICOM TLS settings (the listener's own options, src/net/server.ts). */
+export type TenantTls = TlsListenerOptions;
 
 export interface LimitSettings {
   /** `Gateway.Limits.MaxAssociations` (default 256): concurrent associations over all tenants. */
@@ -168,9 +160,7 @@ export interface OrthancSettings {
   unreachableGraceMs: number;
 }
 
-export type LogLevel = "debug" | "info" | "warn" | "error";
-/** "auto": pretty text on a TTY, JSON lines otherwise. */
-export type LogFormat = "json" | "text" | "auto";
+export type { LogFormat, LogLevel };
 
 export interface GatewayConfig {
   tenants: TenantConfig[];

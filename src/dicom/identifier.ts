@@ -8,7 +8,7 @@
  * Latin-1). dcmjs provides the data dictionary: VRs for implicit VR and keyword <-> tag.
  */
 import dcmjs from "dcmjs";
-import { getU16LE, getU32LE } from "../dimse/bytes.ts";
+import { getU16LE, getU32LE } from "../shared/bytes.ts";
 import { CHARSET_VRS, decodeText, encodeText } from "./charset.ts";
 
 const IMPLICIT_VR_LE = "1.2.840.10008.1.2";

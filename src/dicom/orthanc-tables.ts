@@ -4,7 +4,7 @@
  * WHATWG TextDecoder, corrected where the real Orthanc answers differently: every correction below was
  * found, and every table is re-checked in full, by scripts/orthanc-charset-discovery.ts.
  */
-import type { OrthancEncoding } from "./orthanc-text.ts";
+import type { OrthancEncoding } from "./orthanc-encodings.ts";
 
 /** Single-byte sets: how glibc's iconv decodes 0xA0-0xFF (WHATWG label), 0x80-0x9F being C1 controls. */
 const ISO_8859: Partial<Record<OrthancEncoding, string>> = {

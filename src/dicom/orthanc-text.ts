@@ -11,49 +11,10 @@
  * backend resynchronizes, or mappings on which converters disagree) the conversion is `uncertain`: the
  * caller refuses the instance before acknowledging it rather than guess where Orthanc files it.
  */
+import { ORTHANC_ENCODINGS, type OrthancEncoding } from "./orthanc-encodings.ts";
 import { singleByteTable, cjkPair, gb18030Uncertain, type CjkSet } from "./orthanc-tables.ts";
 
-/** Orthanc's `Encoding` enumeration (the names of its `DefaultEncoding` option). */
-export type OrthancEncoding =
-  | "Ascii"
-  | "Utf8"
-  | "Latin1"
-  | "Latin2"
-  | "Latin3"
-  | "Latin4"
-  | "Latin5"
-  | "Cyrillic"
-  | "Windows1251"
-  | "Arabic"
-  | "Greek"
-  | "Hebrew"
-  | "Thai"
-  | "Japanese"
-  | "Chinese"
-  | "Korean"
-  | "JapaneseKanji"
-  | "SimplifiedChinese";
-
-export const ORTHANC_ENCODINGS: readonly OrthancEncoding[] = [
-  "Ascii",
-  "Utf8",
-  "Latin1",
-  "Latin2",
-  "Latin3",
-  "Latin4",
-  "Latin5",
-  "Cyrillic",
-  "Windows1251",
-  "Arabic",
-  "Greek",
-  "Hebrew",
-  "Thai",
-  "Japanese",
-  "Chinese",
-  "Korean",
-  "JapaneseKanji",
-  "SimplifiedChinese",
-];
+export { ORTHANC_ENCODINGS, type OrthancEncoding };
 
 /** Orthanc's `DefaultEncoding` value (case-insensitive, as Orthanc's StringToEncoding), or undefined. */
 export function orthancEncodingByName(name: string): OrthancEncoding | undefined {

@@ -3,7 +3,7 @@
  * endian. The gateway writes it in front of the data set bytes exactly as received, so the file a
  * modality's C-STORE becomes is its data set, unchanged, with a meta header built from the command.
  */
-import { IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME } from "../dimse/implementation.ts";
+import { IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME } from "./implementation.ts";
 
 export interface FileMeta {
   sopClassUid: string;

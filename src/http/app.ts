@@ -3,9 +3,9 @@
  * Runtime-agnostic: a Hono app whose `fetch` is served by one of src/adapter/*.
  */
 import { Hono } from "hono";
-import { silentLogger, type Logger } from "../log.ts";
-import type { GatewayMetrics } from "../metrics.ts";
-import { readiness, type GatewaySnapshot } from "../status.ts";
+import { silentLogger, type Logger } from "../shared/log.ts";
+import type { GatewayMetrics } from "../observe/metrics.ts";
+import { readiness, type GatewaySnapshot } from "../observe/status.ts";
 
 export const ENDPOINTS = ["/health", "/ready", "/metrics", "/status"] as const;
 

@@ -12,7 +12,18 @@
  * restarted with another configuration is known again within that time), and forgets all when Orthanc
  * goes away.
  */
-import type { OrthancClient, RequestOptions } from "./client.ts";
+
+/** What paging needs of the Orthanc client (client.ts, which holds the FindLimits of its Orthanc). */
+export interface FindClient {
+  postJson<T>(path: string, body: object, opts?: FindCallOptions): Promise<T>;
+  readonly findLimits: FindLimits;
+}
+
+/** Per-call options of a /tools/find call. */
+export interface FindCallOptions {
+  timeoutMs?: number;
+  signal?: AbortSignal;
+}
 
 /** Orthanc's two limits: LimitFindResults (Patient, Study, Series) and LimitFindInstances (Instance). */
 export type LimitKind = "results" | "instances";
@@ -71,7 +82,7 @@ export class FindLimits {
    * per kind), unless done within the last 15 s. Never rejects: what it cannot learn stays checked
    * page by page.
    */
-  refresh(orthanc: OrthancClient, opts: RequestOptions = {}): Promise<void> {
+  refresh(orthanc: FindClient, opts: FindCallOptions = {}): Promise<void> {
     if (this.probing) return this.probing;
     if (performance.now() - this.probedAt < REPROBE_MS) return Promise.resolve();
     this.probing = (async () => {
@@ -109,7 +120,7 @@ export type FindBody = Record<string, unknown> & { Level: string };
  * full last page is known to be the last; a page that may have been clipped is checked with one more
  * call (IDs only).
  */
-export async function* findPages<T>(orthanc: OrthancClient, body: FindBody, pageSize: number, opts: RequestOptions = {}): AsyncGenerator<{ resources: T[]; last: boolean }> {
+export async function* findPages<T>(orthanc: FindClient, body: FindBody, pageSize: number, opts: FindCallOptions = {}): AsyncGenerator<{ resources: T[]; last: boolean }> {
   const limits = orthanc.findLimits;
   const kind = limitKindOf(body.Level);
   const size = Math.max(1, pageSize);
@@ -154,7 +165,7 @@ export async function* findPages<T>(orthanc: OrthancClient, body: FindBody, page
 }
 
 /** Every resource of one /tools/find, page by page (see findPages). */
-export async function findAll<T>(orthanc: OrthancClient, body: FindBody, opts: RequestOptions = {}): Promise<T[]> {
+export async function findAll<T>(orthanc: FindClient, body: FindBody, opts: FindCallOptions = {}): Promise<T[]> {
   const all: T[] = [];
   for await (const page of findPages<T>(orthanc, body, LIST_PAGE, opts)) all.push(...page.resources);
   return all;

@@ -11,7 +11,7 @@
  * Runtime-neutral: node:net only (Bun, Deno and Node implement it alike).
  */
 import { connect, type Socket } from "node:net";
-import { concatBytes } from "../dimse/bytes.ts";
+import { concatBytes } from "../shared/bytes.ts";
 
 export interface Http1Response {
   status: number;

@@ -3,7 +3,7 @@
  * The timer never keeps the process alive, and checks never overlap: a check requested while one is
  * running joins it, and the next periodic check is scheduled only after the current one ends.
  */
-import type { OrthancStatus } from "../status.ts";
+import type { OrthancStatus } from "../observe/status.ts";
 import { OrthancError, versionAtLeast, type OrthancClient } from "./client.ts";
 
 export const MIN_ORTHANC_VERSION = "1.12.0";

@@ -4,7 +4,7 @@
  */
 import { open } from "node:fs/promises";
 import { collectAsStreamGrows } from "../adapter/index.ts";
-import { readRange, type FileRange } from "../file-range.ts";
+import { readRange, type FileRange } from "../shared/file-range.ts";
 import type { ResourceLevel } from "../config/types.ts";
 import type { ChangesFeed } from "./changes.ts";
 import { OrthancError, type OrthancClient } from "./client.ts";

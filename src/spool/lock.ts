@@ -18,7 +18,7 @@ import { hostname } from "node:os";
 import { join, resolve } from "node:path";
 import process from "node:process";
 import { tryLockFile, type FileLock } from "../adapter/index.ts";
-import { VERSION } from "../version.ts";
+import { VERSION } from "../shared/version.ts";
 
 /** The lock file's name in the spool directory. */
 export const SPOOL_LOCK_FILE = "dicom-gateway.lock";

@@ -1,6 +1,6 @@
 /** Store-and-forward metrics, per tenant, on the gateway's registry. */
 import { Counter, Gauge, Histogram, type Registry } from "prom-client";
-import type { GatewaySnapshot } from "../status.ts";
+import type { GatewaySnapshot } from "../observe/status.ts";
 
 /** Where an instance is in its journey: received (data set complete), acknowledged (Success answered),
  * refused (failure answered), forwarded (in Orthanc and labeled), failed (a forwarding attempt failed),

@@ -8,7 +8,7 @@ import { join } from "node:path";
 import { decodeFileMeta } from "../dicom/part10.ts";
 import type { SpoolFiles } from "./files.ts";
 import { crc32OfRange, decodeRecordHeader, RECORD_HEADER, Segment, STATE_PENDING } from "./segment.ts";
-import type { SpoolEntry, SpoolRecord } from "./spool.ts";
+import type { SpoolEntry, SpoolRecord } from "./record.ts";
 
 /** One segment as read back at start-up. */
 export interface ScannedSegment {

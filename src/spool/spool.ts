@@ -24,48 +24,15 @@ import { mkdir, open, readdir, readFile, statfs, writeFile, type FileHandle } fr
 import { join } from "node:path";
 import { collectAsStreamGrows } from "../adapter/index.ts";
 import { encodeFileMeta, type FileMeta } from "../dicom/part10.ts";
-import type { OrthancIds } from "../orthanc/identity.ts";
 import { diskError, InlineCommit, nodeSpoolFiles, SpoolDiskError, writeAll, type SpoolFiles } from "./files.ts";
 import { readLegacyLayout, scanSegment } from "./recovery.ts";
 import { crc32, eachPiece, encodeRecordHeader, md5OfRange, RECORD_HEADER, Segment, STATE_PENDING } from "./segment.ts";
-import { readFully, readRange, type FileRange } from "../file-range.ts";
+import { readFully, readRange, type FileRange } from "../shared/file-range.ts";
+import type { QuarantineEntry, SpoolEntry, SpoolRecord } from "./record.ts";
 
 export { SpoolDiskError } from "./files.ts";
 
-export interface SpoolRecord {
-  id: string;
-  tenant: string;
-  sopClassUid: string;
-  sopInstanceUid: string;
-  transferSyntaxUid: string;
-  callingAeTitle: string;
-  peer: string;
-  receivedAt: string;
-  /** Size of the Part 10 file in bytes. */
-  size: number;
-  /** MD5 of the Part 10 file (what Orthanc stores), hex; computed while receiving when integrity is verified. */
-  md5?: string;
-  /** Where Orthanc files it (0.2 records; later ones carry the identity below instead). */
-  orthancIds?: OrthancIds;
-  /** What identifies it for Orthanc, read strictly at C-STORE time (absent in records of 0.2 and older). */
-  patientId?: string;
-  studyInstanceUid?: string;
-  seriesInstanceUid?: string;
-  /**
-   * Strict isolation at C-STORE time: "checked" against Orthanc, or "unchecked" (Orthanc was unreachable:
-   * only the gateway's own records were consulted; the forwarder checks before the upload).
-   */
-  isolation?: "checked" | "unchecked";
-  /** No instance with its SOP Instance UID was in Orthanc at C-STORE time. */
-  instanceIsNew?: boolean;
-}
-
-export interface SpoolEntry extends SpoolRecord, FileRange {}
-
-export interface QuarantineEntry extends SpoolRecord {
-  reason: string;
-  quarantinedAt: string;
-}
+export type { QuarantineEntry, SpoolEntry, SpoolRecord } from "./record.ts";
 
 /** An instance received into a segment writer, not yet committed (opaque outside the spool). */
 export interface ReceivedFile {

@@ -5,7 +5,7 @@
 import { open } from "node:fs/promises";
 import { fileMetaLength } from "../dicom/part10.ts";
 import { readInstanceIdentity, type InstanceIdentity } from "../dicom/dataset-reader.ts";
-import type { FileRange } from "../file-range.ts";
+import type { FileRange } from "../shared/file-range.ts";
 
 const CHUNK = 256 * 1024;
 

@@ -12,10 +12,10 @@
 import { lookup as dnsLookup } from "node:dns/promises";
 import { isIP } from "node:net";
 import type { AllowedCaller, DicomSettings, TenantConfig } from "../config/types.ts";
-import type { Negotiation, Peer } from "../dimse/association.ts";
-import { RejectReason, RejectResult, RejectSource } from "../dimse/constants.ts";
-import { negotiatePresentationContexts, type SupportedSyntaxes } from "../dimse/negotiation.ts";
-import type { AssociateRQ } from "../dimse/pdu.ts";
+import type { Negotiation, Peer } from "../net/association.ts";
+import { RejectReason, RejectResult, RejectSource } from "../net/constants.ts";
+import { negotiatePresentationContexts, type SupportedSyntaxes } from "../net/negotiation.ts";
+import type { AssociateRQ } from "../net/pdu.ts";
 import { aeTitlesEqual } from "./ae-title.ts";
 
 /** An association policy: the negotiation function plus the host-name refresh it owns. */

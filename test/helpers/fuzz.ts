@@ -4,8 +4,8 @@
  * sequence of cases, so a failure found in CI is replayed locally with FUZZ_SEED.
  */
 import { connect } from "node:net";
-import { encodeCommandSet, type CommandSet } from "../../src/dimse/command.ts";
-import { CommandField, DICOM_APPLICATION_CONTEXT, ItemType, NO_DATASET, TransferSyntax } from "../../src/dimse/constants.ts";
+import { encodeCommandSet, type CommandSet } from "../../src/net/command.ts";
+import { CommandField, DICOM_APPLICATION_CONTEXT, ItemType, NO_DATASET, TransferSyntax } from "../../src/net/constants.ts";
 import {
   encodeAbort,
   encodeAssociateAC,
@@ -17,9 +17,9 @@ import {
   type PresentationContextProposal,
   type RoleSelection,
   type UserInformation,
-} from "../../src/dimse/pdu.ts";
-import { PduReader } from "../../src/dimse/pdu-reader.ts";
-import { concatBytes as joinBytes, copyBytes } from "../../src/dimse/bytes.ts";
+} from "../../src/net/pdu.ts";
+import { PduReader } from "../../src/net/pdu-reader.ts";
+import { concatBytes as joinBytes, copyBytes } from "../../src/shared/bytes.ts";
 
 /** mulberry32: a tiny 32-bit PRNG, good enough to drive mutations, fully determined by its seed. */
 export class Rng {

@@ -1,6 +1,6 @@
 /** DIMSE handlers for protocol tests. */
-import type { DimseHandler } from "../../src/dimse/association.ts";
-import { Status } from "../../src/dimse/constants.ts";
+import type { DimseHandler } from "../../src/net/association.ts";
+import { Status } from "../../src/net/constants.ts";
 import { sleep } from "./wait.ts";
 
 /** For a test-only SOP class: reads the identifier, answers Pending `pendings` times, one every `everyMs`, then Success; Cancel once cancelled. */

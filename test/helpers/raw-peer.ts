@@ -4,11 +4,11 @@
  * its own unit tests; interoperability is tested separately against dcmtk and dcmjs-dimse.
  */
 import { connect, type Socket } from "node:net";
-import { concatBytes } from "../../src/dimse/bytes.ts";
-import { encodeCommandSet, decodeCommandSet, type CommandSet } from "../../src/dimse/command.ts";
-import { DICOM_APPLICATION_CONTEXT, PduType, TransferSyntax } from "../../src/dimse/constants.ts";
-import { decodeAssociateAC, decodePData, encodeAssociateRQ, encodePDataHeader, type PresentationContextProposal } from "../../src/dimse/pdu.ts";
-import { PduReader, type RawPdu } from "../../src/dimse/pdu-reader.ts";
+import { concatBytes } from "../../src/shared/bytes.ts";
+import { encodeCommandSet, decodeCommandSet, type CommandSet } from "../../src/net/command.ts";
+import { DICOM_APPLICATION_CONTEXT, PduType, TransferSyntax } from "../../src/net/constants.ts";
+import { decodeAssociateAC, decodePData, encodeAssociateRQ, encodePDataHeader, type PresentationContextProposal } from "../../src/net/pdu.ts";
+import { PduReader, type RawPdu } from "../../src/net/pdu-reader.ts";
 
 export class RawPeer {
   private reader = new PduReader({ maxPDataLength: 1 << 24, maxControlLength: 1 << 24 });

@@ -10,10 +10,10 @@ import { Buffer } from "node:buffer";
 import { constants, readFileSync } from "node:fs";
 import type { FileHandle } from "node:fs/promises";
 import { Socket } from "node:net";
-import { decodeCommandSet } from "../../src/dimse/command.ts";
-import { CommandField, PduType } from "../../src/dimse/constants.ts";
-import { decodePData } from "../../src/dimse/pdu.ts";
-import { PduReader } from "../../src/dimse/pdu-reader.ts";
+import { decodeCommandSet } from "../../src/net/command.ts";
+import { CommandField, PduType } from "../../src/net/constants.ts";
+import { decodePData } from "../../src/net/pdu.ts";
+import { PduReader } from "../../src/net/pdu-reader.ts";
 import { nodeSpoolFiles, type SpoolFiles } from "../../src/spool/files.ts";
 
 export type FileEvent =

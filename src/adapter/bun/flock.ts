@@ -7,7 +7,7 @@
  */
 import { closeSync, constants, ftruncateSync, openSync, writeSync } from "node:fs";
 import process from "node:process";
-import type { FileLock } from "../index.ts";
+import type { FileLock } from "../contract.ts";
 
 /** <sys/file.h> */
 const LOCK_EX = 2;

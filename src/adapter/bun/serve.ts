@@ -1,5 +1,5 @@
 /** HTTP adapter for Bun: Bun.serve. */
-import { bindError, type FetchApp, type HttpServerHandle, type ServeOptions } from "../index.ts";
+import { bindError, type FetchApp, type HttpServerHandle, type ServeOptions } from "../contract.ts";
 
 /** The part of Bun's API used here, so that type-checking does not need Bun's types (Deno checks this file too). */
 interface BunServer {

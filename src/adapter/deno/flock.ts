@@ -3,7 +3,7 @@
  * Linux (it conflicts with Bun's flock and util-linux's flock(1)), released by the kernel when the
  * process dies. Needs only --allow-read and --allow-write on the file, which serving needs anyway.
  */
-import type { FileLock } from "../index.ts";
+import type { FileLock } from "../contract.ts";
 
 /** The part of Deno's API used here, reached through globalThis so that other runtimes' type-checks pass. */
 interface DenoFile {

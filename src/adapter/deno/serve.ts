@@ -1,5 +1,5 @@
 /** HTTP adapter for Deno: Deno.serve. */
-import { bindError, type FetchApp, type HttpServerHandle, type ServeOptions } from "../index.ts";
+import { bindError, type FetchApp, type HttpServerHandle, type ServeOptions } from "../contract.ts";
 
 /** The part of Deno's API used here, reached through globalThis so that other runtimes' type-checks pass. */
 interface DenoServer {

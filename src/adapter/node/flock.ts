@@ -7,7 +7,7 @@
  * under Node it refuses to open a spool rather than open one unlocked.
  */
 import process from "node:process";
-import type { FileLock } from "../index.ts";
+import type { FileLock } from "../contract.ts";
 
 export function tryLockFile(path: string, _mode: number): Promise<FileLock | undefined> {
   return Promise.reject(

@@ -6,7 +6,7 @@
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
 import { Readable } from "node:stream";
-import { bindError, type FetchApp, type HttpServerHandle, type ServeOptions } from "../index.ts";
+import { bindError, type FetchApp, type HttpServerHandle, type ServeOptions } from "../contract.ts";
 
 export function serve(app: FetchApp, opts: ServeOptions): Promise<HttpServerHandle> {
   const server = createServer((req, res) => {

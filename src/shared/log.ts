@@ -2,7 +2,9 @@
  * Structured logging: one JSON object per line (journald-friendly) or pretty text on a TTY.
  * Runtime-agnostic: writes through a sink function (default: process.stdout).
  */
-import type { LogFormat, LogLevel } from "./config/types.ts";
+export type LogLevel = "debug" | "info" | "warn" | "error";
+/** "auto": pretty text on a TTY, JSON lines otherwise. */
+export type LogFormat = "json" | "text" | "auto";
 
 export type LogFields = Record<string, unknown>;
 

@@ -2,31 +2,31 @@
  * The running appliance: one DICOM listener per tenant, the Orthanc monitor and the HTTP endpoint.
  * Runtime-agnostic (node:net for DICOM, an adapter for HTTP).
  */
-import type { GatewayConfig, TenantConfig } from "./config/types.ts";
-import { serveHttp, type HttpServerHandle } from "./adapter/index.ts";
-import { createAuditLog, type AuditLog } from "./audit.ts";
-import type { AssociationObserver } from "./dimse/association.ts";
-import { RejectReason, RejectSource, Status } from "./dimse/constants.ts";
-import { AssociationCounter, DimseServer, type DimseServerEvents, type TlsPeer } from "./dimse/server.ts";
-import { createHttpApp } from "./http/app.ts";
-import { silentLogger, type Logger } from "./log.ts";
-import { createMetrics, formatStatus, type GatewayMetrics } from "./metrics.ts";
-import { OrthancClient } from "./orthanc/client.ts";
-import { OrthancMonitor } from "./orthanc/monitor.ts";
-import { Labeler } from "./orthanc/store.ts";
-import { IsolationGuard, IsolationGuards } from "./tenancy/isolation.ts";
-import { UidRegistry } from "./tenancy/ownership.ts";
-import { ChangesFeed } from "./orthanc/changes.ts";
+import type { GatewayConfig, TenantConfig } from "../config/types.ts";
+import { serveHttp, type HttpServerHandle } from "../adapter/index.ts";
+import { createAuditLog, type AuditLog } from "../observe/audit.ts";
+import type { AssociationObserver } from "../net/association.ts";
+import { RejectReason, RejectSource, Status } from "../net/constants.ts";
+import { AssociationCounter, DimseServer, type DimseServerEvents, type TlsPeer } from "../net/server.ts";
+import { createHttpApp } from "../http/app.ts";
+import { silentLogger, type Logger } from "../shared/log.ts";
+import { createMetrics, formatStatus, type GatewayMetrics } from "../observe/metrics.ts";
+import { OrthancClient } from "../orthanc/client.ts";
+import { OrthancMonitor } from "../orthanc/monitor.ts";
+import { Labeler } from "../orthanc/store.ts";
+import { IsolationGuard, IsolationGuards } from "../tenancy/isolation.ts";
+import { UidRegistry } from "../tenancy/ownership.ts";
+import { ChangesFeed } from "../orthanc/changes.ts";
 import { Counter } from "prom-client";
-import { createTenantServices } from "./services.ts";
-import { Forwarder, type QuarantineKind } from "./spool/forwarder.ts";
-import type { SpoolFiles } from "./spool/files.ts";
-import { lockSpoolDirectory } from "./spool/lock.ts";
-import { createStoreMetrics, type StoreMetrics } from "./spool/metrics.ts";
-import { TenantSpool, tenantDirectoryName, type SpoolEntry } from "./spool/spool.ts";
-import type { GatewaySnapshot, QuarantineSummary } from "./status.ts";
-import { createAssociationPolicy, type AssociationPolicy } from "./tenancy/association-policy.ts";
-import { VERSION } from "./version.ts";
+import { createTenantServices } from "../services/index.ts";
+import { Forwarder, type QuarantineKind } from "../spool/forwarder.ts";
+import type { SpoolFiles } from "../spool/files.ts";
+import { lockSpoolDirectory } from "../spool/lock.ts";
+import { createStoreMetrics, type StoreMetrics } from "../spool/metrics.ts";
+import { TenantSpool, tenantDirectoryName, type SpoolEntry } from "../spool/spool.ts";
+import type { GatewaySnapshot, QuarantineSummary } from "../observe/status.ts";
+import { createAssociationPolicy, type AssociationPolicy } from "../tenancy/association-policy.ts";
+import { VERSION } from "../shared/version.ts";
 
 export interface GatewayOptions {
   logger?: Logger;

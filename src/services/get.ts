@@ -10,9 +10,9 @@
  * sub-operations (every Gateway.Move.PendingEvery sub-operations or PendingIntervalSeconds); C-CANCEL
  * stops after the current sub-operation with 0xFE00.
  */
-import { silentLogger } from "../log.ts";
-import type { AssociationInfo, DimseHandler, DimseRequest, DimseResponder, PresentationContext } from "./association.ts";
-import { CommandField, Status } from "./constants.ts";
+import { silentLogger } from "../shared/log.ts";
+import type { AssociationInfo, DimseHandler, DimseRequest, DimseResponder, PresentationContext } from "../net/association.ts";
+import { CommandField, Status } from "../net/constants.ts";
 import { RetrieveRecorder } from "./retrieve-metrics.ts";
 import { answerEndedEarly, DEFAULT_MOVE_SETTINGS, resolveRequest, storeStatusText, SubOperationRun, type RetrieveContext } from "./suboperations.ts";
 

@@ -8,11 +8,11 @@ import dcmjs from "dcmjs";
 import { collectAsStreamGrows } from "../adapter/index.ts";
 import type { TenantConfig } from "../config/types.ts";
 import type { OrthancClient } from "../orthanc/client.ts";
-import { anchorStillInScope, resolveInstances, tenantLabelScope, type LabelScope, type ResolvedInstance, type RetrieveKeys, type RetrieveLevel } from "../orthanc/resolve.ts";
-import type { DimseRequest } from "./association.ts";
-import { concatBytes } from "./bytes.ts";
-import type { CommandSet } from "./command.ts";
-import { Status, TransferSyntax } from "./constants.ts";
+import { anchorStillInScope, resolveInstances, tenantLabelScope, type LabelScope, type ResolvedInstance, type RetrieveKeys, type RetrieveLevel } from "./resolve.ts";
+import type { DimseRequest } from "../net/association.ts";
+import { concatBytes } from "../shared/bytes.ts";
+import type { CommandSet } from "../net/command.ts";
+import { Status, TransferSyntax } from "../net/constants.ts";
 import { parseDataset } from "../dicom/identifier.ts";
 
 /** Query/Retrieve MOVE and GET SOP classes, PS3.4 C.6. */

@@ -12,7 +12,7 @@
  * association where we are the SCU) are handed to `onRequest`.
  */
 import { connect, type Socket } from "node:net";
-import { concatBytes, copyBytes } from "./bytes.ts";
+import { concatBytes, copyBytes } from "../shared/bytes.ts";
 import { decodeCommandSet, type CommandSet } from "./command.ts";
 import {
   AbortReason,
@@ -28,7 +28,7 @@ import {
   Status,
 } from "./constants.ts";
 import { DatasetStream } from "./dataset-stream.ts";
-import { IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME } from "./implementation.ts";
+import { IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME } from "../dicom/implementation.ts";
 import { PDataWriter } from "./pdata-writer.ts";
 import {
   decodeAbort,

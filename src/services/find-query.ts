@@ -21,8 +21,8 @@
 import type { FindSettings, ResourceLevel, TenantConfig } from "../config/types.ts";
 import { dictionaryEntry, orthancTag, parseOrthancTag, tagName } from "../dicom/identifier.ts";
 import { inScope, scopeFilter, scopePlan } from "../tenancy/label-scope.ts";
-import type { OrthancClient } from "./client.ts";
-import { findAll, findPages, type FindBody } from "./find-pages.ts";
+import type { OrthancClient } from "../orthanc/client.ts";
+import { findAll, findPages, type FindBody } from "../orthanc/find-pages.ts";
 
 // ---- tags ---------------------------------------------------------------------------------------
 

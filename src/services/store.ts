@@ -18,8 +18,8 @@ import { newSpoolId, SpoolDiskError, SpoolQuotaError, type ReceivedFile, type Te
 import { DatasetRefusal, InstanceReader, type InstanceIdentity } from "../dicom/dataset-reader.ts";
 import type { IsolationGuard, IsolationVerdict } from "../tenancy/isolation.ts";
 import type { UidRegistry } from "../tenancy/ownership.ts";
-import type { DimseHandler, DimseResponder } from "./association.ts";
-import { Status } from "./constants.ts";
+import type { DimseHandler, DimseResponder } from "../net/association.ts";
+import { Status } from "../net/constants.ts";
 
 export interface StoreEvents {
   /** Bytes of a data set fully received (acknowledged or not). */

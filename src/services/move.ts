@@ -15,12 +15,12 @@
  * - Up to Gateway.Move.Parallelism instances are requested from Orthanc ahead of the one being sent.
  */
 import type { DicomModality, MoveSettings } from "../config/types.ts";
-import { silentLogger, type Logger } from "../log.ts";
-import type { ResolvedInstance } from "../orthanc/resolve.ts";
+import { silentLogger, type Logger } from "../shared/log.ts";
+import type { ResolvedInstance } from "./resolve.ts";
 import { aeTitlesEqual } from "../tenancy/ae-title.ts";
-import type { DimseHandler, DimseRequest, DimseResponder } from "./association.ts";
-import { CommandField, Status } from "./constants.ts";
-import { AssociationError, RequestorAssociation } from "./requestor.ts";
+import type { DimseHandler, DimseRequest, DimseResponder } from "../net/association.ts";
+import { CommandField, Status } from "../net/constants.ts";
+import { AssociationError, RequestorAssociation } from "../net/requestor.ts";
 import { RetrieveRecorder } from "./retrieve-metrics.ts";
 import { answerEndedEarly, DEFAULT_MOVE_SETTINGS, resolveRequest, storeStatusText, SubOperationRun, type RetrieveContext } from "./suboperations.ts";
 

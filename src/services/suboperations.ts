@@ -7,11 +7,11 @@
  * with each handler.
  */
 import type { DicomModality, DicomSettings, MoveSettings, TenantConfig } from "../config/types.ts";
-import type { Logger } from "../log.ts";
+import type { Logger } from "../shared/log.ts";
 import type { OrthancClient } from "../orthanc/client.ts";
-import type { LabelScope, ResolvedInstance, RetrieveKeys } from "../orthanc/resolve.ts";
-import type { DimseRequest, DimseResponder } from "./association.ts";
-import { Status } from "./constants.ts";
+import type { LabelScope, ResolvedInstance, RetrieveKeys } from "./resolve.ts";
+import type { DimseRequest, DimseResponder } from "../net/association.ts";
+import { Status } from "../net/constants.ts";
 import {
   auditCounts,
   auditKeys,

@@ -5,7 +5,7 @@
  * general data-set library; identifiers and data sets are never touched by this module.
  */
 
-import { getU16LE, getU32LE, putU16LE, putU32LE } from "./bytes.ts";
+import { getU16LE, getU32LE, putU16LE, putU32LE } from "../shared/bytes.ts";
 
 type Vr = "UL" | "US" | "UI" | "AE" | "LO" | "AT";
 

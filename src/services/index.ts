@@ -1,28 +1,28 @@
 /**
  * The DIMSE services a tenant listener offers: which abstract syntaxes it negotiates (with which
  * transfer syntaxes) and which handler answers each request command. Each service lives in its own
- * file under dimse/; this is the one place that puts them together.
+ * file of services/; this is the one place that puts them together.
  */
-import type { GatewayConfig, TenantConfig } from "./config/types.ts";
-import type { DimseHandler } from "./dimse/association.ts";
-import { CommandField, SopClass } from "./dimse/constants.ts";
-import { handleEcho } from "./dimse/echo.ts";
-import { UNCOMPRESSED_LITTLE_ENDIAN, type SupportedSyntaxes, type TransferSyntaxPolicy } from "./dimse/negotiation.ts";
-import { createStoreHandler, type StoreEvents } from "./dimse/store.ts";
-import { createFindHandler, FIND_ABSTRACT_SYNTAXES } from "./dimse/find.ts";
-import { createGetHandler } from "./dimse/get.ts";
-import { createMoveHandler } from "./dimse/move.ts";
-import { GET_SOP_CLASSES, MOVE_SOP_CLASSES } from "./dimse/retrieve.ts";
-import { createRetrieveMetrics } from "./dimse/retrieve-metrics.ts";
-import { isStandardStorageSopClass, transferSyntaxMatcher } from "./dicom/uids.ts";
-import type { Logger } from "./log.ts";
-import type { GatewayMetrics } from "./metrics.ts";
-import type { OrthancClient } from "./orthanc/client.ts";
-import type { Labeler } from "./orthanc/store.ts";
-import type { Forwarder } from "./spool/forwarder.ts";
-import type { TenantSpool } from "./spool/spool.ts";
-import type { IsolationGuard } from "./tenancy/isolation.ts";
-import type { UidRegistry } from "./tenancy/ownership.ts";
+import type { GatewayConfig, TenantConfig } from "../config/types.ts";
+import type { DimseHandler } from "../net/association.ts";
+import { CommandField, SopClass } from "../net/constants.ts";
+import { handleEcho } from "./echo.ts";
+import { UNCOMPRESSED_LITTLE_ENDIAN, type SupportedSyntaxes, type TransferSyntaxPolicy } from "../net/negotiation.ts";
+import { createStoreHandler, type StoreEvents } from "./store.ts";
+import { createFindHandler, FIND_ABSTRACT_SYNTAXES } from "./find.ts";
+import { createGetHandler } from "./get.ts";
+import { createMoveHandler } from "./move.ts";
+import { GET_SOP_CLASSES, MOVE_SOP_CLASSES } from "./retrieve.ts";
+import { createRetrieveMetrics } from "./retrieve-metrics.ts";
+import { isStandardStorageSopClass, transferSyntaxMatcher } from "../dicom/uids.ts";
+import type { Logger } from "../shared/log.ts";
+import type { GatewayMetrics } from "../observe/metrics.ts";
+import type { OrthancClient } from "../orthanc/client.ts";
+import type { Labeler } from "../orthanc/store.ts";
+import type { Forwarder } from "../spool/forwarder.ts";
+import type { TenantSpool } from "../spool/spool.ts";
+import type { IsolationGuard } from "../tenancy/isolation.ts";
+import type { UidRegistry } from "../tenancy/ownership.ts";
 
 /** Everything a tenant's services may need. */
 export interface TenantContext {

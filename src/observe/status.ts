@@ -1,5 +1,5 @@
 /** What the gateway knows about itself, as served by /status and judged by /ready. */
-import type { LabelsConstraint, ResourceLevel } from "./config/types.ts";
+import type { LabelsConstraint, ResourceLevel } from "../config/types.ts";
 
 export interface TenantStatus {
   aet: string;

@@ -12,7 +12,6 @@
 import { readFileSync } from "node:fs";
 import { createServer as createTcpServer, type Server, type Socket } from "node:net";
 import { createServer as createTlsServer, type TLSSocket } from "node:tls";
-import type { TenantTls } from "../config/types.ts";
 import { AcceptorAssociation, type AcceptorOptions, type Peer } from "./association.ts";
 import { RejectReason, RejectResult, RejectSource } from "./constants.ts";
 
@@ -39,6 +38,20 @@ export interface TlsPeerInfo {
   clientSerial?: string;
 }
 
+/** DICOM TLS (PS3.15 B.1) on a listener: PEM files, client verification, and where it listens. */
+export interface TlsListenerOptions {
+  /** PEM certificate chain file. */
+  certificateFile: string;
+  /** PEM private key file. */
+  keyFile: string;
+  /** PEM CA bundle to verify client certificates; undefined = no client verification. */
+  caFile?: string;
+  /** Require a client certificate signed by caFile (default true when caFile is set). */
+  requireClientCertificate: boolean;
+  /** TLS port; undefined = the listener's port speaks TLS only. When set, the port stays plain and this one adds TLS. */
+  port?: number;
+}
+
 /** The Peer of an association received over TLS carries `tls`. */
 export type TlsPeer = Peer & { tls?: TlsPeerInfo };
 
@@ -55,7 +68,7 @@ export interface DimseServerOptions extends AcceptorOptions {
   /** Name used in error messages, e.g. `tenant ALPHA`. */
   label: string;
   /** DICOM TLS (PEM files, read at listen time). */
-  tls?: TenantTls;
+  tls?: TlsListenerOptions;
   /** Concurrent associations on this listener, all its ports together; default unlimited. */
   maxAssociations?: number;
   /** Shared between listeners: concurrent associations in total. */

@@ -21,8 +21,8 @@
  */
 import type { LabelsConstraint, ResourceLevel } from "../config/types.ts";
 import { inScope, isUnrestricted, labeledLevels, type ScopedTenant } from "../tenancy/label-scope.ts";
-import type { OrthancClient, RequestOptions } from "./client.ts";
-import { findAll, type FindBody } from "./find-pages.ts";
+import type { OrthancClient, RequestOptions } from "../orthanc/client.ts";
+import { findAll, type FindBody } from "../orthanc/find-pages.ts";
 
 export type RetrieveLevel = "PATIENT" | "STUDY" | "SERIES" | "IMAGE";
 

@@ -22,7 +22,7 @@ import {
   ServiceName,
   Status,
 } from "./constants.ts";
-import { concatBytes } from "./bytes.ts";
+import { concatBytes } from "../shared/bytes.ts";
 import { DatasetStream } from "./dataset-stream.ts";
 import {
   decodeAbort,
@@ -41,7 +41,7 @@ import {
 import { dispatchPdus, PduReader } from "./pdu-reader.ts";
 import { PDataWriter } from "./pdata-writer.ts";
 import { encodeExtendedNegotiation, type ExtendedNegotiation } from "./negotiation.ts";
-import { IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME } from "./implementation.ts";
+import { IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME } from "../dicom/implementation.ts";
 
 /** An accepted presentation context. */
 export interface PresentationContext {

@@ -2,7 +2,7 @@
  * Encoding and decoding of the PS3.8 section 9.3 PDUs. Multi-byte integers are big endian (PS3.8 9.3.1).
  * Decoders throw PduError with the A-ABORT reason the standard prescribes for the defect.
  */
-import { concatBytes } from "./bytes.ts";
+import { concatBytes } from "../shared/bytes.ts";
 import { AbortReason, ItemType, PduType } from "./constants.ts";
 
 export class PduError extends Error {

@@ -11,7 +11,7 @@
 import type { FindSettings, TenantConfig } from "../config/types.ts";
 import { charsetOfOrthancEncoding, parseSpecificCharacterSet, unsupportedCharset } from "../dicom/charset.ts";
 import { dictionaryEntry, elementText, encodeDataset, IdentifierError, parseDataset, parseOrthancTag, tagName, type DataElement, type OutElement } from "../dicom/identifier.ts";
-import type { Logger } from "../log.ts";
+import type { Logger } from "../shared/log.ts";
 import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
 import {
   activeKeys,
@@ -29,11 +29,11 @@ import {
   type FindResult,
   type OrthancValue,
   type RawKey,
-} from "../orthanc/find-query.ts";
-import type { DimseHandler, DimseResponder } from "./association.ts";
-import { Status } from "./constants.ts";
+} from "./find-query.ts";
+import type { DimseHandler, DimseResponder } from "../net/association.ts";
+import { Status } from "../net/constants.ts";
 
-export { FIND_SOP_CLASSES } from "../orthanc/find-query.ts";
+export { FIND_SOP_CLASSES } from "./find-query.ts";
 
 /** The abstract syntaxes a tenant negotiates for C-FIND. */
 export const FIND_ABSTRACT_SYNTAXES: readonly string[] = Object.values(FIND_SOP_CLASSES);
