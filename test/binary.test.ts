@@ -2,13 +2,15 @@
  * The compiled appliance: `bun scripts/build-binary.ts` builds linux-x64 and linux-arm64
  * executables; the x64 one starts with a real Orthanc, answers C-ECHO, /health and /ready, stores an
  * instance through its spool into Orthanc and finds it with C-FIND, and holds its spool's lock
- * (flock through bun:ffi, in the runtime the executable carries).
+ * (flock through bun:ffi, in the runtime the executable carries). The arm64 one runs under qemu's
+ * user-mode emulation (scripts/setup-debian.sh installs qemu-user-static and libc6:arm64): version,
+ * serve, C-ECHO, a C-STORE through its spool into the same Orthanc, and a clean exit on SIGTERM.
  */
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { spawnSync } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { delimiter, dirname, join } from "node:path";
 import { startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts";
 import { echoscu, findscuKeys, runTool } from "./helpers/dcmtk.ts";
 import { pydicomFile, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
@@ -105,4 +107,75 @@ test("the x64 binary locks its spool: a second one with the same configuration e
   await gw.waitForLine(/started without a usable Orthanc/);
   expect((await fetch(`http://127.0.0.1:${port}/health`)).status).toBe(200);
   expect(await gw.stop()).toBe(0);
+}, 60_000);
+
+/**
+ * How to run the arm64 executable on this host: natively on an arm64 host, else through qemu's user-mode
+ * emulator called explicitly with the arm64 sysroot (`-L`). An explicit call needs no binfmt_misc
+ * registration, which a container often cannot have (/proc/sys/fs/binfmt_misc not mounted). With Debian's
+ * multiarch libc6:arm64 the sysroot is / itself (/lib/ld-linux-aarch64.so.1, /usr/lib/aarch64-linux-gnu).
+ */
+function arm64Command(exe: string): { command: string; args: string[] } {
+  if (process.arch === "arm64") return { command: exe, args: [] };
+  const dirs = (process.env.PATH ?? "").split(delimiter).filter(Boolean);
+  const qemu = ["qemu-aarch64-static", "qemu-aarch64"].flatMap((n) => dirs.map((d) => join(d, n))).find((p) => existsSync(p));
+  if (!qemu) throw new Error("no qemu-aarch64-static or qemu-aarch64 on the PATH: run scripts/setup-debian.sh (installs qemu-user-static)");
+  const sysroot = "/";
+  if (!existsSync(join(sysroot, "lib/ld-linux-aarch64.so.1")))
+    throw new Error("no arm64 C runtime (/lib/ld-linux-aarch64.so.1): run scripts/setup-debian.sh (dpkg --add-architecture arm64, installs libc6:arm64)");
+  return { command: qemu, args: ["-L", sysroot, exe] };
+}
+
+/** Temporary directories of the arm64 tests (spool, audit, configuration, DICOM copy), removed once the gateway is stopped. */
+const arm64Scratch: string[] = [];
+afterAll(() => {
+  for (const d of arm64Scratch) rmSync(d, { recursive: true, force: true });
+});
+
+test("the arm64 binary prints its version under emulation", () => {
+  const pkg = JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8"));
+  const { command, args } = arm64Command(join(outdir, "dicom-gateway-linux-arm64"));
+  const r = spawnSync(command, [...args, "version"], { encoding: "utf8", timeout: 30_000 });
+  expect(r.stderr).toBe("");
+  expect(r.status).toBe(0);
+  expect(r.stdout.trim()).toBe(`dicom-gateway ${pkg.version}`);
+}, 40_000);
+
+test("the arm64 binary serves under emulation: C-ECHO, a C-STORE through its spool into Orthanc with the tenant's label, a clean exit on SIGTERM", async () => {
+  const started = Date.now();
+  const config = await testConfigObject([{ AET: "BINARM64", Labels: ["barm64"] }], orthanc.url, { Gateway: { Log: { Level: "info", Format: "json" } } });
+  const gateway = config.Gateway as { SpoolDirectory: string; Audit: { File: string } };
+  const configPath = writeConfigFile(config);
+  const dicomDir = mkdtempSync(join(tmpdir(), "gw-arm64-dicom-"));
+  arm64Scratch.push(gateway.SpoolDirectory, dirname(gateway.Audit.File), dirname(configPath), dicomDir);
+  const { command, args } = arm64Command(join(outdir, "dicom-gateway-linux-arm64"));
+  gw = spawnGateway(command, [...args, "serve", "--config", configPath]);
+  // The emulated runtime starts in a few seconds on an idle 2-core machine; leave room for a busy one.
+  const port = httpPortFromLog(await gw.waitForLine(/"HTTP endpoint started"/, 40_000));
+  const { Port } = (config.MultitenantDicom as { Servers: { AET: string; Port: number }[] }).Servers[0]!;
+  expect((await echoscu(Port, "BINARM64")).output).toContain("Received Echo Response (Success)");
+  const [file] = await uniqueCopies(pydicomFile("CT_small.dcm"), 1, { newStudy: true, dir: dicomDir });
+  const study = await tagValue(file!, "0020,000d");
+  const stored = await runTool("storescu", ["-v", "-aec", "BINARM64", "127.0.0.1", String(Port), file!]);
+  expect(stored.output).toContain("Received Store Response (Success)");
+  const status = async () => (await (await fetch(`http://127.0.0.1:${port}/status`)).json()) as { tenants: { spool: { depth: number } }[] };
+  await until("the arm64 gateway's spool is empty", async () => (await status()).tenants[0]!.spool.depth === 0, 20_000, 100);
+  const labeled = (await (await fetch(`${orthanc.url}/tools/find`, { method: "POST", body: JSON.stringify({ Level: "Instance", Query: { StudyInstanceUID: study }, Labels: ["barm64"] }) })).json()) as string[];
+  expect(labeled.length).toBe(1);
+  // The spool lock is taken through libc's flock by bun:ffi, compiled for arm64 and emulated: the lock
+  // file names the process (qemu-user runs the guest in its own process, so its PID), and the kernel
+  // lock is held (util-linux's flock -n cannot take it).
+  const child = gw.child;
+  const lockFile = join(gateway.SpoolDirectory, "dicom-gateway.lock");
+  expect(JSON.parse(readFileSync(lockFile, "utf8")).pid).toBe(child.pid);
+  expect(spawnSync("flock", ["-n", "-E", "75", lockFile, "true"]).status).toBe(75);
+  // SIGTERM by PID: qemu-user passes the signal on to the guest.
+  process.kill(child.pid!, "SIGTERM");
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const code = await Promise.race([gw.exited, new Promise<"timeout">((r) => (timer = setTimeout(() => r("timeout"), 20_000)))]);
+  clearTimeout(timer);
+  if (code === "timeout") child.kill("SIGKILL");
+  expect(code).toBe(0);
+  expect(child.signalCode).toBeNull();
+  console.log(`arm64 under emulation: serve, C-ECHO, C-STORE into Orthanc and SIGTERM in ${((Date.now() - started) / 1000).toFixed(1)} s`);
 }, 60_000);
