@@ -6,7 +6,7 @@
 import process from "node:process";
 import { parseArgs } from "node:util";
 import { ConfigError, describeConfig, loadConfigFile } from "./config/index.ts";
-import { startGateway } from "./gateway/gateway.ts";
+import { startGateway } from "./gateway/index.ts";
 import { createLogger } from "./shared/log.ts";
 import { VERSION } from "./shared/version.ts";
 

@@ -71,7 +71,7 @@ describe("tenant listeners", () => {
     await new Promise<void>((r) => blocker.listen(port, "0.0.0.0", () => r()));
     try {
       const { parseConfig } = await import("../src/config/index.ts");
-      const { startGateway } = await import("../src/gateway/gateway.ts");
+      const { startGateway } = await import("../src/gateway/index.ts");
       const spool = mkdtempSync(join(tmpdir(), "gw-spool-"));
       const config = parseConfig(JSON.stringify({ MultitenantDicom: { Servers: [{ AET: "X", Port: port, Labels: [] }] }, Gateway: { Http: { Port: 0 }, SpoolDirectory: spool } }), { env: {} });
       await expect(startGateway(config)).rejects.toThrow(new RegExp(`cannot listen for tenant X .*port ${port} is already in use`));

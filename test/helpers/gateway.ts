@@ -4,7 +4,7 @@ import { mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseConfig } from "../../src/config/index.ts";
-import { startGateway, type Gateway, type GatewayOptions } from "../../src/gateway/gateway.ts";
+import { startGateway, type Gateway, type GatewayOptions } from "../../src/gateway/index.ts";
 import { freePorts } from "./ports.ts";
 
 export interface TenantSpec {

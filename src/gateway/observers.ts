@@ -1,0 +1,214 @@
+/**
+ * The gateway's observers: they turn the events of an association (PS3.8 upper layer, DIMSE operations),
+ * of a listener's connections, of C-STORE and of the forwarder into log lines, Prometheus metrics and
+ * audit records. They decide nothing: what a peer is answered is decided in net/, services/ and spool/.
+ */
+import { Counter, type Registry } from "prom-client";
+import type { TenantConfig } from "../config/types.ts";
+import type { AssociationObserver } from "../net/association.ts";
+import { RejectReason, RejectSource, Status } from "../net/constants.ts";
+import type { DimseServerEvents, TlsPeer } from "../net/server.ts";
+import type { AuditLog } from "../observe/audit.ts";
+import { formatStatus, type GatewayMetrics } from "../observe/metrics.ts";
+import type { OrthancStatus } from "../observe/status.ts";
+import type { StoreEvents } from "../services/store.ts";
+import type { Forwarder, ForwarderEvents, QuarantineKind } from "../spool/forwarder.ts";
+import type { StoreMetrics } from "../spool/metrics.ts";
+import { tenantDirectoryName } from "../spool/spool.ts";
+import type { AssociationPolicyOptions } from "../tenancy/association-policy.ts";
+import type { Logger } from "../shared/log.ts";
+
+/** The gateway's own counters (the other metrics belong to observe/metrics.ts and spool/metrics.ts). */
+export interface GatewayCounters {
+  readonly quarantines: Counter<"tenant" | "reason">;
+  readonly isolationRefusals: Counter<"tenant" | "stage">;
+}
+
+export function createGatewayCounters(registry: Registry): GatewayCounters {
+  return {
+    quarantines: new Counter({
+      name: "dicom_gateway_quarantined_instances_total",
+      help: "Acknowledged instances set aside instead of reaching Orthanc, by reason (orthanc-refused, unreadable, isolation, placement, integrity): alert on any increase.",
+      labelNames: ["tenant", "reason"] as const,
+      registers: [registry],
+    }),
+    isolationRefusals: new Counter({
+      name: "dicom_gateway_isolation_refusals_total",
+      help: "Instances refused by Strict tenant isolation, at C-STORE time (status 0x0124) or when forwarding (quarantined).",
+      labelNames: ["tenant", "stage"] as const,
+      registers: [registry],
+    }),
+  };
+}
+
+/** Where events turn into log lines, metrics and audit records. */
+export interface GatewaySinks {
+  readonly log: Logger;
+  readonly metrics: GatewayMetrics;
+  readonly storeMetrics: StoreMetrics;
+  readonly counters: GatewayCounters;
+  readonly audit: AuditLog;
+}
+
+/** The log line of a quarantine, by its reason. */
+const QUARANTINE_LOG: Record<QuarantineKind, string> = {
+  "orthanc-refused": "Orthanc refused it",
+  unreadable: "its spooled data set cannot be read",
+  isolation: "Strict isolation refused it when forwarding",
+  placement: "Orthanc filed it elsewhere than checked",
+  integrity: "Orthanc stored other bytes than received",
+};
+
+/** A-ASSOCIATE-RJ reasons as metric/log labels. */
+function rejectReasonName(source: number, reason: number): string {
+  if (source === RejectSource.ServiceUser) {
+    if (reason === RejectReason.CalledAeTitleNotRecognized) return "called-ae-title-not-recognized";
+    if (reason === RejectReason.CallingAeTitleNotRecognized) return "calling-ae-title-not-recognized";
+    if (reason === RejectReason.ApplicationContextNameNotSupported) return "application-context-not-supported";
+    return "no-reason-given";
+  }
+  if (source === RejectSource.ServiceProviderAcse) return "protocol-version-not-supported";
+  return reason === RejectReason.TemporaryCongestion ? "temporary-congestion" : "local-limit-exceeded";
+}
+
+/** One tenant's associations: accepted, rejected (A-ASSOCIATE-RJ), ended, each DIMSE operation, protocol errors. */
+export function associationObserver(tenant: TenantConfig, { log, metrics, audit }: GatewaySinks): AssociationObserver {
+  const t = tenant.aet;
+  return {
+    accepted(info) {
+      metrics.recordAssociation(t, "accepted");
+      const tls = (info.peer as TlsPeer).tls;
+      audit.association({ event: "association-accepted", tenant: t, association: info.id, callingAe: info.callingAeTitle, calledAe: info.calledAeTitle, peer: `${info.peer.address}:${info.peer.port}`, outcome: "accepted", tls });
+      log.info("association accepted", {
+        tenant: t,
+        association: info.id,
+        callingAe: info.callingAeTitle,
+        calledAe: info.calledAeTitle,
+        peer: `${info.peer.address}:${info.peer.port}`,
+        contexts: info.presentationContexts.size,
+        peerImplementation: info.peerImplementationVersionName ?? info.peerImplementationClassUid,
+      });
+    },
+    rejected(rq, peer, rj, why) {
+      const reason = rejectReasonName(rj.source, rj.reason);
+      metrics.recordAssociation(t, "rejected", reason);
+      const rjFields = { result: rj.result, source: rj.source, rjReason: rj.reason, tls: (peer as TlsPeer).tls };
+      audit.association({ event: "association-rejected", tenant: t, callingAe: rq.callingAeTitle, calledAe: rq.calledAeTitle, peer: `${peer.address}:${peer.port}`, outcome: "rejected", reason, detail: why, ...rjFields });
+      log.warn("association rejected", { tenant: t, callingAe: rq.callingAeTitle, calledAe: rq.calledAeTitle, peer: `${peer.address}:${peer.port}`, reason, why });
+    },
+    ended(info, peer, reason, detail) {
+      const fields = { tenant: t, association: info?.id, callingAe: info?.callingAeTitle, peer: `${peer.address}:${peer.port}`, reason, detail };
+      audit.association({ event: "association-ended", tenant: t, association: info?.id, callingAe: info?.callingAeTitle, calledAe: info?.calledAeTitle, peer: fields.peer, outcome: reason, detail });
+      if (reason === "released") {
+        log.info("association released", fields);
+        return;
+      }
+      metrics.recordAssociation(t, "aborted", reason);
+      log.warn("association aborted", fields);
+    },
+    operation(info, service, status, seconds, detail, fields) {
+      metrics.recordDimse(t, service, status, seconds);
+      const peer = `${info.peer.address}:${info.peer.port}`;
+      const tlsClient = (info.peer as TlsPeer).tls?.clientSubject;
+      audit.operation({ tenant: t, association: info.id, callingAe: info.callingAeTitle, calledAe: info.calledAeTitle, peer, service, status, seconds, detail, tlsClient, fields });
+      const logFields = { tenant: t, association: info.id, callingAe: info.callingAeTitle, service, status: formatStatus(status), ms: Math.round(seconds * 1000), detail };
+      if (status === Status.Success || status === Status.Pending || status === Status.Cancel) log.info("operation", logFields);
+      else log.warn("operation failed", logFields);
+    },
+    protocolError(peer, kind, message) {
+      metrics.pduErrors.inc({ tenant: t, kind });
+      log.warn("protocol error", { tenant: t, peer: `${peer.address}:${peer.port}`, kind, error: message });
+    },
+  };
+}
+
+/** Connections refused before any DICOM exchange: logged, counted as rejected associations, audited. */
+export function connectionEvents(tenant: TenantConfig, { log, metrics, audit }: GatewaySinks): DimseServerEvents {
+  const t = tenant.aet;
+  const refused = (peer: { address: string; port: number }, port: number, reason: string, detail: string) => {
+    metrics.recordAssociation(t, "rejected", reason);
+    audit.association({ event: "connection-refused", tenant: t, peer: `${peer.address}:${peer.port}`, outcome: "refused", reason, detail, port });
+    log.warn(reason === "tls-handshake-failed" ? "TLS handshake failed" : "connection refused", { tenant: t, peer: `${peer.address}:${peer.port}`, port, reason, detail });
+  };
+  return {
+    tlsHandshakeFailed: (peer, port, error) => refused(peer, port, "tls-handshake-failed", error),
+    connectionDropped: (peer, port, why) => refused(peer, port, "local-limit-exceeded", why),
+  };
+}
+
+/** One tenant's C-STORE outcomes; `tlog` is the tenant's child logger. */
+export function storeEvents(tenant: TenantConfig, tlog: Logger, { storeMetrics, counters }: GatewaySinks): StoreEvents {
+  const t = tenant.aet;
+  return {
+    isolationRefused: (reason) => {
+      counters.isolationRefusals.inc({ tenant: t, stage: "store" });
+      tlog.warn("isolation: C-STORE refused (0x0124)", { reason });
+    },
+    isolationWarning: (warning, identity) => tlog.warn("isolation: allowed, but the UID is also used elsewhere by this tenant", { warning, patientId: identity.patientId, sopInstanceUid: identity.sopInstanceUid }),
+    misplaced: (reason, deleted) => tlog.error("Orthanc filed an instance elsewhere than checked (Sync mode, not acknowledged)", { reason, deleted }),
+    received: (bytes) => storeMetrics.count(t, "received", bytes),
+    acknowledged: (bytes) => storeMetrics.count(t, "acknowledged", bytes),
+    refused: (status, reason) => {
+      storeMetrics.count(t, "refused");
+      tlog.warn("C-STORE refused", { status: formatStatus(status), reason });
+    },
+  };
+}
+
+/** AllowedCallers' host name look-ups; `tlog` is the tenant's child logger. */
+export function callerLookupEvents(tlog: Logger): Pick<AssociationPolicyOptions, "onLookupError"> {
+  return {
+    onLookupError: (host, error) => tlog.warn("cannot resolve a host name of AllowedCallers: callers bound to it are refused until it resolves", { host, error: error.message }),
+  };
+}
+
+/**
+ * The forwarder's outcomes, for every tenant, removed ones included (their spooled instances are still
+ * forwarded). `running` holds the running tenants by AE title: their last forwarding error is shown by /status.
+ */
+export function forwarderEvents(
+  { log, storeMetrics, counters, audit }: GatewaySinks,
+  spoolDirectory: string,
+  running: ReadonlyMap<string, { lastForwardError?: string }>,
+): ForwarderEvents {
+  return {
+    isolationRefused(tenant, entry, reason) {
+      counters.isolationRefusals.inc({ tenant: tenant.aet, stage: "forward" });
+      log.warn("isolation: spooled instance refused and quarantined", { tenant: tenant.aet, sopInstanceUid: entry.sopInstanceUid, callingAe: entry.callingAeTitle, reason });
+    },
+    forwarded(tenant, entry, seconds, stored) {
+      const l = running.get(tenant.aet);
+      if (l) l.lastForwardError = undefined;
+      storeMetrics.count(tenant.aet, "forwarded", entry.size);
+      storeMetrics.uploadSeconds.observe({ tenant: tenant.aet }, seconds);
+      log.debug("forwarded to Orthanc", { tenant: tenant.aet, sopInstanceUid: entry.sopInstanceUid, orthancId: stored.id, orthancStatus: stored.status, ms: Math.round(seconds * 1000) });
+    },
+    failed(tenant, entry, error, attempt, retryInMs) {
+      const l = running.get(tenant.aet);
+      if (l) l.lastForwardError = error.message;
+      storeMetrics.count(tenant.aet, "failed");
+      log.warn("forwarding to Orthanc failed, will retry", { tenant: tenant.aet, sopInstanceUid: entry.sopInstanceUid, attempt, retryInMs, error: error.message });
+    },
+    quarantined(tenant, entry, reason, kind) {
+      storeMetrics.count(tenant.aet, "quarantined", entry.size);
+      counters.quarantines.inc({ tenant: tenant.aet, reason: kind });
+      const file = `${spoolDirectory}/${tenantDirectoryName(tenant.aet)}/quarantine/${entry.id}.dcm`;
+      audit.instance({ event: "instance-quarantined", tenant: tenant.aet, callingAe: entry.callingAeTitle, peer: entry.peer, sopInstanceUid: entry.sopInstanceUid, studyInstanceUid: entry.studyInstanceUid, outcome: "quarantined", reason, kind, file });
+      log.error(`instance quarantined: ${QUARANTINE_LOG[kind]}`, { tenant: tenant.aet, sopInstanceUid: entry.sopInstanceUid, callingAe: entry.callingAeTitle, reason, kind, file });
+    },
+    misplaced(tenant, entry, reason, deleted) {
+      audit.instance({ event: "instance-misplaced", tenant: tenant.aet, callingAe: entry.callingAeTitle, peer: entry.peer, sopInstanceUid: entry.sopInstanceUid, outcome: deleted ? "deleted" : "left", reason });
+      log.error("Orthanc filed an instance elsewhere than checked", { tenant: tenant.aet, sopInstanceUid: entry.sopInstanceUid, reason, deleted });
+    },
+  };
+}
+
+/** Orthanc's availability as the monitor sees it change; when Orthanc is back, the forwarder resumes at once. */
+export function orthancStatusChanged(log: Logger, forwarder: Pick<Forwarder, "wake">): (s: OrthancStatus) => void {
+  return (s) => {
+    if (s.reachable && !s.error) {
+      log.info("Orthanc is available", { url: s.url, version: s.version });
+      forwarder.wake();
+    } else log.warn("Orthanc is not usable", { url: s.url, error: s.error });
+  };
+}
