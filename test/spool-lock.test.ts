@@ -164,6 +164,15 @@ describe("the spool lock", () => {
     await again.stop();
   }, 30_000);
 
+  test("a start that fails after taking the lock (an audit file that cannot be opened) gives the lock back", async () => {
+    const orthancUrl = `http://127.0.0.1:${await freePort()}`;
+    const spoolDir = mkdtempSync(join(tmpdir(), "gw-lock-audit-"));
+    await expect(startTestGateway([{ AET: "AUDITFAIL" }], orthancUrl, { Gateway: { SpoolDirectory: spoolDir, Audit: { File: "/nonexistent-dir/audit.log" } } })).rejects.toThrow(/cannot open the audit log/);
+    expect(await spoolLockHolder(spoolDir)).toEqual({ held: false });
+    const again = await startTestGateway([{ AET: "AUDITFAIL" }], orthancUrl, { Gateway: { SpoolDirectory: spoolDir } });
+    await again.stop();
+  }, 30_000);
+
   test("Bun and Deno exclude each other: Deno's serve exits 1 naming this Bun process, Bun's serve exits 1 naming a Deno gateway", async () => {
     const orthancUrl = `http://127.0.0.1:${await freePort()}`;
     // A Bun gateway (this process) holds the spool; Deno's serve on it fails.

@@ -90,7 +90,15 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
   changes.addListener(guards);
   changes.addListener({ reset: () => labeler.clear() });
   const counters = createGatewayCounters(metrics.registry);
-  const audit = opts.audit ?? createAuditLog({ file: config.audit?.file ?? "" });
+  let audit: AuditLog;
+  try {
+    audit = opts.audit ?? createAuditLog({ file: config.audit?.file ?? "" });
+  } catch (e) {
+    // The audit file cannot be opened: nothing was started, give the spool back.
+    await registry.close();
+    spoolLock.release();
+    throw e;
+  }
   const sinks = { log, metrics, storeMetrics, counters, audit };
   const byTenant = new Map<string, TenantListener>();
   const forwarder = new Forwarder({
