@@ -352,10 +352,14 @@ describe("Orthanc outages and quota", () => {
     const sync = await storescu(g.portOf("OUTSYNC"), "OUTSYNC", [syncFile!]);
     expect(sync.output).toContain("Received Store Response (Refused: OutOfResources)");
     expect(g.snapshot().tenants[0]!.spool!.depth).toBe(20);
+    // /status names the forwarding error of the tenant while it lasts...
+    await until("/status shows the forwarding error", () => /unreachable/.test(g.snapshot().tenants[0]!.spool!.lastError ?? ""), 10_000);
     // Orthanc comes (back) on the configured URL: the spool drains by itself.
     const late = await startOrthanc({ httpPort: port });
     stopLater.push(late);
     await until("the spool is drained", () => g.snapshot().tenants[0]!.spool!.depth === 0, 30_000);
+    // ...and forgets it once forwarding works again.
+    expect(g.snapshot().tenants[0]!.spool!.lastError).toBeUndefined();
     const lateClient = new OrthancClient({ url });
     const studies = await lateClient.postJson<string[]>("/tools/find", { Level: "Instance", Query: {}, Labels: ["outage"], LabelsConstraint: "All" });
     expect(studies.length).toBe(20);
