@@ -6,7 +6,8 @@ import { describe, expect, test } from "bun:test";
 import { readFileSync } from "node:fs";
 import dcmjs from "dcmjs";
 import { decodeText, encodeText, parseSpecificCharacterSet, unsupportedCharset, charsetOfOrthancEncoding } from "../src/dicom/charset.ts";
-import { elementText, encodeDataset, parseDataset, tagOf } from "../src/dicom/identifier.ts";
+import { tagOf } from "../src/dicom/dictionary.ts";
+import { elementText, encodeDataset, parseDataset } from "../src/dicom/identifier.ts";
 import {
   buildFindQuery,
   FindQueryError,
@@ -16,11 +17,11 @@ import {
   matchKey,
   normDateTime,
   normTime,
-  orthancConstraint,
   T,
   type FindResult,
   type RawKey,
-} from "../src/services/find-query.ts";
+} from "../src/services/find-matching.ts";
+import { orthancConstraint } from "../src/services/find-orthanc.ts";
 import { inScope, scopeFilter, scopePlan } from "../src/tenancy/label-scope.ts";
 
 const EXPLICIT = "1.2.840.10008.1.2.1";

@@ -18,7 +18,7 @@ import { handleEcho } from "../src/services/echo.ts";
 import { UNCOMPRESSED_LITTLE_ENDIAN } from "../src/net/negotiation.ts";
 import { decodeAbort, encodePDataHeader, encodeReleaseRQ } from "../src/net/pdu.ts";
 import { PduReader } from "../src/net/pdu-reader.ts";
-import { decodeIdentifier, RetrieveRefusal } from "../src/services/retrieve.ts";
+import { decodeIdentifier, RetrieveRefusal } from "../src/services/retrieve-identifier.ts";
 import { DimseServer } from "../src/net/server.ts";
 import { createAssociationPolicy } from "../src/tenancy/association-policy.ts";
 import { echoscu } from "./helpers/dcmtk.ts";

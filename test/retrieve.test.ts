@@ -22,7 +22,9 @@ import type { DimseHandler } from "../src/net/association.ts";
 import { concatBytes } from "../src/shared/bytes.ts";
 import { CommandField, Status, TransferSyntax } from "../src/net/constants.ts";
 import { RequestorAssociation } from "../src/net/requestor.ts";
-import { decodeIdentifier, RetrieveSopClass } from "../src/services/retrieve.ts";
+import { SopClass as RetrieveSopClass } from "../src/dicom/sop-classes.ts";
+import { elementValues } from "../src/dicom/identifier.ts";
+import { decodeIdentifier } from "../src/services/retrieve-identifier.ts";
 import { DimseServer } from "../src/net/server.ts";
 import { DatasetStream } from "../src/net/dataset-stream.ts";
 import { createGetHandler } from "../src/services/get.ts";
@@ -150,7 +152,7 @@ async function moveWithRequestor(
   });
   const ms = performance.now() - t0;
   await a.release();
-  const failedUids = r.dataset ? ((decodeIdentifier(r.dataset, TransferSyntax.ExplicitVRLittleEndian)["00080058"]?.Value as string[] | undefined) ?? []) : [];
+  const failedUids = r.dataset ? (elementValues(decodeIdentifier(r.dataset, TransferSyntax.ExplicitVRLittleEndian), 0x00080058) ?? []) : [];
   return { final: r.command, failedUids: failedUids.filter((u) => u !== "").sort(), pendings, ms };
 }
 

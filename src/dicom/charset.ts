@@ -1,12 +1,27 @@
 /**
- * DICOM character sets (PS3.3 C.12.1.1.2, PS3.5 6.1): decoding text values by a data set's Specific
- * Character Set (0008,0005), including ISO 2022 code extensions (Japanese, Korean, Chinese), and
- * encoding text back into a requested character set when every character fits.
+ * DICOM character sets (PS3.3 C.12.1.1.2, PS3.5 6.1) for C-FIND identifiers: decoding text values by a
+ * data set's Specific Character Set (0008,0005), including ISO 2022 code extensions (Japanese, Korean,
+ * Chinese), and encoding text back into a requested character set when every character fits.
  *
  * Decoding uses the runtime's WHATWG TextDecoder (Bun, Deno and Node all have the legacy encodings);
  * encoding tables for single-byte and ISO 2022 multi-byte sets are built lazily from those decoders,
  * so no code tables are shipped. GB18030/GBK are decoded but not encoded (answers then use UTF-8).
+ *
+ * Which reading C-FIND matches with. A query value is matched against what Orthanc stored: its own
+ * reading of the stored instance's bytes (orthanc-text.ts, checked against the real Orthanc 1.12.7),
+ * which departs from PS3.5 in places: JIS X 0201 romaji in ISO_IR 13 (0x5C is YEN SIGN, 0x7E OVERLINE),
+ * the whole value read in the set of the first non-empty term (so `ISO 2022 IR 6\ISO 2022 IR 87` is
+ * ASCII with its escape sequences dropped, and `ISO 2022 IR 13\ISO 2022 IR 87` Shift-JIS single bytes).
+ * Query values are therefore read as Orthanc reads the same bytes (readAsOrthanc; decodeText, the PS3.5
+ * reading, where Orthanc's outcome cannot be predicted). The evidence (test/find-charset.test.ts, real
+ * Orthanc): Orthanc stores "YAMADA\u203eTARO" for the ISO_IR 13 bytes "YAMADA~TARO", and Orthanc's own
+ * C-FIND SCP, which reads queries the same way, finds that instance with those bytes, as the
+ * MultitenantDicom plugin does; read by PS3.5, the gateway found nothing. The price: a requester whose
+ * character set Orthanc reads otherwise than the modality's (e.g. `ISO 2022 IR 6\ISO 2022 IR 87` against
+ * an instance stored in `\ISO 2022 IR 87`) does not find it — nor does it through Orthanc itself.
+ * Answers are encoded by PS3.5 (encodeText), in ISO_IR 192 when a value does not fit the requester's set.
  */
+import { convertToUtf8, detectEncoding, encodingLabel, orthancEncodingByName, type DetectedEncoding } from "./orthanc-text.ts";
 
 /** A G0/G1 code element: how its bytes become text. */
 interface CodeElement {
@@ -364,28 +379,42 @@ export function encodeText(text: string, terms: string[], pn = false): Uint8Arra
   return Uint8Array.from(out);
 }
 
-/** Orthanc's `DefaultEncoding` names -> Specific Character Set terms. */
-const ORTHANC_ENCODINGS: Record<string, string[]> = {
-  ascii: [],
-  utf8: ["ISO_IR 192"],
-  latin1: ["ISO_IR 100"],
-  latin2: ["ISO_IR 101"],
-  latin3: ["ISO_IR 109"],
-  latin4: ["ISO_IR 110"],
-  latin5: ["ISO_IR 148"],
-  cyrillic: ["ISO_IR 144"],
-  arabic: ["ISO_IR 127"],
-  greek: ["ISO_IR 126"],
-  hebrew: ["ISO_IR 138"],
-  thai: ["ISO_IR 166"],
-  japanese: ["ISO_IR 13"],
-  chinese: ["GB18030"],
-  japanesekanji: ["", "ISO 2022 IR 87"],
-  korean: ["", "ISO 2022 IR 149"],
-  simplifiedchinese: ["", "ISO 2022 IR 58"],
-};
-
-/** The character set of Orthanc's `DefaultEncoding` (used for data sets without (0008,0005)); Latin1 if unknown. */
+/**
+ * The Defined Terms of Orthanc's `DefaultEncoding` (Latin1 when unknown): the character set of identifiers
+ * without (0008,0005), and of their answers.
+ */
 export function charsetOfOrthancEncoding(name: string): string[] {
-  return ORTHANC_ENCODINGS[name.toLowerCase()] ?? ["ISO_IR 100"];
+  const encoding = orthancEncodingByName(name) ?? "Latin1";
+  if (encoding === "Ascii") return [];
+  if (encoding === "Windows1251") return ["ISO_IR 192"]; // no Defined Term: answered in UTF-8
+  const term = encodingLabel(encoding);
+  return term.startsWith("ISO 2022") ? ["", term] : [term];
+}
+
+/** The character set of an identifier: as the requester declares it, and as Orthanc reads it in a stored instance. */
+export interface IdentifierCharset {
+  /** Defined Terms (PS3.5 reading; the set answers are encoded in). */
+  terms: string[];
+  /** The conversion Orthanc applies to the same (0008,0005) (orthanc-text.ts). */
+  orthanc: DetectedEncoding;
+}
+
+/**
+ * An identifier's character set from its (0008,0005) value (`raw`, undefined when absent) and Orthanc's
+ * `DefaultEncoding`, which applies without a declared set (for Orthanc also when the value is empty).
+ */
+export function identifierCharset(raw: Uint8Array | undefined, declared: string[] | undefined, defaultEncoding: string): IdentifierCharset {
+  return {
+    terms: declared ?? charsetOfOrthancEncoding(defaultEncoding),
+    orthanc: detectEncoding(raw, orthancEncodingByName(defaultEncoding) ?? "Latin1"),
+  };
+}
+
+/**
+ * A query value's text as Orthanc reads the same bytes in a stored instance (see "Which reading C-FIND
+ * matches with" above); the PS3.5 reading where Orthanc's outcome cannot be predicted.
+ */
+export function readAsOrthanc(bytes: Uint8Array, charset: IdentifierCharset, pn = false): string {
+  const r = convertToUtf8(bytes, charset.orthanc.encoding, charset.orthanc.hasCodeExtensions);
+  return r.ok ? r.text : decodeText(bytes, charset.terms, pn);
 }

@@ -14,7 +14,8 @@
  */
 import { createInflateRaw, type InflateRaw } from "node:zlib";
 import { isValidUid } from "./uids.ts";
-import { ElementScanner, VR, vrCode, type CaptureSpec } from "./element-scanner.ts";
+import { transferSyntaxEncoding, VR, vrCode } from "./element-codec.ts";
+import { ElementScanner, type CaptureSpec } from "./element-scanner.ts";
 import { convertToUtf8, dcmtkUid, dcmtkValue, detectEncoding, encodingLabel, ORTHANC_MAX_STRING_BYTES, orthancEncodingByName, type DetectedEncoding, type OrthancEncoding } from "./orthanc-text.ts";
 import { DatasetRefusal, RefusalStatus, tagName } from "./refusal.ts";
 
@@ -63,32 +64,6 @@ const CAPTURE = new Map<number, CaptureSpec>([
 
 export const DEFAULT_INFLATE_LIMIT = { floorBytes: 64 << 20, ratio: 64 };
 
-interface SyntaxEncoding {
-  littleEndian: boolean;
-  explicitVr: boolean;
-  deflated: boolean;
-  encapsulated: boolean;
-}
-
-/** How a transfer syntax encodes the data set (PS3.5 Annex A); undefined for one the gateway cannot read. */
-export function syntaxEncoding(uid: string): SyntaxEncoding | undefined {
-  const native = { littleEndian: true, explicitVr: true, deflated: false, encapsulated: false };
-  switch (uid) {
-    case "1.2.840.10008.1.2":
-      return { ...native, explicitVr: false };
-    case "1.2.840.10008.1.2.1":
-      return native;
-    case "1.2.840.10008.1.2.2":
-      return { ...native, littleEndian: false };
-    case "1.2.840.10008.1.2.1.99": // Deflated Explicit VR Little Endian
-    case "1.2.840.10008.1.2.4.95": // JPIP Referenced Deflate
-      return { ...native, deflated: true };
-  }
-  // Every other DICOM transfer syntax is explicit VR little endian with Pixel Data possibly encapsulated
-  // (JPEG, JPEG-LS, JPEG 2000, HTJ2K, JPEG XL, RLE, MPEG, HEVC, Encapsulated Uncompressed, ...).
-  return /^1\.2\.840\.10008\.1\.2\.[1-9][0-9.]*$/.test(uid) ? { ...native, encapsulated: true } : undefined;
-}
-
 export class InstanceReader {
   /** The identity, as soon as the top level has passed (0020,000E); rejects with DatasetRefusal. */
   readonly identity: Promise<InstanceIdentity>;
@@ -111,7 +86,7 @@ export class InstanceReader {
       this.rejectIdentity = reject;
     });
     this.identity.catch(() => {}); // a caller that only awaits end() must not see an unhandled rejection
-    const syntax = syntaxEncoding(transferSyntaxUid);
+    const syntax = transferSyntaxEncoding(transferSyntaxUid);
     if (!syntax) {
       this.fail(new DatasetRefusal(RefusalStatus.CannotUnderstand, "Transfer syntax not readable by the gateway", `transfer syntax ${transferSyntaxUid} is not a DICOM transfer syntax the gateway can read`));
       return;

@@ -9,25 +9,13 @@
  * It holds no element value: values are skipped by counting, except the few top-level elements the
  * caller asks for (bounded), handed over as they complete. Per chunk it allocates nothing else: a 12-byte
  * carry buffer holds a header split across chunks, and the frames of nested sequences are reused.
+ * Headers are read by the element codec (element-codec.ts), the one every reader of the gateway uses.
  */
+import { headerForm, ITEM, ITEM_DELIMITATION, readElementHeader, SEQUENCE_DELIMITATION, UNDEFINED_LENGTH as UNDEFINED, VR, vrName, type ElementHeader } from "./element-codec.ts";
 import { DatasetRefusal, RefusalStatus, tagName } from "./refusal.ts";
-import { isKnownPublicTag, SEQUENCE_TAGS } from "./sequence-tags.ts";
+import { isKnownPublicTag, SEQUENCE_TAGS } from "./dictionary.ts";
 
-export const ITEM = 0xfffee000;
-export const ITEM_DELIMITATION = 0xfffee00d;
-export const SEQUENCE_DELIMITATION = 0xfffee0dd;
 export const PIXEL_DATA = 0x7fe00010;
-const UNDEFINED = 0xffffffff;
-
-/** VR code (two ASCII bytes as a 16-bit number) -> 1: 16-bit length, 2: 32-bit length (PS3.5 7.1.2), 0: unknown. */
-const VR_KIND = new Uint8Array(65536);
-export const vrCode = (vr: string) => (vr.charCodeAt(0) << 8) | vr.charCodeAt(1);
-for (const vr of ["AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "PN", "SH", "SL", "SS", "ST", "TM", "UI", "UL", "US"]) VR_KIND[vrCode(vr)] = 1;
-for (const vr of ["OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"]) VR_KIND[vrCode(vr)] = 2;
-export const VR = { SQ: vrCode("SQ"), UN: vrCode("UN"), OB: vrCode("OB"), OW: vrCode("OW"), CS: vrCode("CS"), LO: vrCode("LO"), SH: vrCode("SH"), UI: vrCode("UI") } as const;
-export function vrName(code: number): string {
-  return String.fromCharCode(code >> 8, code & 0xff);
-}
 
 export interface ScannerOptions {
   /** Byte order of the data set (explicit VR big endian is the only big-endian syntax). */
@@ -92,10 +80,8 @@ export class ElementScanner {
   private captureVr = 0;
   private captureBuffer: Uint8Array | undefined;
   private captureFilled = 0;
-  // The header being handled (fields, so that parsing allocates nothing).
-  private hTag = 0;
-  private hVr = 0;
-  private hLength = 0;
+  /** The header being handled (one object, reused: parsing allocates nothing). */
+  private readonly h: ElementHeader = { tag: 0, vr: 0, length: 0 };
 
   constructor(private readonly o: ScannerOptions) {
     this.frames.push({ kind: Kind.Dataset, end: -1, little: o.littleEndian, explicit: o.explicitVr, tag: -1 });
@@ -154,7 +140,7 @@ export class ElementScanner {
     if (this.mode !== Mode.Header || this.carryLength > 0 || this.depth > 0) {
       const inHeader = this.mode === Mode.Header;
       // The innermost thing left open: the value being read, else the item or sequence.
-      const tag = !inHeader ? this.hTag : this.depth > 0 ? this.frames[this.depth]!.tag : -1;
+      const tag = !inHeader ? this.h.tag : this.depth > 0 ? this.frames[this.depth]!.tag : -1;
       const inside = inHeader && this.depth === 0 ? "an element header" : this.topTag >= 0 ? `element ${tagName(this.topTag)}` : "an element";
       throw new DatasetRefusal(
         RefusalStatus.CannotUnderstand,
@@ -169,37 +155,10 @@ export class ElementScanner {
     }
   }
 
-  /**
-   * Reads a header at `b[o..o+avail)` into hTag/hVr/hLength: the number of bytes it took (8 or 12), or 0
-   * when `avail` is too short to tell.
-   */
+  /** Reads a header at `b[o..o+avail)` into `h`: the bytes it took (8 or 12), or 0 when `avail` is too short to tell. */
   private parseHeader(b: Uint8Array, o: number, avail: number): number {
-    if (avail < 8) return 0;
     const f = this.frames[this.depth]!;
-    const little = f.little;
-    const group = little ? b[o]! | (b[o + 1]! << 8) : (b[o]! << 8) | b[o + 1]!;
-    const element = little ? b[o + 2]! | (b[o + 3]! << 8) : (b[o + 2]! << 8) | b[o + 3]!;
-    this.hTag = ((group << 16) | element) >>> 0;
-    // Items and delimiters have no VR in any transfer syntax (PS3.5 7.5); nor has anything in implicit VR.
-    if (group === 0xfffe || !f.explicit) {
-      this.hVr = 0;
-      this.hLength = u32(b, o + 4, little);
-      return 8;
-    }
-    const vr = (b[o + 4]! << 8) | b[o + 5]!;
-    this.hVr = vr;
-    const kind = VR_KIND[vr]!;
-    if (kind === 0) {
-      this.hLength = 0;
-      return 8; // refused by handleHeader
-    }
-    if (kind === 1) {
-      this.hLength = little ? b[o + 6]! | (b[o + 7]! << 8) : (b[o + 6]! << 8) | b[o + 7]!;
-      return 8;
-    }
-    if (avail < 12) return 0;
-    this.hLength = u32(b, o + 8, little);
-    return 12;
+    return readElementHeader(b, o, avail, f.little, f.explicit, this.h);
   }
 
   private refuse(comment: string, reason: string, status: number = RefusalStatus.CannotUnderstand): never {
@@ -212,10 +171,9 @@ export class ElementScanner {
   }
 
   private handleHeader(): void {
-    const tag = this.hTag;
-    const length = this.hLength;
+    const { tag, length, vr } = this.h;
     const f = this.frames[this.depth]!;
-    const headerSize = this.hVr !== 0 && VR_KIND[this.hVr] === 2 ? 12 : 8;
+    const headerSize = vr !== 0 && headerForm(vr) === 2 ? 12 : 8;
     this.position += headerSize;
     if (f.end >= 0 && this.position > f.end) {
       this.refuse(`Element ${tagName(tag)} crosses the end of its item`, `the header of ${tagName(tag)}${this.where()} runs past the end of its item or sequence at byte ${f.end}`);
@@ -224,8 +182,7 @@ export class ElementScanner {
     if (f.kind === Kind.Sequence || f.kind === Kind.Fragments) {
       this.refuse(`Element ${tagName(tag)} found where an item was expected`, `${tagName(tag)}${this.where()} appears where PS3.5 7.5 allows only items and the sequence delimiter`);
     }
-    const vr = this.hVr;
-    if (f.explicit && VR_KIND[vr] === 0) {
+    if (f.explicit && headerForm(vr) === 0) {
       this.refuse(`Element ${tagName(tag)} has an unknown VR`, `${tagName(tag)}${this.where()} has the VR bytes 0x${hex4(vr)}, which no DICOM VR is (PS3.5 6.2)`);
     }
     if (this.depth === 0) {
@@ -364,10 +321,6 @@ export class ElementScanner {
       this.depth--;
     }
   }
-}
-
-function u32(b: Uint8Array, o: number, little: boolean): number {
-  return little ? (b[o]! | (b[o + 1]! << 8) | (b[o + 2]! << 16) | (b[o + 3]! << 24)) >>> 0 : ((b[o]! << 24) | (b[o + 1]! << 16) | (b[o + 2]! << 8) | b[o + 3]!) >>> 0;
 }
 
 function hex4(n: number): string {

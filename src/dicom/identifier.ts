@@ -1,24 +1,28 @@
 /**
- * C-FIND identifiers (PS3.4 C.4.1.1.3): bare data sets (no Part-10 meta) in the presentation
- * context's transfer syntax, implicit or explicit VR little endian (PS3.5 7.1, 7.5).
+ * Query/Retrieve identifiers (PS3.4 C.4.1.1.3, C.4.2.1.4, C.4.3.1.3): small bare data sets (no Part 10
+ * meta) in the presentation context's transfer syntax, read whole into elements with their raw bytes and
+ * written back for responses. Headers are read and written by the element codec (element-codec.ts).
  *
- * Parsing keeps each element's raw bytes so text is decoded by the identifier's own Specific
- * Character Set, including ISO 2022 code extensions (dcmjs decodes with one TextDecoder and rejects
- * multi-valued character sets, and always writes UTF-8, so it can't answer a Latin-1 requester in
- * Latin-1). dcmjs provides the data dictionary: VRs for implicit VR and keyword <-> tag.
+ * Each element keeps its raw bytes so that text is decoded by the identifier's own Specific Character
+ * Set, ISO 2022 code extensions included (charset.ts), and answers can be encoded in the requester's
+ * character set.
  */
-import dcmjs from "dcmjs";
-import { getU16LE, getU32LE } from "../shared/bytes.ts";
-import { CHARSET_VRS, decodeText, encodeText } from "./charset.ts";
-
-const IMPLICIT_VR_LE = "1.2.840.10008.1.2";
-
-/** VRs with a 4-byte length in explicit VR (PS3.5 7.1.2). */
-const LONG_VRS = new Set(["OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"]);
-const ITEM = 0xfffee000;
-const ITEM_DELIMITATION = 0xfffee00d;
-const SEQUENCE_DELIMITATION = 0xfffee0dd;
-const UNDEFINED = 0xffffffff;
+import { CHARSET_VRS, decodeText, encodeText, identifierCharset, readAsOrthanc, type IdentifierCharset } from "./charset.ts";
+import { dictionaryEntry, orthancTag } from "./dictionary.ts";
+import {
+  ElementWriter,
+  headerForm,
+  ITEM,
+  ITEM_DELIMITATION,
+  isLongVr,
+  readElementHeader,
+  SEQUENCE_DELIMITATION,
+  transferSyntaxEncoding,
+  UNDEFINED_LENGTH,
+  vrName,
+  type ElementEncoding,
+  type ElementHeader,
+} from "./element-codec.ts";
 
 export interface DataElement {
   tag: number;
@@ -33,76 +37,14 @@ export class IdentifierError extends Error {
   override name = "IdentifierError";
 }
 
-type Dictionary = { dictionary: Record<string, { vr: string; vm: string; name: string } | undefined>; nameMap: Record<string, { tag: string; vr: string; vm: string } | undefined> };
-const dict = (dcmjs as unknown as { data: { DicomMetaDictionary: Dictionary } }).data.DicomMetaDictionary;
-
-function tagKey(tag: number): string {
-  return `(${hex4(tag >>> 16)},${hex4(tag & 0xffff)})`.toUpperCase();
-}
-function hex4(n: number): string {
-  return n.toString(16).padStart(4, "0");
-}
-
-const HEX2 = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, "0"));
-
-/** "gggg,eeee" (Orthanc's spelling, lower-case hex). */
-export function orthancTag(tag: number): string {
-  return HEX2[(tag >>> 24) & 0xff]! + HEX2[(tag >>> 16) & 0xff]! + "," + HEX2[(tag >>> 8) & 0xff]! + HEX2[tag & 0xff]!;
-}
-
-/** The tag of "gggg,eeee" (either case of hex digits), undefined for anything else. */
-export function parseOrthancTag(s: string): number | undefined {
-  if (s.length !== 9 || s.charCodeAt(4) !== 0x2c) return undefined;
-  let v = 0;
-  for (let i = 0; i < 9; i++) {
-    if (i === 4) continue;
-    const c = s.charCodeAt(i);
-    const d = c >= 0x30 && c <= 0x39 ? c - 0x30 : c >= 0x61 && c <= 0x66 ? c - 0x57 : c >= 0x41 && c <= 0x46 ? c - 0x37 : -1;
-    if (d < 0) return undefined;
-    v = v * 16 + d;
-  }
-  return v;
-}
-
-export interface DictionaryEntry {
-  readonly vr: string;
-  readonly vm: string;
-  readonly keyword: string;
-}
-
-/** Entries looked up so far: at most the size of the standard dictionary (unknown tags are not kept). */
-const entries = new Map<number, DictionaryEntry>();
-
-/** Dictionary entry of a standard tag (VR, VM, keyword), undefined for private or unknown tags. */
-export function dictionaryEntry(tag: number): DictionaryEntry | undefined {
-  let entry = entries.get(tag);
-  if (entry) return entry;
-  if ((tag & 0xffff) === 0) entry = { vr: "UL", vm: "1", keyword: "GroupLength" };
-  else {
-    const e = dict.dictionary[tagKey(tag)];
-    if (!e) return undefined;
-    // Multi-VR entries ("US or SS", "OB or OW") use the first.
-    entry = { vr: e.vr.split(/ or |\|/)[0]!.trim(), vm: e.vm, keyword: e.name };
-  }
-  entries.set(tag, Object.freeze(entry));
-  return entry;
-}
-
-/** Tag of a keyword (e.g. "PatientName"). Throws for unknown keywords. */
-export function tagOf(keyword: string): number {
-  const e = dict.nameMap[keyword];
-  if (!e) throw new Error(`unknown DICOM keyword ${keyword}`);
-  const m = /^\(?([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)?$/.exec(e.tag);
-  if (!m) throw new Error(`keyword ${keyword} has no single tag (${e.tag})`);
-  return ((parseInt(m[1]!, 16) << 16) | parseInt(m[2]!, 16)) >>> 0;
-}
-
-export function tagName(tag: number): string {
-  return dictionaryEntry(tag)?.keyword ?? `(${orthancTag(tag)})`;
+/** The element encoding of an identifier's transfer syntax: the uncompressed ones (Q/R contexts negotiate no other). */
+function identifierEncoding(transferSyntax: string): ElementEncoding {
+  const e = transferSyntaxEncoding(transferSyntax);
+  if (!e || e.deflated) throw new IdentifierError(`transfer syntax ${transferSyntax} is not readable for an identifier`);
+  return e;
 }
 
 function vrOf(tag: number): string {
-  if (tag === ITEM || tag === ITEM_DELIMITATION || tag === SEQUENCE_DELIMITATION) return "NONE";
   if ((tag >>> 16) % 2 === 1) {
     // Private creator elements (gggg,0010-00FF) are LO; other private elements unknown.
     const el = tag & 0xffff;
@@ -111,52 +53,39 @@ function vrOf(tag: number): string {
   return dictionaryEntry(tag)?.vr ?? "UN";
 }
 
-/** Parses a bare data set. Throws IdentifierError on malformed input. */
+/**
+ * Reads a bare data set whole: every element, sequences into their items. Every length is checked
+ * against the bytes there are before anything is taken. Throws IdentifierError on malformed input.
+ */
 export function parseDataset(bytes: Uint8Array, transferSyntax: string): DataElement[] {
-  const explicit = transferSyntax !== IMPLICIT_VR_LE;
+  const { littleEndian, explicitVr } = identifierEncoding(transferSyntax);
+  const h: ElementHeader = { tag: 0, vr: 0, length: 0 };
   let o = 0;
 
-  const readTag = (): number => {
-    if (o + 4 > bytes.length) throw new IdentifierError(`truncated data set at byte ${o}`);
-    const t = ((getU16LE(bytes, o) << 16) | getU16LE(bytes, o + 2)) >>> 0;
-    o += 4;
-    return t;
+  /** The next header, at `o`; o moves past it. */
+  const header = (): void => {
+    const n = readElementHeader(bytes, o, bytes.length - o, littleEndian, explicitVr, h);
+    if (n === 0) throw new IdentifierError(`truncated element header at byte ${o}`);
+    if (explicitVr && h.tag >>> 16 !== 0xfffe && headerForm(h.vr) === 0) throw new IdentifierError(`invalid VR at byte ${o + 4} for tag (${orthancTag(h.tag)})`);
+    o += n;
   };
 
   const readElements = (end: number, untilItemDelimiter: boolean): DataElement[] => {
     const out: DataElement[] = [];
     while (o < end) {
-      const tag = readTag();
+      header();
+      const { tag, length } = h;
       if (tag === ITEM_DELIMITATION) {
-        o += 4;
         if (!untilItemDelimiter) throw new IdentifierError("item delimitation outside an item");
         return out;
       }
-      let vr: string;
-      let length: number;
-      if (explicit && tag !== ITEM && tag !== SEQUENCE_DELIMITATION) {
-        if (o + 4 > bytes.length) throw new IdentifierError(`truncated element header at byte ${o}`);
-        vr = String.fromCharCode(bytes[o]!, bytes[o + 1]!);
-        if (!/^[A-Z]{2}$/.test(vr)) throw new IdentifierError(`invalid VR at byte ${o} for tag (${orthancTag(tag)})`);
-        if (LONG_VRS.has(vr)) {
-          if (o + 8 > bytes.length) throw new IdentifierError(`truncated element header at byte ${o}`);
-          length = getU32LE(bytes, o + 4);
-          o += 8;
-        } else {
-          length = getU16LE(bytes, o + 2);
-          o += 4;
-        }
-      } else {
-        if (o + 4 > bytes.length) throw new IdentifierError(`truncated element header at byte ${o}`);
-        vr = vrOf(tag);
-        length = getU32LE(bytes, o);
-        o += 4;
-      }
-      if (vr === "SQ" || (length === UNDEFINED && vr !== "NONE")) {
+      const item = tag === ITEM || tag === SEQUENCE_DELIMITATION;
+      const vr = item ? "NONE" : explicitVr ? vrName(h.vr) : vrOf(tag);
+      if (vr === "SQ" || (length === UNDEFINED_LENGTH && !item)) {
         out.push({ tag, vr: "SQ", items: readItems(length) });
         continue;
       }
-      if (length === UNDEFINED || o + length > bytes.length) throw new IdentifierError(`element (${orthancTag(tag)}) length ${length} overruns the data set`);
+      if (length === UNDEFINED_LENGTH || o + length > bytes.length) throw new IdentifierError(`element (${orthancTag(tag)}) length ${length} overruns the data set`);
       out.push({ tag, vr, bytes: bytes.subarray(o, o + length) });
       o += length;
     }
@@ -166,19 +95,17 @@ export function parseDataset(bytes: Uint8Array, transferSyntax: string): DataEle
 
   const readItems = (length: number): DataElement[][] => {
     const items: DataElement[][] = [];
-    const end = length === UNDEFINED ? bytes.length : o + length;
+    const end = length === UNDEFINED_LENGTH ? bytes.length : o + length;
     if (end > bytes.length) throw new IdentifierError(`sequence length ${length} overruns the data set`);
     while (o < end) {
-      const tag = readTag();
-      if (o + 4 > bytes.length) throw new IdentifierError("truncated item header");
-      const itemLength = getU32LE(bytes, o);
-      o += 4;
+      header();
+      const { tag, length: itemLength } = h;
       if (tag === SEQUENCE_DELIMITATION) {
-        if (length !== UNDEFINED) throw new IdentifierError("sequence delimitation in a defined-length sequence");
+        if (length !== UNDEFINED_LENGTH) throw new IdentifierError("sequence delimitation in a defined-length sequence");
         return items;
       }
       if (tag !== ITEM) throw new IdentifierError(`expected an item in a sequence, got (${orthancTag(tag)})`);
-      if (itemLength === UNDEFINED) items.push(readElements(bytes.length, true));
+      if (itemLength === UNDEFINED_LENGTH) items.push(readElements(bytes.length, true));
       else {
         const itemEnd = o + itemLength;
         if (itemEnd > end) throw new IdentifierError(`item length ${itemLength} overruns its sequence`);
@@ -186,7 +113,7 @@ export function parseDataset(bytes: Uint8Array, transferSyntax: string): DataEle
         o = itemEnd;
       }
     }
-    if (length === UNDEFINED) throw new IdentifierError("sequence without sequence delimitation");
+    if (length === UNDEFINED_LENGTH) throw new IdentifierError("sequence without sequence delimitation");
     return items;
   };
 
@@ -195,15 +122,52 @@ export function parseDataset(bytes: Uint8Array, transferSyntax: string): DataEle
 
 const latin1 = new TextDecoder("latin1");
 
-/** Text of an element: charset VRs decoded by `charset`, others as the default repertoire; trailing padding removed. */
+/** The value's bytes less its trailing padding (spaces and NULs, PS3.5 6.2). */
+function unpadded(bytes: Uint8Array): Uint8Array {
+  let end = bytes.length;
+  while (end > 0 && (bytes[end - 1] === 0x20 || bytes[end - 1] === 0x00)) end--;
+  return bytes.subarray(0, end);
+}
+
+/** Leading spaces are insignificant too, except in the long text VRs (PS3.5 6.2). */
+function withoutLeadingSpaces(vr: string, text: string): string {
+  return vr === "ST" || vr === "LT" || vr === "UT" ? text : text.replace(/^ +/, "");
+}
+
+/**
+ * Text of an element as the requester means it (PS3.5 6.1): charset VRs decoded by `charset`, others as
+ * the default repertoire; padding removed.
+ */
 export function elementText(e: DataElement, charset: string[]): string {
   if (!e.bytes) return "";
-  let end = e.bytes.length;
-  while (end > 0 && (e.bytes[end - 1] === 0x20 || e.bytes[end - 1] === 0x00)) end--;
-  const raw = e.bytes.subarray(0, end);
-  const text = CHARSET_VRS.has(e.vr) ? decodeText(raw, charset, e.vr === "PN") : latin1.decode(raw);
-  // Leading spaces are insignificant too, except for the long text VRs (PS3.5 6.2).
-  return e.vr === "ST" || e.vr === "LT" || e.vr === "UT" ? text : text.replace(/^ +/, "");
+  const raw = unpadded(e.bytes);
+  return withoutLeadingSpaces(e.vr, CHARSET_VRS.has(e.vr) ? decodeText(raw, charset, e.vr === "PN") : latin1.decode(raw));
+}
+
+/**
+ * Text of a query key as Orthanc reads the same bytes in a stored instance (what C-FIND matches against,
+ * see charset.ts); padding removed.
+ */
+export function elementQueryText(e: DataElement, charset: IdentifierCharset): string {
+  if (!e.bytes) return "";
+  const raw = unpadded(e.bytes);
+  return withoutLeadingSpaces(e.vr, CHARSET_VRS.has(e.vr) ? readAsOrthanc(raw, charset, e.vr === "PN") : latin1.decode(raw));
+}
+
+/** Text read as ISO 8859-1 where no character set is declared and Orthanc's DefaultEncoding is its default, Latin1. */
+const LATIN1: IdentifierCharset = identifierCharset(undefined, [], "Latin1");
+
+/**
+ * The non-empty values of a key (split on '\', PS3.5 6.4) read as Orthanc reads stored values
+ * (elementQueryText), undefined when the element is absent.
+ */
+export function elementValues(elements: readonly DataElement[], tag: number, charset: IdentifierCharset = LATIN1): string[] | undefined {
+  const e = elements.find((x) => x.tag === tag);
+  if (!e) return undefined;
+  return elementQueryText(e, charset)
+    .split("\\")
+    .map((v) => v.replace(/[\0 ]+$/, "").replace(/^ +/, ""))
+    .filter((v) => v !== "");
 }
 
 // ---- encoding ----------------------------------------------------------------------------------
@@ -219,17 +183,18 @@ export interface OutElement {
 
 /** Encodes every text value in `charset`; undefined when some value does not fit it. */
 export function encodeDataset(elements: OutElement[], transferSyntax: string, charset: string[]): Uint8Array | undefined {
-  const w = new ByteWriter(512);
-  return writeElements(w, elements, transferSyntax !== IMPLICIT_VR_LE, charset) ? w.bytes() : undefined;
+  const encoding = identifierEncoding(transferSyntax);
+  const w = new ElementWriter(encoding, 512);
+  return writeElements(w, elements, encoding.explicitVr, charset) ? w.bytes() : undefined;
 }
 
 /** Elements in tag order (PS3.5 7.1); sequences and items with undefined length and delimiters. */
-function writeElements(w: ByteWriter, elements: OutElement[], explicit: boolean, charset: string[]): boolean {
+function writeElements(w: ElementWriter, elements: OutElement[], explicit: boolean, charset: string[]): boolean {
   for (const e of [...elements].sort((a, b) => a.tag - b.tag)) {
     if (e.items || e.vr === "SQ") {
-      w.header(e.tag, "SQ", UNDEFINED, explicit);
+      w.header(e.tag, "SQ", UNDEFINED_LENGTH);
       for (const item of e.items ?? []) {
-        w.item(ITEM, UNDEFINED);
+        w.item(ITEM, UNDEFINED_LENGTH);
         if (!writeElements(w, item, explicit, charset)) return false;
         w.item(ITEM_DELIMITATION, 0);
       }
@@ -245,83 +210,12 @@ function writeElements(w: ByteWriter, elements: OutElement[], explicit: boolean,
     // Values have an even length (PS3.5 7.1.1): UI (and binary) padded with NUL, text with a space.
     const pad = value.length % 2;
     let vr = e.vr;
-    if (explicit && !LONG_VRS.has(vr) && value.length + pad > 0xffff) vr = "UN";
-    w.header(e.tag, vr, value.length + pad, explicit);
+    if (explicit && !isLongVr(vr) && value.length + pad > 0xffff) vr = "UN";
+    w.header(e.tag, vr, value.length + pad);
     w.put(value);
     if (pad) w.byte(e.vr === "UI" || e.vr === "OB" || e.vr === "UN" ? 0 : 0x20);
   }
   return true;
-}
-
-/** A growing little-endian byte buffer for data set encoding. */
-class ByteWriter {
-  private buf: Uint8Array;
-  private dv: DataView;
-  private n = 0;
-
-  constructor(size: number) {
-    // From an ArrayBuffer: a DataView on a typed array allocated by length would make JavaScriptCore create its buffer late.
-    const ab = new ArrayBuffer(size);
-    this.buf = new Uint8Array(ab);
-    this.dv = new DataView(ab);
-  }
-
-  private room(k: number): void {
-    if (this.n + k <= this.buf.length) return;
-    const ab = new ArrayBuffer(Math.max(this.buf.length * 2, this.n + k));
-    const next = new Uint8Array(ab);
-    next.set(this.buf.subarray(0, this.n));
-    this.buf = next;
-    this.dv = new DataView(ab);
-  }
-
-  byte(b: number): void {
-    this.room(1);
-    this.buf[this.n++] = b;
-  }
-
-  put(bytes: Uint8Array): void {
-    this.room(bytes.length);
-    this.buf.set(bytes, this.n);
-    this.n += bytes.length;
-  }
-
-  /** An element header: tag, then (explicit VR) the VR and a 2- or 4-byte length, or (implicit) a 4-byte length. */
-  header(tag: number, vr: string, length: number, explicit: boolean): void {
-    const long = !explicit || LONG_VRS.has(vr);
-    this.room(12);
-    const dv = this.dv;
-    dv.setUint16(this.n, tag >>> 16, true);
-    dv.setUint16(this.n + 2, tag & 0xffff, true);
-    if (!explicit) {
-      dv.setUint32(this.n + 4, length, true);
-      this.n += 8;
-      return;
-    }
-    this.buf[this.n + 4] = vr.charCodeAt(0);
-    this.buf[this.n + 5] = vr.charCodeAt(1);
-    if (long) {
-      dv.setUint16(this.n + 6, 0, true);
-      dv.setUint32(this.n + 8, length, true);
-      this.n += 12;
-    } else {
-      dv.setUint16(this.n + 6, length, true);
-      this.n += 8;
-    }
-  }
-
-  /** An item, item delimitation or sequence delimitation header (PS3.5 7.5). */
-  item(tag: number, length: number): void {
-    this.room(8);
-    this.dv.setUint16(this.n, tag >>> 16, true);
-    this.dv.setUint16(this.n + 2, tag & 0xffff, true);
-    this.dv.setUint32(this.n + 4, length, true);
-    this.n += 8;
-  }
-
-  bytes(): Uint8Array {
-    return this.buf.subarray(0, this.n);
-  }
 }
 
 function asciiBytes(s: string): Uint8Array {

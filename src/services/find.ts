@@ -9,34 +9,19 @@
  * models don't allow 0xA900, both with an ErrorComment. The handler never aborts the association.
  */
 import type { FindSettings, TenantConfig } from "../config/types.ts";
-import { charsetOfOrthancEncoding, parseSpecificCharacterSet, unsupportedCharset } from "../dicom/charset.ts";
-import { dictionaryEntry, elementText, encodeDataset, IdentifierError, parseDataset, parseOrthancTag, tagName, type DataElement, type OutElement } from "../dicom/identifier.ts";
+import { identifierCharset, parseSpecificCharacterSet, unsupportedCharset } from "../dicom/charset.ts";
+import { dictionaryEntry, parseOrthancTag, tagName } from "../dicom/dictionary.ts";
+import { elementQueryText, elementText, encodeDataset, IdentifierError, parseDataset, type DataElement, type OutElement } from "../dicom/identifier.ts";
+import { informationModelOf, queryRetrieveSopClasses } from "../dicom/sop-classes.ts";
 import type { Logger } from "../shared/log.ts";
 import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
-import {
-  activeKeys,
-  buildFindQuery,
-  DICOM_LEVEL,
-  FIND_SOP_CLASSES,
-  FindLimitError,
-  FindQueryError,
-  modelOf,
-  parentKeys,
-  runFind,
-  T,
-  UNIQUE_KEY,
-  type FindQuery,
-  type FindResult,
-  type OrthancValue,
-  type RawKey,
-} from "./find-query.ts";
+import { activeKeys, buildFindQuery, DICOM_LEVEL, FindQueryError, parentKeys, T, UNIQUE_KEY, type FindQuery, type FindResult, type OrthancValue, type RawKey } from "./find-matching.ts";
+import { FindLimitError, runFind } from "./find-orthanc.ts";
 import type { DimseHandler, DimseResponder } from "../net/association.ts";
 import { Status } from "../net/constants.ts";
 
-export { FIND_SOP_CLASSES } from "./find-query.ts";
-
 /** The abstract syntaxes a tenant negotiates for C-FIND. */
-export const FIND_ABSTRACT_SYNTAXES: readonly string[] = Object.values(FIND_SOP_CLASSES);
+export const FIND_ABSTRACT_SYNTAXES: readonly string[] = queryRetrieveSopClasses("FIND");
 
 /** Largest identifier accepted (identifiers are a few hundred bytes). */
 const MAX_IDENTIFIER_BYTES = 1 << 20;
@@ -57,7 +42,7 @@ export function createFindHandler(opts: FindHandlerOptions): DimseHandler {
     const fail = (status: number, errorComment: string, offendingElement?: number) =>
       responder.respond({ status, errorComment, ...(offendingElement !== undefined ? { offendingElement: [offendingElement] } : {}) });
 
-    const model = modelOf(request.command.affectedSopClassUid ?? request.presentationContext.abstractSyntax);
+    const model = informationModelOf(request.command.affectedSopClassUid ?? request.presentationContext.abstractSyntax, "FIND");
     if (!model) {
       await fail(Status.SopClassNotSupported, `${request.command.affectedSopClassUid ?? "?"} is not a FIND SOP class`);
       return;
@@ -82,9 +67,11 @@ export function createFindHandler(opts: FindHandlerOptions): DimseHandler {
       await fail(Status.UnableToProcess, `Specific Character Set "${unknown}" is not supported`, T.SpecificCharacterSet);
       return;
     }
-    // Without (0008,0005) the requester's values are read, and answered, in Orthanc's DefaultEncoding.
-    const charset = declared ?? charsetOfOrthancEncoding(opts.defaultEncoding);
-    const raw: RawKey[] = elements.map((e) => ({ tag: e.tag, vr: e.vr === "UN" ? (dictionaryEntry(e.tag)?.vr ?? "UN") : e.vr, value: e.items ? "" : elementText(e, charset), sequence: e.items !== undefined }));
+    // Without (0008,0005) the requester's values are read, and answered, in Orthanc's DefaultEncoding;
+    // they are read as Orthanc reads stored values, which they are matched against (dicom/charset.ts).
+    const cs = identifierCharset(csElement?.bytes, declared, opts.defaultEncoding);
+    const charset = cs.terms;
+    const raw: RawKey[] = elements.map((e) => ({ tag: e.tag, vr: e.vr === "UN" ? (dictionaryEntry(e.tag)?.vr ?? "UN") : e.vr, value: e.items ? "" : elementQueryText(e, cs), sequence: e.items !== undefined }));
     const levelElement = elements.find((e) => e.tag === T.QueryRetrieveLevel);
 
     let query: FindQuery;

@@ -58,10 +58,10 @@ async function performGet(run: SubOperationRun, request: DimseRequest, responder
       const { instance, fetched } = item;
       recorder.subOperationStarted();
       const sopClass = fetched.meta.sopClassUid || instance.sopClassUid;
-      const pc = storageContextFor(responder.association, sopClass, fetched.meta.transferSyntax);
+      const pc = storageContextFor(responder.association, sopClass, fetched.meta.transferSyntaxUid);
       if (!pc) {
         fetched.discard();
-        await run.failed(instance, `no storage context with SCP role for ${sopClass} in ${fetched.meta.transferSyntax}`);
+        await run.failed(instance, `no storage context with SCP role for ${sopClass} in ${fetched.meta.transferSyntaxUid}`);
         continue;
       }
       // A failure here (the requester went away, or Orthanc's body broke in the middle of the message)

@@ -5,16 +5,16 @@
  */
 import type { GatewayConfig, TenantConfig } from "../config/types.ts";
 import type { DimseHandler } from "../net/association.ts";
-import { CommandField, SopClass } from "../net/constants.ts";
+import { CommandField } from "../net/constants.ts";
 import { handleEcho } from "./echo.ts";
 import { UNCOMPRESSED_LITTLE_ENDIAN, type SupportedSyntaxes, type TransferSyntaxPolicy } from "../net/negotiation.ts";
 import { createStoreHandler, type StoreEvents } from "./store.ts";
 import { createFindHandler, FIND_ABSTRACT_SYNTAXES } from "./find.ts";
 import { createGetHandler } from "./get.ts";
 import { createMoveHandler } from "./move.ts";
-import { GET_SOP_CLASSES, MOVE_SOP_CLASSES } from "./retrieve.ts";
 import { createRetrieveMetrics } from "./retrieve-metrics.ts";
-import { isStandardStorageSopClass, transferSyntaxMatcher } from "../dicom/uids.ts";
+import { DICOM_UID_ROOT, isStandardStorageSopClass, queryRetrieveSopClasses, SopClass } from "../dicom/sop-classes.ts";
+import { transferSyntaxMatcher } from "../dicom/uids.ts";
 import type { Logger } from "../shared/log.ts";
 import type { GatewayMetrics } from "../observe/metrics.ts";
 import type { OrthancClient } from "../orthanc/client.ts";
@@ -55,7 +55,7 @@ export function createTenantServices(ctx: TenantContext): TenantServices {
   const storagePolicy: TransferSyntaxPolicy = { accept: transferSyntaxMatcher(ctx.config.store.acceptedTransferSyntaxes) };
   // "Unknown" means private: a UID outside the DICOM root (standard classes there are either storage or not storage).
   const isStorage = (uid: string) =>
-    isStandardStorageSopClass(uid) || (ctx.config.store.unknownSopClassAccepted && !uid.startsWith("1.2.840.10008.") && !abstractSyntaxes.has(uid));
+    isStandardStorageSopClass(uid) || (ctx.config.store.unknownSopClassAccepted && !uid.startsWith(DICOM_UID_ROOT) && !abstractSyntaxes.has(uid));
   handlers.set(
     CommandField.CStoreRQ,
     createStoreHandler({ tenant: ctx.tenant, spool: ctx.spool, orthanc: ctx.orthanc, labeler: ctx.labeler, forwarder: ctx.forwarder, registry: ctx.registry, guard: ctx.guard, defaultEncoding: ctx.config.dicom.defaultEncoding, events: ctx.storeEvents }),
@@ -71,7 +71,7 @@ export function createTenantServices(ctx: TenantContext): TenantServices {
   // Retrieve (C-MOVE and C-GET SCP), Patient Root and Study Root. C-GET's C-STORE sub-operations use
   // the storage contexts the requester proposed with the SCP role, which is accepted for storage classes.
   const retrieve = { tenant: ctx.tenant, config: ctx.config, orthanc: ctx.orthanc, metrics: createRetrieveMetrics(ctx.metrics.registry), log: ctx.log };
-  for (const uid of [...MOVE_SOP_CLASSES, ...GET_SOP_CLASSES]) abstractSyntaxes.set(uid, UNCOMPRESSED_LITTLE_ENDIAN);
+  for (const uid of [...queryRetrieveSopClasses("MOVE"), ...queryRetrieveSopClasses("GET")]) abstractSyntaxes.set(uid, UNCOMPRESSED_LITTLE_ENDIAN);
   handlers.set(CommandField.CMoveRQ, createMoveHandler(retrieve));
   handlers.set(CommandField.CGetRQ, createGetHandler(retrieve));
 

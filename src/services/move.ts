@@ -150,7 +150,7 @@ async function performMove(
       if (!item) break;
       const { instance, fetched } = item;
       const sopClass = fetched.meta.sopClassUid || instance.sopClassUid;
-      const ts = fetched.meta.transferSyntax;
+      const ts = fetched.meta.transferSyntaxUid;
       const batch = batches.findIndex((b) => b.some((c) => c.abstractSyntax === sopClass && c.transferSyntaxes[0] === ts));
       const a = batch >= 0 ? await open(batch) : undefined;
       const pc = a?.findContext(sopClass, ts);

@@ -1,13 +1,8 @@
 /**
- * C-FIND queries (PS3.4 C.4.1, C.6) answered from Orthanc's `POST /tools/find`.
- *
- * A query is first validated against the information model (levels, the baseline unique-key
- * hierarchy of C.4.1.3.1.1; relational queries are not supported) and its keys classified by
- * matching type (C.2.2.2: universal, single value, UID list, wildcard, range). Orthanc then
- * pre-filters with a *superset* of the DICOM match (only constraints Orthanc can't get too narrow:
- * case-insensitive, no TM/DT/numeric/multi-valued keys), restricted to the tenant's labels, one page
- * (`Since`/`Limit`) per call, with `Expand` + `RequestedTags` giving every returned key and the
- * computed attributes in that same call. Every candidate is then matched exactly here.
+ * The C-FIND matching model (PS3.4 C.2.2.2, C.4.1): a query validated against its information model
+ * (levels, the baseline unique-key hierarchy of C.4.1.3.1.1; relational queries are not supported), its
+ * keys classified by matching type (universal, single value, UID list, wildcard, range), and candidates
+ * matched exactly. No Orthanc here: find-orthanc.ts asks Orthanc for the candidates.
  *
  * Matching rules (documented in README "C-FIND"):
  *  - PN: case-insensitive unless CaseSensitivePN; trailing empty components ignored; a value without
@@ -17,12 +12,11 @@
  *  - DA/TM/DT single values and ranges; partial times are prefixes ("10" = 10:00:00-10:59:59.999999).
  *    Combined date-time matching (C.2.2.2.5.1) applies when the association negotiated it.
  *  - Sequence keys are return keys (universal matching); their items come from what Orthanc stores.
+ * Query values are read as Orthanc reads stored values (dicom/charset.ts), so that both sides compare alike.
  */
-import type { FindSettings, ResourceLevel, TenantConfig } from "../config/types.ts";
-import { dictionaryEntry, orthancTag, parseOrthancTag, tagName } from "../dicom/identifier.ts";
-import { inScope, scopeFilter, scopePlan } from "../tenancy/label-scope.ts";
-import type { OrthancClient } from "../orthanc/client.ts";
-import { findAll, findPages, type FindBody } from "../orthanc/find-pages.ts";
+import type { ResourceLevel } from "../config/types.ts";
+import { dictionaryEntry, orthancTag, tagName } from "../dicom/dictionary.ts";
+import type { InformationModel } from "../dicom/sop-classes.ts";
 
 // ---- tags ---------------------------------------------------------------------------------------
 
@@ -76,7 +70,7 @@ export const UNIQUE_KEY: Record<ResourceLevel, number> = {
 };
 
 /** Attributes whose value Orthanc computes from the resource's children. */
-const COMPUTED: Record<number, ResourceLevel> = {
+export const COMPUTED: Record<number, ResourceLevel> = {
   [T.NumberOfPatientRelatedStudies]: "Patient",
   [T.NumberOfPatientRelatedSeries]: "Patient",
   [T.NumberOfPatientRelatedInstances]: "Patient",
@@ -124,19 +118,6 @@ export function keyLevel(tag: number): ResourceLevel | undefined {
 
 // ---- information models ---------------------------------------------------------------------
 
-export const FIND_SOP_CLASSES = {
-  PatientRoot: "1.2.840.10008.5.1.4.1.2.1.1",
-  StudyRoot: "1.2.840.10008.5.1.4.1.2.2.1",
-  PatientStudyOnly: "1.2.840.10008.5.1.4.1.2.3.1",
-} as const;
-
-export type InformationModel = "PatientRoot" | "StudyRoot" | "PatientStudyOnly";
-
-export function modelOf(sopClassUid: string): InformationModel | undefined {
-  for (const [k, v] of Object.entries(FIND_SOP_CLASSES)) if (v === sopClassUid) return k as InformationModel;
-  return undefined;
-}
-
 const MODEL_LEVELS: Record<InformationModel, ResourceLevel[]> = {
   PatientRoot: ["Patient", "Study", "Series", "Instance"],
   StudyRoot: ["Study", "Series", "Instance"],
@@ -180,8 +161,8 @@ export class FindQueryError extends Error {
 const STATUS_IDENTIFIER_DOES_NOT_MATCH = 0xa900;
 
 const DATE_TIME_VRS = new Set(["DA", "TM", "DT"]);
-const NUMERIC_VRS = new Set(["IS", "DS", "SL", "SS", "UL", "US", "FL", "FD", "SV", "UV"]);
-const LONG_TEXT_VRS = new Set(["ST", "LT", "UT"]);
+export const NUMERIC_VRS = new Set(["IS", "DS", "SL", "SS", "UL", "US", "FL", "FD", "SV", "UV"]);
+export const LONG_TEXT_VRS = new Set(["ST", "LT", "UT"]);
 
 function hasWildcard(s: string): boolean {
   return s.includes("*") || s.includes("?");
@@ -460,92 +441,16 @@ export function parentKeys(q: FindQuery): number[] {
   return levels.slice(0, levels.indexOf(q.level)).map((l) => UNIQUE_KEY[l]);
 }
 
-// ---- Orthanc --------------------------------------------------------------------------------------
+// ---- candidates ---------------------------------------------------------------------------------
 
 /** The value Orthanc gives for a tag in `Short` form: a string, null (absent/empty), or sequence items. */
 export type OrthancValue = string | null | Array<Record<string, unknown>>;
 
-/** One matching resource: tag -> value, for the keys of the query. */
+/** One candidate resource: tag -> value, for the keys of the query. */
 export type FindResult = Map<number, OrthancValue>;
 
-/** The matches of one page of Orthanc's answer; `last` when no page follows. */
-export interface FindPage {
-  results: FindResult[];
-  last: boolean;
-}
-
-/**
- * Orthanc query constraint for a key, or undefined when Orthanc could match more narrowly than DICOM
- * (then the key is matched here only). Orthanc compares case-insensitively (CaseSensitive false) and
- * its UID/identifier matching is case-insensitive, so what it returns is a superset.
- */
-export function orthancConstraint(k: QueryKey): string | undefined {
-  if (k.sequence || k.matchers.some((m) => m.type === "universal")) return undefined;
-  if (k.tag in COMPUTED && k.tag !== T.ModalitiesInStudy) return undefined;
-  if (NUMERIC_VRS.has(k.vr) || LONG_TEXT_VRS.has(k.vr) || k.vr === "TM" || k.vr === "DT") return undefined;
-  const vm = dictionaryEntry(k.tag)?.vm ?? "1";
-  if (vm !== "1" && k.tag !== T.ModalitiesInStudy) return undefined;
-  const ms = k.matchers;
-  if (k.vr === "UI") return ms.map((m) => (m as { value: string }).value).join("\\");
-  if (ms.length !== 1) return ms.every((m) => m.type === "single" && !m.value.includes("-")) && k.vr !== "PN" && k.vr !== "DA" ? ms.map((m) => (m as { value: string }).value).join("\\") : undefined;
-  const m = ms[0]!;
-  if (k.vr === "DA") {
-    if (m.type === "single") return normDate(m.value);
-    if (m.type === "range") {
-      const lo = m.lower === undefined ? "" : normDate(m.lower);
-      const hi = m.upper === undefined ? "" : normDate(m.upper);
-      return lo === undefined || hi === undefined ? undefined : `${lo}-${hi}`;
-    }
-    return undefined;
-  }
-  if (k.vr === "PN") {
-    // Any component group may match, and trailing '^' are ignored: widen to a substring pattern.
-    const v = m.type === "single" ? normPersonName(m.value) : m.type === "wildcard" ? m.pattern : undefined;
-    if (v === undefined || v.includes("\\")) return undefined;
-    return `*${v}*`.replace(/\*+/g, "*");
-  }
-  if (m.type === "single") return m.value.includes("\\") ? undefined : m.value;
-  if (m.type === "wildcard") return m.pattern;
-  return undefined;
-}
-
-export class FindLimitError extends Error {
-  override name = "FindLimitError";
-}
-
-export interface FindContext {
-  orthanc: OrthancClient;
-  tenant: Pick<TenantConfig, "labels" | "labelsConstraint" | "labelsStoreLevels">;
-  settings: FindSettings;
-  signal?: AbortSignal;
-}
-
-interface OrthancResource {
-  ID: string;
-  Type: string;
-  Labels?: string[];
-  RequestedTags?: Record<string, OrthancValue>;
-}
-
-/** Expand + RequestedTags, Labels in the answer, case-insensitive pre-filter (see orthancConstraint). */
-function findBody(level: string, query: Record<string, string>, scope: Record<string, unknown>, requested: Iterable<number>): FindBody {
-  return { Level: level, Query: query, ...scope, Expand: true, Short: true, ResponseContent: ["Labels"], RequestedTags: [...requested].map(orthancTag), CaseSensitive: false };
-}
-
-function findOpts(ctx: FindContext) {
-  return { timeoutMs: ctx.settings.timeoutMs, signal: ctx.signal };
-}
-
-function toResult(r: OrthancResource): FindResult {
-  const out: FindResult = new Map();
-  for (const [k, v] of Object.entries(r.RequestedTags ?? {})) {
-    const tag = parseOrthancTag(k);
-    if (tag !== undefined) out.set(tag, v);
-  }
-  return out;
-}
-
-function text(v: OrthancValue | undefined): string {
+/** A candidate's value as text ("" for absent values and sequences). */
+export function textOf(v: OrthancValue | undefined): string {
   return typeof v === "string" ? v : "";
 }
 
@@ -557,7 +462,7 @@ export function matchesQuery(q: FindQuery, keys: QueryKey[], r: FindResult, opts
       const d = keys.find((k) => k.tag === dt);
       const t = keys.find((k) => k.tag === tm);
       if (!d || !t || d.matchers.some((m) => m.type === "universal") || t.matchers.some((m) => m.type === "universal")) continue;
-      if (!matchDateTimePair(d.matchers, t.matchers, text(r.get(dt)), text(r.get(tm)))) return false;
+      if (!matchDateTimePair(d.matchers, t.matchers, textOf(r.get(dt)), textOf(r.get(tm)))) return false;
       combined.push(dt, tm);
     }
   }
@@ -568,122 +473,3 @@ export function matchesQuery(q: FindQuery, keys: QueryKey[], r: FindResult, opts
   }
   return true;
 }
-
-/**
- * Runs a query against Orthanc for a tenant and yields the matching results page by page (one
- * `/tools/find` call per page; two when the tenant's labels are on a level above the query level).
- */
-export async function* runFind(q: FindQuery, ctx: FindContext): AsyncGenerator<FindPage> {
-  const plan = scopePlan(ctx.tenant, q.level);
-  if (plan.kind === "descendant") {
-    yield* runDerived(q, ctx, plan.level);
-    return;
-  }
-  const keys = activeKeys(q);
-  const opts: MatchOptions = { caseSensitivePN: ctx.settings.caseSensitivePN };
-  const query: Record<string, string> = {};
-  for (const k of keys) {
-    const c = orthancConstraint(k);
-    if (c !== undefined) query[orthancTag(k.tag)] = c;
-  }
-  const requested = new Set<number>([...keys.map((k) => k.tag), ...parentKeys(q), UNIQUE_KEY[q.level]]);
-  const ancestor = plan.kind === "ancestor" ? plan.level : undefined;
-  if (ancestor) requested.add(UNIQUE_KEY[ancestor]);
-  for await (const page of findPages<OrthancResource>(ctx.orthanc, findBody(q.level, query, plan.kind === "direct" ? scopeFilter(ctx.tenant) : {}, requested), ctx.settings.pageSize, findOpts(ctx))) {
-    let candidates = page.resources.filter((r) => plan.kind !== "direct" || inScope(r.Labels, ctx.tenant)).map(toResult);
-    if (ancestor && candidates.length > 0) candidates = await inScopeAncestors(ctx, ancestor, candidates);
-    yield { results: candidates.filter((r) => matchesQuery(q, keys, r, opts)), last: page.last };
-  }
-}
-
-/** Keeps the results whose parent at the labeled level is in the tenant's scope (one call per page). */
-async function inScopeAncestors(ctx: FindContext, level: ResourceLevel, results: FindResult[]): Promise<FindResult[]> {
-  const tag = UNIQUE_KEY[level];
-  const uids = [...new Set(results.map((r) => text(r.get(tag))).filter((u) => u !== "" && !u.includes("\\")))];
-  if (uids.length === 0) return [];
-  const parents = await findAll<OrthancResource>(ctx.orthanc, { ...findBody(level, { [orthancTag(tag)]: uids.join("\\") }, scopeFilter(ctx.tenant), [tag]), CaseSensitive: true }, findOpts(ctx));
-  const visible = new Set(parents.filter((p) => inScope(p.Labels, ctx.tenant)).map((p) => text(toResult(p).get(tag))));
-  return results.filter((r) => visible.has(text(r.get(tag))));
-}
-
-interface Aggregate {
-  first: FindResult;
-  studies: Set<string>;
-  series: Set<string>;
-  seriesCount: number;
-  instances: number;
-  modalities: Set<string>;
-  sopClasses: Set<string>;
-}
-
-/**
- * A level above the labeled levels (typically PATIENT): resources are derived from their visible
- * descendants at `from`, and the computed attributes count only those.
- */
-async function* runDerived(q: FindQuery, ctx: FindContext, from: ResourceLevel): AsyncGenerator<FindPage> {
-  const keys = activeKeys(q);
-  const opts: MatchOptions = { caseSensitivePN: ctx.settings.caseSensitivePN };
-  const computed = keys.filter((k) => k.tag in COMPUTED);
-  const plain = keys.filter((k) => !(k.tag in COMPUTED));
-  const query: Record<string, string> = {};
-  for (const k of plain) {
-    const c = orthancConstraint(k);
-    if (c !== undefined) query[orthancTag(k.tag)] = c;
-  }
-  const groupTag = UNIQUE_KEY[q.level];
-  const requested = new Set<number>([...plain.map((k) => k.tag), ...parentKeys(q), groupTag]);
-  // What the aggregation needs from each descendant.
-  if (from === "Study") [T.StudyInstanceUID, T.NumberOfStudyRelatedSeries, T.NumberOfStudyRelatedInstances].forEach((t) => requested.add(t));
-  if (from === "Series") [T.StudyInstanceUID, T.SeriesInstanceUID, T.NumberOfSeriesRelatedInstances, T.Modality].forEach((t) => requested.add(t));
-  if (from === "Instance") [T.StudyInstanceUID, T.SeriesInstanceUID, T.Modality, T.SOPClassUID].forEach((t) => requested.add(t));
-  if (computed.some((k) => k.tag === T.ModalitiesInStudy) && from === "Study") requested.add(T.ModalitiesInStudy);
-  if (computed.some((k) => k.tag === T.SOPClassesInStudy) && from === "Study") requested.add(T.SOPClassesInStudy);
-
-  const groups = new Map<string, Aggregate>();
-  for await (const page of findPages<OrthancResource>(ctx.orthanc, findBody(from, query, scopeFilter(ctx.tenant), requested), ctx.settings.pageSize, findOpts(ctx))) {
-    for (const r of page.resources) {
-      if (!inScope(r.Labels, ctx.tenant)) continue;
-      const res = toResult(r);
-      if (!matchesQuery(q, plain, res, opts)) continue;
-      const id = text(res.get(groupTag));
-      let g = groups.get(id);
-      if (!g) {
-        g = { first: res, studies: new Set(), series: new Set(), seriesCount: 0, instances: 0, modalities: new Set(), sopClasses: new Set() };
-        groups.set(id, g);
-        if (ctx.settings.limitFindResults > 0 && groups.size > ctx.settings.limitFindResults) {
-          throw new FindLimitError(`more than ${ctx.settings.limitFindResults} matches (LimitFindResults)`);
-        }
-      }
-      const split = (t: number) => text(res.get(t)).split("\\").filter((x) => x !== "");
-      g.studies.add(text(res.get(T.StudyInstanceUID)));
-      if (from === "Study") {
-        g.seriesCount += Number(text(res.get(T.NumberOfStudyRelatedSeries))) || 0;
-        g.instances += Number(text(res.get(T.NumberOfStudyRelatedInstances))) || 0;
-        split(T.ModalitiesInStudy).forEach((m) => g!.modalities.add(m));
-        split(T.SOPClassesInStudy).forEach((m) => g!.sopClasses.add(m));
-      } else {
-        g.series.add(text(res.get(T.SeriesInstanceUID)));
-        g.seriesCount = g.series.size;
-        g.instances += from === "Series" ? Number(text(res.get(T.NumberOfSeriesRelatedInstances))) || 0 : 1;
-        split(T.Modality).forEach((m) => g!.modalities.add(m));
-        split(T.SOPClassUID).forEach((m) => g!.sopClasses.add(m));
-      }
-    }
-  }
-  const out: FindResult[] = [];
-  for (const g of groups.values()) {
-    const r: FindResult = new Map(g.first);
-    const set = (tag: number, v: string) => r.set(tag, v);
-    set(T.NumberOfPatientRelatedStudies, String(g.studies.size));
-    set(T.NumberOfPatientRelatedSeries, String(g.seriesCount));
-    set(T.NumberOfPatientRelatedInstances, String(g.instances));
-    set(T.NumberOfStudyRelatedSeries, String(g.seriesCount));
-    set(T.NumberOfStudyRelatedInstances, String(g.instances));
-    set(T.NumberOfSeriesRelatedInstances, String(g.instances));
-    set(T.ModalitiesInStudy, [...g.modalities].sort().join("\\"));
-    set(T.SOPClassesInStudy, [...g.sopClasses].sort().join("\\"));
-    if (matchesQuery(q, computed, r, opts)) out.push(r);
-  }
-  yield { results: out, last: true };
-}
-
