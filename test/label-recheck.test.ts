@@ -8,13 +8,13 @@
  *
  * Each test names the re-check that alone stands between the tenant and the injected resource; each
  * was seen to fail with that re-check removed:
- *  - find-query.ts runFind: results of a level the tenant labels (STUDY, SERIES, IMAGE);
- *  - find-query.ts inScopeAncestors: the parents checked when only a level above is labeled;
- *  - find-query.ts runDerived: the studies a PATIENT answer is made of;
+ *  - find-orthanc.ts runFind: results of a level the tenant labels (STUDY, SERIES, IMAGE);
+ *  - find-orthanc.ts inScopeAncestors: the parents checked when only a level above is labeled;
+ *  - find-orthanc.ts runDerived: the studies a PATIENT answer is made of;
  *  - resolve.ts `scoped`: the anchor resources of a retrieve (the named and the listed path);
  *  - resolve.ts, instance anchors: the instances themselves when only instances are labeled;
  *  - resolve.ts descendsFrom: instances listed under an anchor must descend from it;
- *  - resolve.ts anchorStillInScope (retrieve.ts InstanceFetcher): the anchor's labels right before
+ *  - resolve.ts anchorStillInScope (retrieve-stream.ts InstanceFetcher): the anchor's labels right before
  *    sending (relabeled since the resolution).
  *
  * Data (unique UIDs, patient IDs and labels per run), every level of a study labeled as the gateway
