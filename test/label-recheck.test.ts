@@ -121,6 +121,14 @@ afterAll(async () => {
   for (const dir of [work, dest?.dir]) if (dir) rmSync(dir, { recursive: true, force: true });
 });
 
+/** dicom_gateway_scope_violations_total by "TENANT SERVICE". */
+async function scopeViolations(): Promise<Record<string, number>> {
+  const text = await (await fetch(gw.httpUrl + "/metrics")).text();
+  const out: Record<string, number> = {};
+  for (const m of text.matchAll(/^dicom_gateway_scope_violations_total\{tenant="([^"]+)",service="([^"]+)"\} (\d+)/gm)) out[`${m[1]} ${m[2]}`] = Number(m[3]);
+  return out;
+}
+
 // ---- peers ------------------------------------------------------------------------------------------
 
 /** findscu -X: the final status and every response identifier (keyword -> value). */
@@ -218,6 +226,8 @@ describe("the proxy without rules", () => {
     // What Orthanc stored is what the proxy received, byte for byte.
     expect(Buffer.compare(await client.getBytes(`/instances/${found!.ID}/file`), upload!.body)).toBe(0);
     expect(proxy.connections).toBeLessThan(proxy.requests.length);
+    // An Orthanc that keeps to its label filter: nothing to report.
+    expect(await scopeViolations()).toEqual({});
   });
 });
 
@@ -359,4 +369,14 @@ describe("a study relabeled between the resolution and the sending (resolve.ts a
       }
     });
   }
+});
+
+describe("every dropped resource is reported", () => {
+  test("the re-checks above counted what they dropped per service (dicom_gateway_scope_violations_total) and warned", async () => {
+    const counts = await scopeViolations();
+    for (const key of ["ALPHA C-FIND", "ALPHAS C-FIND", "ALPHA C-MOVE", "ALPHA C-GET", "ALPHAI C-MOVE"]) expect(`${key}: ${(counts[key] ?? 0) > 0}`).toBe(`${key}: true`);
+    const warned = logLines.map((l) => JSON.parse(l) as Record<string, unknown>).filter((l) => l["msg"] === "Orthanc answered resources outside the tenant's label filter; the gateway dropped them");
+    expect(warned.length).toBeGreaterThan(0);
+    expect(warned.every((w) => typeof w["dropped"] === "number" && typeof w["where"] === "string")).toBe(true);
+  });
 });

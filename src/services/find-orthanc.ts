@@ -8,6 +8,7 @@
 import type { FindSettings, ResourceLevel, TenantConfig } from "../config/types.ts";
 import { dictionaryEntry, orthancTag, parseOrthancTag } from "../dicom/dictionary.ts";
 import { inScope, scopeFilter, scopePlan } from "../tenancy/label-scope.ts";
+import type { OutOfScope } from "./scope-watch.ts";
 import type { OrthancClient } from "../orthanc/client.ts";
 import { findAll, findPages, type FindBody } from "../orthanc/find-pages.ts";
 import {
@@ -79,6 +80,15 @@ export interface FindContext {
   tenant: Pick<TenantConfig, "labels" | "labelsConstraint" | "labelsStoreLevels">;
   settings: FindSettings;
   signal?: AbortSignal;
+  /** Told of resources Orthanc answered outside the label filter it was given (scope-watch.ts). */
+  outOfScope?: OutOfScope;
+}
+
+/** The resources of an answer to a label-filtered query that are in the tenant's scope; the others are reported. */
+function keepInScope<R extends { Labels?: string[] }>(ctx: FindContext, resources: R[], where: string): R[] {
+  const kept = resources.filter((r) => inScope(r.Labels, ctx.tenant));
+  ctx.outOfScope?.(resources.length - kept.length, where);
+  return kept;
 }
 
 interface OrthancResource {
@@ -127,7 +137,7 @@ export async function* runFind(q: FindQuery, ctx: FindContext): AsyncGenerator<F
   const ancestor = plan.kind === "ancestor" ? plan.level : undefined;
   if (ancestor) requested.add(UNIQUE_KEY[ancestor]);
   for await (const page of findPages<OrthancResource>(ctx.orthanc, findBody(q.level, query, plan.kind === "direct" ? scopeFilter(ctx.tenant) : {}, requested), ctx.settings.pageSize, findOpts(ctx))) {
-    let candidates = page.resources.filter((r) => plan.kind !== "direct" || inScope(r.Labels, ctx.tenant)).map(toResult);
+    let candidates = (plan.kind === "direct" ? keepInScope(ctx, page.resources, `${q.level} query`) : page.resources).map(toResult);
     if (ancestor && candidates.length > 0) candidates = await inScopeAncestors(ctx, ancestor, candidates);
     yield { results: candidates.filter((r) => matchesQuery(q, keys, r, opts)), last: page.last };
   }
@@ -139,7 +149,7 @@ async function inScopeAncestors(ctx: FindContext, level: ResourceLevel, results:
   const uids = [...new Set(results.map((r) => textOf(r.get(tag))).filter((u) => u !== "" && !u.includes("\\")))];
   if (uids.length === 0) return [];
   const parents = await findAll<OrthancResource>(ctx.orthanc, { ...findBody(level, { [orthancTag(tag)]: uids.join("\\") }, scopeFilter(ctx.tenant), [tag]), CaseSensitive: true }, findOpts(ctx));
-  const visible = new Set(parents.filter((p) => inScope(p.Labels, ctx.tenant)).map((p) => textOf(toResult(p).get(tag))));
+  const visible = new Set(keepInScope(ctx, parents, `${level} ancestors`).map((p) => textOf(toResult(p).get(tag))));
   return results.filter((r) => visible.has(textOf(r.get(tag))));
 }
 
@@ -178,8 +188,7 @@ async function* runDerived(q: FindQuery, ctx: FindContext, from: ResourceLevel):
 
   const groups = new Map<string, Aggregate>();
   for await (const page of findPages<OrthancResource>(ctx.orthanc, findBody(from, query, scopeFilter(ctx.tenant), requested), ctx.settings.pageSize, findOpts(ctx))) {
-    for (const r of page.resources) {
-      if (!inScope(r.Labels, ctx.tenant)) continue;
+    for (const r of keepInScope(ctx, page.resources, `${from} descendants of a ${q.level} query`)) {
       const res = toResult(r);
       if (!matchesQuery(q, plain, res, opts)) continue;
       const id = textOf(res.get(groupTag));

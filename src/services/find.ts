@@ -17,6 +17,7 @@ import type { Logger } from "../shared/log.ts";
 import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
 import { activeKeys, buildFindQuery, DICOM_LEVEL, FindQueryError, parentKeys, T, UNIQUE_KEY, type FindQuery, type FindResult, type OrthancValue, type RawKey } from "./find-matching.ts";
 import { FindLimitError, runFind } from "./find-orthanc.ts";
+import type { OutOfScope } from "./scope-watch.ts";
 import type { DimseHandler, DimseResponder } from "../net/association.ts";
 import { Status } from "../net/constants.ts";
 
@@ -33,6 +34,8 @@ export interface FindHandlerOptions {
   /** Orthanc's `DefaultEncoding`: the character set of identifiers without (0008,0005). */
   defaultEncoding: string;
   log?: Logger;
+  /** Told of resources Orthanc answered outside the tenant's label filter (scope-watch.ts). */
+  outOfScope?: OutOfScope;
 }
 
 class Cancelled extends Error {}
@@ -96,7 +99,7 @@ export function createFindHandler(opts: FindHandlerOptions): DimseHandler {
     let count = 0;
     const ts = request.presentationContext.transferSyntax;
     try {
-      for await (const page of runFind(query, { orthanc: opts.orthanc, tenant: opts.tenant, settings: opts.find, signal: request.signal })) {
+      for await (const page of runFind(query, { orthanc: opts.orthanc, tenant: opts.tenant, settings: opts.find, signal: request.signal, outOfScope: opts.outOfScope })) {
         const { results } = page;
         for (let i = 0; i < results.length; i++) {
           if (request.signal.aborted) throw new Cancelled();

@@ -13,6 +13,7 @@ import { createFindHandler, FIND_ABSTRACT_SYNTAXES } from "./find.ts";
 import { createGetHandler } from "./get.ts";
 import { createMoveHandler } from "./move.ts";
 import { createRetrieveMetrics } from "./retrieve-metrics.ts";
+import { scopeWatch } from "./scope-watch.ts";
 import { DICOM_UID_ROOT, isStandardStorageSopClass, queryRetrieveSopClasses, SopClass } from "../dicom/sop-classes.ts";
 import { transferSyntaxMatcher } from "../dicom/uids.ts";
 import type { Logger } from "../shared/log.ts";
@@ -65,15 +66,22 @@ export function createTenantServices(ctx: TenantContext): TenantServices {
   for (const uid of FIND_ABSTRACT_SYNTAXES) abstractSyntaxes.set(uid, UNCOMPRESSED_LITTLE_ENDIAN);
   handlers.set(
     CommandField.CFindRQ,
-    createFindHandler({ tenant: ctx.tenant, orthanc: ctx.orthanc, find: ctx.config.find, defaultEncoding: ctx.config.dicom.defaultEncoding, log: ctx.log }),
+    createFindHandler({
+      tenant: ctx.tenant,
+      orthanc: ctx.orthanc,
+      find: ctx.config.find,
+      defaultEncoding: ctx.config.dicom.defaultEncoding,
+      log: ctx.log,
+      outOfScope: scopeWatch(ctx.metrics.registry, ctx.log, ctx.tenant.aet, "C-FIND"),
+    }),
   );
 
   // Retrieve (C-MOVE and C-GET SCP), Patient Root and Study Root. C-GET's C-STORE sub-operations use
   // the storage contexts the requester proposed with the SCP role, which is accepted for storage classes.
   const retrieve = { tenant: ctx.tenant, config: ctx.config, orthanc: ctx.orthanc, metrics: createRetrieveMetrics(ctx.metrics.registry), log: ctx.log };
   for (const uid of [...queryRetrieveSopClasses("MOVE"), ...queryRetrieveSopClasses("GET")]) abstractSyntaxes.set(uid, UNCOMPRESSED_LITTLE_ENDIAN);
-  handlers.set(CommandField.CMoveRQ, createMoveHandler(retrieve));
-  handlers.set(CommandField.CGetRQ, createGetHandler(retrieve));
+  handlers.set(CommandField.CMoveRQ, createMoveHandler({ ...retrieve, outOfScope: scopeWatch(ctx.metrics.registry, ctx.log, ctx.tenant.aet, "C-MOVE") }));
+  handlers.set(CommandField.CGetRQ, createGetHandler({ ...retrieve, outOfScope: scopeWatch(ctx.metrics.registry, ctx.log, ctx.tenant.aet, "C-GET") }));
 
   return {
     syntaxes: {

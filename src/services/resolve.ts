@@ -21,6 +21,7 @@
  */
 import type { LabelsConstraint, ResourceLevel } from "../config/types.ts";
 import { inScope, isUnrestricted, labeledLevels, type ScopedTenant } from "../tenancy/label-scope.ts";
+import type { OutOfScope } from "./scope-watch.ts";
 import type { OrthancClient, RequestOptions } from "../orthanc/client.ts";
 import { findAll, type FindBody } from "../orthanc/find-pages.ts";
 
@@ -98,6 +99,8 @@ interface FoundInstance {
 export interface ResolveOptions extends Pick<RequestOptions, "signal" | "timeoutMs"> {
   /** Parallel /tools/find calls for the instances of the anchor resources (default 4). */
   concurrency?: number;
+  /** Told of resources Orthanc answered outside the label filter (or the parent) it was given (scope-watch.ts). */
+  outOfScope?: OutOfScope;
 }
 
 const LEVEL_RANK: Record<ResourceLevel, number> = { Patient: 0, Study: 1, Series: 2, Instance: 3 };
@@ -126,7 +129,10 @@ export async function resolveInstances(orthanc: OrthancClient, scope: LabelScope
     const found = await findInstances(orthanc, anchorQuery, restricted ? scope : undefined, undefined, opts);
     const out: ResolvedInstance[] = [];
     for (const f of found) {
-      if (restricted && !labelsInScope(scope, f.Labels ?? [])) continue;
+      if (restricted && !labelsInScope(scope, f.Labels ?? [])) {
+        opts.outOfScope?.(1, "instance anchors");
+        continue;
+      }
       const r = await toResolved(orthanc, f, f.ID, opts);
       if (r) out.push(r);
     }
@@ -136,7 +142,9 @@ export async function resolveInstances(orthanc: OrthancClient, scope: LabelScope
   const anchorBody = { Level: anchorLevel, Query: anchorQuery, Labels: [...scope.labels], LabelsConstraint: scope.constraint, Expand: true };
   const scoped = (anchors: AnchorResource[]) => {
     if (!Array.isArray(anchors)) throw new ResolveError("Orthanc's /tools/find answer is not a list");
-    return anchors.filter((a) => a && typeof a === "object" && typeof a.ID === "string" && Array.isArray(a.Labels) && labelsInScope(scope, a.Labels));
+    const kept = anchors.filter((a) => a && typeof a === "object" && typeof a.ID === "string" && Array.isArray(a.Labels) && labelsInScope(scope, a.Labels));
+    opts.outOfScope?.(anchors.length - kept.length, `${anchorLevel} anchors`);
+    return kept;
   };
 
   // The request names the anchor resources (e.g. study UIDs, the usual case): list their instances in

@@ -9,6 +9,7 @@
 import type { DicomModality, DicomSettings, MoveSettings, TenantConfig } from "../config/types.ts";
 import { EXPLICIT_BIG, EXPLICIT_LITTLE, ElementWriter, IMPLICIT_LITTLE } from "../dicom/element-codec.ts";
 import type { Logger } from "../shared/log.ts";
+import type { OutOfScope } from "./scope-watch.ts";
 import type { OrthancClient } from "../orthanc/client.ts";
 import { resolveInstances, tenantLabelScope, type LabelScope, type ResolvedInstance, type RetrieveKeys } from "./resolve.ts";
 import type { DimseRequest, DimseResponder } from "../net/association.ts";
@@ -30,11 +31,13 @@ export interface RetrieveContext {
   orthanc: OrthancClient;
   metrics?: RetrieveMetrics;
   log?: Logger;
+  /** Told of resources Orthanc answered outside the tenant's label filter (scope-watch.ts). */
+  outOfScope?: OutOfScope;
 }
 
 /** Reads the request's identifier and resolves its instances in the tenant's scope, for the audit trail too. Throws RetrieveRefusal. */
 export async function resolveRequest(
-  ctx: Pick<RetrieveContext, "orthanc" | "tenant" | "config">,
+  ctx: Pick<RetrieveContext, "orthanc" | "tenant" | "config" | "outOfScope">,
   request: DimseRequest,
   responder: DimseResponder,
 ): Promise<{ keys: RetrieveKeys; scope: LabelScope; instances: ResolvedInstance[] }> {
@@ -43,7 +46,7 @@ export async function resolveRequest(
   const scope = tenantLabelScope(ctx.tenant);
   let instances: ResolvedInstance[];
   try {
-    instances = await resolveInstances(ctx.orthanc, scope, keys, { signal: request.signal });
+    instances = await resolveInstances(ctx.orthanc, scope, keys, { signal: request.signal, outOfScope: ctx.outOfScope });
   } catch (e) {
     if (request.signal.aborted) throw e;
     // Orthanc failures become 0xA701 (PS3.4 C.4.2.1.5).
