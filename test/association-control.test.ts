@@ -10,7 +10,8 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { PduType, RejectReason, RejectResult, RejectSource } from "../src/net/constants.ts";
 import { decodeAssociateRJ } from "../src/net/pdu.ts";
 import type { Peer } from "../src/net/association.ts";
-import { createAssociationPolicy, inRange, parseAddress, parseAddressRange } from "../src/tenancy/association-policy.ts";
+import { createAssociationPolicy } from "../src/tenancy/association-policy.ts";
+import { inRange, parseAddress, parseAddressRange, parseCallerHost } from "../src/shared/address.ts";
 import { encodeAssociateRQ } from "../src/net/pdu.ts";
 import { DICOM_APPLICATION_CONTEXT } from "../src/net/constants.ts";
 import { echoscu } from "./helpers/dcmtk.ts";
@@ -83,6 +84,20 @@ describe("addresses", () => {
   test("host names and nonsense are not address ranges", () => {
     for (const s of ["pacs.example.org", "localhost", "10.0.0.0/33", "10.0.0.0/x", "::1/129", "1.2.3"]) expect(parseAddressRange(s)).toBeUndefined();
     expect(parseAddress("not-an-address")).toBeUndefined();
+  });
+
+  test("one grammar with the configuration: what config/ refuses as a Host is no range here either", () => {
+    // Brackets and zones are for peers as sockets report them, never for a configured Host; no leading zeros;
+    // a dotted quad only ends an IPv6 address.
+    for (const s of ["[::1]", "fe80::1%eth0", "10.0.0.0/08", "010.0.0.1", "1.2.3.4::", "::1.2.3.4:5", "10.0.0.0/8/8", "10.0.0.0/ 8"]) {
+      expect(parseAddressRange(s)).toBeUndefined();
+      expect(parseCallerHost(s)).toBeUndefined();
+    }
+    expect(parseCallerHost(" Modality.Example.ORG ")).toEqual({ hostName: "modality.example.org" });
+    expect(parseCallerHost("10.0.0.5/24")).toEqual({ range: { address: Uint8Array.of(10, 0, 0, 5), prefix: 24 } });
+    expect(parseCallerHost("::ffff:0:0/96")).toEqual({ range: { address: Uint8Array.of(0, 0, 0, 0), prefix: 0 } });
+    expect(parseAddressRange("1:2:3:4:5:6:1.2.3.4")?.address).toEqual(Uint8Array.of(0, 1, 0, 2, 0, 3, 0, 4, 0, 5, 0, 6, 1, 2, 3, 4));
+    expect(parseAddressRange("2001:db8::7:8")?.address).toEqual(Uint8Array.of(0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7, 0, 8));
   });
 });
 
