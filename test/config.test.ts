@@ -671,6 +671,7 @@ describe("isolation, allowed callers and associations of a server entry", () => 
         "g::1",
         "[::1]",
         "fe80::1%eth0",
+        "1.2.3.4::", // a dotted quad only ends an IPv6 address (RFC 4291 2.2)
         "host name",
         "-pacs.example.org",
         "pacs-.example.org",

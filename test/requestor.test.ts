@@ -209,7 +209,7 @@ describe("with our own acceptor", () => {
     const err = await a.request(7, { commandField: CommandField.CMoveRQ, affectedSopClassUid: "1.2.840.10008.5.1.4.1.2.2.2", moveDestination: "X", priority: 0 }, Uint8Array.of(0x08, 0, 0x52, 0, 0x43, 0x53, 6, 0, ...new TextEncoder().encode("STUDY "))).catch((e) => e);
     expect(err).toBeInstanceOf(AssociationError);
     expect(err.kind).toBe("timeout");
-    expect(performance.now() - t0).toBeLessThan(2000);
+    expect(performance.now() - t0).toBeGreaterThanOrEqual(290); // after dimseTimeoutMs of silence, not before
     await a.closed;
   });
 
@@ -231,7 +231,7 @@ describe("connection failures and hostile peers", () => {
     expect(err).toBeInstanceOf(AssociationError);
     expect(err.kind).toBe("connect");
     expect(err.message).toContain("ECONNREFUSED");
-    expect(performance.now() - t0).toBeLessThan(1000);
+    expect(performance.now() - t0).toBeLessThan(3000); // on the refusal, not at connectTimeoutMs
   });
 
   /** A peer that accepts TCP and then does whatever `onData` says. */
@@ -249,8 +249,7 @@ describe("connection failures and hostile peers", () => {
     const ms = performance.now() - t0;
     expect(err.kind).toBe("connect");
     expect(err.message).toContain("within 400 ms");
-    expect(ms).toBeGreaterThanOrEqual(390);
-    expect(ms).toBeLessThan(1500);
+    expect(ms).toBeGreaterThanOrEqual(390); // at connectTimeoutMs, not before
     sockets.forEach((s) => s.destroy());
     server.close();
   });

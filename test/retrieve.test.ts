@@ -156,6 +156,41 @@ async function moveWithRequestor(
   return { final: r.command, failedUids: failedUids.filter((u) => u !== "").sort(), pendings, ms };
 }
 
+/** The context of tenant ALPHA's retrieve handlers, with an Orthanc where nothing listens. */
+async function deadOrthancContext() {
+  return {
+    tenant: gw.config.tenants[0]!,
+    config: { modalities: gw.config.modalities, dicom: gw.config.dicom, move: gw.config.move },
+    orthanc: new OrthancClient({ url: `http://127.0.0.1:${await freePort()}`, timeoutMs: 1000 }),
+  };
+}
+
+/** Calls a C-MOVE or C-GET handler directly (no association, no sub-operation sent): its responses and audit fields. */
+async function callRetrieveHandler(
+  handler: DimseHandler,
+  sopClass: string,
+  moveDestination: string,
+  keys: [number, string, string][],
+): Promise<{ responses: CommandSet[]; audit: Record<string, unknown> }> {
+  const dataset = new DatasetStream({ pause() {}, resume() {} });
+  dataset.push(identifier(keys));
+  dataset.end();
+  const responses: CommandSet[] = [];
+  const audit: Record<string, unknown> = {};
+  const association = { id: 1, callingAeTitle: "WS", calledAeTitle: "ALPHA", peer: { address: "127.0.0.1", port: 1 }, presentationContexts: new Map(), peerMaxPduLength: 16384, peerImplementationClassUid: "1.2", roleSelections: [] };
+  const isMove = sopClass === RetrieveSopClass.StudyRootMove || sopClass === RetrieveSopClass.PatientRootMove;
+  await handler(
+    {
+      presentationContext: { id: 1, abstractSyntax: sopClass, transferSyntax: TransferSyntax.ExplicitVRLittleEndian },
+      command: { commandField: isMove ? CommandField.CMoveRQ : CommandField.CGetRQ, messageId: 1, affectedSopClassUid: sopClass, moveDestination, priority: 0 },
+      dataset,
+      signal: new AbortController().signal,
+    },
+    { association, audit: (f: Record<string, unknown>) => Object.assign(audit, f), respond: async (f: CommandSet) => void responses.push(f), subOperation: async () => ({ commandField: 0x8001, status: 0 }) } as never,
+  );
+  return { responses, audit };
+}
+
 function movescu(tenant: string, destination: string, keys: string[], extra: string[] = []) {
   return runTool("movescu", ["-v", ...extra, "-aet", "WORKSTATION", "-aec", tenant, "-aem", destination, ...keys.flatMap((k) => ["-k", k]), "127.0.0.1", String(gw.portOf(tenant))], { timeoutMs: 30_000 });
 }
@@ -326,11 +361,17 @@ describe("C-MOVE statuses (the gateway's requestor as SCU)", () => {
     expect([...dest.received().keys()].sort()).toEqual(uids(B));
   });
 
-  test("unknown destination: 0xA801 at once", async () => {
-    const r = await moveWithRequestor("ALPHA", "NOWHERE", [[LEVEL, "CS", "STUDY"], [STUDY_UID, "UI", A.studies[0]!.studyInstanceUid]]);
+  test("unknown destination: 0xA801 before anything is resolved or sent", async () => {
+    const keys: [number, string, string][] = [[LEVEL, "CS", "STUDY"], [STUDY_UID, "UI", A.studies[0]!.studyInstanceUid]];
+    const r = await moveWithRequestor("ALPHA", "NOWHERE", keys);
     expect(r.final.status).toBe(Status.MoveDestinationUnknown);
     expect(r.final.errorComment).toContain("NOWHERE");
-    expect(r.ms).toBeLessThan(500);
+    // No Pending response and no sub-operation counts: nothing was started.
+    expect(r.pendings).toEqual([]);
+    expect(r.final.numberOfRemainingSuboperations ?? r.final.numberOfCompletedSuboperations ?? r.final.numberOfFailedSuboperations).toBeUndefined();
+    // Orthanc is not asked: with none reachable the answer is still 0xA801, not 0xA701.
+    const direct = await callRetrieveHandler(createMoveHandler(await deadOrthancContext()), RetrieveSopClass.StudyRootMove, "NOWHERE", keys);
+    expect(direct.responses.map((x) => x.status)).toEqual([Status.MoveDestinationUnknown]);
   });
 
   test("a destination outside the tenant's AllowedDestinations: 0xA801, and nothing is sent", async () => {
@@ -350,16 +391,19 @@ describe("C-MOVE statuses (the gateway's requestor as SCU)", () => {
     expect(r.final.numberOfFailedSuboperations).toBe(6);
     expect(r.final.numberOfCompletedSuboperations).toBe(0);
     expect(r.failedUids).toEqual(uids(A, (i) => i.studyInstanceUid === study));
-    expect(r.final.errorComment).toBeTruthy();
-    expect(r.ms).toBeLessThan(1000);
+    // Failed on the refusal itself, not at ConnectTimeoutSeconds.
+    expect(r.final.errorComment).toContain("ECONNREFUSED");
   });
 
-  test("a destination that accepts TCP but never answers fails within ConnectTimeoutSeconds (1 s)", async () => {
+  test("a destination that accepts TCP but never answers fails at ConnectTimeoutSeconds (1 s), once for the whole move", async () => {
+    const connections = silentSockets.length;
     const r = await moveWithRequestor("ALPHA", "SILENT", [[LEVEL, "CS", "STUDY"], [STUDY_UID, "UI", A.studies[1]!.studyInstanceUid]]);
     expect(r.final.status).toBe(0xa702);
     expect(r.final.numberOfFailedSuboperations).toBe(6);
+    expect(r.final.errorComment).toContain("did not accept the association within");
     expect(r.ms).toBeGreaterThanOrEqual(900);
-    expect(r.ms).toBeLessThan(2500);
+    // One association attempt, timed out once: the other sub-operations fail with it, not one timeout each.
+    expect(silentSockets.length - connections).toBe(1);
   });
 
   test("a transfer syntax the destination refuses: those sub-operations fail (0xB000 with their UIDs), the others complete", async () => {
@@ -504,31 +548,12 @@ describe("C-GET", () => {
 
 describe("resolution and metrics", () => {
   test("Orthanc unreachable: 0xA701 (unable to calculate the number of matches), for C-MOVE and C-GET", async () => {
-    const deadOrthanc = new OrthancClient({ url: `http://127.0.0.1:${await freePort()}`, timeoutMs: 1000 });
-    const ctx = {
-      tenant: gw.config.tenants[0]!,
-      config: { modalities: gw.config.modalities, dicom: gw.config.dicom, move: gw.config.move },
-      orthanc: deadOrthanc,
-    };
+    const ctx = await deadOrthancContext();
     for (const [handler, sopClass] of [
       [createMoveHandler(ctx), RetrieveSopClass.StudyRootMove],
       [createGetHandler(ctx), RetrieveSopClass.StudyRootGet],
     ] as const) {
-      const dataset = new DatasetStream({ pause() {}, resume() {} });
-      dataset.push(identifier([[LEVEL, "CS", "STUDY"], [STUDY_UID, "UI", A.studies[0]!.studyInstanceUid]]));
-      dataset.end();
-      const responses: CommandSet[] = [];
-      const audit: Record<string, unknown> = {};
-      const association = { id: 1, callingAeTitle: "WS", calledAeTitle: "ALPHA", peer: { address: "127.0.0.1", port: 1 }, presentationContexts: new Map(), peerMaxPduLength: 16384, peerImplementationClassUid: "1.2", roleSelections: [] };
-      await handler(
-        {
-          presentationContext: { id: 1, abstractSyntax: sopClass, transferSyntax: TransferSyntax.ExplicitVRLittleEndian },
-          command: { commandField: sopClass === RetrieveSopClass.StudyRootMove ? CommandField.CMoveRQ : CommandField.CGetRQ, messageId: 1, affectedSopClassUid: sopClass, moveDestination: "DEST", priority: 0 },
-          dataset,
-          signal: new AbortController().signal,
-        },
-        { association, audit: (f: Record<string, unknown>) => Object.assign(audit, f), respond: async (f: CommandSet) => void responses.push(f), subOperation: async () => ({ commandField: 0x8001, status: 0 }) } as never,
-      );
+      const { responses, audit } = await callRetrieveHandler(handler, sopClass, "DEST", [[LEVEL, "CS", "STUDY"], [STUDY_UID, "UI", A.studies[0]!.studyInstanceUid]]);
       expect(responses.map((r) => r.status)).toEqual([0xa701]);
       expect(responses[0]!.errorComment).toContain("Orthanc");
       // The audit trail gets what was asked (and, for C-MOVE, where to).

@@ -1,7 +1,10 @@
-/** Configuration: loading, validation and description. See load.ts for the file format. */
+/**
+ * Configuration: Orthanc's JSON file with the gateway's keys, loaded (load.ts: parse, env overrides,
+ * normalization), validated (schema.ts: the keys; fields.ts: their values) and described (describe.ts).
+ * config/ may import net/ and dicom/ types and shared/ (see .dependency-cruiser.cjs).
+ */
 export type * from "./types.ts";
 export {
-  CONFIG_ENV_VARS,
   ConfigError,
   type ConfigEnv,
   loadConfigFile,
@@ -9,5 +12,6 @@ export {
   type ParseConfigOptions,
   validateConfig,
 } from "./load.ts";
+export { CONFIG_ENV_VARS } from "./schema.ts";
 export { describeConfig } from "./describe.ts";
 export { JsoncSyntaxError, parseJsonc, stripJsonc } from "./jsonc.ts";

@@ -3,19 +3,20 @@
  * A-ASSOCIATE-RJ reasons per PS3.8 9.3.4 (table 9-21).
  *
  * `AllowedCallers` binds calling AE titles to a host name, IP address or CIDR, like Orthanc's
- * `DicomCheckModalityHost`. The peer address is compared as an address: IPv4-mapped IPv6 peers
- * ("::ffff:10.1.2.3", what a dual-stack socket reports) match IPv4 rules. Host names are looked up
+ * `DicomCheckModalityHost`. Hosts and peers are read with shared/address.ts, the grammar config/ checks
+ * `Host` with; the peer address is compared as an address: IPv4-mapped IPv6 peers ("::ffff:10.1.2.3",
+ * what a dual-stack socket reports) match IPv4 rules. Host names are looked up
  * (node:dns lookup, every address) when the policy is created and again every `refreshMs`, because
  * negotiation is synchronous; a failed look-up keeps the previous addresses, and a name that was
  * never resolved matches no peer (fail closed).
  */
 import { lookup as dnsLookup } from "node:dns/promises";
-import { isIP } from "node:net";
 import type { AllowedCaller, DicomSettings, TenantConfig } from "../config/types.ts";
 import type { Negotiation, Peer } from "../net/association.ts";
 import { RejectReason, RejectResult, RejectSource } from "../net/constants.ts";
 import { negotiatePresentationContexts, type SupportedSyntaxes } from "../net/negotiation.ts";
 import type { AssociateRQ } from "../net/pdu.ts";
+import { type AddressRange, inRange, parseAddress, parseCallerHost, singleAddress } from "../shared/address.ts";
 import { aeTitlesEqual } from "./ae-title.ts";
 
 /** An association policy: the negotiation function plus the host-name refresh it owns. */
@@ -101,9 +102,11 @@ class CallerList {
   ) {
     this.rules = callers.map((c) => {
       if (c.host === undefined || c.host.trim() === "") return { aet: c.aet };
-      const range = parseAddressRange(c.host);
-      if (range) return { aet: c.aet, host: c.host, ranges: [range] };
-      return { aet: c.aet, host: c.host, ranges: [], hostName: c.host.trim().toLowerCase() };
+      const where = parseCallerHost(c.host);
+      if (where && "range" in where) return { aet: c.aet, host: c.host, ranges: [where.range] };
+      // A host name; text that is no host name either (only possible without config/'s validation) is
+      // looked up all the same, fails, and so matches no peer.
+      return { aet: c.aet, host: c.host, ranges: [], hostName: where?.hostName ?? c.host.trim().toLowerCase() };
     });
     const names = [...new Set(this.rules.flatMap((r) => (r.hostName ? [r.hostName] : [])))];
     this.ready = names.length > 0 ? this.resolve(names) : Promise.resolve();
@@ -131,7 +134,7 @@ class CallerList {
           this.opts.onLookupError?.(name, e instanceof Error ? e : new Error(String(e)));
           return;
         }
-        const ranges = addresses.map(parseAddressRange).filter((r): r is AddressRange => r !== undefined);
+        const ranges = addresses.map(parseAddress).filter((a) => a !== undefined).map(singleAddress);
         for (const r of this.rules) if (r.hostName === name) r.ranges = ranges;
       }),
     );
@@ -163,99 +166,4 @@ function withTimeout<T>(p: Promise<T>, ms: number, message: string): Promise<T> 
     (timer as { unref?: () => void }).unref?.();
   });
   return Promise.race([p, timeout]).finally(() => clearTimeout(timer));
-}
-
-// ---- addresses ------------------------------------------------------------------------------
-
-/** An IP address as bytes: 4 for IPv4 (IPv4-mapped IPv6 addresses included), 16 for IPv6. */
-export type IpAddress = Uint8Array;
-
-export interface AddressRange {
-  address: IpAddress;
-  /** Prefix length in bits. */
-  prefix: number;
-}
-
-/**
- * Parses an IPv4 or IPv6 address ("[...]" brackets and "%zone" allowed); IPv4-mapped IPv6
- * addresses become IPv4. Undefined when not an address.
- */
-export function parseAddress(text: string): IpAddress | undefined {
-  let s = text.trim();
-  if (s.startsWith("[") && s.endsWith("]")) s = s.slice(1, -1);
-  const zone = s.indexOf("%");
-  if (zone >= 0) s = s.slice(0, zone);
-  const kind = isIP(s);
-  if (kind === 4) return new Uint8Array(s.split(".").map(Number));
-  if (kind !== 6) return undefined;
-  const v6 = parseIPv6(s);
-  if (!v6) return undefined;
-  return isV4Mapped(v6) ? v6.slice(12) : v6;
-}
-
-/** "a.b.c.d", "a.b.c.d/n", IPv6 and "IPv6/n"; undefined when the text is none of these (a host name). */
-export function parseAddressRange(text: string): AddressRange | undefined {
-  const s = text.trim();
-  const slash = s.indexOf("/");
-  const addrText = slash >= 0 ? s.slice(0, slash) : s;
-  const prefixText = slash >= 0 ? s.slice(slash + 1) : undefined;
-  let s2 = addrText;
-  if (s2.startsWith("[") && s2.endsWith("]")) s2 = s2.slice(1, -1);
-  const zone = s2.indexOf("%");
-  if (zone >= 0) s2 = s2.slice(0, zone);
-  const kind = isIP(s2);
-  if (kind === 0) return undefined;
-  const bits = kind === 4 ? 32 : 128;
-  let prefix = bits;
-  if (prefixText !== undefined) {
-    if (!/^\d{1,3}$/.test(prefixText)) return undefined;
-    prefix = Number(prefixText);
-    if (prefix > bits) return undefined;
-  }
-  if (kind === 4) return { address: new Uint8Array(s2.split(".").map(Number)), prefix };
-  const v6 = parseIPv6(s2);
-  if (!v6) return undefined;
-  // "::ffff:10.0.0.0/104" is the IPv4 range 10.0.0.0/8.
-  if (isV4Mapped(v6) && prefix >= 96) return { address: v6.slice(12), prefix: prefix - 96 };
-  return { address: v6, prefix };
-}
-
-export function inRange(address: IpAddress, range: AddressRange): boolean {
-  if (address.length !== range.address.length) return false;
-  let bits = range.prefix;
-  for (let i = 0; bits > 0; i++, bits -= 8) {
-    const mask = bits >= 8 ? 0xff : (0xff << (8 - bits)) & 0xff;
-    if ((address[i]! & mask) !== (range.address[i]! & mask)) return false;
-  }
-  return true;
-}
-
-function isV4Mapped(v6: Uint8Array): boolean {
-  for (let i = 0; i < 10; i++) if (v6[i] !== 0) return false;
-  return v6[10] === 0xff && v6[11] === 0xff;
-}
-
-/** A syntactically valid IPv6 address (checked with isIP) to 16 bytes. */
-function parseIPv6(s: string): Uint8Array | undefined {
-  let text = s;
-  // Embedded IPv4 in the last 32 bits ("::ffff:1.2.3.4"): rewrite it as two hexadecimal words.
-  const lastColon = text.lastIndexOf(":");
-  if (text.slice(lastColon + 1).includes(".")) {
-    const v4 = text.slice(lastColon + 1).split(".").map(Number);
-    text = `${text.slice(0, lastColon + 1)}${((v4[0]! << 8) | v4[1]!).toString(16)}:${((v4[2]! << 8) | v4[3]!).toString(16)}`;
-  }
-  const halves = text.split("::");
-  if (halves.length > 2) return undefined;
-  const words = (part: string) => (part === "" ? [] : part.split(":").map((h) => parseInt(h, 16)));
-  const head = words(halves[0]!);
-  const rest = halves.length === 2 ? words(halves[1]!) : [];
-  const fill = halves.length === 2 ? 8 - head.length - rest.length : 0;
-  const all = [...head, ...new Array<number>(Math.max(0, fill)).fill(0), ...rest];
-  if (all.length !== 8 || all.some((w) => !(w >= 0 && w <= 0xffff))) return undefined;
-  const out = new Uint8Array(16);
-  all.forEach((w, i) => {
-    out[2 * i] = w >> 8;
-    out[2 * i + 1] = w & 0xff;
-  });
-  return out;
 }

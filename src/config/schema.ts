@@ -1,0 +1,290 @@
+/**
+ * The schema of the configuration file: Orthanc's keys (MultitenantDicom.Servers[], DicomModalities,
+ * DicomAet, ...) and the gateway's (the Gateway section, the gateway-only keys of a server entry), built
+ * from the field validators of fields.ts, with their defaults; and the environment variables that
+ * override keys. Unknown keys are ignored everywhere, as Orthanc does. load.ts applies the overrides,
+ * runs the schema and normalizes its output into a GatewayConfig.
+ */
+import { z } from "zod";
+import { ORTHANC_ENCODINGS, orthancEncodingByName } from "../dicom/orthanc-text.ts";
+import {
+  acceptedTransferSyntaxes,
+  aeTitle,
+  allowedCallers,
+  anyString,
+  boolean,
+  forwardingMode,
+  host,
+  httpUrl,
+  integer,
+  isolationMode,
+  isPlainObject,
+  label,
+  labelsConstraint,
+  labelsStoreLevels,
+  logFormat,
+  logLevel,
+  modalityPort,
+  nonEmptyString,
+  number,
+  quotaMB,
+  section,
+  showValue,
+  tcpPort,
+  typeError,
+} from "./fields.ts";
+import type { DicomModality, ForwardingMode, IsolationMode, ResourceLevel, TenantConfig, TenantTls } from "./types.ts";
+
+/** `Tls` of a server entry; file paths as written (resolved and checked in validateConfig). */
+const TLS_WHAT = "object with Certificate, Key, CA, RequireClientCertificate, Port";
+const tlsSchema = section(
+  {
+    Certificate: nonEmptyString("path of a PEM certificate (chain) file"),
+    Key: nonEmptyString("path of a PEM private key file"),
+    CA: nonEmptyString("path of a PEM CA bundle file").optional(),
+    RequireClientCertificate: boolean.optional(),
+    Port: tcpPort.optional(),
+  },
+  TLS_WHAT,
+)
+  .superRefine((t, ctx) => {
+    if (t.RequireClientCertificate === true && t.CA === undefined) {
+      ctx.addIssue({
+        code: "custom",
+        path: ["RequireClientCertificate"],
+        message: "true without CA; expected a CA bundle (Tls.CA) to verify client certificates, or false",
+        input: t.RequireClientCertificate,
+      });
+    }
+  })
+  .transform((t): TenantTls => ({
+    certificateFile: t.Certificate,
+    keyFile: t.Key,
+    ...(t.CA !== undefined ? { caFile: t.CA } : {}),
+    requireClientCertificate: t.RequireClientCertificate ?? t.CA !== undefined,
+    ...(t.Port !== undefined ? { port: t.Port } : {}),
+  }));
+
+/** The `Tls` keys that name files, with the TenantTls field they become. */
+export const TLS_FILES = [
+  ["Certificate", "certificateFile"],
+  ["Key", "keyFile"],
+  ["CA", "caFile"],
+] as const;
+
+/* ------------------------------------------------------------------------ */
+/* Gateway section (leaf schemas with defaults, shared with env overrides)  */
+
+const DEFAULTS = {
+  orthancUrl: "http://127.0.0.1:8042",
+  orthancTimeoutSeconds: 30,
+  httpHost: "127.0.0.1",
+  httpPort: 8080,
+  spoolDirectory: "/var/lib/dicom-gateway/spool",
+} as const;
+
+const orthancUrl = httpUrl.default(DEFAULTS.orthancUrl);
+const orthancUsername = anyString.default("");
+const orthancPassword = anyString.default("");
+const seconds = (dflt: number) => number((n) => n > 0, "number of seconds > 0").default(dflt);
+const orthancTimeout = seconds(DEFAULTS.orthancTimeoutSeconds);
+const httpHost = nonEmptyString("host name or IP address to listen on").default(DEFAULTS.httpHost);
+export const httpPort = integer(0, 65535, "integer 0-65535 (0 = any free port)").default(DEFAULTS.httpPort);
+const spoolDirectory = nonEmptyString("directory path").default(DEFAULTS.spoolDirectory);
+const gwLogLevel = logLevel.default("info");
+const auditFile = anyString.default("");
+const gwLogFormat = logFormat.default("auto");
+
+const gatewaySchema = section(
+  {
+    Orthanc: section(
+      {
+        Url: orthancUrl,
+        Username: orthancUsername,
+        Password: orthancPassword,
+        TimeoutSeconds: orthancTimeout,
+        UploadConcurrency: integer(1, 64, "integer 1-64").default(4),
+        ReceivePriorityMilliseconds: integer(0, 60_000, "integer 0-60000").default(1000),
+        UnreachableGraceSeconds: number((n) => n >= 0, "number of seconds >= 0").default(60),
+      },
+      "object with Url, Username, Password, TimeoutSeconds, UploadConcurrency, ReceivePriorityMilliseconds, UnreachableGraceSeconds",
+    ).prefault({}),
+    Http: section({ Host: httpHost, Port: httpPort }, "object with Host, Port").prefault({}),
+    Forwarding: forwardingMode.default("Spool"),
+    SpoolDirectory: spoolDirectory,
+    Spool: section(
+      {
+        QuotaMB: quotaMB.default(10240),
+        HighWaterMarkPercent: number((n) => n >= 1 && n <= 100, "percentage 1-100").default(80),
+        VerifyIntegrity: boolean.default(false),
+      },
+      "object with QuotaMB, HighWaterMarkPercent, VerifyIntegrity",
+    ).prefault({}),
+    Find: section(
+      { PageSize: integer(1, 10000, "integer 1-10000").default(100), TimeoutSeconds: seconds(30) },
+      "object with PageSize, TimeoutSeconds",
+    ).prefault({}),
+    Move: section(
+      {
+        ConnectTimeoutSeconds: seconds(5),
+        Parallelism: integer(1, 16, "integer 1-16").default(2),
+        PendingIntervalSeconds: seconds(1),
+        PendingEvery: integer(1, undefined, "integer >= 1 (sub-operations)").default(10),
+      },
+      "object with ConnectTimeoutSeconds, Parallelism, PendingIntervalSeconds, PendingEvery",
+    ).prefault({}),
+    Isolation: isolationMode.default("Strict"),
+    Limits: section(
+      {
+        MaxAssociations: integer(1, 100000, "integer 1-100000").default(256),
+        MaxAssociationsPerTenant: integer(1, 10000, "integer 1-10000").default(32),
+        ArtimTimeoutSeconds: seconds(30),
+      },
+      "object with MaxAssociations, MaxAssociationsPerTenant, ArtimTimeoutSeconds",
+    ).prefault({}),
+    Audit: section({ File: auditFile }, "object with File").prefault({}),
+    Log: section({ Level: gwLogLevel, Format: gwLogFormat }, "object with Level, Format").prefault({}),
+  },
+  "object with Orthanc, Http, Forwarding, SpoolDirectory, Spool, Find, Move, Isolation, Limits, Audit, Log",
+).prefault({});
+
+/** Environment variables applied over the file, each validated like the key it replaces. */
+export const ENV_OVERRIDES: readonly { name: string; path: readonly string[]; schema: z.ZodType; integer?: boolean }[] = [
+  { name: "ORTHANC_URL", path: ["Gateway", "Orthanc", "Url"], schema: orthancUrl },
+  { name: "ORTHANC_USERNAME", path: ["Gateway", "Orthanc", "Username"], schema: orthancUsername },
+  { name: "ORTHANC_PASSWORD", path: ["Gateway", "Orthanc", "Password"], schema: orthancPassword },
+  { name: "GATEWAY_HTTP_HOST", path: ["Gateway", "Http", "Host"], schema: httpHost },
+  { name: "GATEWAY_HTTP_PORT", path: ["Gateway", "Http", "Port"], schema: httpPort, integer: true },
+  { name: "GATEWAY_SPOOL_DIRECTORY", path: ["Gateway", "SpoolDirectory"], schema: spoolDirectory },
+  { name: "GATEWAY_LOG_LEVEL", path: ["Gateway", "Log", "Level"], schema: gwLogLevel },
+  { name: "GATEWAY_LOG_FORMAT", path: ["Gateway", "Log", "Format"], schema: gwLogFormat },
+  { name: "GATEWAY_AUDIT_FILE", path: ["Gateway", "Audit", "File"], schema: auditFile },
+];
+
+/** Names of the environment variables that override configuration keys. */
+export const CONFIG_ENV_VARS: readonly string[] = ENV_OVERRIDES.map((o) => o.name);
+
+/* ------------------------------------------------------------------------ */
+/* Tenants and modalities                                                   */
+
+/** A server entry before the defaults that come from the Gateway section. */
+export type ParsedServer = Omit<TenantConfig, "forwarding" | "spoolQuotaBytes" | "isolation" | "maxAssociations"> & {
+  forwarding: ForwardingMode | undefined;
+  spoolQuotaMB: number | undefined;
+  isolation: IsolationMode | undefined;
+  maxAssociations: number | undefined;
+};
+
+const serverSchema = section(
+  {
+    AET: aeTitle,
+    Port: tcpPort,
+    Labels: z.array(label, { error: typeError("array of labels or []") }),
+    LabelsConstraint: labelsConstraint.default("All"),
+    LabelsStoreLevels: labelsStoreLevels.default((): ResourceLevel[] => ["Study", "Series", "Instance"]),
+    // Gateway keys (the MultitenantDicom plugin ignores them); the defaults come from the Gateway section.
+    Forwarding: forwardingMode.optional(),
+    SpoolQuotaMB: quotaMB.optional(),
+    // Checked against DicomModalities in crossCheck().
+    AllowedDestinations: z
+      .array(nonEmptyString("DicomModalities name or AE title"), {
+        error: typeError("array of DicomModalities names or AE titles"),
+      })
+      .optional(),
+    Isolation: isolationMode.optional(),
+    // Absent = anyone may associate; [] = nobody.
+    AllowedCallers: allowedCallers.optional(),
+    MaxAssociations: integer(1, 10000, "integer 1-10000").optional(),
+    // Files are resolved and checked in validateConfig(); Tls.Port joins the port cross-checks.
+    Tls: tlsSchema.optional(),
+  },
+  "server object with AET, Port and Labels",
+).transform(
+  (s): ParsedServer => ({
+    aet: s.AET,
+    port: s.Port,
+    labels: [...new Set(s.Labels)],
+    labelsConstraint: s.LabelsConstraint,
+    labelsStoreLevels: s.LabelsStoreLevels,
+    forwarding: s.Forwarding,
+    spoolQuotaMB: s.SpoolQuotaMB,
+    ...(s.AllowedDestinations ? { allowedDestinations: [...new Set(s.AllowedDestinations)] } : {}),
+    isolation: s.Isolation,
+    ...(s.AllowedCallers ? { allowedCallers: s.AllowedCallers } : {}),
+    maxAssociations: s.MaxAssociations,
+    ...(s.Tls ? { tls: s.Tls } : {}),
+  }),
+);
+
+const multitenantSchema = section(
+  {
+    Servers: z
+      .array(serverSchema, { error: typeError("array of at least one server") })
+      .refine((a) => a.length > 0, { error: "no servers; expected at least one server" }),
+  },
+  "object with Servers",
+);
+
+const MODALITY_WHAT = '["AET", "host", port] or { "AET": ..., "Host": ..., "Port": ... }';
+const modalityArray = z.tuple([aeTitle, host, modalityPort], z.unknown());
+const modalityObject = z.looseObject({ AET: aeTitle, Host: host, Port: modalityPort });
+
+const modalitySchema = z.unknown().transform((v, ctx): Omit<DicomModality, "name"> => {
+  let result;
+  if (Array.isArray(v)) {
+    if (v.length < 3 || v.length > 4) {
+      ctx.issues.push({
+        code: "custom",
+        message: `expected ["AET", "host", port] (optionally a 4th element, the manufacturer), got ${showValue(v)}`,
+        input: v,
+      });
+      return z.NEVER;
+    }
+    const r = modalityArray.safeParse(v);
+    result = r.success ? { aet: r.data[0], host: r.data[1], port: r.data[2] } : r.error;
+  } else if (isPlainObject(v)) {
+    const r = modalityObject.safeParse(v);
+    result = r.success ? { aet: r.data.AET, host: r.data.Host, port: r.data.Port } : r.error;
+  } else {
+    ctx.issues.push({ code: "custom", message: `expected ${MODALITY_WHAT}, got ${showValue(v)}`, input: v });
+    return z.NEVER;
+  }
+  if (result instanceof z.ZodError) {
+    for (const i of result.issues) ctx.issues.push({ code: "custom", message: i.message, path: i.path, input: v });
+    return z.NEVER;
+  }
+  return { ...result, host: result.host.trim() };
+});
+
+const modalitiesSchema = z.record(z.string(), modalitySchema, {
+  error: typeError(`object of modality name -> ${MODALITY_WHAT}`),
+});
+
+/* ------------------------------------------------------------------------ */
+/* The whole file                                                           */
+
+export const rootSchema = section(
+  {
+    MultitenantDicom: multitenantSchema,
+    DicomModalities: modalitiesSchema.optional(),
+    DicomAet: aeTitle.default("ORTHANC"),
+    StrictAetComparison: boolean.default(false),
+    // Deliberately true by default (Orthanc: false): the called AE selects the tenant.
+    DicomCheckCalledAet: boolean.default(true),
+    DicomScpTimeout: integer(0, undefined, "integer >= 0 (seconds; 0 = no timeout)").default(30),
+    MaximumPduLength: integer(4096, 131072, "integer 4096-131072").default(16384),
+    // As Orthanc's own setting: the gateway reads data sets without (0008,0005) as Orthanc does, so both must agree.
+    DefaultEncoding: z
+      .string({ error: typeError(`one of Orthanc's encodings (${ORTHANC_ENCODINGS.join(", ")})`) })
+      .refine((s) => orthancEncodingByName(s) !== undefined, {
+        error: (iss) => `unknown encoding ${showValue(iss.input)}; expected one of Orthanc's (${ORTHANC_ENCODINGS.join(", ")}), the same as Orthanc's own DefaultEncoding`,
+      })
+      .default("Latin1"),
+    UnknownSopClassAccepted: boolean.default(false),
+    AcceptedTransferSyntaxes: acceptedTransferSyntaxes.default((): string[] => ["1.2.840.10008.1.*"]),
+    CaseSensitivePN: boolean.default(false),
+    LimitFindResults: integer(0, undefined, "integer >= 0 (0 = no limit)").default(0),
+    Gateway: gatewaySchema,
+  },
+  "a JSON object",
+);
