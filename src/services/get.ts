@@ -36,7 +36,7 @@ export function createGetHandler(ctx: RetrieveContext): DimseHandler {
       let resolved: Awaited<ReturnType<typeof resolveRequest>>;
       try {
         resolved = await resolveRequest(ctx, request, responder);
-        log.info("C-GET", { ...fields, level: resolved.keys.level, instances: resolved.instances.length });
+        log.info("C-GET", { ...fields, queryLevel: resolved.keys.level, instances: resolved.instances.length });
       } catch (e) {
         if (await answerEndedEarly(e, "C-GET", request, responder, log, fields)) return;
         throw e;

@@ -76,7 +76,7 @@ export function createMoveHandler(ctx: RetrieveContext): DimseHandler {
       recorder.setDestination(dest.modality.name);
       responder.audit({ destination: dest.modality.name, destinationAe: dest.modality.aet });
       const { keys, scope, instances } = await resolveRequest(ctx, request, responder);
-      log.info("C-MOVE", { ...fields, modality: dest.modality.name, level: keys.level, instances: instances.length });
+      log.info("C-MOVE", { ...fields, modality: dest.modality.name, queryLevel: keys.level, instances: instances.length });
       const run = await SubOperationRun.begin({ ctx, service: "C-MOVE", request, responder, instances, scope, settings, pendingTimer: true, prime: true, recorder, log, logFields: { modality: dest.modality.name } });
       if (run) await performMove(ctx, run, request, responder, dest.modality, instances, settings, recorder, log);
     } catch (e) {
