@@ -9,10 +9,12 @@
  * `all` = linux-x64 + linux-arm64. `linux-x64-baseline` (opt-in) is for x86-64 CPUs without
  * AVX2 (older Atom/Celeron boxes), on which the normal x64 runtime dies with SIGILL.
  *
- * The package.json version is compiled in as the global constant `GATEWAY_BUILD_VERSION`
- * (a JSON string literal, via --define). Code reads it with a typeof guard:
- *   declare const GATEWAY_BUILD_VERSION: string | undefined;
- *   typeof GATEWAY_BUILD_VERSION === "string" ? GATEWAY_BUILD_VERSION : "dev"
+ * The package.json version, the git commit and the build date are compiled in as the global
+ * constants `GATEWAY_BUILD_VERSION`, `GATEWAY_BUILD_COMMIT` and `GATEWAY_BUILD_DATE` (JSON string
+ * literals, via --define); `dicom-gateway version` prints them (src/shared/version.ts reads them with a
+ * typeof guard, and asks git instead when run from source). The commit is `git rev-parse HEAD`, with
+ * "-dirty" when tracked files have uncommitted changes, "unknown" outside a git checkout; the date is
+ * $SOURCE_DATE_EPOCH when set (reproducible builds), else now.
  *
  * Cross-compiling: a compiled executable is "the bun runtime of the target + the bundle".
  * For a target other than the host, bun downloads that runtime itself (the npm package
@@ -32,6 +34,9 @@ const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..
 const BINARY_NAME = "dicom-gateway";
 /** Name of the compile-time constant holding the package.json version. */
 export const VERSION_DEFINE = "GATEWAY_BUILD_VERSION";
+/** Names of the compile-time constants holding the commit and the build date (src/shared/version.ts). */
+export const COMMIT_DEFINE = "GATEWAY_BUILD_COMMIT";
+export const DATE_DEFINE = "GATEWAY_BUILD_DATE";
 
 const EM_X86_64 = 0x3e;
 const EM_AARCH64 = 0xb7;
@@ -160,6 +165,21 @@ function shellQuote(s: string): string {
   return /^[\w@%+=:,./-]+$/.test(s) ? s : `'${s.replace(/'/g, `'\\''`)}'`;
 }
 
+/** The commit being built: `git rev-parse HEAD`, "-dirty" with uncommitted changes to tracked files. */
+function gitCommit(): string {
+  const head = spawnSync("git", ["-C", REPO_ROOT, "rev-parse", "HEAD"], { encoding: "utf8" });
+  if (head.status !== 0) return "unknown";
+  const status = spawnSync("git", ["-C", REPO_ROOT, "status", "--porcelain", "--untracked-files=no"], { encoding: "utf8" });
+  return head.stdout.trim() + (status.status === 0 && status.stdout.trim() !== "" ? "-dirty" : "");
+}
+
+/** The build date: $SOURCE_DATE_EPOCH (seconds) when set, so that a rebuild of a commit is identical; else now. */
+function buildDate(): string {
+  const epoch = process.env.SOURCE_DATE_EPOCH;
+  const at = epoch && /^\d+$/.test(epoch) ? new Date(Number(epoch) * 1000) : new Date();
+  return at.toISOString().replace(/\.\d{3}Z$/, "Z");
+}
+
 function readPackageVersion(): string {
   const pkg = JSON.parse(readFileSync(path.join(REPO_ROOT, "package.json"), "utf8")) as { version?: unknown };
   if (typeof pkg.version !== "string" || pkg.version === "") throw new Error("package.json has no version");
@@ -250,7 +270,9 @@ function main(): void {
   if (ver.status !== 0) throw new Error(`${bun} --version failed: ${ver.stderr}`);
   const bunVersion = ver.stdout.trim();
   const version = readPackageVersion();
-  console.log(`dicom-gateway ${version}: bun ${bunVersion}, entry ${path.relative(REPO_ROOT, opts.entry) || opts.entry}`);
+  const commit = gitCommit();
+  const builtAt = buildDate();
+  console.log(`dicom-gateway ${version} (commit ${commit}, built ${builtAt}): bun ${bunVersion}, entry ${path.relative(REPO_ROOT, opts.entry) || opts.entry}`);
   mkdirSync(opts.outdir, { recursive: true });
 
   for (const target of opts.targets) {
@@ -270,6 +292,10 @@ function main(): void {
       `--outfile=${outfile}`,
       "--define",
       `${VERSION_DEFINE}=${JSON.stringify(version)}`,
+      "--define",
+      `${COMMIT_DEFINE}=${JSON.stringify(commit)}`,
+      "--define",
+      `${DATE_DEFINE}=${JSON.stringify(builtAt)}`,
       // A gateway must not pick up a stray .env or bunfig.toml from its working directory.
       "--no-compile-autoload-dotenv",
       "--no-compile-autoload-bunfig",

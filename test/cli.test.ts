@@ -7,6 +7,7 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { spawnSync } from "node:child_process";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { CONFIG_ENV_VARS } from "../src/config/index.ts";
 import { echoscu, findscuKeys, runTool } from "./helpers/dcmtk.ts";
 import { pydicomFile, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
 import { getSharedOrthanc } from "./helpers/orthanc.ts";
@@ -84,17 +85,30 @@ describe("dicom-gateway check-config", () => {
 });
 
 describe("dicom-gateway version / --help / usage errors", () => {
-  test("version prints the package version", async () => {
+  test("version prints the package version, the commit and (from source) that it was not built", async () => {
     const pkg = JSON.parse(await Bun.file(join(ROOT, "package.json")).text());
+    const head = spawnSync("git", ["-C", ROOT, "rev-parse", "HEAD"], { encoding: "utf8" }).stdout.trim();
+    expect(head).toMatch(/^[0-9a-f]{40}$/);
     const r = cli("version");
     expect(r.code).toBe(0);
-    expect(r.stdout.trim()).toBe(`dicom-gateway ${pkg.version}`);
+    const lines = r.stdout.trim().split("\n");
+    expect(lines[0]).toBe(`dicom-gateway ${pkg.version}`);
+    expect(lines[1]).toMatch(new RegExp(`^commit: +${head}(-dirty)?$`));
+    expect(lines[2]).toMatch(/^built: +not built, run from source \(commit date \d{4}-\d\d-\d\dT/);
+    expect(lines[3]).toMatch(/^runtime: +bun \d/);
   });
 
-  test("--help lists the commands", () => {
+  test("--help is complete on its own: commands, where the configuration is searched, every environment variable, signals, exit codes", () => {
     const r = cli("--help");
     expect(r.code).toBe(0);
-    for (const c of ["serve", "check-config", "version", "--config"]) expect(r.stdout).toContain(c);
+    for (const c of ["serve", "check-config", "spool", "version", "--config"]) expect(r.stdout).toContain(c);
+    expect(r.stdout).toContain("--config FILE, then $DICOM_GATEWAY_CONFIG, then /etc/dicom-gateway/gateway.json");
+    for (const v of [...CONFIG_ENV_VARS, "DICOM_GATEWAY_CONFIG"]) expect(r.stdout).toMatch(new RegExp(`^  ${v} `, "m"));
+    for (const sig of ["SIGTERM", "SIGINT", "SIGHUP"]) expect(r.stdout).toContain(sig);
+    expect(r.stdout).toContain("DrainSeconds");
+    for (const code of ["0", "1", "2"]) expect(r.stdout).toMatch(new RegExp(`^  ${code}  `, "m"));
+    // Nothing it needs lies elsewhere: the box has no README.
+    expect(r.stdout).not.toContain("README");
   });
 
   test("an unknown command or option exits 2 with a hint", () => {

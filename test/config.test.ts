@@ -62,7 +62,7 @@ const DEFAULT_SPOOL = { defaultQuotaBytes: 10240 * MB, highWaterMarkPercent: 80,
 const DEFAULT_STORE = { unknownSopClassAccepted: false, acceptedTransferSyntaxes: ["1.2.840.10008.1.*"] };
 const DEFAULT_FIND = { caseSensitivePN: false, limitFindResults: 0, pageSize: 100, timeoutMs: 30000 };
 const DEFAULT_MOVE = { connectTimeoutMs: 5000, parallelism: 2, pendingIntervalMs: 1000, pendingEvery: 10 };
-const DEFAULT_LIMITS = { maxAssociations: 256, maxAssociationsPerTenant: 32, artimTimeoutMs: 30000 };
+const DEFAULT_LIMITS = { maxAssociations: 256, maxAssociationsPerTenant: 32, artimTimeoutMs: 30000, drainMs: 60000 };
 const DEFAULT_AUDIT = { file: "" };
 
 const repoFile = (rel: string) => fileURLToPath(new URL(`../${rel}`, import.meta.url).href);
@@ -112,7 +112,7 @@ describe("defaults", () => {
       store: { unknownSopClassAccepted: false, acceptedTransferSyntaxes: ["1.2.840.10008.1.*"] },
       find: { caseSensitivePN: false, limitFindResults: 0, pageSize: 100, timeoutMs: 30000 },
       move: { connectTimeoutMs: 5000, parallelism: 2, pendingIntervalMs: 1000, pendingEvery: 10 },
-      limits: { maxAssociations: 256, maxAssociationsPerTenant: 32, artimTimeoutMs: 30000 },
+      limits: { maxAssociations: 256, maxAssociationsPerTenant: 32, artimTimeoutMs: 30000, drainMs: 60000 },
       audit: { file: "" },
       isolation: "Strict",
       log: { level: "info", format: "auto" },
@@ -717,20 +717,22 @@ describe("Gateway limits and audit", () => {
 
   test("explicit values; seconds converted to milliseconds; a relative audit file is kept as given", () => {
     const cfg = parse(
-      gw({ Limits: { MaxAssociations: 100000, MaxAssociationsPerTenant: 10000, ArtimTimeoutSeconds: 2.5 }, Audit: { File: "logs/audit.jsonl" } }),
+      gw({ Limits: { MaxAssociations: 100000, MaxAssociationsPerTenant: 10000, ArtimTimeoutSeconds: 2.5, DrainSeconds: 0.5 }, Audit: { File: "logs/audit.jsonl" } }),
     );
-    expect(cfg.limits).toEqual({ maxAssociations: 100000, maxAssociationsPerTenant: 10000, artimTimeoutMs: 2500 });
+    expect(cfg.limits).toEqual({ maxAssociations: 100000, maxAssociationsPerTenant: 10000, artimTimeoutMs: 2500, drainMs: 500 });
     expect(cfg.tenants[0]!.maxAssociations).toBe(10000);
     expect(cfg.audit).toEqual({ file: "logs/audit.jsonl" });
-    expect(parse(gw({ Limits: { MaxAssociations: 1, MaxAssociationsPerTenant: 1, ArtimTimeoutSeconds: 0.0001 } })).limits).toEqual({
+    expect(parse(gw({ Limits: { MaxAssociations: 1, MaxAssociationsPerTenant: 1, ArtimTimeoutSeconds: 0.0001, DrainSeconds: 0 } })).limits).toEqual({
       maxAssociations: 1,
       maxAssociationsPerTenant: 1,
       artimTimeoutMs: 1,
+      drainMs: 0,
     });
     expect(parse(gw({ Audit: { File: "/var/log/audit.jsonl" } })).audit.file).toBe("/var/log/audit.jsonl");
   });
 
   test("errors", () => {
+    expect(issue(gw({ Limits: { DrainSeconds: 3601 } }))).toBe("Gateway.Limits.DrainSeconds: expected number of seconds 0-3600, got 3601");
     expect(issue(gw({ Limits: { MaxAssociations: 0 } }))).toBe("Gateway.Limits.MaxAssociations: expected integer 1-100000, got 0");
     expect(issue(gw({ Limits: { MaxAssociations: 100001 } }))).toBe(
       "Gateway.Limits.MaxAssociations: expected integer 1-100000, got 100001",
@@ -751,7 +753,7 @@ describe("Gateway limits and audit", () => {
       'Gateway.Limits.ArtimTimeoutSeconds: expected number of seconds > 0, got "30"',
     );
     expect(issue(gw({ Limits: 256 }))).toBe(
-      "Gateway.Limits: expected object with MaxAssociations, MaxAssociationsPerTenant, ArtimTimeoutSeconds, got 256",
+      "Gateway.Limits: expected object with MaxAssociations, MaxAssociationsPerTenant, ArtimTimeoutSeconds, DrainSeconds, got 256",
     );
     expect(issue(gw({ Audit: { File: 1 } }))).toBe("Gateway.Audit.File: expected a string, got 1");
     expect(issue(gw({ Audit: "audit.log" }))).toBe('Gateway.Audit: expected object with File, got "audit.log"');
@@ -925,7 +927,7 @@ describe("Tls of a server entry", () => {
       "  BETA   port 4243  labels [alpha] All  store levels Study,Series,Instance  forwarding Spool  quota 10240 MB" +
       "  isolation Strict  max associations 8  callers (none)  tls (Port is TLS)",
     ]);
-    expect(lines).toContain("Limits: max associations 64, per tenant 8 by default, ARTIM timeout 2.5 s");
+    expect(lines).toContain("Limits: max associations 64, per tenant 8 by default, ARTIM timeout 2.5 s, drain 60 s");
     expect(lines).toContain("Audit: /var/log/audit.jsonl");
   });
 });
@@ -1474,7 +1476,7 @@ describe("describeConfig", () => {
       "Store: unknown SOP classes rejected, transfer syntaxes 1.2.840.10008.1.*",
       "Find: case-sensitive PN off, limit none, page size 100, timeout 30 s",
       "Move: connect timeout 5 s, parallelism 2, pending every 1 s or 10 sub-operations",
-      "Limits: max associations 256, per tenant 32 by default, ARTIM timeout 30 s",
+      "Limits: max associations 256, per tenant 32 by default, ARTIM timeout 30 s, drain 60 s",
       "Audit: stdout",
       "Log: level info, format auto",
     ]);

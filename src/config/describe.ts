@@ -97,7 +97,7 @@ export function describeConfig(cfg: GatewayConfig): string {
   const lim = cfg.limits;
   lines.push(
     `Limits: max associations ${lim.maxAssociations}, per tenant ${lim.maxAssociationsPerTenant} by default, ` +
-      `ARTIM timeout ${secs(lim.artimTimeoutMs)}`,
+      `ARTIM timeout ${secs(lim.artimTimeoutMs)}, drain ${secs(lim.drainMs)}`,
   );
   lines.push(`Audit: ${cfg.audit.file === "" ? "stdout" : cfg.audit.file}`);
   lines.push(`Log: level ${cfg.log.level}, format ${cfg.log.format}`);

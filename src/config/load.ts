@@ -286,6 +286,7 @@ export function validateConfig(raw: unknown, opts: ParseConfigOptions = {}): Gat
       maxAssociations: c.Gateway.Limits.MaxAssociations,
       maxAssociationsPerTenant: c.Gateway.Limits.MaxAssociationsPerTenant,
       artimTimeoutMs: toMs(c.Gateway.Limits.ArtimTimeoutSeconds),
+      drainMs: toMs(c.Gateway.Limits.DrainSeconds, false),
     },
     audit: { file: c.Gateway.Audit.File },
     isolation: c.Gateway.Isolation,

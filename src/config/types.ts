@@ -69,6 +69,11 @@ export interface LimitSettings {
   maxAssociationsPerTenant: number;
   /** `Gateway.Limits.ArtimTimeoutSeconds` (default 30) in ms: time allowed for A-ASSOCIATE-RQ and for closing. */
   artimTimeoutMs: number;
+  /**
+   * `Gateway.Limits.DrainSeconds` (default 60, 0-3600) in ms: at a stop, and for a tenant a reload changed
+   * or removed, how long open associations may go on before they are cut (logged and audited).
+   */
+  drainMs: number;
 }
 
 export interface AuditSettings {

@@ -19,6 +19,7 @@ import type { SpoolFiles } from "../spool/files.ts";
 import { Forwarder } from "../spool/forwarder.ts";
 import { lockSpoolDirectory } from "../spool/lock.ts";
 import { createStoreMetrics, type StoreMetrics } from "../spool/metrics.ts";
+import { SegmentPool } from "../spool/pool.ts";
 import { IsolationGuards } from "../tenancy/isolation.ts";
 import { UidRegistry } from "../tenancy/ownership.ts";
 import { silentLogger, type Logger } from "../shared/log.ts";
@@ -39,6 +40,8 @@ export interface GatewayOptions {
   audit?: AuditLog;
   /** The spool's file layer (default node:fs): tests record writes, syncs and crashes through their own. */
   spoolFiles?: SpoolFiles;
+  /** When the pool of ready segments starts filling after start (default 2 s: start-up and the first associations first). */
+  poolFillDelayMs?: number;
 }
 
 export interface Gateway {
@@ -51,17 +54,24 @@ export interface Gateway {
   forwarder: Forwarder;
   storeMetrics: StoreMetrics;
   audit: AuditLog;
+  /** The pool of ready segments every tenant's writers come from. */
+  pool: SegmentPool;
   snapshot(): GatewaySnapshot;
   /**
-   * Applies a new configuration's tenants and DicomModalities without a restart: unchanged tenants keep
-   * their listeners and open associations; removed and changed ones are closed (their open associations
-   * get `graceMs` to finish) and changed and added ones started. Spooled instances of a removed tenant are
-   * still forwarded. Changes to other settings need a restart and make the reload fail (ReloadError),
-   * as does a listener that cannot start — the previous configuration then keeps running.
+   * Applies a new configuration's tenants, DicomModalities, Log.Level and Limits.DrainSeconds without a
+   * restart (reload.ts): unchanged tenants keep their listeners and open associations; changed ones get
+   * new listeners that take their ports over at once while their open associations finish under the old
+   * settings (up to DrainSeconds, then cut); added ones start, removed ones stop (their spooled instances
+   * are still forwarded). Changes to other settings need a restart and make the reload fail
+   * (ReloadError), as does a listener that cannot start or a file that does not load (`next` as a
+   * function) — the previous configuration then keeps running, and nothing on disk changed.
    */
-  reload(next: GatewayConfig, graceMs?: number): Promise<ReloadResult>;
-  /** Stops accepting, lets open associations finish for up to `graceMs`, then aborts them. */
-  stop(graceMs?: number): Promise<void>;
+  reload(next: GatewayConfig | (() => Promise<GatewayConfig>)): Promise<ReloadResult>;
+  /**
+   * Stops accepting, lets open associations finish for up to `drainMs` (default 0; `serve` passes
+   * Gateway.Limits.DrainSeconds), then cuts them, each logged and audited ("cut-by-stop").
+   */
+  stop(drainMs?: number): Promise<void>;
 }
 
 export async function startGateway(config: GatewayConfig, opts: GatewayOptions = {}): Promise<Gateway> {
@@ -79,9 +89,13 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
   const labeler = new Labeler(orthanc, { feed: changes });
   // Strict isolation: which UIDs were created by which tenant or are in flight, and one guard per Strict tenant.
   const registry = new UidRegistry(config.spool.directory);
+  const pool = new SegmentPool(config.spool.directory, opts.spoolFiles);
   try {
     await registry.open();
+    await pool.open({ fillAfterMs: opts.poolFillDelayMs });
   } catch (e) {
+    await registry.close().catch(() => {});
+    await pool.close();
     spoolLock.release();
     throw e;
   }
@@ -101,7 +115,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
   }
   const sinks = { log, metrics, storeMetrics, counters, audit };
   const byTenant = new Map<string, TenantListener>();
-  const forwarder = new Forwarder({
+  const forwarder: Forwarder = new Forwarder({
     orthanc,
     labeler,
     concurrency: config.orthanc.uploadConcurrency,
@@ -110,7 +124,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     guardFor: (tenant) => guards.get(tenant.aet),
     registry,
     defaultEncoding: config.dicom.defaultEncoding,
-    events: forwarderEvents(sinks, config.spool.directory, byTenant),
+    events: forwarderEvents(sinks, config.spool.directory, byTenant, () => forwarder.idle()),
   });
   const monitor = new OrthancMonitor(orthanc, { intervalMs: opts.orthancCheckIntervalMs ?? 5000, onChange: orthancStatusChanged(log, forwarder) });
 
@@ -132,6 +146,8 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     byTenant,
     spools: new Map(),
     reloading: Promise.resolve(),
+    draining: new Map(),
+    pool,
   };
 
   let http: HttpServerHandle;
@@ -141,8 +157,9 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     log.info("HTTP endpoint started", { url: `http://${config.http.host.includes(":") ? `[${config.http.host}]` : config.http.host}:${http.port}`, endpoints: "/health /ready /metrics /status" });
   } catch (e) {
     try {
-      await Promise.all(s.listeners.map((l) => stopTenant(s, l, 0)));
+      await Promise.all(s.listeners.map((l) => stopTenant(s, l, 0, { reason: "cut-by-stop", detail: "the gateway could not start" })));
       await closeSpools(s);
+      await pool.close();
       audit.close();
       await registry.close();
       orthanc.close();
@@ -168,15 +185,21 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     forwarder,
     storeMetrics,
     audit,
+    pool,
     snapshot: () => takeSnapshot(s),
-    reload: (next, graceMs = 2000) => reload(s, next, graceMs),
-    async stop(graceMs = 0) {
+    reload: (next) => reload(s, next),
+    async stop(drainMs = 0) {
       try {
+        const cut = { reason: "cut-by-stop" as const, detail: `the gateway is stopping; the association was still open after Gateway.Limits.DrainSeconds (${drainMs / 1000} s)` };
+        // Listeners a reload replaced are still draining: they end at this stop's deadline at the latest.
+        const draining = [...s.draining].map(([l, drain]) => Promise.all([drain, l.server.close(drainMs, cut)]));
+        await Promise.all([...s.listeners.map((l) => stopTenant(s, l, drainMs, cut)), ...draining]);
+        // Orthanc stays watched while associations drain (C-FIND, C-MOVE and Sync C-STORE still use it).
         monitor.stop();
         changes.stop();
-        await Promise.all(s.listeners.map((l) => stopTenant(s, l, graceMs)));
         await forwarder.stop();
         await closeSpools(s);
+        await pool.close();
         await registry.close();
         await http.close();
         audit.close();

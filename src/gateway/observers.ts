@@ -11,6 +11,7 @@ import type { DimseServerEvents, TlsPeer } from "../net/server.ts";
 import type { AuditLog } from "../observe/audit.ts";
 import { formatStatus, type GatewayMetrics } from "../observe/metrics.ts";
 import type { OrthancStatus } from "../observe/status.ts";
+import { OrthancError } from "../orthanc/client.ts";
 import type { StoreEvents } from "../services/store.ts";
 import type { Forwarder, ForwarderEvents, QuarantineKind } from "../spool/forwarder.ts";
 import type { StoreMetrics } from "../spool/metrics.ts";
@@ -22,10 +23,11 @@ import type { Logger } from "../shared/log.ts";
 export interface GatewayCounters {
   readonly quarantines: Counter<"tenant" | "reason">;
   readonly isolationRefusals: Counter<"tenant" | "stage">;
+  readonly reloads: Counter<"outcome">;
 }
 
 export function createGatewayCounters(registry: Registry): GatewayCounters {
-  return {
+  const counters: GatewayCounters = {
     quarantines: new Counter({
       name: "dicom_gateway_quarantined_instances_total",
       help: "Acknowledged instances set aside instead of reaching Orthanc, by reason (orthanc-refused, unreadable, isolation, placement, integrity): alert on any increase.",
@@ -38,7 +40,16 @@ export function createGatewayCounters(registry: Registry): GatewayCounters {
       labelNames: ["tenant", "stage"] as const,
       registers: [registry],
     }),
+    reloads: new Counter({
+      name: "dicom_gateway_config_reloads_total",
+      help: "Configuration reloads (SIGHUP), by outcome: applied, or rejected (the previous configuration kept running).",
+      labelNames: ["outcome"] as const,
+      registers: [registry],
+    }),
   };
+  // Both outcomes from the start: an alert on an increase of "rejected" needs the series to exist.
+  for (const outcome of ["applied", "rejected"]) counters.reloads.inc({ outcome }, 0);
+  return counters;
 }
 
 /** Where events turn into log lines, metrics and audit records. */
@@ -163,14 +174,60 @@ export function callerLookupEvents(tlog: Logger): Pick<AssociationPolicyOptions,
 }
 
 /**
+ * An outage of Orthanc as the forwarder lives it: from the first upload that found Orthanc unreachable (or
+ * silent) to the first upload that went through again; then the instances forwarded until the backlog is
+ * empty are counted, and one info line tells the operator that the spool caught up.
+ */
+class OutageTracker {
+  private startedAt: number | undefined;
+  private endedAt: number | undefined;
+  private forwarded = 0;
+  private waiting = false;
+
+  constructor(
+    private readonly log: Logger,
+    private readonly idle: () => Promise<void>,
+  ) {}
+
+  failed(error: Error): void {
+    if (!(error instanceof OrthancError) || (error.kind !== "unreachable" && error.kind !== "timeout")) return;
+    if (this.startedAt === undefined || this.endedAt !== undefined) {
+      // A new outage (or one that began again while the backlog drained: the count goes on).
+      this.startedAt ??= Date.now();
+      this.endedAt = undefined;
+    }
+  }
+
+  forwardedOne(): void {
+    if (this.startedAt === undefined) return;
+    this.endedAt ??= Date.now();
+    this.forwarded++;
+    if (this.waiting) return;
+    this.waiting = true;
+    void this.idle().then(() => {
+      this.waiting = false;
+      // Orthanc went away again before the backlog drained: the line waits for the end of that outage.
+      if (this.startedAt === undefined || this.endedAt === undefined) return;
+      const seconds = Math.round((this.endedAt - this.startedAt) / 1000);
+      this.log.info(`${this.forwarded} spooled instances forwarded after an outage of ${seconds} s`, { instances: this.forwarded, outageSeconds: seconds, outageStartedAt: new Date(this.startedAt).toISOString(), outageEndedAt: new Date(this.endedAt).toISOString() });
+      this.startedAt = this.endedAt = undefined;
+      this.forwarded = 0;
+    });
+  }
+}
+
+/**
  * The forwarder's outcomes, for every tenant, removed ones included (their spooled instances are still
  * forwarded). `running` holds the running tenants by AE title: their last forwarding error is shown by /status.
+ * `idle` resolves when the forwarder has nothing left to do (the backlog drained).
  */
 export function forwarderEvents(
   { log, storeMetrics, counters, audit }: GatewaySinks,
   spoolDirectory: string,
   running: ReadonlyMap<string, { lastForwardError?: string }>,
+  idle: () => Promise<void>,
 ): ForwarderEvents {
+  const outage = new OutageTracker(log, idle);
   return {
     isolationRefused(tenant, entry, reason) {
       counters.isolationRefusals.inc({ tenant: tenant.aet, stage: "forward" });
@@ -181,12 +238,14 @@ export function forwarderEvents(
       if (l) l.lastForwardError = undefined;
       storeMetrics.count(tenant.aet, "forwarded", entry.size);
       storeMetrics.uploadSeconds.observe({ tenant: tenant.aet }, seconds);
+      outage.forwardedOne();
       log.debug("forwarded to Orthanc", { tenant: tenant.aet, sopInstanceUid: entry.sopInstanceUid, orthancId: stored.id, orthancStatus: stored.status, ms: Math.round(seconds * 1000) });
     },
     failed(tenant, entry, error, attempt, retryInMs) {
       const l = running.get(tenant.aet);
       if (l) l.lastForwardError = error.message;
       storeMetrics.count(tenant.aet, "failed");
+      outage.failed(error);
       log.warn("forwarding to Orthanc failed, will retry", { tenant: tenant.aet, sopInstanceUid: entry.sopInstanceUid, attempt, retryInMs, error: error.message });
     },
     quarantined(tenant, entry, reason, kind) {

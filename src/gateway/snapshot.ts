@@ -30,6 +30,7 @@ export function takeSnapshot(s: GatewayState): GatewaySnapshot {
         listening: server.listening,
         listeners: server.endpoints.map((e) => ({ port: e.port || e.configuredPort, tls: e.tls, listening: e.listening })),
         activeAssociations: server.activeAssociations,
+        drainingAssociations: [...s.draining.keys()].filter((d) => d.tenant.aet === tenant.aet).reduce((n, d) => n + d.server.activeAssociations, 0),
         spool: {
           forwarding: tenant.forwarding,
           depth: st.depth,
@@ -48,6 +49,7 @@ export function takeSnapshot(s: GatewayState): GatewaySnapshot {
     orthancUnreachableGraceMs: s.config.orthanc.unreachableGraceMs,
     spoolHighWaterMarkPercent: s.config.spool.highWaterMarkPercent,
     quarantine: quarantine.sort((a, b) => a.quarantinedAt.localeCompare(b.quarantinedAt)).slice(-QUARANTINE_SHOWN),
+    lastReload: s.lastReload,
   };
   s.storeMetrics.updateFromSnapshot(snapshot);
   return snapshot;

@@ -12,7 +12,9 @@ import type { OrthancClient } from "../orthanc/client.ts";
 import type { OrthancMonitor } from "../orthanc/monitor.ts";
 import type { Labeler } from "../orthanc/store.ts";
 import type { SpoolFiles } from "../spool/files.ts";
+import type { LastReload } from "../observe/status.ts";
 import type { Forwarder } from "../spool/forwarder.ts";
+import type { SegmentPool } from "../spool/pool.ts";
 import type { TenantSpool } from "../spool/spool.ts";
 import type { AssociationPolicy } from "../tenancy/association-policy.ts";
 import type { IsolationGuards } from "../tenancy/isolation.ts";
@@ -32,7 +34,8 @@ export interface TenantListener {
 export interface GatewayState extends GatewaySinks {
   /**
    * The running configuration; the same object as `Gateway.config` and the services' `config`: a reload
-   * replaces its `tenants` and `modalities` in place (C-MOVE reads the destinations from it).
+   * replaces its `tenants`, `modalities`, `log.level` and `limits.drainMs` in place (C-MOVE reads the
+   * destinations from it).
    */
   readonly config: GatewayConfig;
   readonly startedAt: string;
@@ -62,4 +65,10 @@ export interface GatewayState extends GatewaySinks {
   readonly spools: Map<string, TenantSpool>;
   /** The reload in progress (settled), so that reloads apply one after another. */
   reloading: Promise<unknown>;
+  /** The outcome of the last reload, for /status. */
+  lastReload?: LastReload;
+  /** Listeners a reload replaced or removed, while their open associations finish (stop cuts them short at its own drain time). */
+  readonly draining: Map<TenantListener, Promise<void>>;
+  /** The ready segments all tenants' spools take their writers from. */
+  readonly pool: SegmentPool;
 }

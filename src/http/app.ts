@@ -50,7 +50,7 @@ export function createHttpApp(deps: HttpAppDeps): Hono {
     const s = await deps.snapshot();
     const started = Date.parse(s.startedAt);
     const uptimeSeconds = Number.isFinite(started) ? Math.max(0, Math.floor((Date.now() - started) / 1000)) : 0;
-    return c.json({ version: s.version, startedAt: s.startedAt, uptimeSeconds, tenants: s.tenants, orthanc: s.orthanc, quarantine: s.quarantine ?? [] });
+    return c.json({ version: s.version, startedAt: s.startedAt, uptimeSeconds, tenants: s.tenants, orthanc: s.orthanc, quarantine: s.quarantine ?? [], lastReload: s.lastReload ?? null });
   });
 
   app.notFound((c) => c.json({ error: "not found", endpoints: [...ENDPOINTS] }, 404));

@@ -113,7 +113,11 @@ export interface DimseResponder {
 /** A service handler must answer every request with a final status; throwing aborts the association. */
 export type DimseHandler = (request: DimseRequest, responder: DimseResponder) => Promise<void>;
 
-export type EndReason = "released" | "aborted-by-peer" | "aborted" | "rejected" | "closed" | "artim-timeout" | "idle-timeout";
+/**
+ * How an association ended. "cut-by-stop" / "cut-by-reload": still open when the gateway's drain time
+ * ran out, at a stop or after a reload changed or removed its tenant (A-ABORT, service provider).
+ */
+export type EndReason = "released" | "aborted-by-peer" | "aborted" | "rejected" | "closed" | "artim-timeout" | "idle-timeout" | "cut-by-stop" | "cut-by-reload";
 
 export interface AssociationObserver {
   accepted?(info: AssociationInfo): void;
@@ -483,6 +487,17 @@ export class AcceptorAssociation {
     if (this.state !== "release-requested") return;
     this.reportEnd("released");
     await this.sendAndClose(encodeReleaseRP());
+  }
+
+  /**
+   * Ends the association from our side with A-ABORT (PS3.8 9.3.8, service provider, reason not
+   * specified), reporting `reason` and `detail` to the observer first (the log and audit line of the
+   * end). Nothing happens if it is already ending.
+   */
+  cut(reason: EndReason, detail: string): void {
+    if (this.state === "closing") return;
+    this.reportEnd(reason, detail);
+    this.abort(AbortReason.NotSpecified);
   }
 
   /** A-ABORT with service-provider source (PS3.8 9.3.8), then close. */

@@ -8,11 +8,16 @@
  * either limit still gets its A-ASSOCIATE-RQ read, and is answered A-ASSOCIATE-RJ transient /
  * service-provider (presentation) / local limit exceeded (PS3.8 9.3.4); when too many such refusals
  * are already waiting for their RQ, further connections are closed at once.
+ *
+ * Reload without refusing a connection: the listener of a tenant's new settings takes the previous
+ * listener's listening sockets over (takeOver: the same socket, its event handlers swapped), so new
+ * connections meet the new settings at once while the previous listener's associations go on under
+ * theirs until they end or are cut (close with a drain time and a cut reason).
  */
 import { readFileSync } from "node:fs";
 import { createServer as createTcpServer, type Server, type Socket } from "node:net";
 import { createServer as createTlsServer, type TLSSocket } from "node:tls";
-import { AcceptorAssociation, type AcceptorOptions, type Peer } from "./association.ts";
+import { AcceptorAssociation, type AcceptorOptions, type EndReason, type Peer } from "./association.ts";
 import { RejectReason, RejectResult, RejectSource } from "./constants.ts";
 
 /** Concurrent associations over several listeners (the gateway-wide `Gateway.Limits.MaxAssociations`). */
@@ -94,6 +99,14 @@ export interface DimseEndpoint {
 
 interface BoundEndpoint extends DimseEndpoint {
   server?: Server;
+  /** Takes this listener's event handlers off `server` (before another listener takes it over). */
+  detach?: () => void;
+}
+
+/** Why open associations are cut at the end of a drain (close): reported to the observer, then A-ABORT. */
+export interface CutReason {
+  reason: Extract<EndReason, "cut-by-stop" | "cut-by-reload">;
+  detail: string;
 }
 
 export class DimseServer {
@@ -135,9 +148,44 @@ export class DimseServer {
     return this.bound.find((e) => e.tls)?.port;
   }
 
-  async listen(): Promise<void> {
+  /**
+   * Starts listening. With `previous` (the listeners a reload replaces or removes): bindNew, then takeOver.
+   */
+  async listen(previous: readonly DimseServer[] = []): Promise<void> {
+    await this.bindNew(previous);
+    await this.takeOver(previous);
+  }
+
+  /**
+   * The part of listen() that may fail: binds the ports none of `previous` listens on. On failure, what it
+   * bound is closed again and `previous` is untouched (a reload is rejected as a whole).
+   */
+  async bindNew(previous: readonly DimseServer[] = []): Promise<void> {
     try {
-      for (const e of this.bound) await this.listenOn(e);
+      for (const e of this.bound) if (!e.server && !previous.some((p) => p.listensOn(e.configuredPort))) await this.listenOn(e);
+    } catch (err) {
+      await this.close();
+      throw err;
+    }
+  }
+
+  /**
+   * The rest of listen(): each port `previous` listens on is taken over when it is of the same kind (plain,
+   * or TLS with the same files), so no connection meets a closed port; a port of another kind is closed by
+   * `previous` and bound again here (a connection arriving in between is refused).
+   */
+  async takeOver(previous: readonly DimseServer[] = []): Promise<void> {
+    try {
+      for (const e of this.bound) {
+        if (e.server) continue;
+        const holder = previous.find((p) => p.listensOn(e.configuredPort));
+        const server = holder?.handOver(e, this);
+        if (server) this.adopt(e, server);
+        else {
+          await holder?.closePort(e.configuredPort);
+          await this.listenOn(e);
+        }
+      }
     } catch (err) {
       await this.close();
       throw err;
@@ -146,9 +194,101 @@ export class DimseServer {
     this.port = this.bound[0]!.port;
   }
 
+  /** Whether one of this listener's ports is bound to `port` now (0, "any port", never matches). */
+  private listensOn(port: number): boolean {
+    return port !== 0 && this.bound.some((e) => e.server && e.configuredPort === port);
+  }
+
+  /** What must be the same for a listening socket to serve another listener as it is. */
+  private kindOf(e: DimseEndpoint): string {
+    const t = e.tls ? this.opts.tls : undefined;
+    return JSON.stringify([this.opts.host ?? "0.0.0.0", e.tls, t?.certificateFile, t?.keyFile, t?.caFile, t?.requireClientCertificate, e.tls ? this.opts.artimTimeoutMs : 0]);
+  }
+
+  /**
+   * Gives the listening socket of `wanted.configuredPort` to `next` if it is of the same kind: this
+   * listener's handlers come off it and it stops counting as this listener's. Undefined otherwise.
+   */
+  private handOver(wanted: DimseEndpoint, next: DimseServer): Server | undefined {
+    const mine = this.bound.find((e) => e.server && wanted.configuredPort !== 0 && e.configuredPort === wanted.configuredPort);
+    if (!mine || this.kindOf(mine) !== next.kindOf(wanted)) return undefined;
+    const server = mine.server!;
+    mine.detach?.();
+    mine.server = mine.detach = undefined;
+    mine.listening = false;
+    if (mine.tls) {
+      // Handshakes under way finish in `next`: their raw connections are its to close from now on.
+      for (const raw of this.rawSockets) next.trackRaw(raw);
+      this.rawSockets.clear();
+    }
+    this.listening = this.bound.some((e) => e.listening);
+    return server;
+  }
+
+  /** Stops listening on `port` (the open associations stay). */
+  private async closePort(port: number): Promise<void> {
+    for (const e of this.bound) {
+      if (!e.server || port === 0 || e.configuredPort !== port) continue;
+      const server = e.server;
+      e.detach?.();
+      e.server = e.detach = undefined;
+      e.listening = false;
+      // close() stops accepting at once; its callback waits for the connections, which go on.
+      server.close();
+    }
+    this.listening = this.bound.some((e) => e.listening);
+  }
+
+  private adopt(e: BoundEndpoint, server: Server): void {
+    e.server = server;
+    e.detach = this.attach(e, server);
+    e.listening = true;
+    const addr = server.address();
+    e.port = typeof addr === "object" && addr ? addr.port : e.configuredPort;
+  }
+
+  /** Puts this listener's handlers on a listening socket; returns what takes them off. */
+  private attach(e: BoundEndpoint, server: Server): () => void {
+    if (!e.tls) {
+      const onConnection = (socket: Socket) => this.onConnection(socket, e);
+      server.on("connection", onConnection);
+      return () => server.off("connection", onConnection);
+    }
+    const onSecure = (socket: TLSSocket) => this.onSecureConnection(socket, e);
+    // The raw TCP connection, before the handshake.
+    const onRaw = (raw: Socket) => {
+      raw.setNoDelay(true);
+      raw.on("error", () => {});
+      this.trackRaw(raw);
+    };
+    const onClientError = (err: Error, socket: TLSSocket) => {
+      const peer: Peer = { address: socket?.remoteAddress ?? "?", port: socket?.remotePort ?? 0 };
+      try {
+        socket?.destroy();
+      } catch {
+        // already gone
+      }
+      this.opts.events?.tlsHandshakeFailed?.(peer, e.port, describeTlsError(err));
+    };
+    server.on("secureConnection", onSecure);
+    server.on("connection", onRaw);
+    server.on("tlsClientError", onClientError);
+    return () => {
+      server.off("secureConnection", onSecure);
+      server.off("connection", onRaw);
+      server.off("tlsClientError", onClientError);
+    };
+  }
+
+  private trackRaw(raw: Socket): void {
+    this.rawSockets.add(raw);
+    raw.once("close", () => this.rawSockets.delete(raw));
+  }
+
   private listenOn(e: BoundEndpoint): Promise<void> {
     const host = this.opts.host ?? "0.0.0.0";
-    const server = e.tls ? this.createTlsServer(e) : createTcpServer({ noDelay: true, pauseOnConnect: false }, (socket) => this.onConnection(socket, e));
+    const server = e.tls ? this.createTlsServer() : createTcpServer({ noDelay: true, pauseOnConnect: false });
+    e.detach = this.attach(e, server);
     return new Promise((resolve, reject) => {
       server.once("error", (err: NodeJS.ErrnoException) => {
         const where = `${host}:${e.configuredPort}`;
@@ -160,6 +300,8 @@ export class DimseServer {
             : err.code === "EACCES"
               ? `permission denied for port ${e.configuredPort}: ports below 1024 need CAP_NET_BIND_SERVICE (see systemd/dicom-gateway.service) or a port >= 1024`
               : err.message;
+        e.detach?.();
+        e.detach = undefined;
         reject(new ListenError(`cannot listen for ${this.opts.label} on ${where}: ${why}`, { cause: err }));
       });
       server.listen({ port: e.configuredPort, host }, () => {
@@ -173,7 +315,7 @@ export class DimseServer {
     });
   }
 
-  private createTlsServer(e: BoundEndpoint): Server {
+  private createTlsServer(): Server {
     const tls = this.opts.tls!;
     const read = (what: string, key: string, file: string) => {
       try {
@@ -200,27 +342,10 @@ export class DimseServer {
           handshakeTimeout: this.opts.artimTimeoutMs > 0 ? this.opts.artimTimeoutMs : undefined,
           noDelay: true,
         } as Parameters<typeof createTlsServer>[0],
-        (socket) => this.onSecureConnection(socket, e),
       );
     } catch (err) {
       throw new ListenError(`cannot start DICOM TLS for ${this.opts.label}: ${err instanceof Error ? err.message : String(err)} (check Tls.Certificate, Tls.Key and Tls.CA)`, { cause: err });
     }
-    // The raw TCP connection, before the handshake.
-    server.on("connection", (raw: Socket) => {
-      raw.setNoDelay(true);
-      raw.on("error", () => {});
-      this.rawSockets.add(raw);
-      raw.once("close", () => this.rawSockets.delete(raw));
-    });
-    server.on("tlsClientError", (err: Error, socket: TLSSocket) => {
-      const peer: Peer = { address: socket?.remoteAddress ?? "?", port: socket?.remotePort ?? 0 };
-      try {
-        socket?.destroy();
-      } catch {
-        // already gone
-      }
-      this.opts.events?.tlsHandshakeFailed?.(peer, e.port, describeTlsError(err));
-    });
     return server;
   }
 
@@ -293,20 +418,30 @@ export class DimseServer {
     });
   }
 
-  /** Stops listening; aborts open associations after `graceMs` (default: at once). */
-  async close(graceMs = 0): Promise<void> {
+  /**
+   * Stops listening (on the ports not taken over by another listener); open associations may go on for
+   * `graceMs` (default: none), then are cut: with `cut`, each is reported ended for that reason (its log
+   * and audit line) before its A-ABORT.
+   */
+  async close(graceMs = 0, cut?: CutReason): Promise<void> {
     this.listening = false;
     const servers = this.bound.flatMap((e) => {
       const s = e.server;
-      e.server = undefined;
+      e.detach?.();
+      e.server = e.detach = undefined;
       e.listening = false;
       return s ? [s] : [];
     });
     const closed = Promise.all(servers.map((server) => new Promise<void>((r) => server.close(() => r()))));
     if (graceMs > 0 && this.associations.size > 0) {
-      await Promise.race([Promise.all([...this.associations].map((a) => a.closed)), new Promise((r) => setTimeout(r, graceMs))]);
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      await Promise.race([Promise.all([...this.associations].map((a) => a.closed)), new Promise((r) => (timer = setTimeout(r, graceMs)))]);
+      clearTimeout(timer);
     }
-    for (const a of this.associations) a.abort();
+    for (const a of this.associations) {
+      if (cut) a.cut(cut.reason, cut.detail);
+      else a.abort();
+    }
     for (const s of [...this.sockets, ...this.rawSockets]) setTimeout(() => s.destroy(), 200).unref?.();
     await Promise.all([...this.associations].map((a) => a.closed));
     await closed;

@@ -14,6 +14,8 @@ export interface TenantStatus {
   /** Why the listener is not listening (bind error), if it is not. */
   listenError?: string;
   activeAssociations: number;
+  /** Associations of this tenant's previous settings still open after a reload (they finish, up to DrainSeconds). */
+  drainingAssociations?: number;
   /** Store-and-forward state of this tenant. */
   spool?: SpoolStatus;
 }
@@ -62,6 +64,26 @@ export interface OrthancStatus {
   lastSeenAt?: string;
 }
 
+/** The outcome of the last configuration reload (SIGHUP). */
+export type LastReload = { at: string } & (
+  | {
+      outcome: "applied";
+      added: string[];
+      removed: string[];
+      changed: string[];
+      unchanged: string[];
+      /** Other live settings that changed (DicomModalities, Gateway.Log.Level, Gateway.Limits.DrainSeconds). */
+      settings: string[];
+    }
+  | {
+      outcome: "rejected";
+      /** Why, naming cause and fix. */
+      error: string;
+      /** Each error of a configuration file that does not validate. */
+      issues?: string[];
+    }
+);
+
 export interface GatewaySnapshot {
   version: string;
   startedAt: string;
@@ -73,6 +95,8 @@ export interface GatewaySnapshot {
   spoolHighWaterMarkPercent?: number;
   /** The most recent quarantined instances (newest last). */
   quarantine?: QuarantineSummary[];
+  /** The last configuration reload, if there was one since the start. */
+  lastReload?: LastReload;
 }
 
 /**

@@ -30,6 +30,8 @@ import type { FileHandle } from "node:fs/promises";
 import type { SpoolFiles } from "./files.ts";
 
 export const RECORD_HEADER = 64;
+/** A segment takes no new records past this size (32 MiB); it is deleted or recycled when none of its records is pending. */
+export const SEGMENT_BYTES = 32 << 20;
 const MAGIC = Buffer.from("DGSPOOL1", "latin1");
 export const STATE_PENDING = 1;
 export const STATE_DONE = 2;
@@ -81,6 +83,8 @@ export class Segment {
   writable: boolean;
   /** Bytes of the file that exist already (preallocated or recycled): records below this overwrite, not append. */
   allocated = 0;
+  /** Taken from the gateway's pool of ready segments (src/spool/pool.ts), to which it goes back once done with. */
+  lent = false;
   key: Buffer;
   private fh: FileHandle | undefined;
   private opening: Promise<FileHandle> | undefined;
