@@ -20,6 +20,7 @@ import { Forwarder } from "../spool/forwarder.ts";
 import { lockSpoolDirectory } from "../spool/lock.ts";
 import { createStoreMetrics, type StoreMetrics } from "../spool/metrics.ts";
 import { SegmentPool } from "../spool/pool.ts";
+import { SpoolAdmin, type AdminTenant } from "../spool/admin.ts";
 import { IsolationGuards } from "../tenancy/isolation.ts";
 import { UidRegistry } from "../tenancy/ownership.ts";
 import { silentLogger, type Logger } from "../shared/log.ts";
@@ -72,6 +73,30 @@ export interface Gateway {
    * Gateway.Limits.DrainSeconds), then cuts them, each logged and audited ("cut-by-stop").
    */
   stop(drainMs?: number): Promise<void>;
+}
+
+/** The URL of the HTTP API for a client on this host: a wildcard address is reached through the loopback one. */
+function loopbackUrl(host: string, port: number): string {
+  const h = host === "0.0.0.0" || host === "" ? "127.0.0.1" : host === "::" || host === "[::]" ? "::1" : host;
+  return `http://${h.includes(":") && !h.startsWith("[") ? `[${h}]` : h}:${port}`;
+}
+
+/**
+ * The spool commands' side of the running gateway: every spool it opened (tenants removed by a reload
+ * included: their instances are still forwarded), with the running configuration of each tenant; a
+ * retried instance goes to the forwarder at once.
+ */
+function spoolAdmin(s: GatewayState): SpoolAdmin {
+  return new SpoolAdmin({
+    audit: s.audit,
+    tenants: () =>
+      [...s.spools.values()].map((spool): AdminTenant => ({ aet: spool.tenant, spool, config: s.listeners.find((l) => l.spool === spool)?.tenant })),
+    requeued: (t, entry) => {
+      if (!t.config) return;
+      if (entry.studyInstanceUid && entry.seriesInstanceUid) s.registry.hold(entry.id, t.aet, { studyInstanceUid: entry.studyInstanceUid, seriesInstanceUid: entry.seriesInstanceUid, sopInstanceUid: entry.sopInstanceUid });
+      s.forwarder.add(t.config, t.spool, entry);
+    },
+  });
 }
 
 export async function startGateway(config: GatewayConfig, opts: GatewayOptions = {}): Promise<Gateway> {
@@ -153,8 +178,10 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
   let http: HttpServerHandle;
   try {
     for (const tenant of config.tenants) s.listeners.push(await startTenant(s, tenant));
-    http = await serveHttp(createHttpApp({ snapshot: () => takeSnapshot(s), metrics, logger: log }), { hostname: config.http.host, port: config.http.port });
-    log.info("HTTP endpoint started", { url: `http://${config.http.host.includes(":") ? `[${config.http.host}]` : config.http.host}:${http.port}`, endpoints: "/health /ready /metrics /status" });
+    http = await serveHttp(createHttpApp({ snapshot: () => takeSnapshot(s), metrics, logger: log, spool: spoolAdmin(s) }), { hostname: config.http.host, port: config.http.port });
+    log.info("HTTP endpoint started", { url: `http://${config.http.host.includes(":") ? `[${config.http.host}]` : config.http.host}:${http.port}`, endpoints: "/health /ready /metrics /status /spool" });
+    // Where `dicom-gateway spool …` reaches this gateway: said in the spool's lock file.
+    spoolLock.announce({ http: loopbackUrl(config.http.host, http.port) });
   } catch (e) {
     try {
       await Promise.all(s.listeners.map((l) => stopTenant(s, l, 0, { reason: "cut-by-stop", detail: "the gateway could not start" })));

@@ -28,7 +28,11 @@ export type AuditEvent =
   /** An acknowledged instance set aside instead of reaching Orthanc (src/spool: quarantine), with the reason. */
   | "instance-quarantined"
   /** An instance Orthanc filed elsewhere than the gateway checked, and what was done about it. */
-  | "instance-misplaced";
+  | "instance-misplaced"
+  /** An operator put a quarantined instance back into the queue (`dicom-gateway spool retry`). */
+  | "instance-retried"
+  /** An operator dropped a quarantined instance for good (`dicom-gateway spool release|purge`). */
+  | "instance-released";
 
 export interface AuditAssociationRecord {
   event: Exclude<AuditEvent, "operation">;
@@ -66,7 +70,7 @@ export interface AuditOperationRecord {
 
 /** What happens to an instance after its C-STORE was answered (forwarding from the spool). */
 export interface AuditInstanceRecord {
-  event: "instance-quarantined" | "instance-misplaced";
+  event: "instance-quarantined" | "instance-misplaced" | "instance-retried" | "instance-released";
   tenant: string;
   callingAe?: string;
   peer?: string;
