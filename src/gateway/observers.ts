@@ -3,7 +3,7 @@
  * of a listener's connections, of C-STORE and of the forwarder into log lines, Prometheus metrics and
  * audit records. They decide nothing: what a peer is answered is decided in net/, services/ and spool/.
  */
-import { Counter, type Registry } from "prom-client";
+import { Counter, type Registry } from "../observe/prometheus.ts";
 import type { TenantConfig } from "../config/types.ts";
 import type { AssociationObserver } from "../net/association.ts";
 import { RejectReason, RejectSource, Status } from "../net/constants.ts";

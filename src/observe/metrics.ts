@@ -14,7 +14,7 @@
  */
 import { readFileSync } from "node:fs";
 import process from "node:process";
-import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "./prometheus.ts";
 import type { GatewaySnapshot } from "./status.ts";
 
 export type AssociationResult = "accepted" | "rejected" | "aborted";

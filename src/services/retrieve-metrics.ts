@@ -9,7 +9,7 @@
  * `destination` is the DicomModalities name for C-MOVE ("(unknown)" when refused) and "requester" for
  * C-GET (the sub-operations go back on the requester's association): never text from the peer.
  */
-import { Counter, Histogram, type Registry } from "prom-client";
+import { Counter, Histogram, type Registry } from "../observe/prometheus.ts";
 
 export type RetrieveService = "C-MOVE" | "C-GET";
 

@@ -25,7 +25,7 @@
 import { Buffer } from "node:buffer";
 import { createHash } from "node:crypto";
 import { basename } from "node:path";
-import * as zlib from "node:zlib";
+import { lazyBuiltin } from "../shared/builtin.ts";
 import type { FileHandle } from "node:fs/promises";
 import type { SpoolFiles } from "./files.ts";
 
@@ -193,11 +193,14 @@ export async function crc32OfRange(fh: FileHandle, offset: number, length: numbe
   return crc;
 }
 
-const nativeCrc32 = (zlib as { crc32?: (data: Uint8Array, value?: number) => number }).crc32;
+/** node:zlib, loaded by the first CRC (the first record written or read back). */
+const zlib = lazyBuiltin<{ crc32?: (data: Uint8Array, value?: number) => number }>("node:zlib");
+let nativeCrc32: ((data: Uint8Array, value?: number) => number) | null | undefined;
 let table: Uint32Array | undefined;
 
 /** CRC-32 (IEEE, as zlib) of `data`, continuing from `crc`: zlib's where the runtime has it (Bun, Deno, Node >= 22.2). */
 export function crc32(data: Uint8Array, crc = 0): number {
+  if (nativeCrc32 === undefined) nativeCrc32 = zlib().crc32 ?? null;
   if (nativeCrc32) return nativeCrc32(data, crc);
   table ??= Uint32Array.from({ length: 256 }, (_, n) => {
     let c = n;
