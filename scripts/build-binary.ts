@@ -208,10 +208,20 @@ async function startupOrder(bun: string, opts: Options, defines: string[], work:
   writeFileSync(config, JSON.stringify({ MultitenantDicom: { Servers: servers }, Gateway: { Orthanc: { Url: "http://127.0.0.1:9" }, Http: { Host: "127.0.0.1", Port: 0 }, SpoolDirectory: path.join(work, "spool"), Log: { Level: "info", Format: "json" }, Audit: { File: path.join(work, "audit.log") } } }));
   const order = path.join(work, "startup.order");
   // Three seconds: the start, the first Orthanc check, and the timers of an idle gateway; then SIGTERM (a clean stop).
-  const ran = spawnSync(profile, ["serve", "--config", config], { timeout: 3000, killSignal: "SIGTERM", env: { ...process.env, BUN_BYTECODE_ORDER_OUT: order }, encoding: "utf8" });
+  // Its output goes to a file: spawnSync stops reading a pipe when its timeout fires, and the gateway's
+  // last lines (stopping, stopped) would meet a closed pipe.
+  const logFile = path.join(work, "profile.log");
+  const out = openSync(logFile, "w");
+  let ran: SpawnSyncReturns<Buffer>;
+  try {
+    ran = spawnSync(profile, ["serve", "--config", config], { timeout: 3000, killSignal: "SIGTERM", env: { ...process.env, BUN_BYTECODE_ORDER_OUT: order }, stdio: ["ignore", out, out] });
+  } finally {
+    closeSync(out);
+  }
+  const log = readFileSync(logFile, "utf8");
   // It must have started and stopped as a gateway does (exit 0 on SIGTERM), or the order is not a start's.
-  if (ran.status !== 0 || !ran.stdout.includes('"HTTP endpoint started"') || !existsSync(order) || statSync(order).size === 0) {
-    console.log(`  (no start-up profile: the profiling run did not start and stop cleanly: exit ${ran.status ?? ran.signal}, ${(ran.stderr || ran.stdout).trim().split("\n").pop()})`);
+  if (ran.status !== 0 || !log.includes('"HTTP endpoint started"') || !log.includes('"msg":"stopped"') || !existsSync(order) || statSync(order).size === 0) {
+    console.log(`  (no start-up profile: the profiling run did not start and stop cleanly: exit ${ran.status ?? ran.signal}, ${log.trim().split("\n").pop()})`);
     return undefined;
   }
   console.log(`  start-up profile: ${readFileSync(order, "utf8").split("\n").length - 1} functions`);

@@ -8,10 +8,6 @@
  * backslash or control characters, not all spaces).
  */
 import { z } from "zod";
-
-// A configuration is parsed once per start or reload: zod's compiled fast path (new Function) costs more
-// to build (10-25 ms of a start) than it saves on one parse.
-z.config({ jitless: true });
 import { parseCallerHost } from "../shared/address.ts";
 import type {
   AllowedCaller,
@@ -22,6 +18,10 @@ import type {
   LogLevel,
   ResourceLevel,
 } from "./types.ts";
+
+// A configuration is parsed once per start or reload: zod's compiled fast path (new Function) costs more
+// to build (10-25 ms of a start) than it saves on one parse.
+z.config({ jitless: true });
 
 /* ------------------------------------------------------------------------ */
 /* Message helpers                                                          */

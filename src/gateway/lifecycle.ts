@@ -41,7 +41,7 @@ export interface GatewayOptions {
   audit?: AuditLog;
   /** The spool's file layer (default node:fs): tests record writes, syncs and crashes through their own. */
   spoolFiles?: SpoolFiles;
-  /** When the pool of ready segments starts filling after start (default 2 s: start-up and the first associations first). */
+  /** When the pool of ready segments starts filling after start (default at once, in the background). */
   poolFillDelayMs?: number;
 }
 

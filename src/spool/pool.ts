@@ -34,10 +34,17 @@ export const MAX_SEGMENTS = 8;
 export const IDLE_WRITERS = 4;
 /** A refill waits this long after a segment was taken: a lent segment usually comes back before. */
 const REFILL_DELAY_MS = 5000;
+/** A fill writes its zeros only after this long without an instance arriving (see arrival). */
+const QUIET_MS = 100;
+/** A fill flushes its zeros every this many bytes: no single flush of 32 MiB stalls a record's sync. */
+const FLUSH_EVERY = 4 << 20;
 /** After a preallocation was given up (disk nearly full, or an error), the next attempt waits this long. */
 const RETRY_MS = 60_000;
-/** At start-up, the first zero-fill waits this long: the gateway's start and its first associations come first. */
-const FIRST_FILL_DELAY_MS = 2000;
+/**
+ * At start-up the pool fills at once, in the background: until a ready segment exists, the first
+ * instances go to a segment that grows as it is written, whose per-record sync costs twice as much.
+ */
+const FIRST_FILL_DELAY_MS = 0;
 
 /** A ready segment file taken out of the pool: renamed to `path`, open, all its blocks allocated. */
 export interface TakenSegment {
@@ -92,6 +99,23 @@ export class SegmentPool {
       void this.refill();
     }, ms);
     (this.timer as { unref?: () => void }).unref?.();
+  }
+
+  /** When an instance last arrived (arrival): the zeros of a fill wait for a quiet moment. */
+  private lastArrival = 0;
+
+  /** An instance is arriving (TenantSpool.receive): a fill under way pauses for QUIET_MS. */
+  arrival(): void {
+    this.lastArrival = Date.now();
+  }
+
+  /** Resolves once no instance arrived for QUIET_MS (or the pool closes). */
+  private async quiet(): Promise<void> {
+    for (;;) {
+      const wait = this.lastArrival + QUIET_MS - Date.now();
+      if (wait <= 0 || this.closed) return;
+      await new Promise((r) => setTimeout(r, wait));
+    }
   }
 
   /** Ready segments now (for tests and /status). */
@@ -235,7 +259,12 @@ export class SegmentPool {
     try {
       fh = await this.files.create(tmp);
       const zeros = new Uint8Array(1 << 20);
-      for (let at = 0; at < SEGMENT_BYTES && !this.closed; at += zeros.length) await writeAll(this.files, fh, [zeros], at);
+      for (let at = 0; at < SEGMENT_BYTES && !this.closed; at += zeros.length) {
+        // The zeros give way to acknowledgements: written while no instance arrives, flushed in small steps.
+        await this.quiet();
+        await writeAll(this.files, fh, [zeros], at);
+        if ((at + zeros.length) % FLUSH_EVERY === 0) await this.files.datasync(fh);
+      }
       if (this.closed) throw new Error("closed");
       await this.files.datasync(fh);
       await this.files.close(fh);

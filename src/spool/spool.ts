@@ -361,6 +361,7 @@ export class TenantSpool {
 
   /** receive() of a whole Part 10 file (`head`, when given, comes first). */
   private async receiveParts(head: Uint8Array | undefined, source: AsyncIterable<Uint8Array>, opts: ReceiveOptions = {}): Promise<ReceivedFile> {
+    this.pool?.arrival();
     const segment = await this.acquireWriter();
     const r = new Receipt(opts.id ?? newSpoolId(), segment, segment.size);
     const observe = opts.observe;
@@ -456,6 +457,7 @@ export class TenantSpool {
     const infoBytes = new TextEncoder().encode(JSON.stringify(record));
     const header = encodeRecordHeader({ state: STATE_PENDING, infoLength: infoBytes.length, bodyLength: r.size, crc: r.crc }, r.segment.key);
     this.receivingBytes += r.size; // counted until committed, so the quota holds meanwhile
+    this.pool?.arrival();
     try {
       const dsync = r.written === 0 ? await r.segment.dsyncHandle() : undefined;
       if (dsync) {
