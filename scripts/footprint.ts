@@ -65,10 +65,14 @@ async function distinctPorts(n: number): Promise<number[]> {
   return [...ports];
 }
 
+/** Everything a run created, removed at the end (failed runs included) unless --keep-spool. */
+const created: string[] = [];
+
 async function config(tenants: number, spool: string, orthanc: string): Promise<{ path: string; httpPort: number }> {
   const [httpPort, ...ports] = await distinctPorts(tenants + 1);
   const servers = ports.map((port, i) => ({ AET: `T${String(i).padStart(3, "0")}`, Port: port, Labels: [`t${i}`] }));
   const dir = mkdtempSync(join(tmpdir(), "gw-footprint-config-"));
+  created.push(dir);
   const path = join(dir, "gateway.json");
   writeFileSync(path, JSON.stringify({ MultitenantDicom: { Servers: servers }, Gateway: { Orthanc: { Url: orthanc }, Http: { Host: "127.0.0.1", Port: httpPort }, SpoolDirectory: spool, Log: { Level: "warn", Format: "json" }, Audit: { File: join(dir, "audit.log") } } }));
   return { path, httpPort };
@@ -135,6 +139,7 @@ async function main(): Promise<void> {
     for (let i = 0; i < starts; i++) {
       if (spool && !keep) rmSync(spool, { recursive: true, force: true });
       spool = mkdtempSync(join(tmpdir(), "gw-footprint-spool-"));
+      created.push(spool);
       cfg = await config(tenants, spool, orthanc);
       runs.push(await once(cfg.path, cfg.httpPort, spool));
     }
@@ -145,7 +150,11 @@ async function main(): Promise<void> {
   }
 }
 
-main().catch((e) => {
-  console.error(`error: ${e instanceof Error ? e.message : String(e)}`);
-  process.exit(1);
-});
+main()
+  .catch((e) => {
+    console.error(`error: ${e instanceof Error ? e.message : String(e)}`);
+    process.exitCode = 1;
+  })
+  .finally(() => {
+    if (!keep) for (const d of created) rmSync(d, { recursive: true, force: true });
+  });
