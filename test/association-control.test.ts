@@ -7,7 +7,8 @@
  * C-ECHO needs no Orthanc: the gateway runs against an address where nothing listens.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { PduType, RejectReason, RejectResult, RejectSource } from "../src/net/constants.ts";
+import { PduType } from "../src/net/constants.ts";
+import { RejectReason, RejectResult, RejectSource } from "../src/net/reject.ts";
 import { decodeAssociateRJ } from "../src/net/pdu.ts";
 import type { Peer } from "../src/net/association.ts";
 import { createAssociationPolicy, inRange, parseAddress, parseAddressRange } from "../src/tenancy/association-policy.ts";

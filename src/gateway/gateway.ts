@@ -6,7 +6,8 @@ import type { GatewayConfig, TenantConfig } from "../config/types.ts";
 import { serveHttp, type HttpServerHandle } from "../adapter/index.ts";
 import { createAuditLog, type AuditLog } from "../observe/audit.ts";
 import type { AssociationObserver } from "../net/association.ts";
-import { RejectReason, RejectSource, Status } from "../net/constants.ts";
+import { Status } from "../net/constants.ts";
+import { rejectReasonLabel } from "../net/index.ts";
 import { AssociationCounter, DimseServer, type DimseServerEvents, type TlsPeer } from "../net/server.ts";
 import { createHttpApp } from "../http/app.ts";
 import { silentLogger, type Logger } from "../shared/log.ts";
@@ -96,14 +97,7 @@ const QUARANTINE_LOG: Record<QuarantineKind, string> = {
 
 /** A-ASSOCIATE-RJ reasons as metric/log labels. */
 function rejectReasonName(source: number, reason: number): string {
-  if (source === RejectSource.ServiceUser) {
-    if (reason === RejectReason.CalledAeTitleNotRecognized) return "called-ae-title-not-recognized";
-    if (reason === RejectReason.CallingAeTitleNotRecognized) return "calling-ae-title-not-recognized";
-    if (reason === RejectReason.ApplicationContextNameNotSupported) return "application-context-not-supported";
-    return "no-reason-given";
-  }
-  if (source === RejectSource.ServiceProviderAcse) return "protocol-version-not-supported";
-  return reason === RejectReason.TemporaryCongestion ? "temporary-congestion" : "local-limit-exceeded";
+  return rejectReasonLabel(source, reason);
 }
 
 function observerFor(tenant: TenantConfig, log: Logger, metrics: GatewayMetrics, audit: AuditLog): AssociationObserver {
