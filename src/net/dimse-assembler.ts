@@ -69,6 +69,11 @@ export class MessageAssembler {
     /** Pauses/resumes reading from the peer (a streamed data set above its high-water mark). */
     private readonly flow: { pause(): void; resume(): void },
     private readonly deliver: (message: AssembledMessage) => void,
+    /**
+     * Called with each response's command set as soon as it is complete, before its data set is
+     * collected: throws (PduError) when no request of ours awaits it, so that nothing is collected for it.
+     */
+    private readonly checkResponse: (command: CommandSet) => void,
   ) {}
 
   /** Feeds the body of one P-DATA-TF PDU. Throws PduError (or CommandSetError) on a protocol violation. */
@@ -115,6 +120,7 @@ export class MessageAssembler {
     const command = decodeCommandSet(concatBytes(msg.command));
     msg.command = [];
     const isResponse = (command.commandField! & RESPONSE_BIT) !== 0;
+    if (isResponse) this.checkResponse(command);
     const hasDataset = command.commandDataSetType !== undefined && command.commandDataSetType !== NO_DATASET;
     if (!hasDataset) {
       this.partial.delete(pc.id);

@@ -139,7 +139,12 @@ export class DimseMessenger {
   ) {
     this.writer = new PDataWriter(socket, opts.peerMaxPduLength);
     this.writer.onProgress = () => opts.activity();
-    this.assembler = new MessageAssembler(opts.contexts, { pause: () => this.pause(), resume: () => this.resume() }, (m) => this.onMessage(m));
+    this.assembler = new MessageAssembler(
+      opts.contexts,
+      { pause: () => this.pause(), resume: () => this.resume() },
+      (m) => this.onMessage(m),
+      (command) => this.awaitedBy(command),
+    );
   }
 
   /** Feeds the body of a P-DATA-TF PDU; throws PduError or CommandSetError on a protocol violation. */
@@ -221,7 +226,8 @@ export class DimseMessenger {
     void this.pump();
   }
 
-  private onResponse(command: CommandSet, dataset: Uint8Array | undefined): void {
+  /** The request of ours a response answers: by Message ID Being Responded To, with the matching command field. */
+  private awaitedBy(command: CommandSet): Awaiting {
     const field = command.commandField!;
     const id = command.messageIdBeingRespondedTo ?? -1;
     const waiter = this.awaiting.get(id);
@@ -229,6 +235,12 @@ export class DimseMessenger {
     if (field !== (waiter.commandField | RESPONSE_BIT)) {
       throw new PduError(`${serviceName(waiter.commandField)} request ${id} answered by command field 0x${field.toString(16)}`, AbortReason.UnexpectedPduParameter);
     }
+    return waiter;
+  }
+
+  private onResponse(command: CommandSet, dataset: Uint8Array | undefined): void {
+    const id = command.messageIdBeingRespondedTo!;
+    const waiter = this.awaitedBy(command);
     if (waiter.onPending && isPending(command.status)) {
       waiter.onPending(command, dataset);
       return;

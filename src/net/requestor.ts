@@ -151,6 +151,8 @@ export class RequestorAssociation {
   private releaseWaiter: { resolve: () => void } | undefined;
   private timer: ReturnType<typeof setTimeout> | undefined;
   private lastActivity = Date.now();
+  /** An A-ABORT was written; the socket is destroyed shortly after (abort()). */
+  private abortSent = false;
 
   private constructor(
     private readonly socket: Socket,
@@ -199,6 +201,7 @@ export class RequestorAssociation {
       };
       opts.signal?.addEventListener("abort", onAbort, { once: true });
     });
+    let assoc: RequestorAssociation | undefined;
     try {
       await Promise.race([
         deadline,
@@ -209,15 +212,17 @@ export class RequestorAssociation {
           );
         }),
       ]);
-      const assoc = new RequestorAssociation(socket, opts);
-      await Promise.race([deadline, assoc.associate()]);
+      const a = (assoc = new RequestorAssociation(socket, opts));
+      await Promise.race([deadline, a.associate()]);
       if (opts.signal) {
         opts.signal.removeEventListener("abort", onAbort!);
-        opts.signal.addEventListener("abort", () => assoc.abort(), { once: true });
+        opts.signal.addEventListener("abort", () => a.abort(), { once: true });
       }
-      return assoc;
+      return a;
     } catch (e) {
-      socket.destroy();
+      // After an A-ABORT (a protocol error in the peer's answer) the socket closes once the peer has had
+      // time to read it (abort()); closing now could reset the connection before it arrives.
+      if (!assoc?.abortSent) socket.destroy();
       throw e;
     } finally {
       clearTimeout(timer);
@@ -346,7 +351,10 @@ export class RequestorAssociation {
     this.fail(new AssociationError("aborted", `the association with ${this.label} was aborted`));
     this.state = "closing";
     try {
-      if (!this.socket.destroyed) this.socket.end(encodeAbort({ source, reason }));
+      if (!this.socket.destroyed) {
+        this.socket.end(encodeAbort({ source, reason }));
+        this.abortSent = true;
+      }
     } catch {
       // closing anyway
     }
