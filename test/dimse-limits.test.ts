@@ -13,10 +13,10 @@ import type { AssociationObserver, DimseHandler } from "../src/net/association.t
 import { encodeCommandSet, type CommandSet } from "../src/net/command.ts";
 import { AbortReason, CommandField, NO_DATASET, PduType, Status } from "../src/net/constants.ts";
 import { DIMSE_LIMITS } from "../src/net/dimse-assembler.ts";
-import { negotiatePresentationContexts, UNCOMPRESSED_LITTLE_ENDIAN } from "../src/net/negotiation.ts";
 import { decodeAbort, encodePDataHeader } from "../src/net/pdu.ts";
 import { AssociationError, RequestorAssociation } from "../src/net/requestor.ts";
-import { DimseServer } from "../src/net/server.ts";
+import type { DimseServer } from "../src/net/server.ts";
+import { startBareServer } from "./helpers/bare-server.ts";
 import { nEventReportRQ } from "../src/net/n-service.ts";
 import { multiPdvPData, pdataMessage } from "./helpers/fuzz.ts";
 import { concat, RawAcceptor, RawPeer, VERIFICATION_CONTEXT } from "./helpers/raw-peer.ts";
@@ -50,28 +50,14 @@ const commitAndReport: DimseHandler = async (req, res) => {
 
 beforeAll(async () => {
   const observer: AssociationObserver = { protocolError: (peer, _kind, message) => protocolErrors.set(peer.port, message) };
-  server = new DimseServer({
-    label: "limits",
-    host: "127.0.0.1",
-    port: 0,
-    maxPduLength: 16384,
-    artimTimeoutMs: 2000,
-    idleTimeoutMs: 10_000,
-    negotiate: (rq) => ({
-      accept: negotiatePresentationContexts(rq, {
-        abstractSyntaxes: new Map([
-          [VERIFICATION, UNCOMPRESSED_LITTLE_ENDIAN],
-          [STORAGE_COMMITMENT, UNCOMPRESSED_LITTLE_ENDIAN],
-        ]),
-      }),
-    }),
+  server = await startBareServer({
+    abstractSyntaxes: [VERIFICATION, STORAGE_COMMITMENT],
     handlers: new Map<number, DimseHandler>([
       [CommandField.CEchoRQ, async (_req, res) => res.respond({ status: Status.Success })],
       [CommandField.NActionRQ, commitAndReport],
     ]),
     observer,
   });
-  await server.listen();
   acceptor = await RawAcceptor.listen();
 });
 

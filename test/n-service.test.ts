@@ -12,9 +12,9 @@ import type { CommandSet } from "../src/net/command.ts";
 import { CommandField, Status, TransferSyntax } from "../src/net/constants.ts";
 import type { DimseResult } from "../src/net/dimse.ts";
 import { nActionRQ, nEventReportRQ } from "../src/net/n-service.ts";
-import { negotiatePresentationContexts, UNCOMPRESSED_LITTLE_ENDIAN } from "../src/net/negotiation.ts";
 import { RequestorAssociation } from "../src/net/requestor.ts";
-import { DimseServer } from "../src/net/server.ts";
+import type { DimseServer } from "../src/net/server.ts";
+import { startBareServer } from "./helpers/bare-server.ts";
 import { freePort } from "./helpers/ports.ts";
 import { until } from "./helpers/wait.ts";
 
@@ -96,26 +96,15 @@ let server: DimseServer;
 
 beforeAll(async () => {
   const observer: AssociationObserver = { operation: (_info, service, status) => seen.operations.push({ service, status }) };
-  server = new DimseServer({
-    label: "n-service",
-    host: "127.0.0.1",
-    port: 0,
-    maxPduLength: 16384,
-    artimTimeoutMs: 2000,
-    idleTimeoutMs: 10_000,
-    negotiate: (rq) => ({
-      accept: negotiatePresentationContexts(rq, {
-        abstractSyntaxes: new Map([[STORAGE_COMMITMENT, UNCOMPRESSED_LITTLE_ENDIAN]]),
-        acceptScpRoleFor: (uid) => uid === STORAGE_COMMITMENT,
-      }),
-    }),
+  server = await startBareServer({
+    abstractSyntaxes: [STORAGE_COMMITMENT],
+    acceptScpRoleFor: (uid) => uid === STORAGE_COMMITMENT,
     handlers: new Map([
       [CommandField.NActionRQ, commit],
       [CommandField.NEventReportRQ, async (req, res) => res.respond({ status: req.command.eventTypeId === COMMITMENT_SUCCEEDED ? Status.Success : Status.NoSuchEventType })],
     ]),
     observer,
   });
-  await server.listen();
 });
 
 afterAll(async () => {
