@@ -6,7 +6,8 @@
 import { Counter, type Registry } from "prom-client";
 import type { TenantConfig } from "../config/types.ts";
 import type { AssociationObserver } from "../net/association.ts";
-import { RejectReason, RejectSource, Status } from "../net/constants.ts";
+import { Status } from "../net/constants.ts";
+import { rejectReasonLabel } from "../net/index.ts";
 import type { DimseServerEvents, TlsPeer } from "../net/server.ts";
 import type { AuditLog } from "../observe/audit.ts";
 import { formatStatus, type GatewayMetrics } from "../observe/metrics.ts";
@@ -59,18 +60,6 @@ const QUARANTINE_LOG: Record<QuarantineKind, string> = {
   integrity: "Orthanc stored other bytes than received",
 };
 
-/** A-ASSOCIATE-RJ reasons as metric/log labels. */
-function rejectReasonName(source: number, reason: number): string {
-  if (source === RejectSource.ServiceUser) {
-    if (reason === RejectReason.CalledAeTitleNotRecognized) return "called-ae-title-not-recognized";
-    if (reason === RejectReason.CallingAeTitleNotRecognized) return "calling-ae-title-not-recognized";
-    if (reason === RejectReason.ApplicationContextNameNotSupported) return "application-context-not-supported";
-    return "no-reason-given";
-  }
-  if (source === RejectSource.ServiceProviderAcse) return "protocol-version-not-supported";
-  return reason === RejectReason.TemporaryCongestion ? "temporary-congestion" : "local-limit-exceeded";
-}
-
 /** One tenant's associations: accepted, rejected (A-ASSOCIATE-RJ), ended, each DIMSE operation, protocol errors. */
 export function associationObserver(tenant: TenantConfig, { log, metrics, audit }: GatewaySinks): AssociationObserver {
   const t = tenant.aet;
@@ -90,7 +79,7 @@ export function associationObserver(tenant: TenantConfig, { log, metrics, audit 
       });
     },
     rejected(rq, peer, rj, why) {
-      const reason = rejectReasonName(rj.source, rj.reason);
+      const reason = rejectReasonLabel(rj.source, rj.reason);
       metrics.recordAssociation(t, "rejected", reason);
       const rjFields = { result: rj.result, source: rj.source, rjReason: rj.reason, tls: (peer as TlsPeer).tls };
       audit.association({ event: "association-rejected", tenant: t, callingAe: rq.callingAeTitle, calledAe: rq.calledAeTitle, peer: `${peer.address}:${peer.port}`, outcome: "rejected", reason, detail: why, ...rjFields });
