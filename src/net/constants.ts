@@ -62,11 +62,6 @@ export const TransferSyntax = {
   ExplicitVRBigEndian: "1.2.840.10008.1.2.2",
 } as const;
 
-/** SOP classes handled by the foundation. */
-export const SopClass = {
-  Verification: "1.2.840.10008.1.1",
-} as const;
-
 /**
  * DIMSE command fields, PS3.7 E.1 table E.1-1: a response is its request's field with bit 15 set
  * (RESPONSE_BIT). DIMSE-C (PS3.7 9) and DIMSE-N (PS3.7 10) messages.

@@ -19,7 +19,7 @@
  */
 export { AcceptorAssociation, type AssociationInfo, type AssociationObserver, type DimseHandler, type DimseResponder, type Negotiation, type Peer } from "./association.ts";
 export type { CommandSet } from "./command.ts";
-export { CommandField, NO_DATASET, SopClass, Status, TransferSyntax } from "./constants.ts";
+export { CommandField, NO_DATASET, Status, TransferSyntax } from "./constants.ts";
 export { DIMSE_LIMITS } from "./dimse-assembler.ts";
 export { responseTo, type DimseRequest, type DimseResult, type PresentationContext } from "./dimse.ts";
 export { nActionRQ, nEventReportRQ, type Action, type EventReport } from "./n-service.ts";
