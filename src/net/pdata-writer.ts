@@ -26,6 +26,19 @@ const SMALL_MESSAGE = 256 * 1024;
 /** Used when the peer announces 0 (= no limit): keep our own PDUs reasonable. */
 const DEFAULT_FRAGMENT = 64 * 1024;
 
+function fragmentLengthFor(peerMaxPduLength: number): number {
+  return peerMaxPduLength > 6 ? Math.min(peerMaxPduLength - 6, 1 << 24) : DEFAULT_FRAGMENT;
+}
+
+/**
+ * Room left for a data set in the one PDU that carries a command set of `commandBytes` (encoded) to a
+ * peer announcing `peerMaxPduLength`: a message whose data set fits goes as a single P-DATA-TF PDU
+ * (see pdus()), e.g. a final C-GET response with its Failed SOP Instance UID List.
+ */
+export function singlePduDatasetRoom(peerMaxPduLength: number, commandBytes: number): number {
+  return Math.max(0, fragmentLengthFor(peerMaxPduLength) + PDV_ITEM_HEADER - 2 * PDV_ITEM_HEADER - commandBytes);
+}
+
 export class SocketClosedError extends Error {
   override name = "SocketClosedError";
 }
@@ -46,7 +59,7 @@ export class PDataWriter {
     private readonly socket: Socket,
     peerMaxPduLength: number,
   ) {
-    this.fragmentLength = peerMaxPduLength > 6 ? Math.min(peerMaxPduLength - 6, 1 << 24) : DEFAULT_FRAGMENT;
+    this.fragmentLength = fragmentLengthFor(peerMaxPduLength);
   }
 
   /** Writes raw bytes (any PDU), waiting for drain. */
