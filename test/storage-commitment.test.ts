@@ -22,7 +22,8 @@ import type { CommandSet } from "../src/net/command.ts";
 import { CommandField, Status, TransferSyntax } from "../src/net/constants.ts";
 import { nActionRQ } from "../src/net/n-service.ts";
 import { RequestorAssociation } from "../src/net/requestor.ts";
-import type { DimseServer } from "../src/net/server.ts";
+import { negotiatePresentationContexts } from "../src/net/negotiation.ts";
+import { DimseServer } from "../src/net/server.ts";
 import { OrthancClient } from "../src/orthanc/client.ts";
 import { encodeDataset } from "../src/dicom/identifier.ts";
 import { createLogger } from "../src/shared/log.ts";
@@ -49,6 +50,7 @@ let proxy: TcpProxy; // gateway -> pacs
 let gw: Awaited<ReturnType<typeof startTestGateway>>;
 let ws: DimseServer; // a workstation's own listener, for reports on a new association
 let modalityDicom: number;
+let latePort: number; // a workstation that is not listening yet when its report is due
 const wsReports: { command: CommandSet; info: DataElement[]; callingAe: string; calledAe: string }[] = [];
 const logLines: string[] = [];
 const gateways: GatewayProcess[] = [];
@@ -157,7 +159,7 @@ beforeAll(async () => {
   pacs = await startOrthanc();
   pacsClient = new OrthancClient({ url: pacs.url });
   proxy = await startTcpProxy(pacs.httpPort);
-  [modalityDicom] = await freePorts(1);
+  [modalityDicom, latePort] = await freePorts(2);
   ws = await startBareServer({
     abstractSyntaxes: [SC],
     // The workstation takes the gateway's SCP role proposal (PS3.4 J.3.3.1.2 note 1).
@@ -179,7 +181,7 @@ beforeAll(async () => {
     ],
     proxy.url,
     {
-      DicomModalities: { modality: ["MODALITY", "127.0.0.1", modalityDicom], ws: ["WS", "127.0.0.1", ws.port] },
+      DicomModalities: { modality: ["MODALITY", "127.0.0.1", modalityDicom], ws: ["WS", "127.0.0.1", ws.port], late: ["LATE", "127.0.0.1", latePort] },
       Gateway: { Spool: { VerifyIntegrity: true }, StorageCommitment: { WaitSeconds: 4 }, Move: { ConnectTimeoutSeconds: 2 } },
     },
     { logger: createLogger({ level: "info", format: "json", sink: (l) => logLines.push(l) }) },
@@ -342,6 +344,68 @@ describe("the report on the N-ACTION's association, or on a new one", () => {
     });
     expect(status).toBe(Status.Success);
     expect(events).toEqual([{ eventTypeId: 1, transactionUid }]);
+  });
+});
+
+describe("reports that cannot be delivered at once", () => {
+  test("the requester's listener is down: the report is retried with backoff and delivered once it listens", async () => {
+    const [i1] = await inPacs(1, "alpha");
+    const transactionUid = newUid();
+    const failedBefore = await metric("dicom_gateway_storage_commitment_reports_total", { tenant: "ALPHA", path: "new-association", outcome: "failed" });
+    const r = await requestWithRequestor({ transactionUid, callingAe: "LATE", refs: [{ sopClassUid: CT, sopInstanceUid: i1!.uid }] });
+    expect(r.rsp.status).toBe(Status.Success);
+    await until("a failed attempt", async () => (await metric("dicom_gateway_storage_commitment_reports_total", { tenant: "ALPHA", path: "new-association", outcome: "failed" })) > failedBefore);
+    const failure = logLines.map((l) => JSON.parse(l) as Record<string, unknown>).find((l) => l["msg"] === "Storage Commitment report not delivered, will retry" && l["transactionUid"] === transactionUid)!;
+    expect(String(failure["error"])).toContain("ECONNREFUSED");
+    expect(failure["retryInMs"]).toBeGreaterThanOrEqual(1000);
+    const got: string[] = [];
+    const late = new DimseServer({
+      label: "late workstation",
+      host: "127.0.0.1",
+      port: latePort,
+      maxPduLength: 16384,
+      artimTimeoutMs: 2000,
+      idleTimeoutMs: 10_000,
+      negotiate: (rq) => ({ accept: negotiatePresentationContexts(rq, { abstractSyntaxes: new Map([[SC, [TransferSyntax.ExplicitVRLittleEndian]]]), acceptScpRoleFor: () => true }) }),
+      handlers: new Map<number, DimseHandler>([
+        [
+          CommandField.NEventReportRQ,
+          async (req, res) => {
+            got.push(text(parseDataset(await req.dataset!.readAll(1 << 20), req.presentationContext.transferSyntax).find((e) => e.tag === Tag.TransactionUID))!);
+            await res.respond({ status: Status.Success });
+          },
+        ],
+      ]),
+    });
+    await late.listen();
+    try {
+      await until("the report reaches the late workstation", () => got.includes(transactionUid), 15_000);
+    } finally {
+      await late.close();
+    }
+  });
+
+  test("ReportExpiryHours: a report that cannot reach the requester (here: not in DicomModalities) is given up, audited and counted", async () => {
+    const spool = mkdtempSync(join(tmpdir(), "gw-sc-expiry-"));
+    const expiring = await startTestGateway([{ AET: "EXPIRE", Labels: ["alpha"] }], proxy.url, { Gateway: { SpoolDirectory: spool, StorageCommitment: { ReportExpiryHours: 0.0005 } } }, { logger: createLogger({ level: "info", format: "json", sink: (l) => logLines.push(l) }) });
+    try {
+      const transactionUid = newUid();
+      const a = await RequestorAssociation.connect({ host: "127.0.0.1", port: expiring.portOf("EXPIRE"), calledAeTitle: "EXPIRE", callingAeTitle: "NOWHERE", presentationContexts: [{ abstractSyntax: SC, transferSyntaxes: [TransferSyntax.ExplicitVRLittleEndian] }] });
+      const rsp = await a.request(1, nActionRQ({ requestedSopClassUid: SC, requestedSopInstanceUid: SC_INSTANCE, actionTypeId: 1 }), actionInfo(transactionUid, [{ sopClassUid: CT, sopInstanceUid: newUid() }], TransferSyntax.ExplicitVRLittleEndian));
+      expect(rsp.status).toBe(Status.Success);
+      await a.release();
+      await until("the report is given up", () => logLines.some((l) => l.includes("Storage Commitment report abandoned") && l.includes(transactionUid)), 15_000);
+      const notDelivered = logLines.find((l) => l.includes("report not delivered") && l.includes(transactionUid))!;
+      expect(notDelivered).toContain("NOWHERE is not in DicomModalities");
+      const audit = readFileSync(expiring.config.audit.file, "utf8").split("\n").filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>);
+      expect(audit.find((l) => l["event"] === "storage-commitment-report" && l["transactionUid"] === transactionUid)).toMatchObject({ outcome: "abandoned", callingAe: "NOWHERE" });
+      const text = await (await fetch(`${expiring.httpUrl}/metrics`)).text();
+      expect(text).toContain('dicom_gateway_storage_commitment_reports_total{tenant="EXPIRE",path="new-association",outcome="abandoned"} 1');
+      // Given up is done with: the journal owes nothing.
+      expect(readFileSync(join(spool, "EXPIRE", "storage-commitment.jsonl"), "utf8")).toContain('"outcome":"abandoned"');
+    } finally {
+      await expiring.stop();
+    }
   });
 });
 
