@@ -313,7 +313,7 @@ describe("C-GET to requesters that propose only uncompressed syntaxes, and its f
     expect(responses.at(-1)).toEqual({ status: 0xb000, completed: 1, failed: 1 });
   });
 
-  test("Orthanc as C-GET SCU (uncompressed only): the instance it can have arrives, the failing one is reported, the job succeeds", async () => {
+  test("Orthanc as C-GET SCU (uncompressed only): the instance it can take arrives, the other fails, and its association ends normally", async () => {
     const scu = new OrthancClient({ url: orthdest.url });
     const before = (await scu.getJson<string[]>("/instances")).length;
     const answer = await scu.postJson<{ RemoteAet: string }>("/modalities/gw/get", { Level: "Study", Resources: [{ StudyInstanceUID: J2K.study }] });

@@ -219,7 +219,7 @@ describe("Orthanc as the modality", () => {
     expect(result.Status).toBe("Success");
     expect(result.Success!.map((s) => s.SOPInstanceUID).sort()).toEqual(made.map((m) => m.uid).sort());
     expect(result.Success!.every((s) => s.SOPClassUID === CT)).toBe(true);
-    expect(await metric("dicom_gateway_storage_commitment_reports_total", { tenant: "ALPHA", path: "new-association", outcome: "delivered" })).toBe(reportsBefore + 1);
+    await until("the report is counted", async () => (await metric("dicom_gateway_storage_commitment_reports_total", { tenant: "ALPHA", path: "new-association", outcome: "delivered" })) === reportsBefore + 1);
     // The audit trail: the request (the N-ACTION operation) and the report.
     await until("the report is audited", () => auditLines().some((l) => l["event"] === "storage-commitment-report" && l["transactionUid"] === id));
     const request = auditLines().find((l) => l["service"] === "N-ACTION" && l["transactionUid"] === id)!;
@@ -299,7 +299,8 @@ describe("the report on the N-ACTION's association, or on a new one", () => {
     expect(text(report.info.find((e) => e.tag === Tag.RetrieveAETitle))).toBe("ALPHA");
     expect(seq(report.info, Tag.ReferencedSOPSequence).map((x) => x.sopInstanceUid).sort()).toEqual([i1!.uid, i2!.uid].sort());
     expect(seq(report.info, Tag.FailedSOPSequence)).toEqual([]);
-    expect(await metric("dicom_gateway_storage_commitment_reports_total", { tenant: "ALPHA", path: "same-association", outcome: "delivered" })).toBeGreaterThanOrEqual(1);
+    // Counted once the gateway has the requester's response and has journaled the report as delivered.
+    await until("the report is counted", async () => (await metric("dicom_gateway_storage_commitment_reports_total", { tenant: "ALPHA", path: "same-association", outcome: "delivered" })) >= 1);
   });
 
   test("a requester that takes only the SCP role for itself (role selection SCU 0, SCP 1) gets the report on a new association to its DicomModalities entry, called by the AE title it called", async () => {
