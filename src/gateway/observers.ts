@@ -12,7 +12,10 @@ import type { DimseServerEvents, TlsPeer } from "../net/server.ts";
 import type { AuditLog } from "../observe/audit.ts";
 import { formatStatus, type GatewayMetrics } from "../observe/metrics.ts";
 import type { OrthancStatus } from "../observe/status.ts";
+import { FailureReason } from "../services/commitment-info.ts";
+import type { StorageCommitmentEvents } from "../services/storage-commitment.ts";
 import type { StoreEvents } from "../services/store.ts";
+import type { CommitmentRequest } from "../spool/commitment-journal.ts";
 import type { Forwarder, ForwarderEvents, QuarantineKind } from "../spool/forwarder.ts";
 import type { StoreMetrics } from "../spool/metrics.ts";
 import { tenantDirectoryName } from "../spool/spool.ts";
@@ -23,6 +26,9 @@ import type { Logger } from "../shared/log.ts";
 export interface GatewayCounters {
   readonly quarantines: Counter<"tenant" | "reason">;
   readonly isolationRefusals: Counter<"tenant" | "stage">;
+  readonly commitmentRequests: Counter<"tenant" | "outcome">;
+  readonly commitmentInstances: Counter<"tenant" | "result">;
+  readonly commitmentReports: Counter<"tenant" | "path" | "outcome">;
 }
 
 export function createGatewayCounters(registry: Registry): GatewayCounters {
@@ -37,6 +43,24 @@ export function createGatewayCounters(registry: Registry): GatewayCounters {
       name: "dicom_gateway_isolation_refusals_total",
       help: "Instances refused by Strict tenant isolation, at C-STORE time (status 0x0124) or when forwarding (quarantined).",
       labelNames: ["tenant", "stage"] as const,
+      registers: [registry],
+    }),
+    commitmentRequests: new Counter({
+      name: "dicom_gateway_storage_commitment_requests_total",
+      help: "Storage Commitment N-ACTION requests by outcome: accepted, repeated (the same request again), duplicate (Transaction UID already used), refused (failure status).",
+      labelNames: ["tenant", "outcome"] as const,
+      registers: [registry],
+    }),
+    commitmentInstances: new Counter({
+      name: "dicom_gateway_storage_commitment_instances_total",
+      help: "Instances of Storage Commitment requests by result: committed, or the failure reason (processing-failure, no-such-instance, class-instance-conflict, duplicate-transaction).",
+      labelNames: ["tenant", "result"] as const,
+      registers: [registry],
+    }),
+    commitmentReports: new Counter({
+      name: "dicom_gateway_storage_commitment_reports_total",
+      help: "Storage Commitment reports (N-EVENT-REPORT) by path (same-association, new-association) and outcome (delivered, refused by the requester, failed attempt, abandoned).",
+      labelNames: ["tenant", "path", "outcome"] as const,
       registers: [registry],
     }),
   };
@@ -140,6 +164,56 @@ export function storeEvents(tenant: TenantConfig, tlog: Logger, { storeMetrics, 
     refused: (status, reason) => {
       storeMetrics.count(t, "refused");
       tlog.warn("C-STORE refused", { status: formatStatus(status), reason });
+    },
+  };
+}
+
+/** The metric label of a Storage Commitment Failure Reason (PS3.3 C.14.1.1). */
+const FAILURE_LABEL: Record<number, string> = {
+  [FailureReason.ProcessingFailure]: "processing-failure",
+  [FailureReason.NoSuchObjectInstance]: "no-such-instance",
+  [FailureReason.ClassInstanceConflict]: "class-instance-conflict",
+  [FailureReason.DuplicateTransactionUid]: "duplicate-transaction",
+};
+
+/** One tenant's Storage Commitment: requests, instance results, reports; `tlog` is the tenant's child logger. */
+export function storageCommitmentEvents(tenant: TenantConfig, tlog: Logger, { counters, audit }: GatewaySinks): StorageCommitmentEvents {
+  const t = tenant.aet;
+  const hex = (n: number) => `0x${n.toString(16).toUpperCase().padStart(4, "0")}`;
+  const requester = (r: CommitmentRequest) => ({ tenant: t, callingAe: r.callingAeTitle, calledAe: r.calledAeTitle, peer: r.peer, transactionUid: r.transactionUid });
+  return {
+    refused: (status, comment, a) => {
+      counters.commitmentRequests.inc({ tenant: t, outcome: "refused" });
+      tlog.warn("Storage Commitment request refused", { callingAe: a.callingAeTitle, status: hex(status), reason: comment });
+    },
+    requested: (r, repeated) => {
+      counters.commitmentRequests.inc({ tenant: t, outcome: repeated ? "repeated" : r.duplicate ? "duplicate" : "accepted" });
+      tlog.info("Storage Commitment requested", { callingAe: r.callingAeTitle, transactionUid: r.transactionUid, instances: r.references.length, repeated, duplicate: r.duplicate });
+    },
+    evaluated: (r, result, notes) => {
+      if (result.committed.length > 0) counters.commitmentInstances.inc({ tenant: t, result: "committed" }, result.committed.length);
+      for (const f of result.failed) {
+        counters.commitmentInstances.inc({ tenant: t, result: FAILURE_LABEL[f.reason] ?? hex(f.reason) });
+        tlog.warn("Storage Commitment: instance not committed", { transactionUid: r.transactionUid, sopInstanceUid: f.sopInstanceUid, reason: hex(f.reason), why: notes.get(f.sopInstanceUid) });
+      }
+    },
+    reported: (r, result, path, status, attempts) => {
+      const outcome = status === Status.Success ? "delivered" : "refused";
+      counters.commitmentReports.inc({ tenant: t, path, outcome });
+      const failed = result.failed.slice(0, 100).map((f) => `${f.sopInstanceUid}:${hex(f.reason)}`).join("\\");
+      audit.commitment({ event: "storage-commitment-report", ...requester(r), outcome, path, attempts, eventTypeId: result.failed.length === 0 ? 1 : 2, committed: result.committed.length, failed: result.failed.length, ...(failed ? { failedSopInstanceUids: failed } : {}), requesterStatus: hex(status) });
+      const fields = { callingAe: r.callingAeTitle, transactionUid: r.transactionUid, path, committed: result.committed.length, failed: result.failed.length, status: hex(status) };
+      if (status === Status.Success) tlog.info("Storage Commitment reported", fields);
+      else tlog.warn("Storage Commitment report refused by the requester", fields);
+    },
+    deliveryFailed: (r, error, attempt, retryInMs) => {
+      counters.commitmentReports.inc({ tenant: t, path: "new-association", outcome: "failed" });
+      tlog.warn("Storage Commitment report not delivered, will retry", { callingAe: r.callingAeTitle, transactionUid: r.transactionUid, attempt, retryInMs, error });
+    },
+    abandoned: (r, error) => {
+      counters.commitmentReports.inc({ tenant: t, path: "new-association", outcome: "abandoned" });
+      audit.commitment({ event: "storage-commitment-report", ...requester(r), outcome: "abandoned", reason: error });
+      tlog.error("Storage Commitment report abandoned after Gateway.StorageCommitment.ReportExpiryHours", { callingAe: r.callingAeTitle, transactionUid: r.transactionUid, error });
     },
   };
 }

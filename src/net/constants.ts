@@ -145,4 +145,6 @@ export const Status = {
   ClassInstanceConflict: 0x0119,
   MissingAttribute: 0x0120,
   NoSuchActionType: 0x0123,
+  /** PS3.7 C.5 (DIMSE-N failures): the SCP lacks the resources to process the request */
+  ResourceLimitation: 0x0213,
 } as const;

@@ -18,11 +18,12 @@
  * This file lists the entry points the rest of the appliance uses.
  */
 export { AcceptorAssociation, type AssociationInfo, type AssociationObserver, type DimseHandler, type DimseResponder, type Negotiation, type Peer } from "./association.ts";
-export type { CommandSet } from "./command.ts";
+export { encodeCommandSet, type CommandSet } from "./command.ts";
 export { CommandField, NO_DATASET, Status, TransferSyntax } from "./constants.ts";
 export { DIMSE_LIMITS } from "./dimse-assembler.ts";
 export { responseTo, type DimseRequest, type DimseResult, type PresentationContext } from "./dimse.ts";
 export { nActionRQ, nEventReportRQ, type Action, type EventReport } from "./n-service.ts";
+export { singlePduDatasetRoom } from "./pdata-writer.ts";
 export { negotiatePresentationContexts, UNCOMPRESSED_LITTLE_ENDIAN, type SupportedSyntaxes, type TransferSyntaxPolicy } from "./negotiation.ts";
 export { describeRejection, rejectReasonLabel, RejectReason, RejectResult, RejectSource, type Rejection } from "./reject.ts";
 export { AssociationAbortedError, AssociationError, AssociationRejectedError, RequestorAssociation, type RequestorOptions } from "./requestor.ts";
