@@ -2,7 +2,7 @@
  * Connections before an association (issue 13): the pool of connections not yet associated — TLS handshakes
  * included — bounded per tenant, per peer address and in total, the oldest closed to make room; AllowedCallers
  * hosts checked at accept, before a byte is read; the idle timer counting whole PDUs; the caller's address
- * kept for failed TLS handshakes. The acceptance test (600 connections, RSS, file descriptors) is in
+ * kept for failed TLS handshakes; file-descriptor exhaustion named as such. The acceptance test (600 connections, RSS, file descriptors) is in
  * test/connection-flood.test.ts.
  *
  * Peers connect from several loopback addresses (127.0.0.x, Linux routes all of 127/8 to lo). C-ECHO needs no
@@ -19,6 +19,9 @@ import { DimseServer } from "../src/net/server.ts";
 import { handleEcho } from "../src/services/echo.ts";
 import { UNCOMPRESSED_LITTLE_ENDIAN } from "../src/net/negotiation.ts";
 import { createAssociationPolicy } from "../src/tenancy/association-policy.ts";
+import { explainOrthancStatus } from "../src/gateway/observers.ts";
+import { readiness } from "../src/observe/status.ts";
+import { FileDescriptorBudget, fileDescriptorLimit } from "../src/shared/fd-limit.ts";
 import { echoscu, runTool } from "./helpers/dcmtk.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
 import { Pki } from "./helpers/pki.ts";
@@ -311,5 +314,36 @@ describe("the idle timer counts whole PDUs", () => {
     } finally {
       await server.close();
     }
+  });
+});
+
+describe("file descriptors", () => {
+  test("the budget: measured from /proc, estimated in between, measured again near the limit", () => {
+    let open = 100;
+    let measures = 0;
+    const budget = new FileDescriptorBudget({ limit: 200, reserve: 32, remeasureMs: 1000, measure: () => (measures++, open) });
+    expect(budget.headroom(10, 0)).toBe(68); // 200 - 32 - 100
+    expect(budget.headroom(30, 10)).toBe(48); // estimated: 20 more of ours
+    expect(measures).toBe(1);
+    open = 170;
+    expect(budget.headroom(80, 20)).toBe(-2); // the estimate (170) passes the reserve: measured again (170 open)
+    expect(measures).toBe(2);
+    expect(new FileDescriptorBudget({ limit: 200, measure: () => undefined }).headroom(1)).toBeUndefined();
+    // This process, from /proc: its own limit, and a reserve of an eighth of it between 32 and 256.
+    const own = new FileDescriptorBudget();
+    expect(own.limit).toBe(fileDescriptorLimit());
+    expect(own.reserve).toBe(Math.min(256, Math.max(32, Math.floor(own.limit! / 8))));
+  });
+
+  test("a failed Orthanc check while the process is out of descriptors is named as such, never as Orthanc down", () => {
+    const down = { url: "http://orthanc:8042", reachable: false, error: "Orthanc at http://orthanc:8042 is unreachable (ECONNREFUSED): check Gateway.Orthanc.Url and that Orthanc is running" };
+    expect(explainOrthancStatus(down, 0, 100_000, () => false)).toBe(down);
+    const exhausted = explainOrthancStatus(down, 0, 100_000, () => true);
+    expect(exhausted.error).toBe("Orthanc at http://orthanc:8042 could not be checked: the gateway is out of file descriptors (EMFILE), Orthanc is not known to be down; raise LimitNOFILE or lower Gateway.Limits");
+    // A listener met the limit less than 10 s ago.
+    expect(explainOrthancStatus(down, 95_000, 100_000, () => false).error).toContain("out of file descriptors (EMFILE)");
+    expect(readiness({ version: "x", startedAt: "", tenants: [], orthanc: exhausted }).reasons).toEqual([exhausted.error!]);
+    const up = { url: "http://orthanc:8042", reachable: true, hasLabels: true };
+    expect(explainOrthancStatus(up, 100_000, 100_000, () => true)).toBe(up);
   });
 });

@@ -18,7 +18,7 @@ import type { Forwarder, ForwarderEvents, QuarantineKind } from "../spool/forwar
 import type { StoreMetrics } from "../spool/metrics.ts";
 import { tenantDirectoryName } from "../spool/spool.ts";
 import type { AssociationPolicyOptions } from "../tenancy/association-policy.ts";
-import { fileDescriptorLimit, openFileDescriptors } from "../shared/fd-limit.ts";
+import { fileDescriptorsExhausted } from "../shared/fd-limit.ts";
 import type { Logger } from "../shared/log.ts";
 
 /** The gateway's own counters (the other metrics belong to observe/metrics.ts and spool/metrics.ts). */
@@ -170,8 +170,7 @@ export function connectionEvents(tenant: TenantConfig, { log, metrics, audit, co
       const msg = reason === "file-descriptors" ? "file descriptors nearly exhausted (EMFILE averted): closed the oldest connection not yet associated" : "closed the oldest connection not yet associated to make room";
       closed("connection-evicted", msg, peer, port, reason, detail);
     },
-    fileDescriptorsExhausted(port, detail) {
-      const where = detail.startsWith("accept()") ? "accept" : "refused";
+    fileDescriptorsExhausted(port, where, detail) {
       counters.fileDescriptorExhaustion.inc({ where });
       counters.unassociatedClosed.inc({ tenant: t, reason: "file-descriptors" });
       fileDescriptors.exhaustedAt = Date.now();
@@ -183,19 +182,17 @@ export function connectionEvents(tenant: TenantConfig, { log, metrics, audit, co
 
 /**
  * Orthanc's status as the monitor saw it — unless the process is out of file descriptors: then a failed
- * check says that, not "Orthanc unreachable". (Bun reports a connect() that found no free descriptor as
- * ECONNREFUSED.) Exhaustion is the limit all but reached now, or met by a listener in the last 10 s.
+ * check says that, not "Orthanc unreachable" (Bun reports a connect() that found no free descriptor as
+ * ECONNREFUSED). Out of descriptors: none left now (`exhausted`, default: /proc/self), or a listener met
+ * the limit in the last 10 s (`exhaustedAt`).
  */
-export function explainOrthancStatus(s: OrthancStatus, exhaustedAt: number, now = Date.now()): OrthancStatus {
+export function explainOrthancStatus(s: OrthancStatus, exhaustedAt: number, now = Date.now(), exhausted: () => boolean | undefined = fileDescriptorsExhausted): OrthancStatus {
   if (s.reachable) return s;
-  const limit = fileDescriptorLimit();
-  const open = limit === undefined ? undefined : openFileDescriptors();
-  const atLimit = limit !== undefined && open !== undefined && open >= limit - 8;
-  if (!atLimit && now - exhaustedAt > 10_000) return s;
-  const count = limit !== undefined && open !== undefined ? ` (${open} of ${limit} open)` : "";
+  if (now - exhaustedAt > 10_000 && exhausted() !== true) return s;
   return {
     ...s,
-    error: `the gateway is out of file descriptors${count}, EMFILE: Orthanc could not be checked, it is not known to be down; raise LimitNOFILE or lower Gateway.Limits (last check: ${s.error ?? "failed"})`,
+    // Starts with "Orthanc at URL" so that /ready takes it as it is (observe/status.ts readiness).
+    error: `Orthanc at ${s.url} could not be checked: the gateway is out of file descriptors (EMFILE), Orthanc is not known to be down; raise LimitNOFILE or lower Gateway.Limits`,
   };
 }
 

@@ -8,8 +8,8 @@
  * A connection goes through three gates:
  * 1. at accept, before a byte is read: `admitAddress` (the tenant's AllowedCallers hosts) may close it;
  * 2. until its A-ASSOCIATE-RQ is answered — its TLS handshake included — it is in the pool of connections
- *    not yet associated (admission.ts), bounded per tenant (`maxUnassociated`), per peer address and in
- *    total; when a bound is reached the oldest waiting connection is closed to make room;
+ *    not yet associated (admission.ts), bounded per tenant (`maxUnassociated`), per peer address, in total
+ *    and by the process's file descriptors; past a bound the oldest waiting connection is closed;
  * 3. at its A-ASSOCIATE-RQ, the association limits: this listener's `maxAssociations` (over all its ports)
  *    and the gateway's (`limits`), counting accepted associations only. Past either, the answer is
  *    A-ASSOCIATE-RJ transient / service-provider (presentation) / local limit exceeded (PS3.8 9.3.4).
@@ -33,8 +33,11 @@ export interface DimseServerEvents {
   connectionRefused?(peer: Peer, port: number, why: string): void;
   /** A connection not yet associated was closed to make room for a newer one (or for file descriptors). */
   connectionEvicted?(peer: Peer, port: number, reason: EvictionReason, detail: string): void;
-  /** A new connection was closed at once: the process is out of file descriptors and nothing could be evicted. */
-  fileDescriptorsExhausted?(port: number, detail: string): void;
+  /**
+   * The process is out of file descriptors: a new connection was closed at once, nothing being left to evict
+   * (`refused`), or accept() itself failed with EMFILE/ENFILE (`accept`, Node.js reports it).
+   */
+  fileDescriptorsExhausted?(port: number, where: "refused" | "accept", detail: string): void;
 }
 
 export interface DimseServerOptions extends AcceptorOptions {
@@ -43,7 +46,7 @@ export interface DimseServerOptions extends AcceptorOptions {
   port: number;
   /** Name used in error messages, e.g. `tenant ALPHA`. */
   label: string;
-  /** DICOM TLS (PEM files, read at listen time and by reloadTls()). */
+  /** DICOM TLS (PEM files, read at listen time and by prepareTlsReload()). */
   tls?: TlsListenerOptions;
   /** Concurrent accepted associations on this listener, all its ports together; default unlimited. */
   maxAssociations?: number;
@@ -170,7 +173,7 @@ export class DimseServer {
       const m = TlsMaterial.read(this.opts.tls!);
       return [m, createSecureContext(m.contextOptions())];
     } catch (err) {
-      const why = err instanceof TlsFileError ? err.message : `${err instanceof Error ? err.message : String(err)} (check Tls.Certificate, Tls.Key and Tls.CA)`;
+      const why = err instanceof TlsFileError ? err.message : `${err instanceof Error ? err.message : String(err)} (check Tls.Certificate, Tls.Key, Tls.CA and Tls.CRL)`;
       throw new ListenError(`cannot start DICOM TLS for ${this.opts.label}: ${why}`, { cause: err });
     }
   }
@@ -201,7 +204,7 @@ export class DimseServer {
         server.removeAllListeners("error");
         // Node.js reports a failed accept() here (EMFILE, ENFILE); the listener keeps listening.
         server.on("error", (err: NodeJS.ErrnoException) => {
-          if (err.code === "EMFILE" || err.code === "ENFILE") this.opts.events?.fileDescriptorsExhausted?.(e.port, `accept() failed: ${err.code}`);
+          if (err.code === "EMFILE" || err.code === "ENFILE") this.opts.events?.fileDescriptorsExhausted?.(e.port, "accept", `accept() failed: ${err.code}`);
         });
         resolve();
       });
@@ -213,7 +216,7 @@ export class DimseServer {
    * descriptor left), else the connection, in the pool of those not yet associated.
    */
   private accept(socket: Socket, e: BoundEndpoint): Connection | undefined {
-    socket.on("error", () => {}); // reported through 'close' or tlsClientError
+    socket.on("error", () => {}); // reported through 'close' (or the TLS handshake's failure)
     const peer: Peer = { address: socket.remoteAddress ?? "?", port: socket.remotePort ?? 0 };
     if (socket.remoteAddress === undefined) {
       socket.destroy(); // gone already (reset before we saw it)
@@ -242,7 +245,7 @@ export class DimseServer {
     const admission = this.limits.admit(c);
     if (!admission.admitted) {
       socket.destroy();
-      this.opts.events?.fileDescriptorsExhausted?.(e.port, admission.why);
+      this.opts.events?.fileDescriptorsExhausted?.(e.port, "refused", admission.why);
       return undefined;
     }
     this.sockets.add(socket);

@@ -12,7 +12,7 @@
  */
 import { X509Certificate } from "node:crypto";
 import { readFileSync } from "node:fs";
-import { createSecureContext, type SecureContextOptions, type TLSSocket } from "node:tls";
+import type { SecureContextOptions, TLSSocket } from "node:tls";
 
 /** DICOM TLS (PS3.15 B.1) on a listener: PEM files, client verification, and where it listens. */
 export interface TlsListenerOptions {
@@ -124,27 +124,21 @@ export class TlsMaterial {
     } as SecureContextOptions;
   }
 
-  /** Throws TlsFileError when the files do not make a secure context (a key that does not match its certificate...). */
-  check(): void {
-    try {
-      createSecureContext(this.contextOptions());
-    } catch (err) {
-      throw new TlsFileError(`${err instanceof Error ? err.message : String(err)} (check Tls.Certificate, Tls.Key, Tls.CA and Tls.CRL)`, { cause: err });
-    }
-  }
-
   /** Whether any file's content differs from `other`'s. */
   differsFrom(other: TlsMaterial): boolean {
     const same = (a: Uint8Array | undefined, b: Uint8Array | undefined) => (a === undefined || b === undefined ? a === b : Buffer.from(a).equals(b));
     return !same(this.key, other.key) || !same(this.cert, other.cert) || !same(this.ca, other.ca) || !same(this.crl, other.crl);
   }
 
-  /** The certificates of the certificate file and the CA bundle, with their expiry. */
+  /** The certificates of the certificate file and the CA bundle, with their expiry (read once). */
   certificates(): CertificateInfo[] {
-    return [...pemCertificates(this.cert).map((c) => certificateInfo(c, "certificate")), ...(this.ca ? pemCertificates(this.ca).map((c) => certificateInfo(c, "ca")) : [])].filter(
+    this.parsed ??= [...pemCertificates(this.cert).map((c) => certificateInfo(c, "certificate")), ...(this.ca ? pemCertificates(this.ca).map((c) => certificateInfo(c, "ca")) : [])].filter(
       (c): c is CertificateInfo => c !== undefined,
     );
+    return this.parsed;
   }
+
+  private parsed: CertificateInfo[] | undefined;
 }
 
 /** The PEM certificate blocks of a file. */

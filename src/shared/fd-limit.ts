@@ -34,6 +34,22 @@ export function openFileDescriptors(): number | undefined {
   }
 }
 
+/**
+ * Whether the process is out of file descriptors now: true when fewer than `margin` are left, or when
+ * listing them fails for want of one (EMFILE/ENFILE); undefined when it cannot be told. The limit is read
+ * once and kept (reading it takes a descriptor too).
+ */
+export function fileDescriptorsExhausted(margin = 8): boolean | undefined {
+  cachedLimit ??= fileDescriptorLimit() ?? null;
+  try {
+    const open = readdirSync("/proc/self/fd").length - 1;
+    return cachedLimit === null ? undefined : open >= cachedLimit - margin;
+  } catch (err) {
+    return isFileDescriptorExhaustion(err) ? true : undefined;
+  }
+}
+let cachedLimit: number | null | undefined;
+
 /** Whether an error is the process (EMFILE) or the system (ENFILE) out of file descriptors. */
 export function isFileDescriptorExhaustion(err: unknown): err is Error & { code: "EMFILE" | "ENFILE" } {
   const code = (err as { code?: unknown } | undefined)?.code;
@@ -49,7 +65,7 @@ export function isFileDescriptorExhaustion(err: unknown): err is Error & { code:
 export class FileDescriptorBudget {
   readonly limit: number | undefined;
   readonly reserve: number;
-  private measuredAt = 0;
+  private measuredAt = -Infinity;
   private openAtMeasure = 0;
   private trackedAtMeasure = 0;
   private readonly remeasureMs: number;
