@@ -8,8 +8,10 @@
  *   one of them is still in the audit trail.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { readFileSync } from "node:fs";
+import { mkdtempSync, readFileSync } from "node:fs";
 import { connect } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { encodeCommandSet } from "../src/net/command.ts";
 import { CommandField, NO_DATASET, PduType, Status, TransferSyntax } from "../src/net/constants.ts";
 import { encodePDataHeader } from "../src/net/pdu.ts";
@@ -22,9 +24,6 @@ import { getSharedOrthanc, ORTHANC_START_TIMEOUT_MS } from "./helpers/orthanc.ts
 import { Pki } from "./helpers/pki.ts";
 import { concat, RawPeer } from "./helpers/raw-peer.ts";
 import { until } from "./helpers/wait.ts";
-import { mkdtempSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 
 type TestGateway = Awaited<ReturnType<typeof startTestGateway>>;
 let gw: TestGateway;

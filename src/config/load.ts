@@ -231,18 +231,21 @@ function withoutCredentials(url: string): string {
   return u.toString().replace(/\/+$/, "");
 }
 
+/** Credentials both in Gateway.Orthanc.Url and in Username/Password: a warning (the latter win). */
+function credentialWarnings(raw: unknown): string[] {
+  const gw = isPlainObject(raw) ? raw.Gateway : undefined;
+  const orthanc = isPlainObject(gw) && isPlainObject(gw.Orthanc) ? gw.Orthanc : undefined;
+  if (typeof orthanc?.Url !== "string" || !urlCredentials(orthanc.Url) || !explicitCredentials(orthanc)) return [];
+  return ["Gateway.Orthanc.Url: holds credentials, which are ignored: Gateway.Orthanc.Username/Password are set and used; keep the credentials in one place"];
+}
+
 /**
- * Warnings and (with `strict`) errors of keys the gateway does not know, in `MultitenantDicom.Servers[]` and
- * `Gateway`; and the warning for tenants that share DicomModalities without AllowedDestinations.
+ * Keys the gateway does not know, in `MultitenantDicom.Servers[]` and `Gateway` (keys.ts): warnings, or errors
+ * with `strict`.
  */
-function advisories(raw: unknown): string[] {
+function unknownKeyIssues(raw: unknown): string[] {
   if (!isPlainObject(raw)) return [];
   const out: string[] = [];
-  const gw = raw.Gateway;
-  const orthanc = isPlainObject(gw) && isPlainObject(gw.Orthanc) ? gw.Orthanc : undefined;
-  if (typeof orthanc?.Url === "string" && urlCredentials(orthanc.Url) && explicitCredentials(orthanc)) {
-    out.push("Gateway.Orthanc.Url: holds credentials, which are ignored: Gateway.Orthanc.Username/Password are set and used; keep the credentials in one place");
-  }
   const mt = raw.MultitenantDicom;
   const servers = isPlainObject(mt) && Array.isArray(mt.Servers) ? mt.Servers : [];
   // AllowedCallers entries are read by a custom transform: their keys are given here.
@@ -298,9 +301,9 @@ export function validateConfig(raw: unknown, opts: ParseConfigOptions = {}): Gat
     }
   }
   issues.push(...envIssues, ...crossCheck(data, envByPath, baseDirectory));
-  const keyAdvisories = advisories(data);
-  if (opts.strict) issues.push(...keyAdvisories);
-  else for (const w of keyAdvisories) opts.onWarning?.(redactUrlCredentials(w));
+  const keyIssues = unknownKeyIssues(data);
+  if (opts.strict) issues.push(...keyIssues);
+  for (const w of [...(opts.strict ? [] : keyIssues), ...credentialWarnings(data)]) opts.onWarning?.(redactUrlCredentials(w));
   // No message ever shows the credentials of a URL (an invalid Orthanc URL quoted in its error, say).
   const unique = [...new Set(issues.map(redactUrlCredentials))];
   if (unique.length > 0 || !result.success) throw new ConfigError(source, unique);
