@@ -8,6 +8,7 @@ import { parseArgs } from "node:util";
 import { ConfigError, describeConfig, loadConfigFile } from "./config/index.ts";
 import { startGateway } from "./gateway/index.ts";
 import { createLogger } from "./shared/log.ts";
+import { redactUrlCredentials } from "./shared/redact.ts";
 import { VERSION } from "./shared/version.ts";
 
 const DEFAULT_CONFIG = "/etc/dicom-gateway/gateway.json";
@@ -15,14 +16,15 @@ const DEFAULT_CONFIG = "/etc/dicom-gateway/gateway.json";
 const HELP = `dicom-gateway ${VERSION} — multitenant DICOM gateway in front of Orthanc
 
 Usage:
-  dicom-gateway serve [--config FILE]         run the gateway (DICOM listeners + HTTP endpoint)
-  dicom-gateway check-config [--config FILE]  validate a configuration and print the effective tenants
-  dicom-gateway version                       print the version
-  dicom-gateway --help                        this text
+  dicom-gateway serve [--config FILE]                   run the gateway (DICOM listeners + HTTP endpoint)
+  dicom-gateway check-config [--config FILE] [--strict] validate a configuration and print the effective tenants
+  dicom-gateway version                                 print the version
+  dicom-gateway --help                                  this text
 
 Options:
   -c, --config FILE   configuration file (Orthanc-style JSON with comments);
                       default: $DICOM_GATEWAY_CONFIG or ${DEFAULT_CONFIG}
+  --strict            check-config: unknown keys in MultitenantDicom.Servers[] and Gateway are errors
   -h, --help          show this help
 
 Environment overrides: ORTHANC_URL, ORTHANC_USERNAME, ORTHANC_PASSWORD, GATEWAY_HTTP_HOST,
@@ -36,9 +38,11 @@ function fail(message: string, code = 2): never {
 }
 
 async function serve(configPath: string): Promise<void> {
-  const config = await loadConfigFile(configPath);
+  const warnings: string[] = [];
+  const config = await loadConfigFile(configPath, process.env, { onWarning: (w) => warnings.push(w) });
   const log = createLogger({ level: config.log.level, format: config.log.format });
-  log.info("starting dicom-gateway", { version: VERSION, config: configPath, tenants: config.tenants.length, orthanc: config.orthanc.url });
+  log.info("starting dicom-gateway", { version: VERSION, config: configPath, tenants: config.tenants.length, orthanc: redactUrlCredentials(config.orthanc.url) });
+  for (const w of warnings) log.warn("configuration warning", { config: configPath, warning: w });
   const gateway = await startGateway(config, { logger: log });
   const status = gateway.monitor.status;
   if (!status.reachable || status.error) {
@@ -65,7 +69,7 @@ async function serve(configPath: string): Promise<void> {
   // SIGHUP (systemctl reload): apply the file's tenants and DicomModalities; a broken file changes nothing.
   process.on("SIGHUP", () => {
     log.info("SIGHUP: reloading the configuration", { config: configPath });
-    loadConfigFile(configPath)
+    loadConfigFile(configPath, process.env, { onWarning: (w) => log.warn("configuration warning", { config: configPath, warning: w }) })
       .then((next) => gateway.reload(next))
       .then((r) => log.info("configuration reloaded", { ...r }))
       .catch((e) =>
@@ -87,6 +91,7 @@ export async function main(argv: string[]): Promise<void> {
         config: { type: "string", short: "c" },
         help: { type: "boolean", short: "h" },
         version: { type: "boolean", short: "v" },
+        strict: { type: "boolean" },
       },
     });
   } catch (e) {
@@ -105,8 +110,10 @@ export async function main(argv: string[]): Promise<void> {
       process.stdout.write(`dicom-gateway ${VERSION}\n`);
       return;
     case "check-config": {
-      const config = await loadConfigFile(configPath);
-      process.stdout.write(`Configuration ${configPath} is valid.\n\n${describeConfig(config)}\n`);
+      const warnings: string[] = [];
+      const config = await loadConfigFile(configPath, process.env, { strict: values.strict === true, onWarning: (w) => warnings.push(w) });
+      const warned = warnings.length > 0 ? `\nWarnings (${warnings.length}):\n${warnings.map((w) => `  - ${w}`).join("\n")}\n` : "";
+      process.stdout.write(`Configuration ${configPath} is valid${warnings.length > 0 ? `, with ${warnings.length} warning(s)` : ""}.\n${warned}\n${describeConfig(config)}\n`);
       return;
     }
     case "serve":

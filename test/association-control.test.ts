@@ -346,19 +346,18 @@ describe("MaxAssociations per tenant and in total", () => {
     await closeAll(peers);
   });
 
-  test("refused connections that send nothing are bounded: past 16 waiting, more are closed at once; the gateway keeps serving", async () => {
-    const held = await hold("LIMITED", 2);
-    const silent: RawPeer[] = [];
+  test("MaxAssociations counts accepted associations only: 40 connections that send nothing leave both of LIMITED's slots to modalities", async () => {
+    // Before, a connection counted from accept: two idle sockets from anywhere locked the tenant out until ARTIM.
+    const silent = await Promise.all(Array.from({ length: 40 }, () => RawPeer.connect(gw.portOf("LIMITED"))));
+    let held: RawPeer[] = [];
     try {
-      for (let i = 0; i < 16; i++) silent.push(await RawPeer.connect(gw.portOf("LIMITED")));
-      await new Promise((r) => setTimeout(r, 100));
-      const dropped = await RawPeer.connect(gw.portOf("LIMITED"));
-      expect(await dropped.next(2000)).toBeNull(); // closed without an answer
-      // The waiting ones still get their RJ when they speak.
-      silent[0]!.write(rq("LIMITED", "RAWPEER"));
-      const rj = await silent[0]!.next();
-      expect(rj?.type).toBe(PduType.AssociateRJ);
-      expect(decodeAssociateRJ(rj!.body)).toEqual({ result: RejectResult.Transient, source: RejectSource.ServiceProviderPresentation, reason: RejectReason.LocalLimitExceeded });
+      await until("the gateway saw the idle connections", () => gw.listeners.find((l) => l.tenant.aet === "LIMITED")!.server.unassociatedConnections === 32, 5000, 20);
+      held = await hold("LIMITED", 2);
+      expect(gw.listeners.find((l) => l.tenant.aet === "LIMITED")!.server.activeAssociations).toBe(2);
+      // Past the limit, the answer comes at the A-ASSOCIATE-RQ: RJ transient / local limit exceeded.
+      await expectLimitRj("LIMITED");
+      const status = await (await fetch(gw.httpUrl + "/status")).json();
+      expect(status.tenants.find((t: { aet: string }) => t.aet === "LIMITED")).toMatchObject({ activeAssociations: 2, unassociatedConnections: expect.any(Number) });
     } finally {
       await closeAll([...held, ...silent]);
     }

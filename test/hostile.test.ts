@@ -41,8 +41,19 @@ beforeAll(async () => {
     "http://127.0.0.1:1", // no Orthanc needed for the network layer
     {
       DicomScpTimeout: IDLE_S,
-      // Limits high enough that every attack below reaches a real association (the default limits have their own test).
-      Gateway: { Limits: { ArtimTimeoutSeconds: ARTIM_MS / 1000, MaxAssociations: 2000, MaxAssociationsPerTenant: 1000 }, Audit: { File: auditFile } },
+      // Limits high enough that every attack below reaches a real association (the default limits have their own
+      // test; the pool of connections not yet associated has its own in test/hardening.test.ts).
+      Gateway: {
+        Limits: {
+          ArtimTimeoutSeconds: ARTIM_MS / 1000,
+          MaxAssociations: 2000,
+          MaxAssociationsPerTenant: 1000,
+          MaxUnassociatedConnections: 2000,
+          MaxUnassociatedConnectionsPerTenant: 1000,
+          MaxUnassociatedConnectionsPerAddress: 2000,
+        },
+        Audit: { File: auditFile },
+      },
     },
     { artimTimeoutMs: ARTIM_MS },
   );

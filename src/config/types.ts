@@ -3,7 +3,7 @@
  * Keys in the JSON file follow Orthanc's spelling (see README "Configuration");
  * these types are the normalized form the rest of the gateway works with.
  */
-import type { TlsListenerOptions } from "../net/server.ts";
+import type { TlsListenerOptions } from "../net/tls.ts";
 import type { LogFormat, LogLevel } from "../shared/log.ts";
 
 /** Orthanc resource levels, normalized from Orthanc's spellings (Patient(s), Study/Studies, Series, Instance(s)/Image(s)). */
@@ -39,8 +39,16 @@ export interface TenantConfig {
    * host, IP address or CIDR (like Orthanc's DicomCheckModalityHost). Undefined = anyone.
    */
   allowedCallers?: AllowedCaller[];
-  /** `MaxAssociations` (gateway key, default `Gateway.Limits.MaxAssociationsPerTenant`): concurrent associations. */
+  /** `MaxAssociations` (gateway key, default `Gateway.Limits.MaxAssociationsPerTenant`): concurrent accepted associations. */
   maxAssociations: number;
+  /**
+   * `MaxUnassociatedConnections` (gateway key, default `Gateway.Limits.MaxUnassociatedConnectionsPerTenant`):
+   * connections not yet associated (A-ASSOCIATE-RQ not answered yet, TLS handshakes included); past it the
+   * oldest is closed.
+   */
+  maxUnassociatedConnections: number;
+  /** `ListenAddress` (gateway key, default `Gateway.DicomListenAddress`): the address the listener(s) bind. */
+  listenAddress: string;
   /** `Tls` (gateway key): DICOM TLS for this tenant. */
   tls?: TenantTls;
 }
@@ -69,6 +77,12 @@ export interface LimitSettings {
   maxAssociationsPerTenant: number;
   /** `Gateway.Limits.ArtimTimeoutSeconds` (default 30) in ms: time allowed for A-ASSOCIATE-RQ and for closing. */
   artimTimeoutMs: number;
+  /** `Gateway.Limits.MaxUnassociatedConnections` (default 512): connections not yet associated, over all tenants. */
+  maxUnassociatedConnections: number;
+  /** `Gateway.Limits.MaxUnassociatedConnectionsPerTenant` (default 128): default of the tenants' MaxUnassociatedConnections. */
+  maxUnassociatedConnectionsPerTenant: number;
+  /** `Gateway.Limits.MaxUnassociatedConnectionsPerAddress` (default 32): connections not yet associated from one peer address. */
+  maxUnassociatedConnectionsPerAddress: number;
 }
 
 export interface AuditSettings {
@@ -157,6 +171,7 @@ export interface DicomSettings {
 }
 
 export interface OrthancSettings {
+  /** `Gateway.Orthanc.Url`, without credentials: a `user:password@` in it is moved to username/password at load. */
   url: string;
   username: string;
   password: string;

@@ -7,9 +7,10 @@
 import type { GatewayConfig } from "../config/types.ts";
 import { serveHttp, type HttpServerHandle } from "../adapter/index.ts";
 import { createHttpApp } from "../http/app.ts";
-import { AssociationCounter } from "../net/server.ts";
+import { ConnectionLimits } from "../net/admission.ts";
 import { createAuditLog, type AuditLog } from "../observe/audit.ts";
 import { createMetrics, type GatewayMetrics } from "../observe/metrics.ts";
+import { RepeatedLog } from "../observe/repeats.ts";
 import type { GatewaySnapshot } from "../observe/status.ts";
 import { ChangesFeed } from "../orthanc/changes.ts";
 import { OrthancClient } from "../orthanc/client.ts";
@@ -21,6 +22,7 @@ import { lockSpoolDirectory } from "../spool/lock.ts";
 import { createStoreMetrics, type StoreMetrics } from "../spool/metrics.ts";
 import { IsolationGuards } from "../tenancy/isolation.ts";
 import { UidRegistry } from "../tenancy/ownership.ts";
+import { FileDescriptorBudget } from "../shared/fd-limit.ts";
 import { silentLogger, type Logger } from "../shared/log.ts";
 import { createGatewayCounters, forwarderEvents, orthancStatusChanged } from "./observers.ts";
 import { reload, type ReloadResult } from "./reload.ts";
@@ -39,6 +41,10 @@ export interface GatewayOptions {
   audit?: AuditLog;
   /** The spool's file layer (default node:fs): tests record writes, syncs and crashes through their own. */
   spoolFiles?: SpoolFiles;
+  /** Window in which repeated identical failures (TLS handshakes, refused connections) are logged once, with a count (default 10 s). */
+  logRepeatWindowMs?: number;
+  /** The process's file descriptors as the listeners watch them (default: this process's RLIMIT_NOFILE, read from /proc). */
+  fileDescriptors?: FileDescriptorBudget;
 }
 
 export interface Gateway {
@@ -99,7 +105,8 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     spoolLock.release();
     throw e;
   }
-  const sinks = { log, metrics, storeMetrics, counters, audit };
+  const repeats = new RepeatedLog(opts.logRepeatWindowMs);
+  const sinks = { log, metrics, storeMetrics, counters, audit, repeats, fileDescriptors: { exhaustedAt: 0 } };
   const byTenant = new Map<string, TenantListener>();
   const forwarder = new Forwarder({
     orthanc,
@@ -112,7 +119,9 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     defaultEncoding: config.dicom.defaultEncoding,
     events: forwarderEvents(sinks, config.spool.directory, byTenant),
   });
-  const monitor = new OrthancMonitor(orthanc, { intervalMs: opts.orthancCheckIntervalMs ?? 5000, onChange: orthancStatusChanged(log, forwarder) });
+  const monitor = new OrthancMonitor(orthanc, { intervalMs: opts.orthancCheckIntervalMs ?? 5000, onChange: orthancStatusChanged(log, forwarder, sinks.fileDescriptors) });
+  const limits = config.limits;
+  const fileDescriptors = opts.fileDescriptors ?? new FileDescriptorBudget();
 
   const s: GatewayState = {
     ...sinks,
@@ -125,7 +134,12 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     registry,
     guards,
     forwarder,
-    globalLimit: new AssociationCounter(config.limits?.maxAssociations ?? Infinity),
+    limits: new ConnectionLimits({
+      maxAssociations: limits?.maxAssociations,
+      maxUnassociated: limits?.maxUnassociatedConnections,
+      maxUnassociatedPerAddress: limits?.maxUnassociatedConnectionsPerAddress,
+      fileDescriptors,
+    }),
     artimTimeoutMs: opts.artimTimeoutMs ?? config.limits?.artimTimeoutMs ?? 30_000,
     spoolFiles: opts.spoolFiles,
     listeners: [],
@@ -151,6 +165,8 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     }
     throw e;
   }
+
+  warnIfFewFileDescriptors(log, fileDescriptors, config);
 
   // The first check is awaited so that the first /ready answer and the start-up log are accurate.
   monitor.start();
@@ -180,10 +196,28 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
         await registry.close();
         await http.close();
         audit.close();
+        repeats.close();
         orthanc.close();
       } finally {
         spoolLock.release(); // last: the spool's files are closed
       }
     },
   };
+}
+
+/**
+ * The connections Gateway.Limits allow need a descriptor each: say so at start when RLIMIT_NOFILE is lower
+ * (the listeners then close the oldest connections not yet associated before the process runs out).
+ */
+function warnIfFewFileDescriptors(log: Logger, fds: FileDescriptorBudget, config: GatewayConfig): void {
+  const l = config.limits;
+  if (fds.limit === undefined || !l) return;
+  const wanted = l.maxAssociations + l.maxUnassociatedConnections;
+  if (fds.limit - fds.reserve >= wanted) return;
+  log.warn("the file descriptor limit is below what Gateway.Limits allow: connections not yet associated are closed, oldest first, before the process runs out", {
+    limit: fds.limit,
+    reserve: fds.reserve,
+    allowed: wanted,
+    fix: `raise LimitNOFILE to at least ${wanted + fds.reserve}, or lower Gateway.Limits.MaxAssociations / MaxUnassociatedConnections`,
+  });
 }

@@ -11,6 +11,7 @@ import { rejectReasonLabel } from "../net/index.ts";
 import type { DimseServerEvents, TlsPeer } from "../net/server.ts";
 import type { AuditLog } from "../observe/audit.ts";
 import { formatStatus, type GatewayMetrics } from "../observe/metrics.ts";
+import type { RepeatedLog } from "../observe/repeats.ts";
 import type { OrthancStatus } from "../observe/status.ts";
 import { FailureReason } from "../services/commitment-info.ts";
 import type { StorageCommitmentEvents } from "../services/storage-commitment.ts";
@@ -20,6 +21,7 @@ import type { Forwarder, ForwarderEvents, QuarantineKind } from "../spool/forwar
 import type { StoreMetrics } from "../spool/metrics.ts";
 import { tenantDirectoryName } from "../spool/spool.ts";
 import type { AssociationPolicyOptions } from "../tenancy/association-policy.ts";
+import { fileDescriptorsExhausted } from "../shared/fd-limit.ts";
 import type { Logger } from "../shared/log.ts";
 
 /** The gateway's own counters (the other metrics belong to observe/metrics.ts and spool/metrics.ts). */
@@ -29,6 +31,10 @@ export interface GatewayCounters {
   readonly commitmentRequests: Counter<"tenant" | "outcome">;
   readonly commitmentInstances: Counter<"tenant" | "result">;
   readonly commitmentReports: Counter<"tenant" | "path" | "outcome">;
+  /** Connections closed before their association: evicted from the pool, or refused at accept. */
+  readonly unassociatedClosed: Counter<"tenant" | "reason">;
+  /** Times the process met (or, closing connections, averted) file-descriptor exhaustion. */
+  readonly fileDescriptorExhaustion: Counter<"where">;
 }
 
 export function createGatewayCounters(registry: Registry): GatewayCounters {
@@ -63,6 +69,18 @@ export function createGatewayCounters(registry: Registry): GatewayCounters {
       labelNames: ["tenant", "path", "outcome"] as const,
       registers: [registry],
     }),
+    unassociatedClosed: new Counter({
+      name: "dicom_gateway_unassociated_connections_closed_total",
+      help: "Connections closed before their association: refused at accept (host-not-allowed, file-descriptors) or evicted, oldest first, from a full pool of connections not yet associated (address, tenant, gateway, file-descriptors).",
+      labelNames: ["tenant", "reason"] as const,
+      registers: [registry],
+    }),
+    fileDescriptorExhaustion: new Counter({
+      name: "dicom_gateway_file_descriptor_exhaustion_total",
+      help: "The process at its file descriptor limit (RLIMIT_NOFILE): connections closed to stay below it (where=evicted), new ones closed at once (where=refused), accept() failing with EMFILE/ENFILE (where=accept).",
+      labelNames: ["where"] as const,
+      registers: [registry],
+    }),
   };
 }
 
@@ -73,6 +91,10 @@ export interface GatewaySinks {
   readonly storeMetrics: StoreMetrics;
   readonly counters: GatewayCounters;
   readonly audit: AuditLog;
+  /** Repeated identical failures (handshakes, refused connections) logged once per window, with a count. */
+  readonly repeats: RepeatedLog;
+  /** When a listener last met file-descriptor exhaustion (ms since the epoch; 0 = never), for explainOrthancStatus. */
+  readonly fileDescriptors: { exhaustedAt: number };
 }
 
 /** The log line of a quarantine, by its reason. */
@@ -85,7 +107,7 @@ const QUARANTINE_LOG: Record<QuarantineKind, string> = {
 };
 
 /** One tenant's associations: accepted, rejected (A-ASSOCIATE-RJ), ended, each DIMSE operation, protocol errors. */
-export function associationObserver(tenant: TenantConfig, { log, metrics, audit }: GatewaySinks): AssociationObserver {
+export function associationObserver(tenant: TenantConfig, { log, metrics, audit, repeats }: GatewaySinks): AssociationObserver {
   const t = tenant.aet;
   return {
     accepted(info) {
@@ -117,7 +139,9 @@ export function associationObserver(tenant: TenantConfig, { log, metrics, audit 
         return;
       }
       metrics.recordAssociation(t, "aborted", reason);
-      log.warn("association aborted", fields);
+      // A connection that never associated (ARTIM, closed before its A-ASSOCIATE-RQ): one of a flood, maybe.
+      if (info === undefined) repeats.log(`ended|${t}|${reason}|${detail}`, "association aborted", fields, (m, f) => log.warn(m, f));
+      else log.warn("association aborted", fields);
     },
     operation(info, service, status, seconds, detail, fields) {
       metrics.recordDimse(t, service, status, seconds);
@@ -135,17 +159,64 @@ export function associationObserver(tenant: TenantConfig, { log, metrics, audit 
   };
 }
 
-/** Connections refused before any DICOM exchange: logged, counted as rejected associations, audited. */
-export function connectionEvents(tenant: TenantConfig, { log, metrics, audit }: GatewaySinks): DimseServerEvents {
+/**
+ * Connections ended before any DICOM exchange: failed TLS handshakes (counted as rejected associations, as
+ * before), connections refused at accept and connections evicted from the pool of those not yet associated
+ * (dicom_gateway_unassociated_connections_closed_total). Each is audited; the log says each kind once per
+ * window with a count (RepeatedLog), and names file-descriptor exhaustion as such.
+ */
+export function connectionEvents(tenant: TenantConfig, { log, metrics, audit, counters, repeats, fileDescriptors }: GatewaySinks): DimseServerEvents {
   const t = tenant.aet;
-  const refused = (peer: { address: string; port: number }, port: number, reason: string, detail: string) => {
-    metrics.recordAssociation(t, "rejected", reason);
-    audit.association({ event: "connection-refused", tenant: t, peer: `${peer.address}:${peer.port}`, outcome: "refused", reason, detail, port });
-    log.warn(reason === "tls-handshake-failed" ? "TLS handshake failed" : "connection refused", { tenant: t, peer: `${peer.address}:${peer.port}`, port, reason, detail });
+  const warn = (m: string, f: Record<string, unknown>) => log.warn(m, f);
+  const closed = (event: "connection-refused" | "connection-evicted", msg: string, peer: { address: string; port: number }, port: number, reason: string, detail: string) => {
+    const at = `${peer.address}:${peer.port}`;
+    audit.association({ event, tenant: t, peer: at, outcome: event === "connection-refused" ? "refused" : "closed", reason, detail, port });
+    repeats.log(`${event}|${t}|${port}|${reason}|${detail}`, msg, { tenant: t, peer: at, port, reason, detail }, warn);
   };
   return {
-    tlsHandshakeFailed: (peer, port, error) => refused(peer, port, "tls-handshake-failed", error),
-    connectionDropped: (peer, port, why) => refused(peer, port, "local-limit-exceeded", why),
+    tlsHandshakeFailed(peer, port, error) {
+      metrics.recordAssociation(t, "rejected", "tls-handshake-failed");
+      closed("connection-refused", "TLS handshake failed", peer, port, "tls-handshake-failed", error);
+    },
+    connectionRefused(peer, port, why) {
+      counters.unassociatedClosed.inc({ tenant: t, reason: "host-not-allowed" });
+      // The address is in the detail; the log line's key leaves it out (one line per window, however many hosts).
+      const at = `${peer.address}:${peer.port}`;
+      audit.association({ event: "connection-refused", tenant: t, peer: at, outcome: "refused", reason: "host-not-allowed", detail: why, port });
+      repeats.log(`refused|${t}|${port}|host-not-allowed`, "connection refused at accept: not from a host of AllowedCallers", { tenant: t, peer: at, port, reason: "host-not-allowed", detail: why }, warn);
+    },
+    connectionEvicted(peer, port, reason, detail) {
+      counters.unassociatedClosed.inc({ tenant: t, reason });
+      if (reason === "file-descriptors") {
+        counters.fileDescriptorExhaustion.inc({ where: "evicted" });
+        fileDescriptors.exhaustedAt = Date.now();
+      }
+      const msg = reason === "file-descriptors" ? "file descriptors nearly exhausted (EMFILE averted): closed the oldest connection not yet associated" : "closed the oldest connection not yet associated to make room";
+      closed("connection-evicted", msg, peer, port, reason, detail);
+    },
+    fileDescriptorsExhausted(port, where, detail) {
+      counters.fileDescriptorExhaustion.inc({ where });
+      counters.unassociatedClosed.inc({ tenant: t, reason: "file-descriptors" });
+      fileDescriptors.exhaustedAt = Date.now();
+      audit.association({ event: "connection-refused", tenant: t, peer: "?", outcome: "refused", reason: "file-descriptors", detail, port });
+      repeats.log(`fd|${t}|${port}|${where}`, "out of file descriptors (EMFILE): a new connection was closed at once", { tenant: t, port, reason: "file-descriptors", detail }, (m, f) => log.error(m, f));
+    },
+  };
+}
+
+/**
+ * Orthanc's status as the monitor saw it — unless the process is out of file descriptors: then a failed
+ * check says that, not "Orthanc unreachable" (Bun reports a connect() that found no free descriptor as
+ * ECONNREFUSED). Out of descriptors: none left now (`exhausted`, default: /proc/self), or a listener met
+ * the limit in the last 10 s (`exhaustedAt`).
+ */
+export function explainOrthancStatus(s: OrthancStatus, exhaustedAt: number, now = Date.now(), exhausted: () => boolean | undefined = fileDescriptorsExhausted): OrthancStatus {
+  if (s.reachable) return s;
+  if (now - exhaustedAt > 10_000 && exhausted() !== true) return s;
+  return {
+    ...s,
+    // Starts with "Orthanc at URL" so that /ready takes it as it is (observe/status.ts readiness).
+    error: `Orthanc at ${s.url} could not be checked: the gateway is out of file descriptors (EMFILE), Orthanc is not known to be down; raise LimitNOFILE or lower Gateway.Limits`,
   };
 }
 
@@ -266,12 +337,17 @@ export function forwarderEvents(
   };
 }
 
-/** Orthanc's availability as the monitor sees it change; when Orthanc is back, the forwarder resumes at once. */
-export function orthancStatusChanged(log: Logger, forwarder: Pick<Forwarder, "wake">): (s: OrthancStatus) => void {
-  return (s) => {
+/**
+ * Orthanc's availability as the monitor sees it change; when Orthanc is back, the forwarder resumes at once.
+ * A check that failed for want of file descriptors is logged as that (explainOrthancStatus).
+ */
+export function orthancStatusChanged(log: Logger, forwarder: Pick<Forwarder, "wake">, fileDescriptors: GatewaySinks["fileDescriptors"]): (s: OrthancStatus) => void {
+  return (status) => {
+    const s = explainOrthancStatus(status, fileDescriptors.exhaustedAt);
     if (s.reachable && !s.error) {
       log.info("Orthanc is available", { url: s.url, version: s.version });
       forwarder.wake();
-    } else log.warn("Orthanc is not usable", { url: s.url, error: s.error });
+    } else if (s !== status) log.error("out of file descriptors: Orthanc could not be checked", { url: s.url, error: s.error });
+    else log.warn("Orthanc is not usable", { url: s.url, error: s.error });
   };
 }

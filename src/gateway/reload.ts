@@ -5,7 +5,7 @@
  */
 import type { GatewayConfig, TenantConfig } from "../config/types.ts";
 import type { GatewayState, TenantListener } from "./state.ts";
-import { startTenant, stopTenant } from "./tenants.ts";
+import { prepareTlsReloads, startTenant, stopTenant } from "./tenants.ts";
 
 /** What a configuration reload changed. */
 export interface ReloadResult {
@@ -13,6 +13,8 @@ export interface ReloadResult {
   removed: string[];
   changed: string[];
   unchanged: string[];
+  /** Unchanged tenants whose TLS files' content changed: new connections get the new certificate, key, CA, CRL. */
+  tlsReloaded: string[];
 }
 
 export class ReloadError extends Error {
@@ -48,7 +50,7 @@ async function reloadTenants(s: GatewayState, next: GatewayConfig, graceMs: numb
   const key = (aet: string) => (config.dicom.strictAetComparison ? aet.trim() : aet.trim().toUpperCase());
   const current = new Map(listeners.map((l) => [key(l.tenant.aet), l]));
   const wanted = new Map(next.tenants.map((t) => [key(t.aet), t]));
-  const result: ReloadResult = { added: [], removed: [], changed: [], unchanged: [] };
+  const result: ReloadResult = { added: [], removed: [], changed: [], unchanged: [], tlsReloaded: [] };
   const toStop: TenantListener[] = [];
   const toStart: TenantConfig[] = [];
   for (const [k, l] of current) {
@@ -67,6 +69,14 @@ async function reloadTenants(s: GatewayState, next: GatewayConfig, graceMs: numb
       result.added.push(t.aet);
       toStart.push(t);
     }
+  }
+  // Renewed TLS files of the tenants that stay: read and checked before anything changes (a broken file
+  // fails the reload), put in place after.
+  let tlsReloads: ReturnType<typeof prepareTlsReloads>;
+  try {
+    tlsReloads = prepareTlsReloads(listeners.filter((l) => !toStop.includes(l)));
+  } catch (e) {
+    throw new ReloadError(`the new configuration could not be applied, the previous one keeps running: ${(e as Error).message}`, { cause: e });
   }
   await Promise.all(toStop.map((l) => stopTenant(s, l, graceMs)));
   const started: TenantListener[] = [];
@@ -91,5 +101,9 @@ async function reloadTenants(s: GatewayState, next: GatewayConfig, graceMs: numb
   listeners.sort((a, b) => next.tenants.findIndex((t) => t.aet === a.tenant.aet) - next.tenants.findIndex((t) => t.aet === b.tenant.aet));
   config.tenants = next.tenants;
   config.modalities = next.modalities;
+  for (const r of tlsReloads) {
+    r.apply();
+    result.tlsReloaded.push(r.tenant);
+  }
   return result;
 }

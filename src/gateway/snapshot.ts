@@ -5,6 +5,7 @@
  */
 import type { GatewaySnapshot, QuarantineSummary } from "../observe/status.ts";
 import { VERSION } from "../shared/version.ts";
+import { explainOrthancStatus } from "./observers.ts";
 import type { GatewayState } from "./state.ts";
 
 /** How many quarantined instances the snapshot lists (the latest, over all tenants). */
@@ -30,6 +31,8 @@ export function takeSnapshot(s: GatewayState): GatewaySnapshot {
         listening: server.listening,
         listeners: server.endpoints.map((e) => ({ port: e.port || e.configuredPort, tls: e.tls, listening: e.listening })),
         activeAssociations: server.activeAssociations,
+        unassociatedConnections: server.unassociatedConnections,
+        ...(tenant.tls ? { certificates: server.certificates } : {}),
         spool: {
           forwarding: tenant.forwarding,
           depth: st.depth,
@@ -44,7 +47,7 @@ export function takeSnapshot(s: GatewayState): GatewaySnapshot {
         },
       };
     }),
-    orthanc: s.monitor.status,
+    orthanc: explainOrthancStatus(s.monitor.status, s.fileDescriptors.exhaustedAt),
     orthancUnreachableGraceMs: s.config.orthanc.unreachableGraceMs,
     spoolHighWaterMarkPercent: s.config.spool.highWaterMarkPercent,
     quarantine: quarantine.sort((a, b) => a.quarantinedAt.localeCompare(b.quarantinedAt)).slice(-QUARANTINE_SHOWN),

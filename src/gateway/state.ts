@@ -6,7 +6,8 @@
  * reload.ts (a new configuration's tenants), snapshot.ts (/status), observers.ts (events → logs, metrics, audit).
  */
 import type { GatewayConfig, TenantConfig } from "../config/types.ts";
-import type { AssociationCounter, DimseServer } from "../net/server.ts";
+import type { ConnectionLimits } from "../net/admission.ts";
+import type { DimseServer } from "../net/server.ts";
 import type { ChangesFeed } from "../orthanc/changes.ts";
 import type { OrthancClient } from "../orthanc/client.ts";
 import type { OrthancMonitor } from "../orthanc/monitor.ts";
@@ -48,8 +49,12 @@ export interface GatewayState extends GatewaySinks {
   /** One isolation guard per Strict tenant, by AE title. */
   readonly guards: IsolationGuards;
   readonly forwarder: Forwarder;
-  /** The gateway-wide association limit (`Gateway.Limits.MaxAssociations`), shared by every listener. */
-  readonly globalLimit: AssociationCounter;
+  /**
+   * The gateway-wide connection limits, shared by every listener: accepted associations
+   * (`Gateway.Limits.MaxAssociations`), connections not yet associated (in total, per peer address) and the
+   * process's file descriptors.
+   */
+  readonly limits: ConnectionLimits;
   readonly artimTimeoutMs: number;
   /** The spool's file layer (undefined: node:fs). */
   readonly spoolFiles?: SpoolFiles;

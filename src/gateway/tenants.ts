@@ -58,6 +58,7 @@ export async function startTenant(s: GatewayState, tenant: TenantConfig): Promis
   const policy = createAssociationPolicy(tenant, config.dicom, services.syntaxes, callerLookupEvents(tlog));
   const server = new DimseServer({
     label: `tenant ${tenant.aet} (MultitenantDicom.Servers AET ${tenant.aet})`,
+    host: tenant.listenAddress,
     port: tenant.port,
     maxPduLength: config.dicom.maximumPduLength,
     artimTimeoutMs: s.artimTimeoutMs,
@@ -67,7 +68,9 @@ export async function startTenant(s: GatewayState, tenant: TenantConfig): Promis
     observer: associationObserver(tenant, s),
     tls: tenant.tls,
     maxAssociations: tenant.maxAssociations,
-    globalLimit: s.globalLimit,
+    maxUnassociated: tenant.maxUnassociatedConnections,
+    limits: s.limits,
+    admitAddress: policy.admitAddress,
     events: connectionEvents(tenant, s),
   });
   const l: TenantListener = { tenant, server, spool, policy, background: services.background };
@@ -83,7 +86,7 @@ export async function startTenant(s: GatewayState, tenant: TenantConfig): Promis
     throw e;
   }
   for (const e of server.endpoints) {
-    log.info("DICOM listener started", { tenant: tenant.aet, port: e.port, tls: e.tls, labels: tenant.labels, labelsConstraint: tenant.labelsConstraint });
+    log.info("DICOM listener started", { tenant: tenant.aet, address: tenant.listenAddress, port: e.port, tls: e.tls, labels: tenant.labels, labelsConstraint: tenant.labelsConstraint });
   }
   // Pending entries are queued once the tenant is up (a replay uses the tenant's current settings); they
   // hold their UIDs until they are in Orthanc (records of 0.2 and older do not name them).
@@ -105,4 +108,16 @@ export async function stopTenant(s: GatewayState, l: TenantListener, graceMs: nu
   await l.background.stop();
   if (s.byTenant.get(l.tenant.aet) === l) s.byTenant.delete(l.tenant.aet);
   s.log.info("DICOM listener stopped", { tenant: l.tenant.aet, port: l.tenant.port });
+}
+
+/**
+ * Reads the TLS files of running tenants again (SIGHUP): for each whose files' content changed, the function
+ * that puts the new certificate, key, CA and CRL in place for new connections (open associations keep
+ * theirs). Nothing is applied here, so that a file that cannot be used fails the reload before any change.
+ */
+export function prepareTlsReloads(listeners: readonly TenantListener[]): { tenant: string; apply: () => void }[] {
+  return listeners.flatMap((l) => {
+    const apply = l.server.prepareTlsReload();
+    return apply ? [{ tenant: l.tenant.aet, apply }] : [];
+  });
 }

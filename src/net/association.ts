@@ -135,11 +135,13 @@ export class AcceptorAssociation {
   /** Resolves when the socket has closed. */
   readonly closed: Promise<void>;
 
+  /** `peer`: as the listener saw it at accept (default: the socket's address now). */
   constructor(
     private readonly socket: Socket,
     private readonly opts: AcceptorOptions,
+    peer?: Peer,
   ) {
-    this.peer = { address: socket.remoteAddress ?? "?", port: socket.remotePort ?? 0 };
+    this.peer = peer ?? { address: socket.remoteAddress ?? "?", port: socket.remotePort ?? 0 };
     this.reader = new PduReader({ maxPDataLength: opts.maxPduLength, maxControlLength: opts.maxControlPduLength ?? 1 << 20 });
     socket.setNoDelay(true);
     this.closed = new Promise((resolve) => socket.once("close", () => resolve()));
@@ -185,9 +187,12 @@ export class AcceptorAssociation {
 
   // ---- input --------------------------------------------------------------------------------
 
+  /**
+   * Bytes are only framed here: the idle timer counts whole PDUs (onPdu), so a peer that sends one byte
+   * now and then does not hold an association open forever.
+   */
   private onData(chunk: Uint8Array): void {
     if (this.state === "closing") return;
-    this.touch();
     dispatchPdus(this.reader, chunk, (type, body) => this.onPdu(type, body), (e) => this.protocolError(e), () => this.isClosing());
   }
 
@@ -204,6 +209,7 @@ export class AcceptorAssociation {
   }
 
   private onPdu(type: number, body: Uint8Array): void {
+    this.touch();
     if (type === PduType.Abort) {
       decodeAbort(body);
       this.reportEnd("aborted-by-peer");
@@ -366,6 +372,18 @@ export class AcceptorAssociation {
     if (this.state !== "release-requested") return;
     this.reportEnd("released");
     await this.sendAndClose(encodeReleaseRP());
+  }
+
+  /**
+   * Closes the connection at once and reports no end: the listener closed a connection still awaiting its
+   * A-ASSOCIATE-RQ to make room, and reports why itself.
+   */
+  discard(): void {
+    this.endReported = true;
+    this.state = "closing";
+    clearTimeout(this.timer);
+    this.failPending(new Error("connection closed by the listener"));
+    this.socket.destroy();
   }
 
   /** A-ABORT with service-provider source (PS3.8 9.3.8), then close. */

@@ -12,8 +12,9 @@
  * - dimse-assembler.ts, pdata-writer.ts, dimse.ts: the one DIMSE message layer of both roles (PDVs
  *   to messages and back, one set of limits, message IDs, responses, C-CANCEL, flow control);
  * - n-service.ts: DIMSE-N requests (N-EVENT-REPORT, N-ACTION) for Storage Commitment (PS3.4 J);
- * - association.ts + server.ts: the acceptor (a tenant's listener, plain or TLS); requestor.ts: the
- *   requestor (the gateway as SCU, or as SCP reporting on a new association).
+ * - association.ts + server.ts: the acceptor (a tenant's listener, plain or TLS: tls.ts), its
+ *   connections before an association bounded by admission.ts; requestor.ts: the requestor (the
+ *   gateway as SCU, or as SCP reporting on a new association).
  *
  * This file lists the entry points the rest of the appliance uses.
  */
@@ -27,4 +28,5 @@ export { singlePduDatasetRoom } from "./pdata-writer.ts";
 export { negotiatePresentationContexts, UNCOMPRESSED_LITTLE_ENDIAN, type SupportedSyntaxes, type TransferSyntaxPolicy } from "./negotiation.ts";
 export { describeRejection, rejectReasonLabel, RejectReason, RejectResult, RejectSource, type Rejection } from "./reject.ts";
 export { AssociationAbortedError, AssociationError, AssociationRejectedError, RequestorAssociation, type RequestorOptions } from "./requestor.ts";
-export { AssociationCounter, DimseServer, type DimseServerOptions, type TlsListenerOptions } from "./server.ts";
+export { addressKey, ConnectionLimits, type EvictionReason } from "./admission.ts";
+export { DimseServer, type DimseServerOptions, type TlsListenerOptions } from "./server.ts";

@@ -10,9 +10,14 @@
  * the file, opened O_APPEND and created 0600. Every line is one write(2) on an O_APPEND descriptor,
  * so `logrotate copytruncate` is safe (the next line lands at the start of the emptied file, no hole),
  * and a rotation that renames or removes the file is noticed within a second and the file reopened.
+ *
+ * Every value is bounded (shared/cap.ts: 1 KiB per string, 100 elements per list or object), what was cut
+ * marked as cut with its size and a SHA-256 prefix: a peer's 1 MB C-FIND key makes a line of a few KiB,
+ * not a 1 MB line per query. Nothing is ever left out of the trail: every event has its line.
  */
 import { closeSync, fstatSync, openSync, statSync, writeSync } from "node:fs";
 import process from "node:process";
+import { capFields } from "../shared/cap.ts";
 
 export type AuditEvent =
   /** A-ASSOCIATE-AC sent. */
@@ -21,8 +26,10 @@ export type AuditEvent =
   | "association-rejected"
   /** An accepted association ended (released, aborted, timed out, closed). */
   | "association-ended"
-  /** A connection refused before any DICOM exchange (TLS handshake failure, closed past the limits). */
+  /** A connection refused before any DICOM exchange (TLS handshake failure, a host not in AllowedCallers, no file descriptor left). */
   | "connection-refused"
+  /** A connection not yet associated, closed to make room for a newer one (the pool of such connections was full). */
+  | "connection-evicted"
   /** One DIMSE operation, with its final status. */
   | "operation"
   /** An acknowledged instance set aside instead of reaching Orthanc (src/spool: quarantine), with the reason. */
@@ -142,7 +149,7 @@ export function createAuditLog(opts: AuditLogOptions): AuditLog {
   const onError =
     opts.onError ?? ((e: Error) => void process.stderr.write(JSON.stringify({ time: new Date().toISOString(), level: "error", msg: "cannot write the audit log", error: e.message }) + "\n"));
   const emit = (record: Record<string, unknown>) => {
-    const line = JSON.stringify({ audit: true, time: new Date().toISOString(), ...record }, (_k, v: unknown) => (typeof v === "bigint" ? v.toString() : v));
+    const line = JSON.stringify({ audit: true, time: new Date().toISOString(), ...capFields(record) }, (_k, v: unknown) => (typeof v === "bigint" ? v.toString() : v));
     try {
       sink.write(line + "\n");
       stats.lines++;

@@ -14,8 +14,20 @@ export interface TenantStatus {
   /** Why the listener is not listening (bind error), if it is not. */
   listenError?: string;
   activeAssociations: number;
+  /** Connections not yet associated (A-ASSOCIATE-RQ not answered yet, TLS handshakes included). */
+  unassociatedConnections?: number;
+  /** The certificates of the tenant's DICOM TLS (served, and the CAs clients must chain to), with their expiry. */
+  certificates?: CertificateStatus[];
   /** Store-and-forward state of this tenant. */
   spool?: SpoolStatus;
+}
+
+export interface CertificateStatus {
+  kind: "certificate" | "ca";
+  subject: string;
+  serial: string;
+  /** Not After, seconds since the epoch. */
+  notAfter: number;
 }
 
 export interface SpoolStatus {

@@ -1,7 +1,10 @@
 /**
  * Structured logging: one JSON object per line (journald-friendly) or pretty text on a TTY.
- * Runtime-agnostic: writes through a sink function (default: process.stdout).
+ * Runtime-agnostic: writes through a sink function (default: process.stdout). Field values are bounded
+ * (cap.ts: 1 KiB per string, 100 elements per list or object, marked as cut): a log line never carries a
+ * peer's megabyte.
  */
+import { capValue } from "./cap.ts";
 export type LogLevel = "debug" | "info" | "warn" | "error";
 /** "auto": pretty text on a TTY, JSON lines otherwise. */
 export type LogFormat = "json" | "text" | "auto";
@@ -41,7 +44,7 @@ export function createLogger(opts: LoggerOptions = {}, base: LogFields = {}): Lo
   const emit = (level: LogLevel, msg: string, fields?: LogFields) => {
     if (ORDER[level] < min) return;
     const all: LogFields = { ...base, ...fields };
-    for (const k of Object.keys(all)) all[k] = serializeValue(all[k]);
+    for (const k of Object.keys(all)) all[k] = capValue(serializeValue(all[k]));
     const time = new Date().toISOString();
     if (pretty) {
       const kv = Object.entries(all)
