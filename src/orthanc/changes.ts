@@ -11,7 +11,7 @@
  * that started after the call has finished (concurrent callers share one poll).
  */
 import type { ResourceLevel } from "../config/types.ts";
-import type { OrthancClient } from "./client.ts";
+import type { OrthancApi } from "./nodes.ts";
 
 interface ChangesAnswer {
   Changes: { ChangeType: string; ResourceType: string; ID: string; Seq: number }[];
@@ -43,7 +43,7 @@ export class ChangesFeed {
   private running = false;
 
   constructor(
-    private readonly client: OrthancClient,
+    private readonly client: OrthancApi,
     private readonly intervalMs = 2000,
   ) {}
 

@@ -7,8 +7,9 @@ import { collectAsStreamGrows } from "../adapter/index.ts";
 import { readRange, type FileRange } from "../shared/file-range.ts";
 import type { ResourceLevel } from "../config/types.ts";
 import type { ChangesFeed } from "./changes.ts";
-import { OrthancError, type OrthancClient } from "./client.ts";
+import { OrthancError } from "./client.ts";
 import type { OrthancIds } from "./identity.ts";
+import { onAnyNode, type OrthancApi } from "./nodes.ts";
 
 export interface StoredInstance {
   id: string;
@@ -63,7 +64,7 @@ export function fileStream(range: FileRange, chunkSize = 256 * 1024): ReadableSt
 }
 
 /** Upload time allowed: the REST timeout plus the time to send the file at a pessimistic 10 MB/s. */
-function uploadTimeout(client: OrthancClient, size: number): number {
+function uploadTimeout(client: OrthancApi, size: number): number {
   return client.timeoutMs + Math.ceil(size / 10_000);
 }
 
@@ -71,14 +72,20 @@ function uploadTimeout(client: OrthancClient, size: number): number {
 export const STREAM_ABOVE = 4 << 20;
 
 /** POST /instances with an instance's Part 10 bytes: given, read from disk, or streamed from disk when large. */
-export async function uploadFile(client: OrthancClient, source: Uint8Array | FileRange, signal?: AbortSignal): Promise<StoredInstance> {
+export async function uploadFile(client: OrthancApi, source: Uint8Array | FileRange, signal?: AbortSignal): Promise<StoredInstance> {
   const size = source instanceof Uint8Array ? source.length : source.size;
-  const body = source instanceof Uint8Array ? source : size <= STREAM_ABOVE ? await readRange(source) : fileStream(source);
-  const a = await client.postJson<PostInstancesAnswer>("/instances", body, {
-    timeoutMs: uploadTimeout(client, size),
-    headers: { "Content-Type": "application/dicom", "Content-Length": String(size) },
+  const inMemory = source instanceof Uint8Array ? source : size <= STREAM_ABOVE ? await readRange(source) : undefined;
+  // A stream is read once: on an Orthanc cluster, a node that fails the upload gets it sent again from the start to the next.
+  const a = await onAnyNode(
+    client,
+    (node) =>
+      node.postJson<PostInstancesAnswer>("/instances", inMemory ?? fileStream(source as FileRange), {
+        timeoutMs: uploadTimeout(client, size),
+        headers: { "Content-Type": "application/dicom", "Content-Length": String(size) },
+        signal,
+      }),
     signal,
-  });
+  );
   if (!a || typeof a.ID !== "string") throw new OrthancError(`Orthanc's answer to POST /instances has no ID: ${JSON.stringify(a)}`, { kind: "http" });
   if (a.Status === "FilteredOut") {
     // Orthanc's own filter (a Lua ReceivedInstanceFilter, a plugin's incoming-instance filter) refused it, for good.
@@ -116,7 +123,7 @@ export class Labeler {
   private readonly done = new Map<string, { seq: number; at: number }>();
 
   constructor(
-    private readonly client: OrthancClient,
+    private readonly client: OrthancApi,
     private readonly opts: { feed?: ChangesFeed; cacheSize?: number; ttlMs?: number } = {},
   ) {}
 
@@ -166,7 +173,7 @@ export class Labeler {
 }
 
 /** MD5 and size of what Orthanc stored for an instance (its DICOM attachment). */
-export async function storedAttachmentInfo(client: OrthancClient, instanceId: string): Promise<{ md5: string; size: number }> {
+export async function storedAttachmentInfo(client: OrthancApi, instanceId: string): Promise<{ md5: string; size: number }> {
   const [md5, size] = await Promise.all([
     client.request("GET", `/instances/${instanceId}/attachments/dicom/md5`).then((r) => r.text()),
     client.request("GET", `/instances/${instanceId}/attachments/dicom/size`).then((r) => r.text()),

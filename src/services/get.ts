@@ -14,6 +14,7 @@ import { silentLogger } from "../shared/log.ts";
 import type { AssociationInfo, DimseHandler, DimseRequest, DimseResponder, PresentationContext } from "../net/association.ts";
 import { CommandField, Status } from "../net/constants.ts";
 import { RetrieveRecorder } from "./retrieve-metrics.ts";
+import { pinned } from "../orthanc/nodes.ts";
 import { answerEndedEarly, DEFAULT_MOVE_SETTINGS, resolveRequest, storeStatusText, SubOperationRun, type RetrieveContext } from "./suboperations.ts";
 
 /** The accepted storage context for a SOP class and transfer syntax on which the requester took the SCP role. */
@@ -25,9 +26,11 @@ export function storageContextFor(association: AssociationInfo, sopClassUid: str
   return undefined;
 }
 
-export function createGetHandler(ctx: RetrieveContext): DimseHandler {
-  const log = ctx.log ?? silentLogger;
+export function createGetHandler(shared: RetrieveContext): DimseHandler {
+  const log = shared.log ?? silentLogger;
   return async (request: DimseRequest, responder: DimseResponder) => {
+    // One Orthanc node for the listing and the fetches (another one if it fails: nodes.ts).
+    const ctx: RetrieveContext = { ...shared, orthanc: pinned(shared.orthanc) };
     const settings = ctx.config.move ?? DEFAULT_MOVE_SETTINGS;
     const tenant = ctx.tenant.aet;
     const recorder = new RetrieveRecorder(ctx.metrics, tenant, "C-GET", "requester");

@@ -22,6 +22,7 @@ import type { DimseHandler, DimseRequest, DimseResponder } from "../net/associat
 import { CommandField, Status } from "../net/constants.ts";
 import { AssociationError, RequestorAssociation } from "../net/requestor.ts";
 import { RetrieveRecorder } from "./retrieve-metrics.ts";
+import { pinned } from "../orthanc/nodes.ts";
 import { answerEndedEarly, DEFAULT_MOVE_SETTINGS, resolveRequest, storeStatusText, SubOperationRun, type RetrieveContext } from "./suboperations.ts";
 
 /** The modality a tenant may move to under this AE title, or why not. */
@@ -54,9 +55,11 @@ function contextsFor(instances: readonly ResolvedInstance[]): { abstractSyntax: 
   return batches;
 }
 
-export function createMoveHandler(ctx: RetrieveContext): DimseHandler {
-  const log = ctx.log ?? silentLogger;
+export function createMoveHandler(shared: RetrieveContext): DimseHandler {
+  const log = shared.log ?? silentLogger;
   return async (request: DimseRequest, responder: DimseResponder) => {
+    // One Orthanc node for the listing and the fetches (another one if it fails: nodes.ts).
+    const ctx: RetrieveContext = { ...shared, orthanc: pinned(shared.orthanc) };
     const settings = ctx.config.move ?? DEFAULT_MOVE_SETTINGS;
     const tenant = ctx.tenant.aet;
     const destinationAe = request.command.moveDestination ?? "";

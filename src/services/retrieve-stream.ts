@@ -5,7 +5,7 @@
  */
 import { collectAsStreamGrows } from "../adapter/index.ts";
 import { readFileMeta, type FileMeta } from "../dicom/part10.ts";
-import type { OrthancClient } from "../orthanc/client.ts";
+import type { OrthancApi } from "../orthanc/nodes.ts";
 import { concatBytes } from "../shared/bytes.ts";
 import { anchorStillInScope, type LabelScope, type ResolvedInstance } from "./resolve.ts";
 
@@ -36,7 +36,7 @@ export interface FetchedInstance {
  * held whole. Orthanc's timeout applies until the answer starts, not to the (possibly slow) streaming
  * of the body. Throws on HTTP errors or a body that is not a Part 10 file.
  */
-export async function fetchInstance(orthanc: OrthancClient, instance: ResolvedInstance, signal: AbortSignal): Promise<FetchedInstance> {
+export async function fetchInstance(orthanc: OrthancApi, instance: ResolvedInstance, signal: AbortSignal): Promise<FetchedInstance> {
   const path = `/instances/${encodeURIComponent(instance.id)}/file`;
   const ctl = new AbortController();
   const onAbort = () => ctl.abort(signal.reason);
@@ -120,7 +120,7 @@ export class InstanceFetcher {
   private closed = false;
 
   constructor(
-    private readonly orthanc: OrthancClient,
+    private readonly orthanc: OrthancApi,
     private readonly scope: LabelScope,
     private readonly instances: readonly ResolvedInstance[],
     private readonly parallelism: number,

@@ -10,7 +10,7 @@ import type { DicomModality, DicomSettings, MoveSettings, TenantConfig } from ".
 import { EXPLICIT_BIG, EXPLICIT_LITTLE, ElementWriter, IMPLICIT_LITTLE } from "../dicom/element-codec.ts";
 import type { Logger } from "../shared/log.ts";
 import type { OutOfScope } from "./scope-watch.ts";
-import type { OrthancClient } from "../orthanc/client.ts";
+import type { OrthancApi } from "../orthanc/nodes.ts";
 import { resolveInstances, tenantLabelScope, type LabelScope, type ResolvedInstance, type RetrieveKeys } from "./resolve.ts";
 import type { DimseRequest, DimseResponder } from "../net/association.ts";
 import type { CommandSet } from "../net/command.ts";
@@ -28,7 +28,7 @@ export interface RetrieveContext {
     dicom: Pick<DicomSettings, "strictAetComparison" | "maximumPduLength"> & Partial<Pick<DicomSettings, "defaultEncoding">>;
     move?: MoveSettings;
   };
-  orthanc: OrthancClient;
+  orthanc: OrthancApi;
   metrics?: RetrieveMetrics;
   log?: Logger;
   /** Told of resources Orthanc answered outside the tenant's label filter (scope-watch.ts). */

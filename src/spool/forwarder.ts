@@ -12,7 +12,8 @@
  * `receivePriorityMs`, after which uploads go on one at a time until the arrivals stop.
  */
 import type { TenantConfig } from "../config/types.ts";
-import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
+import { OrthancError } from "../orthanc/client.ts";
+import type { OrthancApi } from "../orthanc/nodes.ts";
 import { isPermanentRejection, placementMismatch, storedAttachmentInfo, STREAM_ABOVE, uploadFile, type Labeler, type StoredInstance } from "../orthanc/store.ts";
 import { TenantSpool, type SpoolEntry } from "./spool.ts";
 import { DatasetRefusal, type InstanceIdentity } from "../dicom/dataset-reader.ts";
@@ -43,7 +44,7 @@ export interface ForwarderEvents {
 }
 
 export interface ForwarderOptions {
-  orthanc: OrthancClient;
+  orthanc: OrthancApi;
   labeler: Labeler;
   concurrency: number;
   verifyIntegrity: boolean;
@@ -288,9 +289,10 @@ export class Forwarder {
     try {
       const guard = this.opts.guardFor?.(tenant);
       let ids: OrthancIds | undefined;
+      let identity: InstanceIdentity | undefined;
       let instanceIsNew = entry.instanceIsNew === true;
       if (guard) {
-        const identity = await this.identityOf(entry);
+        identity = await this.identityOf(entry);
         ids = orthancIds(identity);
         // Strict isolation: an instance acknowledged while Orthanc was unreachable is checked now.
         if (entry.isolation !== "checked") {
@@ -313,6 +315,19 @@ export class Forwarder {
         this.opts.events?.misplaced?.(tenant, entry, misplaced, deleted);
         await quarantine("placement", `isolation: ${misplaced}; ${deleted ? "the upload was undone" : "left in Orthanc as it was (not created by this upload)"}`);
         return;
+      }
+      if (guard && identity) {
+        // Strict isolation: the study and series are claimed in Orthanc, where every gateway sees it, before
+        // any label; another tenant that claimed first (through another gateway) keeps them.
+        const settled = await guard.settle(identity, stored);
+        if (!settled.ok) {
+          const deleted = stored.status === "Success" && instanceIsNew;
+          if (deleted) await this.opts.orthanc.delete(`/instances/${stored.id}`);
+          const reason = `isolation: ${settled.reason}; ${deleted ? "the upload was undone" : "left in Orthanc as it was, unlabeled (not created by this upload)"}`;
+          await quarantine("isolation", reason);
+          this.opts.events?.isolationRefused?.(tenant, entry, reason);
+          return;
+        }
       }
       if (this.opts.verifyIntegrity && stored.status === "Success") {
         const got = await storedAttachmentInfo(this.opts.orthanc, stored.id);
