@@ -78,11 +78,16 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
   const metrics = opts.metrics ?? createMetrics();
   const startedAt = new Date().toISOString();
   const counters = createGatewayCounters(metrics.registry);
+  const failover = orthancFailover(log, counters);
+  let monitor: ClusterMonitor | undefined;
   const orthanc = new OrthancNodes(config.orthanc.urls, {
     username: config.orthanc.username,
     password: config.orthanc.password,
     timeoutMs: config.orthanc.timeoutMs,
-    onFailover: orthancFailover(log, counters),
+    onFailover: (node, error, next) => {
+      failover(node, error, next);
+      monitor?.recheck(node.index);
+    },
   });
 
   const storeMetrics = createStoreMetrics(metrics.registry);
@@ -125,7 +130,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
   });
   // The ownership records need Orthanc's configuration (UserMetadata, CheckRevisions) while a tenant is Strict.
   const strict = () => config.tenants.some((t) => t.isolation === "Strict" && t.labels.length > 0);
-  const monitor = new ClusterMonitor(orthanc, {
+  monitor = new ClusterMonitor(orthanc, {
     intervalMs: opts.orthancCheckIntervalMs ?? 5000,
     onChange: orthancStatusChanged(log, forwarder, config.orthanc.urls.length),
     requirements: (sys, url) => (strict() ? records.observe(url, sys) : undefined),

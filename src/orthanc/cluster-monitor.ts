@@ -80,6 +80,11 @@ export class ClusterMonitor {
     for (const m of this.monitors) m.stop();
   }
 
+  /** Checks one node now (a call found it failing: /status and /ready need not wait for the next check). */
+  recheck(index: number): void {
+    void this.monitors[index]?.check();
+  }
+
   /** Checks every node now; the cluster's status after. Never rejects. */
   async check(): Promise<OrthancStatus> {
     await Promise.all(this.monitors.map((m) => m.check()));
