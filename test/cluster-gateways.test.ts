@@ -12,6 +12,7 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { startOrthancCluster, type OrthancClusterHandle } from "../scripts/orthanc-testbed.ts";
 import { OrthancClient } from "../src/orthanc/client.ts";
+import { claimUid, OwnerRecords } from "../src/tenancy/owner-records.ts";
 import { findscuKeys, runTool } from "./helpers/dcmtk.ts";
 import { pydicomFile, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
 import { httpPortFromLog, spawnGateway, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
@@ -302,6 +303,43 @@ describe("two boxes creating the same study at the same moment: the first claim 
     const [st] = await lookup(node1, study, "Study");
     expect(await labels(node1, "studies", st!)).toEqual(["gamma"]);
   });
+});
+
+describe("claims at the same moment, through both nodes (tenancy/owner-records.ts)", () => {
+  const A = { aet: "CLAIM-A", labels: ["ca"], labelsConstraint: "All" as const };
+  const B = { aet: "CLAIM-B", labels: ["cb"], labelsConstraint: "All" as const };
+  const upload = async (client: OrthancClient, file: string) => (await client.postJson<{ ParentStudy: string }>("/instances", new Uint8Array(readFileSync(file)))).ParentStudy;
+  const recordOf = (id: string) => owner(node1, "studies", id).catch(() => undefined);
+
+  test("the same Study UID under two PatientIDs, claimed by two tenants at once: exactly one owns it, every time; the loser keeps no record", async () => {
+    const [recA, recB] = [new OwnerRecords(node1, "DicomGatewayOwner", "box-a"), new OwnerRecords(node2, "DicomGatewayOwner", "box-b")];
+    const wins = { [A.aet]: 0, [B.aet]: 0 };
+    for (let i = 0; i < 12; i++) {
+      const study = uid();
+      const [[fa], [fb]] = await Promise.all([instances(1, { patientId: `CC-A-${i}`, study }), instances(1, { patientId: `CC-B-${i}`, study })]);
+      const [sa, sb] = await Promise.all([upload(node1, fa!), upload(node2, fb!)]);
+      const [ra, rb] = await Promise.all([claimUid(node1, recA, A, "Study", study, sa), claimUid(node2, recB, B, "Study", study, sb)]);
+      expect([ra.ok, rb.ok].filter(Boolean).length).toBe(1);
+      const [winner, loser, won] = ra.ok ? [A.aet, B.aet, sa] : [B.aet, A.aet, sb];
+      wins[winner]!++;
+      expect(await recordOf(won)).toMatchObject({ tenant: winner, kind: "own" });
+      for (const id of [sa, sb]) expect((await recordOf(id))?.tenant).not.toBe(loser);
+      expect((ra.ok ? rb : ra) as { reason: string }).toMatchObject({ reason: expect.stringContaining(`by another tenant (AE ${winner}`) });
+    }
+    process.stderr.write(`[cluster-gateways] concurrent claims won: ${JSON.stringify(wins)}\n`);
+  }, 120_000);
+
+  test("the same study (same PatientID), claimed by two tenants at once through two nodes: exactly one", async () => {
+    const [recA, recB] = [new OwnerRecords(node1, "DicomGatewayOwner", "box-a"), new OwnerRecords(node2, "DicomGatewayOwner", "box-b")];
+    for (let i = 0; i < 6; i++) {
+      const study = uid();
+      const [f] = await instances(1, { patientId: `CC-SAME-${i}`, study });
+      const st = await upload(node1, f!);
+      const [ra, rb] = await Promise.all([claimUid(node1, recA, A, "Study", study, st), claimUid(node2, recB, B, "Study", study, st)]);
+      expect([ra.ok, rb.ok].filter(Boolean).length).toBe(1);
+      expect((await recordOf(st))?.tenant).toBe(ra.ok ? A.aet : B.aet);
+    }
+  }, 60_000);
 });
 
 describe("an Orthanc node dies", () => {

@@ -292,6 +292,9 @@ export class Forwarder {
       let identity: InstanceIdentity | undefined;
       let instanceIsNew = entry.instanceIsNew === true;
       if (guard) {
+        // Strict isolation: nothing is uploaded that cannot be claimed in Orthanc right after (it would sit
+        // there unowned); retried until Orthanc keeps the ownership records (the monitor's /ready reason).
+        if (guard.unusable) throw new OrthancError(guard.unusable, { kind: "http", status: 409 });
         identity = await this.identityOf(entry);
         ids = orthancIds(identity);
         // Strict isolation: an instance acknowledged while Orthanc was unreachable is checked now.

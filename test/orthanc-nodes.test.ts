@@ -1,0 +1,197 @@
+/**
+ * The nodes of an Orthanc cluster behind one client (src/orthanc/nodes.ts) and their monitor
+ * (src/orthanc/cluster-monitor.ts), against the real Orthanc: nodes that refuse connections, cut an
+ * upload in the middle, or answer 502 like a proxy in front of a dead Orthanc; and readiness from them.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, writeFileSync } from "node:fs";
+import { createServer as createHttpServer, type Server as HttpServer } from "node:http";
+import { createServer, type Server } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { OrthancError } from "../src/orthanc/client.ts";
+import { ClusterMonitor } from "../src/orthanc/cluster-monitor.ts";
+import { OrthancNodes, pinned, PinnedOrthanc, type OrthancNode } from "../src/orthanc/nodes.ts";
+import { uploadFile, STREAM_ABOVE } from "../src/orthanc/store.ts";
+import { readiness, type GatewaySnapshot } from "../src/observe/status.ts";
+import { element, freshUid, identityDataset, part10, TS } from "./helpers/dicom-build.ts";
+import { startRewritingProxy, type RewritingProxy } from "./helpers/http-proxy.ts";
+import { getSharedOrthanc, ORTHANC_START_TIMEOUT_MS, type OrthancHandle } from "./helpers/orthanc.ts";
+import { freePort } from "./helpers/ports.ts";
+
+let orthanc: OrthancHandle;
+let dead: string;
+const closers: (() => Promise<void> | void)[] = [];
+
+beforeAll(async () => {
+  orthanc = await getSharedOrthanc();
+  dead = `http://127.0.0.1:${await freePort()}`;
+}, ORTHANC_START_TIMEOUT_MS);
+
+afterAll(async () => {
+  for (const c of closers) await c();
+});
+
+function cluster(urls: string[], failovers: string[] = []): OrthancNodes {
+  const nodes = new OrthancNodes(urls, { timeoutMs: 5000, onFailover: (n: OrthancNode, _e, next) => failovers.push(`${n.url} -> ${next?.url ?? "none"}`) });
+  closers.push(() => nodes.close());
+  return nodes;
+}
+
+async function proxy(): Promise<RewritingProxy> {
+  const p = await startRewritingProxy(orthanc.url);
+  closers.push(() => p.close());
+  return p;
+}
+
+/** An HTTP server answering every request with `status`, as nginx does for an Orthanc that is away. */
+async function answering(status: number): Promise<{ url: string; hits: () => number }> {
+  let hits = 0;
+  const s: HttpServer = createHttpServer((req, res) => {
+    hits++;
+    req.resume();
+    res.writeHead(status, { "content-type": "text/html" });
+    res.end(`<html>${status}</html>`);
+  });
+  await new Promise<void>((r) => s.listen(0, "127.0.0.1", () => r()));
+  closers.push(() => new Promise<void>((r) => s.close(() => r())));
+  return { url: `http://127.0.0.1:${(s.address() as { port: number }).port}`, hits: () => hits };
+}
+
+describe("OrthancNodes: a call goes to a node that answers", () => {
+  test("a node that refuses connections is marked down and the call sent on; later calls go straight to the live node", async () => {
+    const failovers: string[] = [];
+    const nodes = cluster([dead, orthanc.url], failovers);
+    const sys = await nodes.system();
+    expect(sys.Version).toBeString();
+    expect(failovers).toEqual([`${dead} -> ${orthanc.url}`]);
+    expect(nodes.nodes.map((n) => n.healthy)).toEqual([false, true]);
+    expect(nodes.nodes[0]!.lastError).toContain("ECONNREFUSED");
+    for (let i = 0; i < 4; i++) await nodes.getJson("/system");
+    expect(failovers.length).toBe(1);
+    expect(nodes.healthyCount).toBe(1);
+  });
+
+  test("healthy nodes take calls in turn", async () => {
+    const [a, b] = [await proxy(), await proxy()];
+    const nodes = cluster([a.url, b.url]);
+    for (let i = 0; i < 10; i++) await nodes.getJson("/system");
+    expect([a.requests.length, b.requests.length]).toEqual([5, 5]);
+  });
+
+  test("pin(): an operation's calls stay on one node, and move on for good when it fails", async () => {
+    const [a, b] = [await proxy(), await proxy()];
+    const failovers: string[] = [];
+    const nodes = cluster([a.url, b.url], failovers);
+    const op = nodes.pin();
+    expect(pinned(nodes)).toBeInstanceOf(PinnedOrthanc);
+    for (let i = 0; i < 3; i++) await op.postJson("/tools/find", { Level: "Study", Query: {}, Limit: 1 });
+    const first = op.current.url;
+    const [here, there] = first === a.url ? [a, b] : [b, a];
+    expect([here.requests.length, there.requests.length]).toEqual([3, 0]);
+    await here.close();
+    for (let i = 0; i < 3; i++) await op.getJson("/system");
+    expect(op.current.url).toBe(there.url);
+    expect([here.requests.length, there.requests.length]).toEqual([3, 3]);
+    expect(failovers).toEqual([`${here.url} -> ${there.url}`]);
+    // A single client is its own pin.
+    expect(pinned(nodes.nodes[0]!.client)).toBe(nodes.nodes[0]!.client);
+  });
+
+  test("502, 503 and 504 from a proxy in front of a node are the node failing; Orthanc's own answers (404) are not", async () => {
+    for (const status of [502, 503, 504]) {
+      const gateway = await answering(status);
+      const failovers: string[] = [];
+      const nodes = cluster([gateway.url, orthanc.url], failovers);
+      expect((await nodes.system()).Version).toBeString();
+      expect([gateway.hits(), failovers.length]).toEqual([1, 1]);
+    }
+    const failovers: string[] = [];
+    const nodes = cluster([orthanc.url, dead], failovers);
+    const err = await nodes.getJson("/instances/no-such-instance").catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(OrthancError);
+    expect((err as OrthancError).status).toBe(404);
+    expect(failovers).toEqual([]);
+  });
+
+  test("no node answers: one error naming every node; a single node: its own error unchanged", async () => {
+    const other = `http://127.0.0.1:${await freePort()}`;
+    const err = (await cluster([dead, other]).system().catch((e: unknown) => e)) as OrthancError;
+    expect(err).toBeInstanceOf(OrthancError);
+    expect(err.kind).toBe("unreachable");
+    expect(err.message).toStartWith("no Orthanc node of Gateway.Orthanc.Url answered (");
+    expect(err.message).toContain(`${dead}: Orthanc at ${dead} is unreachable (ECONNREFUSED)`);
+    expect(err.message).toContain(`${other}: Orthanc at ${other} is unreachable (ECONNREFUSED)`);
+    const one = (await cluster([dead]).system().catch((e: unknown) => e)) as OrthancError;
+    expect(one.message).toBe(`Orthanc at ${dead} is unreachable (ECONNREFUSED): check Gateway.Orthanc.Url and that Orthanc is running`);
+  });
+
+  test("a streamed upload (> 4 MiB) that a node cuts in the middle is sent again, from its first byte, to the next node", async () => {
+    const sop = freshUid();
+    const dataset = identityDataset("explicitLE", { patientId: new TextEncoder().encode("STREAMED"), studyInstanceUid: freshUid(), seriesInstanceUid: freshUid(), sopInstanceUid: sop }, [
+      element("explicitLE", 0x7fe00010, "OB", new Uint8Array(STREAM_ABOVE + (1 << 20)).fill(7)),
+    ]);
+    const file = join(mkdtempSync(join(tmpdir(), "gw-nodes-")), "big.dcm");
+    const bytes = part10(dataset, TS.explicitLE, sop);
+    writeFileSync(file, bytes);
+    // A "node" that takes the request and 1 MiB of its body, then resets the connection.
+    let received = 0;
+    const cutter: Server = createServer((socket) => {
+      socket.on("data", (d: Buffer) => {
+        received += d.length;
+        if (received > 1 << 20) socket.resetAndDestroy();
+      });
+      socket.on("error", () => {});
+    });
+    await new Promise<void>((r) => cutter.listen(0, "127.0.0.1", () => r()));
+    closers.push(() => new Promise<void>((r) => cutter.close(() => r())));
+    const failovers: string[] = [];
+    const cutterUrl = `http://127.0.0.1:${(cutter.address() as { port: number }).port}`;
+    const nodes = cluster([cutterUrl, orthanc.url], failovers);
+    const stored = await uploadFile(nodes, { file, offset: 0, size: bytes.length });
+    expect(stored.status).toBe("Success");
+    expect(received).toBeGreaterThan(1 << 20);
+    expect(failovers).toEqual([`${cutterUrl} -> ${orthanc.url}`]);
+    const size = await (await fetch(`${orthanc.url}/instances/${stored.id}/attachments/dicom/size`)).text();
+    expect(Number(size)).toBe(bytes.length);
+  });
+});
+
+describe("ClusterMonitor and readiness", () => {
+  const snapshot = (o: GatewaySnapshot["orthanc"], graceMs = 0): GatewaySnapshot => ({ version: "t", startedAt: new Date().toISOString(), tenants: [], orthanc: o, orthancUnreachableGraceMs: graceMs });
+
+  test("one node away: usable, /ready 200 and degraded naming it; the node takes no calls until it answers again", async () => {
+    const nodes = cluster([orthanc.url, dead]);
+    const monitor = new ClusterMonitor(nodes, { intervalMs: 60_000 });
+    const s = await monitor.check();
+    expect(s.usableNodes).toBe(1);
+    expect(s.reachable).toBe(true);
+    expect(s.error).toBeUndefined();
+    expect(s.nodes!.map((n) => n.reachable)).toEqual([true, false]);
+    expect(nodes.nodes[1]!.healthy).toBe(false);
+    const r = readiness(snapshot(s));
+    expect(r.ready).toBe(true);
+    expect(r.degraded).toBe(`degraded: 1 of 2 Orthanc nodes can be used (Orthanc at ${dead} is unreachable (ECONNREFUSED): check Gateway.Orthanc.Url and that Orthanc is running)`);
+  });
+
+  test("no node answers: 503 after the grace period, naming every node; within it, still ready", async () => {
+    const other = `http://127.0.0.1:${await freePort()}`;
+    const monitor = new ClusterMonitor(cluster([dead, other]), { intervalMs: 60_000 });
+    const s = await monitor.check();
+    expect(s.reachable).toBe(false);
+    const r = readiness(snapshot(s));
+    expect(r.ready).toBe(false);
+    expect(r.reasons[0]).toStartWith(`Orthanc at ${dead}, ${other} is not reachable: no node of the Orthanc cluster can be used: Orthanc at ${dead} is unreachable`);
+    expect(r.degraded).toBeUndefined();
+    expect(readiness(snapshot({ ...s, lastSeenAt: new Date().toISOString() }, 60_000)).ready).toBe(true);
+  });
+
+  test("a node that answers without what the gateway needs (requirements) cannot be used: a /ready reason when it is the only one", async () => {
+    const nodes = cluster([orthanc.url]);
+    const monitor = new ClusterMonitor(nodes, { intervalMs: 60_000, requirements: (sys, url) => (url === orthanc.url && sys.Version ? "declare what is missing" : undefined) });
+    const s = await monitor.check();
+    expect(s.error).toBe(`Orthanc ${s.version} at ${orthanc.url}: declare what is missing`);
+    expect(nodes.nodes[0]!.healthy).toBe(false);
+    expect(readiness(snapshot(s)).reasons).toEqual([s.error!]);
+  });
+});
