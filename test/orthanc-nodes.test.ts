@@ -18,6 +18,12 @@ import { element, freshUid, identityDataset, part10, TS } from "./helpers/dicom-
 import { startRewritingProxy, type RewritingProxy } from "./helpers/http-proxy.ts";
 import { getSharedOrthanc, ORTHANC_START_TIMEOUT_MS, type OrthancHandle } from "./helpers/orthanc.ts";
 import { freePort } from "./helpers/ports.ts";
+import { readFileSync } from "node:fs";
+import { request as httpRequest } from "node:http";
+import { runTool } from "./helpers/dcmtk.ts";
+import { pydicomFile, uniqueCopies } from "./helpers/dicom-files.ts";
+import { startTestGateway } from "./helpers/gateway.ts";
+import { startStorescp } from "./helpers/storescp.ts";
 
 let orthanc: OrthancHandle;
 let dead: string;
@@ -194,4 +200,84 @@ describe("ClusterMonitor and readiness", () => {
     expect(nodes.nodes[0]!.healthy).toBe(false);
     expect(readiness(snapshot(s)).reasons).toEqual([s.error!]);
   });
+});
+
+/**
+ * A node in front of the real Orthanc that dies in the middle of the `n`-th instance file it serves: it
+ * forwards every request, but stops that answer after its headers and `cutAt` bytes of its body, and
+ * `dieAfterMs` later resets the connection.
+ */
+async function breakingNode(n: number, cutAt: number, dieAfterMs: number): Promise<{ url: string; files: () => number; cuts: () => number }> {
+  const target = new URL(orthanc.url);
+  let files = 0;
+  let cuts = 0;
+  const server = createHttpServer((req, res) => {
+    const isFile = req.method === "GET" && /^\/instances\/[^/]+\/file$/.test(req.url ?? "");
+    const cut = isFile && ++files === n;
+    if (cut) cuts++;
+    const up = httpRequest({ host: target.hostname, port: Number(target.port), method: req.method, path: req.url, headers: req.headers }, (answer) => {
+      res.writeHead(answer.statusCode ?? 502, answer.headers);
+      if (!cut) return void answer.pipe(res);
+      let sent = 0;
+      answer.on("data", (chunk: Buffer) => {
+        if (sent >= cutAt) return;
+        res.write(chunk.subarray(0, cutAt - sent));
+        sent += Math.min(chunk.length, cutAt - sent);
+        if (sent >= cutAt) {
+          answer.destroy();
+          setTimeout(() => res.socket?.destroy(), dieAfterMs);
+        }
+      });
+    });
+    req.pipe(up);
+  });
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", () => r()));
+  closers.push(() => new Promise<void>((r) => (server.closeAllConnections(), server.close(() => r()))));
+  return { url: `http://127.0.0.1:${(server.address() as { port: number }).port}`, files: () => files, cuts: () => cuts };
+}
+
+describe("C-MOVE when a node dies in the middle of an instance", () => {
+  const cases: [string, number, number, boolean][] = [
+    ["before its meta header was read (while it is fetched ahead)", 200, 0, false],
+    ["while it is sent to the destination (20 KiB into its body)", 20 << 10, 300, true],
+  ];
+  test.each(cases)("%s: the instance is fetched again from the next node: every sub-operation completes, each instance arrives whole", async (_what, cutAt, dieAfterMs, whileSending) => {
+    const study = freshUid();
+    const files = await uniqueCopies(pydicomFile("CT_small.dcm"), 3);
+    const r = await runTool("dcmodify", ["-nb", "-i", "(0010,0020)=MOVE-BREAK", "-i", `(0020,000d)=${study}`, "-i", `(0020,000e)=${freshUid()}`, ...files]);
+    expect(r.code).toBe(0);
+    for (const f of files) {
+      const up = (await (await fetch(`${orthanc.url}/instances`, { method: "POST", body: readFileSync(f) })).json()) as { ID: string; ParentStudy: string };
+      await fetch(`${orthanc.url}/instances/${up.ID}/labels/mvbreak`, { method: "PUT", body: "" });
+      await fetch(`${orthanc.url}/studies/${up.ParentStudy}/labels/mvbreak`, { method: "PUT", body: "" });
+    }
+    // Two nodes, each dying in the middle of the second file it serves: whichever the operation is pinned
+    // to serves the first two (fetched ahead), so at least one instance breaks in the middle.
+    const [n1, n2] = [await breakingNode(2, cutAt, dieAfterMs), await breakingNode(2, cutAt, dieAfterMs)];
+    const warnings: string[] = [];
+    const { createLogger } = await import("../src/shared/log.ts");
+    const dest = await startStorescp("BREAKDEST");
+    closers.push(() => dest.stop());
+    const gw = await startTestGateway([{ AET: "MVBREAK", Labels: ["mvbreak"] }], n1.url, {
+      DicomModalities: { dest: ["BREAKDEST", "127.0.0.1", dest.port] },
+      Gateway: { Orthanc: { Url: [n1.url, n2.url] } },
+    }, { logger: createLogger({ level: "warn", format: "json", sink: (l) => warnings.push(l) }) });
+    closers.push(() => gw.stop());
+    const move = await runTool("movescu", ["-v", "-S", "-aet", "WORKSTATION", "-aec", "MVBREAK", "-aem", "BREAKDEST", "-k", "QueryRetrieveLevel=STUDY", "-k", `StudyInstanceUID=${study}`, "127.0.0.1", String(gw.portOf("MVBREAK"))], { timeoutMs: 30_000 });
+    expect(move.output).toContain("Received Final Move Response (Success)");
+    expect(n1.cuts() + n2.cuts()).toBeGreaterThanOrEqual(1);
+    // Sent to the destination in part: the association was aborted and the instance sent again on a new one.
+    expect(warnings.some((l) => l.includes("C-MOVE: Orthanc's stream of an instance broke, fetching it again"))).toBe(whileSending);
+    const got = dest.received();
+    expect(got.size).toBe(3);
+    for (const f of files) {
+      const bytes = new Uint8Array(readFileSync(f));
+      const { datasetBytes } = await import("./helpers/dicom-files.ts");
+      const sop = [...got.keys()].find((k) => Buffer.from(bytes).includes(Buffer.from(k)));
+      expect(sop).toBeDefined();
+      expect(Buffer.from(got.get(sop!)!).equals(Buffer.from(datasetBytes(bytes)))).toBe(true);
+    }
+    const m = await (await fetch(`${gw.httpUrl}/metrics`)).text();
+    expect(m).toMatch(/dicom_gateway_retrieve_suboperations_total\{tenant="MVBREAK",service="C-MOVE",destination="dest",status="completed"\} 3/);
+  }, 60_000);
 });

@@ -195,6 +195,17 @@ export class PinnedOrthanc implements OrthancApi {
     private node: OrthancNode,
   ) {}
 
+  /**
+   * The operation found the current node failing outside a call (a body that broke after its answer
+   * started): the node is marked down and the operation moves on to the next node.
+   */
+  failed(error: Error): void {
+    this.cluster.markDown(this.node, error.message);
+    this.node.failovers++;
+    const next = this.cluster.order(this.node).find((n) => n !== this.node);
+    if (next) this.node = next;
+  }
+
   /** The node the operation's calls go to now. */
   get current(): OrthancNode {
     return this.node;
@@ -244,6 +255,11 @@ export class PinnedOrthanc implements OrthancApi {
   request(method: string, path: string, opts: RequestOptions & { body?: OrthancBody; accept?: string } = {}): Promise<Response> {
     return this.run((c) => c.request(method, path, opts), opts.signal, opts.body instanceof ReadableStream);
   }
+}
+
+/** A body from `api` broke in the middle: with a pinned cluster node, the operation moves on to the next node. */
+export function nodeFailed(api: OrthancApi, error: Error): void {
+  if (api instanceof PinnedOrthanc) api.failed(error);
 }
 
 /** One node for one operation when `api` is a cluster; a single client is its own. */

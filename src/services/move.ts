@@ -172,20 +172,43 @@ async function performMove(
         continue;
       }
       let status: number | undefined;
-      try {
-        const rsp = await a.request(
-          pc.id,
-          { commandField: CommandField.CStoreRQ, affectedSopClassUid: sopClass, affectedSopInstanceUid: instance.sopInstanceUid, priority, ...originator },
-          fetched.dataset,
-        );
-        status = rsp.status;
-        if (status !== Status.Success) run.lastError = `${modality.aet} answered ${storeStatusText(status, rsp.errorComment)}`;
-      } catch (e) {
-        fetched.discard();
-        run.lastError = e instanceof Error ? e.message : String(e);
-        log.warn("C-MOVE sub-operation failed", { tenant: ctx.tenant.aet, modality: modality.name, sopInstanceUid: instance.sopInstanceUid, error: run.lastError });
+      let sending = fetched;
+      for (let [assoc, context, again] = [a, pc, true]; ; ) {
+        try {
+          const rsp = await assoc.request(
+            context.id,
+            { commandField: CommandField.CStoreRQ, affectedSopClassUid: sopClass, affectedSopInstanceUid: instance.sopInstanceUid, priority, ...originator },
+            sending.dataset,
+          );
+          status = rsp.status;
+          if (status !== Status.Success) run.lastError = `${modality.aet} answered ${storeStatusText(status, rsp.errorComment)}`;
+          break;
+        } catch (e) {
+          sending.discard();
+          run.lastError = e instanceof Error ? e.message : String(e);
+          const broken = sending.sourceError;
+          if (!broken || !again) {
+            log.warn("C-MOVE sub-operation failed", { tenant: ctx.tenant.aet, modality: modality.name, sopInstanceUid: instance.sopInstanceUid, error: run.lastError });
+            break;
+          }
+          // Orthanc's stream broke in the middle of the instance (its node died): the destination never had a
+          // whole instance (the association was aborted), so it is fetched again, from another node of a
+          // cluster, and sent once more on a new association.
+          again = false;
+          log.warn("C-MOVE: Orthanc's stream of an instance broke, fetching it again", { tenant: ctx.tenant.aet, modality: modality.name, sopInstanceUid: instance.sopInstanceUid, error: broken.message });
+          const retry = await run.refetch(instance, broken).catch((re: unknown) => re as Error);
+          const reopened = retry instanceof Error ? undefined : await open(batch);
+          const reContext = reopened?.findContext(sopClass, ts);
+          if (retry instanceof Error || !reopened || !reContext) {
+            if (!(retry instanceof Error)) retry.discard();
+            run.lastError = retry instanceof Error ? retry.message : (unreachable ?? `${modality.aet} could not be reached again`);
+            log.warn("C-MOVE sub-operation failed", { tenant: ctx.tenant.aet, modality: modality.name, sopInstanceUid: instance.sopInstanceUid, error: run.lastError });
+            break;
+          }
+          [sending, assoc, context] = [retry, reopened, reContext];
+        }
       }
-      await run.sent(instance, status, fetched.bytes);
+      await run.sent(instance, status, sending.bytes);
     }
   } finally {
     await run.stop();

@@ -5,7 +5,7 @@
  */
 import { collectAsStreamGrows } from "../adapter/index.ts";
 import { readFileMeta, type FileMeta } from "../dicom/part10.ts";
-import type { OrthancApi } from "../orthanc/nodes.ts";
+import { nodeFailed, type OrthancApi } from "../orthanc/nodes.ts";
 import { concatBytes } from "../shared/bytes.ts";
 import { anchorStillInScope, type LabelScope, type ResolvedInstance } from "./resolve.ts";
 
@@ -29,6 +29,8 @@ export interface FetchedInstance {
   bytes: number;
   /** Releases the HTTP body when the instance is not sent. */
   discard(): void;
+  /** Set when the body broke after it had started (Orthanc, or its node, went away in the middle). */
+  sourceError?: Error;
 }
 
 /**
@@ -63,7 +65,14 @@ export async function fetchInstance(orthanc: OrthancApi, instance: ResolvedInsta
   let parsed: ReturnType<typeof readFileMeta>;
   try {
     for (;;) {
-      const { done, value } = await it.next();
+      let chunk: Awaited<ReturnType<typeof it.next>>;
+      try {
+        chunk = await it.next();
+      } catch (e) {
+        if (signal.aborted) throw e;
+        throw new BrokenStreamError(`Orthanc's answer for instance ${instance.id} broke off: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
+      }
+      const { done, value } = chunk;
       if (done) {
         parsed = readFileMeta(head);
         if (!parsed) throw new Error(`instance ${instance.id}: the file ends inside its meta header`);
@@ -89,7 +98,14 @@ export async function fetchInstance(orthanc: OrthancApi, instance: ResolvedInsta
       // A large instance: the chunks already sent would pile up faster than the collector runs on its own.
       const collect = collectAsStreamGrows();
       for (;;) {
-        const { done, value } = await it.next();
+        let chunk: Awaited<ReturnType<typeof it.next>>;
+        try {
+          chunk = await it.next();
+        } catch (e) {
+          fetched.sourceError = e instanceof Error ? e : new Error(String(e));
+          throw e;
+        }
+        const { done, value } = chunk;
         if (done) return;
         if (value.length === 0) continue;
         fetched.bytes += value.length;
@@ -101,6 +117,11 @@ export async function fetchInstance(orthanc: OrthancApi, instance: ResolvedInsta
     }
   })();
   return fetched;
+}
+
+/** The body of an instance broke off after Orthanc's answer had started (its node went away). */
+export class BrokenStreamError extends Error {
+  override name = "BrokenStreamError";
 }
 
 export class OutOfScopeError extends Error {
@@ -153,6 +174,15 @@ export class InstanceFetcher {
     }
   }
 
+  /**
+   * Fetches an instance once more after its body broke in the middle: the node that served it is reported
+   * failed, so that an operation pinned to it goes on with the next node of the cluster (nodes.ts).
+   */
+  refetch(instance: ResolvedInstance, error: Error): Promise<FetchedInstance> {
+    nodeFailed(this.orthanc, error);
+    return this.fetchChecked(instance);
+  }
+
   /** Stops: pending fetches are aborted and their bodies released. */
   close(): void {
     this.closed = true;
@@ -166,8 +196,14 @@ export class InstanceFetcher {
       check = anchorStillInScope(this.orthanc, this.scope, instance.anchorId, { signal: this.controller.signal });
       this.anchorChecks.set(instance.anchorId, check);
     }
-    // The check and the download run together; nothing is handed out before the check passed.
-    const [inScope, fetched] = await Promise.allSettled([check, fetchInstance(this.orthanc, instance, this.controller.signal)]);
+    // The check and the download run together; nothing is handed out before the check passed. A download
+    // whose body broke off is made once more (from the next node of a cluster).
+    const download = fetchInstance(this.orthanc, instance, this.controller.signal).catch((e: unknown) => {
+      if (!(e instanceof BrokenStreamError)) throw e;
+      nodeFailed(this.orthanc, e);
+      return fetchInstance(this.orthanc, instance, this.controller.signal);
+    });
+    const [inScope, fetched] = await Promise.allSettled([check, download]);
     if (inScope.status === "rejected" || !inScope.value) {
       if (fetched.status === "fulfilled") fetched.value.discard();
       if (inScope.status === "rejected") throw inScope.reason;

@@ -169,6 +169,11 @@ export class SubOperationRun {
     }
   }
 
+  /** The instance fetched again, after its stream from Orthanc broke while it was being sent (move.ts). */
+  refetch(instance: ResolvedInstance, error: Error): Promise<FetchedInstance> {
+    return this.fetcher.refetch(instance, error);
+  }
+
   /** A sub-operation that failed before anything was sent. */
   async failed(instance: ResolvedInstance, error: string | undefined): Promise<void> {
     this.lastError = error;
