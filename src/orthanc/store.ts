@@ -18,6 +18,8 @@ export interface StoredInstance {
   parentSeries: string;
   /** "Success", or "AlreadyStored" for a replay of an instance Orthanc has. */
   status: string;
+  /** When Orthanc's answer came (performance.now()): the change log as of then tells what this upload created. */
+  at?: number;
 }
 
 /** Orthanc's answer to POST /instances. */
@@ -91,7 +93,7 @@ export async function uploadFile(client: OrthancApi, source: Uint8Array | FileRa
     // Orthanc's own filter (a Lua ReceivedInstanceFilter, a plugin's incoming-instance filter) refused it, for good.
     throw new OrthancError("Orthanc filtered the instance out (its ReceivedInstanceFilter or a plugin's filter refused it): see Orthanc's configuration", { kind: "http", status: 403, body: a });
   }
-  return { id: a.ID, parentPatient: a.ParentPatient, parentStudy: a.ParentStudy, parentSeries: a.ParentSeries, status: a.Status };
+  return { id: a.ID, parentPatient: a.ParentPatient, parentStudy: a.ParentStudy, parentSeries: a.ParentSeries, status: a.Status, at: performance.now() };
 }
 
 /**
@@ -143,7 +145,7 @@ export class Labeler {
     }
     if (remembered.length > 0 && this.opts.feed) {
       // Was a remembered parent created again since it was labeled? This upload may have done it.
-      await this.opts.feed.sync();
+      await this.opts.feed.syncSince(stored.at ?? performance.now());
       for (const [level, label, seq] of remembered) if (this.opts.feed.createdSince(ids[level], seq)) put.push([level, label]);
     }
     const seq = this.opts.feed?.lastSeq ?? 0;

@@ -202,26 +202,25 @@ export class IsolationGuard {
       if (r && r.tenant !== this.tenant.aet) return refusal("Patient", `patient ${stored.parentPatient} was claimed in Orthanc by another tenant (AE ${r.tenant}) first`);
     }
     const levels = [["Study", identity.studyInstanceUid, stored.parentStudy], ["Series", identity.seriesInstanceUid, stored.parentSeries]] as const;
-    let synced = false;
+    const fresh = (level: string, uid: string, id: string) => {
+      const known = this.settled.get(`${level}|${uid}`);
+      return known !== undefined && known.ids.has(id) && Date.now() - known.at < this.ttlMs ? known : undefined;
+    };
+    // Claimed before: unless the change log shows the resource created again since (deleted meanwhile: its
+    // record went with it).
+    if (this.feed && levels.some(([level, uid, id]) => fresh(level, uid, id))) await this.feed.syncSince(stored.at ?? performance.now());
+    const seq = this.feed?.lastSeq ?? 0;
+    // Study, then series, in every gateway: two tenants racing for both meet on the study first (one wins).
     for (const [level, uid, id] of levels) {
-      const k = `${level}|${uid}`;
-      const known = this.settled.get(k);
-      if (known && known.ids.has(id) && Date.now() - known.at < this.ttlMs) {
-        // Claimed before; unless the resource was created again since (deleted meanwhile: its record went with it).
-        if (this.feed && !synced) {
-          await this.feed.sync();
-          synced = true;
-        }
-        if (!this.feed?.createdSince(id, known.seq)) continue;
-      }
-      const seq = this.feed?.lastSeq ?? 0;
+      const known = fresh(level, uid, id);
+      if (known && !this.feed?.createdSince(id, known.seq)) continue;
       const r = await claimUid(this.orthanc, this.records, this.tenant, level, uid, id, signal);
+      const k = `${level}|${uid}`;
+      this.settled.delete(k);
       if (!r.ok) {
-        this.settled.delete(k);
         this.forget(level, uid);
         return refusal(level, r.reason);
       }
-      this.settled.delete(k);
       if (this.settled.size >= 20_000) this.settled.delete(this.settled.keys().next().value!);
       this.settled.set(k, { ids: new Set(r.ids), seq, at: Date.now() });
     }

@@ -11,11 +11,13 @@
  * (`"CheckRevisions": true`); ownershipRequirement() checks both in every node's GET /system.
  *
  * A record can only be made on a resource that exists, so a UID is claimed after the upload that creates its
- * resource (claimUid): the tenant must hold the record of every resource carrying the UID — its own ("own"),
- * and any other (the same UID under another PatientID, "fence": the UID is the tenant's, that resource's
- * content is not) — taken in ascending Orthanc ID order, then looked up again until no resource without
- * the tenant's record remains. Two tenants cannot both succeed: each looked the UID up after its own upload,
- * so the later of the two final lookups sees the other's resource, and a record is never taken twice.
+ * resource (claimUid): the tenant must hold the record of every resource that a lookup of the UID, made after
+ * its upload, finds — its own ("own"), and any other (the same UID under another PatientID, "fence": the UID
+ * is the tenant's, that resource's content is not) — taken in ascending Orthanc ID order. Two tenants A and
+ * B cannot both succeed: if B's lookup found A's resource, B needed A's record; so B looked up before A's
+ * upload created it, and likewise A before B's — but each looked up after its own upload: upload(A) <
+ * lookup(A) < upload(B) < lookup(B) < upload(A), impossible. The ascending order makes two tenants that found
+ * each other's resources meet on the same first one: one of them wins (never both, never neither).
  * The loser's uploads are undone (only if they created the instance) and its records released.
  */
 import type { ResourceLevel, TenantConfig } from "../config/types.ts";
@@ -163,9 +165,6 @@ export function ownsByLabels(labels: readonly string[], tenant: Pick<TenantConfi
 
 export type ClaimOutcome = { ok: true; ids: string[] } | { ok: false; reason: string };
 
-/** Rounds of claimUid before giving up for now (resources with the UID that keep appearing). */
-const CLAIM_ROUNDS = 5;
-
 /**
  * Claims a Study or Series Instance UID for `tenant` after its upload filed an instance under `own` (the
  * Orthanc ID of its study or series): the tenant's record on every resource carrying the UID (see the file
@@ -181,34 +180,32 @@ export async function claimUid(
   own: string,
   signal?: AbortSignal,
 ): Promise<ClaimOutcome> {
-  const mine = new Set<string>();
+  const found = await orthanc.postJson<{ ID: string; Type: string }[]>("/tools/lookup", uid, { signal });
+  const ids = found.filter((r) => r.Type === level).map((r) => r.ID).sort();
+  // Labels first (all at once): a resource with another tenant's labels is not taken, not even for a moment.
+  const labels = await Promise.all(
+    ids.map((id) =>
+      orthanc.getJson<string[]>(`/${PATH[level]}/${id}/labels`, { signal }).catch((e: unknown) => {
+        if (e instanceof OrthancError && e.status === 404) return undefined; // gone: nothing to hold
+        throw e;
+      }),
+    ),
+  );
   const made: string[] = [];
   const lose = async (reason: string): Promise<ClaimOutcome> => {
     await Promise.all(made.map((id) => records.release(level, id, tenant.aet).catch(() => {})));
     return { ok: false, reason };
   };
-  for (let round = 0; round < CLAIM_ROUNDS; round++) {
-    const found = await orthanc.postJson<{ ID: string; Type: string }[]>("/tools/lookup", uid, { signal });
-    const ids = found.filter((r) => r.Type === level).map((r) => r.ID).sort();
-    const todo = ids.filter((id) => !mine.has(id));
-    if (todo.length === 0) return { ok: true, ids };
-    for (const id of todo) {
-      const where = `${PATH[level]}/${id}`;
-      let labels: string[];
-      try {
-        labels = await orthanc.getJson<string[]>(`/${PATH[level]}/${id}/labels`, { signal });
-      } catch (e) {
-        if (e instanceof OrthancError && e.status === 404) continue; // gone: nothing to hold
-        throw e;
-      }
-      if (labels.length > 0 && !ownsByLabels(labels, tenant)) return lose(`${level.toLowerCase()} ${uid} is in Orthanc (${where}) with labels [${labels.join(", ")}] of another tenant`);
-      const record = await records.claim(level, id, tenant.aet, id === own || labels.length > 0 ? "own" : "fence", signal);
-      if (!record) continue;
-      if (record.created) made.push(id);
-      if (record.tenant !== tenant.aet) return lose(`${level.toLowerCase()} ${uid} was claimed in Orthanc (${where}) by another tenant (AE ${record.tenant}${record.by ? `, through ${record.by}` : ""}) first`);
-      if (id === own && record.kind === "fence") return lose(`${level.toLowerCase()} ${uid}: Orthanc ${where} holds another writer's instances under this tenant's UID`);
-      mine.add(id);
-    }
+  for (const [i, id] of ids.entries()) {
+    const l = labels[i];
+    if (l === undefined) continue;
+    const where = `${PATH[level]}/${id}`;
+    if (l.length > 0 && !ownsByLabels(l, tenant)) return lose(`${level.toLowerCase()} ${uid} is in Orthanc (${where}) with labels [${l.join(", ")}] of another tenant`);
+    const record = await records.claim(level, id, tenant.aet, id === own || l.length > 0 ? "own" : "fence", signal);
+    if (!record) continue;
+    if (record.created) made.push(id);
+    if (record.tenant !== tenant.aet) return lose(`${level.toLowerCase()} ${uid} was claimed in Orthanc (${where}) by another tenant (AE ${record.tenant}${record.by ? `, through ${record.by}` : ""}) first`);
+    if (id === own && record.kind === "fence") return lose(`${level.toLowerCase()} ${uid}: Orthanc ${where} holds another writer's instances under this tenant's UID`);
   }
-  throw new OrthancError(`resources with ${level} Instance UID ${uid} kept appearing in Orthanc while it was claimed: will try again`, { kind: "http", status: 409 });
+  return { ok: true, ids };
 }
