@@ -4,7 +4,7 @@
  * the box by earlier gateways (src/tenancy/migrate-claims.ts). Real Orthancs, real dcmtk.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { copyFileSync, existsSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts";
@@ -14,6 +14,7 @@ import { ownershipRequirement, parseOwnerRecord } from "../src/tenancy/owner-rec
 import { runTool } from "./helpers/dcmtk.ts";
 import { pydicomFile, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
+import { startRewritingProxy, type ProxiedRequest, type RewritingProxy } from "./helpers/http-proxy.ts";
 import { ORTHANC_START_TIMEOUT_MS } from "./helpers/orthanc.ts";
 import { until } from "./helpers/wait.ts";
 
@@ -156,6 +157,66 @@ describe("a claims file of an earlier gateway is migrated into Orthanc at start"
       expect((await client.getJson<string[]>(`/studies/${study1}/series`)).length).toBe(2);
     } finally {
       await gw.stop();
+    }
+  });
+});
+
+describe("the same SOP Instance UID from two gateways: another tenant's bytes are never labeled for the attacker", () => {
+  let orthanc: OrthancHandle;
+  beforeAll(async () => {
+    orthanc = await startOrthanc();
+  }, ORTHANC_START_TIMEOUT_MS);
+  afterAll(async () => {
+    await orthanc?.stop();
+  }, 30_000);
+
+  /** Holds the requests a proxy receives that `match`, until released. */
+  function hold(proxy: RewritingProxy, match: (req: ProxiedRequest) => boolean) {
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    let arrived!: () => void;
+    const held = new Promise<void>((r) => (arrived = r));
+    const remove = proxy.use({ matches: match, request: async () => void (arrived(), await gate) });
+    return { held, release: () => (remove(), release()) };
+  }
+
+  test("the attacker's upload meets the victim's instance (AlreadyStored) before the victim claimed its study: quarantined, not claimed, not labeled", async () => {
+    const [proxyV, proxyA] = [await startRewritingProxy(orthanc.url), await startRewritingProxy(orthanc.url)];
+    const gwV = await startTestGateway([{ AET: "VICTIM", Labels: ["victim"] }], proxyV.url, { Gateway: { Orthanc: { Url: proxyV.url, ReceivePriorityMilliseconds: 0 } } });
+    const gwA = await startTestGateway([{ AET: "ATTACKER", Labels: ["attacker"] }], proxyA.url, { Gateway: { Orthanc: { Url: proxyA.url, ReceivePriorityMilliseconds: 0 } } });
+    try {
+      const victim = await instance("SAME-SOP", uid());
+      // The attacker's copy: the victim's UIDs and PatientID, other content.
+      const attack = join(mkdtempSync(join(tmpdir(), "gw-same-sop-")), "attack.dcm");
+      copyFileSync(victim, attack);
+      expect((await runTool("dcmodify", ["-nb", "-i", "(0008,103e)=OTHER CONTENT", attack])).code).toBe(0);
+      const store = (gw: typeof gwV, aet: string, f: string) => runTool("storescu", ["-v", "-d", "-aec", aet, "127.0.0.1", String(gw.portOf(aet)), f]);
+      const attackerUpload = hold(proxyA, (r) => r.method === "POST" && r.path === "/instances");
+      const victimClaim = hold(proxyV, (r) => r.method === "PUT" && r.path.endsWith("/metadata/DicomGatewayOwner"));
+      try {
+        expect(statusOf((await store(gwA, "ATTACKER", attack)).output)).toBe("0x0000");
+        await attackerUpload.held;
+        expect(statusOf((await store(gwV, "VICTIM", victim)).output)).toBe("0x0000");
+        await victimClaim.held; // the victim's instance is in Orthanc, its study not yet claimed
+      } finally {
+        attackerUpload.release();
+      }
+      await gwA.forwarder.idle();
+      victimClaim.release();
+      await gwV.forwarder.idle();
+      const id = await idOf(victim);
+      const client = new OrthancClient({ url: orthanc.url });
+      expect(await client.getJson<string[]>(`/instances/${id}/labels`)).toEqual(["victim"]);
+      const q = gwA.snapshot().quarantine?.[0];
+      expect(q?.tenant).toBe("ATTACKER");
+      expect(q?.reason).toMatch(/^isolation: Orthanc already holds other bytes \(\d+ bytes, MD5 [0-9a-f]{32}\) under SOP Instance UID \S+, stored by another writer after this instance was checked/);
+      const study = orthancIds({ patientId: "SAME-SOP", studyInstanceUid: await tagValue(victim, "0020,000d"), seriesInstanceUid: "", sopInstanceUid: "" }).study;
+      expect(await client.getJson<string[]>(`/studies/${study}/labels`)).toEqual(["victim"]);
+      expect(await client.getJson<Record<string, unknown>>(`/studies/${study}/metadata/DicomGatewayOwner`)).toMatchObject({ tenant: "VICTIM" });
+      client.close();
+    } finally {
+      await Promise.all([gwV.stop(), gwA.stop()]);
+      await Promise.all([proxyV.close(), proxyA.close()]);
     }
   });
 });

@@ -13,9 +13,10 @@ import type { TenantConfig } from "../config/types.ts";
 import { isValidUid } from "../dicom/uids.ts";
 import { OrthancError } from "../orthanc/client.ts";
 import type { OrthancApi } from "../orthanc/nodes.ts";
-import { isPermanentRejection, placementMismatch, uploadFile, type Labeler } from "../orthanc/store.ts";
+import { isPermanentRejection, placementMismatch, storedAttachmentInfo, uploadFile, type Labeler } from "../orthanc/store.ts";
+import { createHash } from "node:crypto";
 import type { Forwarder } from "../spool/forwarder.ts";
-import { newSpoolId, SpoolDiskError, SpoolQuotaError, type ReceivedFile, type TenantSpool } from "../spool/spool.ts";
+import { newSpoolId, SpoolDiskError, SpoolQuotaError, TenantSpool, type ReceivedFile } from "../spool/spool.ts";
 import { DatasetRefusal, InstanceReader, type InstanceIdentity } from "../dicom/dataset-reader.ts";
 import type { IsolationGuard, IsolationVerdict } from "../tenancy/isolation.ts";
 import type { UidRegistry } from "../tenancy/ownership.ts";
@@ -249,7 +250,20 @@ async function storeSync(
       return fail(Status.ProcessingFailure, "Orthanc filed it elsewhere than checked (see log)", `isolation: ${misplaced}; ${deleted ? "the upload was undone" : "left in Orthanc as it was (not created by this upload)"}`);
     }
     if (deps.guard && verdict) {
-      // Strict isolation: claimed in Orthanc before any label; another gateway's tenant that claimed first keeps it.
+      // Strict isolation: another writer stored this SOP Instance UID since the check (see the forwarder):
+      // labeled only if Orthanc holds exactly these bytes.
+      if (stored.status === "AlreadyStored" && verdict.instanceIsNew) {
+        const got = await storedAttachmentInfo(deps.orthanc, stored.id);
+        const sent = await deps.spool.bytesOf(received);
+        const [size, md5] = sent instanceof Uint8Array ? [sent.length, createHash("md5").update(sent).digest("hex")] : [sent.size, await TenantSpool.md5Of(sent)];
+        if (got.size !== size || got.md5 !== md5) {
+          const reason = `Orthanc already holds other bytes under SOP Instance UID ${sopInstanceUid}, stored by another writer after the check`;
+          deps.events?.isolationRefused?.(reason, identity);
+          responder.audit({ isolation: "refused", isolationReason: reason });
+          return fail(Status.NotAuthorized, "Not authorized: Instance belongs to another tenant", `isolation: ${reason}`);
+        }
+      }
+      // Claimed in Orthanc before any label; another gateway's tenant that claimed first keeps it.
       const settled = await deps.guard.settle(identity, stored);
       if (!settled.ok) {
         const deleted = stored.status === "Success" && verdict.instanceIsNew;

@@ -320,8 +320,21 @@ export class Forwarder {
         return;
       }
       if (guard && identity) {
-        // Strict isolation: the study and series are claimed in Orthanc, where every gateway sees it, before
-        // any label; another tenant that claimed first (through another gateway) keeps them.
+        // Strict isolation. No instance had this SOP Instance UID when it was checked, yet Orthanc had one
+        // already: another writer (another gateway's tenant) stored it since. Labeled only if it holds exactly
+        // these bytes (a replay of this very upload), never another tenant's content under this tenant's labels.
+        if (stored.status === "AlreadyStored" && instanceIsNew) {
+          const got = await storedAttachmentInfo(this.opts.orthanc, stored.id);
+          const md5 = entry.md5 ?? (await TenantSpool.md5Of(entry));
+          if (got.md5 !== md5 || got.size !== entry.size) {
+            const reason = `isolation: Orthanc already holds other bytes (${got.size} bytes, MD5 ${got.md5}) under SOP Instance UID ${entry.sopInstanceUid}, stored by another writer after this instance was checked; left as it was, unlabeled by this tenant`;
+            await quarantine("isolation", reason);
+            this.opts.events?.isolationRefused?.(tenant, entry, reason);
+            return;
+          }
+        }
+        // The study and series are claimed in Orthanc, where every gateway sees it, before any label; another
+        // tenant that claimed first (through another gateway) keeps them.
         const settled = await guard.settle(identity, stored);
         if (!settled.ok) {
           const deleted = stored.status === "Success" && instanceIsNew;
