@@ -7,7 +7,8 @@
  * C-ECHO needs no Orthanc: the gateway runs against an address where nothing listens.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { AbortReason, AbortSource, PduType, RejectReason, RejectResult, RejectSource } from "../src/net/constants.ts";
+import { AbortReason, AbortSource, PduType } from "../src/net/constants.ts";
+import { describeRejection, rejectReasonLabel, RejectReason, RejectResult, RejectSource } from "../src/net/reject.ts";
 import { decodeAbort, decodeAssociateRJ } from "../src/net/pdu.ts";
 import type { Peer } from "../src/net/association.ts";
 import { createAssociationPolicy } from "../src/tenancy/association-policy.ts";
@@ -53,6 +54,35 @@ function rq(calledAe: string, callingAe: string): Uint8Array {
     userInformation: { maxPduLength: 16384, implementationClassUid: "1.2.3.4", roleSelections: [], otherItems: [] },
   });
 }
+
+describe("the A-ASSOCIATE-RJ reason table (PS3.8 9.3.4)", () => {
+  test("every reason the gateway sends has its metric label and its words; values PS3.8 reserves are labeled as such", () => {
+    const { ServiceUser, ServiceProviderAcse, ServiceProviderPresentation } = RejectSource;
+    expect([
+      rejectReasonLabel(ServiceUser, RejectReason.NoReasonGiven),
+      rejectReasonLabel(ServiceUser, RejectReason.ApplicationContextNameNotSupported),
+      rejectReasonLabel(ServiceUser, RejectReason.CallingAeTitleNotRecognized),
+      rejectReasonLabel(ServiceUser, RejectReason.CalledAeTitleNotRecognized),
+      rejectReasonLabel(ServiceProviderAcse, RejectReason.ProtocolVersionNotSupported),
+      rejectReasonLabel(ServiceProviderPresentation, RejectReason.TemporaryCongestion),
+      rejectReasonLabel(ServiceProviderPresentation, RejectReason.LocalLimitExceeded),
+    ]).toEqual([
+      "no-reason-given",
+      "application-context-not-supported",
+      "calling-ae-title-not-recognized",
+      "called-ae-title-not-recognized",
+      "protocol-version-not-supported",
+      "temporary-congestion",
+      "local-limit-exceeded",
+    ]);
+    // The same value means different things from different sources.
+    expect(rejectReasonLabel(ServiceProviderAcse, 1)).toBe("no-reason-given");
+    expect(rejectReasonLabel(ServiceUser, 5)).toBe("reserved");
+    expect(describeRejection(RejectResult.Transient, ServiceProviderPresentation, RejectReason.LocalLimitExceeded)).toBe("transient, service provider (presentation): local limit exceeded");
+    expect(describeRejection(RejectResult.Permanent, ServiceProviderAcse, RejectReason.ProtocolVersionNotSupported)).toBe("permanent, service provider (ACSE): protocol version not supported");
+    expect(describeRejection(RejectResult.Permanent, ServiceUser, 9)).toBe("permanent, service user: reason 9");
+  });
+});
 
 describe("addresses", () => {
   const cases: [string, string, boolean][] = [

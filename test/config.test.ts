@@ -114,6 +114,7 @@ describe("defaults", () => {
       store: { unknownSopClassAccepted: false, acceptedTransferSyntaxes: ["1.2.840.10008.1.*"] },
       find: { caseSensitivePN: false, limitFindResults: 0, pageSize: 100, timeoutMs: 30000 },
       move: { connectTimeoutMs: 5000, parallelism: 2, pendingIntervalMs: 1000, pendingEvery: 10 },
+      storageCommitment: { waitMs: 300_000, reportExpiryMs: 168 * 3600_000 },
       limits: { maxAssociations: 256, maxAssociationsPerTenant: 32, artimTimeoutMs: 30000 },
       audit: { file: "" },
       isolation: "Strict",
@@ -474,7 +475,7 @@ describe("Gateway section", () => {
 
   test("Gateway must be an object", () => {
     expect(issue(gw(5))).toBe(
-      "Gateway: expected object with Orthanc, Http, Forwarding, SpoolDirectory, Spool, Find, Move, Isolation, Limits, Audit, Log, got 5",
+      "Gateway: expected object with Orthanc, Http, Forwarding, SpoolDirectory, Spool, Find, Move, StorageCommitment, Isolation, Limits, Audit, Log, got 5",
     );
   });
 });
@@ -1115,6 +1116,15 @@ describe("Gateway spool, Orthanc upload, find and move settings", () => {
     );
   });
 
+  test("StorageCommitment: WaitSeconds and ReportExpiryHours, 0 allowed (no wait; never give up)", () => {
+    expect(parse(base()).storageCommitment).toEqual({ waitMs: 300_000, reportExpiryMs: 168 * 3600_000 });
+    expect(parse(gw({ StorageCommitment: { WaitSeconds: 2.5, ReportExpiryHours: 0.5 } })).storageCommitment).toEqual({ waitMs: 2500, reportExpiryMs: 1_800_000 });
+    expect(parse(gw({ StorageCommitment: { WaitSeconds: 0, ReportExpiryHours: 0 } })).storageCommitment).toEqual({ waitMs: 0, reportExpiryMs: 0 });
+    expect(issue(gw({ StorageCommitment: { WaitSeconds: -1 } }))).toBe("Gateway.StorageCommitment.WaitSeconds: expected number of seconds >= 0, got -1");
+    expect(issue(gw({ StorageCommitment: { ReportExpiryHours: "1" } }))).toBe('Gateway.StorageCommitment.ReportExpiryHours: expected number of hours >= 0 (0 = never), got "1"');
+    expect(issue(gw({ StorageCommitment: true }))).toBe("Gateway.StorageCommitment: expected object with WaitSeconds, ReportExpiryHours, got true");
+  });
+
   test("problems in several new keys are collected together", () => {
     expect(
       issues({
@@ -1431,6 +1441,7 @@ describe("files", () => {
       store: DEFAULT_STORE,
       find: DEFAULT_FIND,
       move: DEFAULT_MOVE,
+      storageCommitment: { waitMs: 300_000, reportExpiryMs: 168 * 3600_000 },
       limits: DEFAULT_LIMITS,
       audit: DEFAULT_AUDIT,
       isolation: "Strict",
@@ -1511,6 +1522,7 @@ describe("describeConfig", () => {
       "Store: unknown SOP classes rejected, transfer syntaxes 1.2.840.10008.1.*",
       "Find: case-sensitive PN off, limit none, page size 100, timeout 30 s",
       "Move: connect timeout 5 s, parallelism 2, pending every 1 s or 10 sub-operations",
+      "Storage Commitment: wait for spooled instances 300 s, reports retried for 168 h",
       "Limits: max associations 256, per tenant 32 by default, ARTIM timeout 30 s",
       "Audit: stdout",
       "Log: level info, format auto",

@@ -94,6 +94,8 @@ export function describeConfig(cfg: GatewayConfig): string {
     `Move: connect timeout ${secs(mv.connectTimeoutMs)}, parallelism ${mv.parallelism}, ` +
       `pending every ${secs(mv.pendingIntervalMs)} or ${mv.pendingEvery} sub-operations`,
   );
+  const sc = cfg.storageCommitment;
+  lines.push(`Storage Commitment: wait for spooled instances ${secs(sc.waitMs)}, reports retried for ${sc.reportExpiryMs === 0 ? "ever" : `${sc.reportExpiryMs / 3600_000} h`}`);
   const lim = cfg.limits;
   lines.push(
     `Limits: max associations ${lim.maxAssociations}, per tenant ${lim.maxAssociationsPerTenant} by default, ` +

@@ -284,6 +284,10 @@ export function validateConfig(raw: unknown, opts: ParseConfigOptions = {}): Gat
       pendingIntervalMs: toMs(c.Gateway.Move.PendingIntervalSeconds),
       pendingEvery: c.Gateway.Move.PendingEvery,
     },
+    storageCommitment: {
+      waitMs: toMs(c.Gateway.StorageCommitment.WaitSeconds, false),
+      reportExpiryMs: Math.round(c.Gateway.StorageCommitment.ReportExpiryHours * 3600_000),
+    },
     limits: {
       maxAssociations: c.Gateway.Limits.MaxAssociations,
       maxAssociationsPerTenant: c.Gateway.Limits.MaxAssociationsPerTenant,

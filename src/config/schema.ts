@@ -166,6 +166,13 @@ const gatewaySchema = section(
       },
       "object with ConnectTimeoutSeconds, Parallelism, PendingIntervalSeconds, PendingEvery",
     ).prefault({}),
+    StorageCommitment: section(
+      {
+        WaitSeconds: number((n) => n >= 0, "number of seconds >= 0").default(300),
+        ReportExpiryHours: number((n) => n >= 0, "number of hours >= 0 (0 = never)").default(168),
+      },
+      "object with WaitSeconds, ReportExpiryHours",
+    ).prefault({}),
     Isolation: isolationMode.default("Strict"),
     Limits: section(
       {
@@ -178,7 +185,7 @@ const gatewaySchema = section(
     Audit: section({ File: auditFile }, "object with File").prefault({}),
     Log: section({ Level: gwLogLevel, Format: gwLogFormat }, "object with Level, Format").prefault({}),
   },
-  "object with Orthanc, Http, Forwarding, SpoolDirectory, Spool, Find, Move, Isolation, Limits, Audit, Log",
+  "object with Orthanc, Http, Forwarding, SpoolDirectory, Spool, Find, Move, StorageCommitment, Isolation, Limits, Audit, Log",
 ).prefault({});
 
 /** Environment variables applied over the file, each validated like the key it replaces. */

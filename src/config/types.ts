@@ -119,6 +119,19 @@ export interface MoveSettings {
   pendingEvery: number;
 }
 
+export interface StorageCommitmentSettings {
+  /**
+   * `Gateway.StorageCommitment.WaitSeconds` (default 300) in ms: how long a commitment request waits for
+   * its instances still on their way to Orthanc (spooled) before reporting them failed (0x0110).
+   */
+  waitMs: number;
+  /**
+   * `Gateway.StorageCommitment.ReportExpiryHours` (default 168) in ms: a report that cannot reach the
+   * requester is retried (with backoff) this long after the request, then given up; 0 = never.
+   */
+  reportExpiryMs: number;
+}
+
 /** One entry of `DicomModalities`, array form `["AET","host",port]` or object form. */
 export interface DicomModality {
   /** The key in `DicomModalities`. */
@@ -182,6 +195,7 @@ export interface GatewayConfig {
   store: StoreSettings;
   find: FindSettings;
   move: MoveSettings;
+  storageCommitment: StorageCommitmentSettings;
   limits: LimitSettings;
   audit: AuditSettings;
   /** `Gateway.Isolation` (default "Strict"): default of the tenants' Isolation. */

@@ -6,14 +6,18 @@
 import { Counter, type Registry } from "prom-client";
 import type { TenantConfig } from "../config/types.ts";
 import type { AssociationObserver } from "../net/association.ts";
-import { RejectReason, RejectSource, Status } from "../net/constants.ts";
+import { Status } from "../net/constants.ts";
+import { rejectReasonLabel } from "../net/index.ts";
 import type { DimseServerEvents, TlsPeer } from "../net/server.ts";
 import type { AuditLog } from "../observe/audit.ts";
 import { formatStatus, type GatewayMetrics } from "../observe/metrics.ts";
 import type { OrthancStatus } from "../observe/status.ts";
 import type { OrthancError } from "../orthanc/client.ts";
 import type { OrthancNode } from "../orthanc/nodes.ts";
+import { FailureReason } from "../services/commitment-info.ts";
+import type { StorageCommitmentEvents } from "../services/storage-commitment.ts";
 import type { StoreEvents } from "../services/store.ts";
+import type { CommitmentRequest } from "../spool/commitment-journal.ts";
 import type { Forwarder, ForwarderEvents, QuarantineKind } from "../spool/forwarder.ts";
 import type { StoreMetrics } from "../spool/metrics.ts";
 import { tenantDirectoryName } from "../spool/spool.ts";
@@ -25,6 +29,9 @@ export interface GatewayCounters {
   readonly quarantines: Counter<"tenant" | "reason">;
   readonly isolationRefusals: Counter<"tenant" | "stage">;
   readonly orthancFailovers: Counter<"node">;
+  readonly commitmentRequests: Counter<"tenant" | "outcome">;
+  readonly commitmentInstances: Counter<"tenant" | "result">;
+  readonly commitmentReports: Counter<"tenant" | "path" | "outcome">;
 }
 
 export function createGatewayCounters(registry: Registry): GatewayCounters {
@@ -45,6 +52,24 @@ export function createGatewayCounters(registry: Registry): GatewayCounters {
       name: "dicom_gateway_orthanc_failovers_total",
       help: "Calls an Orthanc node of Gateway.Orthanc.Url failed (no answer, a timeout, 502/503/504) that were sent to another node of the cluster.",
       labelNames: ["node"] as const,
+      registers: [registry],
+    }),
+    commitmentRequests: new Counter({
+      name: "dicom_gateway_storage_commitment_requests_total",
+      help: "Storage Commitment N-ACTION requests by outcome: accepted, repeated (the same request again), duplicate (Transaction UID already used), refused (failure status).",
+      labelNames: ["tenant", "outcome"] as const,
+      registers: [registry],
+    }),
+    commitmentInstances: new Counter({
+      name: "dicom_gateway_storage_commitment_instances_total",
+      help: "Instances of Storage Commitment requests by result: committed, or the failure reason (processing-failure, no-such-instance, class-instance-conflict, duplicate-transaction).",
+      labelNames: ["tenant", "result"] as const,
+      registers: [registry],
+    }),
+    commitmentReports: new Counter({
+      name: "dicom_gateway_storage_commitment_reports_total",
+      help: "Storage Commitment reports (N-EVENT-REPORT) by path (same-association, new-association) and outcome (delivered, refused by the requester, failed attempt, abandoned).",
+      labelNames: ["tenant", "path", "outcome"] as const,
       registers: [registry],
     }),
   };
@@ -68,18 +93,6 @@ const QUARANTINE_LOG: Record<QuarantineKind, string> = {
   integrity: "Orthanc stored other bytes than received",
 };
 
-/** A-ASSOCIATE-RJ reasons as metric/log labels. */
-function rejectReasonName(source: number, reason: number): string {
-  if (source === RejectSource.ServiceUser) {
-    if (reason === RejectReason.CalledAeTitleNotRecognized) return "called-ae-title-not-recognized";
-    if (reason === RejectReason.CallingAeTitleNotRecognized) return "calling-ae-title-not-recognized";
-    if (reason === RejectReason.ApplicationContextNameNotSupported) return "application-context-not-supported";
-    return "no-reason-given";
-  }
-  if (source === RejectSource.ServiceProviderAcse) return "protocol-version-not-supported";
-  return reason === RejectReason.TemporaryCongestion ? "temporary-congestion" : "local-limit-exceeded";
-}
-
 /** One tenant's associations: accepted, rejected (A-ASSOCIATE-RJ), ended, each DIMSE operation, protocol errors. */
 export function associationObserver(tenant: TenantConfig, { log, metrics, audit }: GatewaySinks): AssociationObserver {
   const t = tenant.aet;
@@ -99,7 +112,7 @@ export function associationObserver(tenant: TenantConfig, { log, metrics, audit 
       });
     },
     rejected(rq, peer, rj, why) {
-      const reason = rejectReasonName(rj.source, rj.reason);
+      const reason = rejectReasonLabel(rj.source, rj.reason);
       metrics.recordAssociation(t, "rejected", reason);
       const rjFields = { result: rj.result, source: rj.source, rjReason: rj.reason, tls: (peer as TlsPeer).tls };
       audit.association({ event: "association-rejected", tenant: t, callingAe: rq.callingAeTitle, calledAe: rq.calledAeTitle, peer: `${peer.address}:${peer.port}`, outcome: "rejected", reason, detail: why, ...rjFields });
@@ -160,6 +173,56 @@ export function storeEvents(tenant: TenantConfig, tlog: Logger, { storeMetrics, 
     refused: (status, reason) => {
       storeMetrics.count(t, "refused");
       tlog.warn("C-STORE refused", { status: formatStatus(status), reason });
+    },
+  };
+}
+
+/** The metric label of a Storage Commitment Failure Reason (PS3.3 C.14.1.1). */
+const FAILURE_LABEL: Record<number, string> = {
+  [FailureReason.ProcessingFailure]: "processing-failure",
+  [FailureReason.NoSuchObjectInstance]: "no-such-instance",
+  [FailureReason.ClassInstanceConflict]: "class-instance-conflict",
+  [FailureReason.DuplicateTransactionUid]: "duplicate-transaction",
+};
+
+/** One tenant's Storage Commitment: requests, instance results, reports; `tlog` is the tenant's child logger. */
+export function storageCommitmentEvents(tenant: TenantConfig, tlog: Logger, { counters, audit }: GatewaySinks): StorageCommitmentEvents {
+  const t = tenant.aet;
+  const hex = (n: number) => `0x${n.toString(16).toUpperCase().padStart(4, "0")}`;
+  const requester = (r: CommitmentRequest) => ({ tenant: t, callingAe: r.callingAeTitle, calledAe: r.calledAeTitle, peer: r.peer, transactionUid: r.transactionUid });
+  return {
+    refused: (status, comment, a) => {
+      counters.commitmentRequests.inc({ tenant: t, outcome: "refused" });
+      tlog.warn("Storage Commitment request refused", { callingAe: a.callingAeTitle, status: hex(status), reason: comment });
+    },
+    requested: (r, repeated) => {
+      counters.commitmentRequests.inc({ tenant: t, outcome: repeated ? "repeated" : r.duplicate ? "duplicate" : "accepted" });
+      tlog.info("Storage Commitment requested", { callingAe: r.callingAeTitle, transactionUid: r.transactionUid, instances: r.references.length, repeated, duplicate: r.duplicate });
+    },
+    evaluated: (r, result, notes) => {
+      if (result.committed.length > 0) counters.commitmentInstances.inc({ tenant: t, result: "committed" }, result.committed.length);
+      for (const f of result.failed) {
+        counters.commitmentInstances.inc({ tenant: t, result: FAILURE_LABEL[f.reason] ?? hex(f.reason) });
+        tlog.warn("Storage Commitment: instance not committed", { transactionUid: r.transactionUid, sopInstanceUid: f.sopInstanceUid, reason: hex(f.reason), why: notes.get(f.sopInstanceUid) });
+      }
+    },
+    reported: (r, result, path, status, attempts) => {
+      const outcome = status === Status.Success ? "delivered" : "refused";
+      counters.commitmentReports.inc({ tenant: t, path, outcome });
+      const failed = result.failed.slice(0, 100).map((f) => `${f.sopInstanceUid}:${hex(f.reason)}`).join("\\");
+      audit.commitment({ event: "storage-commitment-report", ...requester(r), outcome, path, attempts, eventTypeId: result.failed.length === 0 ? 1 : 2, committed: result.committed.length, failed: result.failed.length, ...(failed ? { failedSopInstanceUids: failed } : {}), requesterStatus: hex(status) });
+      const fields = { callingAe: r.callingAeTitle, transactionUid: r.transactionUid, path, committed: result.committed.length, failed: result.failed.length, status: hex(status) };
+      if (status === Status.Success) tlog.info("Storage Commitment reported", fields);
+      else tlog.warn("Storage Commitment report refused by the requester", fields);
+    },
+    deliveryFailed: (r, error, attempt, retryInMs) => {
+      counters.commitmentReports.inc({ tenant: t, path: "new-association", outcome: "failed" });
+      tlog.warn("Storage Commitment report not delivered, will retry", { callingAe: r.callingAeTitle, transactionUid: r.transactionUid, attempt, retryInMs, error });
+    },
+    abandoned: (r, error) => {
+      counters.commitmentReports.inc({ tenant: t, path: "new-association", outcome: "abandoned" });
+      audit.commitment({ event: "storage-commitment-report", ...requester(r), outcome: "abandoned", reason: error });
+      tlog.error("Storage Commitment report abandoned after Gateway.StorageCommitment.ReportExpiryHours", { callingAe: r.callingAeTitle, transactionUid: r.transactionUid, error });
     },
   };
 }

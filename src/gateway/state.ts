@@ -26,6 +26,8 @@ export interface TenantListener {
   server: DimseServer;
   spool: TenantSpool;
   policy: AssociationPolicy;
+  /** The services' work that outlives associations (Storage Commitment reports): stopped with the tenant. */
+  background: { stop(): Promise<void> };
   /** The last forwarding error of this tenant, cleared by the next success. */
   lastForwardError?: string;
 }

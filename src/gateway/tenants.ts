@@ -8,7 +8,7 @@ import { createTenantServices } from "../services/index.ts";
 import { TenantSpool, tenantDirectoryName, type SpoolEntry } from "../spool/spool.ts";
 import { createAssociationPolicy } from "../tenancy/association-policy.ts";
 import { IsolationGuard } from "../tenancy/isolation.ts";
-import { associationObserver, callerLookupEvents, connectionEvents, storeEvents } from "./observers.ts";
+import { associationObserver, callerLookupEvents, connectionEvents, storageCommitmentEvents, storeEvents } from "./observers.ts";
 import type { GatewayState, TenantListener } from "./state.ts";
 
 /** The tenant's spool, opened (with what it holds, to replay) the first time only. */
@@ -53,6 +53,7 @@ export async function startTenant(s: GatewayState, tenant: TenantConfig): Promis
     guard: s.guards.get(tenant.aet),
     registry: s.registry,
     storeEvents: storeEvents(tenant, tlog, s),
+    storageCommitmentEvents: storageCommitmentEvents(tenant, tlog, s),
   });
   const policy = createAssociationPolicy(tenant, config.dicom, services.syntaxes, callerLookupEvents(tlog));
   const server = new DimseServer({
@@ -69,13 +70,16 @@ export async function startTenant(s: GatewayState, tenant: TenantConfig): Promis
     globalLimit: s.globalLimit,
     events: connectionEvents(tenant, s),
   });
-  const l: TenantListener = { tenant, server, spool, policy };
+  const l: TenantListener = { tenant, server, spool, policy, background: services.background };
   try {
     await policy.ready;
+    // Storage Commitment reports owed since before a restart resume before new requests arrive.
+    await services.background.start();
     await server.listen();
   } catch (e) {
     policy.close();
     await server.close();
+    await services.background.stop();
     throw e;
   }
   for (const e of server.endpoints) {
@@ -98,6 +102,7 @@ export async function startTenant(s: GatewayState, tenant: TenantConfig): Promis
 export async function stopTenant(s: GatewayState, l: TenantListener, graceMs: number): Promise<void> {
   l.policy.close();
   await l.server.close(graceMs);
+  await l.background.stop();
   if (s.byTenant.get(l.tenant.aet) === l) s.byTenant.delete(l.tenant.aet);
   s.log.info("DICOM listener stopped", { tenant: l.tenant.aet, port: l.tenant.port });
 }

@@ -13,7 +13,7 @@ import { readFileSync } from "node:fs";
 import { createServer as createTcpServer, type Server, type Socket } from "node:net";
 import { createServer as createTlsServer, type TLSSocket } from "node:tls";
 import { AcceptorAssociation, type AcceptorOptions, type Peer } from "./association.ts";
-import { RejectReason, RejectResult, RejectSource } from "./constants.ts";
+import { RejectReason, RejectResult, RejectSource } from "./reject.ts";
 
 /** Concurrent associations over several listeners (the gateway-wide `Gateway.Limits.MaxAssociations`). */
 export class AssociationCounter {

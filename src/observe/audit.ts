@@ -28,7 +28,12 @@ export type AuditEvent =
   /** An acknowledged instance set aside instead of reaching Orthanc (src/spool: quarantine), with the reason. */
   | "instance-quarantined"
   /** An instance Orthanc filed elsewhere than the gateway checked, and what was done about it. */
-  | "instance-misplaced";
+  | "instance-misplaced"
+  /**
+   * A Storage Commitment report (N-EVENT-REPORT) delivered, or given up after ReportExpiryHours; the
+   * request itself is the N-ACTION "operation" line.
+   */
+  | "storage-commitment-report";
 
 export interface AuditAssociationRecord {
   event: Exclude<AuditEvent, "operation">;
@@ -77,10 +82,24 @@ export interface AuditInstanceRecord {
   [field: string]: unknown;
 }
 
+/** What happened to a Storage Commitment request's report (PS3.4 J.3.3). */
+export interface AuditCommitmentRecord {
+  event: "storage-commitment-report";
+  tenant: string;
+  callingAe: string;
+  calledAe: string;
+  peer: string;
+  transactionUid: string;
+  /** delivered | refused (the requester answered a failure status) | abandoned */
+  outcome: string;
+  [field: string]: unknown;
+}
+
 export interface AuditLog {
   association(record: AuditAssociationRecord): void;
   operation(record: AuditOperationRecord): void;
   instance(record: AuditInstanceRecord): void;
+  commitment(record: AuditCommitmentRecord): void;
   /** Lines written, and writes that failed (disk full, file removed without permission to recreate...). */
   readonly stats: { lines: number; errors: number; lastError?: string };
   close(): void;
@@ -163,6 +182,10 @@ export function createAuditLog(opts: AuditLogOptions): AuditLog {
     instance(r) {
       const { event, tenant, callingAe, peer, sopInstanceUid, outcome, reason, ...rest } = r;
       emit({ event, tenant, callingAe, peer, sopInstanceUid, outcome, reason, ...withoutReserved(rest) });
+    },
+    commitment(r) {
+      const { event, tenant, callingAe, calledAe, peer, transactionUid, outcome, ...rest } = r;
+      emit({ event, tenant, callingAe, calledAe, peer, transactionUid, outcome, ...withoutReserved(rest) });
     },
     close() {
       sink.close();

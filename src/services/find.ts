@@ -17,6 +17,7 @@ import type { Logger } from "../shared/log.ts";
 import { OrthancError } from "../orthanc/client.ts";
 import { pinned, type OrthancApi } from "../orthanc/nodes.ts";
 import { activeKeys, buildFindQuery, DICOM_LEVEL, FindQueryError, parentKeys, T, UNIQUE_KEY, type FindQuery, type FindResult, type OrthancValue, type RawKey } from "./find-matching.ts";
+import { errorComment } from "./error-comment.ts";
 import { FindLimitError, runFind } from "./find-orthanc.ts";
 import type { OutOfScope } from "./scope-watch.ts";
 import type { DimseHandler, DimseResponder } from "../net/association.ts";
@@ -129,7 +130,7 @@ export function createFindHandler(opts: FindHandlerOptions): DimseHandler {
         return;
       }
       if (e instanceof FindLimitError) {
-        await fail(Status.OutOfResources, `${e.message}: narrow the query`.slice(0, 64));
+        await fail(Status.OutOfResources, errorComment(`${e.message}: narrow the query`));
         opts.log?.warn("C-FIND over the limit", { tenant: opts.tenant.aet, limit });
         return;
       }
@@ -140,7 +141,7 @@ export function createFindHandler(opts: FindHandlerOptions): DimseHandler {
         return;
       }
       if (e instanceof Error && /association ended|connection closed|aborted by peer/.test(e.message)) throw e;
-      await fail(Status.UnableToProcess, `query failed: ${(e as Error).message}`.slice(0, 64));
+      await fail(Status.UnableToProcess, errorComment(`query failed: ${(e as Error).message}`));
       opts.log?.warn("C-FIND failed", { tenant: opts.tenant.aet, error: (e as Error).message });
     }
   };

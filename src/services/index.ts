@@ -14,6 +14,7 @@ import { createGetHandler } from "./get.ts";
 import { createMoveHandler } from "./move.ts";
 import { createRetrieveMetrics } from "./retrieve-metrics.ts";
 import { scopeWatch } from "./scope-watch.ts";
+import { StorageCommitmentScp, type StorageCommitmentEvents } from "./storage-commitment.ts";
 import { DICOM_UID_ROOT, isStandardStorageSopClass, queryRetrieveSopClasses, SopClass } from "../dicom/sop-classes.ts";
 import { transferSyntaxMatcher } from "../dicom/uids.ts";
 import type { Logger } from "../shared/log.ts";
@@ -35,6 +36,7 @@ export interface TenantContext {
   spool: TenantSpool;
   metrics: GatewayMetrics;
   storeEvents?: StoreEvents;
+  storageCommitmentEvents?: StorageCommitmentEvents;
   /** The tenant's isolation guard when its Isolation is Strict. */
   guard?: IsolationGuard;
   /** Where instances hold their UIDs between their check and Orthanc (every tenant). */
@@ -45,6 +47,11 @@ export interface TenantContext {
 export interface TenantServices {
   syntaxes: SupportedSyntaxes;
   handlers: Map<number, DimseHandler>;
+  /**
+   * Work of the services that outlives an association (Storage Commitment reports, owed across restarts):
+   * started before the tenant listens, stopped after its listener closed.
+   */
+  background: { start(): Promise<void>; stop(): Promise<void> };
 }
 
 export function createTenantServices(ctx: TenantContext): TenantServices {
@@ -83,7 +90,23 @@ export function createTenantServices(ctx: TenantContext): TenantServices {
   handlers.set(CommandField.CMoveRQ, createMoveHandler({ ...retrieve, outOfScope: scopeWatch(ctx.metrics.registry, ctx.log, ctx.tenant.aet, "C-MOVE") }));
   handlers.set(CommandField.CGetRQ, createGetHandler({ ...retrieve, outOfScope: scopeWatch(ctx.metrics.registry, ctx.log, ctx.tenant.aet, "C-GET") }));
 
+  // Storage Commitment Push Model SCP (PS3.4 Annex J): N-ACTION answered at once, N-EVENT-REPORT when
+  // the instances are decided, on the same association or a new one (storage-commitment.ts).
+  const commitment = new StorageCommitmentScp({
+    tenant: ctx.tenant,
+    config: ctx.config,
+    orthanc: ctx.orthanc,
+    registry: ctx.registry,
+    forwarder: ctx.forwarder,
+    spool: ctx.spool,
+    events: ctx.storageCommitmentEvents,
+    log: ctx.log,
+  });
+  abstractSyntaxes.set(SopClass.StorageCommitmentPushModel, UNCOMPRESSED_LITTLE_ENDIAN);
+  handlers.set(CommandField.NActionRQ, commitment.handler);
+
   return {
+    background: { start: () => commitment.start(), stop: () => commitment.stop() },
     syntaxes: {
       abstractSyntaxes,
       fallback: (uid) => (isStorage(uid) ? storagePolicy : undefined),

@@ -2,12 +2,38 @@
  * The instances of a C-MOVE/C-GET streamed from Orthanc (`GET /instances/{id}/file`): the file meta
  * information read as the body arrives (dicom/part10.ts), the data set streamed on, never held whole,
  * with a bounded number of instances requested ahead and each one's labels checked again first.
+ *
+ * Each instance is fetched as its sending plan says: as stored, or transcoded by Orthanc to an
+ * uncompressed transfer syntax the peer accepts (`?transcode=<uid>`, Orthanc >= 1.12.2), or not at
+ * all (the plan says why: the sub-operation fails with that reason, the others go on).
  */
 import { collectAsStreamGrows } from "../adapter/index.ts";
 import { readFileMeta, type FileMeta } from "../dicom/part10.ts";
+import { OrthancError } from "../orthanc/client.ts";
 import { nodeFailed, type OrthancApi } from "../orthanc/nodes.ts";
 import { concatBytes } from "../shared/bytes.ts";
+import { failure, type Failure } from "./error-comment.ts";
 import { anchorStillInScope, type LabelScope, type ResolvedInstance } from "./resolve.ts";
+
+/** How one instance is to be sent, decided before it is fetched. */
+export type SendPlan =
+  /** As Orthanc stores it. */
+  | { as: "stored" }
+  /** Transcoded by Orthanc to `transferSyntax` (an uncompressed one: nothing is ever re-compressed). */
+  | { as: "transcoded"; transferSyntax: string }
+  /** Not at all: the sub-operation fails for this reason. */
+  | { as: "none"; failure: Failure };
+
+/** Decides the plan of each instance (may wait, e.g. for the destination's association). */
+export type SendPlanner = (instance: ResolvedInstance) => SendPlan | Promise<SendPlan>;
+
+/** A sub-operation that cannot be performed, with its reason (comment for the peer, detail for the log). */
+export class SubOperationError extends Error {
+  override name = "SubOperationError";
+  constructor(readonly failure: Failure) {
+    super(failure.detail);
+  }
+}
 
 /** Reads a fetch body chunk by chunk; cancel() releases the connection. */
 function readerOf(body: ReadableStream<Uint8Array>) {
@@ -21,6 +47,8 @@ function readerOf(body: ReadableStream<Uint8Array>) {
 /** An instance from Orthanc, ready to send: meta from its file, data set bytes streamed. */
 export interface FetchedInstance {
   instance: ResolvedInstance;
+  /** The transfer syntax Orthanc transcoded it to, when it did (the meta says the same). */
+  transcodedTo?: string;
   /** The file's meta information ("" for a UID it lacks). */
   meta: FileMeta;
   /** The data set (after the meta header), streamed from the HTTP body; counts `bytes` as it goes. */
@@ -38,8 +66,8 @@ export interface FetchedInstance {
  * held whole. Orthanc's timeout applies until the answer starts, not to the (possibly slow) streaming
  * of the body. Throws on HTTP errors or a body that is not a Part 10 file.
  */
-export async function fetchInstance(orthanc: OrthancApi, instance: ResolvedInstance, signal: AbortSignal): Promise<FetchedInstance> {
-  const path = `/instances/${encodeURIComponent(instance.id)}/file`;
+export async function fetchInstance(orthanc: OrthancApi, instance: ResolvedInstance, signal: AbortSignal, transcodeTo?: string): Promise<FetchedInstance> {
+  const path = `/instances/${encodeURIComponent(instance.id)}/file${transcodeTo ? `?transcode=${encodeURIComponent(transcodeTo)}` : ""}`;
   const ctl = new AbortController();
   const onAbort = () => ctl.abort(signal.reason);
   if (signal.aborted) onAbort();
@@ -51,6 +79,18 @@ export async function fetchInstance(orthanc: OrthancApi, instance: ResolvedInsta
   let res: Response;
   try {
     res = await orthanc.request("GET", path, { signal: ctl.signal, timeoutMs: 0x7fffffff, headers: { Accept: "application/dicom" } });
+  } catch (e) {
+    // Orthanc answers an error status (404 from 1.12.7, with no body) for a syntax it cannot decode,
+    // e.g. JPEG 2000 without its GDCM plugin.
+    if (transcodeTo && e instanceof OrthancError && e.kind === "http") {
+      throw new SubOperationError(
+        failure(
+          `Orthanc cannot transcode ${instance.transferSyntax}`,
+          `Orthanc cannot transcode instance ${instance.sopInstanceUid} from ${instance.transferSyntax} to ${transcodeTo} (${e.message}); a JPEG 2000 instance needs Orthanc's GDCM plugin`,
+        ),
+      );
+    }
+    throw e;
   } finally {
     clearTimeout(timer);
   }
@@ -88,7 +128,11 @@ export async function fetchInstance(orthanc: OrthancApi, instance: ResolvedInsta
     throw e;
   }
   const rest = head.subarray(parsed.datasetOffset);
-  const fetched: FetchedInstance = { instance, meta: parsed.meta, bytes: 0, dataset: (async function* () {})(), discard: release };
+  if (transcodeTo && parsed.meta.transferSyntaxUid !== transcodeTo) {
+    release();
+    throw new SubOperationError(failure(`Orthanc did not transcode to ${transcodeTo}`, `Orthanc sent instance ${instance.sopInstanceUid} in ${parsed.meta.transferSyntaxUid} when asked for ${transcodeTo}`));
+  }
+  const fetched: FetchedInstance = { instance, ...(transcodeTo ? { transcodedTo: transcodeTo } : {}), meta: parsed.meta, bytes: 0, dataset: (async function* () {})(), discard: release };
   fetched.dataset = (async function* () {
     try {
       if (rest.length > 0) {
@@ -124,8 +168,12 @@ export class BrokenStreamError extends Error {
   override name = "BrokenStreamError";
 }
 
-export class OutOfScopeError extends Error {
+/** The instance's anchor resource left the tenant's label scope between the resolution and the sending. */
+export class OutOfScopeError extends SubOperationError {
   override name = "OutOfScopeError";
+  constructor(sopInstanceUid: string) {
+    super(failure("an instance left the tenant's label scope", `instance ${sopInstanceUid} is no longer in the tenant's label scope`));
+  }
 }
 
 /**
@@ -133,8 +181,10 @@ export class OutOfScopeError extends Error {
  * ahead of the one being sent. Before an instance is requested, its anchor resource's labels are
  * checked again (once per anchor). Each item is the fetched instance or the error that prevented it.
  */
+const STORED: SendPlan = { as: "stored" };
+
 export class InstanceFetcher {
-  private readonly ahead: { instance: ResolvedInstance; fetched: Promise<FetchedInstance> }[] = [];
+  private readonly ahead: { instance: ResolvedInstance; plan: Promise<SendPlan>; fetched: Promise<FetchedInstance> }[] = [];
   private nextIndex = 0;
   private readonly anchorChecks = new Map<string, Promise<boolean>>();
   private readonly controller = new AbortController();
@@ -146,6 +196,8 @@ export class InstanceFetcher {
     private readonly instances: readonly ResolvedInstance[],
     private readonly parallelism: number,
     signal?: AbortSignal,
+    /** How each instance is sent (default: as stored). */
+    private readonly plan: SendPlanner = () => STORED,
   ) {
     if (signal?.aborted) this.controller.abort();
     else signal?.addEventListener("abort", () => this.controller.abort(), { once: true });
@@ -155,32 +207,38 @@ export class InstanceFetcher {
   prime(): void {
     while (!this.closed && this.ahead.length < Math.max(1, this.parallelism) && this.nextIndex < this.instances.length) {
       const instance = this.instances[this.nextIndex++]!;
-      const fetched = this.fetchChecked(instance);
+      const plan = Promise.resolve().then(() => this.plan(instance));
+      const fetched = plan.then((p) => this.fetchChecked(instance, p));
+      plan.catch(() => {});
       fetched.catch(() => {}); // reported by next()
-      this.ahead.push({ instance, fetched });
+      this.ahead.push({ instance, plan, fetched });
     }
   }
 
   /** The next instance (in order), or undefined after the last. */
-  async next(): Promise<{ instance: ResolvedInstance; fetched?: FetchedInstance; error?: Error } | undefined> {
+  async next(): Promise<{ instance: ResolvedInstance; plan?: SendPlan; fetched?: FetchedInstance; error?: Error } | undefined> {
     this.prime();
     const item = this.ahead.shift();
     if (!item) return undefined;
     this.prime();
+    const plan = await item.plan.catch(() => undefined);
     try {
-      return { instance: item.instance, fetched: await item.fetched };
+      return { instance: item.instance, plan, fetched: await item.fetched };
     } catch (e) {
-      return { instance: item.instance, error: e instanceof Error ? e : new Error(String(e)) };
+      return { instance: item.instance, plan, error: e instanceof Error ? e : new Error(String(e)) };
     }
   }
 
   /**
    * Fetches an instance once more after its body broke in the middle: the node that served it is reported
-   * failed, so that an operation pinned to it goes on with the next node of the cluster (nodes.ts).
+   * failed, so that an operation pinned to it goes on with the next node of the cluster (nodes.ts). It is
+   * fetched as `broken` was (transcoded to the same transfer syntax, or as stored): the plan, and the
+   * presentation context chosen for it, hold for the new copy.
    */
-  refetch(instance: ResolvedInstance, error: Error): Promise<FetchedInstance> {
+  refetch(broken: FetchedInstance, error: Error): Promise<FetchedInstance> {
     nodeFailed(this.orthanc, error);
-    return this.fetchChecked(instance);
+    const plan: SendPlan = broken.transcodedTo ? { as: "transcoded", transferSyntax: broken.transcodedTo } : STORED;
+    return this.fetchChecked(broken.instance, plan);
   }
 
   /** Stops: pending fetches are aborted and their bodies released. */
@@ -190,30 +248,32 @@ export class InstanceFetcher {
     for (const item of this.ahead.splice(0)) void item.fetched.then((f) => f.discard(), () => {});
   }
 
-  private async fetchChecked(instance: ResolvedInstance): Promise<FetchedInstance> {
+  private async fetchChecked(instance: ResolvedInstance, plan: SendPlan): Promise<FetchedInstance> {
+    if (plan.as === "none") throw new SubOperationError(plan.failure);
     let check = this.anchorChecks.get(instance.anchorId);
     if (!check) {
       check = anchorStillInScope(this.orthanc, this.scope, instance.anchorId, { signal: this.controller.signal });
       this.anchorChecks.set(instance.anchorId, check);
     }
     // The check and the download run together; nothing is handed out before the check passed. A download
-    // whose body broke off is made once more (from the next node of a cluster).
-    const download = fetchInstance(this.orthanc, instance, this.controller.signal).catch((e: unknown) => {
+    // whose body broke off is made once more (from the next node of a cluster), with the same plan.
+    const transcodeTo = plan.as === "transcoded" ? plan.transferSyntax : undefined;
+    const download = fetchInstance(this.orthanc, instance, this.controller.signal, transcodeTo).catch((e: unknown) => {
       if (!(e instanceof BrokenStreamError)) throw e;
       nodeFailed(this.orthanc, e);
-      return fetchInstance(this.orthanc, instance, this.controller.signal);
+      return fetchInstance(this.orthanc, instance, this.controller.signal, transcodeTo);
     });
     const [inScope, fetched] = await Promise.allSettled([check, download]);
     if (inScope.status === "rejected" || !inScope.value) {
       if (fetched.status === "fulfilled") fetched.value.discard();
       if (inScope.status === "rejected") throw inScope.reason;
-      throw new OutOfScopeError(`instance ${instance.sopInstanceUid} is no longer in the tenant's label scope`);
+      throw new OutOfScopeError(instance.sopInstanceUid);
     }
     if (fetched.status === "rejected") throw fetched.reason;
     const f = fetched.value;
     if (f.meta.sopInstanceUid && f.meta.sopInstanceUid !== instance.sopInstanceUid) {
       f.discard();
-      throw new Error(`Orthanc's file for ${instance.id} holds SOP instance ${f.meta.sopInstanceUid}, not ${instance.sopInstanceUid}`);
+      throw new SubOperationError(failure("Orthanc's file holds another SOP instance", `Orthanc's file for ${instance.id} holds SOP instance ${f.meta.sopInstanceUid}, not ${instance.sopInstanceUid}`));
     }
     return f;
   }

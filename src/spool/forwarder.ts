@@ -43,6 +43,9 @@ export interface ForwarderEvents {
   misplaced?(tenant: TenantConfig, entry: SpoolEntry, reason: string, deleted: boolean): void;
 }
 
+/** What a watcher of the forwarder is told (e.g. Storage Commitment waiting for spooled instances). */
+export type ForwardingWatcher = Pick<ForwarderEvents, "forwarded" | "quarantined">;
+
 export interface ForwarderOptions {
   orthanc: OrthancApi;
   labeler: Labeler;
@@ -133,10 +136,17 @@ export class Forwarder {
   /** Data sets arriving now, and when the last one ended (receive priority). */
   private arriving = 0;
   private lastArrivalAt = 0;
+  private readonly watchers = new Set<ForwardingWatcher>();
 
   constructor(private readonly opts: ForwarderOptions) {
     this.baseMs = opts.backoffBaseMs ?? 500;
     this.maxMs = opts.backoffMaxMs ?? 30_000;
+  }
+
+  /** Tells `w` of every instance forwarded or quarantined from now on, until the returned function is called. */
+  watch(w: ForwardingWatcher): () => void {
+    this.watchers.add(w);
+    return () => void this.watchers.delete(w);
   }
 
   add(tenant: TenantConfig, spool: TenantSpool, entry: SpoolEntry): void {
@@ -285,6 +295,7 @@ export class Forwarder {
       await spool.quarantine(entry, reason);
       this.opts.registry?.releaseHold(entry.id);
       this.opts.events?.quarantined?.(tenant, entry, reason, kind);
+      for (const w of this.watchers) w.quarantined?.(tenant, entry, reason, kind);
     };
     try {
       const guard = this.opts.guardFor?.(tenant);
@@ -358,6 +369,7 @@ export class Forwarder {
       this.opts.registry?.releaseHold(entry.id);
       this.outageOver();
       this.opts.events?.forwarded?.(tenant, entry, (performance.now() - started) / 1000, stored);
+      for (const w of this.watchers) w.forwarded?.(tenant, entry, (performance.now() - started) / 1000, stored);
     } catch (e) {
       const err = e instanceof Error ? e : new Error(String(e));
       if (isPermanentRejection(err) || err instanceof DatasetRefusal) {

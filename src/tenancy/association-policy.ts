@@ -13,7 +13,7 @@
 import { lookup as dnsLookup } from "node:dns/promises";
 import type { AllowedCaller, DicomSettings, TenantConfig } from "../config/types.ts";
 import type { Negotiation, Peer } from "../net/association.ts";
-import { RejectReason, RejectResult, RejectSource } from "../net/constants.ts";
+import { RejectReason, RejectResult, RejectSource } from "../net/reject.ts";
 import { negotiatePresentationContexts, type SupportedSyntaxes } from "../net/negotiation.ts";
 import type { AssociateRQ } from "../net/pdu.ts";
 import { type AddressRange, inRange, parseAddress, parseCallerHost, singleAddress } from "../shared/address.ts";
