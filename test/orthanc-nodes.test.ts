@@ -205,14 +205,17 @@ describe("ClusterMonitor and readiness", () => {
 /**
  * A node in front of the real Orthanc that dies in the middle of the `n`-th instance file it serves: it
  * forwards every request, but stops that answer after its headers and `cutAt` bytes of its body, and
- * `dieAfterMs` later resets the connection.
+ * `dieAfterMs` later resets the connection. `fileRequests` lists the paths of the files asked for (with
+ * their `?transcode=`).
  */
-async function breakingNode(n: number, cutAt: number, dieAfterMs: number): Promise<{ url: string; files: () => number; cuts: () => number }> {
+async function breakingNode(n: number, cutAt: number, dieAfterMs: number): Promise<{ url: string; files: () => number; cuts: () => number; fileRequests: string[] }> {
   const target = new URL(orthanc.url);
   let files = 0;
   let cuts = 0;
+  const fileRequests: string[] = [];
   const server = createHttpServer((req, res) => {
-    const isFile = req.method === "GET" && /^\/instances\/[^/]+\/file$/.test(req.url ?? "");
+    const isFile = req.method === "GET" && /^\/instances\/[^/?]+\/file(\?|$)/.test(req.url ?? "");
+    if (isFile) fileRequests.push(req.url!);
     const cut = isFile && ++files === n;
     if (cut) cuts++;
     const up = httpRequest({ host: target.hostname, port: Number(target.port), method: req.method, path: req.url, headers: req.headers }, (answer) => {
@@ -233,30 +236,53 @@ async function breakingNode(n: number, cutAt: number, dieAfterMs: number): Promi
   });
   await new Promise<void>((r) => server.listen(0, "127.0.0.1", () => r()));
   closers.push(() => new Promise<void>((r) => (server.closeAllConnections(), server.close(() => r()))));
-  return { url: `http://127.0.0.1:${(server.address() as { port: number }).port}`, files: () => files, cuts: () => cuts };
+  return { url: `http://127.0.0.1:${(server.address() as { port: number }).port}`, files: () => files, cuts: () => cuts, fileRequests };
 }
 
+/** RLE Lossless (PS3.5 A.4.2), what dcmcrle makes. */
+const RLE_LOSSLESS = "1.2.840.10008.1.2.5";
+
 describe("C-MOVE when a node dies in the middle of an instance", () => {
-  const cases: [string, number, number, boolean][] = [
-    ["before its meta header was read (while it is fetched ahead)", 200, 0, false],
-    ["while it is sent to the destination (20 KiB into its body)", 20 << 10, 300, true],
+  // [what, cutAt, dieAfterMs, whileSending, transcoded]: `transcoded` stores the instances RLE-compressed and
+  // has a destination that takes only uncompressed syntaxes, so each goes transcoded by Orthanc: the copy
+  // fetched again must be asked for in the same syntax (?transcode=), or it fits no accepted context.
+  const cases: [string, number, number, boolean, boolean][] = [
+    ["before its meta header was read (while it is fetched ahead)", 200, 0, false, false],
+    ["while it is sent to the destination (20 KiB into its body)", 20 << 10, 300, true, false],
+    ["transcoded (stored RLE, the destination uncompressed only), before its meta header was read", 200, 0, false, true],
+    ["transcoded (stored RLE, the destination uncompressed only), while it is sent (20 KiB into its body)", 20 << 10, 300, true, true],
   ];
-  test.each(cases)("%s: the instance is fetched again from the next node: every sub-operation completes, each instance arrives whole", async (_what, cutAt, dieAfterMs, whileSending) => {
+  test.each(cases)("%s: the instance is fetched again from the next node, as planned: every sub-operation completes, each instance arrives whole", async (_what, cutAt, dieAfterMs, whileSending, transcoded) => {
+    const { datasetBytes, transferSyntaxesIn } = await import("./helpers/dicom-files.ts");
     const study = freshUid();
-    const files = await uniqueCopies(pydicomFile("CT_small.dcm"), 3);
+    let files = await uniqueCopies(pydicomFile("CT_small.dcm"), 3);
     const r = await runTool("dcmodify", ["-nb", "-i", "(0010,0020)=MOVE-BREAK", "-i", `(0020,000d)=${study}`, "-i", `(0020,000e)=${freshUid()}`, ...files]);
     expect(r.code).toBe(0);
+    if (transcoded) {
+      files = await Promise.all(
+        files.map(async (f) => {
+          const c = await runTool("dcmcrle", [f, `${f}.rle`]);
+          expect(c.code).toBe(0);
+          return `${f}.rle`;
+        }),
+      );
+    }
+    const orthancIds = new Map<string, string>(); // file -> Orthanc ID
     for (const f of files) {
       const up = (await (await fetch(`${orthanc.url}/instances`, { method: "POST", body: readFileSync(f) })).json()) as { ID: string; ParentStudy: string };
+      orthancIds.set(f, up.ID);
       await fetch(`${orthanc.url}/instances/${up.ID}/labels/mvbreak`, { method: "PUT", body: "" });
       await fetch(`${orthanc.url}/studies/${up.ParentStudy}/labels/mvbreak`, { method: "PUT", body: "" });
+      const meta = (await (await fetch(`${orthanc.url}/instances/${up.ID}/metadata?expand`)).json()) as Record<string, string>;
+      expect(meta["TransferSyntax"]).toBe(transcoded ? RLE_LOSSLESS : TS.explicitLE);
     }
     // Two nodes, each dying in the middle of the second file it serves: whichever the operation is pinned
     // to serves the first two (fetched ahead), so at least one instance breaks in the middle.
     const [n1, n2] = [await breakingNode(2, cutAt, dieAfterMs), await breakingNode(2, cutAt, dieAfterMs)];
     const warnings: string[] = [];
     const { createLogger } = await import("../src/shared/log.ts");
-    const dest = await startStorescp("BREAKDEST");
+    // storescp with no option accepts only the uncompressed syntaxes.
+    const dest = await startStorescp("BREAKDEST", transcoded ? [] : ["+xa"]);
     closers.push(() => dest.stop());
     const gw = await startTestGateway([{ AET: "MVBREAK", Labels: ["mvbreak"] }], n1.url, {
       DicomModalities: { dest: ["BREAKDEST", "127.0.0.1", dest.port] },
@@ -270,14 +296,32 @@ describe("C-MOVE when a node dies in the middle of an instance", () => {
     expect(warnings.some((l) => l.includes("C-MOVE: Orthanc's stream of an instance broke, fetching it again"))).toBe(whileSending);
     const got = dest.received();
     expect(got.size).toBe(3);
+    const syntaxes = transferSyntaxesIn(dest.dir);
+    // Every file the nodes were asked for, the re-fetches included: as stored, or transcoded to what arrived.
+    const requests = [...n1.fileRequests, ...n2.fileRequests];
+    expect(requests.length).toBeGreaterThanOrEqual(4);
     for (const f of files) {
       const bytes = new Uint8Array(readFileSync(f));
-      const { datasetBytes } = await import("./helpers/dicom-files.ts");
       const sop = [...got.keys()].find((k) => Buffer.from(bytes).includes(Buffer.from(k)));
       expect(sop).toBeDefined();
-      expect(Buffer.from(got.get(sop!)!).equals(Buffer.from(datasetBytes(bytes)))).toBe(true);
+      if (!transcoded) {
+        expect(Buffer.from(got.get(sop!)!).equals(Buffer.from(datasetBytes(bytes)))).toBe(true);
+        continue;
+      }
+      const ts = syntaxes.get(sop!)!;
+      expect([TS.explicitLE, TS.implicit] as string[]).toContain(ts);
+      // What Orthanc's transcoder makes of the stored instance, byte for byte.
+      const id = orthancIds.get(f)!;
+      const expected = datasetBytes(new Uint8Array(await (await fetch(`${orthanc.url}/instances/${id}/file?transcode=${ts}`)).arrayBuffer()));
+      expect(Buffer.from(got.get(sop!)!).equals(Buffer.from(expected))).toBe(true);
+      const asked = requests.filter((q) => q.startsWith(`/instances/${id}/file`));
+      expect(asked.length).toBeGreaterThanOrEqual(1);
+      expect(asked.every((q) => q === `/instances/${id}/file?transcode=${encodeURIComponent(ts)}`)).toBe(true);
     }
+    if (!transcoded) expect(requests.every((q) => !q.includes("?"))).toBe(true);
     const m = await (await fetch(`${gw.httpUrl}/metrics`)).text();
     expect(m).toMatch(/dicom_gateway_retrieve_suboperations_total\{tenant="MVBREAK",service="C-MOVE",destination="dest",status="completed"\} 3/);
+    if (transcoded) expect(m).toMatch(/dicom_gateway_retrieve_transcoded_suboperations_total\{tenant="MVBREAK",service="C-MOVE",destination="dest",status="completed"\} 3/);
+    else expect(m).not.toContain("dicom_gateway_retrieve_transcoded_suboperations_total{");
   }, 60_000);
 });
