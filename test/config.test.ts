@@ -97,12 +97,14 @@ describe("defaults", () => {
       },
       orthanc: {
         url: "http://127.0.0.1:8042",
+        urls: ["http://127.0.0.1:8042"],
         username: "",
         password: "",
         timeoutMs: 30000,
         uploadConcurrency: 4,
         receivePriorityMs: 1000,
         unreachableGraceMs: 60000,
+        ownerMetadata: "DicomGatewayOwner",
       },
       http: { host: "127.0.0.1", port: 8080 },
       spoolDirectory: "/var/lib/dicom-gateway/spool",
@@ -158,12 +160,14 @@ describe("defaults", () => {
     });
     expect(cfg.orthanc).toEqual({
       url: "https://pacs.example.org:8443/orthanc",
+      urls: ["https://pacs.example.org:8443/orthanc"],
       username: "u",
       password: "p",
       timeoutMs: 1500,
       uploadConcurrency: 4,
       receivePriorityMs: 1000,
       unreachableGraceMs: 60000,
+      ownerMetadata: "DicomGatewayOwner",
     });
     expect(cfg.http).toEqual({ host: "0.0.0.0", port: 0 });
     expect(cfg.spoolDirectory).toBe("/tmp/spool");
@@ -420,13 +424,41 @@ describe("Gateway section", () => {
       "Gateway.Orthanc.TimeoutSeconds: expected number of seconds > 0, got 0",
     );
     expect(issue(gw({ Orthanc: "http://x" }))).toBe(
-      'Gateway.Orthanc: expected object with Url, Username, Password, TimeoutSeconds, UploadConcurrency, ReceivePriorityMilliseconds, UnreachableGraceSeconds, got "http://x"',
+      'Gateway.Orthanc: expected object with Url, Username, Password, TimeoutSeconds, UploadConcurrency, ReceivePriorityMilliseconds, UnreachableGraceSeconds, OwnerMetadata, got "http://x"',
     );
     expect(parse(gw({ Orthanc: { Url: "http://orthanc:8042/" } })).orthanc.url).toBe("http://orthanc:8042");
     expect(issue(gw({ Orthanc: { ReceivePriorityMilliseconds: -1 } }))).toBe("Gateway.Orthanc.ReceivePriorityMilliseconds: expected integer 0-60000, got -1");
     expect(issue(gw({ Orthanc: { ReceivePriorityMilliseconds: 1.5 } }))).toBe("Gateway.Orthanc.ReceivePriorityMilliseconds: expected integer 0-60000, got 1.5");
     expect(parse(gw({ Orthanc: { ReceivePriorityMilliseconds: 0 } })).orthanc.receivePriorityMs).toBe(0);
     expect(parse(gw({})).orthanc.receivePriorityMs).toBe(1000);
+  });
+
+  test("Orthanc.Url: one URL or the nodes of one cluster (a list; in a string, separated by commas or spaces)", () => {
+    const one = parse(gw({ Orthanc: { Url: "http://a:8042/" } })).orthanc;
+    expect([one.url, one.urls]).toEqual(["http://a:8042", ["http://a:8042"]]);
+    const list = parse(gw({ Orthanc: { Url: ["http://a:8042", "https://b:8443/orthanc/"] } })).orthanc;
+    expect([list.url, list.urls]).toEqual(["http://a:8042", ["http://a:8042", "https://b:8443/orthanc"]]);
+    expect(parse(gw({ Orthanc: { Url: "http://a:8042, http://b:8042" } })).orthanc.urls).toEqual(["http://a:8042", "http://b:8042"]);
+    expect(parse(gw({}), { ORTHANC_URL: "http://a:8042 http://b:8042,http://c:8042" }).orthanc.urls).toEqual(["http://a:8042", "http://b:8042", "http://c:8042"]);
+    expect(issues(gw({ Orthanc: { Url: ["http://a:8042", "ftp://b", "http://a:8042/"] } }))).toEqual([
+      'Gateway.Orthanc.Url[1]: expected http(s) URL such as http://127.0.0.1:8042, got "ftp://b"',
+      'Gateway.Orthanc.Url[2]: "http://a:8042/" is listed twice; expected each node of the cluster once',
+    ]);
+    expect(issue(gw({ Orthanc: { Url: [] } }))).toBe(
+      "Gateway.Orthanc.Url: expected http(s) URL such as http://127.0.0.1:8042, or an array of the URLs of one Orthanc cluster's nodes, got []",
+    );
+    expect(issue(gw({ Orthanc: { Url: 8042 } }))).toBe(
+      "Gateway.Orthanc.Url: expected http(s) URL such as http://127.0.0.1:8042, or an array of the URLs of one Orthanc cluster's nodes, got 8042",
+    );
+    expect(issue(gw({}), { ORTHANC_URL: "http://a:8042 https://" })).toBe('ORTHANC_URL (env): expected http(s) URL such as http://127.0.0.1:8042, got "https://"');
+  });
+
+  test("Orthanc.OwnerMetadata: the name of the metadata Orthanc declares for Strict isolation's ownership records", () => {
+    expect(parse(gw({})).orthanc.ownerMetadata).toBe("DicomGatewayOwner");
+    expect(parse(gw({ Orthanc: { OwnerMetadata: "SiteOwner" } })).orthanc.ownerMetadata).toBe("SiteOwner");
+    expect(issue(gw({ Orthanc: { OwnerMetadata: "has space" } }))).toBe(
+      `Gateway.Orthanc.OwnerMetadata: expected a metadata name of letters, digits, _ and - (declared in Orthanc's UserMetadata), got "has space"`,
+    );
   });
 
   test("Http", () => {
@@ -1021,6 +1053,7 @@ describe("Gateway spool, Orthanc upload, find and move settings", () => {
     expect(parse(gw({ Orthanc: { UploadConcurrency: 1, UnreachableGraceSeconds: 1.5 } })).orthanc).toMatchObject({
       uploadConcurrency: 1,
       unreachableGraceMs: 1500,
+      ownerMetadata: "DicomGatewayOwner",
     });
     expect(parse(gw({ Find: { PageSize: 1 }, Move: { Parallelism: 1 } })).find.pageSize).toBe(1);
   });
@@ -1241,12 +1274,14 @@ describe("environment overrides", () => {
     const cfg = parse(file, all);
     expect(cfg.orthanc).toEqual({
       url: "https://orthanc.internal:8443",
+      urls: ["https://orthanc.internal:8443"],
       username: "gw",
       password: "s3cret",
       timeoutMs: 30000,
       uploadConcurrency: 4,
       receivePriorityMs: 1000,
       unreachableGraceMs: 60000,
+      ownerMetadata: "DicomGatewayOwner",
     });
     expect(cfg.http).toEqual({ host: "0.0.0.0", port: 9090 });
     expect(cfg.spoolDirectory).toBe("/srv/spool");
@@ -1395,12 +1430,14 @@ describe("files", () => {
       },
       orthanc: {
         url: "http://127.0.0.1:8042",
+        urls: ["http://127.0.0.1:8042"],
         username: "",
         password: "",
         timeoutMs: 30000,
         uploadConcurrency: 4,
         receivePriorityMs: 1000,
         unreachableGraceMs: 60000,
+        ownerMetadata: "DicomGatewayOwner",
       },
       http: { host: "127.0.0.1", port: 8080 },
       spoolDirectory: "./.cache/spool",

@@ -61,7 +61,7 @@ export function describeConfig(cfg: GatewayConfig): string {
   );
   const o = cfg.orthanc;
   lines.push(
-    `Orthanc: ${redactUrlCredentials(o.url)}  user ${o.username === "" ? "(none)" : o.username}  ` +
+    `Orthanc: ${o.urls.map(redactUrlCredentials).join(", ")}${o.urls.length > 1 ? ` (cluster of ${o.urls.length} nodes)` : ""}  user ${o.username === "" ? "(none)" : o.username}  ` +
       `password ${o.password === "" ? "(none)" : "(set)"}  timeout ${secs(o.timeoutMs)}  ` +
       `upload concurrency ${o.uploadConcurrency}  receive priority ${o.receivePriorityMs} ms  unreachable grace ${secs(o.unreachableGraceMs)}`,
   );

@@ -235,7 +235,8 @@ function withoutCredentials(url: string): string {
 function credentialWarnings(raw: unknown): string[] {
   const gw = isPlainObject(raw) ? raw.Gateway : undefined;
   const orthanc = isPlainObject(gw) && isPlainObject(gw.Orthanc) ? gw.Orthanc : undefined;
-  if (typeof orthanc?.Url !== "string" || !urlCredentials(orthanc.Url) || !explicitCredentials(orthanc)) return [];
+  const urls = typeof orthanc?.Url === "string" ? [orthanc.Url] : Array.isArray(orthanc?.Url) ? orthanc.Url.filter((u): u is string => typeof u === "string") : [];
+  if (!orthanc || !urls.some((u) => urlCredentials(u)) || !explicitCredentials(orthanc)) return [];
   return ["Gateway.Orthanc.Url: holds credentials, which are ignored: Gateway.Orthanc.Username/Password are set and used; keep the credentials in one place"];
 }
 
@@ -324,9 +325,11 @@ export function validateConfig(raw: unknown, opts: ParseConfigOptions = {}): Gat
     }),
   );
   for (const w of openDestinations({ tenants, modalities })) opts.onWarning?.(w);
-  // The URL's credentials, unless Username/Password are set (they win, as they did before).
-  const inUrl = urlCredentials(c.Gateway.Orthanc.Url);
+  // The URLs' credentials (the first node's that has some), unless Username/Password are set (they win, as they did
+  // before); no URL keeps them.
+  const inUrl = c.Gateway.Orthanc.Url.map(urlCredentials).find((x) => x !== undefined);
   const credentials = inUrl && !explicitCredentials(c.Gateway.Orthanc) ? inUrl : undefined;
+  const urls = c.Gateway.Orthanc.Url.map((u) => (urlCredentials(u) ? withoutCredentials(u) : u));
   return {
     tenants,
     modalities,
@@ -339,13 +342,15 @@ export function validateConfig(raw: unknown, opts: ParseConfigOptions = {}): Gat
       defaultEncoding: c.DefaultEncoding,
     },
     orthanc: {
-      url: inUrl ? withoutCredentials(c.Gateway.Orthanc.Url) : c.Gateway.Orthanc.Url,
+      url: urls[0]!,
+      urls,
       username: credentials?.username ?? c.Gateway.Orthanc.Username,
       password: credentials?.password ?? c.Gateway.Orthanc.Password,
       timeoutMs: toMs(c.Gateway.Orthanc.TimeoutSeconds),
       uploadConcurrency: c.Gateway.Orthanc.UploadConcurrency,
       receivePriorityMs: c.Gateway.Orthanc.ReceivePriorityMilliseconds,
       unreachableGraceMs: toMs(c.Gateway.Orthanc.UnreachableGraceSeconds, false),
+      ownerMetadata: c.Gateway.Orthanc.OwnerMetadata,
     },
     http: { host: c.Gateway.Http.Host, port: c.Gateway.Http.Port },
     spoolDirectory: c.Gateway.SpoolDirectory,

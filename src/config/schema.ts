@@ -98,7 +98,33 @@ const DEFAULTS = {
   spoolDirectory: "/var/lib/dicom-gateway/spool",
 } as const;
 
-const orthancUrl = httpUrl.default(DEFAULTS.orthancUrl);
+/**
+ * `Gateway.Orthanc.Url`: one URL, or the nodes of one Orthanc cluster (a non-empty array; in a string,
+ * URLs separated by commas or spaces — how ORTHANC_URL lists them). Normalized to the list of URLs.
+ */
+const orthancUrl = z
+  .unknown()
+  .transform((v, ctx): string[] => {
+    const list = typeof v === "string" ? v.split(/[\s,]+(?=https?:\/\/)/i).map((u) => u.replace(/[\s,]+$/, "")) : v;
+    if (!Array.isArray(list) || list.length === 0) {
+      ctx.issues.push({
+        code: "custom",
+        message: `expected http(s) URL such as http://127.0.0.1:8042, or an array of the URLs of one Orthanc cluster's nodes, got ${showValue(v)}`,
+        input: v,
+      });
+      return z.NEVER;
+    }
+    const urls: string[] = [];
+    list.forEach((u: unknown, i) => {
+      const r = httpUrl.safeParse(u);
+      const path = Array.isArray(v) ? [i] : [];
+      if (!r.success) for (const issue of r.error.issues) ctx.issues.push({ code: "custom", message: issue.message, input: u, path });
+      else if (urls.includes(r.data)) ctx.issues.push({ code: "custom", message: `${showValue(u)} is listed twice; expected each node of the cluster once`, input: u, path });
+      else urls.push(r.data);
+    });
+    return urls;
+  })
+  .default([DEFAULTS.orthancUrl]);
 const orthancUsername = anyString.default("");
 const orthancPassword = anyString.default("");
 const seconds = (dflt: number) => number((n) => n > 0, "number of seconds > 0").default(dflt);
@@ -121,8 +147,15 @@ export const gatewaySchema = section(
         UploadConcurrency: integer(1, 64, "integer 1-64").default(4),
         ReceivePriorityMilliseconds: integer(0, 60_000, "integer 0-60000").default(1000),
         UnreachableGraceSeconds: number((n) => n >= 0, "number of seconds >= 0").default(60),
+        // Strict isolation's ownership record: an Orthanc metadata name, declared in Orthanc's UserMetadata.
+        OwnerMetadata: z
+          .string({ error: typeError("name of an Orthanc metadata declared in Orthanc's UserMetadata") })
+          .refine((s) => /^[A-Za-z][A-Za-z0-9_-]{0,63}$/.test(s), {
+            error: (iss) => `expected a metadata name of letters, digits, _ and - (declared in Orthanc's UserMetadata), got ${showValue(iss.input)}`,
+          })
+          .default("DicomGatewayOwner"),
       },
-      "object with Url, Username, Password, TimeoutSeconds, UploadConcurrency, ReceivePriorityMilliseconds, UnreachableGraceSeconds",
+      "object with Url, Username, Password, TimeoutSeconds, UploadConcurrency, ReceivePriorityMilliseconds, UnreachableGraceSeconds, OwnerMetadata",
     ).prefault({}),
     Http: section({ Host: httpHost, Port: httpPort }, "object with Host, Port").prefault({}),
     Forwarding: forwardingMode.default("Spool"),

@@ -171,8 +171,10 @@ export interface DicomSettings {
 }
 
 export interface OrthancSettings {
-  /** `Gateway.Orthanc.Url`, without credentials: a `user:password@` in it is moved to username/password at load. */
+  /** The first (or only) node's URL of `Gateway.Orthanc.Url`, without credentials: a `user:password@` is moved to username/password at load. */
   url: string;
+  /** `Gateway.Orthanc.Url`: one URL, or the nodes of one Orthanc cluster (same index and storage), >= 1. */
+  urls: string[];
   username: string;
   password: string;
   /** Timeout of one REST call, milliseconds (`Gateway.Orthanc.TimeoutSeconds` * 1000, default 30 s). */
@@ -186,6 +188,11 @@ export interface OrthancSettings {
   receivePriorityMs: number;
   /** `Gateway.Orthanc.UnreachableGraceSeconds` (default 60) in ms: /ready stays 200 this long after Orthanc was last seen. */
   unreachableGraceMs: number;
+  /**
+   * `Gateway.Orthanc.OwnerMetadata` (default "DicomGatewayOwner"): the Orthanc metadata (declared in Orthanc's
+   * `UserMetadata`) that records which tenant owns a study or series (Strict isolation, tenancy/owner-records.ts).
+   */
+  ownerMetadata: string;
 }
 
 export type { LogFormat, LogLevel };

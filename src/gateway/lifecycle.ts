@@ -1,9 +1,11 @@
 /**
  * The running appliance's lifecycle: startGateway creates the shared state (state.ts) — the spool's lock,
- * the Orthanc client, monitor and change feed, the UID registry and isolation guards, the forwarder —
+ * the Orthanc nodes, their monitor and the change feed, the UID registry, the ownership records in Orthanc
+ * (and the migration of a legacy claims file into them) and isolation guards, the forwarder —
  * starts one DICOM listener per tenant (tenants.ts) and the HTTP endpoint, and returns the Gateway whose
  * stop() undoes it all in order. Runtime-agnostic (node:net for DICOM, an adapter for HTTP).
  */
+import { hostname } from "node:os";
 import type { GatewayConfig } from "../config/types.ts";
 import { serveHttp, type HttpServerHandle } from "../adapter/index.ts";
 import { createHttpApp } from "../http/app.ts";
@@ -13,18 +15,20 @@ import { createMetrics, type GatewayMetrics } from "../observe/metrics.ts";
 import { RepeatedLog } from "../observe/repeats.ts";
 import type { GatewaySnapshot } from "../observe/status.ts";
 import { ChangesFeed } from "../orthanc/changes.ts";
-import { OrthancClient } from "../orthanc/client.ts";
-import { OrthancMonitor } from "../orthanc/monitor.ts";
+import { ClusterMonitor } from "../orthanc/cluster-monitor.ts";
+import { OrthancNodes } from "../orthanc/nodes.ts";
 import { Labeler } from "../orthanc/store.ts";
 import type { SpoolFiles } from "../spool/files.ts";
 import { Forwarder } from "../spool/forwarder.ts";
 import { lockSpoolDirectory } from "../spool/lock.ts";
 import { createStoreMetrics, type StoreMetrics } from "../spool/metrics.ts";
 import { IsolationGuards } from "../tenancy/isolation.ts";
+import { migrateLegacyClaims } from "../tenancy/migrate-claims.ts";
+import { OwnerRecords } from "../tenancy/owner-records.ts";
 import { UidRegistry } from "../tenancy/ownership.ts";
 import { FileDescriptorBudget } from "../shared/fd-limit.ts";
 import { silentLogger, type Logger } from "../shared/log.ts";
-import { createGatewayCounters, forwarderEvents, orthancStatusChanged } from "./observers.ts";
+import { createGatewayCounters, forwarderEvents, orthancFailover, orthancStatusChanged } from "./observers.ts";
 import { reload, type ReloadResult } from "./reload.ts";
 import { takeSnapshot } from "./snapshot.ts";
 import type { GatewayState, TenantListener } from "./state.ts";
@@ -52,8 +56,10 @@ export interface Gateway {
   listeners: TenantListener[];
   http: HttpServerHandle;
   metrics: GatewayMetrics;
-  orthanc: OrthancClient;
-  monitor: OrthancMonitor;
+  /** The Orthanc node(s) of `Gateway.Orthanc.Url`. */
+  orthanc: OrthancNodes;
+  /** Every Orthanc node's health (`status`: the cluster's). */
+  monitor: ClusterMonitor;
   forwarder: Forwarder;
   storeMetrics: StoreMetrics;
   audit: AuditLog;
@@ -77,13 +83,26 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
   const log = opts.logger ?? silentLogger;
   const metrics = opts.metrics ?? createMetrics();
   const startedAt = new Date().toISOString();
-  const orthanc = new OrthancClient({ url: config.orthanc.url, username: config.orthanc.username, password: config.orthanc.password, timeoutMs: config.orthanc.timeoutMs });
+  const counters = createGatewayCounters(metrics.registry);
+  const failover = orthancFailover(log, counters);
+  let monitor: ClusterMonitor | undefined;
+  const orthanc = new OrthancNodes(config.orthanc.urls, {
+    username: config.orthanc.username,
+    password: config.orthanc.password,
+    timeoutMs: config.orthanc.timeoutMs,
+    onFailover: (node, error, next) => {
+      failover(node, error, next);
+      monitor?.recheck(node.index);
+    },
+  });
 
   const storeMetrics = createStoreMetrics(metrics.registry);
   // Orthanc's change log keeps the label and ownership caches in step with Orthanc (deletions, a new database).
   const changes = new ChangesFeed(orthanc, opts.orthancCheckIntervalMs ?? 2000);
   const labeler = new Labeler(orthanc, { feed: changes });
-  // Strict isolation: which UIDs were created by which tenant or are in flight, and one guard per Strict tenant.
+  // Strict isolation: the ownership records in Orthanc (every gateway of the site sees them), the UIDs in
+  // flight on this gateway and the legacy claims file until it is migrated, and one guard per Strict tenant.
+  const records = new OwnerRecords(orthanc, config.orthanc.ownerMetadata, hostname());
   const registry = new UidRegistry(config.spool.directory);
   try {
     await registry.open();
@@ -92,16 +111,13 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     throw e;
   }
   const guards = new IsolationGuards(orthanc);
-  registry.onRelease = (level, uid) => guards.forget(level, uid);
   changes.addListener(guards);
   changes.addListener({ reset: () => labeler.clear() });
-  const counters = createGatewayCounters(metrics.registry);
   let audit: AuditLog;
   try {
     audit = opts.audit ?? createAuditLog({ file: config.audit?.file ?? "" });
   } catch (e) {
     // The audit file cannot be opened: nothing was started, give the spool back.
-    await registry.close();
     spoolLock.release();
     throw e;
   }
@@ -119,7 +135,13 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     defaultEncoding: config.dicom.defaultEncoding,
     events: forwarderEvents(sinks, config.spool.directory, byTenant),
   });
-  const monitor = new OrthancMonitor(orthanc, { intervalMs: opts.orthancCheckIntervalMs ?? 5000, onChange: orthancStatusChanged(log, forwarder, sinks.fileDescriptors) });
+  // The ownership records need Orthanc's configuration (UserMetadata, CheckRevisions) while a tenant is Strict.
+  const strict = () => config.tenants.some((t) => t.isolation === "Strict" && t.labels.length > 0);
+  monitor = new ClusterMonitor(orthanc, {
+    intervalMs: opts.orthancCheckIntervalMs ?? 5000,
+    onChange: orthancStatusChanged(log, forwarder, config.orthanc.urls.length, sinks.fileDescriptors),
+    requirements: (sys, url) => (strict() ? records.observe(url, sys) : undefined),
+  });
   const limits = config.limits;
   const fileDescriptors = opts.fileDescriptors ?? new FileDescriptorBudget();
 
@@ -132,6 +154,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     changes,
     labeler,
     registry,
+    records,
     guards,
     forwarder,
     limits: new ConnectionLimits({
@@ -158,7 +181,6 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
       await Promise.all(s.listeners.map((l) => stopTenant(s, l, 0)));
       await closeSpools(s);
       audit.close();
-      await registry.close();
       orthanc.close();
     } finally {
       spoolLock.release();
@@ -173,6 +195,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
   await monitor.check();
   changes.start();
   forwarder.start();
+  const migration = legacyClaimsMigration(s);
 
   return {
     config,
@@ -188,12 +211,12 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     reload: (next, graceMs = 2000) => reload(s, next, graceMs),
     async stop(graceMs = 0) {
       try {
+        migration.stop();
         monitor.stop();
         changes.stop();
         await Promise.all(s.listeners.map((l) => stopTenant(s, l, graceMs)));
         await forwarder.stop();
         await closeSpools(s);
-        await registry.close();
         await http.close();
         audit.close();
         repeats.close();
@@ -220,4 +243,43 @@ function warnIfFewFileDescriptors(log: Logger, fds: FileDescriptorBudget, config
     allowed: wanted,
     fix: `raise LimitNOFILE to at least ${wanted + fds.reserve}, or lower Gateway.Limits.MaxAssociations / MaxUnassociatedConnections`,
   });
+}
+
+/** Retry period of the migration of a legacy claims file while Orthanc cannot take it. */
+const MIGRATION_RETRY_MS = 10_000;
+
+/**
+ * Moves a legacy `claims.jsonl` into Orthanc's ownership records (tenancy/migrate-claims.ts): now, and every
+ * MIGRATION_RETRY_MS until Orthanc takes it (it is unreachable, or lacks the metadata configuration).
+ */
+function legacyClaimsMigration(s: GatewayState): { stop(): void } {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  let stopped = false;
+  let lastError: string | undefined;
+  const run = async () => {
+    timer = undefined;
+    if (stopped || s.registry.legacyClaims().length === 0) return;
+    try {
+      const r = await migrateLegacyClaims(s.registry, s.orthanc, s.records, s.config.tenants);
+      if (r) {
+        s.log.info("legacy claims migrated into Orthanc's ownership records", { file: `${s.registry.path}.migrated`, recorded: r.recorded, present: r.present, gone: r.gone, conflicts: r.conflicts.length });
+        for (const c of r.conflicts) s.log.warn("legacy claim not migrated: Orthanc says otherwise", { claim: c });
+      }
+    } catch (e) {
+      const error = e instanceof Error ? e.message : String(e);
+      if (error !== lastError) s.log.warn("legacy claims not migrated yet (they are honoured from the file meanwhile)", { file: s.registry.path, error });
+      lastError = error;
+      if (!stopped) {
+        timer = setTimeout(() => void run(), MIGRATION_RETRY_MS);
+        (timer as { unref?: () => void }).unref?.();
+      }
+    }
+  };
+  void run();
+  return {
+    stop() {
+      stopped = true;
+      clearTimeout(timer);
+    },
+  };
 }

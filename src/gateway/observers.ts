@@ -13,6 +13,8 @@ import type { AuditLog } from "../observe/audit.ts";
 import { formatStatus, type GatewayMetrics } from "../observe/metrics.ts";
 import type { RepeatedLog } from "../observe/repeats.ts";
 import type { OrthancStatus } from "../observe/status.ts";
+import type { OrthancError } from "../orthanc/client.ts";
+import type { OrthancNode } from "../orthanc/nodes.ts";
 import { FailureReason } from "../services/commitment-info.ts";
 import type { StorageCommitmentEvents } from "../services/storage-commitment.ts";
 import type { StoreEvents } from "../services/store.ts";
@@ -28,6 +30,7 @@ import type { Logger } from "../shared/log.ts";
 export interface GatewayCounters {
   readonly quarantines: Counter<"tenant" | "reason">;
   readonly isolationRefusals: Counter<"tenant" | "stage">;
+  readonly orthancFailovers: Counter<"node">;
   readonly commitmentRequests: Counter<"tenant" | "outcome">;
   readonly commitmentInstances: Counter<"tenant" | "result">;
   readonly commitmentReports: Counter<"tenant" | "path" | "outcome">;
@@ -49,6 +52,12 @@ export function createGatewayCounters(registry: Registry): GatewayCounters {
       name: "dicom_gateway_isolation_refusals_total",
       help: "Instances refused by Strict tenant isolation, at C-STORE time (status 0x0124) or when forwarding (quarantined).",
       labelNames: ["tenant", "stage"] as const,
+      registers: [registry],
+    }),
+    orthancFailovers: new Counter({
+      name: "dicom_gateway_orthanc_failovers_total",
+      help: "Calls an Orthanc node of Gateway.Orthanc.Url failed (no answer, a timeout, 502/503/504) that were sent to another node of the cluster.",
+      labelNames: ["node"] as const,
       registers: [registry],
     }),
     commitmentRequests: new Counter({
@@ -338,16 +347,32 @@ export function forwarderEvents(
 }
 
 /**
- * Orthanc's availability as the monitor sees it change; when Orthanc is back, the forwarder resumes at once.
- * A check that failed for want of file descriptors is logged as that (explainOrthancStatus).
+ * Orthanc's availability as the monitor sees it change, node by node; when a node is back, the forwarder
+ * resumes at once. A cluster says how many of its nodes can be used. A check that failed for want of file
+ * descriptors is logged as that (explainOrthancStatus).
  */
-export function orthancStatusChanged(log: Logger, forwarder: Pick<Forwarder, "wake">, fileDescriptors: GatewaySinks["fileDescriptors"]): (s: OrthancStatus) => void {
-  return (status) => {
+export function orthancStatusChanged(
+  log: Logger,
+  forwarder: Pick<Forwarder, "wake">,
+  nodes: number,
+  fileDescriptors: GatewaySinks["fileDescriptors"],
+): (cluster: OrthancStatus, node: OrthancStatus) => void {
+  return (cluster, status) => {
     const s = explainOrthancStatus(status, fileDescriptors.exhaustedAt);
+    const of = nodes > 1 ? { usableNodes: `${cluster.usableNodes ?? 0} of ${nodes}` } : {};
     if (s.reachable && !s.error) {
-      log.info("Orthanc is available", { url: s.url, version: s.version });
+      log.info(nodes > 1 ? "Orthanc node is available" : "Orthanc is available", { url: s.url, version: s.version, ...of });
       forwarder.wake();
-    } else if (s !== status) log.error("out of file descriptors: Orthanc could not be checked", { url: s.url, error: s.error });
-    else log.warn("Orthanc is not usable", { url: s.url, error: s.error });
+    } else if (s !== status) log.error("out of file descriptors: Orthanc could not be checked", { url: s.url, error: s.error, ...of });
+    else log.warn(nodes > 1 ? "Orthanc node is not usable" : "Orthanc is not usable", { url: s.url, error: s.error, ...of });
+  };
+}
+
+/** A call an Orthanc node failed, sent again to the next node: logged and counted (with no node left, the caller reports it). */
+export function orthancFailover(log: Logger, counters: Pick<GatewayCounters, "orthancFailovers">): (node: OrthancNode, error: OrthancError, next: OrthancNode | undefined) => void {
+  return (node, error, next) => {
+    if (!next) return;
+    counters.orthancFailovers.inc({ node: node.url });
+    log.warn("Orthanc node failed a call, sent to another node", { node: node.url, next: next.url, error: error.message });
   };
 }

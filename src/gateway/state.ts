@@ -9,14 +9,15 @@ import type { GatewayConfig, TenantConfig } from "../config/types.ts";
 import type { ConnectionLimits } from "../net/admission.ts";
 import type { DimseServer } from "../net/server.ts";
 import type { ChangesFeed } from "../orthanc/changes.ts";
-import type { OrthancClient } from "../orthanc/client.ts";
-import type { OrthancMonitor } from "../orthanc/monitor.ts";
+import type { ClusterMonitor } from "../orthanc/cluster-monitor.ts";
+import type { OrthancNodes } from "../orthanc/nodes.ts";
 import type { Labeler } from "../orthanc/store.ts";
 import type { SpoolFiles } from "../spool/files.ts";
 import type { Forwarder } from "../spool/forwarder.ts";
 import type { TenantSpool } from "../spool/spool.ts";
 import type { AssociationPolicy } from "../tenancy/association-policy.ts";
 import type { IsolationGuards } from "../tenancy/isolation.ts";
+import type { OwnerRecords } from "../tenancy/owner-records.ts";
 import type { UidRegistry } from "../tenancy/ownership.ts";
 import type { GatewaySinks } from "./observers.ts";
 
@@ -39,13 +40,17 @@ export interface GatewayState extends GatewaySinks {
    */
   readonly config: GatewayConfig;
   readonly startedAt: string;
-  readonly orthanc: OrthancClient;
-  readonly monitor: OrthancMonitor;
+  /** The Orthanc node(s) of `Gateway.Orthanc.Url`, with failover. */
+  readonly orthanc: OrthancNodes;
+  /** Every node's health. */
+  readonly monitor: ClusterMonitor;
   /** Orthanc's change log: keeps the label and ownership caches in step with Orthanc. */
   readonly changes: ChangesFeed;
   readonly labeler: Labeler;
-  /** Strict isolation: which UIDs were created by which tenant or are in flight. */
+  /** Strict isolation: the UIDs in flight on this gateway, and the legacy claims until they are migrated. */
   readonly registry: UidRegistry;
+  /** Strict isolation: the ownership records in Orthanc, shared by every gateway of the site. */
+  readonly records: OwnerRecords;
   /** One isolation guard per Strict tenant, by AE title. */
   readonly guards: IsolationGuards;
   readonly forwarder: Forwarder;

@@ -39,7 +39,7 @@ export async function startTenant(s: GatewayState, tenant: TenantConfig): Promis
   const { config, log } = s;
   const { spool, pending } = await spoolFor(s, tenant);
   if (pending.length > 0) log.info("replaying spooled instances", { tenant: tenant.aet, instances: pending.length });
-  s.guards.set(tenant.aet, tenant.isolation === "Strict" ? new IsolationGuard(s.orthanc, s.registry, tenant) : undefined);
+  s.guards.set(tenant.aet, tenant.isolation === "Strict" ? new IsolationGuard(s.orthanc, s.registry, tenant, { records: s.records, feed: s.changes }) : undefined);
   const tlog = log.child({ tenant: tenant.aet });
   const services = createTenantServices({
     tenant,

@@ -48,6 +48,8 @@ export interface GatewayMetrics {
   readonly pduErrors: Counter<"tenant" | "kind">;
   /** `dicom_gateway_orthanc_up` 1/0; refreshed from the snapshot. */
   readonly orthancUp: Gauge<string>;
+  /** `dicom_gateway_orthanc_node_up{node}` 1/0 per node of `Gateway.Orthanc.Url` (1: usable); refreshed from the snapshot. */
+  readonly orthancNodeUp: Gauge<"node">;
   /** `dicom_gateway_info{version}` = 1; refreshed from the snapshot. */
   readonly info: Gauge<"version">;
   /** `dicom_gateway_listener_up{tenant,port}` 1/0; refreshed from the snapshot. */
@@ -119,6 +121,12 @@ export function createMetrics(opts: MetricsOptions = {}): GatewayMetrics {
     help: "1 if Orthanc answered at the last check, else 0.",
     registers: [registry],
   });
+  const orthancNodeUp = new Gauge({
+    name: "dicom_gateway_orthanc_node_up",
+    help: "1 if this Orthanc node answered its last check and can be used, else 0 (one series per URL of Gateway.Orthanc.Url).",
+    labelNames: ["node"] as const,
+    registers: [registry],
+  });
   const info = new Gauge({
     name: "dicom_gateway_info",
     help: "Gateway build information (always 1).",
@@ -152,6 +160,7 @@ export function createMetrics(opts: MetricsOptions = {}): GatewayMetrics {
     dimseDuration,
     pduErrors,
     orthancUp,
+    orthancNodeUp,
     info,
     listenerUp,
     unassociatedConnections,
@@ -166,6 +175,7 @@ export function createMetrics(opts: MetricsOptions = {}): GatewayMetrics {
     },
     updateFromSnapshot(s) {
       orthancUp.set(s.orthanc.reachable ? 1 : 0);
+      for (const n of s.orthanc.nodes ?? [s.orthanc]) orthancNodeUp.set({ node: n.url }, n.reachable && !n.error ? 1 : 0);
       // reset() drops label sets of tenants that are gone (e.g. after a configuration change).
       info.reset();
       info.set({ version: s.version }, 1);

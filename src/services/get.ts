@@ -23,6 +23,7 @@ import { CommandField, Status } from "../net/constants.ts";
 import { failure, withUid } from "./error-comment.ts";
 import type { ResolvedInstance } from "./resolve.ts";
 import { RetrieveRecorder } from "./retrieve-metrics.ts";
+import { pinned } from "../orthanc/nodes.ts";
 import type { SendPlan } from "./retrieve-stream.ts";
 import { answerEndedEarly, DEFAULT_MOVE_SETTINGS, resolveRequest, storeStatusFailure, SubOperationRun, type RetrieveContext } from "./suboperations.ts";
 import { planTransfer } from "./transcode.ts";
@@ -55,9 +56,11 @@ async function getPlan(ctx: RetrieveContext, association: AssociationInfo, insta
   return planTransfer(ctx.orthanc, instance, (ts) => contexts.some((pc) => pc.transferSyntax === ts), "the requester");
 }
 
-export function createGetHandler(ctx: RetrieveContext): DimseHandler {
-  const log = ctx.log ?? silentLogger;
+export function createGetHandler(shared: RetrieveContext): DimseHandler {
+  const log = shared.log ?? silentLogger;
   return async (request: DimseRequest, responder: DimseResponder) => {
+    // One Orthanc node for the listing and the fetches (another one if it fails: nodes.ts).
+    const ctx: RetrieveContext = { ...shared, orthanc: pinned(shared.orthanc) };
     const settings = ctx.config.move ?? DEFAULT_MOVE_SETTINGS;
     const tenant = ctx.tenant.aet;
     const recorder = new RetrieveRecorder(ctx.metrics, tenant, "C-GET", "requester");

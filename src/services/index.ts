@@ -19,7 +19,7 @@ import { DICOM_UID_ROOT, isStandardStorageSopClass, queryRetrieveSopClasses, Sop
 import { transferSyntaxMatcher } from "../dicom/uids.ts";
 import type { Logger } from "../shared/log.ts";
 import type { GatewayMetrics } from "../observe/metrics.ts";
-import type { OrthancClient } from "../orthanc/client.ts";
+import type { OrthancApi } from "../orthanc/nodes.ts";
 import type { Labeler } from "../orthanc/store.ts";
 import type { Forwarder } from "../spool/forwarder.ts";
 import type { TenantSpool } from "../spool/spool.ts";
@@ -30,7 +30,7 @@ import type { UidRegistry } from "../tenancy/ownership.ts";
 export interface TenantContext {
   tenant: TenantConfig;
   config: GatewayConfig;
-  orthanc: OrthancClient;
+  orthanc: OrthancApi;
   labeler: Labeler;
   forwarder: Forwarder;
   spool: TenantSpool;

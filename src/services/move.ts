@@ -25,6 +25,7 @@ import { CommandField, Status } from "../net/constants.ts";
 import { AssociationError, AssociationRejectedError, RequestorAssociation } from "../net/requestor.ts";
 import { errorComment, failure, type Failure } from "./error-comment.ts";
 import { RetrieveRecorder } from "./retrieve-metrics.ts";
+import { pinned } from "../orthanc/nodes.ts";
 import type { SendPlan } from "./retrieve-stream.ts";
 import { answerEndedEarly, DEFAULT_MOVE_SETTINGS, failureOf, resolveRequest, storeStatusFailure, SubOperationRun, type RetrieveContext } from "./suboperations.ts";
 import { planTransfer, TRANSCODING_TARGETS } from "./transcode.ts";
@@ -87,9 +88,11 @@ function unreachableFailure(modality: DicomModality, e: unknown): Failure {
   return failure(`${modality.aet}: ${detail}`, detail);
 }
 
-export function createMoveHandler(ctx: RetrieveContext): DimseHandler {
-  const log = ctx.log ?? silentLogger;
+export function createMoveHandler(shared: RetrieveContext): DimseHandler {
+  const log = shared.log ?? silentLogger;
   return async (request: DimseRequest, responder: DimseResponder) => {
+    // One Orthanc node for the listing and the fetches (another one if it fails: nodes.ts).
+    const ctx: RetrieveContext = { ...shared, orthanc: pinned(shared.orthanc) };
     const settings = ctx.config.move ?? DEFAULT_MOVE_SETTINGS;
     const tenant = ctx.tenant.aet;
     const destinationAe = request.command.moveDestination ?? "";
@@ -213,20 +216,47 @@ async function performMove(
       }
       let status: number | undefined;
       let why: Failure | undefined;
-      try {
-        const rsp = await a.request(
-          pc.id,
-          { commandField: CommandField.CStoreRQ, affectedSopClassUid: sopClass, affectedSopInstanceUid: instance.sopInstanceUid, priority, ...originator },
-          fetched.dataset,
-        );
-        status = rsp.status;
-        if (status !== Status.Success) why = storeStatusFailure(modality.aet, status, rsp.errorComment);
-      } catch (e) {
-        fetched.discard();
-        why = failureOf(e, `sending instance ${instance.sopInstanceUid} to ${modality.aet}`);
-        log.warn("C-MOVE sub-operation failed", { tenant: ctx.tenant.aet, modality: modality.name, sopInstanceUid: instance.sopInstanceUid, error: why.detail });
+      let sending = fetched;
+      for (let [assoc, context, again] = [a, pc, true]; ; ) {
+        try {
+          const rsp = await assoc.request(
+            context.id,
+            { commandField: CommandField.CStoreRQ, affectedSopClassUid: sopClass, affectedSopInstanceUid: instance.sopInstanceUid, priority, ...originator },
+            sending.dataset,
+          );
+          status = rsp.status;
+          why = status !== Status.Success ? storeStatusFailure(modality.aet, status, rsp.errorComment) : undefined;
+          break;
+        } catch (e) {
+          sending.discard();
+          why = failureOf(e, `sending instance ${instance.sopInstanceUid} to ${modality.aet}`);
+          const broken = sending.sourceError;
+          if (!broken || !again) {
+            log.warn("C-MOVE sub-operation failed", { tenant: ctx.tenant.aet, modality: modality.name, sopInstanceUid: instance.sopInstanceUid, error: why.detail });
+            break;
+          }
+          // Orthanc's stream broke in the middle of the instance (its node died): the destination never had a
+          // whole instance (the association was aborted), so it is fetched again, from another node of a
+          // cluster, as it was planned (the same transcoding: the same presentation context), and sent once
+          // more on the batch's association, opened again.
+          again = false;
+          log.warn("C-MOVE: Orthanc's stream of an instance broke, fetching it again", { tenant: ctx.tenant.aet, modality: modality.name, sopInstanceUid: instance.sopInstanceUid, transcodedTo: sending.transcodedTo, error: broken.message });
+          const retry = await run.refetch(sending, broken).catch((re: unknown) => (re instanceof Error ? re : new Error(String(re))));
+          const reopened = retry instanceof Error ? undefined : await connect(batch);
+          const reContext = reopened?.findContext(sopClass, ts);
+          if (retry instanceof Error || !reopened || !reContext) {
+            if (!(retry instanceof Error)) retry.discard();
+            why =
+              retry instanceof Error
+                ? failureOf(retry, `fetching instance ${instance.sopInstanceUid} again after Orthanc's stream broke`)
+                : (run.stopped() ?? failure(`${modality.aet} could not be reached again`, `${modality.aet} accepted no context for ${sopClass} in ${ts} on the association opened again (instance ${instance.sopInstanceUid})`));
+            log.warn("C-MOVE sub-operation failed", { tenant: ctx.tenant.aet, modality: modality.name, sopInstanceUid: instance.sopInstanceUid, error: why.detail });
+            break;
+          }
+          [sending, assoc, context] = [retry, reopened, reContext];
+        }
       }
-      await run.sent(instance, status, fetched.bytes, fetched.transcodedTo !== undefined, why);
+      await run.sent(instance, status, sending.bytes, sending.transcodedTo !== undefined, why);
     }
   } finally {
     await run.stop();

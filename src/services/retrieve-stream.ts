@@ -9,8 +9,8 @@
  */
 import { collectAsStreamGrows } from "../adapter/index.ts";
 import { readFileMeta, type FileMeta } from "../dicom/part10.ts";
-import type { OrthancClient } from "../orthanc/client.ts";
 import { OrthancError } from "../orthanc/client.ts";
+import { nodeFailed, type OrthancApi } from "../orthanc/nodes.ts";
 import { concatBytes } from "../shared/bytes.ts";
 import { failure, type Failure } from "./error-comment.ts";
 import { anchorStillInScope, type LabelScope, type ResolvedInstance } from "./resolve.ts";
@@ -57,6 +57,8 @@ export interface FetchedInstance {
   bytes: number;
   /** Releases the HTTP body when the instance is not sent. */
   discard(): void;
+  /** Set when the body broke after it had started (Orthanc, or its node, went away in the middle). */
+  sourceError?: Error;
 }
 
 /**
@@ -64,7 +66,7 @@ export interface FetchedInstance {
  * held whole. Orthanc's timeout applies until the answer starts, not to the (possibly slow) streaming
  * of the body. Throws on HTTP errors or a body that is not a Part 10 file.
  */
-export async function fetchInstance(orthanc: OrthancClient, instance: ResolvedInstance, signal: AbortSignal, transcodeTo?: string): Promise<FetchedInstance> {
+export async function fetchInstance(orthanc: OrthancApi, instance: ResolvedInstance, signal: AbortSignal, transcodeTo?: string): Promise<FetchedInstance> {
   const path = `/instances/${encodeURIComponent(instance.id)}/file${transcodeTo ? `?transcode=${encodeURIComponent(transcodeTo)}` : ""}`;
   const ctl = new AbortController();
   const onAbort = () => ctl.abort(signal.reason);
@@ -103,7 +105,14 @@ export async function fetchInstance(orthanc: OrthancClient, instance: ResolvedIn
   let parsed: ReturnType<typeof readFileMeta>;
   try {
     for (;;) {
-      const { done, value } = await it.next();
+      let chunk: Awaited<ReturnType<typeof it.next>>;
+      try {
+        chunk = await it.next();
+      } catch (e) {
+        if (signal.aborted) throw e;
+        throw new BrokenStreamError(`Orthanc's answer for instance ${instance.id} broke off: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
+      }
+      const { done, value } = chunk;
       if (done) {
         parsed = readFileMeta(head);
         if (!parsed) throw new Error(`instance ${instance.id}: the file ends inside its meta header`);
@@ -133,7 +142,14 @@ export async function fetchInstance(orthanc: OrthancClient, instance: ResolvedIn
       // A large instance: the chunks already sent would pile up faster than the collector runs on its own.
       const collect = collectAsStreamGrows();
       for (;;) {
-        const { done, value } = await it.next();
+        let chunk: Awaited<ReturnType<typeof it.next>>;
+        try {
+          chunk = await it.next();
+        } catch (e) {
+          fetched.sourceError = e instanceof Error ? e : new Error(String(e));
+          throw e;
+        }
+        const { done, value } = chunk;
         if (done) return;
         if (value.length === 0) continue;
         fetched.bytes += value.length;
@@ -145,6 +161,11 @@ export async function fetchInstance(orthanc: OrthancClient, instance: ResolvedIn
     }
   })();
   return fetched;
+}
+
+/** The body of an instance broke off after Orthanc's answer had started (its node went away). */
+export class BrokenStreamError extends Error {
+  override name = "BrokenStreamError";
 }
 
 /** The instance's anchor resource left the tenant's label scope between the resolution and the sending. */
@@ -170,7 +191,7 @@ export class InstanceFetcher {
   private closed = false;
 
   constructor(
-    private readonly orthanc: OrthancClient,
+    private readonly orthanc: OrthancApi,
     private readonly scope: LabelScope,
     private readonly instances: readonly ResolvedInstance[],
     private readonly parallelism: number,
@@ -208,6 +229,18 @@ export class InstanceFetcher {
     }
   }
 
+  /**
+   * Fetches an instance once more after its body broke in the middle: the node that served it is reported
+   * failed, so that an operation pinned to it goes on with the next node of the cluster (nodes.ts). It is
+   * fetched as `broken` was (transcoded to the same transfer syntax, or as stored): the plan, and the
+   * presentation context chosen for it, hold for the new copy.
+   */
+  refetch(broken: FetchedInstance, error: Error): Promise<FetchedInstance> {
+    nodeFailed(this.orthanc, error);
+    const plan: SendPlan = broken.transcodedTo ? { as: "transcoded", transferSyntax: broken.transcodedTo } : STORED;
+    return this.fetchChecked(broken.instance, plan);
+  }
+
   /** Stops: pending fetches are aborted and their bodies released. */
   close(): void {
     this.closed = true;
@@ -222,9 +255,15 @@ export class InstanceFetcher {
       check = anchorStillInScope(this.orthanc, this.scope, instance.anchorId, { signal: this.controller.signal });
       this.anchorChecks.set(instance.anchorId, check);
     }
-    // The check and the download run together; nothing is handed out before the check passed.
+    // The check and the download run together; nothing is handed out before the check passed. A download
+    // whose body broke off is made once more (from the next node of a cluster), with the same plan.
     const transcodeTo = plan.as === "transcoded" ? plan.transferSyntax : undefined;
-    const [inScope, fetched] = await Promise.allSettled([check, fetchInstance(this.orthanc, instance, this.controller.signal, transcodeTo)]);
+    const download = fetchInstance(this.orthanc, instance, this.controller.signal, transcodeTo).catch((e: unknown) => {
+      if (!(e instanceof BrokenStreamError)) throw e;
+      nodeFailed(this.orthanc, e);
+      return fetchInstance(this.orthanc, instance, this.controller.signal, transcodeTo);
+    });
+    const [inScope, fetched] = await Promise.allSettled([check, download]);
     if (inScope.status === "rejected" || !inScope.value) {
       if (fetched.status === "fulfilled") fetched.value.discard();
       if (inScope.status === "rejected") throw inScope.reason;

@@ -33,7 +33,8 @@ import { Status, TransferSyntax } from "../net/constants.ts";
 import type { DimseResult } from "../net/dimse.ts";
 import { nEventReportRQ } from "../net/n-service.ts";
 import { RequestorAssociation } from "../net/requestor.ts";
-import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
+import { OrthancError } from "../orthanc/client.ts";
+import { pinned, type OrthancApi } from "../orthanc/nodes.ts";
 import { silentLogger, type Logger } from "../shared/log.ts";
 import { CommitmentJournal, type CommitmentReference, type CommitmentRequest } from "../spool/commitment-journal.ts";
 import { backoffDelay, type Forwarder } from "../spool/forwarder.ts";
@@ -87,7 +88,7 @@ export interface StorageCommitmentDeps {
     storageCommitment: StorageCommitmentSettings;
     move: Pick<MoveSettings, "connectTimeoutMs">;
   };
-  orthanc: OrthancClient;
+  orthanc: OrthancApi;
   registry: Pick<UidRegistry, "holders">;
   forwarder: Pick<Forwarder, "watch">;
   spool: Pick<TenantSpool, "quarantineList">;
@@ -337,8 +338,10 @@ export class StorageCommitmentScp {
   private async lookup(uids: string[], signal: AbortSignal): Promise<Map<string, ResolvedInstance>> {
     const scope = tenantLabelScope(this.deps.tenant);
     const found = new Map<string, ResolvedInstance>();
+    // One Orthanc node for the look-up's pages (another one if it fails: nodes.ts), as C-FIND and C-MOVE do.
+    const orthanc = pinned(this.deps.orthanc);
     for (let i = 0; i < uids.length; i += LOOKUP_BATCH) {
-      const batch = await resolveInstances(this.deps.orthanc, scope, { level: "IMAGE", sopInstanceUids: uids.slice(i, i + LOOKUP_BATCH) }, { signal });
+      const batch = await resolveInstances(orthanc, scope, { level: "IMAGE", sopInstanceUids: uids.slice(i, i + LOOKUP_BATCH) }, { signal });
       for (const inst of batch) found.set(inst.sopInstanceUid, inst);
     }
     return found;

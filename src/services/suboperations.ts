@@ -10,7 +10,7 @@ import type { DicomModality, DicomSettings, MoveSettings, TenantConfig } from ".
 import { EXPLICIT_BIG, EXPLICIT_LITTLE, ElementWriter, IMPLICIT_LITTLE } from "../dicom/element-codec.ts";
 import type { Logger } from "../shared/log.ts";
 import type { OutOfScope } from "./scope-watch.ts";
-import type { OrthancClient } from "../orthanc/client.ts";
+import type { OrthancApi } from "../orthanc/nodes.ts";
 import { resolveInstances, tenantLabelScope, type LabelScope, type ResolvedInstance, type RetrieveKeys } from "./resolve.ts";
 import type { DimseRequest, DimseResponder } from "../net/association.ts";
 import { encodeCommandSet, type CommandSet } from "../net/command.ts";
@@ -32,7 +32,7 @@ export interface RetrieveContext {
     dicom: Pick<DicomSettings, "strictAetComparison" | "maximumPduLength"> & Partial<Pick<DicomSettings, "defaultEncoding">>;
     move?: MoveSettings;
   };
-  orthanc: OrthancClient;
+  orthanc: OrthancApi;
   metrics?: RetrieveMetrics;
   log?: Logger;
   /** Told of resources Orthanc answered outside the tenant's label filter (scope-watch.ts). */
@@ -212,6 +212,14 @@ export class SubOperationRun {
   /** Why nothing more can be sent, if so (SubOperationRunOptions.stopWhen). */
   stopped(): Failure | undefined {
     return this.opts.stopWhen?.();
+  }
+
+  /**
+   * The instance fetched again, after its stream from Orthanc broke while it was being sent (move.ts): as
+   * `broken` was fetched (the same transcoding), from the next node of a cluster.
+   */
+  refetch(broken: FetchedInstance, error: Error): Promise<FetchedInstance> {
+    return this.fetcher.refetch(broken, error);
   }
 
   /** A sub-operation that failed before anything was sent (`plan`: what was planned, for the transcoding count). */

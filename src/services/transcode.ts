@@ -7,8 +7,8 @@
  * Lossy Image Compression attributes kept by Orthanc). A syntax Orthanc cannot decode (JPEG 2000 without
  * its GDCM plugin) fails that sub-operation only (retrieve-stream.ts), with the reason in the log.
  */
-import type { OrthancClient } from "../orthanc/client.ts";
 import { versionAtLeast } from "../orthanc/client.ts";
+import { PinnedOrthanc, type OrthancApi } from "../orthanc/nodes.ts";
 import { TransferSyntax } from "../net/constants.ts";
 import { failure, withUid } from "./error-comment.ts";
 import type { ResolvedInstance } from "./resolve.ts";
@@ -23,10 +23,15 @@ export const TRANSCODING_MIN_VERSION = "1.12.2";
 /** How long Orthanc's /system answer is trusted before it is asked again (an upgrade is seen within this). */
 const SYSTEM_TTL_MS = 60_000;
 
-const known = new WeakMap<OrthancClient, { at: number; version: Promise<string | undefined> }>();
+const known = new WeakMap<OrthancApi, { at: number; version: Promise<string | undefined> }>();
 
-/** Orthanc's version from /system (cached); undefined when it cannot be told (the download will say why). */
-function orthancVersion(orthanc: OrthancClient): Promise<string | undefined> {
+/**
+ * Orthanc's version from /system (cached); undefined when it cannot be told (the download will say why).
+ * An operation pinned to a node of a cluster (nodes.ts) asks that node's client, which outlives the
+ * operation, so the answer is cached per node rather than asked again by every C-MOVE/C-GET.
+ */
+function orthancVersion(api: OrthancApi): Promise<string | undefined> {
+  const orthanc = api instanceof PinnedOrthanc ? api.current.client : api;
   const now = Date.now();
   const k = known.get(orthanc);
   if (k && now - k.at < SYSTEM_TTL_MS) return k.version;
@@ -43,7 +48,7 @@ function orthancVersion(orthanc: OrthancClient): Promise<string | undefined> {
  * to the first uncompressed syntax the peer accepts, else (or when Orthanc cannot transcode) a failure
  * naming what the peer lacks. `peer` names it in comments ("DEST", "the requester").
  */
-export async function planTransfer(orthanc: OrthancClient, instance: ResolvedInstance, accepts: (transferSyntax: string) => boolean, peer: string): Promise<SendPlan> {
+export async function planTransfer(orthanc: OrthancApi, instance: ResolvedInstance, accepts: (transferSyntax: string) => boolean, peer: string): Promise<SendPlan> {
   if (accepts(instance.transferSyntax)) return { as: "stored" };
   const target = TRANSCODING_TARGETS.find(accepts);
   if (!target) {

@@ -12,7 +12,8 @@
  * `receivePriorityMs`, after which uploads go on one at a time until the arrivals stop.
  */
 import type { TenantConfig } from "../config/types.ts";
-import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
+import { OrthancError } from "../orthanc/client.ts";
+import type { OrthancApi } from "../orthanc/nodes.ts";
 import { isPermanentRejection, placementMismatch, storedAttachmentInfo, STREAM_ABOVE, uploadFile, type Labeler, type StoredInstance } from "../orthanc/store.ts";
 import { TenantSpool, type SpoolEntry } from "./spool.ts";
 import { DatasetRefusal, type InstanceIdentity } from "../dicom/dataset-reader.ts";
@@ -46,7 +47,7 @@ export interface ForwarderEvents {
 export type ForwardingWatcher = Pick<ForwarderEvents, "forwarded" | "quarantined">;
 
 export interface ForwarderOptions {
-  orthanc: OrthancClient;
+  orthanc: OrthancApi;
   labeler: Labeler;
   concurrency: number;
   verifyIntegrity: boolean;
@@ -299,9 +300,13 @@ export class Forwarder {
     try {
       const guard = this.opts.guardFor?.(tenant);
       let ids: OrthancIds | undefined;
+      let identity: InstanceIdentity | undefined;
       let instanceIsNew = entry.instanceIsNew === true;
       if (guard) {
-        const identity = await this.identityOf(entry);
+        // Strict isolation: nothing is uploaded that cannot be claimed in Orthanc right after (it would sit
+        // there unowned); retried until Orthanc keeps the ownership records (the monitor's /ready reason).
+        if (guard.unusable) throw new OrthancError(guard.unusable, { kind: "http", status: 409 });
+        identity = await this.identityOf(entry);
         ids = orthancIds(identity);
         // Strict isolation: an instance acknowledged while Orthanc was unreachable is checked now.
         if (entry.isolation !== "checked") {
@@ -324,6 +329,32 @@ export class Forwarder {
         this.opts.events?.misplaced?.(tenant, entry, misplaced, deleted);
         await quarantine("placement", `isolation: ${misplaced}; ${deleted ? "the upload was undone" : "left in Orthanc as it was (not created by this upload)"}`);
         return;
+      }
+      if (guard && identity) {
+        // Strict isolation. No instance had this SOP Instance UID when it was checked, yet Orthanc had one
+        // already: another writer (another gateway's tenant) stored it since. Labeled only if it holds exactly
+        // these bytes (a replay of this very upload), never another tenant's content under this tenant's labels.
+        if (stored.status === "AlreadyStored" && instanceIsNew) {
+          const got = await storedAttachmentInfo(this.opts.orthanc, stored.id);
+          const md5 = entry.md5 ?? (await TenantSpool.md5Of(entry));
+          if (got.md5 !== md5 || got.size !== entry.size) {
+            const reason = `isolation: Orthanc already holds other bytes (${got.size} bytes, MD5 ${got.md5}) under SOP Instance UID ${entry.sopInstanceUid}, stored by another writer after this instance was checked; left as it was, unlabeled by this tenant`;
+            await quarantine("isolation", reason);
+            this.opts.events?.isolationRefused?.(tenant, entry, reason);
+            return;
+          }
+        }
+        // The study and series are claimed in Orthanc, where every gateway sees it, before any label; another
+        // tenant that claimed first (through another gateway) keeps them.
+        const settled = await guard.settle(identity, stored);
+        if (!settled.ok) {
+          const deleted = stored.status === "Success" && instanceIsNew;
+          if (deleted) await this.opts.orthanc.delete(`/instances/${stored.id}`);
+          const reason = `isolation: ${settled.reason}; ${deleted ? "the upload was undone" : "left in Orthanc as it was, unlabeled (not created by this upload)"}`;
+          await quarantine("isolation", reason);
+          this.opts.events?.isolationRefused?.(tenant, entry, reason);
+          return;
+        }
       }
       if (this.opts.verifyIntegrity && stored.status === "Success") {
         const got = await storedAttachmentInfo(this.opts.orthanc, stored.id);
