@@ -176,13 +176,14 @@ export class OutOfScopeError extends SubOperationError {
   }
 }
 
+/** The plan of an instance sent as it is stored. */
+const STORED: SendPlan = { as: "stored" };
+
 /**
  * Streams the resolved instances from Orthanc in order, with at most `parallelism` of them requested
  * ahead of the one being sent. Before an instance is requested, its anchor resource's labels are
  * checked again (once per anchor). Each item is the fetched instance or the error that prevented it.
  */
-const STORED: SendPlan = { as: "stored" };
-
 export class InstanceFetcher {
   private readonly ahead: { instance: ResolvedInstance; plan: Promise<SendPlan>; fetched: Promise<FetchedInstance> }[] = [];
   private nextIndex = 0;
