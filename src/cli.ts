@@ -16,19 +16,21 @@ const DEFAULT_CONFIG = "/etc/dicom-gateway/gateway.json";
 const HELP = `dicom-gateway ${VERSION} — multitenant DICOM gateway in front of Orthanc
 
 Usage:
-  dicom-gateway serve [--config FILE]         run the gateway (DICOM listeners + HTTP endpoint)
-  dicom-gateway check-config [--config FILE]  validate a configuration and print the effective tenants
-  dicom-gateway spool COMMAND [--config FILE] see and act on spooled and quarantined instances
-                                              (list, show, export, retry, release, purge; see
-                                              'dicom-gateway spool --help')
-  dicom-gateway version                       print the version, the commit and the build date
-  dicom-gateway --help                        this text
+  dicom-gateway serve [--config FILE]                   run the gateway (DICOM listeners + HTTP endpoint)
+  dicom-gateway check-config [--config FILE] [--strict] validate a configuration and print the effective tenants
+  dicom-gateway spool COMMAND [--config FILE]           see and act on spooled and quarantined instances
+                                                        (list, show, export, retry, release, purge; see
+                                                        'dicom-gateway spool --help')
+  dicom-gateway version                                 print the version, the commit and the build date
+  dicom-gateway --help                                  this text
 
 Options:
   -c, --config FILE   configuration file (Orthanc-style JSON, comments allowed). Searched in this order:
                       --config FILE, then $DICOM_GATEWAY_CONFIG, then ${DEFAULT_CONFIG}.
                       Relative paths inside it (SpoolDirectory, Tls files, Audit.File) are relative to
                       the working directory (the TLS files: to the file's directory).
+  --strict            check-config: unknown keys in MultitenantDicom.Servers[] and Gateway are errors
+                      (without it they are warnings, as serve and SIGHUP log them)
   -h, --help          show this help
 
 Environment (each overrides the configuration key named):
@@ -50,9 +52,10 @@ Signals (serve):
                    systemd's TimeoutStopSec must be longer than DrainSeconds (the unit has 90 s).
   SIGHUP           reload the configuration file (systemctl reload): tenants and DicomModalities apply
                    live, a changed tenant's open associations finish under its old settings (up to
-                   DrainSeconds), Log.Level and Limits.DrainSeconds apply; any other change, a file
-                   with errors or a port that cannot be bound rejects the reload as a whole and
-                   changes nothing (GET /status: "lastReload").
+                   DrainSeconds), Log.Level and Limits.DrainSeconds apply, and the TLS files are read
+                   again (renewed ones serve new connections); any other change, a file with errors, a
+                   TLS file that cannot be used or a port that cannot be bound rejects the reload as a
+                   whole and changes nothing (GET /status: "lastReload").
 
 HTTP endpoints (Gateway.Http.Host:Port):
   /health /ready /metrics /status    monitoring
@@ -93,9 +96,12 @@ async function serve(configPath: string): Promise<void> {
 
   const { ConfigError, loadConfigFile } = await import("./config/index.ts");
   const { createLogger } = await import("./shared/log.ts");
-  const config = await loadConfigFile(configPath);
+  const { redactUrlCredentials } = await import("./shared/redact.ts");
+  const warnings: string[] = [];
+  const config = await loadConfigFile(configPath, process.env, { onWarning: (w) => warnings.push(w) });
   const log = createLogger({ level: config.log.level, format: config.log.format });
-  log.info("starting dicom-gateway", { version: VERSION, config: configPath, tenants: config.tenants.length, orthanc: config.orthanc.url });
+  log.info("starting dicom-gateway", { version: VERSION, config: configPath, tenants: config.tenants.length, orthanc: redactUrlCredentials(config.orthanc.url) });
+  for (const w of warnings) log.warn("configuration warning", { config: configPath, warning: w });
   const { startGateway } = await import("./gateway/index.ts");
   let gateway;
   try {
@@ -130,7 +136,7 @@ async function serve(configPath: string): Promise<void> {
     if (stopping) return;
     log.info("SIGHUP: reloading the configuration", { config: configPath });
     gateway
-      .reload(() => loadConfigFile(configPath))
+      .reload(() => loadConfigFile(configPath, process.env, { onWarning: (w) => log.warn("configuration warning", { config: configPath, warning: w }) }))
       .then((r) => log.info("configuration reloaded", { ...r }))
       .catch((e) =>
         log.error("configuration reload rejected: the previous configuration keeps running", {
@@ -161,6 +167,7 @@ export async function main(argv: string[]): Promise<void> {
         config: { type: "string", short: "c" },
         help: { type: "boolean", short: "h" },
         version: { type: "boolean", short: "v" },
+        strict: { type: "boolean" },
       },
     });
   } catch (e) {
@@ -180,8 +187,10 @@ export async function main(argv: string[]): Promise<void> {
       return;
     case "check-config": {
       const { describeConfig, loadConfigFile } = await import("./config/index.ts");
-      const config = await loadConfigFile(configPath);
-      process.stdout.write(`Configuration ${configPath} is valid.\n\n${describeConfig(config)}\n`);
+      const warnings: string[] = [];
+      const config = await loadConfigFile(configPath, process.env, { strict: values.strict === true, onWarning: (w) => warnings.push(w) });
+      const warned = warnings.length > 0 ? `\nWarnings (${warnings.length}):\n${warnings.map((w) => `  - ${w}`).join("\n")}\n` : "";
+      process.stdout.write(`Configuration ${configPath} is valid${warnings.length > 0 ? `, with ${warnings.length} warning(s)` : ""}.\n${warned}\n${describeConfig(config)}\n`);
       return;
     }
     case "serve":

@@ -76,6 +76,28 @@ describe("dicom-gateway check-config", () => {
     expect(r.stderr).toMatch(new RegExp(`${path}:3:\\d+: JSON syntax error`));
   });
 
+  test("unknown keys in a server entry or Gateway: warnings naming the nearest known key; errors with --strict (exit 2)", () => {
+    const path = writeConfigFile({
+      Name: "Orthanc", // top level: silent
+      MultitenantDicom: { Servers: [{ AET: "ALPHA", Port: 4242, Labels: ["alpha"], AllowedCaller: ["CT1"], LabelConstraint: "Any" }] },
+      Gateway: { Limits: { MaxAssociation: 4 } },
+    });
+    const r = cli("check-config", "--config", path);
+    expect(r.code).toBe(0);
+    expect(r.stdout).toContain(`Configuration ${path} is valid, with 3 warning(s).`);
+    expect(r.stdout).toContain("  - MultitenantDicom.Servers[0].AllowedCaller: unknown key (did you mean AllowedCallers?)");
+    expect(r.stdout).toContain("  - MultitenantDicom.Servers[0].LabelConstraint: unknown key (did you mean LabelsConstraint?)");
+    expect(r.stdout).toContain("  - Gateway.Limits.MaxAssociation: unknown key (did you mean MaxAssociations?)");
+    expect(r.stdout).not.toContain("Name");
+    const strict = cli("check-config", "--strict", "--config", path);
+    expect(strict.code).toBe(2);
+    expect(strict.stderr).toContain(`Invalid configuration ${path}`);
+    expect(strict.stderr).toContain("  - MultitenantDicom.Servers[0].AllowedCaller: unknown key (did you mean AllowedCallers?)");
+    expect(strict.stdout).toBe("");
+    // A clean file stays clean under --strict.
+    expect(cli("check-config", "--strict", "--config", join(ROOT, "config/gateway.json")).code).toBe(0);
+  });
+
   test("a missing file says how to choose one", () => {
     const r = cli("check-config", "--config", "/nonexistent/gateway.json");
     expect(r.code).toBe(2);
@@ -139,6 +161,26 @@ describe("dicom-gateway serve", () => {
     expect(((await ready.json()) as { reasons: string[] }).reasons[0]).toMatch(/unreachable \(ECONNREFUSED\)/);
     expect((await fetch(`http://127.0.0.1:${port}/health`)).status).toBe(200);
     await gw.waitForLine(/"association released"/);
+    expect(await gw.stop()).toBe(0);
+  }, 30_000);
+
+  test("unknown keys are logged as warnings at start and at each reload; the gateway runs with the keys it knows", async () => {
+    const config = await testConfigObject([{ AET: "ALPHA", AllowedCaller: ["CT1"] }], await unreachableOrthancUrl(), { Gateway: { Log: { Level: "info", Format: "json" } } });
+    const path = writeConfigFile(config);
+    const gw = spawnGateway(BUN, [CLI, "serve", "--config", path]);
+    started.push(gw);
+    const warning = JSON.parse(await gw.waitForLine(/"configuration warning"/));
+    expect(warning).toMatchObject({ level: "warn", config: path, warning: "MultitenantDicom.Servers[0].AllowedCaller: unknown key (did you mean AllowedCallers?)" });
+    // Logged once serve is up, just before it handles SIGHUP.
+    await gw.waitForLine(/started without a usable Orthanc/);
+    const servers = (config.MultitenantDicom as { Servers: Record<string, unknown>[] }).Servers;
+    servers[0] = { ...servers[0], AllowedCallers: ["CT1"], LabelConstraint: "Any" };
+    delete servers[0]!.AllowedCaller;
+    writeFileSync(path, JSON.stringify(config));
+    gw.child.kill("SIGHUP");
+    const reloaded = JSON.parse(await gw.waitForLine(/LabelConstraint: unknown key/));
+    expect(reloaded).toMatchObject({ level: "warn", msg: "configuration warning", warning: "MultitenantDicom.Servers[0].LabelConstraint: unknown key (did you mean LabelsConstraint?)" });
+    await gw.waitForLine(/"configuration reloaded"/);
     expect(await gw.stop()).toBe(0);
   }, 30_000);
 });

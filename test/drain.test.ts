@@ -5,19 +5,26 @@
  * logged and audited with the reason. A stop (SIGTERM) drains the same way, and every association it ends
  * has its audit line. /status shows the last reload, /metrics counts reloads, Log.Level applies, and a
  * rejected reload changes nothing on disk. A SIGTERM during start-up stops the gateway once it started.
+ * With DICOM TLS and the pool of connections not yet associated (issue 13): the handed-over TLS port serves
+ * the new listener's certificate while the old listener's connections keep theirs, a TLS association is cut
+ * at the end of the drain, draining associations are never counted as connections not yet associated, and
+ * one reload applies a drain and another tenant's TLS renewal together — or, with a broken TLS file, nothing.
  */
 import { afterAll, expect, test } from "bun:test";
-import { existsSync, readdirSync, readFileSync } from "node:fs";
-import { createServer, type Server } from "node:net";
+import { copyFileSync, existsSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { connect as tcpConnect, createServer, type Server, type Socket } from "node:net";
 import { join } from "node:path";
+import { connect as tlsConnect, type TLSSocket } from "node:tls";
 import { parseConfig } from "../src/config/index.ts";
 import type { GatewayConfig } from "../src/config/types.ts";
 import { startGateway, type Gateway } from "../src/gateway/index.ts";
-import { CommandField, NO_DATASET, PduType, RejectReason, Status } from "../src/net/constants.ts";
+import { CommandField, NO_DATASET, PduType, Status } from "../src/net/constants.ts";
+import { RejectReason } from "../src/net/reject.ts";
 import { encodeReleaseRQ } from "../src/net/pdu.ts";
 import { createLogger } from "../src/shared/log.ts";
 import { echoscu } from "./helpers/dcmtk.ts";
 import { httpPortFromLog, spawnGateway, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
+import { Pki } from "./helpers/pki.ts";
 import { freePort, freePorts } from "./helpers/ports.ts";
 import { RawPeer, VERIFICATION_CONTEXT } from "./helpers/raw-peer.ts";
 import { until } from "./helpers/wait.ts";
@@ -136,6 +143,96 @@ test("a reload drains a changed tenant: the same listening socket, new associati
   expect(metrics).toContain('dicom_gateway_config_reloads_total{outcome="rejected"} 2');
   expect(gw.listeners.map((l) => l.tenant.aet)).toEqual(["DRAIN"]);
 }, 30_000);
+
+/** A TLS connection to `port` over `socket` (default: a new TCP connection): the certificate it was served and the socket. */
+function tlsTo(port: number, socket?: Socket): Promise<{ serial: string; socket: TLSSocket }> {
+  return new Promise((resolve, reject) => {
+    const s = tlsConnect({ ...(socket ? { socket } : { port, host: "127.0.0.1" }), rejectUnauthorized: false }, () => resolve({ serial: s.getPeerCertificate().serialNumber.toUpperCase(), socket: s }));
+    s.once("error", reject);
+    s.once("close", () => reject(new Error(`the TLS connection to port ${port} closed before its handshake completed`)));
+  });
+}
+
+async function servedSerial(port: number): Promise<string> {
+  const { serial, socket } = await tlsTo(port);
+  socket.destroy();
+  return serial;
+}
+
+test("a reload drains a TLS tenant and renews another's TLS files at once: the port taken over serves the new certificate, the old listener's connections keep theirs (pool and secure context), its TLS associations are cut at the drain's end, never counted as not yet associated", async () => {
+  const pki = new Pki("gw-drain-tls-");
+  pki.ca();
+  for (const name of ["server", "server2", "server3"]) pki.certificate(name, "/CN=localhost", { usage: "server", san: "DNS:localhost,IP:127.0.0.1" });
+  const serial = (name: string) => pki.openssl(["x509", "-in", `${name}.crt`, "-noout", "-serial"]).trim().replace(/^serial=/, "").toUpperCase();
+  // TLSU reads files renewed in place; TLSD is reloaded with files of another name (its entry changes).
+  for (const ext of ["crt", "key"]) copyFileSync(pki.file(`server.${ext}`), pki.file(`liveU.${ext}`));
+  const object = await testConfigObject(
+    [
+      { AET: "TLSD", Labels: ["d"], Tls: { Certificate: pki.file("server.crt"), Key: pki.file("server.key") } },
+      { AET: "TLSU", Labels: ["u"], Tls: { Certificate: pki.file("liveU.crt"), Key: pki.file("liveU.key") } },
+    ],
+    `http://127.0.0.1:${await freePort()}`,
+    { Gateway: { Limits: { DrainSeconds: 2 } } },
+  );
+  const parse = (o: unknown): GatewayConfig => parseConfig(JSON.stringify(o), { env: {} });
+  const gw = await startGateway(parse(object), { orthancCheckIntervalMs: 200, poolFillDelayMs: 60_000 });
+  gateways.push(gw);
+  const [portD, portU] = gw.listeners.map((l) => l.server.port) as [number, number];
+  const tenant = (aet: string) => gw.snapshot().tenants.find((t) => t.aet === aet)!;
+  const unassociated = () => gw.snapshot().tenants.reduce((n, t) => n + (t.unassociatedConnections ?? 0), 0);
+  expect(await servedSerial(portD)).toBe(serial("server"));
+
+  // Under the old settings: an association over TLS, and a connection accepted but not yet in its handshake.
+  const old = new RawPeer((await tlsTo(portD)).socket);
+  expect((await old.associate("TLSD", [VERIFICATION_CONTEXT]))?.type).toBe(PduType.AssociateAC);
+  const early = await new Promise<Socket>((resolve, reject) => {
+    const s = tcpConnect({ port: portD, host: "127.0.0.1" }, () => resolve(s));
+    s.once("error", reject);
+  });
+  await until("the early connection waits in the old listener's pool", () => tenant("TLSD").unassociatedConnections === 1);
+
+  const inode = listeningSocketInode(portD);
+  for (const ext of ["crt", "key"]) copyFileSync(pki.file(`server2.${ext}`), pki.file(`liveU.${ext}`));
+  const servers = object.MultitenantDicom as { Servers: Record<string, unknown>[] };
+  const changed = { ...object, MultitenantDicom: { Servers: [{ ...servers.Servers[0], Tls: { Certificate: pki.file("server3.crt"), Key: pki.file("server3.key") } }, servers.Servers[1]] } };
+  const result = await gw.reload(parse(changed));
+  expect(result).toMatchObject({ changed: ["TLSD"], unchanged: ["TLSU"], tlsReloaded: ["TLSU"] });
+  expect(listeningSocketInode(portD)).toBe(inode);
+  // New connections get the new listener's certificate (TLSD) and the renewed files (TLSU)...
+  expect(await servedSerial(portD)).toBe(serial("server3"));
+  expect(await servedSerial(portU)).toBe(serial("server2"));
+  // ...the connection the old listener accepted before the reload gets the old one's, and associates there.
+  const late = await tlsTo(portD, early);
+  expect(late.serial).toBe(serial("server"));
+  const latePeer = new RawPeer(late.socket);
+  expect((await latePeer.associate("TLSD", [VERIFICATION_CONTEXT]))?.type).toBe(PduType.AssociateAC);
+  const fresh = new RawPeer((await tlsTo(portD)).socket);
+  expect((await fresh.associate("TLSD", [VERIFICATION_CONTEXT]))?.type).toBe(PduType.AssociateAC);
+  expect(await echo(old, 1)).toBe(Status.Success);
+  // Two draining (old settings), one on the new listener; none of them is a connection not yet associated.
+  await until("only associations are left", () => unassociated() === 0);
+  expect(tenant("TLSD")).toMatchObject({ activeAssociations: 1, drainingAssociations: 2, unassociatedConnections: 0 });
+
+  // The drain's end: both old TLS associations get an A-ABORT and are closed, each audited; the new one goes on.
+  expect((await old.next(5000))?.type).toBe(PduType.Abort);
+  expect((await latePeer.next(5000))?.type).toBe(PduType.Abort);
+  await Promise.all([old.closedPromise, latePeer.closedPromise]);
+  await until("the drain is over", () => tenant("TLSD").drainingAssociations === 0);
+  expect(await echo(fresh, 2)).toBe(Status.Success);
+  const cut = auditLines(gw.config.audit.file).filter((a) => a.event === "association-ended" && a.outcome === "cut-by-reload");
+  expect(cut.map((a) => a.tenant)).toEqual(["TLSD", "TLSD"]);
+
+  // All or nothing: a TLS file that cannot be used rejects the whole reload, the tenant it would add included.
+  writeFileSync(pki.file("liveU.key"), "not a key\n");
+  const [addedPort] = await freePorts(1);
+  const withAdded = { ...changed, MultitenantDicom: { Servers: [...changed.MultitenantDicom.Servers, { AET: "ADDED", Port: addedPort, Labels: [] }] } };
+  await expect(gw.reload(parse(withAdded))).rejects.toThrow("cannot start DICOM TLS for tenant TLSU");
+  expect(gw.listeners.map((l) => l.tenant.aet)).toEqual(["TLSD", "TLSU"]);
+  expect(listeningSocketInode(addedPort!)).toBeUndefined();
+  expect(existsSync(join(gw.config.spool.directory, "ADDED"))).toBe(false);
+  expect(await servedSerial(portU)).toBe(serial("server2"));
+  fresh.close();
+}, 60_000);
 
 test("SIGTERM drains: no new association, open ones finish (up to DrainSeconds) or are cut, each with its audit line; the exit code is 0", async () => {
   const config = await testConfigObject([{ AET: "STOPPER", Labels: ["s"] }], `http://127.0.0.1:${await freePort()}`, { Gateway: { Log: { Level: "info", Format: "json" }, Limits: { DrainSeconds: 2 } } });

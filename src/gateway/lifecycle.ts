@@ -1,19 +1,22 @@
 /**
  * The running appliance's lifecycle: startGateway creates the shared state (state.ts) — the spool's lock,
- * the Orthanc client, monitor and change feed, the UID registry and isolation guards, the forwarder —
+ * the Orthanc nodes, their monitor and the change feed, the UID registry, the ownership records in Orthanc
+ * (and the migration of a legacy claims file into them) and isolation guards, the forwarder —
  * starts one DICOM listener per tenant (tenants.ts) and the HTTP endpoint, and returns the Gateway whose
  * stop() undoes it all in order. Runtime-agnostic (node:net for DICOM, an adapter for HTTP).
  */
+import { hostname } from "node:os";
 import type { GatewayConfig } from "../config/types.ts";
 import { serveHttp, type HttpServerHandle } from "../adapter/index.ts";
 import { createHttpApp } from "../http/app.ts";
-import { AssociationCounter } from "../net/server.ts";
+import { ConnectionLimits } from "../net/admission.ts";
 import { createAuditLog, type AuditLog } from "../observe/audit.ts";
 import { createMetrics, type GatewayMetrics } from "../observe/metrics.ts";
+import { RepeatedLog } from "../observe/repeats.ts";
 import type { GatewaySnapshot } from "../observe/status.ts";
 import { ChangesFeed } from "../orthanc/changes.ts";
-import { OrthancClient } from "../orthanc/client.ts";
-import { OrthancMonitor } from "../orthanc/monitor.ts";
+import { ClusterMonitor } from "../orthanc/cluster-monitor.ts";
+import { OrthancNodes } from "../orthanc/nodes.ts";
 import { Labeler } from "../orthanc/store.ts";
 import type { SpoolFiles } from "../spool/files.ts";
 import { Forwarder } from "../spool/forwarder.ts";
@@ -22,9 +25,12 @@ import { createStoreMetrics, type StoreMetrics } from "../spool/metrics.ts";
 import { SegmentPool } from "../spool/pool.ts";
 import { SpoolAdmin, type AdminTenant } from "../spool/admin.ts";
 import { IsolationGuards } from "../tenancy/isolation.ts";
+import { migrateLegacyClaims } from "../tenancy/migrate-claims.ts";
+import { OwnerRecords } from "../tenancy/owner-records.ts";
 import { UidRegistry } from "../tenancy/ownership.ts";
+import { FileDescriptorBudget } from "../shared/fd-limit.ts";
 import { silentLogger, type Logger } from "../shared/log.ts";
-import { createGatewayCounters, forwarderEvents, orthancStatusChanged } from "./observers.ts";
+import { createGatewayCounters, forwarderEvents, orthancFailover, orthancStatusChanged } from "./observers.ts";
 import { reload, type ReloadResult } from "./reload.ts";
 import { takeSnapshot } from "./snapshot.ts";
 import type { GatewayState, TenantListener } from "./state.ts";
@@ -43,6 +49,10 @@ export interface GatewayOptions {
   spoolFiles?: SpoolFiles;
   /** When the pool of ready segments starts filling after start (default at once, in the background). */
   poolFillDelayMs?: number;
+  /** Window in which repeated identical failures (TLS handshakes, refused connections) are logged once, with a count (default 10 s). */
+  logRepeatWindowMs?: number;
+  /** The process's file descriptors as the listeners watch them (default: this process's RLIMIT_NOFILE, read from /proc). */
+  fileDescriptors?: FileDescriptorBudget;
 }
 
 export interface Gateway {
@@ -50,8 +60,10 @@ export interface Gateway {
   listeners: TenantListener[];
   http: HttpServerHandle;
   metrics: GatewayMetrics;
-  orthanc: OrthancClient;
-  monitor: OrthancMonitor;
+  /** The Orthanc node(s) of `Gateway.Orthanc.Url`. */
+  orthanc: OrthancNodes;
+  /** Every Orthanc node's health (`status`: the cluster's). */
+  monitor: ClusterMonitor;
   forwarder: Forwarder;
   storeMetrics: StoreMetrics;
   audit: AuditLog;
@@ -63,8 +75,9 @@ export interface Gateway {
    * restart (reload.ts): unchanged tenants keep their listeners and open associations; changed ones get
    * new listeners that take their ports over at once while their open associations finish under the old
    * settings (up to DrainSeconds, then cut); added ones start, removed ones stop (their spooled instances
-   * are still forwarded). Changes to other settings need a restart and make the reload fail
-   * (ReloadError), as does a listener that cannot start or a file that does not load (`next` as a
+   * are still forwarded); the TLS files of the tenants that stay are read again (renewed ones serve new
+   * connections). Changes to other settings need a restart and make the reload fail (ReloadError), as does
+   * a listener that cannot start, a TLS file that cannot be used or a file that does not load (`next` as a
    * function) — the previous configuration then keeps running, and nothing on disk changed.
    */
   reload(next: GatewayConfig | (() => Promise<GatewayConfig>)): Promise<ReloadResult>;
@@ -106,39 +119,50 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
   const log = opts.logger ?? silentLogger;
   const metrics = opts.metrics ?? createMetrics();
   const startedAt = new Date().toISOString();
-  const orthanc = new OrthancClient({ url: config.orthanc.url, username: config.orthanc.username, password: config.orthanc.password, timeoutMs: config.orthanc.timeoutMs });
+  const counters = createGatewayCounters(metrics.registry);
+  const failover = orthancFailover(log, counters);
+  let monitor: ClusterMonitor | undefined;
+  const orthanc = new OrthancNodes(config.orthanc.urls, {
+    username: config.orthanc.username,
+    password: config.orthanc.password,
+    timeoutMs: config.orthanc.timeoutMs,
+    onFailover: (node, error, next) => {
+      failover(node, error, next);
+      monitor?.recheck(node.index);
+    },
+  });
 
   const storeMetrics = createStoreMetrics(metrics.registry);
   // Orthanc's change log keeps the label and ownership caches in step with Orthanc (deletions, a new database).
   const changes = new ChangesFeed(orthanc, opts.orthancCheckIntervalMs ?? 2000);
   const labeler = new Labeler(orthanc, { feed: changes });
-  // Strict isolation: which UIDs were created by which tenant or are in flight, and one guard per Strict tenant.
+  // Strict isolation: the ownership records in Orthanc (every gateway of the site sees them), the UIDs in
+  // flight on this gateway and the legacy claims file until it is migrated, and one guard per Strict tenant.
+  const records = new OwnerRecords(orthanc, config.orthanc.ownerMetadata, hostname());
   const registry = new UidRegistry(config.spool.directory);
   const pool = new SegmentPool(config.spool.directory, opts.spoolFiles);
   try {
     await registry.open();
     await pool.open({ fillAfterMs: opts.poolFillDelayMs });
   } catch (e) {
-    await registry.close().catch(() => {});
     await pool.close();
     spoolLock.release();
     throw e;
   }
   const guards = new IsolationGuards(orthanc);
-  registry.onRelease = (level, uid) => guards.forget(level, uid);
   changes.addListener(guards);
   changes.addListener({ reset: () => labeler.clear() });
-  const counters = createGatewayCounters(metrics.registry);
   let audit: AuditLog;
   try {
     audit = opts.audit ?? createAuditLog({ file: config.audit?.file ?? "" });
   } catch (e) {
     // The audit file cannot be opened: nothing was started, give the spool back.
-    await registry.close();
+    await pool.close();
     spoolLock.release();
     throw e;
   }
-  const sinks = { log, metrics, storeMetrics, counters, audit };
+  const repeats = new RepeatedLog(opts.logRepeatWindowMs);
+  const sinks = { log, metrics, storeMetrics, counters, audit, repeats, fileDescriptors: { exhaustedAt: 0 } };
   const byTenant = new Map<string, TenantListener>();
   const forwarder: Forwarder = new Forwarder({
     orthanc,
@@ -151,7 +175,15 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     defaultEncoding: config.dicom.defaultEncoding,
     events: forwarderEvents(sinks, config.spool.directory, byTenant, () => forwarder.idle()),
   });
-  const monitor = new OrthancMonitor(orthanc, { intervalMs: opts.orthancCheckIntervalMs ?? 5000, onChange: orthancStatusChanged(log, forwarder) });
+  // The ownership records need Orthanc's configuration (UserMetadata, CheckRevisions) while a tenant is Strict.
+  const strict = () => config.tenants.some((t) => t.isolation === "Strict" && t.labels.length > 0);
+  monitor = new ClusterMonitor(orthanc, {
+    intervalMs: opts.orthancCheckIntervalMs ?? 5000,
+    onChange: orthancStatusChanged(log, forwarder, config.orthanc.urls.length, sinks.fileDescriptors),
+    requirements: (sys, url) => (strict() ? records.observe(url, sys) : undefined),
+  });
+  const limits = config.limits;
+  const fileDescriptors = opts.fileDescriptors ?? new FileDescriptorBudget();
 
   const s: GatewayState = {
     ...sinks,
@@ -162,9 +194,15 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     changes,
     labeler,
     registry,
+    records,
     guards,
     forwarder,
-    globalLimit: new AssociationCounter(config.limits?.maxAssociations ?? Infinity),
+    limits: new ConnectionLimits({
+      maxAssociations: limits?.maxAssociations,
+      maxUnassociated: limits?.maxUnassociatedConnections,
+      maxUnassociatedPerAddress: limits?.maxUnassociatedConnectionsPerAddress,
+      fileDescriptors,
+    }),
     artimTimeoutMs: opts.artimTimeoutMs ?? config.limits?.artimTimeoutMs ?? 30_000,
     spoolFiles: opts.spoolFiles,
     listeners: [],
@@ -188,7 +226,6 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
       await closeSpools(s);
       await pool.close();
       audit.close();
-      await registry.close();
       orthanc.close();
     } finally {
       spoolLock.release();
@@ -196,11 +233,14 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     throw e;
   }
 
+  warnIfFewFileDescriptors(log, fileDescriptors, config);
+
   // The first check is awaited so that the first /ready answer and the start-up log are accurate.
   monitor.start();
   await monitor.check();
   changes.start();
   forwarder.start();
+  const migration = legacyClaimsMigration(s);
 
   return {
     config,
@@ -217,6 +257,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     reload: (next) => reload(s, next),
     async stop(drainMs = 0) {
       try {
+        migration.stop();
         const cut = { reason: "cut-by-stop" as const, detail: `the gateway is stopping; the association was still open after Gateway.Limits.DrainSeconds (${drainMs / 1000} s)` };
         // Listeners a reload replaced are still draining: they end at this stop's deadline at the latest.
         const draining = [...s.draining].map(([l, drain]) => Promise.all([drain, l.server.close(drainMs, cut)]));
@@ -227,13 +268,69 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
         await forwarder.stop();
         await closeSpools(s);
         await pool.close();
-        await registry.close();
         await http.close();
         audit.close();
+        repeats.close();
         orthanc.close();
       } finally {
         spoolLock.release(); // last: the spool's files are closed
       }
+    },
+  };
+}
+
+/**
+ * The connections Gateway.Limits allow need a descriptor each: say so at start when RLIMIT_NOFILE is lower
+ * (the listeners then close the oldest connections not yet associated before the process runs out).
+ */
+function warnIfFewFileDescriptors(log: Logger, fds: FileDescriptorBudget, config: GatewayConfig): void {
+  const l = config.limits;
+  if (fds.limit === undefined || !l) return;
+  const wanted = l.maxAssociations + l.maxUnassociatedConnections;
+  if (fds.limit - fds.reserve >= wanted) return;
+  log.warn("the file descriptor limit is below what Gateway.Limits allow: connections not yet associated are closed, oldest first, before the process runs out", {
+    limit: fds.limit,
+    reserve: fds.reserve,
+    allowed: wanted,
+    fix: `raise LimitNOFILE to at least ${wanted + fds.reserve}, or lower Gateway.Limits.MaxAssociations / MaxUnassociatedConnections`,
+  });
+}
+
+/** Retry period of the migration of a legacy claims file while Orthanc cannot take it. */
+const MIGRATION_RETRY_MS = 10_000;
+
+/**
+ * Moves a legacy `claims.jsonl` into Orthanc's ownership records (tenancy/migrate-claims.ts): now, and every
+ * MIGRATION_RETRY_MS until Orthanc takes it (it is unreachable, or lacks the metadata configuration).
+ */
+function legacyClaimsMigration(s: GatewayState): { stop(): void } {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  let stopped = false;
+  let lastError: string | undefined;
+  const run = async () => {
+    timer = undefined;
+    if (stopped || s.registry.legacyClaims().length === 0) return;
+    try {
+      const r = await migrateLegacyClaims(s.registry, s.orthanc, s.records, s.config.tenants);
+      if (r) {
+        s.log.info("legacy claims migrated into Orthanc's ownership records", { file: `${s.registry.path}.migrated`, recorded: r.recorded, present: r.present, gone: r.gone, conflicts: r.conflicts.length });
+        for (const c of r.conflicts) s.log.warn("legacy claim not migrated: Orthanc says otherwise", { claim: c });
+      }
+    } catch (e) {
+      const error = e instanceof Error ? e.message : String(e);
+      if (error !== lastError) s.log.warn("legacy claims not migrated yet (they are honoured from the file meanwhile)", { file: s.registry.path, error });
+      lastError = error;
+      if (!stopped) {
+        timer = setTimeout(() => void run(), MIGRATION_RETRY_MS);
+        (timer as { unref?: () => void }).unref?.();
+      }
+    }
+  };
+  void run();
+  return {
+    stop() {
+      stopped = true;
+      clearTimeout(timer);
     },
   };
 }

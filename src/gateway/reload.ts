@@ -4,19 +4,24 @@
  * other setting makes the reload fail (ReloadError) and the previous configuration keeps running.
  *
  * A reload is applied as a whole or not at all, and nothing on disk changes when it is rejected:
- *   1. every new or changed tenant is built (prepareTenant: no disk change) and binds the ports that no
- *      running listener holds; one that fails (a port in use) undoes them all: rejected;
- *   2. the new listeners take the ports of the previous ones over (DimseServer.takeOver: the same listening
+ *   0. the TLS files of the tenants that stay are read again; a file that cannot be used rejects the reload;
+ *   1. every new or changed tenant is built (prepareTenant: no disk change, its TLS files read) and binds
+ *      the ports that no running listener holds; one that fails (a port in use) undoes them all: rejected;
+ *   2. their background work starts (Storage Commitment: a changed tenant's new SCP shares the journal of
+ *      the previous one);
+ *   3. the new listeners take the ports of the previous ones over (DimseServer.takeOver: the same listening
  *      socket, so no connection is refused), and are put into service;
- *   3. the previous listeners of changed and removed tenants drain in the background: their open
+ *   4. the previous listeners of changed and removed tenants drain in the background: their open
  *      associations go on under the old settings up to `Gateway.Limits.DrainSeconds`, then are cut, each
- *      logged and audited ("cut-by-reload").
+ *      logged and audited ("cut-by-reload"); then their background stops (what it has not finished goes to
+ *      the new SCP). The renewed TLS files of the tenants that stay serve new connections (tlsReloaded).
  * Every outcome is kept for /status ("lastReload") and counted in dicom_gateway_config_reloads_total.
  */
 import type { GatewayConfig, TenantConfig } from "../config/types.ts";
 import type { LastReload } from "../observe/status.ts";
+import { tenantDirectoryName } from "../spool/spool.ts";
 import type { GatewayState, TenantListener } from "./state.ts";
-import { abandonTenant, activateTenant, prepareTenant, stopTenant, type PreparedTenant } from "./tenants.ts";
+import { abandonTenant, activateTenant, prepareTenant, prepareTlsReloads, startBackground, stopTenant, type PreparedTenant } from "./tenants.ts";
 
 /** What a configuration reload changed. */
 export interface ReloadResult {
@@ -26,6 +31,8 @@ export interface ReloadResult {
   unchanged: string[];
   /** Other live settings that changed: "DicomModalities", "Gateway.Log.Level", "Gateway.Limits.DrainSeconds". */
   settings: string[];
+  /** Unchanged tenants whose TLS files' content changed: new connections get the new certificate, key, CA, CRL. */
+  tlsReloaded: string[];
 }
 
 export class ReloadError extends Error {
@@ -91,7 +98,7 @@ async function reloadTenants(s: GatewayState, next: GatewayConfig): Promise<Relo
   const key = (aet: string) => (config.dicom.strictAetComparison ? aet.trim() : aet.trim().toUpperCase());
   const current = new Map(listeners.map((l) => [key(l.tenant.aet), l]));
   const wanted = new Map(next.tenants.map((t) => [key(t.aet), t]));
-  const result: ReloadResult = { added: [], removed: [], changed: [], unchanged: [], settings: LIVE_SETTINGS.filter((x) => JSON.stringify(x.get(config)) !== JSON.stringify(x.get(next))).map((x) => x.name) };
+  const result: ReloadResult = { added: [], removed: [], changed: [], unchanged: [], settings: LIVE_SETTINGS.filter((x) => JSON.stringify(x.get(config)) !== JSON.stringify(x.get(next))).map((x) => x.name), tlsReloaded: [] };
   const outgoing: TenantListener[] = [];
   const incoming: TenantConfig[] = [];
   for (const [k, l] of current) {
@@ -112,7 +119,18 @@ async function reloadTenants(s: GatewayState, next: GatewayConfig): Promise<Relo
     }
   }
 
-  // 1. Build the new listeners and bind the ports nobody holds yet: the only step that may fail.
+  // Renewed TLS files of the tenants that stay: read and checked before anything changes (a broken file
+  // fails the reload), put in place at the end.
+  let tlsReloads: ReturnType<typeof prepareTlsReloads>;
+  try {
+    tlsReloads = prepareTlsReloads(listeners.filter((l) => !outgoing.includes(l)));
+  } catch (e) {
+    throw new ReloadError(`the new configuration could not be applied, the previous one keeps running: ${(e as Error).message}`, { cause: e });
+  }
+
+  // 1. Build the new listeners (their TLS files read) and bind the ports nobody holds yet — connections there
+  //    wait, unread, for step 3 — then start their background work (Storage Commitment, which may write to
+  //    disk: only once every port is bound): the only steps that may fail.
   const previous = outgoing.map((l) => l.server);
   const prepared: PreparedTenant[] = [];
   try {
@@ -121,18 +139,25 @@ async function reloadTenants(s: GatewayState, next: GatewayConfig): Promise<Relo
       prepared.push(p);
       await p.listener.server.bindNew(previous);
     }
+    // 2. A tenant's new Storage Commitment SCP takes over the journal of its previous one (still draining).
+    const draining = [...s.draining.keys()].reverse();
+    for (const p of prepared) {
+      const dir = tenantDirectoryName(p.listener.tenant.aet);
+      const predecessor = [...outgoing, ...draining].find((l) => tenantDirectoryName(l.tenant.aet) === dir);
+      await startBackground(p, predecessor);
+    }
   } catch (e) {
     await Promise.all(prepared.map(abandonTenant));
     throw new ReloadError(`the new configuration could not be applied, the previous one keeps running: ${(e as Error).message}`, { cause: e });
   }
 
-  // 2. From here on nothing is refused: the new listeners take the previous ones' ports and go into service.
+  // 3. From here on nothing is refused: the new listeners take the previous ones' ports and go into service.
   const started: TenantListener[] = [];
   for (const p of prepared) {
     try {
       await p.listener.server.takeOver(previous);
     } catch (e) {
-      // A port of another kind (plain <-> TLS) taken by another process in the instant between close and bind.
+      // A port bound to another address (ListenAddress changed), taken by another process in the instant between close and bind.
       s.log.error("a tenant's listener could not take its port over: it does not listen until the next reload or restart", { tenant: p.listener.tenant.aet, error: (e as Error).message });
     }
     started.push(activateTenant(s, p));
@@ -156,5 +181,9 @@ async function reloadTenants(s: GatewayState, next: GatewayConfig): Promise<Relo
   config.log.level = next.log.level;
   config.limits.drainMs = next.limits.drainMs;
   s.log.setLevel?.(next.log.level);
+  for (const r of tlsReloads) {
+    r.apply();
+    result.tlsReloaded.push(r.tenant);
+  }
   return result;
 }

@@ -5,6 +5,7 @@
  */
 import type { GatewaySnapshot, QuarantineSummary } from "../observe/status.ts";
 import { VERSION } from "../shared/version.ts";
+import { explainOrthancStatus } from "./observers.ts";
 import type { GatewayState } from "./state.ts";
 
 /** How many quarantined instances the snapshot lists (the latest, over all tenants). */
@@ -31,6 +32,8 @@ export function takeSnapshot(s: GatewayState): GatewaySnapshot {
         listeners: server.endpoints.map((e) => ({ port: e.port || e.configuredPort, tls: e.tls, listening: e.listening })),
         activeAssociations: server.activeAssociations,
         drainingAssociations: [...s.draining.keys()].filter((d) => d.tenant.aet === tenant.aet).reduce((n, d) => n + d.server.activeAssociations, 0),
+        unassociatedConnections: server.unassociatedConnections,
+        ...(tenant.tls ? { certificates: server.certificates } : {}),
         spool: {
           forwarding: tenant.forwarding,
           depth: st.depth,
@@ -45,7 +48,7 @@ export function takeSnapshot(s: GatewayState): GatewaySnapshot {
         },
       };
     }),
-    orthanc: s.monitor.status,
+    orthanc: explainOrthancStatus(s.monitor.status, s.fileDescriptors.exhaustedAt),
     orthancUnreachableGraceMs: s.config.orthanc.unreachableGraceMs,
     spoolHighWaterMarkPercent: s.config.spool.highWaterMarkPercent,
     quarantine: quarantine.sort((a, b) => a.quarantinedAt.localeCompare(b.quarantinedAt)).slice(-QUARANTINE_SHOWN),

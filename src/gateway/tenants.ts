@@ -13,7 +13,7 @@ import { createTenantServices } from "../services/index.ts";
 import { TenantSpool, tenantDirectoryName, type SpoolEntry } from "../spool/spool.ts";
 import { createAssociationPolicy } from "../tenancy/association-policy.ts";
 import { IsolationGuard } from "../tenancy/isolation.ts";
-import { associationObserver, callerLookupEvents, connectionEvents, storeEvents } from "./observers.ts";
+import { associationObserver, callerLookupEvents, connectionEvents, storageCommitmentEvents, storeEvents } from "./observers.ts";
 import type { GatewayState, TenantListener } from "./state.ts";
 
 /** A tenant built by prepareTenant: its listener not listening yet, and what activateTenant applies. */
@@ -45,7 +45,7 @@ export async function closeSpools(s: GatewayState): Promise<void> {
 export async function prepareTenant(s: GatewayState, tenant: TenantConfig): Promise<PreparedTenant> {
   const { config, log } = s;
   const { spool, pending, newSpool } = await spoolFor(s, tenant);
-  const guard = tenant.isolation === "Strict" ? new IsolationGuard(s.orthanc, s.registry, tenant) : undefined;
+  const guard = tenant.isolation === "Strict" ? new IsolationGuard(s.orthanc, s.registry, tenant, { records: s.records, feed: s.changes }) : undefined;
   const tlog = log.child({ tenant: tenant.aet });
   const services = createTenantServices({
     tenant,
@@ -59,10 +59,12 @@ export async function prepareTenant(s: GatewayState, tenant: TenantConfig): Prom
     guard,
     registry: s.registry,
     storeEvents: storeEvents(tenant, tlog, s),
+    storageCommitmentEvents: storageCommitmentEvents(tenant, tlog, s),
   });
   const policy = createAssociationPolicy(tenant, config.dicom, services.syntaxes, callerLookupEvents(tlog));
   const server = new DimseServer({
     label: `tenant ${tenant.aet} (MultitenantDicom.Servers AET ${tenant.aet})`,
+    host: tenant.listenAddress,
     port: tenant.port,
     maxPduLength: config.dicom.maximumPduLength,
     artimTimeoutMs: s.artimTimeoutMs,
@@ -72,7 +74,9 @@ export async function prepareTenant(s: GatewayState, tenant: TenantConfig): Prom
     observer: associationObserver(tenant, s),
     tls: tenant.tls,
     maxAssociations: tenant.maxAssociations,
-    globalLimit: s.globalLimit,
+    maxUnassociated: tenant.maxUnassociatedConnections,
+    limits: s.limits,
+    admitAddress: policy.admitAddress,
     events: connectionEvents(tenant, s),
   });
   try {
@@ -82,13 +86,28 @@ export async function prepareTenant(s: GatewayState, tenant: TenantConfig): Prom
     if (newSpool) await spool.close();
     throw e;
   }
-  return { listener: { tenant, server, spool, policy }, guard, pending, newSpool };
+  return { listener: { tenant, server, spool, policy, background: services.background }, guard, pending, newSpool };
 }
 
-/** Undoes prepareTenant (the reload that built it is rejected): its ports closed, its spool closed if it opened it. */
+/**
+ * Starts the services' background work of a prepared tenant (Storage Commitment: the journal opened, the
+ * reports owed resumed) — before it listens, so that what is owed since before a restart resumes before
+ * new requests arrive. `predecessor`: the same tenant's listener a reload replaces (or one still draining),
+ * whose work it takes over instead of opening the journal a second time. It may write to disk (a new
+ * tenant's journal): a reload calls it only once every port is bound.
+ */
+export async function startBackground(p: PreparedTenant, predecessor?: TenantListener): Promise<void> {
+  await p.listener.background.start(predecessor?.background);
+}
+
+/**
+ * Undoes prepareTenant (the reload that built it is rejected, or the start failed): its ports closed, its
+ * background stopped, its spool closed if it opened it.
+ */
 export async function abandonTenant(p: PreparedTenant): Promise<void> {
   p.listener.policy.close();
   await p.listener.server.close();
+  await p.listener.background.stop();
   if (p.newSpool) await p.listener.spool.close();
 }
 
@@ -102,7 +121,7 @@ export function activateTenant(s: GatewayState, p: PreparedTenant): TenantListen
   s.spools.set(tenantDirectoryName(tenant.aet), spool);
   spool.quotaBytes = tenant.spoolQuotaBytes;
   for (const e of server.endpoints) {
-    s.log.info("DICOM listener started", { tenant: tenant.aet, port: e.port, tls: e.tls, labels: tenant.labels, labelsConstraint: tenant.labelsConstraint });
+    s.log.info("DICOM listener started", { tenant: tenant.aet, address: tenant.listenAddress, port: e.port, tls: e.tls, labels: tenant.labels, labelsConstraint: tenant.labelsConstraint });
   }
   if (p.pending.length > 0) s.log.info("replaying spooled instances", { tenant: tenant.aet, instances: p.pending.length });
   // Pending entries are queued once the tenant is up (a replay uses the tenant's current settings); they
@@ -115,10 +134,11 @@ export function activateTenant(s: GatewayState, p: PreparedTenant): TenantListen
   return p.listener;
 }
 
-/** Starts a tenant at the gateway's start: prepared, listening, in service. */
+/** Starts a tenant at the gateway's start: prepared, its background started, listening, in service. */
 export async function startTenant(s: GatewayState, tenant: TenantConfig): Promise<TenantListener> {
   const p = await prepareTenant(s, tenant);
   try {
+    await startBackground(p);
     await p.listener.server.listen();
   } catch (e) {
     await abandonTenant(p);
@@ -129,8 +149,10 @@ export async function startTenant(s: GatewayState, tenant: TenantConfig): Promis
 
 /**
  * Stops a tenant's listener(s) — those another listener did not take over — and lets its open
- * associations go on for `drainMs`; those still open then are cut for `cut` (logged and audited). Its
- * spool stays open (the forwarder still holds its entries). The caller takes it out of `s.listeners`.
+ * associations go on for `drainMs`; those still open then are cut for `cut` (logged and audited). Then
+ * its background stops (Storage Commitment work in progress goes to the tenant's next listener, if a
+ * reload started one; else it stays owed in the journal). Its spool stays open (the forwarder still holds
+ * its entries). The caller takes it out of `s.listeners`.
  */
 export async function stopTenant(s: GatewayState, l: TenantListener, drainMs: number, cut: CutReason, done = "DICOM listener stopped"): Promise<void> {
   l.policy.close();
@@ -139,5 +161,18 @@ export async function stopTenant(s: GatewayState, l: TenantListener, drainMs: nu
   const closing = l.server.close(drainMs, cut);
   if (open > 0) s.log.info("waiting for open associations to finish", { tenant: l.tenant.aet, associations: open, drainSeconds: drainMs / 1000, why: cut.reason });
   await closing;
+  await l.background.stop();
   s.log.info(done, { tenant: l.tenant.aet, port: l.tenant.port });
+}
+
+/**
+ * Reads the TLS files of running tenants again (SIGHUP): for each whose files' content changed, the function
+ * that puts the new certificate, key, CA and CRL in place for new connections (open associations keep
+ * theirs). Nothing is applied here, so that a file that cannot be used fails the reload before any change.
+ */
+export function prepareTlsReloads(listeners: readonly TenantListener[]): { tenant: string; apply: () => void }[] {
+  return listeners.flatMap((l) => {
+    const apply = l.server.prepareTlsReload();
+    return apply ? [{ tenant: l.tenant.aet, apply }] : [];
+  });
 }

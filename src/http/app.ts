@@ -40,8 +40,9 @@ export function createHttpApp(deps: HttpAppDeps): Hono<HttpEnv> {
   app.get("/health", (c) => c.json({ status: "ok" }));
 
   app.get("/ready", async (c) => {
-    const { ready, reasons } = readiness(await deps.snapshot());
-    return ready ? c.json({ ready: true }) : c.json({ ready: false, reasons }, 503);
+    const { ready, reasons, degraded } = readiness(await deps.snapshot());
+    const extra = degraded ? { degraded } : {};
+    return ready ? c.json({ ready: true, ...extra }) : c.json({ ready: false, reasons, ...extra }, 503);
   });
 
   app.get("/metrics", async (c) => {

@@ -7,8 +7,9 @@ import { collectAsStreamGrows } from "../adapter/index.ts";
 import { readRange, type FileRange } from "../shared/file-range.ts";
 import type { ResourceLevel } from "../config/types.ts";
 import type { ChangesFeed } from "./changes.ts";
-import { OrthancError, type OrthancClient } from "./client.ts";
+import { OrthancError } from "./client.ts";
 import type { OrthancIds } from "./identity.ts";
+import { onAnyNode, type OrthancApi } from "./nodes.ts";
 
 export interface StoredInstance {
   id: string;
@@ -17,6 +18,8 @@ export interface StoredInstance {
   parentSeries: string;
   /** "Success", or "AlreadyStored" for a replay of an instance Orthanc has. */
   status: string;
+  /** When Orthanc's answer came (performance.now()): the change log as of then tells what this upload created. */
+  at?: number;
 }
 
 /** Orthanc's answer to POST /instances. */
@@ -63,7 +66,7 @@ export function fileStream(range: FileRange, chunkSize = 256 * 1024): ReadableSt
 }
 
 /** Upload time allowed: the REST timeout plus the time to send the file at a pessimistic 10 MB/s. */
-function uploadTimeout(client: OrthancClient, size: number): number {
+function uploadTimeout(client: OrthancApi, size: number): number {
   return client.timeoutMs + Math.ceil(size / 10_000);
 }
 
@@ -71,20 +74,26 @@ function uploadTimeout(client: OrthancClient, size: number): number {
 export const STREAM_ABOVE = 4 << 20;
 
 /** POST /instances with an instance's Part 10 bytes: given, read from disk, or streamed from disk when large. */
-export async function uploadFile(client: OrthancClient, source: Uint8Array | FileRange, signal?: AbortSignal): Promise<StoredInstance> {
+export async function uploadFile(client: OrthancApi, source: Uint8Array | FileRange, signal?: AbortSignal): Promise<StoredInstance> {
   const size = source instanceof Uint8Array ? source.length : source.size;
-  const body = source instanceof Uint8Array ? source : size <= STREAM_ABOVE ? await readRange(source) : fileStream(source);
-  const a = await client.postJson<PostInstancesAnswer>("/instances", body, {
-    timeoutMs: uploadTimeout(client, size),
-    headers: { "Content-Type": "application/dicom", "Content-Length": String(size) },
+  const inMemory = source instanceof Uint8Array ? source : size <= STREAM_ABOVE ? await readRange(source) : undefined;
+  // A stream is read once: on an Orthanc cluster, a node that fails the upload gets it sent again from the start to the next.
+  const a = await onAnyNode(
+    client,
+    (node) =>
+      node.postJson<PostInstancesAnswer>("/instances", inMemory ?? fileStream(source as FileRange), {
+        timeoutMs: uploadTimeout(client, size),
+        headers: { "Content-Type": "application/dicom", "Content-Length": String(size) },
+        signal,
+      }),
     signal,
-  });
+  );
   if (!a || typeof a.ID !== "string") throw new OrthancError(`Orthanc's answer to POST /instances has no ID: ${JSON.stringify(a)}`, { kind: "http" });
   if (a.Status === "FilteredOut") {
     // Orthanc's own filter (a Lua ReceivedInstanceFilter, a plugin's incoming-instance filter) refused it, for good.
     throw new OrthancError("Orthanc filtered the instance out (its ReceivedInstanceFilter or a plugin's filter refused it): see Orthanc's configuration", { kind: "http", status: 403, body: a });
   }
-  return { id: a.ID, parentPatient: a.ParentPatient, parentStudy: a.ParentStudy, parentSeries: a.ParentSeries, status: a.Status };
+  return { id: a.ID, parentPatient: a.ParentPatient, parentStudy: a.ParentStudy, parentSeries: a.ParentSeries, status: a.Status, at: performance.now() };
 }
 
 /**
@@ -116,7 +125,7 @@ export class Labeler {
   private readonly done = new Map<string, { seq: number; at: number }>();
 
   constructor(
-    private readonly client: OrthancClient,
+    private readonly client: OrthancApi,
     private readonly opts: { feed?: ChangesFeed; cacheSize?: number; ttlMs?: number } = {},
   ) {}
 
@@ -136,7 +145,7 @@ export class Labeler {
     }
     if (remembered.length > 0 && this.opts.feed) {
       // Was a remembered parent created again since it was labeled? This upload may have done it.
-      await this.opts.feed.sync();
+      await this.opts.feed.syncSince(stored.at ?? performance.now());
       for (const [level, label, seq] of remembered) if (this.opts.feed.createdSince(ids[level], seq)) put.push([level, label]);
     }
     const seq = this.opts.feed?.lastSeq ?? 0;
@@ -166,7 +175,7 @@ export class Labeler {
 }
 
 /** MD5 and size of what Orthanc stored for an instance (its DICOM attachment). */
-export async function storedAttachmentInfo(client: OrthancClient, instanceId: string): Promise<{ md5: string; size: number }> {
+export async function storedAttachmentInfo(client: OrthancApi, instanceId: string): Promise<{ md5: string; size: number }> {
   const [md5, size] = await Promise.all([
     client.request("GET", `/instances/${instanceId}/attachments/dicom/md5`).then((r) => r.text()),
     client.request("GET", `/instances/${instanceId}/attachments/dicom/size`).then((r) => r.text()),

@@ -1,7 +1,10 @@
 /**
  * Structured logging: one JSON object per line (journald-friendly) or pretty text on a TTY.
- * Runtime-agnostic: writes through a sink function (default: process.stdout).
+ * Runtime-agnostic: writes through a sink function (default: process.stdout). Field values are bounded
+ * (cap.ts: 1 KiB per string, 100 elements per list or object, marked as cut): a log line never carries a
+ * peer's megabyte.
  */
+import { capValue } from "./cap.ts";
 export type LogLevel = "debug" | "info" | "warn" | "error";
 /** "auto": pretty text on a TTY, JSON lines otherwise. */
 export type LogFormat = "json" | "text" | "auto";
@@ -53,11 +56,11 @@ function makeLogger(opts: LoggerOptions, base: LogFields, shared: { min: number 
       // A field never takes the place of the line's own time, level or message (log-level alerting reads
       // "level"): it is kept under another name.
       if (RESERVED.has(k)) {
-        all[`field.${k}`] = serializeValue(all[k]);
+        all[`field.${k}`] = capValue(serializeValue(all[k]));
         delete all[k];
         continue;
       }
-      all[k] = serializeValue(all[k]);
+      all[k] = capValue(serializeValue(all[k]));
     }
     const time = new Date().toISOString();
     if (pretty) {

@@ -12,7 +12,8 @@
  * `receivePriorityMs`, after which uploads go on one at a time until the arrivals stop.
  */
 import type { TenantConfig } from "../config/types.ts";
-import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
+import { OrthancError } from "../orthanc/client.ts";
+import type { OrthancApi } from "../orthanc/nodes.ts";
 import { isPermanentRejection, placementMismatch, storedAttachmentInfo, STREAM_ABOVE, uploadFile, type Labeler, type StoredInstance } from "../orthanc/store.ts";
 import { TenantSpool, type SpoolEntry } from "./spool.ts";
 import { DatasetRefusal, type InstanceIdentity } from "../dicom/dataset-reader.ts";
@@ -42,8 +43,11 @@ export interface ForwarderEvents {
   misplaced?(tenant: TenantConfig, entry: SpoolEntry, reason: string, deleted: boolean): void;
 }
 
+/** What a watcher of the forwarder is told (e.g. Storage Commitment waiting for spooled instances). */
+export type ForwardingWatcher = Pick<ForwarderEvents, "forwarded" | "quarantined">;
+
 export interface ForwarderOptions {
-  orthanc: OrthancClient;
+  orthanc: OrthancApi;
   labeler: Labeler;
   concurrency: number;
   verifyIntegrity: boolean;
@@ -132,10 +136,17 @@ export class Forwarder {
   /** Data sets arriving now, and when the last one ended (receive priority). */
   private arriving = 0;
   private lastArrivalAt = 0;
+  private readonly watchers = new Set<ForwardingWatcher>();
 
   constructor(private readonly opts: ForwarderOptions) {
     this.baseMs = opts.backoffBaseMs ?? 500;
     this.maxMs = opts.backoffMaxMs ?? 30_000;
+  }
+
+  /** Tells `w` of every instance forwarded or quarantined from now on, until the returned function is called. */
+  watch(w: ForwardingWatcher): () => void {
+    this.watchers.add(w);
+    return () => void this.watchers.delete(w);
   }
 
   add(tenant: TenantConfig, spool: TenantSpool, entry: SpoolEntry): void {
@@ -284,13 +295,18 @@ export class Forwarder {
       await spool.quarantine(entry, reason);
       this.opts.registry?.releaseHold(entry.id);
       this.opts.events?.quarantined?.(tenant, entry, reason, kind);
+      for (const w of this.watchers) w.quarantined?.(tenant, entry, reason, kind);
     };
     try {
       const guard = this.opts.guardFor?.(tenant);
       let ids: OrthancIds | undefined;
+      let identity: InstanceIdentity | undefined;
       let instanceIsNew = entry.instanceIsNew === true;
       if (guard) {
-        const identity = await this.identityOf(entry);
+        // Strict isolation: nothing is uploaded that cannot be claimed in Orthanc right after (it would sit
+        // there unowned); retried until Orthanc keeps the ownership records (the monitor's /ready reason).
+        if (guard.unusable) throw new OrthancError(guard.unusable, { kind: "http", status: 409 });
+        identity = await this.identityOf(entry);
         ids = orthancIds(identity);
         // Strict isolation: an instance acknowledged while Orthanc was unreachable is checked now.
         if (entry.isolation !== "checked") {
@@ -314,6 +330,32 @@ export class Forwarder {
         await quarantine("placement", `isolation: ${misplaced}; ${deleted ? "the upload was undone" : "left in Orthanc as it was (not created by this upload)"}`);
         return;
       }
+      if (guard && identity) {
+        // Strict isolation. No instance had this SOP Instance UID when it was checked, yet Orthanc had one
+        // already: another writer (another gateway's tenant) stored it since. Labeled only if it holds exactly
+        // these bytes (a replay of this very upload), never another tenant's content under this tenant's labels.
+        if (stored.status === "AlreadyStored" && instanceIsNew) {
+          const got = await storedAttachmentInfo(this.opts.orthanc, stored.id);
+          const md5 = entry.md5 ?? (await TenantSpool.md5Of(entry));
+          if (got.md5 !== md5 || got.size !== entry.size) {
+            const reason = `isolation: Orthanc already holds other bytes (${got.size} bytes, MD5 ${got.md5}) under SOP Instance UID ${entry.sopInstanceUid}, stored by another writer after this instance was checked; left as it was, unlabeled by this tenant`;
+            await quarantine("isolation", reason);
+            this.opts.events?.isolationRefused?.(tenant, entry, reason);
+            return;
+          }
+        }
+        // The study and series are claimed in Orthanc, where every gateway sees it, before any label; another
+        // tenant that claimed first (through another gateway) keeps them.
+        const settled = await guard.settle(identity, stored);
+        if (!settled.ok) {
+          const deleted = stored.status === "Success" && instanceIsNew;
+          if (deleted) await this.opts.orthanc.delete(`/instances/${stored.id}`);
+          const reason = `isolation: ${settled.reason}; ${deleted ? "the upload was undone" : "left in Orthanc as it was, unlabeled (not created by this upload)"}`;
+          await quarantine("isolation", reason);
+          this.opts.events?.isolationRefused?.(tenant, entry, reason);
+          return;
+        }
+      }
       if (this.opts.verifyIntegrity && stored.status === "Success") {
         const got = await storedAttachmentInfo(this.opts.orthanc, stored.id);
         const md5 = entry.md5 ?? (await TenantSpool.md5Of(entry));
@@ -327,6 +369,7 @@ export class Forwarder {
       this.opts.registry?.releaseHold(entry.id);
       this.outageOver();
       this.opts.events?.forwarded?.(tenant, entry, (performance.now() - started) / 1000, stored);
+      for (const w of this.watchers) w.forwarded?.(tenant, entry, (performance.now() - started) / 1000, stored);
     } catch (e) {
       const err = e instanceof Error ? e : new Error(String(e));
       if (isPermanentRejection(err) || err instanceof DatasetRefusal) {

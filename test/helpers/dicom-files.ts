@@ -37,6 +37,19 @@ export function datasetsIn(dir: string): Map<string, Uint8Array> {
   return m;
 }
 
+/** The Part 10 files in a directory: SOP Instance UID -> the transfer syntax their meta header names. */
+export function transferSyntaxesIn(dir: string): Map<string, string> {
+  const m = new Map<string, string>();
+  for (const f of readdirSync(dir)) {
+    const bytes = new Uint8Array(readFileSync(join(dir, f)));
+    const end = fileMetaLength(bytes);
+    if (end === undefined || end > bytes.length) continue;
+    const meta = decodeFileMeta(bytes);
+    m.set(meta.sopInstanceUid, meta.transferSyntaxUid);
+  }
+  return m;
+}
+
 /** A tag's value as dcmdump prints it, e.g. tagValue(path, "0008,0018"). */
 export async function tagValue(path: string, tag: string): Promise<string> {
   const r = await runTool("dcmdump", ["-q", "-Un", "+P", tag, path]);
