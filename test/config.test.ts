@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, rmSync, writeFileSync } from "node:fs";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join, relative } from "node:path";
@@ -14,6 +14,7 @@ import {
   parseJsonc,
   stripJsonc,
 } from "../src/config/index.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 type Json = Record<string, unknown>;
 
@@ -816,7 +817,7 @@ describe("Tls of a server entry", () => {
   const PEM = "-----BEGIN CERTIFICATE-----\nnot checked here\n-----END CERTIFICATE-----\n";
 
   beforeAll(() => {
-    dir = mkdtempSync(join(tmpdir(), "dicom-gateway-tls-"));
+    dir = tempDir("dicom-gateway-tls-");
     mkdirSync(join(dir, "tls"));
     cert = join(dir, "tls", "alpha.crt");
     key = join(dir, "tls", "alpha.key");
@@ -1697,7 +1698,7 @@ describe("keys the gateway does not know (issue 13)", () => {
       'MultitenantDicom.Servers[0].ListenAddress: expected IP address to listen on, such as 0.0.0.0 (every IPv4 address), :: (every address) or 10.1.2.3, got "localhost"',
     );
     expect(issue(base({ Gateway: { Limits: { MaxUnassociatedConnectionsPerAddress: 0 } } }))).toBe("Gateway.Limits.MaxUnassociatedConnectionsPerAddress: expected integer 1-100000, got 0");
-    const dir = mkdtempSync(join(tmpdir(), "gw-cfg-tls-"));
+    const dir = tempDir("gw-cfg-tls-");
     for (const f of ["s.crt", "s.key", "ca.crt", "ca.crl"]) writeFileSync(join(dir, f), "x");
     const tls = (t: Json) => servers(server({ Tls: { Certificate: join(dir, "s.crt"), Key: join(dir, "s.key"), ...t } }));
     expect(parse(tls({ CA: join(dir, "ca.crt"), CRL: join(dir, "ca.crl"), RequireCallingAetInCertificate: true }), {}).tenants[0]!.tls).toMatchObject({

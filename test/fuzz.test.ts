@@ -15,8 +15,6 @@
  * A crash is any of these; the run prints seed, cases and crashes, and crashes must be 0.
  */
 import { afterAll, beforeAll, expect, test } from "bun:test";
-import { mkdtempSync } from "node:fs";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { CommandSetError, decodeCommandSet, encodeCommandSet } from "../src/net/command.ts";
 import { PduType } from "../src/net/constants.ts";
@@ -41,6 +39,7 @@ import {
   type Step,
 } from "./helpers/fuzz.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 const SEED = fuzzSeed(0x5eed_d1c0);
 const BUDGET_MS = fuzzSeconds(20) * 1000;
@@ -252,7 +251,7 @@ beforeAll(async () => {
       DicomScpTimeout: 1,
       Gateway: {
         Limits: { ArtimTimeoutSeconds: 1, MaxAssociations: 1000, MaxAssociationsPerTenant: 500 },
-        Audit: { File: join(mkdtempSync(join(tmpdir(), "gw-fuzz-audit-")), "audit.log") },
+        Audit: { File: join(tempDir("gw-fuzz-audit-"), "audit.log") },
       },
     },
     { artimTimeoutMs: 500 },

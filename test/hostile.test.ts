@@ -7,9 +7,8 @@
  * limits against both roles are in test/dimse-limits.test.ts.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, readdirSync, readFileSync } from "node:fs";
+import { readdirSync, readFileSync } from "node:fs";
 import { connect, type Socket } from "node:net";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { DimseHandler } from "../src/net/association.ts";
 import { encodeCommandSet } from "../src/net/command.ts";
@@ -28,11 +27,12 @@ import { concatBytes, pdataMessage, playConnection, Rng, validAssociateRQ } from
 import { startTestGateway } from "./helpers/gateway.ts";
 import { startAttacker, type AttackReport } from "./helpers/hostile-peer.ts";
 import { concat, RawAcceptor, RawPeer, VERIFICATION_CONTEXT } from "./helpers/raw-peer.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 const ARTIM_MS = 1000;
 const IDLE_S = 1;
 const MB = 1 << 20;
-const auditFile = join(mkdtempSync(join(tmpdir(), "gw-hostile-audit-")), "audit.log");
+const auditFile = join(tempDir("gw-hostile-audit-"), "audit.log");
 let gw: Awaited<ReturnType<typeof startTestGateway>>;
 
 beforeAll(async () => {
@@ -201,7 +201,7 @@ describe("slowloris", () => {
   test(
     "with the default limits, 300 idle connections on one tenant do not lock out another tenant",
     async () => {
-      const other = await startTestGateway([{ AET: "ALPHA" }, { AET: "BETA" }], "http://127.0.0.1:1", { DicomScpTimeout: IDLE_S, Gateway: { Audit: { File: join(mkdtempSync(join(tmpdir(), "gw-audit-")), "a.log") } } }, { artimTimeoutMs: ARTIM_MS });
+      const other = await startTestGateway([{ AET: "ALPHA" }, { AET: "BETA" }], "http://127.0.0.1:1", { DicomScpTimeout: IDLE_S, Gateway: { Audit: { File: join(tempDir("gw-audit-"), "a.log") } } }, { artimTimeoutMs: ARTIM_MS });
       try {
         const conns = await Promise.all(Array.from({ length: 300 }, () => rawSocket(other.portOf("ALPHA"))));
         const beta = await echoscu(other.portOf("BETA"), "BETA");
@@ -320,7 +320,7 @@ describe("thousands of associations", () => {
   test(
     "with the default limits, 200 concurrent associations on one tenant are served or cleanly refused",
     async () => {
-      const other = await startTestGateway([{ AET: "ALPHA" }], "http://127.0.0.1:1", { DicomScpTimeout: IDLE_S, Gateway: { Audit: { File: join(mkdtempSync(join(tmpdir(), "gw-audit-")), "a.log") } } }, { artimTimeoutMs: ARTIM_MS });
+      const other = await startTestGateway([{ AET: "ALPHA" }], "http://127.0.0.1:1", { DicomScpTimeout: IDLE_S, Gateway: { Audit: { File: join(tempDir("gw-audit-"), "a.log") } } }, { artimTimeoutMs: ARTIM_MS });
       try {
         const port = other.portOf("ALPHA");
         // Each peer holds its association until all are open, so the limit is really reached.

@@ -1,13 +1,13 @@
 /** Units behind Strict isolation: Orthanc identities, ownership by labels, legacy claims and instances in flight (the strict reader: dataset-reader.test.ts). */
 import { describe, expect, test } from "bun:test";
-import { appendFileSync, existsSync, mkdtempSync, readFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { appendFileSync, existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { decodeFileMeta, explicitVrElement, fileMetaLength } from "../src/dicom/part10.ts";
 import { orthancIds } from "../src/orthanc/identity.ts";
 import { ownsByLabels } from "../src/tenancy/isolation.ts";
 import { UidRegistry } from "../src/tenancy/ownership.ts";
 import { pydicomFile } from "./helpers/dicom-files.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 function dataset(name: string): { bytes: Uint8Array; ts: string } {
   const b = new Uint8Array(readFileSync(pydicomFile(name)));
@@ -36,7 +36,7 @@ test("ownsByLabels: only the tenant's labels (all of them with All)", () => {
 
 describe("UidRegistry", () => {
   test("a legacy claims file is read (released claims stay released, a torn last line is ignored, 0.2 claims by Orthanc ID) and renamed once migrated", async () => {
-    const dir = mkdtempSync(join(tmpdir(), "gw-claims-"));
+    const dir = tempDir("gw-claims-");
     const line = (o: Record<string, unknown>) => JSON.stringify({ at: "2026-01-01T00:00:00Z", ...o }) + "\n";
     appendFileSync(
       join(dir, "claims.jsonl"),
@@ -66,13 +66,13 @@ describe("UidRegistry", () => {
     expect(existsSync(join(dir, "claims.jsonl"))).toBe(false);
     expect(readFileSync(join(dir, "claims.jsonl.migrated"), "utf8")).toContain('"uid":"1.2.3"');
     // A gateway without a claims file has nothing to migrate.
-    const empty = new UidRegistry(mkdtempSync(join(tmpdir(), "gw-claims-")));
+    const empty = new UidRegistry(tempDir("gw-claims-"));
     await empty.open();
     expect(empty.legacyClaims()).toEqual([]);
   });
 
   test("instances in flight hold their three UIDs for their tenant until released", async () => {
-    const r = new UidRegistry(mkdtempSync(join(tmpdir(), "gw-claims-")));
+    const r = new UidRegistry(tempDir("gw-claims-"));
     const uids = { studyInstanceUid: "1.2", seriesInstanceUid: "1.2.3", sopInstanceUid: "1.2.3.4" };
     r.hold("e1", "ALPHA", uids);
     r.hold("e1", "ALPHA", uids); // idempotent per key

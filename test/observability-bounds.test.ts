@@ -8,9 +8,8 @@
  *   one of them is still in the audit trail.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, readFileSync } from "node:fs";
+import { readFileSync } from "node:fs";
 import { connect } from "node:net";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { encodeCommandSet } from "../src/net/command.ts";
 import { CommandField, NO_DATASET, PduType, Status, TransferSyntax } from "../src/net/constants.ts";
@@ -24,6 +23,7 @@ import { getSharedOrthanc, ORTHANC_START_TIMEOUT_MS } from "./helpers/orthanc.ts
 import { Pki } from "./helpers/pki.ts";
 import { concat, RawPeer } from "./helpers/raw-peer.ts";
 import { until } from "./helpers/wait.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 type TestGateway = Awaited<ReturnType<typeof startTestGateway>>;
 let gw: TestGateway;
@@ -120,7 +120,7 @@ describe("audit and log values", () => {
   }, 60_000);
 
   test("the writers cap strings, lists and objects, and leave small values as they are", () => {
-    const file = join(mkdtempSync(join(tmpdir(), "gw-cap-")), "audit.log");
+    const file = join(tempDir("gw-cap-"), "audit.log");
     const audit = createAuditLog({ file });
     const fields = { big: "x".repeat(5000), list: Array.from({ length: 500 }, (_, i) => `1.2.${i}`), keys: Object.fromEntries(Array.from({ length: 300 }, (_, i) => [`K${i}`, "v"])), small: "ok" };
     audit.operation({ tenant: "T", callingAe: "A", calledAe: "T", peer: "p", association: 1, service: "C-FIND", status: 0, seconds: 0, fields });

@@ -5,9 +5,7 @@
  * an outage of M s". Against the real Orthanc, with dcmtk as the modality and the C-MOVE destination.
  */
 import { afterAll, beforeAll, expect, test } from "bun:test";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { rmSync } from "node:fs";
 import { createLogger } from "../src/shared/log.ts";
 import { runTool } from "./helpers/dcmtk.ts";
 import { pydicomFile, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
@@ -16,6 +14,7 @@ import { getSharedOrthanc } from "./helpers/orthanc.ts";
 import { startStorescp, type Storescp } from "./helpers/storescp.ts";
 import { startTcpProxy, type TcpProxy } from "./helpers/tcp-proxy.ts";
 import { until } from "./helpers/wait.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 type Gw = Awaited<ReturnType<typeof startTestGateway>>;
 const lines: string[] = [];
@@ -23,7 +22,7 @@ const json = () => lines.map((l) => JSON.parse(l) as Record<string, unknown>);
 let gw: Gw;
 let proxy: TcpProxy;
 let storescp: Storescp;
-const scratch = mkdtempSync(join(tmpdir(), "gw-oplogs-"));
+const scratch = tempDir("gw-oplogs-");
 
 beforeAll(async () => {
   const orthanc = await getSharedOrthanc();

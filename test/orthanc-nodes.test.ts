@@ -4,10 +4,9 @@
  * upload in the middle, or answer 502 like a proxy in front of a dead Orthanc; and readiness from them.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, writeFileSync } from "node:fs";
+import { writeFileSync } from "node:fs";
 import { createServer as createHttpServer, type Server as HttpServer } from "node:http";
 import { createServer, type Server } from "node:net";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { OrthancError } from "../src/orthanc/client.ts";
 import { ClusterMonitor } from "../src/orthanc/cluster-monitor.ts";
@@ -24,6 +23,7 @@ import { runTool } from "./helpers/dcmtk.ts";
 import { pydicomFile, uniqueCopies } from "./helpers/dicom-files.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
 import { startStorescp } from "./helpers/storescp.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 let orthanc: OrthancHandle;
 let dead: string;
@@ -137,7 +137,7 @@ describe("OrthancNodes: a call goes to a node that answers", () => {
     const dataset = identityDataset("explicitLE", { patientId: new TextEncoder().encode("STREAMED"), studyInstanceUid: freshUid(), seriesInstanceUid: freshUid(), sopInstanceUid: sop }, [
       element("explicitLE", 0x7fe00010, "OB", new Uint8Array(STREAM_ABOVE + (1 << 20)).fill(7)),
     ]);
-    const file = join(mkdtempSync(join(tmpdir(), "gw-nodes-")), "big.dcm");
+    const file = join(tempDir("gw-nodes-"), "big.dcm");
     const bytes = part10(dataset, TS.explicitLE, sop);
     writeFileSync(file, bytes);
     // A "node" that takes the request and 1 MiB of its body, then resets the connection.

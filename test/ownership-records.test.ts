@@ -4,8 +4,7 @@
  * the box by earlier gateways (src/tenancy/migrate-claims.ts). Real Orthancs, real dcmtk.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { copyFileSync, existsSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { copyFileSync, existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts";
 import { OrthancClient } from "../src/orthanc/client.ts";
@@ -17,6 +16,7 @@ import { startTestGateway } from "./helpers/gateway.ts";
 import { startRewritingProxy, type ProxiedRequest, type RewritingProxy } from "./helpers/http-proxy.ts";
 import { ORTHANC_START_TIMEOUT_MS } from "./helpers/orthanc.ts";
 import { until } from "./helpers/wait.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 const uid = () => `2.25.${BigInt("0x" + crypto.randomUUID().replace(/-/g, "")).toString()}`;
 
@@ -115,7 +115,7 @@ describe("a claims file of an earlier gateway is migrated into Orthanc at start"
     const study2 = orthancIds({ patientId: "MIGRATE-2", studyInstanceUid: s2, seriesInstanceUid: await tagValue(f2, "0020,000e"), sopInstanceUid: await tagValue(f2, "0008,0018") }).study;
     const studyL = orthancIds({ patientId: "MIGRATE-L", studyInstanceUid: labeled, seriesInstanceUid: await tagValue(fl, "0020,000e"), sopInstanceUid: await tagValue(fl, "0008,0018") }).study;
     await client.put(`/studies/${studyL}/labels/other`, "");
-    const spool = mkdtempSync(join(tmpdir(), "gw-migrate-"));
+    const spool = tempDir("gw-migrate-");
     const line = (o: Record<string, unknown>) => JSON.stringify({ at: "2026-01-01T00:00:00Z", ...o });
     writeFileSync(
       join(spool, "claims.jsonl"),
@@ -187,7 +187,7 @@ describe("the same SOP Instance UID from two gateways: another tenant's bytes ar
     try {
       const victim = await instance("SAME-SOP", uid());
       // The attacker's copy: the victim's UIDs and PatientID, other content.
-      const attack = join(mkdtempSync(join(tmpdir(), "gw-same-sop-")), "attack.dcm");
+      const attack = join(tempDir("gw-same-sop-"), "attack.dcm");
       copyFileSync(victim, attack);
       expect((await runTool("dcmodify", ["-nb", "-i", "(0008,103e)=OTHER CONTENT", attack])).code).toBe(0);
       const store = (gw: typeof gwV, aet: string, f: string) => runTool("storescu", ["-v", "-d", "-aec", aet, "127.0.0.1", String(gw.portOf(aet)), f]);

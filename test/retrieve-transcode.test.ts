@@ -13,9 +13,8 @@
  * DicomCheckCalledAet true.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { copyFileSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import { copyFileSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { createRequire } from "node:module";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { generateDataset } from "../scripts/generate-dataset.ts";
@@ -35,6 +34,7 @@ import { getSharedOrthanc, ORTHANC_START_TIMEOUT_MS, startOrthanc, type OrthancH
 import { freePorts } from "./helpers/ports.ts";
 import { startStorescp, type Storescp } from "./helpers/storescp.ts";
 import { until } from "./helpers/wait.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 const JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70";
 const JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80";
@@ -59,7 +59,7 @@ const prefix = `TX${Date.now().toString(36).toUpperCase()}`;
 
 /** Copies of pydicom files with new SOP instance and series UIDs, in one new study of a new patient. */
 async function makeStudy(name: string, files: string[]): Promise<Made> {
-  const dir = mkdtempSync(join(tmpdir(), `gw-tx-${name}-`));
+  const dir = tempDir(`gw-tx-${name}-`);
   const study = `2.25.${BigInt("0x" + crypto.randomUUID().replaceAll("-", "")).toString()}`;
   const paths = files.map((f, i) => {
     const p = join(dir, `${i}-${f}`);
@@ -247,13 +247,13 @@ describe("C-MOVE to destinations that accept only uncompressed syntaxes", () => 
 
 describe("C-GET to requesters that propose only uncompressed syntaxes, and its failure reports", () => {
   test("getscu defaults: 4 of 4 arrive transcoded; with a failing sub-operation it still releases cleanly (the final response and its identifier in one PDU)", async () => {
-    const dir = mkdtempSync(join(tmpdir(), "gw-tx-get-"));
+    const dir = tempDir("gw-tx-get-");
     const r = await getscu(dir, FOUR.study);
     expect(r.output).toContain("Received C-GET Response (Success)");
     expectCleanEnd(r.output);
     expect([...transferSyntaxesIn(dir).keys()].sort()).toEqual(uidsOf(FOUR));
 
-    const dir2 = mkdtempSync(join(tmpdir(), "gw-tx-get-"));
+    const dir2 = tempDir("gw-tx-get-");
     const f = await getscu(dir2, J2K.study, ["-d"]);
     expect(f.output).toContain("Number of Completed Suboperations : 1");
     expect(f.output).toContain("Number of Failed Suboperations    : 1");
@@ -267,7 +267,7 @@ describe("C-GET to requesters that propose only uncompressed syntaxes, and its f
   test("the Failed SOP Instance UID List is cut to what fits one PDU with the response, the counts stay exact", async () => {
     // 110 CT instances; a requester with a 4096-byte maximum PDU that takes the SCP role for MR only: every
     // sub-operation fails, and 110 UIDs (2.25.<decimal>, ~44 characters each) do not fit one 4096-byte PDU.
-    const many = await generateDataset({ outDir: mkdtempSync(join(tmpdir(), "gw-tx-many-")), patients: 1, studiesPerPatient: 1, seriesPerStudy: 1, instancesPerSeries: 110, patientIdPrefix: `${prefix}M`, reuse: false });
+    const many = await generateDataset({ outDir: tempDir("gw-tx-many-"), patients: 1, studiesPerPatient: 1, seriesPerStudy: 1, instancesPerSeries: 110, patientIdPrefix: `${prefix}M`, reuse: false });
     const ids = await Promise.all(many.instances.map((i) => client.postJson<{ ParentStudy: string }>("/instances", new Uint8Array(readFileSync(i.path)))));
     await client.put(`/studies/${ids[0]!.ParentStudy}/labels/alpha`);
     const r = await retrieveWithRequestor({ get: true, study: many.studies[0]!.studyInstanceUid, maxPduLength: 4096, storage: [{ sopClass: MR_IMAGE_STORAGE, transferSyntaxes: [TransferSyntax.ExplicitVRLittleEndian] }] });
@@ -356,7 +356,7 @@ describe("an Orthanc older than 1.12.2 cannot transcode on download", () => {
   });
 
   test("getscu defaults: every sub-operation that needs transcoding fails with a clear ErrorComment; getscu releases cleanly", async () => {
-    const dir = mkdtempSync(join(tmpdir(), "gw-tx-old-"));
+    const dir = tempDir("gw-tx-old-");
     const r = await runTool("getscu", ["-d", "+B", "-S", "-aet", "WORKSTATION", "-aec", "ALPHA", "-od", dir, "-k", "QueryRetrieveLevel=STUDY", "-k", `StudyInstanceUID=${FOUR.study}`, "127.0.0.1", String(old.portOf("ALPHA"))]);
     expect(r.output).toContain("Number of Failed Suboperations    : 4");
     expect(r.output).toContain("(0000,0902) LO [Orthanc 1.12.1 cannot transcode: upgrade to 1.12.2+]");

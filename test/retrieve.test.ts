@@ -11,10 +11,9 @@
  * The storescp destinations sit behind a gate that refuses any other called AE title (helpers/storescp.ts).
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import { readdirSync, readFileSync, rmSync } from "node:fs";
 import { createRequire } from "node:module";
 import { createServer, type Server, type Socket } from "node:net";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { generateDataset, type GeneratedDataset } from "../scripts/generate-dataset.ts";
@@ -39,6 +38,7 @@ import { startTestGateway } from "./helpers/gateway.ts";
 import { getSharedOrthanc, ORTHANC_START_TIMEOUT_MS, type OrthancHandle } from "./helpers/orthanc.ts";
 import { freePort } from "./helpers/ports.ts";
 import { startStorescp, type Storescp } from "./helpers/storescp.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 const TEST_FILES = "/usr/lib/python3/dist-packages/pydicom/data/test_files";
 const CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2";
@@ -204,7 +204,7 @@ beforeAll(async () => {
   orthanc = await getSharedOrthanc();
   client = new OrthancClient({ url: orthanc.url });
   prefix = `MV${Date.now().toString(36).toUpperCase()}P`;
-  const root = mkdtempSync(join(tmpdir(), "gw-retrieve-"));
+  const root = tempDir("gw-retrieve-");
   // An implicit VR copy of CT_small, for dcmjs-dimse (which proposes implicit VR first).
   const implicitSource = join(root, "ct-implicit.dcm");
   const conv = await runTool("dcmconv", ["+ti", `${TEST_FILES}/CT_small.dcm`, implicitSource]);
@@ -462,7 +462,7 @@ describe("C-GET", () => {
       { keys: ["QueryRetrieveLevel=STUDY", `StudyInstanceUID=${B.studies[0]!.studyInstanceUid}`], model: "-S", expected: [] },
     ];
     for (const c of cases) {
-      const dir = mkdtempSync(join(tmpdir(), "gw-getscu-"));
+      const dir = tempDir("gw-getscu-");
       const r = await getscu("ALPHA", dir, c.keys, [c.model]);
       expect(r.output).toContain("Received C-GET Response (Success)");
       const got = datasetsIn(dir);
@@ -474,12 +474,12 @@ describe("C-GET", () => {
 
   test("getscu: instances in a transfer syntax the requester did not propose arrive transcoded to one it proposed; proposed, they arrive unchanged", async () => {
     const keys = ["QueryRetrieveLevel=STUDY", `StudyInstanceUID=${AJ.studies[0]!.studyInstanceUid}`];
-    const dir = mkdtempSync(join(tmpdir(), "gw-getscu-"));
+    const dir = tempDir("gw-getscu-");
     const r = await getscu("ALPHA", dir, keys, ["-S"]); // proposes uncompressed only
     expect(r.output).toContain("Received C-GET Response (Success)");
     expect(r.output).toContain("Number of Completed Suboperations : 2");
     expect([...transferSyntaxesIn(dir)].sort()).toEqual(uids(AJ).map((u) => [u, TransferSyntax.ExplicitVRLittleEndian]));
-    const dir2 = mkdtempSync(join(tmpdir(), "gw-getscu-"));
+    const dir2 = tempDir("gw-getscu-");
     const r2 = await getscu("ALPHA", dir2, keys, ["-S", "+xy"]); // JPEG baseline first
     expect(r2.output).toContain("Received C-GET Response (Success)");
     const got = datasetsIn(dir2);

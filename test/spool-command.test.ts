@@ -7,8 +7,8 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { spawn } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
-import { networkInterfaces, tmpdir } from "node:os";
+import { readFileSync, rmSync } from "node:fs";
+import { networkInterfaces } from "node:os";
 import { join } from "node:path";
 import { loadConfigFile } from "../src/config/index.ts";
 import { startGateway, type Gateway } from "../src/gateway/index.ts";
@@ -21,6 +21,7 @@ import { testConfigObject, writeConfigFile } from "./helpers/gateway.ts";
 import { getSharedOrthanc } from "./helpers/orthanc.ts";
 import { startTcpProxy, type TcpProxy } from "./helpers/tcp-proxy.ts";
 import { until } from "./helpers/wait.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 const ROOT = join(import.meta.dir, "..");
 const CLI = join(ROOT, "src/cli.ts");
@@ -33,7 +34,7 @@ let auditFile: string;
 let spoolDir: string;
 let port: number;
 let gw: Gateway | undefined;
-const scratch = mkdtempSync(join(tmpdir(), "gw-spoolcmd-"));
+const scratch = tempDir("gw-spoolcmd-");
 
 beforeAll(async () => {
   const shared = await getSharedOrthanc();

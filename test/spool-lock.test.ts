@@ -7,8 +7,7 @@
  */
 import { afterAll, describe, expect, test } from "bun:test";
 import { createHash } from "node:crypto";
-import { existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, statSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { existsSync, readdirSync, readFileSync, readlinkSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { SpoolLockedError, spoolLockHolder, SPOOL_LOCK_FILE } from "../src/spool/lock.ts";
 import { POOL_DIRECTORY, READY_SEGMENTS } from "../src/spool/pool.ts";
@@ -20,6 +19,7 @@ import { getSharedOrthanc } from "./helpers/orthanc.ts";
 import { freePort } from "./helpers/ports.ts";
 import { startTcpProxy, type TcpProxy } from "./helpers/tcp-proxy.ts";
 import { until } from "./helpers/wait.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 const ROOT = join(import.meta.dir, "..");
 const BUN = process.execPath;
@@ -145,7 +145,7 @@ describe("the spool lock", () => {
 
   test("in one process: a second startGateway on the spool fails with the lock message before opening any tenant spool; stop() releases the lock", async () => {
     const orthancUrl = `http://127.0.0.1:${await freePort()}`; // unreachable: nothing here needs Orthanc
-    const spoolDir = mkdtempSync(join(tmpdir(), "gw-lock-inproc-"));
+    const spoolDir = tempDir("gw-lock-inproc-");
     const first = await startTestGateway([{ AET: "INPROC1" }], orthancUrl, { Gateway: { SpoolDirectory: spoolDir } });
     let error: unknown;
     try {
@@ -170,7 +170,7 @@ describe("the spool lock", () => {
 
   test("a start that fails after taking the lock (an audit file that cannot be opened) gives the lock back", async () => {
     const orthancUrl = `http://127.0.0.1:${await freePort()}`;
-    const spoolDir = mkdtempSync(join(tmpdir(), "gw-lock-audit-"));
+    const spoolDir = tempDir("gw-lock-audit-");
     await expect(startTestGateway([{ AET: "AUDITFAIL" }], orthancUrl, { Gateway: { SpoolDirectory: spoolDir, Audit: { File: "/nonexistent-dir/audit.log" } } })).rejects.toThrow(/cannot open the audit log/);
     expect(await spoolLockHolder(spoolDir)).toEqual({ held: false });
     const again = await startTestGateway([{ AET: "AUDITFAIL" }], orthancUrl, { Gateway: { SpoolDirectory: spoolDir } });
@@ -180,7 +180,7 @@ describe("the spool lock", () => {
   test("Bun and Deno exclude each other: Deno's serve exits 1 naming this Bun process, Bun's serve exits 1 naming a Deno gateway", async () => {
     const orthancUrl = `http://127.0.0.1:${await freePort()}`;
     // A Bun gateway (this process) holds the spool; Deno's serve on it fails.
-    const spoolDir = mkdtempSync(join(tmpdir(), "gw-lock-deno-"));
+    const spoolDir = tempDir("gw-lock-deno-");
     const bunGateway = await startTestGateway([{ AET: "DENOLK1" }], orthancUrl, { Gateway: { SpoolDirectory: spoolDir } });
     try {
       const config = await testConfigObject([{ AET: "DENOLK1" }], orthancUrl, { Gateway: { SpoolDirectory: spoolDir } });

@@ -5,21 +5,21 @@
  */
 import { afterEach, beforeEach, describe, expect, test } from "bun:test";
 import { createHash } from "node:crypto";
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync, openSync, writeSync, closeSync } from "node:fs";
+import { mkdirSync, readdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync, openSync, writeSync, closeSync } from "node:fs";
 import { spawnSync } from "node:child_process";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { encodeFileMeta } from "../src/dicom/part10.ts";
 import { nodeSpoolFiles, type SpoolFiles } from "../src/spool/files.ts";
 import { MAX_SEGMENTS, POOL_DIRECTORY, READY_SEGMENTS, SegmentPool } from "../src/spool/pool.ts";
 import { SEGMENT_BYTES, SpoolDiskError, SpoolQuotaError, TenantSpool, type ReceivedFile, type SpoolEntry } from "../src/spool/spool.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 let root: string;
 /** Every spool a test opened ("crashed" ones included), closed after the test: Bun refuses file handles left to the GC. */
 let opened: TenantSpool[] = [];
 let pools: SegmentPool[] = [];
 beforeEach(() => {
-  root = mkdtempSync(join(tmpdir(), "gw-spool-unit-"));
+  root = tempDir("gw-spool-unit-");
 });
 afterEach(async () => {
   for (const s of opened.splice(0)) await s.close().catch(() => {});
@@ -346,7 +346,7 @@ describe("spool log", () => {
 
   test("a full disk: a clear error naming the cause and the fix, nothing acknowledged lost, room again once forwarded", async () => {
     // A 4 MiB tmpfs as the spool's disk (the tests run as root, as CI does: README's test command).
-    const disk = mkdtempSync(join(tmpdir(), "gw-full-disk-"));
+    const disk = tempDir("gw-full-disk-");
     const mounted = spawnSync("mount", ["-t", "tmpfs", "-o", "size=4m", "tmpfs", disk], { encoding: "utf8" });
     if (mounted.status !== 0) throw new Error(`this test mounts a 4 MiB tmpfs and needs root: ${mounted.stderr}`);
     try {

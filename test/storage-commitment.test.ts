@@ -13,8 +13,7 @@
  * Tenants ALPHA ("alpha") and BETA ("beta"); Gateway.Spool.VerifyIntegrity on; WaitSeconds 4.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts";
 import { parseDataset, type DataElement } from "../src/dicom/identifier.ts";
@@ -37,6 +36,7 @@ import { ORTHANC_START_TIMEOUT_MS } from "./helpers/orthanc.ts";
 import { freePorts } from "./helpers/ports.ts";
 import { startTcpProxy, type TcpProxy } from "./helpers/tcp-proxy.ts";
 import { until } from "./helpers/wait.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 const ROOT = join(import.meta.dir, "..");
 const SC = "1.2.840.10008.1.20.1";
@@ -390,7 +390,7 @@ describe("reports that cannot be delivered at once", () => {
   });
 
   test("ReportExpiryHours: a report that cannot reach the requester (here: not in DicomModalities) is given up, audited and counted", async () => {
-    const spool = mkdtempSync(join(tmpdir(), "gw-sc-expiry-"));
+    const spool = tempDir("gw-sc-expiry-");
     const expiring = await startTestGateway([{ AET: "EXPIRE", Labels: ["alpha"] }], proxy.url, { Gateway: { SpoolDirectory: spool, StorageCommitment: { ReportExpiryHours: 0.0005 } } }, { logger: createLogger({ level: "info", format: "json", sink: (l) => logLines.push(l) }) });
     try {
       const transactionUid = newUid();
@@ -458,7 +458,7 @@ describe("durability", () => {
   test("kill -9 between the N-ACTION-RSP and the report: after the restart the report is sent, on a new association", async () => {
     const cut = await startTcpProxy(pacs.httpPort);
     cut.cut();
-    const spool = mkdtempSync(join(tmpdir(), "gw-sc-spool-"));
+    const spool = tempDir("gw-sc-spool-");
     const config = await testConfigObject([{ AET: "CRASHSC", Labels: ["alpha"] }], cut.url, {
       DicomModalities: { modality: ["MODALITY", "127.0.0.1", modalityDicom] },
       Gateway: { SpoolDirectory: spool, Log: { Level: "info", Format: "json" }, StorageCommitment: { WaitSeconds: 120 } },

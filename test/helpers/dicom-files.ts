@@ -1,9 +1,9 @@
 /** Real DICOM test inputs: Debian's python3-pydicom test files, and unique copies made with dcmtk's dcmodify. */
-import { copyFileSync, existsSync, mkdtempSync, readdirSync, readFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { copyFileSync, existsSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { decodeFileMeta, fileMetaLength } from "../../src/dicom/part10.ts";
 import { runTool } from "./dcmtk.ts";
+import { tempDir } from "./temp.ts";
 
 export const PYDICOM_FILES = "/usr/lib/python3/dist-packages/pydicom/data/test_files";
 
@@ -63,7 +63,7 @@ export async function tagValue(path: string, tag: string): Promise<string> {
  * study/series UIDs and a patient ID). Returns the paths in order.
  */
 export async function uniqueCopies(source: string, n: number, opts: { newStudy?: boolean; newSeries?: boolean; patientId?: string; dir?: string } = {}): Promise<string[]> {
-  const dir = opts.dir ?? mkdtempSync(join(tmpdir(), "gw-dicom-"));
+  const dir = opts.dir ?? tempDir("gw-dicom-");
   const paths: string[] = [];
   for (let i = 0; i < n; i++) {
     const p = join(dir, `img${String(i).padStart(5, "0")}.dcm`);

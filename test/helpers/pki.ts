@@ -4,9 +4,9 @@
  * (`openssl ca`), and the facts tests compare with (serial, Not After).
  */
 import { spawnSync } from "node:child_process";
-import { mkdtempSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { tempDir } from "./temp.ts";
 
 export class Pki {
   readonly dir: string;
@@ -16,7 +16,7 @@ export class Pki {
     if (which.status !== 0 || !which.stdout.trim()) {
       throw new Error("the TLS tests need the openssl command line tool to make test certificates: install it (apt-get install openssl)");
     }
-    this.dir = mkdtempSync(join(tmpdir(), prefix));
+    this.dir = tempDir(prefix);
     writeFileSync(join(this.dir, "index.txt"), "");
     writeFileSync(join(this.dir, "crlnumber"), "1000\n");
     writeFileSync(

@@ -11,12 +11,10 @@
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { connect, createServer, type Server, type Socket } from "node:net";
-import { mkdtempSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { DCMTK_ENV } from "./dcmtk.ts";
 import { datasetsIn } from "./dicom-files.ts";
 import { freePort } from "./ports.ts";
+import { tempDir } from "./temp.ts";
 
 export interface Storescp {
   aet: string;
@@ -44,7 +42,7 @@ process.on("exit", () => {
 export async function startStorescp(aet: string, args: string[] = ["+xa"], opts: { checkCalledAet?: boolean } = {}): Promise<Storescp> {
   for (let attempt = 0; ; attempt++) {
     const port = await freePort();
-    const dir = mkdtempSync(join(tmpdir(), "gw-storescp-"));
+    const dir = tempDir("gw-storescp-");
     const child = spawn("storescp", ["-v", "+B", "-aet", aet, "-od", dir, ...args, String(port)], { env: DCMTK_ENV, stdio: ["ignore", "pipe", "pipe"] });
     running.add(child);
     let out = "";
