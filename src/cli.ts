@@ -93,6 +93,9 @@ async function serve(configPath: string): Promise<void> {
     else requested.stop ??= signal;
   };
   for (const signal of ["SIGTERM", "SIGINT", "SIGHUP"] as const) process.on(signal, () => early(signal));
+  // A closed stdout or stderr (journald restarted, `serve | head`) must not end the gateway: the lines are
+  // lost, the service goes on (an unhandled EPIPE on the stream would end the process).
+  for (const stream of [process.stdout, process.stderr]) stream.on("error", () => {});
 
   const { ConfigError, loadConfigFile } = await import("./config/index.ts");
   const { createLogger } = await import("./shared/log.ts");

@@ -206,6 +206,6 @@ describe("the gateway's audit trail", () => {
     const r = await runTool("findscu", ["-v", "-S", "-aet", "MODALITY", "-aec", "AUDITED", "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID=1CT1", "-k", "StudyDate=", "127.0.0.1", String(gw.portOf("AUDITED"))]);
     expect(r.output).toContain("Received Final Find Response (Success)");
     const find = lines().find((l) => l.event === "operation" && l.service === "C-FIND");
-    expect(find).toMatchObject({ tenant: "AUDITED", callingAe: "MODALITY", status: "0x0000", outcome: "success", level: "STUDY", keys: { PatientID: "1CT1" }, matches: expect.any(Number) });
+    expect(find).toMatchObject({ tenant: "AUDITED", callingAe: "MODALITY", status: "0x0000", outcome: "success", queryLevel: "STUDY", keys: { PatientID: "1CT1" }, matches: expect.any(Number) });
   });
 });

@@ -164,6 +164,20 @@ describe("dicom-gateway serve", () => {
     expect(await gw.stop()).toBe(0);
   }, 30_000);
 
+  test("a closed stdout (journald restarted, `serve | head`) does not end the gateway: it keeps serving", async () => {
+    const config = await testConfigObject([{ AET: "ALPHA" }], await unreachableOrthancUrl(), { Gateway: { Log: { Level: "info", Format: "json" } } });
+    const gw = spawnGateway(BUN, [CLI, "serve", "--config", writeConfigFile(config)]);
+    started.push(gw);
+    const port = httpPortFromLog(await gw.waitForLine(/"HTTP endpoint started"/));
+    await gw.waitForLine(/started without a usable Orthanc/);
+    gw.child.stdout!.destroy(); // the reading end of its stdout is gone: the next writes meet EPIPE
+    const servers = (config.MultitenantDicom as { Servers: { Port: number }[] }).Servers;
+    for (let i = 0; i < 3; i++) expect((await echoscu(servers[0]!.Port, "ALPHA")).code).toBe(0); // each one writes log lines
+    expect(gw.child.exitCode).toBeNull();
+    expect((await fetch(`http://127.0.0.1:${port}/health`)).status).toBe(200);
+    expect(await gw.stop()).toBe(0);
+  }, 30_000);
+
   test("unknown keys are logged as warnings at start and at each reload; the gateway runs with the keys it knows", async () => {
     const config = await testConfigObject([{ AET: "ALPHA", AllowedCaller: ["CT1"] }], await unreachableOrthancUrl(), { Gateway: { Log: { Level: "info", Format: "json" } } });
     const path = writeConfigFile(config);

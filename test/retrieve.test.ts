@@ -562,7 +562,7 @@ describe("resolution and metrics", () => {
       expect(responses.map((r) => r.status)).toEqual([0xa701]);
       expect(responses[0]!.errorComment).toContain("Orthanc");
       // The audit trail gets what was asked (and, for C-MOVE, where to).
-      expect(audit).toMatchObject({ level: "STUDY", studyInstanceUid: A.studies[0]!.studyInstanceUid });
+      expect(audit).toMatchObject({ queryLevel: "STUDY", studyInstanceUid: A.studies[0]!.studyInstanceUid });
       if (sopClass === RetrieveSopClass.StudyRootMove) expect(audit).toMatchObject({ destination: "dest", destinationAe: "DEST" });
     }
   });

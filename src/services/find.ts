@@ -93,7 +93,7 @@ export function createFindHandler(opts: FindHandlerOptions): DimseHandler {
 
     // Audit: the level and the keys that carried a value (what was asked for, not what was returned).
     responder.audit({
-      level: levelElement ? elementText(levelElement, []).trim() : undefined,
+      queryLevel: levelElement ? elementText(levelElement, []).trim() : undefined,
       keys: Object.fromEntries(raw.filter((k) => k.value !== "" && k.tag !== T.QueryRetrieveLevel && k.tag !== T.SpecificCharacterSet).map((k) => [tagName(k.tag), k.value])),
     });
     const limit = opts.find.limitFindResults;

@@ -124,7 +124,7 @@ export async function readRetrieveKeys(request: DimseRequest, defaultEncoding?: 
 /** What a retrieve asked for, for the audit trail (UID lists are kept; they identify what was asked). */
 export function auditKeys(keys: RetrieveKeys): Record<string, unknown> {
   return {
-    level: keys.level,
+    queryLevel: keys.level,
     ...(keys.patientId !== undefined ? { patientId: keys.patientId } : {}),
     ...(keys.studyInstanceUids ? { studyInstanceUid: keys.studyInstanceUids.join("\\") } : {}),
     ...(keys.seriesInstanceUids ? { seriesInstanceUid: keys.seriesInstanceUids.join("\\") } : {}),
