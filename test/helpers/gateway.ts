@@ -37,13 +37,15 @@ export async function testConfigObject(tenants: TenantSpec[], orthancUrl: string
     DicomScpTimeout: 30,
     ...rest,
     Gateway: {
-      Orthanc: { Url: orthancUrl },
       Http: { Host: "127.0.0.1", Port: 0 },
       SpoolDirectory: gatewayExtra?.SpoolDirectory ?? dir("gw-spool-"),
       Log: { Level: "warn", Format: "json" },
       // The audit trail goes to a file of its own, not into the test output (the default is stdout).
       Audit: gatewayExtra?.Audit ?? { File: join(dir("gw-audit-"), "audit.log") },
       ...gatewayExtra,
+      // An Orthanc section in `extra` adds to the URL given (it used to replace it: the gateway then went to
+      // 127.0.0.1:8042, whatever listened there).
+      Orthanc: { Url: orthancUrl, ...(gatewayExtra?.Orthanc as Record<string, unknown> | undefined) },
     },
   };
   directoriesOf.set(object, made);
