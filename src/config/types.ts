@@ -149,8 +149,13 @@ export interface OrthancSettings {
   password: string;
   /** Timeout of one REST call, milliseconds (`Gateway.Orthanc.TimeoutSeconds` * 1000, default 30 s). */
   timeoutMs: number;
-  /** `Gateway.Orthanc.UploadConcurrency` (default 4): parallel keep-alive uploads of spooled instances. */
+  /**
+   * `Gateway.Orthanc.UploadConcurrency` (default 4): parallel keep-alive uploads of spooled instances at
+   * start, and the fewest they are brought down to (errors, latency).
+   */
   uploadConcurrency: number;
+  /** `Gateway.Orthanc.MaxUploadConcurrency` (default 32, at least UploadConcurrency): the most, while throughput grows with them. */
+  maxUploadConcurrency: number;
   /**
    * `Gateway.Orthanc.ReceivePriorityMilliseconds` (default 1000): while instances arrive, uploads wait up
    * to this long (then go on one at a time), so modalities are acknowledged first; 0 = never wait.
@@ -158,6 +163,17 @@ export interface OrthancSettings {
   receivePriorityMs: number;
   /** `Gateway.Orthanc.UnreachableGraceSeconds` (default 60) in ms: /ready stays 200 this long after Orthanc was last seen. */
   unreachableGraceMs: number;
+  /** `Gateway.Orthanc.Tls`: for an https Url, the CA to trust and a client certificate (absolute paths of PEM files). */
+  tls?: OrthancTls;
+}
+
+/** `Gateway.Orthanc.Tls` (absolute paths once loaded). */
+export interface OrthancTls {
+  /** CA bundle that signed the server's certificate (default: the runtime's trusted CAs). */
+  caFile?: string;
+  /** Client certificate (chain) and its key, both or neither. */
+  certificateFile?: string;
+  keyFile?: string;
 }
 
 export type { LogFormat, LogLevel };

@@ -4,7 +4,8 @@
  * starts one DICOM listener per tenant (tenants.ts) and the HTTP endpoint, and returns the Gateway whose
  * stop() undoes it all in order. Runtime-agnostic (node:net for DICOM, an adapter for HTTP).
  */
-import type { GatewayConfig } from "../config/types.ts";
+import { readFile } from "node:fs/promises";
+import type { GatewayConfig, OrthancTls } from "../config/types.ts";
 import { serveHttp, type HttpServerHandle } from "../adapter/index.ts";
 import { createHttpApp } from "../http/app.ts";
 import { AssociationCounter } from "../net/server.ts";
@@ -14,10 +15,11 @@ import type { GatewaySnapshot } from "../observe/status.ts";
 import { ChangesFeed } from "../orthanc/changes.ts";
 import { OrthancClient } from "../orthanc/client.ts";
 import { OrthancMonitor } from "../orthanc/monitor.ts";
-import { Labeler } from "../orthanc/store.ts";
+import { Labeler } from "../orthanc/labeler.ts";
 import type { SpoolFiles } from "../spool/files.ts";
 import { Forwarder } from "../spool/forwarder.ts";
 import { lockSpoolDirectory } from "../spool/lock.ts";
+import { registerLinkMetrics } from "../spool/link-metrics.ts";
 import { createStoreMetrics, type StoreMetrics } from "../spool/metrics.ts";
 import { IsolationGuards } from "../tenancy/isolation.ts";
 import { UidRegistry } from "../tenancy/ownership.ts";
@@ -71,7 +73,21 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
   const log = opts.logger ?? silentLogger;
   const metrics = opts.metrics ?? createMetrics();
   const startedAt = new Date().toISOString();
-  const orthanc = new OrthancClient({ url: config.orthanc.url, username: config.orthanc.username, password: config.orthanc.password, timeoutMs: config.orthanc.timeoutMs });
+  let orthanc: OrthancClient;
+  try {
+    orthanc = new OrthancClient({
+      url: config.orthanc.url,
+      username: config.orthanc.username,
+      password: config.orthanc.password,
+      timeoutMs: config.orthanc.timeoutMs,
+      ...(config.orthanc.tls ? { tls: await readOrthancTls(config.orthanc.tls) } : {}),
+      // Every upload that may run at once keeps its connection, and the calls beside them theirs.
+      maxIdleConnections: config.orthanc.maxUploadConcurrency + 16,
+    });
+  } catch (e) {
+    spoolLock.release();
+    throw e;
+  }
 
   const storeMetrics = createStoreMetrics(metrics.registry);
   // Orthanc's change log keeps the label and ownership caches in step with Orthanc (deletions, a new database).
@@ -105,13 +121,16 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     orthanc,
     labeler,
     concurrency: config.orthanc.uploadConcurrency,
+    maxConcurrency: config.orthanc.maxUploadConcurrency,
     receivePriorityMs: config.orthanc.receivePriorityMs,
+    orthancRoundTripMs: () => orthanc.roundTripMs,
     verifyIntegrity: config.spool.verifyIntegrity,
     guardFor: (tenant) => guards.get(tenant.aet),
     registry,
     defaultEncoding: config.dicom.defaultEncoding,
     events: forwarderEvents(sinks, config.spool.directory, byTenant),
   });
+  registerLinkMetrics(metrics.registry, orthanc, forwarder);
   const monitor = new OrthancMonitor(orthanc, { intervalMs: opts.orthancCheckIntervalMs ?? 5000, onChange: orthancStatusChanged(log, forwarder) });
 
   const s: GatewayState = {
@@ -186,4 +205,18 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
       }
     },
   };
+}
+
+/** The PEM texts of Gateway.Orthanc.Tls (read at start: a certificate renewed on disk needs a restart). */
+async function readOrthancTls(tls: OrthancTls): Promise<{ ca?: string; cert?: string; key?: string }> {
+  const read = async (key: string, file: string | undefined) => {
+    if (file === undefined) return undefined;
+    try {
+      return await readFile(file, "utf8");
+    } catch (e) {
+      throw new Error(`Gateway.Orthanc.Tls.${key}: cannot read ${file} (${(e as NodeJS.ErrnoException).code ?? (e as Error).message}); expected a PEM file`);
+    }
+  };
+  const [ca, cert, key] = await Promise.all([read("CA", tls.caFile), read("Certificate", tls.certificateFile), read("Key", tls.keyFile)]);
+  return { ...(ca !== undefined ? { ca } : {}), ...(cert !== undefined ? { cert } : {}), ...(key !== undefined ? { key } : {}) };
 }

@@ -44,7 +44,12 @@ export function takeSnapshot(s: GatewayState): GatewaySnapshot {
         },
       };
     }),
-    orthanc: s.monitor.status,
+    orthanc: {
+      ...s.monitor.status,
+      ...(s.orthanc.roundTripMs !== undefined ? { roundTripMs: Math.round(s.orthanc.roundTripMs * 100) / 100 } : {}),
+      uploadConcurrency: s.forwarder.concurrency.limit,
+      linkBound: s.forwarder.linkBound,
+    },
     orthancUnreachableGraceMs: s.config.orthanc.unreachableGraceMs,
     spoolHighWaterMarkPercent: s.config.spool.highWaterMarkPercent,
     quarantine: quarantine.sort((a, b) => a.quarantinedAt.localeCompare(b.quarantinedAt)).slice(-QUARANTINE_SHOWN),

@@ -10,7 +10,7 @@ import type { AssociationCounter, DimseServer } from "../net/server.ts";
 import type { ChangesFeed } from "../orthanc/changes.ts";
 import type { OrthancClient } from "../orthanc/client.ts";
 import type { OrthancMonitor } from "../orthanc/monitor.ts";
-import type { Labeler } from "../orthanc/store.ts";
+import type { Labeler } from "../orthanc/labeler.ts";
 import type { SpoolFiles } from "../spool/files.ts";
 import type { Forwarder } from "../spool/forwarder.ts";
 import type { TenantSpool } from "../spool/spool.ts";

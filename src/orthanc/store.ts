@@ -1,14 +1,14 @@
 /**
- * Storing an instance into Orthanc and labeling it for its tenant (Orthanc >= 1.12 labels).
- * Shared by the spool forwarder and by Sync-mode C-STORE.
+ * Storing an instance into Orthanc and labeling it for its tenant (Orthanc >= 1.12 labels), the labels
+ * pipelined behind the upload (one round trip over a WAN). Shared by the spool forwarder and by
+ * Sync-mode C-STORE; which labels to put is the Labeler's (labeler.ts).
  */
 import { open } from "node:fs/promises";
 import { collectAsStreamGrows } from "../adapter/index.ts";
 import { readRange, type FileRange } from "../shared/file-range.ts";
-import type { ResourceLevel } from "../config/types.ts";
-import type { ChangesFeed } from "./changes.ts";
-import { OrthancError, type OrthancClient } from "./client.ts";
+import { OrthancError, type OrthancClient, type PipelinedCall, type StreamBody } from "./client.ts";
 import type { OrthancIds } from "./identity.ts";
+import { labelPath, type LabelPlan } from "./labeler.ts";
 
 export interface StoredInstance {
   id: string;
@@ -28,38 +28,32 @@ interface PostInstancesAnswer {
   Status: string;
 }
 
-/** A byte range of a file as a stream of 256 KiB chunks read on demand, for a streamed upload body. */
-export function fileStream(range: FileRange, chunkSize = 256 * 1024): ReadableStream<Uint8Array> {
-  let fh: Awaited<ReturnType<typeof open>> | undefined;
-  let done = 0;
-  const collect = collectAsStreamGrows();
-  return new ReadableStream<Uint8Array>(
-    {
-      async start() {
-        fh = await open(range.file, "r");
-      },
-      async pull(controller) {
-        const want = Math.min(chunkSize, range.size - done);
-        const buf = new Uint8Array(Math.max(1, want));
-        const { bytesRead } = want === 0 ? { bytesRead: 0 } : await fh!.read(buf, 0, want, range.offset + done);
-        done += bytesRead;
-        // Large uploads: the chunks already sent would pile up faster than the collector runs on its own.
-        collect(done);
-        if (bytesRead === 0) {
-          await fh!.close();
-          fh = undefined;
-          controller.close();
-          return;
+/**
+ * A byte range of a file as a request body read in 256 KiB chunks as the connection takes them (never
+ * whole in memory); open() again reads it again from the start (an upload sent again on a new connection).
+ */
+export function fileBody(range: FileRange, chunkSize = 256 * 1024): StreamBody {
+  return {
+    length: range.size,
+    async *open() {
+      const fh = await open(range.file, "r");
+      const collect = collectAsStreamGrows();
+      try {
+        for (let done = 0; done < range.size; ) {
+          const want = Math.min(chunkSize, range.size - done);
+          const buf = new Uint8Array(want);
+          const { bytesRead } = await fh.read(buf, 0, want, range.offset + done);
+          if (bytesRead === 0) throw new Error(`${range.file} ends ${range.size - done} bytes before the instance's end`);
+          done += bytesRead;
+          // Large uploads: the chunks already sent would pile up faster than the collector runs on its own.
+          collect(done);
+          yield bytesRead === want ? buf : buf.subarray(0, bytesRead);
         }
-        controller.enqueue(bytesRead === buf.length ? buf : buf.subarray(0, bytesRead));
-      },
-      async cancel() {
-        await fh?.close();
-        fh = undefined;
-      },
+      } finally {
+        await fh.close();
+      }
     },
-    { highWaterMark: 1 },
-  );
+  };
 }
 
 /** Upload time allowed: the REST timeout plus the time to send the file at a pessimistic 10 MB/s. */
@@ -70,21 +64,88 @@ function uploadTimeout(client: OrthancClient, size: number): number {
 /** Files up to this size are sent from one buffer; larger ones are streamed (memory stays bounded). */
 export const STREAM_ABOVE = 4 << 20;
 
-/** POST /instances with an instance's Part 10 bytes: given, read from disk, or streamed from disk when large. */
-export async function uploadFile(client: OrthancClient, source: Uint8Array | FileRange, signal?: AbortSignal): Promise<StoredInstance> {
-  const size = source instanceof Uint8Array ? source.length : source.size;
-  const body = source instanceof Uint8Array ? source : size <= STREAM_ABOVE ? await readRange(source) : fileStream(source);
-  const a = await client.postJson<PostInstancesAnswer>("/instances", body, {
-    timeoutMs: uploadTimeout(client, size),
-    headers: { "Content-Type": "application/dicom", "Content-Length": String(size) },
-    signal,
-  });
+/** The Part 10 bytes as a request body: given, read from disk, or streamed from disk when large. */
+async function instanceBody(source: Uint8Array | FileRange): Promise<Uint8Array | StreamBody> {
+  if (source instanceof Uint8Array) return source;
+  return source.size <= STREAM_ABOVE ? await readRange(source) : fileBody(source);
+}
+
+const sizeOf = (source: Uint8Array | FileRange) => (source instanceof Uint8Array ? source.length : source.size);
+
+/** Orthanc's answer to POST /instances as a StoredInstance; throws OrthancError for a filtered-out or malformed one. */
+function storedFrom(a: PostInstancesAnswer | undefined): StoredInstance {
   if (!a || typeof a.ID !== "string") throw new OrthancError(`Orthanc's answer to POST /instances has no ID: ${JSON.stringify(a)}`, { kind: "http" });
   if (a.Status === "FilteredOut") {
     // Orthanc's own filter (a Lua ReceivedInstanceFilter, a plugin's incoming-instance filter) refused it, for good.
     throw new OrthancError("Orthanc filtered the instance out (its ReceivedInstanceFilter or a plugin's filter refused it): see Orthanc's configuration", { kind: "http", status: 403, body: a });
   }
   return { id: a.ID, parentPatient: a.ParentPatient, parentStudy: a.ParentStudy, parentSeries: a.ParentSeries, status: a.Status };
+}
+
+/** POST /instances with an instance's Part 10 bytes: given, read from disk, or streamed from disk when large. */
+export async function uploadFile(client: OrthancClient, source: Uint8Array | FileRange, signal?: AbortSignal): Promise<StoredInstance> {
+  const a = await client.postJson<PostInstancesAnswer>("/instances", await instanceBody(source), {
+    timeoutMs: uploadTimeout(client, sizeOf(source)),
+    headers: { "Content-Type": "application/dicom" },
+    signal,
+  });
+  return storedFrom(a);
+}
+
+/** What uploadLabeled did: the stored instance, whether every planned label is on it, and Orthanc's MD5/size when asked. */
+export interface LabeledUpload {
+  stored: StoredInstance;
+  /** Every label of the plan was put, at the IDs Orthanc filed the instance under. */
+  labeled: boolean;
+  attachment?: { md5: string; size: number };
+}
+
+/**
+ * Uploads an instance and puts the labels of `plan` (Labeler.plan) on the resources it goes to, the
+ * label calls written behind the upload on the same connection (pipelined): Orthanc runs them once the
+ * upload is stored, and the whole takes one round trip. The labels go to the IDs the gateway computed
+ * from the data set (src/orthanc/identity.ts) — where Strict isolation checked it would be filed; when
+ * Orthanc filed it elsewhere (placementMismatch) or a label call failed, `labeled` is false and the
+ * caller decides (quarantine, or the labels again after the upload). With `attachment`, Orthanc's MD5
+ * and size of the stored file come in the same round trip.
+ */
+export async function uploadLabeled(
+  client: OrthancClient,
+  source: Uint8Array | FileRange,
+  plan: LabelPlan,
+  opts: { attachment?: boolean; signal?: AbortSignal } = {},
+): Promise<LabeledUpload> {
+  const ids = plan.ids;
+  const calls: PipelinedCall[] = [{ method: "POST", path: "/instances", body: await instanceBody(source), headers: { "Content-Type": "application/dicom", Accept: "application/json" } }];
+  for (const p of plan.put) calls.push({ method: "PUT", path: labelPath(p.level, p.id, p.label), body: "" });
+  const attachmentAt = calls.length;
+  if (opts.attachment) {
+    calls.push({ method: "GET", path: `/instances/${ids.instance}/attachments/dicom/md5` });
+    calls.push({ method: "GET", path: `/instances/${ids.instance}/attachments/dicom/size` });
+  }
+  const answers = await client.pipeline(calls, { timeoutMs: uploadTimeout(client, sizeOf(source)), ...(opts.signal ? { signal: opts.signal } : {}) });
+  const failure = client.failureOf(calls[0]!, answers[0]!);
+  if (failure) throw failure;
+  let answer: PostInstancesAnswer | undefined;
+  try {
+    answer = answers[0]!.text.trim() === "" ? undefined : (JSON.parse(answers[0]!.text) as PostInstancesAnswer);
+  } catch (e) {
+    throw new OrthancError(`Orthanc sent a body that is not JSON to POST /instances (${answers[0]!.text.slice(0, 80)})`, { kind: "http", status: answers[0]!.status, cause: e });
+  }
+  const stored = storedFrom(answer);
+  const placed = placementMismatch(stored, ids) === undefined;
+  const labeled = placed && answers.slice(1, attachmentAt).every((a) => a.status >= 200 && a.status < 300);
+  const out: LabeledUpload = { stored, labeled };
+  if (opts.attachment && placed) {
+    const [md5, size] = [answers[attachmentAt]!, answers[attachmentAt + 1]!];
+    if (md5.status === 200 && size.status === 200) out.attachment = { md5: md5.text.trim().replace(/"/g, ""), size: Number(size.text.trim()) };
+  }
+  return out;
+}
+
+/** Where Orthanc filed an instance, by its answer. */
+export function storedIds(stored: StoredInstance): OrthancIds {
+  return { patient: stored.parentPatient, study: stored.parentStudy, series: stored.parentSeries, instance: stored.id };
 }
 
 /**
@@ -99,70 +160,6 @@ export function placementMismatch(stored: StoredInstance, expected: OrthancIds):
 /** True when retrying cannot help: Orthanc refused the content itself (400 Bad file format, 415..., or filtered it out). */
 export function isPermanentRejection(e: unknown): boolean {
   return e instanceof OrthancError && e.kind === "http" && (e.status === 400 || e.status === 403 || e.status === 415 || e.status === 413);
-}
-
-const LEVEL_PATH: Record<ResourceLevel, string> = { Patient: "patients", Study: "studies", Series: "series", Instance: "instances" };
-
-/**
- * Puts a tenant's labels on the levels it stores at. Labels already put on a study, series or patient
- * are remembered (bounded), so a study of 500 instances costs one study label call, not 500 — but only
- * while that knowledge is current: a remembered label is put again when Orthanc's change log shows the
- * resource created after it was labeled (it was deleted and created again by this upload: its labels
- * are gone), and after `ttlMs` (another client may have removed it). Without a change feed (tests of the
- * labeling alone), only the time limit applies.
- */
-export class Labeler {
-  /** level/id/label -> when it was put: the change log's sequence number then, and the time. */
-  private readonly done = new Map<string, { seq: number; at: number }>();
-
-  constructor(
-    private readonly client: OrthancClient,
-    private readonly opts: { feed?: ChangesFeed; cacheSize?: number; ttlMs?: number } = {},
-  ) {}
-
-  async apply(stored: StoredInstance, tenant: { labels: readonly string[]; labelsStoreLevels: readonly ResourceLevel[] }, signal?: AbortSignal): Promise<number> {
-    const ids: Record<ResourceLevel, string> = { Patient: stored.parentPatient, Study: stored.parentStudy, Series: stored.parentSeries, Instance: stored.id };
-    const now = Date.now();
-    const ttl = this.opts.ttlMs ?? 60_000;
-    const put: [ResourceLevel, string][] = [];
-    const remembered: [ResourceLevel, string, number][] = [];
-    for (const level of tenant.labelsStoreLevels) {
-      for (const label of tenant.labels) {
-        // Instances are new (or a replay): always label them; parents only while nothing says otherwise.
-        const known = level === "Instance" ? undefined : this.done.get(`${level}/${ids[level]}/${label}`);
-        if (known && known.seq >= 0 && now - known.at < ttl) remembered.push([level, label, known.seq]);
-        else put.push([level, label]);
-      }
-    }
-    if (remembered.length > 0 && this.opts.feed) {
-      // Was a remembered parent created again since it was labeled? This upload may have done it.
-      await this.opts.feed.sync();
-      for (const [level, label, seq] of remembered) if (this.opts.feed.createdSince(ids[level], seq)) put.push([level, label]);
-    }
-    const seq = this.opts.feed?.lastSeq ?? 0;
-    await Promise.all(
-      put.map(([level, label]) =>
-        this.client.put(`/${LEVEL_PATH[level]}/${ids[level]}/labels/${encodeURIComponent(label)}`, "", { signal }).then(() => {
-          if (level !== "Instance") this.remember(`${level}/${ids[level]}/${label}`, seq, now);
-        }),
-      ),
-    );
-    return put.length;
-  }
-
-  /** Forget everything remembered (Orthanc's database was replaced). */
-  clear(): void {
-    this.done.clear();
-  }
-
-  private remember(key: string, seq: number, at: number): void {
-    this.done.delete(key);
-    if (this.done.size >= (this.opts.cacheSize ?? 50_000)) {
-      const oldest = this.done.keys().next().value;
-      if (oldest !== undefined) this.done.delete(oldest);
-    }
-    this.done.set(key, { seq, at });
-  }
 }
 
 /** MD5 and size of what Orthanc stored for an instance (its DICOM attachment). */

@@ -19,7 +19,7 @@ import { transferSyntaxMatcher } from "../dicom/uids.ts";
 import type { Logger } from "../shared/log.ts";
 import type { GatewayMetrics } from "../observe/metrics.ts";
 import type { OrthancClient } from "../orthanc/client.ts";
-import type { Labeler } from "../orthanc/store.ts";
+import type { Labeler } from "../orthanc/labeler.ts";
 import type { Forwarder } from "../spool/forwarder.ts";
 import type { TenantSpool } from "../spool/spool.ts";
 import type { IsolationGuard } from "../tenancy/isolation.ts";

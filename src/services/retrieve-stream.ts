@@ -5,11 +5,11 @@
  */
 import { collectAsStreamGrows } from "../adapter/index.ts";
 import { readFileMeta, type FileMeta } from "../dicom/part10.ts";
-import type { OrthancClient } from "../orthanc/client.ts";
+import type { OrthancClient, OrthancResponse } from "../orthanc/client.ts";
 import { concatBytes } from "../shared/bytes.ts";
 import { anchorStillInScope, type LabelScope, type ResolvedInstance } from "./resolve.ts";
 
-/** Reads a fetch body chunk by chunk; cancel() releases the connection. */
+/** Reads a response body chunk by chunk; cancel() gives the connection up. */
 function readerOf(body: ReadableStream<Uint8Array>) {
   const reader = body.getReader();
   return {
@@ -46,15 +46,13 @@ export async function fetchInstance(orthanc: OrthancClient, instance: ResolvedIn
     () => ctl.abort(new Error(`Orthanc at ${orthanc.url} did not answer GET ${path} within ${orthanc.timeoutMs} ms`)),
     orthanc.timeoutMs,
   );
-  let res: Response;
+  let res: OrthancResponse;
   try {
     res = await orthanc.request("GET", path, { signal: ctl.signal, timeoutMs: 0x7fffffff, headers: { Accept: "application/dicom" } });
   } finally {
     clearTimeout(timer);
   }
-  const body = res.body;
-  if (!body) throw new Error(`Orthanc sent no body for instance ${instance.id}`);
-  const it = readerOf(body);
+  const it = readerOf(res.body);
   const release = () => {
     signal.removeEventListener("abort", onAbort);
     it.cancel();
@@ -107,10 +105,19 @@ export class OutOfScopeError extends Error {
   override name = "OutOfScopeError";
 }
 
+/** The most instances requested ahead of the one being sent (each holds a few chunks and its connection at most). */
+export const MAX_FETCH_AHEAD = 32;
+/** Waiting this long for an instance's answer to start means the fetches ahead did not cover Orthanc's round trip. */
+const WAITED_MS = 1;
+
 /**
- * Streams the resolved instances from Orthanc in order, with at most `parallelism` of them requested
- * ahead of the one being sent. Before an instance is requested, its anchor resource's labels are
- * checked again (once per anchor). Each item is the fetched instance or the error that prevented it.
+ * Streams the resolved instances from Orthanc in order, with `parallelism` of them requested ahead of
+ * the one being sent — more while the sub-operations wait for Orthanc (up to MAX_FETCH_AHEAD): over a
+ * WAN each request takes a round trip, and enough of them must be under way for the link never to idle
+ * while the destination takes the instances. An instance requested ahead is read only as far as its
+ * stream's small buffer (back-pressure pauses its connection), so memory stays bounded. Before an
+ * instance is requested, its anchor resource's labels are checked again (once per anchor). Each item
+ * is the fetched instance or the error that prevented it.
  */
 export class InstanceFetcher {
   private readonly ahead: { instance: ResolvedInstance; fetched: Promise<FetchedInstance> }[] = [];
@@ -118,21 +125,25 @@ export class InstanceFetcher {
   private readonly anchorChecks = new Map<string, Promise<boolean>>();
   private readonly controller = new AbortController();
   private closed = false;
+  /** How many instances are requested ahead now (adapted). */
+  depth: number;
 
   constructor(
     private readonly orthanc: OrthancClient,
     private readonly scope: LabelScope,
     private readonly instances: readonly ResolvedInstance[],
-    private readonly parallelism: number,
+    parallelism: number,
     signal?: AbortSignal,
+    private readonly maxDepth = Math.max(parallelism, MAX_FETCH_AHEAD),
   ) {
+    this.depth = Math.max(1, parallelism);
     if (signal?.aborted) this.controller.abort();
     else signal?.addEventListener("abort", () => this.controller.abort(), { once: true });
   }
 
   /** Starts the first fetches (call early, e.g. while the destination association is opened). */
   prime(): void {
-    while (!this.closed && this.ahead.length < Math.max(1, this.parallelism) && this.nextIndex < this.instances.length) {
+    while (!this.closed && this.ahead.length < this.depth && this.nextIndex < this.instances.length) {
       const instance = this.instances[this.nextIndex++]!;
       const fetched = this.fetchChecked(instance);
       fetched.catch(() => {}); // reported by next()
@@ -147,7 +158,14 @@ export class InstanceFetcher {
     if (!item) return undefined;
     this.prime();
     try {
-      return { instance: item.instance, fetched: await item.fetched };
+      const t0 = performance.now();
+      const fetched = await item.fetched;
+      // The sub-operations waited for Orthanc: request more ahead (one more now, so the gap closes at once).
+      if (performance.now() - t0 > WAITED_MS && this.depth < this.maxDepth) {
+        this.depth = Math.min(this.maxDepth, this.depth * 2);
+        this.prime();
+      }
+      return { instance: item.instance, fetched };
     } catch (e) {
       return { instance: item.instance, error: e instanceof Error ? e : new Error(String(e)) };
     }

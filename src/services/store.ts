@@ -12,7 +12,9 @@
 import type { TenantConfig } from "../config/types.ts";
 import { isValidUid } from "../dicom/uids.ts";
 import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
-import { isPermanentRejection, placementMismatch, uploadFile, type Labeler } from "../orthanc/store.ts";
+import { orthancIds, type OrthancIds } from "../orthanc/identity.ts";
+import type { Labeler } from "../orthanc/labeler.ts";
+import { isPermanentRejection, placementMismatch, storedIds, uploadLabeled } from "../orthanc/store.ts";
 import type { Forwarder } from "../spool/forwarder.ts";
 import { newSpoolId, SpoolDiskError, SpoolQuotaError, type ReceivedFile, type TenantSpool } from "../spool/spool.ts";
 import { DatasetRefusal, InstanceReader, type InstanceIdentity } from "../dicom/dataset-reader.ts";
@@ -146,7 +148,7 @@ function storeHandler(deps: StoreServiceDeps): DimseHandler {
 
     if (tenant.forwarding === "Sync") {
       try {
-        return await storeSync(deps, received, responder, sopInstanceUid, fail, verdict);
+        return await storeSync(deps, received, responder, sopInstanceUid, fail, verdict?.ids ?? orthancIds(identity), verdict);
       } finally {
         deps.registry.releaseHold(id);
       }
@@ -229,10 +231,14 @@ async function storeSync(
   responder: DimseResponder,
   sopInstanceUid: string,
   fail: Fail,
+  ids: OrthancIds,
   verdict?: Extract<IsolationVerdict, { ok: true }>,
 ): Promise<void> {
   try {
-    const stored = await uploadFile(deps.orthanc, await deps.spool.bytesOf(received));
+    // The labels are pipelined behind the upload (one round trip), then confirmed before the answer.
+    const plan = deps.labeler.plan(ids, deps.tenant);
+    const up = await uploadLabeled(deps.orthanc, await deps.spool.bytesOf(received), plan);
+    const stored = up.stored;
     const misplaced = verdict && placementMismatch(stored, verdict.ids);
     if (misplaced) {
       // Never delete what this upload did not create: only a new instance that was not in Orthanc before.
@@ -241,7 +247,8 @@ async function storeSync(
       deps.events?.misplaced?.(misplaced, deleted);
       return fail(Status.ProcessingFailure, "Orthanc filed it elsewhere than checked (see log)", `isolation: ${misplaced}; ${deleted ? "the upload was undone" : "left in Orthanc as it was (not created by this upload)"}`);
     }
-    await deps.labeler.apply(stored, deps.tenant);
+    if (up.labeled) await deps.labeler.confirm(plan);
+    else await deps.labeler.apply(storedIds(stored), deps.tenant);
   } catch (e) {
     const message = e instanceof Error ? e.message : String(e);
     if (isPermanentRejection(e)) return fail(Status.UnableToProcess, "Orthanc refused the instance (see gateway log)", `Orthanc refused the instance: ${message}`);

@@ -1,25 +1,33 @@
 /**
- * Forwards spooled instances to Orthanc: upload (streamed), label, optionally verify, then delete
- * the spool entry — in that order, so a crash at any point leaves the entry to be replayed (Orthanc
- * answers AlreadyStored to a replay, and labels are idempotent).
+ * Forwards spooled instances to Orthanc: upload (streamed when large) with the labels pipelined behind
+ * it (one round trip: store.ts uploadLabeled), optionally verify, confirm the labels against Orthanc's
+ * change log, then delete the spool entry — in that order, so a crash at any point leaves the entry to
+ * be replayed (Orthanc answers AlreadyStored to a replay, and labels are idempotent). The confirmation
+ * (labeler.ts: one poll of the change log shared by every upload confirming at that moment) runs after
+ * the upload has given its slot to the next one.
  *
- * Bounded parallelism over keep-alive connections; transient failures back off exponentially with
- * jitter, per entry; when Orthanc is unreachable every worker pauses together (one probe at a time
- * instead of hammering), and wake() resumes at once when the monitor sees Orthanc again.
+ * Parallel uploads over keep-alive connections, as many as the link and Orthanc take
+ * (upload-concurrency.ts: between `concurrency` and `maxConcurrency`); transient failures back off
+ * exponentially with jitter, per entry; when Orthanc is unreachable every worker pauses together (one
+ * probe at a time instead of hammering), and wake() resumes at once when the monitor sees Orthanc again.
  *
  * Receive priority: while data sets are arriving (and for QUIET_MS after the last one), uploads wait,
  * so that a small box spends its CPU on acknowledging the modality first; an entry waits at most
- * `receivePriorityMs`, after which uploads go on one at a time until the arrivals stop.
+ * `receivePriorityMs`, after which uploads go on one at a time until the arrivals stop. Not when the
+ * uploads are bound by the link rather than by this box's CPU: when Orthanc's round trip is
+ * LINK_BOUND_RTT_MS or more, Orthanc does not run on this box, and an upload mostly waits on the link.
  */
 import type { TenantConfig } from "../config/types.ts";
 import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
-import { isPermanentRejection, placementMismatch, storedAttachmentInfo, STREAM_ABOVE, uploadFile, type Labeler, type StoredInstance } from "../orthanc/store.ts";
+import type { LabelPlan, Labeler } from "../orthanc/labeler.ts";
+import { isPermanentRejection, placementMismatch, storedAttachmentInfo, storedIds, STREAM_ABOVE, uploadLabeled, type StoredInstance } from "../orthanc/store.ts";
 import { TenantSpool, type SpoolEntry } from "./spool.ts";
 import { DatasetRefusal, type InstanceIdentity } from "../dicom/dataset-reader.ts";
-import { orthancIds, type OrthancIds } from "../orthanc/identity.ts";
+import { orthancIds } from "../orthanc/identity.ts";
 import type { IsolationGuard } from "../tenancy/isolation.ts";
 import type { UidRegistry } from "../tenancy/ownership.ts";
 import { readSpooledIdentity } from "./spooled-identity.ts";
+import { UploadConcurrency } from "./upload-concurrency.ts";
 
 /**
  * Why an acknowledged instance was set aside (a metric label; each one is worth an alert):
@@ -45,7 +53,10 @@ export interface ForwarderEvents {
 export interface ForwarderOptions {
   orthanc: OrthancClient;
   labeler: Labeler;
+  /** Parallel uploads at start, and the fewest they are brought down to. */
   concurrency: number;
+  /** The most parallel uploads (default: `concurrency`, i.e. not adapted). */
+  maxConcurrency?: number;
   verifyIntegrity: boolean;
   events?: ForwarderEvents;
   /** The isolation guard of a Strict tenant (undefined for Shared). */
@@ -59,7 +70,15 @@ export interface ForwarderOptions {
   backoffMaxMs?: number;
   /** Longest an entry waits while instances are arriving (0: uploads never wait for arrivals). */
   receivePriorityMs?: number;
+  /** Orthanc's round trip in ms as the client measures it (receive priority: is the link the bottleneck?). */
+  orthancRoundTripMs?: () => number | undefined;
 }
+
+/**
+ * Orthanc's round trip from which uploads count as link-bound: well above a LAN's and a loopback's (an
+ * Orthanc on the same box answers a small call in well under a millisecond), well below any WAN's.
+ */
+export const LINK_BOUND_RTT_MS = 2;
 
 /** Arrivals this close together count as one burst (storescu sends the next instance within a millisecond or two). */
 const QUIET_MS = 50;
@@ -132,10 +151,16 @@ export class Forwarder {
   /** Data sets arriving now, and when the last one ended (receive priority). */
   private arriving = 0;
   private lastArrivalAt = 0;
+  /** How many uploads run at once (adapted). */
+  readonly concurrency: UploadConcurrency;
+  /** Uploads done whose labels are being confirmed (labeler.confirm), off the upload slots. */
+  private confirming = new Set<Promise<void>>();
+  private readonly stopping = new AbortController();
 
   constructor(private readonly opts: ForwarderOptions) {
     this.baseMs = opts.backoffBaseMs ?? 500;
     this.maxMs = opts.backoffMaxMs ?? 30_000;
+    this.concurrency = new UploadConcurrency({ min: opts.concurrency, max: opts.maxConcurrency ?? opts.concurrency });
   }
 
   add(tenant: TenantConfig, spool: TenantSpool, entry: SpoolEntry): void {
@@ -164,7 +189,7 @@ export class Forwarder {
   /** Until when uploads wait for arrivals (0: they need not), given the oldest waiting entry. */
   private deferredUntil(now: number, oldest: Job): number {
     const limit = this.opts.receivePriorityMs ?? 0;
-    if (limit <= 0) return 0;
+    if (limit <= 0 || this.linkBound) return 0;
     const busyUntil = this.arriving > 0 ? Infinity : this.lastArrivalAt + QUIET_MS;
     if (now >= busyUntil) return 0;
     const overdueAt = oldest.queuedAt + limit;
@@ -173,15 +198,21 @@ export class Forwarder {
     return Math.min(busyUntil, overdueAt);
   }
 
-  /** Entries waiting or being forwarded. */
+  /** Uploads are bound by the link, not by this box's CPU: Orthanc's round trip is LINK_BOUND_RTT_MS or more. */
+  get linkBound(): boolean {
+    return (this.opts.orthancRoundTripMs?.() ?? 0) >= LINK_BOUND_RTT_MS;
+  }
+
+  /** Entries waiting, being uploaded, or having their labels confirmed. */
   get backlog(): number {
-    return this.ready.length + this.delayed.length + this.inFlight;
+    return this.ready.length + this.delayed.length + this.inFlight + this.confirming.size;
   }
 
   start(): void {
     if (this.running) return;
     this.running = true;
-    for (let i = 0; i < this.opts.concurrency; i++) this.workers.push(this.work());
+    // One worker per possible slot; the adapted limit decides how many upload at once.
+    for (let i = 0; i < this.concurrency.max; i++) this.workers.push(this.work());
   }
 
   /** Stops taking new jobs and waits for the uploads under way. Pending entries stay in the spool. */
@@ -191,6 +222,9 @@ export class Forwarder {
     this.wakeAll();
     await Promise.all(this.workers);
     this.workers = [];
+    // Confirmations waiting for Orthanc give up: their entries stay in the spool and are replayed.
+    this.stopping.abort();
+    await Promise.all(this.confirming);
   }
 
   /** Orthanc is back: retry everything now. */
@@ -217,7 +251,7 @@ export class Forwarder {
   }
 
   private next(now: number): Job | undefined {
-    if (this.probing || now < this.pausedUntil) return undefined;
+    if (this.probing || now < this.pausedUntil || this.inFlight >= this.concurrency.limit) return undefined;
     if (this.delayed.length > 0) {
       const due = this.delayed.filter((j) => j.notBefore <= now);
       if (due.length > 0) {
@@ -267,93 +301,142 @@ export class Forwarder {
         continue;
       }
       this.inFlight++;
+      this.slotsChanged();
       try {
         await this.forward(job);
       } finally {
         this.inFlight--;
+        this.slotsChanged();
       }
       if (this.backlog === 0) this.idleWaiters.splice(0).forEach((r) => r());
     }
+  }
+
+  /** Tells the concurrency how busy the slots are; wakes workers when the limit grew. */
+  private slotsChanged(): void {
+    const before = this.concurrency.limit;
+    this.concurrency.setWaiting(this.ready.length > 0 && this.inFlight >= before);
+    if (this.concurrency.limit > before) this.wakeAll();
   }
 
   private async forward(job: Job): Promise<void> {
     const { tenant, spool, entry } = job;
     const started = performance.now();
     job.attempt++;
-    const quarantine = async (kind: QuarantineKind, reason: string) => {
-      await spool.quarantine(entry, reason);
-      this.opts.registry?.releaseHold(entry.id);
-      this.opts.events?.quarantined?.(tenant, entry, reason, kind);
-    };
     try {
+      const identity = await this.identityOf(entry);
+      const ids = orthancIds(identity);
       const guard = this.opts.guardFor?.(tenant);
-      let ids: OrthancIds | undefined;
       let instanceIsNew = entry.instanceIsNew === true;
-      if (guard) {
-        const identity = await this.identityOf(entry);
-        ids = orthancIds(identity);
-        // Strict isolation: an instance acknowledged while Orthanc was unreachable is checked now.
-        if (entry.isolation !== "checked") {
-          const verdict = await guard.check(identity, entry.id);
-          if (!verdict.ok) {
-            const reason = `isolation: ${verdict.reason} (checked when forwarding: Orthanc was unreachable when the instance was acknowledged)`;
-            await quarantine("isolation", reason);
-            this.opts.events?.isolationRefused?.(tenant, entry, reason);
-            return;
-          }
-          instanceIsNew = verdict.instanceIsNew;
+      // Strict isolation: an instance acknowledged while Orthanc was unreachable is checked now.
+      if (guard && entry.isolation !== "checked") {
+        const verdict = await guard.check(identity, entry.id);
+        if (!verdict.ok) {
+          const reason = `isolation: ${verdict.reason} (checked when forwarding: Orthanc was unreachable when the instance was acknowledged)`;
+          await this.quarantine(job, "isolation", reason);
+          this.opts.events?.isolationRefused?.(tenant, entry, reason);
+          return;
         }
+        instanceIsNew = verdict.instanceIsNew;
       }
-      const stored = await uploadFile(this.opts.orthanc, entry.size <= STREAM_ABOVE ? await spool.read(entry) : entry);
-      const misplaced = ids && placementMismatch(stored, ids);
+      const plan = this.opts.labeler.plan(ids, tenant);
+      const verify = this.opts.verifyIntegrity;
+      const up = await uploadLabeled(this.opts.orthanc, entry.size <= STREAM_ABOVE ? await spool.read(entry) : entry, plan, { attachment: verify });
+      const stored = up.stored;
+      const misplaced = guard && placementMismatch(stored, ids);
       if (misplaced) {
         // Never delete what this upload did not create: only a new instance that was not in Orthanc before.
         const deleted = stored.status === "Success" && instanceIsNew;
         if (deleted) await this.opts.orthanc.delete(`/instances/${stored.id}`);
         this.opts.events?.misplaced?.(tenant, entry, misplaced, deleted);
-        await quarantine("placement", `isolation: ${misplaced}; ${deleted ? "the upload was undone" : "left in Orthanc as it was (not created by this upload)"}`);
+        await this.quarantine(job, "placement", `isolation: ${misplaced}; ${deleted ? "the upload was undone" : "left in Orthanc as it was (not created by this upload)"}`);
         return;
       }
-      if (this.opts.verifyIntegrity && stored.status === "Success") {
-        const got = await storedAttachmentInfo(this.opts.orthanc, stored.id);
+      if (verify && stored.status === "Success") {
+        const got = up.attachment ?? (await storedAttachmentInfo(this.opts.orthanc, stored.id));
         const md5 = entry.md5 ?? (await TenantSpool.md5Of(entry));
         if (got.md5 !== md5 || got.size !== entry.size) {
-          await quarantine("integrity", `integrity check failed: Orthanc stored ${got.size} bytes with MD5 ${got.md5}, the gateway received ${entry.size} bytes with MD5 ${md5}`);
+          await this.quarantine(job, "integrity", `integrity check failed: Orthanc stored ${got.size} bytes with MD5 ${got.md5}, the gateway received ${entry.size} bytes with MD5 ${md5}`);
           return;
         }
       }
-      await this.opts.labeler.apply(stored, tenant);
-      await spool.remove(entry);
-      this.opts.registry?.releaseHold(entry.id);
+      // The pipelined labels did not all land (Orthanc filed a Shared tenant's instance under other IDs...): put them at Orthanc's IDs.
+      const confirmed: LabelPlan | undefined = up.labeled ? plan : undefined;
+      if (!confirmed) await this.opts.labeler.apply(storedIds(stored), tenant);
+      this.concurrency.done(entry.size, performance.now() - started);
       this.outageOver();
-      this.opts.events?.forwarded?.(tenant, entry, (performance.now() - started) / 1000, stored);
+      this.confirmThenFinish(job, confirmed, started, stored);
     } catch (e) {
-      const err = e instanceof Error ? e : new Error(String(e));
-      if (isPermanentRejection(err) || err instanceof DatasetRefusal) {
-        this.outageOver();
-        const unreadable = err instanceof DatasetRefusal;
-        try {
-          await quarantine(unreadable ? "unreadable" : "orthanc-refused", `${unreadable ? "cannot place the instance" : "Orthanc refused the instance"}: ${err.message}`);
-          return;
-        } catch (qe) {
-          // Could not move it aside: keep it queued rather than lose it.
-          this.requeue(job, qe instanceof Error ? qe : new Error(String(qe)));
-          return;
-        }
+      await this.failure(job, e);
+    }
+  }
+
+  /**
+   * Off the upload slot: waits for the labels' confirmation (one change-log poll shared with the other
+   * uploads confirming now), then deletes the spool entry. A failure sends the entry round again.
+   */
+  private confirmThenFinish(job: Job, plan: LabelPlan | undefined, started: number, stored: StoredInstance): void {
+    const { tenant, spool, entry } = job;
+    const stopped = new Promise<never>((_, reject) => {
+      const s = this.stopping.signal;
+      const stop = () => reject(new Error("the forwarder stopped before the labels were confirmed"));
+      if (s.aborted) stop();
+      else s.addEventListener("abort", stop, { once: true });
+    });
+    stopped.catch(() => {});
+    const p: Promise<void> = (async () => {
+      try {
+        if (plan) await Promise.race([this.opts.labeler.confirm(plan, this.stopping.signal), stopped]);
+        await spool.remove(entry);
+        this.opts.registry?.releaseHold(entry.id);
+        this.opts.events?.forwarded?.(tenant, entry, (performance.now() - started) / 1000, stored);
+      } catch (e) {
+        if (this.stopping.signal.aborted) return; // stays in the spool, replayed at the next start
+        await this.failure(job, e);
       }
-      if (err instanceof OrthancError && (err.kind === "unreachable" || err.kind === "timeout")) {
-        this.pauseAttempt++;
-        this.probing = false;
-        this.pausedUntil = Date.now() + backoffDelay(this.pauseAttempt, this.baseMs, this.maxMs);
-        job.attempt--; // an outage is not this instance's fault
-        this.ready.unshift(job);
-        this.opts.events?.failed?.(tenant, entry, err, job.attempt + 1, this.pausedUntil - Date.now());
-        this.wakeOne();
+    })().finally(() => {
+      this.confirming.delete(p);
+      if (this.backlog === 0) this.idleWaiters.splice(0).forEach((r) => r());
+    });
+    this.confirming.add(p);
+  }
+
+  private async quarantine(job: Job, kind: QuarantineKind, reason: string): Promise<void> {
+    await job.spool.quarantine(job.entry, reason);
+    this.opts.registry?.releaseHold(job.entry.id);
+    this.opts.events?.quarantined?.(job.tenant, job.entry, reason, kind);
+  }
+
+  /** An upload or its confirmation failed: quarantine (for good), pause (Orthanc away), or back off and retry. */
+  private async failure(job: Job, e: unknown): Promise<void> {
+    const { tenant, entry } = job;
+    const err = e instanceof Error ? e : new Error(String(e));
+    if (isPermanentRejection(err) || err instanceof DatasetRefusal) {
+      this.outageOver();
+      const unreadable = err instanceof DatasetRefusal;
+      try {
+        await this.quarantine(job, unreadable ? "unreadable" : "orthanc-refused", `${unreadable ? "cannot place the instance" : "Orthanc refused the instance"}: ${err.message}`);
+        return;
+      } catch (qe) {
+        // Could not move it aside: keep it queued rather than lose it.
+        this.requeue(job, qe instanceof Error ? qe : new Error(String(qe)));
         return;
       }
-      this.outageOver();
-      this.requeue(job, err);
     }
+    if (err instanceof OrthancError && (err.kind === "unreachable" || err.kind === "timeout" || err.kind === "tls")) {
+      this.concurrency.failed();
+      this.pauseAttempt++;
+      this.probing = false;
+      this.pausedUntil = Date.now() + backoffDelay(this.pauseAttempt, this.baseMs, this.maxMs);
+      job.attempt--; // an outage is not this instance's fault
+      this.ready.unshift(job);
+      this.opts.events?.failed?.(tenant, entry, err, job.attempt + 1, this.pausedUntil - Date.now());
+      this.wakeOne();
+      return;
+    }
+    if (err instanceof OrthancError && err.status !== undefined && err.status >= 500) this.concurrency.failed();
+    this.outageOver();
+    this.requeue(job, err);
   }
 
   /** What identifies a spooled instance: from its record, or (records of 0.2 and older) read from its data set. */
