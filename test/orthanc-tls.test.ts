@@ -16,19 +16,14 @@ import { OrthancClient, OrthancError } from "../src/orthanc/client.ts";
 import { orthancIds } from "../src/orthanc/identity.ts";
 import { Labeler } from "../src/orthanc/labeler.ts";
 import { uploadFile, uploadLabeled } from "../src/orthanc/store.ts";
-import { element, freshUid, identityDataset, latin1, part10, TS } from "./helpers/dicom-build.ts";
+import { buildInstance } from "./helpers/instances.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
 import { getSharedOrthanc, ORTHANC_START_TIMEOUT_MS, runDcmtk, type OrthancHandle } from "./helpers/orthanc.ts";
 
 const REPO = join(import.meta.dir, "..");
 
-/** A Secondary Capture instance of about `size` bytes (an OB element at the end) with fresh UIDs. */
-function instance(size: number, patientId = "TLSPAT"): { bytes: Uint8Array; patientId: string; study: string; series: string; sop: string } {
-  const [study, series, sop] = [freshUid(), freshUid(), freshUid()];
-  const pad = new Uint8Array(size & ~1).map((_, i) => i & 0xff);
-  const ds = identityDataset("explicitLE", { patientId: latin1(patientId.length % 2 ? patientId + " " : patientId), studyInstanceUid: study, seriesInstanceUid: series, sopInstanceUid: sop }, [element("explicitLE", 0x7fe00010, "OB", pad)]);
-  return { bytes: part10(ds, TS.explicitLE, sop), patientId, study, series, sop };
-}
+/** An instance of about `size` bytes with fresh UIDs. */
+const instance = (size: number, patientId = "TLSPAT") => buildInstance(size, { patientId });
 
 const sha = (b: Uint8Array) => createHash("sha256").update(b).digest("hex");
 

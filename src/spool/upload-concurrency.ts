@@ -98,7 +98,8 @@ export class UploadConcurrency {
     const elapsed = now - w.start;
     const rate = (w.bytes / elapsed) * 1000;
     const latency = median(w.latencies);
-    this.leastLatency = Math.min(this.leastLatency * 1.05, latency);
+    // Slowly forgotten (2% a window), so that a link that became slower for good sets a new baseline.
+    this.leastLatency = Math.min(this.leastLatency * 1.02, latency);
     this.w = this.fresh(now);
     // Uploads did not wait for slots most of the window: the limit held nothing back.
     if (w.waitingMs < elapsed / 2) return;
@@ -112,9 +113,10 @@ export class UploadConcurrency {
       return this.change(base.limit, "no throughput gain");
     }
     if (queueing && (!base || rate <= base.rate * GROWTH) && this.limit > this.min) {
+      const next = Math.max(this.min, Math.floor((this.limit * 3) / 4));
       this.hold = HOLD_WINDOWS;
-      this.base = { limit: this.limit - 1, rate };
-      return this.change(this.limit - 1, "latency rose without throughput");
+      this.base = { limit: next, rate };
+      return this.change(next, "latency rose without throughput");
     }
     if (this.hold > 0) {
       this.hold--;
