@@ -73,7 +73,7 @@ describe("HTTPS to Orthanc through nginx with client certificates", () => {
     const ids = orthancIds({ patientId: x.patientId, studyInstanceUid: x.study, seriesInstanceUid: x.series, sopInstanceUid: x.sop });
     const labeler = new Labeler(c);
     const plan = labeler.plan(ids, { labels: ["tls"], labelsStoreLevels: ["Study", "Series", "Instance"] });
-    const up = await uploadLabeled(c, x.bytes, plan, { attachment: true });
+    const up = await uploadLabeled(c, labeler, x.bytes, plan, { attachment: true });
     expect(up.stored).toMatchObject({ id: ids.instance, parentStudy: ids.study, parentSeries: ids.series, status: "Success" });
     expect(up.labeled).toBe(true);
     expect(up.attachment).toEqual({ md5: createHash("md5").update(x.bytes).digest("hex"), size: x.bytes.length });
@@ -201,7 +201,8 @@ const [url, ca, cert, key, file, patientId, study, series, sop] = Deno.args;
 const c = new OrthancClient({ url, tls: { ca: readFileSync(ca, "utf8"), cert: readFileSync(cert, "utf8"), key: readFileSync(key, "utf8") } });
 for (let i = 0; i < 5; i++) await c.system();
 const ids = orthancIds({ patientId, studyInstanceUid: study, seriesInstanceUid: series, sopInstanceUid: sop });
-const up = await uploadLabeled(c, new Uint8Array(readFileSync(file)), new Labeler(c).plan(ids, { labels: ["deno"], labelsStoreLevels: ["Instance"] }));
+const labeler = new Labeler(c);
+const up = await uploadLabeled(c, labeler, new Uint8Array(readFileSync(file)), labeler.plan(ids, { labels: ["deno"], labelsStoreLevels: ["Instance"] }));
 console.log(JSON.stringify({ stats: c.stats, status: up.stored.status, labeled: up.labeled, labels: await c.getJson(\`/instances/\${ids.instance}/labels\`) }));
 c.close();
 `,

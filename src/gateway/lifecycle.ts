@@ -90,9 +90,10 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
   }
 
   const storeMetrics = createStoreMetrics(metrics.registry);
-  // Orthanc's change log keeps the label and ownership caches in step with Orthanc (deletions, a new database).
+  // Orthanc's change log keeps the ownership caches in step with Orthanc (deletions, a new database); labels
+  // known put are read back with each upload (labeler.ts), and forgotten with a new database.
   const changes = new ChangesFeed(orthanc, opts.orthancCheckIntervalMs ?? 2000);
-  const labeler = new Labeler(orthanc, { feed: changes });
+  const labeler = new Labeler(orthanc);
   // Strict isolation: which UIDs were created by which tenant or are in flight, and one guard per Strict tenant.
   const registry = new UidRegistry(config.spool.directory);
   try {

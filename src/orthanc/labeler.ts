@@ -1,18 +1,15 @@
 /**
- * Which of a tenant's labels an upload puts, and keeping the knowledge of labels already put current.
+ * Which of a tenant's labels an upload puts, and which it checks, so that a study of 500 instances costs
+ * one study label call, not 500 — and no round trip of its own.
  *
- * A study of 500 instances costs one study label call, not 500: labels put on a study, series or patient
- * are remembered (bounded). An upload's plan puts the instance's labels and those of parents not known
- * labeled — pipelined behind the upload (store.ts: uploadLabeled) — and, once the upload is done,
- * confirm() checks the remembered ones against Orthanc's change log: a remembered label is put again when
- * the log shows the resource created after it was labeled (it was deleted and created again: its labels
- * are gone), and after `ttlMs` (another client may have removed it). The log is read once for all the
- * uploads being confirmed at that moment (ChangesFeed.sync() is shared), so over a WAN a confirmation
- * costs no round trip of its own. Without a change feed (tests of the labeling alone), only the time
- * limit applies.
+ * The labels go with the upload, pipelined behind it on its connection (store.ts: uploadLabeled), so
+ * Orthanc handles them once the instance is stored: the instance's own labels are put; a parent's
+ * (study, series, patient) are put the first time, and afterwards only read back (GET .../labels, cheaper
+ * for Orthanc than a write). A parent whose label is then missing — deleted and created again by this
+ * very upload, or relabeled by another client — gets it put again (settle()). What is known labeled is
+ * remembered, bounded.
  */
 import type { ResourceLevel } from "../config/types.ts";
-import type { ChangesFeed } from "./changes.ts";
 import type { OrthancClient } from "./client.ts";
 import type { OrthancIds } from "./identity.ts";
 
@@ -23,23 +20,32 @@ export function labelPath(level: ResourceLevel, id: string, label: string): stri
   return `/${LEVEL_PATH[level]}/${id}/labels/${encodeURIComponent(label)}`;
 }
 
+/** GET path of a resource's labels. */
+export function labelsPath(level: ResourceLevel, id: string): string {
+  return `/${LEVEL_PATH[level]}/${id}/labels`;
+}
+
 export interface PlannedLabel {
   level: ResourceLevel;
   id: string;
   label: string;
 }
 
+/** A parent known labeled: its labels are read back after the upload. */
+export interface LabelCheck {
+  level: ResourceLevel;
+  id: string;
+  labels: string[];
+}
+
 /** What one upload does about labels (Labeler.plan). */
 export interface LabelPlan {
-  /** Where the instance goes (computed by the gateway, or Orthanc's answer). */
+  /** Where the instance goes (computed by the gateway from its data set). */
   ids: OrthancIds;
-  /** Put with the upload: the instance's labels, and parents' not known to be labeled. */
+  /** Put with the upload: the instance's labels, and the parents' not known to be there. */
   put: PlannedLabel[];
-  /** Parents' labels known to be put: checked against the change log once the upload is done. */
-  remembered: PlannedLabel[];
-  /** The change log's last sequence number and the time when the plan was made (before the upload). */
-  seq: number;
-  at: number;
+  /** Parents known labeled: read back with the upload. */
+  check: LabelCheck[];
 }
 
 export interface LabeledTenant {
@@ -47,95 +53,81 @@ export interface LabeledTenant {
   labelsStoreLevels: readonly ResourceLevel[];
 }
 
-const key = (p: PlannedLabel) => `${p.level}/${p.id}/${p.label}`;
+const key = (level: ResourceLevel, id: string, label: string) => `${level}/${id}/${label}`;
 
 export class Labeler {
-  /** level/id/label -> when it was put: the change log's sequence number then, and the time. */
-  private readonly done = new Map<string, { seq: number; at: number }>();
-  /** Labels being put again (several confirmations may find the same one stale). */
-  private readonly again = new Map<string, Promise<void>>();
+  /** level/id/label of parents known labeled. */
+  private readonly known = new Set<string>();
 
   constructor(
     private readonly client: OrthancClient,
-    private readonly opts: { feed?: ChangesFeed; cacheSize?: number; ttlMs?: number } = {},
+    private readonly opts: { cacheSize?: number } = {},
   ) {}
 
-  /** The labels an upload to `ids` puts, and those it leaves to confirm(). No I/O. */
+  /** The labels an upload to `ids` puts, and the parents' it reads back. No I/O. */
   plan(ids: OrthancIds, tenant: LabeledTenant): LabelPlan {
     const byLevel: Record<ResourceLevel, string> = { Patient: ids.patient, Study: ids.study, Series: ids.series, Instance: ids.instance };
-    const now = Date.now();
-    const ttl = this.opts.ttlMs ?? 60_000;
-    const plan: LabelPlan = { ids, put: [], remembered: [], seq: this.opts.feed?.lastSeq ?? 0, at: now };
+    const plan: LabelPlan = { ids, put: [], check: [] };
     for (const level of tenant.labelsStoreLevels) {
+      const id = byLevel[level];
+      const checked: string[] = [];
       for (const label of tenant.labels) {
-        const p = { level, id: byLevel[level], label };
-        // Instances are new (or a replay): always label them; parents only while nothing says otherwise.
-        const known = level === "Instance" ? undefined : this.done.get(key(p));
-        if (known && known.seq >= 0 && now - known.at < ttl) plan.remembered.push(p);
-        else plan.put.push(p);
+        // Instances are new (or a replay): always label them; parents only while not known labeled.
+        if (level !== "Instance" && this.known.has(key(level, id, label))) checked.push(label);
+        else plan.put.push({ level, id, label });
       }
+      if (checked.length > 0) plan.check.push({ level, id, labels: checked });
     }
     return plan;
   }
 
   /**
-   * After an upload that put `plan.put`: remembers those labels, then checks the remembered parents of
-   * the plan against the change log (one poll shared with every confirmation under way) and puts again
-   * the labels of parents created since they were labeled. Resolves with the number put again.
+   * After the upload and its pipelined label calls: remembers the parents labeled, and answers the
+   * labels to put again — those a checked parent no longer has (`found`: its labels as read back, in
+   * plan.check's order; undefined when the read failed).
    */
-  async confirm(plan: LabelPlan, signal?: AbortSignal): Promise<number> {
-    // Remembered as of before the upload: if this upload created the parent, the log shows it created
-    // after `plan.seq`, and the next confirmation puts its label once more — a deletion and re-creation
-    // right after this label cannot be told apart from this upload's own creation.
-    for (const p of plan.put) if (p.level !== "Instance") this.remember(key(p), plan.seq, plan.at);
-    const feed = this.opts.feed;
-    if (plan.remembered.length === 0 || !feed) return 0;
-    await feed.sync();
-    const seen = feed.lastSeq;
-    const stale = plan.remembered.filter((p) => {
-      const known = this.done.get(key(p));
-      return !known || feed.createdSince(p.id, known.seq);
+  settle(plan: LabelPlan, found: (string[] | undefined)[]): PlannedLabel[] {
+    for (const p of plan.put) if (p.level !== "Instance") this.remember(key(p.level, p.id, p.label));
+    const again: PlannedLabel[] = [];
+    plan.check.forEach((c, i) => {
+      const has = new Set(found[i] ?? []);
+      for (const label of c.labels) {
+        if (has.has(label)) continue;
+        this.known.delete(key(c.level, c.id, label));
+        again.push({ level: c.level, id: c.id, label });
+      }
     });
-    await Promise.all(stale.map((p) => this.putAgain(p, seen, signal)));
-    return stale.length;
+    return again;
+  }
+
+  /** Puts labels (those settle() found missing, or every label of a plan), then remembers the parents'. */
+  async put(labels: PlannedLabel[], signal?: AbortSignal): Promise<void> {
+    await Promise.all(labels.map((p) => this.client.put(labelPath(p.level, p.id, p.label), "", { signal })));
+    for (const p of labels) if (p.level !== "Instance") this.remember(key(p.level, p.id, p.label));
   }
 
   /**
    * Puts the tenant's labels on an instance Orthanc stored at `ids` (Orthanc's answer: store.ts
-   * storedIds) and its parents, without pipelining: every label of the plan put, then confirmed.
-   * Resolves with the calls made.
+   * storedIds) and on its parents, every one of them, without pipelining. Resolves with the calls made.
    */
   async apply(ids: OrthancIds, tenant: LabeledTenant, signal?: AbortSignal): Promise<number> {
-    const plan = this.plan(ids, tenant);
-    await Promise.all(plan.put.map((p) => this.client.put(labelPath(p.level, p.id, p.label), "", { signal })));
-    return plan.put.length + (await this.confirm(plan, signal));
+    const byLevel: Record<ResourceLevel, string> = { Patient: ids.patient, Study: ids.study, Series: ids.series, Instance: ids.instance };
+    const all = tenant.labelsStoreLevels.flatMap((level) => tenant.labels.map((label) => ({ level, id: byLevel[level], label })));
+    await this.put(all, signal);
+    return all.length;
   }
 
   /** Forget everything remembered (Orthanc's database was replaced). */
   clear(): void {
-    this.done.clear();
+    this.known.clear();
   }
 
-  /** Puts a label again (once, however many confirmations ask), remembered as of the poll that found it stale. */
-  private putAgain(p: PlannedLabel, seq: number, signal?: AbortSignal): Promise<void> {
-    const k = key(p);
-    let running = this.again.get(k);
-    if (!running) {
-      running = this.client
-        .put(labelPath(p.level, p.id, p.label), "", { signal })
-        .then(() => this.remember(k, seq, Date.now()))
-        .finally(() => this.again.delete(k));
-      this.again.set(k, running);
+  private remember(k: string): void {
+    this.known.delete(k);
+    if (this.known.size >= (this.opts.cacheSize ?? 50_000)) {
+      const oldest = this.known.values().next().value;
+      if (oldest !== undefined) this.known.delete(oldest);
     }
-    return running;
-  }
-
-  private remember(k: string, seq: number, at: number): void {
-    this.done.delete(k);
-    if (this.done.size >= (this.opts.cacheSize ?? 50_000)) {
-      const oldest = this.done.keys().next().value;
-      if (oldest !== undefined) this.done.delete(oldest);
-    }
-    this.done.set(k, { seq, at });
+    this.known.add(k);
   }
 }

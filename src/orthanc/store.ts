@@ -8,7 +8,7 @@ import { collectAsStreamGrows } from "../adapter/index.ts";
 import { readRange, type FileRange } from "../shared/file-range.ts";
 import { OrthancError, type OrthancClient, type PipelinedCall, type StreamBody } from "./client.ts";
 import type { OrthancIds } from "./identity.ts";
-import { labelPath, type LabelPlan } from "./labeler.ts";
+import { labelPath, labelsPath, type LabelPlan, type Labeler } from "./labeler.ts";
 
 export interface StoredInstance {
   id: string;
@@ -92,25 +92,27 @@ export async function uploadFile(client: OrthancClient, source: Uint8Array | Fil
   return storedFrom(a);
 }
 
-/** What uploadLabeled did: the stored instance, whether every planned label is on it, and Orthanc's MD5/size when asked. */
+/** What uploadLabeled did: the stored instance, whether the tenant's labels are on it, and Orthanc's MD5/size when asked. */
 export interface LabeledUpload {
   stored: StoredInstance;
-  /** Every label of the plan was put, at the IDs Orthanc filed the instance under. */
+  /** Every label of the plan is on the resources Orthanc filed the instance under. */
   labeled: boolean;
   attachment?: { md5: string; size: number };
 }
 
 /**
- * Uploads an instance and puts the labels of `plan` (Labeler.plan) on the resources it goes to, the
- * label calls written behind the upload on the same connection (pipelined): Orthanc runs them once the
- * upload is stored, and the whole takes one round trip. The labels go to the IDs the gateway computed
- * from the data set (src/orthanc/identity.ts) — where Strict isolation checked it would be filed; when
- * Orthanc filed it elsewhere (placementMismatch) or a label call failed, `labeled` is false and the
- * caller decides (quarantine, or the labels again after the upload). With `attachment`, Orthanc's MD5
- * and size of the stored file come in the same round trip.
+ * Uploads an instance with the label calls of `plan` (Labeler.plan) written behind it on the same
+ * connection (pipelined): Orthanc runs them once the instance is stored, and the whole takes one round
+ * trip — the instance's labels and new parents' put, known parents' read back (one more round trip only
+ * when one lost its label). The labels go to the IDs the gateway computed from the data set
+ * (src/orthanc/identity.ts) — where Strict isolation checked it would be filed; when Orthanc filed it
+ * elsewhere (placementMismatch) or a label call failed, `labeled` is false and the caller decides
+ * (quarantine, or the labels at Orthanc's IDs). With `attachment`, Orthanc's MD5 and size of the stored
+ * file come in the same round trip.
  */
 export async function uploadLabeled(
   client: OrthancClient,
+  labeler: Labeler,
   source: Uint8Array | FileRange,
   plan: LabelPlan,
   opts: { attachment?: boolean; signal?: AbortSignal } = {},
@@ -118,6 +120,8 @@ export async function uploadLabeled(
   const ids = plan.ids;
   const calls: PipelinedCall[] = [{ method: "POST", path: "/instances", body: await instanceBody(source), headers: { "Content-Type": "application/dicom", Accept: "application/json" } }];
   for (const p of plan.put) calls.push({ method: "PUT", path: labelPath(p.level, p.id, p.label), body: "" });
+  const checksAt = calls.length;
+  for (const c of plan.check) calls.push({ method: "GET", path: labelsPath(c.level, c.id), headers: { Accept: "application/json" } });
   const attachmentAt = calls.length;
   if (opts.attachment) {
     calls.push({ method: "GET", path: `/instances/${ids.instance}/attachments/dicom/md5` });
@@ -133,14 +137,30 @@ export async function uploadLabeled(
     throw new OrthancError(`Orthanc sent a body that is not JSON to POST /instances (${answers[0]!.text.slice(0, 80)})`, { kind: "http", status: answers[0]!.status, cause: e });
   }
   const stored = storedFrom(answer);
-  const placed = placementMismatch(stored, ids) === undefined;
-  const labeled = placed && answers.slice(1, attachmentAt).every((a) => a.status >= 200 && a.status < 300);
+  if (placementMismatch(stored, ids) !== undefined) return { stored, labeled: false };
+  const ok = (a: { status: number }) => a.status >= 200 && a.status < 300;
+  const labeled = answers.slice(1, checksAt).every(ok);
+  if (labeled) {
+    const found = answers.slice(checksAt, attachmentAt).map((a) => (ok(a) ? labelList(a.text) : undefined));
+    const again = labeler.settle(plan, found);
+    if (again.length > 0) await labeler.put(again, opts.signal);
+  }
   const out: LabeledUpload = { stored, labeled };
-  if (opts.attachment && placed) {
+  if (opts.attachment) {
     const [md5, size] = [answers[attachmentAt]!, answers[attachmentAt + 1]!];
     if (md5.status === 200 && size.status === 200) out.attachment = { md5: md5.text.trim().replace(/"/g, ""), size: Number(size.text.trim()) };
   }
   return out;
+}
+
+/** A resource's labels as Orthanc answers them (a JSON list of strings); undefined if it is not one. */
+function labelList(text: string): string[] | undefined {
+  try {
+    const v: unknown = JSON.parse(text);
+    return Array.isArray(v) && v.every((x) => typeof x === "string") ? v : undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 /** Where Orthanc filed an instance, by its answer. */

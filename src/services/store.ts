@@ -235,9 +235,9 @@ async function storeSync(
   verdict?: Extract<IsolationVerdict, { ok: true }>,
 ): Promise<void> {
   try {
-    // The labels are pipelined behind the upload (one round trip), then confirmed before the answer.
+    // The labels are pipelined behind the upload: one round trip for both.
     const plan = deps.labeler.plan(ids, deps.tenant);
-    const up = await uploadLabeled(deps.orthanc, await deps.spool.bytesOf(received), plan);
+    const up = await uploadLabeled(deps.orthanc, deps.labeler, await deps.spool.bytesOf(received), plan);
     const stored = up.stored;
     const misplaced = verdict && placementMismatch(stored, verdict.ids);
     if (misplaced) {
@@ -247,8 +247,7 @@ async function storeSync(
       deps.events?.misplaced?.(misplaced, deleted);
       return fail(Status.ProcessingFailure, "Orthanc filed it elsewhere than checked (see log)", `isolation: ${misplaced}; ${deleted ? "the upload was undone" : "left in Orthanc as it was (not created by this upload)"}`);
     }
-    if (up.labeled) await deps.labeler.confirm(plan);
-    else await deps.labeler.apply(storedIds(stored), deps.tenant);
+    if (!up.labeled) await deps.labeler.apply(storedIds(stored), deps.tenant);
   } catch (e) {
     const message = e instanceof Error ? e.message : String(e);
     if (isPermanentRejection(e)) return fail(Status.UnableToProcess, "Orthanc refused the instance (see gateway log)", `Orthanc refused the instance: ${message}`);

@@ -1,10 +1,8 @@
 /**
- * Forwards spooled instances to Orthanc: upload (streamed when large) with the labels pipelined behind
- * it (one round trip: store.ts uploadLabeled), optionally verify, confirm the labels against Orthanc's
- * change log, then delete the spool entry — in that order, so a crash at any point leaves the entry to
- * be replayed (Orthanc answers AlreadyStored to a replay, and labels are idempotent). The confirmation
- * (labeler.ts: one poll of the change log shared by every upload confirming at that moment) runs after
- * the upload has given its slot to the next one.
+ * Forwards spooled instances to Orthanc: upload (streamed when large) with the tenant's labels pipelined
+ * behind it (one round trip: store.ts uploadLabeled), optionally verify, then delete the spool entry — in
+ * that order, so a crash at any point leaves the entry to be replayed (Orthanc answers AlreadyStored to a
+ * replay, and labels are idempotent).
  *
  * Parallel uploads over keep-alive connections, as many as the link and Orthanc take
  * (upload-concurrency.ts: between `concurrency` and `maxConcurrency`); transient failures back off
@@ -19,7 +17,7 @@
  */
 import type { TenantConfig } from "../config/types.ts";
 import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
-import type { LabelPlan, Labeler } from "../orthanc/labeler.ts";
+import type { Labeler } from "../orthanc/labeler.ts";
 import { isPermanentRejection, placementMismatch, storedAttachmentInfo, storedIds, STREAM_ABOVE, uploadLabeled, type StoredInstance } from "../orthanc/store.ts";
 import { TenantSpool, type SpoolEntry } from "./spool.ts";
 import { DatasetRefusal, type InstanceIdentity } from "../dicom/dataset-reader.ts";
@@ -153,9 +151,6 @@ export class Forwarder {
   private lastArrivalAt = 0;
   /** How many uploads run at once (adapted). */
   readonly concurrency: UploadConcurrency;
-  /** Uploads done whose labels are being confirmed (labeler.confirm), off the upload slots. */
-  private confirming = new Set<Promise<void>>();
-  private readonly stopping = new AbortController();
 
   constructor(private readonly opts: ForwarderOptions) {
     this.baseMs = opts.backoffBaseMs ?? 500;
@@ -203,9 +198,9 @@ export class Forwarder {
     return (this.opts.orthancRoundTripMs?.() ?? 0) >= LINK_BOUND_RTT_MS;
   }
 
-  /** Entries waiting, being uploaded, or having their labels confirmed. */
+  /** Entries waiting or being forwarded. */
   get backlog(): number {
-    return this.ready.length + this.delayed.length + this.inFlight + this.confirming.size;
+    return this.ready.length + this.delayed.length + this.inFlight;
   }
 
   start(): void {
@@ -222,9 +217,6 @@ export class Forwarder {
     this.wakeAll();
     await Promise.all(this.workers);
     this.workers = [];
-    // Confirmations waiting for Orthanc give up: their entries stay in the spool and are replayed.
-    this.stopping.abort();
-    await Promise.all(this.confirming);
   }
 
   /** Orthanc is back: retry everything now. */
@@ -339,9 +331,10 @@ export class Forwarder {
         }
         instanceIsNew = verdict.instanceIsNew;
       }
-      const plan = this.opts.labeler.plan(ids, tenant);
+      const labeler = this.opts.labeler;
       const verify = this.opts.verifyIntegrity;
-      const up = await uploadLabeled(this.opts.orthanc, entry.size <= STREAM_ABOVE ? await spool.read(entry) : entry, plan, { attachment: verify });
+      const source = entry.size <= STREAM_ABOVE ? await spool.read(entry) : entry;
+      const up = await uploadLabeled(this.opts.orthanc, labeler, source, labeler.plan(ids, tenant), { attachment: verify });
       const stored = up.stored;
       const misplaced = guard && placementMismatch(stored, ids);
       if (misplaced) {
@@ -360,45 +353,16 @@ export class Forwarder {
           return;
         }
       }
-      // The pipelined labels did not all land (Orthanc filed a Shared tenant's instance under other IDs...): put them at Orthanc's IDs.
-      const confirmed: LabelPlan | undefined = up.labeled ? plan : undefined;
-      if (!confirmed) await this.opts.labeler.apply(storedIds(stored), tenant);
+      // The pipelined labels did not all land (Orthanc filed a Shared tenant's instance under other IDs...): at Orthanc's IDs.
+      if (!up.labeled) await labeler.apply(storedIds(stored), tenant);
+      await spool.remove(entry);
+      this.opts.registry?.releaseHold(entry.id);
       this.concurrency.done(entry.size, performance.now() - started);
       this.outageOver();
-      this.confirmThenFinish(job, confirmed, started, stored);
+      this.opts.events?.forwarded?.(tenant, entry, (performance.now() - started) / 1000, stored);
     } catch (e) {
       await this.failure(job, e);
     }
-  }
-
-  /**
-   * Off the upload slot: waits for the labels' confirmation (one change-log poll shared with the other
-   * uploads confirming now), then deletes the spool entry. A failure sends the entry round again.
-   */
-  private confirmThenFinish(job: Job, plan: LabelPlan | undefined, started: number, stored: StoredInstance): void {
-    const { tenant, spool, entry } = job;
-    const stopped = new Promise<never>((_, reject) => {
-      const s = this.stopping.signal;
-      const stop = () => reject(new Error("the forwarder stopped before the labels were confirmed"));
-      if (s.aborted) stop();
-      else s.addEventListener("abort", stop, { once: true });
-    });
-    stopped.catch(() => {});
-    const p: Promise<void> = (async () => {
-      try {
-        if (plan) await Promise.race([this.opts.labeler.confirm(plan, this.stopping.signal), stopped]);
-        await spool.remove(entry);
-        this.opts.registry?.releaseHold(entry.id);
-        this.opts.events?.forwarded?.(tenant, entry, (performance.now() - started) / 1000, stored);
-      } catch (e) {
-        if (this.stopping.signal.aborted) return; // stays in the spool, replayed at the next start
-        await this.failure(job, e);
-      }
-    })().finally(() => {
-      this.confirming.delete(p);
-      if (this.backlog === 0) this.idleWaiters.splice(0).forEach((r) => r());
-    });
-    this.confirming.add(p);
   }
 
   private async quarantine(job: Job, kind: QuarantineKind, reason: string): Promise<void> {
@@ -407,7 +371,7 @@ export class Forwarder {
     this.opts.events?.quarantined?.(job.tenant, job.entry, reason, kind);
   }
 
-  /** An upload or its confirmation failed: quarantine (for good), pause (Orthanc away), or back off and retry. */
+  /** An upload failed: quarantine (for good), pause (Orthanc away), or back off and retry. */
   private async failure(job: Job, e: unknown): Promise<void> {
     const { tenant, entry } = job;
     const err = e instanceof Error ? e : new Error(String(e));
