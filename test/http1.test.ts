@@ -402,6 +402,35 @@ describe("streamed bodies", () => {
     expect(s.connections).toBe(2);
   });
 
+  test("a streamed body's time limit counts from its progress: a slow but steady body is not cut, a stalled one is", async () => {
+    const s = await rawServer((sock, r) => sock.write(ok(`got ${r.body.length}`)));
+    const a = agentFor(s);
+    const steady = {
+      length: 10 * 1024,
+      async *open() {
+        for (let i = 0; i < 10; i++) {
+          await new Promise((r) => setTimeout(r, 40)); // 400 ms in all, never 150 ms without progress
+          yield new Uint8Array(1024);
+        }
+      },
+    };
+    const res = await a.request("POST", "/x", {}, steady, { timeoutMs: 150, progressTimeoutMs: 150 });
+    expect(text(res.body)).toBe(`got ${10 * 1024}`);
+    const stalled = {
+      length: 2048,
+      async *open() {
+        yield new Uint8Array(1024);
+        await new Promise((r) => setTimeout(r, 1000));
+        yield new Uint8Array(1024);
+      },
+    };
+    const t0 = performance.now();
+    const err = (await a.request("POST", "/x", {}, stalled, { timeoutMs: 5000, progressTimeoutMs: 150 }).catch((e) => e)) as Http1Error;
+    expect(err.code).toBe("ETIMEDOUT");
+    // The stall, not the 5 s for the answer after the last byte, ended it.
+    expect(performance.now() - t0).toBeLessThan(1000);
+  });
+
   test("an answer that comes before the request body was written whole (413): returned, and the connection not reused", async () => {
     const s = await rawServer(() => {});
     s.server.removeAllListeners("connection");

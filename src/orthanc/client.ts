@@ -29,6 +29,8 @@ export interface OrthancClientOptions {
 export interface RequestOptions {
   /** Overrides the client's timeout for this call. */
   timeoutMs?: number;
+  /** A streamed request body: the time allowed without progress while it is sent; `timeoutMs` counts from its last byte. */
+  progressTimeoutMs?: number;
   /** Extra cancellation (e.g. the DIMSE association was aborted). */
   signal?: AbortSignal;
   /** Extra request headers. */
@@ -234,9 +236,9 @@ export class OrthancClient {
     const reqs = calls.map((c) => this.http1Request(c.method, c.path, { ...opts, headers: { ...opts.headers, ...c.headers }, ...(c.body !== undefined ? { body: c.body } : {}) }));
     let res: Http1Response[];
     try {
-      res = await this.agentOrFail().pipeline(reqs, { timeoutMs, signal: opts.signal });
+      res = await this.agentOrFail().pipeline(reqs, { timeoutMs, signal: opts.signal, ...(opts.progressTimeoutMs !== undefined ? { progressTimeoutMs: opts.progressTimeoutMs } : {}) });
     } catch (err) {
-      throw this.networkFailure(err, calls[0]!.method, calls.map((c) => c.path).join(" + "), timeoutMs, opts.signal);
+      throw this.networkFailure(err, calls[0]!.method, calls.map((c) => c.path).join(" + "), timeoutMs, opts.signal, opts.progressTimeoutMs);
     }
     return res.map((r) => ({ status: r.status, text: utf8.decode(r.body) }));
   }
@@ -287,9 +289,9 @@ export class OrthancClient {
     this.count([{ method, path }]);
     let res: Http1Response;
     try {
-      res = await this.agentOrFail().send(this.http1Request(method, path, opts), { timeoutMs, signal: opts.signal });
+      res = await this.agentOrFail().send(this.http1Request(method, path, opts), { timeoutMs, signal: opts.signal, ...(opts.progressTimeoutMs !== undefined ? { progressTimeoutMs: opts.progressTimeoutMs } : {}) });
     } catch (err) {
-      throw this.networkFailure(err, method, path, timeoutMs, opts.signal);
+      throw this.networkFailure(err, method, path, timeoutMs, opts.signal, opts.progressTimeoutMs);
     }
     const text = utf8.decode(res.body);
     if (res.status >= 200 && res.status < 300) return { status: res.status, text, bytes: res.body };
@@ -310,11 +312,12 @@ export class OrthancClient {
   }
 
   /** What a call that got no HTTP answer throws: a timeout, the caller's own abort, a TLS failure, or unreachable. */
-  private networkFailure(err: unknown, method: string, path: string, timeoutMs: number, callerSignal?: AbortSignal): unknown {
+  private networkFailure(err: unknown, method: string, path: string, timeoutMs: number, callerSignal?: AbortSignal, progressTimeoutMs?: number): unknown {
     if (err instanceof OrthancError) return err;
+    const progressNote = progressTimeoutMs === undefined ? "" : ` (of the body's last byte; or took more than ${progressTimeoutMs} ms more of it)`;
     if (err instanceof Http1Error && err.code === "ETIMEDOUT") {
       return new OrthancError(
-        `Orthanc at ${this.url} did not answer ${method} ${path} within ${timeoutMs} ms: check that Orthanc is running and not overloaded and the link to it, or raise Gateway.Orthanc.TimeoutSeconds`,
+        `Orthanc at ${this.url} did not answer ${method} ${path} within ${timeoutMs} ms${progressNote}: check that Orthanc is running and not overloaded and the link to it, or raise Gateway.Orthanc.TimeoutSeconds`,
         { kind: "timeout", cause: err },
       );
     }

@@ -76,9 +76,32 @@ export interface Http1Request {
 }
 
 export interface Http1CallOptions {
-  /** The whole exchange (for stream(): until the head has arrived). */
+  /** The whole exchange (for stream(): until the head has arrived); with `progressTimeoutMs`, from a streamed body's last byte. */
   timeoutMs: number;
+  /**
+   * For a request body streamed from its source: while it is sent, the time allowed without progress (the
+   * connection taking no more of it) — a large upload over a slow link takes as long as it takes, a stalled
+   * one fails; `timeoutMs` then counts from its last byte (the server's own processing).
+   */
+  progressTimeoutMs?: number;
   signal?: AbortSignal;
+}
+
+/** When an exchange times out; moved by a streamed body's progress (shared by a pipeline's exchanges). */
+class Deadline {
+  private readonly moved = new Set<() => void>();
+  constructor(public at: number) {}
+  set(at: number): void {
+    this.at = at;
+    for (const f of this.moved) f();
+  }
+  /** `f` runs whenever the deadline moves, until off(). */
+  on(f: () => void): void {
+    this.moved.add(f);
+  }
+  off(f: () => void): void {
+    this.moved.delete(f);
+  }
 }
 
 /** PEM texts for TLS: the CA to trust (default: the runtime's), the client certificate and its key. */
@@ -120,6 +143,8 @@ const RTT_SAMPLE_BYTES = 64 * 1024;
 /** One request written (or being written) on a connection, waiting for its answer. */
 interface Exchange {
   parser: ResponseParser;
+  deadline: Deadline;
+  opts: Http1CallOptions;
   /** The request's last byte was written. */
   written: boolean;
   /** performance.now() when its writing began, and whether it was alone on the connection then. */
@@ -256,13 +281,13 @@ export class Http1Agent {
    */
   async pipeline(reqs: Http1Request[], opts: Http1CallOptions): Promise<Http1Response[]> {
     if (opts.signal?.aborted) throw opts.signal.reason;
-    const deadline = performance.now() + opts.timeoutMs;
+    const deadline = new Deadline(performance.now() + opts.timeoutMs);
     const out: Http1Response[] = [];
     let todo = reqs;
     for (;;) {
       const reused = this.takeIdle();
       const c = reused ?? (await this.open(deadline, opts.signal));
-      const settled = await Promise.allSettled(todo.map((r, i) => this.exchange(c, r, deadline, opts.signal, i > 0)));
+      const settled = await Promise.allSettled(todo.map((r, i) => this.exchange(c, r, deadline, opts, i > 0)));
       let answered = 0;
       for (const s of settled) {
         if (s.status !== "fulfilled") break;
@@ -285,17 +310,17 @@ export class Http1Agent {
    */
   async stream(req: Http1Request, opts: Http1CallOptions): Promise<Http1StreamResponse> {
     if (opts.signal?.aborted) throw opts.signal.reason;
-    const deadline = performance.now() + opts.timeoutMs;
+    const deadline = new Deadline(performance.now() + opts.timeoutMs);
     const reused = this.takeIdle();
     if (reused) {
       try {
-        return await this.streamOn(reused, req, deadline, opts.signal);
+        return await this.streamOn(reused, req, deadline, opts);
       } catch (e) {
         if (!(e instanceof Http1Error && e.retryable) || opts.signal?.aborted) throw e;
         this.stats.retried++;
       }
     }
-    return this.streamOn(await this.open(deadline, opts.signal), req, deadline, opts.signal);
+    return this.streamOn(await this.open(deadline, opts.signal), req, deadline, opts);
   }
 
   /** Closes the idle connections (a busy one closes when its answer is read). */
@@ -318,7 +343,7 @@ export class Http1Agent {
     return undefined;
   }
 
-  private open(deadline: number, signal: AbortSignal | undefined): Promise<Connection> {
+  private open(deadline: Deadline, signal: AbortSignal | undefined): Promise<Connection> {
     this.stats.connections++;
     return new Promise((resolve, reject) => {
       let phase: Http1Phase = "connect";
@@ -374,11 +399,11 @@ export class Http1Agent {
   }
 
   /** Writes `req` on `c` (after the requests already being written there) and resolves with its whole answer. */
-  private exchange(c: Connection, req: Http1Request, deadline: number, signal: AbortSignal | undefined, behind: boolean): Promise<Http1Response> {
+  private exchange(c: Connection, req: Http1Request, deadline: Deadline, opts: Http1CallOptions, behind: boolean): Promise<Http1Response> {
     return new Promise((resolve, reject) => {
       const parts: Uint8Array[] = [];
-      const x = this.newExchange(req, (b) => parts.push(b));
-      const done = this.guard(deadline, signal, (err) => {
+      const x = this.newExchange(req, deadline, opts, (b) => parts.push(b));
+      const done = this.guard(deadline, opts.signal, (err) => {
         if (err === undefined) {
           const h = x.parser.parsed!;
           resolve({ status: h.status, statusText: h.statusText, headers: h.headers, body: parts.length === 1 ? parts[0]! : concatBytes(parts) });
@@ -394,7 +419,8 @@ export class Http1Agent {
     });
   }
 
-  private streamOn(c: Connection, req: Http1Request, deadline: number, signal: AbortSignal | undefined): Promise<Http1StreamResponse> {
+  private streamOn(c: Connection, req: Http1Request, deadline: Deadline, opts: Http1CallOptions): Promise<Http1StreamResponse> {
+    const signal = opts.signal;
     return new Promise((resolve, reject) => {
       let controller!: ReadableStreamDefaultController<Uint8Array>;
       let started = false;
@@ -434,6 +460,8 @@ export class Http1Agent {
       });
       const x = this.newExchange(
         req,
+        deadline,
+        opts,
         (b) => {
           controller.enqueue(b);
           // Back-pressure: the reader is behind, stop reading the socket until it pulls.
@@ -456,9 +484,9 @@ export class Http1Agent {
     });
   }
 
-  private newExchange(req: Http1Request, onBody: (b: Uint8Array) => void, onHead?: (h: ResponseHead) => void): Exchange {
+  private newExchange(req: Http1Request, deadline: Deadline, opts: Http1CallOptions, onBody: (b: Uint8Array) => void, onHead?: (h: ResponseHead) => void): Exchange {
     const bodyLength = req.body?.length ?? 0;
-    return { parser: new ResponseParser(onBody, onHead), written: false, sentAt: 0, alone: false, small: bodyLength <= RTT_SAMPLE_BYTES, complete: () => {}, fail: () => {} };
+    return { parser: new ResponseParser(onBody, onHead), deadline, opts, written: false, sentAt: 0, alone: false, small: bodyLength <= RTT_SAMPLE_BYTES, complete: () => {}, fail: () => {} };
   }
 
   /** Queues `x` for its answer on `c` and writes its request once the requests before it are written. */
@@ -480,6 +508,13 @@ export class Http1Agent {
       if (body === undefined || body instanceof Uint8Array) {
         socket.write(requestBytes(req.method, req.target, this.hostHeader, req.headers, body?.length ?? 0, body));
       } else {
+        // While it is sent, the deadline is the last progress's: a large body over a slow link takes its
+        // time, a stalled one fails; from its last byte on, the answer has `timeoutMs`.
+        const progress = x.opts.progressTimeoutMs;
+        const moved = (ms: number | undefined) => {
+          if (ms !== undefined) x.deadline.set(performance.now() + ms);
+        };
+        moved(progress);
         socket.write(requestBytes(req.method, req.target, this.hostHeader, req.headers, body.length));
         let sent = 0;
         for await (const chunk of body.open()) {
@@ -487,8 +522,10 @@ export class Http1Agent {
           sent += chunk.length;
           if (sent > body.length) throw new Error(`the request body is longer than its Content-Length ${body.length}`);
           if (!socket.write(chunk)) await drained(socket);
+          moved(progress);
         }
         if (sent !== body.length) throw new Error(`the request body ended after ${sent} of its ${body.length} bytes`);
+        if (progress !== undefined) moved(x.opts.timeoutMs);
       }
       x.written = true;
     } catch (e) {
@@ -517,20 +554,28 @@ export class Http1Agent {
   }
 
   /**
-   * Wraps an exchange's completion so that it runs once, and runs with an error at the deadline or
-   * when `signal` aborts. One timer per exchange, cleared when it ends.
+   * Wraps an exchange's completion so that it runs once, and runs with an error at the deadline (which
+   * a streamed body's progress may move later) or when `signal` aborts. One timer per exchange, cleared
+   * when it ends.
    */
-  private guard<R>(deadline: number, signal: AbortSignal | undefined, settle: (err: unknown, res?: R) => void): (err: unknown, res?: R) => void {
+  private guard<R>(deadline: Deadline, signal: AbortSignal | undefined, settle: (err: unknown, res?: R) => void): (err: unknown, res?: R) => void {
     let over = false;
+    let timer: ReturnType<typeof setTimeout> | undefined;
     const finish = (err: unknown, res?: R) => {
       if (over) return;
       over = true;
       clearTimeout(timer);
+      deadline.off(arm);
       signal?.removeEventListener("abort", onAbort);
       settle(err, res);
     };
     const onAbort = () => finish(signal!.reason);
-    const timer = setTimeout(() => finish(new Http1Error("no answer in time", "ETIMEDOUT", false)), Math.max(0, deadline - performance.now()));
+    const arm = () => {
+      clearTimeout(timer);
+      timer = setTimeout(() => finish(new Http1Error("no answer in time", "ETIMEDOUT", false)), Math.max(0, deadline.at - performance.now()));
+    };
+    deadline.on(arm);
+    arm();
     signal?.addEventListener("abort", onAbort, { once: true });
     return finish;
   }

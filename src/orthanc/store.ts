@@ -56,9 +56,14 @@ export function fileBody(range: FileRange, chunkSize = 256 * 1024): StreamBody {
   };
 }
 
-/** Upload time allowed: the REST timeout plus the time to send the file at a pessimistic 10 MB/s. */
-function uploadTimeout(client: OrthancClient, size: number): number {
-  return client.timeoutMs + Math.ceil(size / 10_000);
+/**
+ * Time allowed for an upload: the REST timeout plus the file's size at a pessimistic 10 MB/s — from its
+ * start for a file sent from memory; for a streamed one from its last byte (Orthanc then parses and stores
+ * it), while sending it may take as long as the link needs provided it never stops for the REST timeout.
+ */
+function uploadTimeouts(client: OrthancClient, body: Uint8Array | StreamBody): { timeoutMs: number; progressTimeoutMs?: number } {
+  const timeoutMs = client.timeoutMs + Math.ceil(body.length / 10_000);
+  return body instanceof Uint8Array ? { timeoutMs } : { timeoutMs, progressTimeoutMs: client.timeoutMs };
 }
 
 /** Files up to this size are sent from one buffer; larger ones are streamed (memory stays bounded). */
@@ -69,8 +74,6 @@ async function instanceBody(source: Uint8Array | FileRange): Promise<Uint8Array 
   if (source instanceof Uint8Array) return source;
   return source.size <= STREAM_ABOVE ? await readRange(source) : fileBody(source);
 }
-
-const sizeOf = (source: Uint8Array | FileRange) => (source instanceof Uint8Array ? source.length : source.size);
 
 /** Orthanc's answer to POST /instances as a StoredInstance; throws OrthancError for a filtered-out or malformed one. */
 function storedFrom(a: PostInstancesAnswer | undefined): StoredInstance {
@@ -84,11 +87,8 @@ function storedFrom(a: PostInstancesAnswer | undefined): StoredInstance {
 
 /** POST /instances with an instance's Part 10 bytes: given, read from disk, or streamed from disk when large. */
 export async function uploadFile(client: OrthancClient, source: Uint8Array | FileRange, signal?: AbortSignal): Promise<StoredInstance> {
-  const a = await client.postJson<PostInstancesAnswer>("/instances", await instanceBody(source), {
-    timeoutMs: uploadTimeout(client, sizeOf(source)),
-    headers: { "Content-Type": "application/dicom" },
-    signal,
-  });
+  const body = await instanceBody(source);
+  const a = await client.postJson<PostInstancesAnswer>("/instances", body, { ...uploadTimeouts(client, body), headers: { "Content-Type": "application/dicom" }, signal });
   return storedFrom(a);
 }
 
@@ -118,7 +118,8 @@ export async function uploadLabeled(
   opts: { attachment?: boolean; signal?: AbortSignal } = {},
 ): Promise<LabeledUpload> {
   const ids = plan.ids;
-  const calls: PipelinedCall[] = [{ method: "POST", path: "/instances", body: await instanceBody(source), headers: { "Content-Type": "application/dicom", Accept: "application/json" } }];
+  const body = await instanceBody(source);
+  const calls: PipelinedCall[] = [{ method: "POST", path: "/instances", body, headers: { "Content-Type": "application/dicom", Accept: "application/json" } }];
   for (const p of plan.put) calls.push({ method: "PUT", path: labelPath(p.level, p.id, p.label), body: "" });
   const checksAt = calls.length;
   for (const c of plan.check) calls.push({ method: "GET", path: labelsPath(c.level, c.id), headers: { Accept: "application/json" } });
@@ -127,7 +128,7 @@ export async function uploadLabeled(
     calls.push({ method: "GET", path: `/instances/${ids.instance}/attachments/dicom/md5` });
     calls.push({ method: "GET", path: `/instances/${ids.instance}/attachments/dicom/size` });
   }
-  const answers = await client.pipeline(calls, { timeoutMs: uploadTimeout(client, sizeOf(source)), ...(opts.signal ? { signal: opts.signal } : {}) });
+  const answers = await client.pipeline(calls, { ...uploadTimeouts(client, body), ...(opts.signal ? { signal: opts.signal } : {}) });
   const failure = client.failureOf(calls[0]!, answers[0]!);
   if (failure) throw failure;
   let answer: PostInstancesAnswer | undefined;

@@ -18,7 +18,7 @@
 import type { TenantConfig } from "../config/types.ts";
 import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
 import type { Labeler } from "../orthanc/labeler.ts";
-import { isPermanentRejection, placementMismatch, storedAttachmentInfo, storedIds, STREAM_ABOVE, uploadLabeled, type StoredInstance } from "../orthanc/store.ts";
+import { isPermanentRejection, placementMismatch, storedAttachmentInfo, storedIds, STREAM_ABOVE, uploadFile, uploadLabeled, type StoredInstance } from "../orthanc/store.ts";
 import { TenantSpool, type SpoolEntry } from "./spool.ts";
 import { DatasetRefusal, type InstanceIdentity } from "../dicom/dataset-reader.ts";
 import { orthancIds } from "../orthanc/identity.ts";
@@ -89,6 +89,11 @@ interface Job {
   notBefore: number;
   /** Date.now() when it was queued (receive priority). */
   queuedAt: number;
+}
+
+/** The record carries what Orthanc files it by (records of 0.3 and later). */
+function hasIdentity(entry: SpoolEntry): boolean {
+  return entry.patientId !== undefined && !!entry.studyInstanceUid && !!entry.seriesInstanceUid;
 }
 
 export function backoffDelay(attempt: number, baseMs: number, maxMs: number, random = Math.random): number {
@@ -316,12 +321,14 @@ export class Forwarder {
     const started = performance.now();
     job.attempt++;
     try {
-      const identity = await this.identityOf(entry);
-      const ids = orthancIds(identity);
       const guard = this.opts.guardFor?.(tenant);
+      // Where Orthanc will file it: the labels are pipelined there. A Shared tenant's record of 0.2 and older
+      // carries no identity: it is not read from the data set for that, its labels follow the upload instead.
+      const identity = guard || hasIdentity(entry) ? await this.identityOf(entry) : undefined;
+      const ids = identity && orthancIds(identity);
       let instanceIsNew = entry.instanceIsNew === true;
       // Strict isolation: an instance acknowledged while Orthanc was unreachable is checked now.
-      if (guard && entry.isolation !== "checked") {
+      if (guard && identity && entry.isolation !== "checked") {
         const verdict = await guard.check(identity, entry.id);
         if (!verdict.ok) {
           const reason = `isolation: ${verdict.reason} (checked when forwarding: Orthanc was unreachable when the instance was acknowledged)`;
@@ -334,9 +341,9 @@ export class Forwarder {
       const labeler = this.opts.labeler;
       const verify = this.opts.verifyIntegrity;
       const source = entry.size <= STREAM_ABOVE ? await spool.read(entry) : entry;
-      const up = await uploadLabeled(this.opts.orthanc, labeler, source, labeler.plan(ids, tenant), { attachment: verify });
+      const up = ids ? await uploadLabeled(this.opts.orthanc, labeler, source, labeler.plan(ids, tenant), { attachment: verify }) : { stored: await uploadFile(this.opts.orthanc, source), labeled: false };
       const stored = up.stored;
-      const misplaced = guard && placementMismatch(stored, ids);
+      const misplaced = guard && ids && placementMismatch(stored, ids);
       if (misplaced) {
         // Never delete what this upload did not create: only a new instance that was not in Orthanc before.
         const deleted = stored.status === "Success" && instanceIsNew;
@@ -346,7 +353,7 @@ export class Forwarder {
         return;
       }
       if (verify && stored.status === "Success") {
-        const got = up.attachment ?? (await storedAttachmentInfo(this.opts.orthanc, stored.id));
+        const got = ("attachment" in up ? up.attachment : undefined) ?? (await storedAttachmentInfo(this.opts.orthanc, stored.id));
         const md5 = entry.md5 ?? (await TenantSpool.md5Of(entry));
         if (got.md5 !== md5 || got.size !== entry.size) {
           await this.quarantine(job, "integrity", `integrity check failed: Orthanc stored ${got.size} bytes with MD5 ${got.md5}, the gateway received ${entry.size} bytes with MD5 ${md5}`);
@@ -405,8 +412,8 @@ export class Forwarder {
 
   /** What identifies a spooled instance: from its record, or (records of 0.2 and older) read from its data set. */
   private async identityOf(entry: SpoolEntry): Promise<InstanceIdentity> {
-    if (entry.patientId !== undefined && entry.studyInstanceUid && entry.seriesInstanceUid) {
-      return { patientId: entry.patientId, studyInstanceUid: entry.studyInstanceUid, seriesInstanceUid: entry.seriesInstanceUid, sopInstanceUid: entry.sopInstanceUid };
+    if (hasIdentity(entry)) {
+      return { patientId: entry.patientId!, studyInstanceUid: entry.studyInstanceUid!, seriesInstanceUid: entry.seriesInstanceUid!, sopInstanceUid: entry.sopInstanceUid };
     }
     return readSpooledIdentity(entry, entry.transferSyntaxUid, this.opts.defaultEncoding);
   }
