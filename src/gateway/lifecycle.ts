@@ -124,7 +124,6 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     concurrency: config.orthanc.uploadConcurrency,
     maxConcurrency: config.orthanc.maxUploadConcurrency,
     receivePriorityMs: config.orthanc.receivePriorityMs,
-    orthancRoundTripMs: () => orthanc.roundTripMs,
     verifyIntegrity: config.spool.verifyIntegrity,
     guardFor: (tenant) => guards.get(tenant.aet),
     registry,

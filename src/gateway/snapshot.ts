@@ -47,7 +47,7 @@ export function takeSnapshot(s: GatewayState): GatewaySnapshot {
     orthanc: {
       ...s.monitor.status,
       ...(s.orthanc.roundTripMs !== undefined ? { roundTripMs: Math.round(s.orthanc.roundTripMs * 100) / 100 } : {}),
-      uploadConcurrency: s.forwarder.concurrency.limit,
+      uploadConcurrency: s.forwarder.uploadLimit,
       linkBound: s.forwarder.linkBound,
     },
     orthancUnreachableGraceMs: s.config.orthanc.unreachableGraceMs,

@@ -129,6 +129,12 @@ export function isStreamBody(b: unknown): b is StreamBody {
   return typeof b === "object" && b !== null && typeof (b as StreamBody).open === "function" && typeof (b as StreamBody).length === "number";
 }
 
+/**
+ * Orthanc's round trip from which calls count as link-bound: well above a LAN's and a loopback's (an Orthanc
+ * on the same box answers a small call in well under a millisecond), well below any WAN's.
+ */
+export const LINK_BOUND_RTT_MS = 2;
+
 export class OrthancClient {
   /** Base URL without trailing slash (and without credentials). */
   readonly url: string;
@@ -196,6 +202,15 @@ export class OrthancClient {
   /** The least round trip of recent small calls in ms (undefined before the first). */
   get roundTripMs(): number | undefined {
     return this.agent?.roundTripMs;
+  }
+
+  /**
+   * Orthanc is across a link, not on this box: its round trip is LINK_BOUND_RTT_MS or more. Then what the
+   * gateway sends it mostly waits on the link — more of it at once fills the link instead of competing for
+   * this box's CPU with Orthanc's own work (receive priority, upload concurrency, C-MOVE fetch-ahead).
+   */
+  get linkBound(): boolean {
+    return (this.roundTripMs ?? 0) >= LINK_BOUND_RTT_MS;
   }
 
   /** GET /system. */

@@ -112,8 +112,8 @@ const WAITED_MS = 1;
 
 /**
  * Streams the resolved instances from Orthanc in order, with `parallelism` of them requested ahead of
- * the one being sent — more while the sub-operations wait for Orthanc (up to MAX_FETCH_AHEAD): over a
- * WAN each request takes a round trip, and enough of them must be under way for the link never to idle
+ * the one being sent — more while the sub-operations wait for an Orthanc across a link (OrthancClient.
+ * linkBound; up to MAX_FETCH_AHEAD): over a WAN each request takes a round trip, and enough of them must be under way for the link never to idle
  * while the destination takes the instances. An instance requested ahead is read only as far as its
  * stream's small buffer (back-pressure pauses its connection), so memory stays bounded. Before an
  * instance is requested, its anchor resource's labels are checked again (once per anchor). Each item
@@ -160,8 +160,9 @@ export class InstanceFetcher {
     try {
       const t0 = performance.now();
       const fetched = await item.fetched;
-      // The sub-operations waited for Orthanc: request more ahead (one more now, so the gap closes at once).
-      if (performance.now() - t0 > WAITED_MS && this.depth < this.maxDepth) {
+      // The sub-operations waited for an Orthanc across a link: request more ahead (at once, so the gap
+      // closes now). On Orthanc's own box a wait is its CPU, which more requests would only share further.
+      if (performance.now() - t0 > WAITED_MS && this.depth < this.maxDepth && this.orthanc.linkBound) {
         this.depth = Math.min(this.maxDepth, this.depth * 2);
         this.prime();
       }

@@ -12,8 +12,10 @@
  * Receive priority: while data sets are arriving (and for QUIET_MS after the last one), uploads wait,
  * so that a small box spends its CPU on acknowledging the modality first; an entry waits at most
  * `receivePriorityMs`, after which uploads go on one at a time until the arrivals stop. Not when the
- * uploads are bound by the link rather than by this box's CPU: when Orthanc's round trip is
- * LINK_BOUND_RTT_MS or more, Orthanc does not run on this box, and an upload mostly waits on the link.
+ * uploads are bound by the link rather than by this box's CPU (OrthancClient.linkBound: Orthanc's round
+ * trip is 2 ms or more): Orthanc does not run on this box, and an upload mostly waits on the link. Only
+ * then does the number of uploads at once adapt: on the box of its Orthanc, more would only compete with
+ * it for the CPU (`concurrency` stays).
  */
 import type { TenantConfig } from "../config/types.ts";
 import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
@@ -68,15 +70,7 @@ export interface ForwarderOptions {
   backoffMaxMs?: number;
   /** Longest an entry waits while instances are arriving (0: uploads never wait for arrivals). */
   receivePriorityMs?: number;
-  /** Orthanc's round trip in ms as the client measures it (receive priority: is the link the bottleneck?). */
-  orthancRoundTripMs?: () => number | undefined;
 }
-
-/**
- * Orthanc's round trip from which uploads count as link-bound: well above a LAN's and a loopback's (an
- * Orthanc on the same box answers a small call in well under a millisecond), well below any WAN's.
- */
-export const LINK_BOUND_RTT_MS = 2;
 
 /** Arrivals this close together count as one burst (storescu sends the next instance within a millisecond or two). */
 const QUIET_MS = 50;
@@ -198,9 +192,14 @@ export class Forwarder {
     return Math.min(busyUntil, overdueAt);
   }
 
-  /** Uploads are bound by the link, not by this box's CPU: Orthanc's round trip is LINK_BOUND_RTT_MS or more. */
+  /** Uploads are bound by the link, not by this box's CPU (OrthancClient.linkBound). */
   get linkBound(): boolean {
-    return (this.opts.orthancRoundTripMs?.() ?? 0) >= LINK_BOUND_RTT_MS;
+    return this.opts.orthanc.linkBound;
+  }
+
+  /** Uploads allowed at once now: adapted while link-bound, else `concurrency`. */
+  get uploadLimit(): number {
+    return this.linkBound ? this.concurrency.limit : this.concurrency.min;
   }
 
   /** Entries waiting or being forwarded. */
@@ -248,7 +247,7 @@ export class Forwarder {
   }
 
   private next(now: number): Job | undefined {
-    if (this.probing || now < this.pausedUntil || this.inFlight >= this.concurrency.limit) return undefined;
+    if (this.probing || now < this.pausedUntil || this.inFlight >= this.uploadLimit) return undefined;
     if (this.delayed.length > 0) {
       const due = this.delayed.filter((j) => j.notBefore <= now);
       if (due.length > 0) {
@@ -311,9 +310,9 @@ export class Forwarder {
 
   /** Tells the concurrency how busy the slots are; wakes workers when the limit grew. */
   private slotsChanged(): void {
-    const before = this.concurrency.limit;
-    this.concurrency.setWaiting(this.ready.length > 0 && this.inFlight >= before);
-    if (this.concurrency.limit > before) this.wakeAll();
+    const before = this.uploadLimit;
+    this.concurrency.setWaiting(this.linkBound && this.ready.length > 0 && this.inFlight >= before);
+    if (this.uploadLimit > before) this.wakeAll();
   }
 
   private async forward(job: Job): Promise<void> {
@@ -364,7 +363,7 @@ export class Forwarder {
       if (!up.labeled) await labeler.apply(storedIds(stored), tenant);
       await spool.remove(entry);
       this.opts.registry?.releaseHold(entry.id);
-      this.concurrency.done(entry.size, performance.now() - started);
+      if (this.linkBound) this.concurrency.done(entry.size, performance.now() - started);
       this.outageOver();
       this.opts.events?.forwarded?.(tenant, entry, (performance.now() - started) / 1000, stored);
     } catch (e) {

@@ -49,7 +49,7 @@ export function registerLinkMetrics(registry: Registry, orthanc: OrthancClient, 
     help: "Uploads of spooled instances allowed at once now (adapted between Gateway.Orthanc.UploadConcurrency and MaxUploadConcurrency).",
     registers: [registry],
     collect() {
-      this.set(forwarder.concurrency.limit);
+      this.set(forwarder.uploadLimit);
     },
   });
 }
