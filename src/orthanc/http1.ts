@@ -137,8 +137,11 @@ const ASSUMED_SERVER_IDLE_MS = 5000;
 const IDLE_MARGIN_MS = 100;
 /** Round-trip samples kept: the least of them estimates the link's round trip. */
 const RTT_SAMPLES = 32;
-/** Exchanges with bodies up to this size count as round-trip samples. */
-const RTT_SAMPLE_BYTES = 64 * 1024;
+/**
+ * Exchanges with bodies up to this size count as round-trip samples: calls whose time is the link's and
+ * Orthanc's quickest answer (lookups, labels, /system), not an upload's or a large answer's transfer.
+ */
+const RTT_SAMPLE_BYTES = 4 * 1024;
 
 /** One request written (or being written) on a connection, waiting for its answer. */
 interface Exchange {
