@@ -87,7 +87,7 @@ const roundTrips = (gw: Gw) => Object.values(gw.orthanc.calls).reduce((n, c) => 
 
 describe("round trips per operation, over a 10 ms link", () => {
   test("Strict C-STORE, forwarding, C-FIND and C-MOVE each at their least", async () => {
-    const N = 20;
+    const N = 40;
     const l = await link(10);
     // Background polls rarely (60 s): what crosses the link is the operations' own calls.
     const gw = await gateway([{ AET: "WANRT", Labels: ["wan-rt"] }], l.url, { DicomModalities: { dest: ["WANDEST", "127.0.0.1", dest.port] } }, { orthancCheckIntervalMs: 60_000 });
@@ -132,7 +132,8 @@ describe("round trips per operation, over a 10 ms link", () => {
     expect(move.output).toContain("Received Final Move Response (Success)");
     expect(dest.received().size).toBe(N);
     expect(gw.orthanc.calls["instance-file"]!.calls - files0).toBe(N);
-    expect(l.stats().sequentialRoundTrips - seq0).toBeLessThanOrEqual(N / 2);
+    // Two ahead would take about N/2 in a row; growing while the sub-operations wait, a handful.
+    expect(l.stats().sequentialRoundTrips - seq0).toBeLessThanOrEqual(N / 4);
   }, 60_000);
 });
 
@@ -213,6 +214,21 @@ describe("faults on the link", () => {
     expect(sha(datasetBytes(stored))).toBe(sha(datasetBytes(x.bytes)));
     expect(gw.orthanc.calls.upload!.calls).toBeGreaterThanOrEqual(2);
     expect(gw.snapshot().tenants[0]!.spool!.quarantined).toBe(0);
+  }, 60_000);
+
+  test("a large instance over a slow link is given the time the link needs, not a time counted from its size at 10 MB/s", async () => {
+    // 4 MiB + at 8 Mbit/s: ~4.5 s on the link, well past TimeoutSeconds (1) + its size at 10 MB/s (0.4 s); the
+    // limit follows the upload's progress, then what the buffers on the way hold (test/http1.test.ts: progress).
+    const l = await link(10, 8);
+    const gw = await gateway([{ AET: "WANSLOW", Labels: ["wan-slow"], Isolation: "Shared", SpoolQuotaMB: 64 }], l.url, { Gateway: { Orthanc: { Url: l.url, TimeoutSeconds: 1 } } });
+    const x = buildInstance((4 << 20) + 1024, { patientId: "WANSLOW" });
+    const file = join(mkdtempSync(join(tmpdir(), "gw-big-")), "slow.dcm");
+    writeFileSync(file, x.bytes);
+    expect((await storescu(gw, "WANSLOW", [file])).code).toBe(0);
+    await until("the spool empty", () => gw.forwarder.backlog === 0, 30_000);
+    expect(await instancesOf(x.study, "wan-slow")).toEqual([x.ids.instance]);
+    // Sent once: never cut by a deadline counted from its start.
+    expect(gw.orthanc.calls.upload).toEqual({ calls: 1, roundTrips: 1 });
   }, 60_000);
 
   test("a link that stalls without closing: the time limits fire, /ready says why, everything arrives once it flows again", async () => {

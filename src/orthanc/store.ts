@@ -56,13 +56,20 @@ export function fileBody(range: FileRange, chunkSize = 256 * 1024): StreamBody {
   };
 }
 
+/** Bytes that may still sit in buffers on the way (socket buffers, a proxy) once the last one is written. */
+const IN_FLIGHT_MAX = 16 << 20;
+/** The slowest link an upload is given time for: 1 Mbit/s, in bytes per millisecond. */
+const SLOWEST_LINK = 125;
+
 /**
- * Time allowed for an upload: the REST timeout plus the file's size at a pessimistic 10 MB/s — from its
- * start for a file sent from memory; for a streamed one from its last byte (Orthanc then parses and stores
- * it), while sending it may take as long as the link needs provided it never stops for the REST timeout.
+ * Time allowed for an upload: the REST timeout, Orthanc's parsing and storing of the file at a pessimistic
+ * 10 MB/s, and the crossing of what the buffers on the way hold (all of a small file, up to 16 MiB of a
+ * large one) over a link as slow as 1 Mbit/s — counted from the start for a file sent from memory (one
+ * write), from its last byte for a streamed one, whose sending may take as long as the link needs
+ * provided it never stops for the REST timeout.
  */
 function uploadTimeouts(client: OrthancClient, body: Uint8Array | StreamBody): { timeoutMs: number; progressTimeoutMs?: number } {
-  const timeoutMs = client.timeoutMs + Math.ceil(body.length / 10_000);
+  const timeoutMs = client.timeoutMs + Math.ceil(body.length / 10_000) + Math.ceil(Math.min(body.length, IN_FLIGHT_MAX) / SLOWEST_LINK);
   return body instanceof Uint8Array ? { timeoutMs } : { timeoutMs, progressTimeoutMs: client.timeoutMs };
 }
 
