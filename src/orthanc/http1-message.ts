@@ -5,6 +5,23 @@
  */
 import { concatBytes } from "../shared/bytes.ts";
 
+/** Where a failure happened: opening the TCP connection, its TLS handshake, or the exchange itself. */
+export type Http1Phase = "connect" | "tls" | "exchange";
+
+/** A failure of the connection itself (no HTTP answer); `code` is errno-like (ECONNRESET, ...). */
+export class Http1Error extends Error {
+  override name = "Http1Error";
+  constructor(
+    message: string,
+    readonly code: string,
+    /** True when the request may be sent again: nothing of an answer arrived. */
+    readonly retryable: boolean,
+    readonly phase: Http1Phase = "exchange",
+  ) {
+    super(message);
+  }
+}
+
 /** Response heads larger than this are refused (Orthanc's and nginx's are a few hundred bytes). */
 export const MAX_HEAD = 64 * 1024;
 
