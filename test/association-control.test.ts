@@ -7,7 +7,8 @@
  * C-ECHO needs no Orthanc: the gateway runs against an address where nothing listens.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { AbortReason, AbortSource, PduType, RejectReason, RejectResult, RejectSource } from "../src/net/constants.ts";
+import { AbortReason, AbortSource, PduType } from "../src/net/constants.ts";
+import { describeRejection, rejectReasonLabel, RejectReason, RejectResult, RejectSource } from "../src/net/reject.ts";
 import { decodeAbort, decodeAssociateRJ } from "../src/net/pdu.ts";
 import type { Peer } from "../src/net/association.ts";
 import { createAssociationPolicy } from "../src/tenancy/association-policy.ts";
@@ -53,6 +54,35 @@ function rq(calledAe: string, callingAe: string): Uint8Array {
     userInformation: { maxPduLength: 16384, implementationClassUid: "1.2.3.4", roleSelections: [], otherItems: [] },
   });
 }
+
+describe("the A-ASSOCIATE-RJ reason table (PS3.8 9.3.4)", () => {
+  test("every reason the gateway sends has its metric label and its words; values PS3.8 reserves are labeled as such", () => {
+    const { ServiceUser, ServiceProviderAcse, ServiceProviderPresentation } = RejectSource;
+    expect([
+      rejectReasonLabel(ServiceUser, RejectReason.NoReasonGiven),
+      rejectReasonLabel(ServiceUser, RejectReason.ApplicationContextNameNotSupported),
+      rejectReasonLabel(ServiceUser, RejectReason.CallingAeTitleNotRecognized),
+      rejectReasonLabel(ServiceUser, RejectReason.CalledAeTitleNotRecognized),
+      rejectReasonLabel(ServiceProviderAcse, RejectReason.ProtocolVersionNotSupported),
+      rejectReasonLabel(ServiceProviderPresentation, RejectReason.TemporaryCongestion),
+      rejectReasonLabel(ServiceProviderPresentation, RejectReason.LocalLimitExceeded),
+    ]).toEqual([
+      "no-reason-given",
+      "application-context-not-supported",
+      "calling-ae-title-not-recognized",
+      "called-ae-title-not-recognized",
+      "protocol-version-not-supported",
+      "temporary-congestion",
+      "local-limit-exceeded",
+    ]);
+    // The same value means different things from different sources.
+    expect(rejectReasonLabel(ServiceProviderAcse, 1)).toBe("no-reason-given");
+    expect(rejectReasonLabel(ServiceUser, 5)).toBe("reserved");
+    expect(describeRejection(RejectResult.Transient, ServiceProviderPresentation, RejectReason.LocalLimitExceeded)).toBe("transient, service provider (presentation): local limit exceeded");
+    expect(describeRejection(RejectResult.Permanent, ServiceProviderAcse, RejectReason.ProtocolVersionNotSupported)).toBe("permanent, service provider (ACSE): protocol version not supported");
+    expect(describeRejection(RejectResult.Permanent, ServiceUser, 9)).toBe("permanent, service user: reason 9");
+  });
+});
 
 describe("addresses", () => {
   const cases: [string, string, boolean][] = [
@@ -316,19 +346,18 @@ describe("MaxAssociations per tenant and in total", () => {
     await closeAll(peers);
   });
 
-  test("refused connections that send nothing are bounded: past 16 waiting, more are closed at once; the gateway keeps serving", async () => {
-    const held = await hold("LIMITED", 2);
-    const silent: RawPeer[] = [];
+  test("MaxAssociations counts accepted associations only: 40 connections that send nothing leave both of LIMITED's slots to modalities", async () => {
+    // Before, a connection counted from accept: two idle sockets from anywhere locked the tenant out until ARTIM.
+    const silent = await Promise.all(Array.from({ length: 40 }, () => RawPeer.connect(gw.portOf("LIMITED"))));
+    let held: RawPeer[] = [];
     try {
-      for (let i = 0; i < 16; i++) silent.push(await RawPeer.connect(gw.portOf("LIMITED")));
-      await new Promise((r) => setTimeout(r, 100));
-      const dropped = await RawPeer.connect(gw.portOf("LIMITED"));
-      expect(await dropped.next(2000)).toBeNull(); // closed without an answer
-      // The waiting ones still get their RJ when they speak.
-      silent[0]!.write(rq("LIMITED", "RAWPEER"));
-      const rj = await silent[0]!.next();
-      expect(rj?.type).toBe(PduType.AssociateRJ);
-      expect(decodeAssociateRJ(rj!.body)).toEqual({ result: RejectResult.Transient, source: RejectSource.ServiceProviderPresentation, reason: RejectReason.LocalLimitExceeded });
+      await until("the gateway saw the idle connections", () => gw.listeners.find((l) => l.tenant.aet === "LIMITED")!.server.unassociatedConnections === 32, 5000, 20);
+      held = await hold("LIMITED", 2);
+      expect(gw.listeners.find((l) => l.tenant.aet === "LIMITED")!.server.activeAssociations).toBe(2);
+      // Past the limit, the answer comes at the A-ASSOCIATE-RQ: RJ transient / local limit exceeded.
+      await expectLimitRj("LIMITED");
+      const status = await (await fetch(gw.httpUrl + "/status")).json();
+      expect(status.tenants.find((t: { aet: string }) => t.aet === "LIMITED")).toMatchObject({ activeAssociations: 2, unassociatedConnections: expect.any(Number) });
     } finally {
       await closeAll([...held, ...silent]);
     }

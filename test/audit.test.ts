@@ -5,8 +5,7 @@
  * (C-STORE's study/series/instance UIDs), and answering "who sent this study?" from the file.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync, statSync, truncateSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { mkdirSync, readFileSync, renameSync, rmSync, statSync, truncateSync } from "node:fs";
 import { join } from "node:path";
 import { startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts";
 import { createAuditLog, statusOutcome } from "../src/observe/audit.ts";
@@ -15,6 +14,7 @@ import { CommandField, Status } from "../src/net/constants.ts";
 import { echoscu, runTool } from "./helpers/dcmtk.ts";
 import { pydicomFile, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 type Line = Record<string, unknown>;
 
@@ -29,7 +29,7 @@ const base = { tenant: "T", callingAe: "CT1", calledAe: "T", peer: "10.0.0.5:400
 
 describe("audit log writer", () => {
   test("JSON lines with audit: true and time; the file is created 0600 and appended to", () => {
-    const file = join(mkdtempSync(join(tmpdir(), "gw-audit-unit-")), "audit.log");
+    const file = join(tempDir("gw-audit-unit-"), "audit.log");
     const audit = createAuditLog({ file });
     audit.association({ event: "association-accepted", ...base, outcome: "accepted" });
     audit.operation({ ...base, service: "C-STORE", status: 0xa700, seconds: 0.0123, detail: "spool quota", fields: { sopInstanceUid: "1.2.3", status: "forged", tenant: "forged" } });
@@ -46,7 +46,7 @@ describe("audit log writer", () => {
   });
 
   test("survives logrotate copytruncate: the next line starts the emptied file, with no hole", () => {
-    const file = join(mkdtempSync(join(tmpdir(), "gw-audit-unit-")), "audit.log");
+    const file = join(tempDir("gw-audit-unit-"), "audit.log");
     const audit = createAuditLog({ file });
     for (let i = 0; i < 50; i++) audit.association({ event: "association-accepted", ...base, outcome: "accepted", n: i });
     truncateSync(file, 0); // what copytruncate does after copying
@@ -58,7 +58,7 @@ describe("audit log writer", () => {
   });
 
   test("a rotation that renames the file is followed: new lines go to a new file at the path", async () => {
-    const dir = mkdtempSync(join(tmpdir(), "gw-audit-unit-"));
+    const dir = tempDir("gw-audit-unit-");
     const file = join(dir, "audit.log");
     const audit = createAuditLog({ file });
     audit.association({ event: "association-accepted", ...base, outcome: "accepted" });
@@ -72,7 +72,7 @@ describe("audit log writer", () => {
   });
 
   test("write failures are counted and reported once, never thrown", async () => {
-    const dir = mkdtempSync(join(tmpdir(), "gw-audit-unit-"));
+    const dir = tempDir("gw-audit-unit-");
     const file = join(dir, "sub", "audit.log");
     mkdirSync(join(dir, "sub"));
     const errors: string[] = [];
@@ -118,7 +118,7 @@ describe("the gateway's audit trail", () => {
 
   beforeAll(async () => {
     orthanc = await startOrthanc();
-    file = join(mkdtempSync(join(tmpdir(), "gw-audit-")), "audit.log");
+    file = join(tempDir("gw-audit-"), "audit.log");
     gw = await startTestGateway(
       [
         { AET: "AUDITED", Labels: ["audited"], AllowedCallers: ["TESTSCU", "MODALITY", { AET: "ELSEWHERE", Host: "192.0.2.0/24" }] },
@@ -206,6 +206,6 @@ describe("the gateway's audit trail", () => {
     const r = await runTool("findscu", ["-v", "-S", "-aet", "MODALITY", "-aec", "AUDITED", "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID=1CT1", "-k", "StudyDate=", "127.0.0.1", String(gw.portOf("AUDITED"))]);
     expect(r.output).toContain("Received Final Find Response (Success)");
     const find = lines().find((l) => l.event === "operation" && l.service === "C-FIND");
-    expect(find).toMatchObject({ tenant: "AUDITED", callingAe: "MODALITY", status: "0x0000", outcome: "success", level: "STUDY", keys: { PatientID: "1CT1" }, matches: expect.any(Number) });
+    expect(find).toMatchObject({ tenant: "AUDITED", callingAe: "MODALITY", status: "0x0000", outcome: "success", queryLevel: "STUDY", keys: { PatientID: "1CT1" }, matches: expect.any(Number) });
   });
 });

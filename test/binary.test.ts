@@ -49,11 +49,17 @@ test("both targets are built for the right architecture", () => {
   expect(statSync(join(outdir, "dicom-gateway-linux-x64")).mode & 0o111).not.toBe(0);
 });
 
-test("the x64 binary prints its version", () => {
+test("the x64 binary prints its version, the commit it was built from and the build date", () => {
   const pkg = JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8"));
+  const head = spawnSync("git", ["-C", ROOT, "rev-parse", "HEAD"], { encoding: "utf8" }).stdout.trim();
   const r = spawnSync(join(outdir, "dicom-gateway-linux-x64"), ["version"], { encoding: "utf8" });
   expect(r.status).toBe(0);
-  expect(r.stdout.trim()).toBe(`dicom-gateway ${pkg.version}`);
+  const lines = r.stdout.trim().split("\n");
+  expect(lines[0]).toBe(`dicom-gateway ${pkg.version}`);
+  expect(lines[1]).toMatch(new RegExp(`^commit: +${head}(-dirty)?$`));
+  const built = Date.parse(lines[2]!.replace(/^built: +/, ""));
+  expect(Math.abs(Date.now() - built)).toBeLessThan(60 * 60_000); // built by this test run's beforeAll
+  expect(lines[3]).toMatch(/^runtime: +bun \d/);
 });
 
 test("the x64 binary serves: C-ECHO on each tenant, /health 200, /ready 200 with Orthanc", async () => {
@@ -138,7 +144,7 @@ test("the arm64 binary prints its version under emulation", () => {
   const r = spawnSync(command, [...args, "version"], { encoding: "utf8", timeout: 30_000 });
   expect(r.stderr).toBe("");
   expect(r.status).toBe(0);
-  expect(r.stdout.trim()).toBe(`dicom-gateway ${pkg.version}`);
+  expect(r.stdout.trim().split("\n")[0]).toBe(`dicom-gateway ${pkg.version}`);
 }, 40_000);
 
 test("the arm64 binary serves under emulation: C-ECHO, a C-STORE through its spool into Orthanc with the tenant's label, a clean exit on SIGTERM", async () => {

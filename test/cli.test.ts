@@ -7,6 +7,7 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { spawnSync } from "node:child_process";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { CONFIG_ENV_VARS } from "../src/config/index.ts";
 import { echoscu, findscuKeys, runTool } from "./helpers/dcmtk.ts";
 import { pydicomFile, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
 import { getSharedOrthanc } from "./helpers/orthanc.ts";
@@ -75,6 +76,28 @@ describe("dicom-gateway check-config", () => {
     expect(r.stderr).toMatch(new RegExp(`${path}:3:\\d+: JSON syntax error`));
   });
 
+  test("unknown keys in a server entry or Gateway: warnings naming the nearest known key; errors with --strict (exit 2)", () => {
+    const path = writeConfigFile({
+      Name: "Orthanc", // top level: silent
+      MultitenantDicom: { Servers: [{ AET: "ALPHA", Port: 4242, Labels: ["alpha"], AllowedCaller: ["CT1"], LabelConstraint: "Any" }] },
+      Gateway: { Limits: { MaxAssociation: 4 } },
+    });
+    const r = cli("check-config", "--config", path);
+    expect(r.code).toBe(0);
+    expect(r.stdout).toContain(`Configuration ${path} is valid, with 3 warning(s).`);
+    expect(r.stdout).toContain("  - MultitenantDicom.Servers[0].AllowedCaller: unknown key (did you mean AllowedCallers?)");
+    expect(r.stdout).toContain("  - MultitenantDicom.Servers[0].LabelConstraint: unknown key (did you mean LabelsConstraint?)");
+    expect(r.stdout).toContain("  - Gateway.Limits.MaxAssociation: unknown key (did you mean MaxAssociations?)");
+    expect(r.stdout).not.toContain("Name");
+    const strict = cli("check-config", "--strict", "--config", path);
+    expect(strict.code).toBe(2);
+    expect(strict.stderr).toContain(`Invalid configuration ${path}`);
+    expect(strict.stderr).toContain("  - MultitenantDicom.Servers[0].AllowedCaller: unknown key (did you mean AllowedCallers?)");
+    expect(strict.stdout).toBe("");
+    // A clean file stays clean under --strict.
+    expect(cli("check-config", "--strict", "--config", join(ROOT, "config/gateway.json")).code).toBe(0);
+  });
+
   test("a missing file says how to choose one", () => {
     const r = cli("check-config", "--config", "/nonexistent/gateway.json");
     expect(r.code).toBe(2);
@@ -84,17 +107,30 @@ describe("dicom-gateway check-config", () => {
 });
 
 describe("dicom-gateway version / --help / usage errors", () => {
-  test("version prints the package version", async () => {
+  test("version prints the package version, the commit and (from source) that it was not built", async () => {
     const pkg = JSON.parse(await Bun.file(join(ROOT, "package.json")).text());
+    const head = spawnSync("git", ["-C", ROOT, "rev-parse", "HEAD"], { encoding: "utf8" }).stdout.trim();
+    expect(head).toMatch(/^[0-9a-f]{40}$/);
     const r = cli("version");
     expect(r.code).toBe(0);
-    expect(r.stdout.trim()).toBe(`dicom-gateway ${pkg.version}`);
+    const lines = r.stdout.trim().split("\n");
+    expect(lines[0]).toBe(`dicom-gateway ${pkg.version}`);
+    expect(lines[1]).toMatch(new RegExp(`^commit: +${head}(-dirty)?$`));
+    expect(lines[2]).toMatch(/^built: +not built, run from source \(commit date \d{4}-\d\d-\d\dT/);
+    expect(lines[3]).toMatch(/^runtime: +bun \d/);
   });
 
-  test("--help lists the commands", () => {
+  test("--help is complete on its own: commands, where the configuration is searched, every environment variable, signals, exit codes", () => {
     const r = cli("--help");
     expect(r.code).toBe(0);
-    for (const c of ["serve", "check-config", "version", "--config"]) expect(r.stdout).toContain(c);
+    for (const c of ["serve", "check-config", "spool", "version", "--config"]) expect(r.stdout).toContain(c);
+    expect(r.stdout).toContain("--config FILE, then $DICOM_GATEWAY_CONFIG, then /etc/dicom-gateway/gateway.json");
+    for (const v of [...CONFIG_ENV_VARS, "DICOM_GATEWAY_CONFIG"]) expect(r.stdout).toMatch(new RegExp(`^  ${v} `, "m"));
+    for (const sig of ["SIGTERM", "SIGINT", "SIGHUP"]) expect(r.stdout).toContain(sig);
+    expect(r.stdout).toContain("DrainSeconds");
+    for (const code of ["0", "1", "2"]) expect(r.stdout).toMatch(new RegExp(`^  ${code}  `, "m"));
+    // Nothing it needs lies elsewhere: the box has no README.
+    expect(r.stdout).not.toContain("README");
   });
 
   test("an unknown command or option exits 2 with a hint", () => {
@@ -125,6 +161,40 @@ describe("dicom-gateway serve", () => {
     expect(((await ready.json()) as { reasons: string[] }).reasons[0]).toMatch(/unreachable \(ECONNREFUSED\)/);
     expect((await fetch(`http://127.0.0.1:${port}/health`)).status).toBe(200);
     await gw.waitForLine(/"association released"/);
+    expect(await gw.stop()).toBe(0);
+  }, 30_000);
+
+  test("a closed stdout (journald restarted, `serve | head`) does not end the gateway: it keeps serving", async () => {
+    const config = await testConfigObject([{ AET: "ALPHA" }], await unreachableOrthancUrl(), { Gateway: { Log: { Level: "info", Format: "json" } } });
+    const gw = spawnGateway(BUN, [CLI, "serve", "--config", writeConfigFile(config)]);
+    started.push(gw);
+    const port = httpPortFromLog(await gw.waitForLine(/"HTTP endpoint started"/));
+    await gw.waitForLine(/started without a usable Orthanc/);
+    gw.child.stdout!.destroy(); // the reading end of its stdout is gone: the next writes meet EPIPE
+    const servers = (config.MultitenantDicom as { Servers: { Port: number }[] }).Servers;
+    for (let i = 0; i < 3; i++) expect((await echoscu(servers[0]!.Port, "ALPHA")).code).toBe(0); // each one writes log lines
+    expect(gw.child.exitCode).toBeNull();
+    expect((await fetch(`http://127.0.0.1:${port}/health`)).status).toBe(200);
+    expect(await gw.stop()).toBe(0);
+  }, 30_000);
+
+  test("unknown keys are logged as warnings at start and at each reload; the gateway runs with the keys it knows", async () => {
+    const config = await testConfigObject([{ AET: "ALPHA", AllowedCaller: ["CT1"] }], await unreachableOrthancUrl(), { Gateway: { Log: { Level: "info", Format: "json" } } });
+    const path = writeConfigFile(config);
+    const gw = spawnGateway(BUN, [CLI, "serve", "--config", path]);
+    started.push(gw);
+    const warning = JSON.parse(await gw.waitForLine(/"configuration warning"/));
+    expect(warning).toMatchObject({ level: "warn", config: path, warning: "MultitenantDicom.Servers[0].AllowedCaller: unknown key (did you mean AllowedCallers?)" });
+    // Logged once serve is up, just before it handles SIGHUP.
+    await gw.waitForLine(/started without a usable Orthanc/);
+    const servers = (config.MultitenantDicom as { Servers: Record<string, unknown>[] }).Servers;
+    servers[0] = { ...servers[0], AllowedCallers: ["CT1"], LabelConstraint: "Any" };
+    delete servers[0]!.AllowedCaller;
+    writeFileSync(path, JSON.stringify(config));
+    gw.child.kill("SIGHUP");
+    const reloaded = JSON.parse(await gw.waitForLine(/LabelConstraint: unknown key/));
+    expect(reloaded).toMatchObject({ level: "warn", msg: "configuration warning", warning: "MultitenantDicom.Servers[0].LabelConstraint: unknown key (did you mean LabelsConstraint?)" });
+    await gw.waitForLine(/"configuration reloaded"/);
     expect(await gw.stop()).toBe(0);
   }, 30_000);
 });

@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, rmSync, writeFileSync } from "node:fs";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join, relative } from "node:path";
@@ -14,6 +14,7 @@ import {
   parseJsonc,
   stripJsonc,
 } from "../src/config/index.ts";
+import { removeTempDir, tempDir } from "./helpers/temp.ts";
 
 type Json = Record<string, unknown>;
 
@@ -57,12 +58,13 @@ function issue(cfg: Json | string, env: Record<string, string | undefined> = {})
 const MB = 1024 * 1024;
 
 /** The settings derived from the new keys when none is given. */
-const DEFAULT_TENANT_EXTRAS = { forwarding: "Spool", spoolQuotaBytes: 10240 * MB, isolation: "Strict", maxAssociations: 32 } as const;
+const DEFAULT_TENANT_EXTRAS = { forwarding: "Spool", spoolQuotaBytes: 10240 * MB, isolation: "Strict", maxAssociations: 32, maxUnassociatedConnections: 128, listenAddress: "0.0.0.0" } as const;
 const DEFAULT_SPOOL = { defaultQuotaBytes: 10240 * MB, highWaterMarkPercent: 80, verifyIntegrity: false };
 const DEFAULT_STORE = { unknownSopClassAccepted: false, acceptedTransferSyntaxes: ["1.2.840.10008.1.*"] };
 const DEFAULT_FIND = { caseSensitivePN: false, limitFindResults: 0, pageSize: 100, timeoutMs: 30000 };
 const DEFAULT_MOVE = { connectTimeoutMs: 5000, parallelism: 2, pendingIntervalMs: 1000, pendingEvery: 10 };
-const DEFAULT_LIMITS = { maxAssociations: 256, maxAssociationsPerTenant: 32, artimTimeoutMs: 30000 };
+const DEFAULT_UNASSOCIATED = { maxUnassociatedConnections: 512, maxUnassociatedConnectionsPerTenant: 128, maxUnassociatedConnectionsPerAddress: 32 };
+const DEFAULT_LIMITS = { maxAssociations: 256, maxAssociationsPerTenant: 32, artimTimeoutMs: 30000, drainMs: 60000, ...DEFAULT_UNASSOCIATED };
 const DEFAULT_AUDIT = { file: "" };
 
 const repoFile = (rel: string) => fileURLToPath(new URL(`../${rel}`, import.meta.url).href);
@@ -81,6 +83,8 @@ describe("defaults", () => {
           spoolQuotaBytes: 10240 * 1024 * 1024,
           isolation: "Strict",
           maxAssociations: 32,
+          maxUnassociatedConnections: 128,
+          listenAddress: "0.0.0.0",
         },
       ],
       modalities: [],
@@ -94,6 +98,7 @@ describe("defaults", () => {
       },
       orthanc: {
         url: "http://127.0.0.1:8042",
+        urls: ["http://127.0.0.1:8042"],
         username: "",
         password: "",
         timeoutMs: 30000,
@@ -101,6 +106,7 @@ describe("defaults", () => {
         maxUploadConcurrency: 32,
         receivePriorityMs: 1000,
         unreachableGraceMs: 60000,
+        ownerMetadata: "DicomGatewayOwner",
       },
       http: { host: "127.0.0.1", port: 8080 },
       spoolDirectory: "/var/lib/dicom-gateway/spool",
@@ -113,7 +119,8 @@ describe("defaults", () => {
       store: { unknownSopClassAccepted: false, acceptedTransferSyntaxes: ["1.2.840.10008.1.*"] },
       find: { caseSensitivePN: false, limitFindResults: 0, pageSize: 100, timeoutMs: 30000 },
       move: { connectTimeoutMs: 5000, parallelism: 2, pendingIntervalMs: 1000, pendingEvery: 10 },
-      limits: { maxAssociations: 256, maxAssociationsPerTenant: 32, artimTimeoutMs: 30000 },
+      storageCommitment: { waitMs: 300_000, reportExpiryMs: 168 * 3600_000 },
+      limits: { maxAssociations: 256, maxAssociationsPerTenant: 32, artimTimeoutMs: 30000, drainMs: 60000, maxUnassociatedConnections: 512, maxUnassociatedConnectionsPerTenant: 128, maxUnassociatedConnectionsPerAddress: 32 },
       audit: { file: "" },
       isolation: "Strict",
       log: { level: "info", format: "auto" },
@@ -155,6 +162,7 @@ describe("defaults", () => {
     });
     expect(cfg.orthanc).toEqual({
       url: "https://pacs.example.org:8443/orthanc",
+      urls: ["https://pacs.example.org:8443/orthanc"],
       username: "u",
       password: "p",
       timeoutMs: 1500,
@@ -162,6 +170,7 @@ describe("defaults", () => {
       maxUploadConcurrency: 32,
       receivePriorityMs: 1000,
       unreachableGraceMs: 60000,
+      ownerMetadata: "DicomGatewayOwner",
     });
     expect(cfg.http).toEqual({ host: "0.0.0.0", port: 0 });
     expect(cfg.spoolDirectory).toBe("/tmp/spool");
@@ -418,13 +427,41 @@ describe("Gateway section", () => {
       "Gateway.Orthanc.TimeoutSeconds: expected number of seconds > 0, got 0",
     );
     expect(issue(gw({ Orthanc: "http://x" }))).toBe(
-      'Gateway.Orthanc: expected object with Url, Username, Password, TimeoutSeconds, UploadConcurrency, MaxUploadConcurrency, ReceivePriorityMilliseconds, UnreachableGraceSeconds, Tls, got "http://x"',
+      'Gateway.Orthanc: expected object with Url, Username, Password, TimeoutSeconds, UploadConcurrency, MaxUploadConcurrency, ReceivePriorityMilliseconds, UnreachableGraceSeconds, Tls, OwnerMetadata, got "http://x"',
     );
     expect(parse(gw({ Orthanc: { Url: "http://orthanc:8042/" } })).orthanc.url).toBe("http://orthanc:8042");
     expect(issue(gw({ Orthanc: { ReceivePriorityMilliseconds: -1 } }))).toBe("Gateway.Orthanc.ReceivePriorityMilliseconds: expected integer 0-60000, got -1");
     expect(issue(gw({ Orthanc: { ReceivePriorityMilliseconds: 1.5 } }))).toBe("Gateway.Orthanc.ReceivePriorityMilliseconds: expected integer 0-60000, got 1.5");
     expect(parse(gw({ Orthanc: { ReceivePriorityMilliseconds: 0 } })).orthanc.receivePriorityMs).toBe(0);
     expect(parse(gw({})).orthanc.receivePriorityMs).toBe(1000);
+  });
+
+  test("Orthanc.Url: one URL or the nodes of one cluster (a list; in a string, separated by commas or spaces)", () => {
+    const one = parse(gw({ Orthanc: { Url: "http://a:8042/" } })).orthanc;
+    expect([one.url, one.urls]).toEqual(["http://a:8042", ["http://a:8042"]]);
+    const list = parse(gw({ Orthanc: { Url: ["http://a:8042", "https://b:8443/orthanc/"] } })).orthanc;
+    expect([list.url, list.urls]).toEqual(["http://a:8042", ["http://a:8042", "https://b:8443/orthanc"]]);
+    expect(parse(gw({ Orthanc: { Url: "http://a:8042, http://b:8042" } })).orthanc.urls).toEqual(["http://a:8042", "http://b:8042"]);
+    expect(parse(gw({}), { ORTHANC_URL: "http://a:8042 http://b:8042,http://c:8042" }).orthanc.urls).toEqual(["http://a:8042", "http://b:8042", "http://c:8042"]);
+    expect(issues(gw({ Orthanc: { Url: ["http://a:8042", "ftp://b", "http://a:8042/"] } }))).toEqual([
+      'Gateway.Orthanc.Url[1]: expected http(s) URL such as http://127.0.0.1:8042, got "ftp://b"',
+      'Gateway.Orthanc.Url[2]: "http://a:8042/" is listed twice; expected each node of the cluster once',
+    ]);
+    expect(issue(gw({ Orthanc: { Url: [] } }))).toBe(
+      "Gateway.Orthanc.Url: expected http(s) URL such as http://127.0.0.1:8042, or an array of the URLs of one Orthanc cluster's nodes, got []",
+    );
+    expect(issue(gw({ Orthanc: { Url: 8042 } }))).toBe(
+      "Gateway.Orthanc.Url: expected http(s) URL such as http://127.0.0.1:8042, or an array of the URLs of one Orthanc cluster's nodes, got 8042",
+    );
+    expect(issue(gw({}), { ORTHANC_URL: "http://a:8042 https://" })).toBe('ORTHANC_URL (env): expected http(s) URL such as http://127.0.0.1:8042, got "https://"');
+  });
+
+  test("Orthanc.OwnerMetadata: the name of the metadata Orthanc declares for Strict isolation's ownership records", () => {
+    expect(parse(gw({})).orthanc.ownerMetadata).toBe("DicomGatewayOwner");
+    expect(parse(gw({ Orthanc: { OwnerMetadata: "SiteOwner" } })).orthanc.ownerMetadata).toBe("SiteOwner");
+    expect(issue(gw({ Orthanc: { OwnerMetadata: "has space" } }))).toBe(
+      `Gateway.Orthanc.OwnerMetadata: expected a metadata name of letters, digits, _ and - (declared in Orthanc's UserMetadata), got "has space"`,
+    );
   });
 
   test("Http", () => {
@@ -444,7 +481,7 @@ describe("Gateway section", () => {
 
   test("Gateway must be an object", () => {
     expect(issue(gw(5))).toBe(
-      "Gateway: expected object with Orthanc, Http, Forwarding, SpoolDirectory, Spool, Find, Move, Isolation, Limits, Audit, Log, got 5",
+      "Gateway: expected object with Orthanc, Http, Forwarding, SpoolDirectory, Spool, Find, Move, StorageCommitment, Isolation, DicomListenAddress, Limits, Audit, Log, got 5",
     );
   });
 });
@@ -719,20 +756,23 @@ describe("Gateway limits and audit", () => {
 
   test("explicit values; seconds converted to milliseconds; a relative audit file is kept as given", () => {
     const cfg = parse(
-      gw({ Limits: { MaxAssociations: 100000, MaxAssociationsPerTenant: 10000, ArtimTimeoutSeconds: 2.5 }, Audit: { File: "logs/audit.jsonl" } }),
+      gw({ Limits: { MaxAssociations: 100000, MaxAssociationsPerTenant: 10000, ArtimTimeoutSeconds: 2.5, DrainSeconds: 0.5 }, Audit: { File: "logs/audit.jsonl" } }),
     );
-    expect(cfg.limits).toEqual({ maxAssociations: 100000, maxAssociationsPerTenant: 10000, artimTimeoutMs: 2500 });
+    expect(cfg.limits).toEqual({ maxAssociations: 100000, maxAssociationsPerTenant: 10000, artimTimeoutMs: 2500, drainMs: 500, ...DEFAULT_UNASSOCIATED });
     expect(cfg.tenants[0]!.maxAssociations).toBe(10000);
     expect(cfg.audit).toEqual({ file: "logs/audit.jsonl" });
-    expect(parse(gw({ Limits: { MaxAssociations: 1, MaxAssociationsPerTenant: 1, ArtimTimeoutSeconds: 0.0001 } })).limits).toEqual({
+    expect(parse(gw({ Limits: { MaxAssociations: 1, MaxAssociationsPerTenant: 1, ArtimTimeoutSeconds: 0.0001, DrainSeconds: 0 } })).limits).toEqual({
       maxAssociations: 1,
       maxAssociationsPerTenant: 1,
       artimTimeoutMs: 1,
+      drainMs: 0,
+      ...DEFAULT_UNASSOCIATED,
     });
     expect(parse(gw({ Audit: { File: "/var/log/audit.jsonl" } })).audit.file).toBe("/var/log/audit.jsonl");
   });
 
   test("errors", () => {
+    expect(issue(gw({ Limits: { DrainSeconds: 3601 } }))).toBe("Gateway.Limits.DrainSeconds: expected number of seconds 0-3600, got 3601");
     expect(issue(gw({ Limits: { MaxAssociations: 0 } }))).toBe("Gateway.Limits.MaxAssociations: expected integer 1-100000, got 0");
     expect(issue(gw({ Limits: { MaxAssociations: 100001 } }))).toBe(
       "Gateway.Limits.MaxAssociations: expected integer 1-100000, got 100001",
@@ -753,7 +793,7 @@ describe("Gateway limits and audit", () => {
       'Gateway.Limits.ArtimTimeoutSeconds: expected number of seconds > 0, got "30"',
     );
     expect(issue(gw({ Limits: 256 }))).toBe(
-      "Gateway.Limits: expected object with MaxAssociations, MaxAssociationsPerTenant, ArtimTimeoutSeconds, got 256",
+      "Gateway.Limits: expected object with MaxAssociations, MaxAssociationsPerTenant, ArtimTimeoutSeconds, DrainSeconds, MaxUnassociatedConnections, MaxUnassociatedConnectionsPerTenant, MaxUnassociatedConnectionsPerAddress, got 256",
     );
     expect(issue(gw({ Audit: { File: 1 } }))).toBe("Gateway.Audit.File: expected a string, got 1");
     expect(issue(gw({ Audit: "audit.log" }))).toBe('Gateway.Audit: expected object with File, got "audit.log"');
@@ -775,10 +815,10 @@ describe("Gateway.Orthanc: MaxUploadConcurrency and Tls (issue 18)", () => {
   let dir = "";
   const PEM = "-----BEGIN CERTIFICATE-----\nnot checked here\n-----END CERTIFICATE-----\n";
   beforeAll(() => {
-    dir = mkdtempSync(join(tmpdir(), "dicom-gateway-orthanc-tls-"));
+    dir = tempDir("dicom-gateway-orthanc-tls-");
     for (const f of ["ca.crt", "client.crt", "client.key"]) writeFileSync(join(dir, f), PEM);
   });
-  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  afterAll(() => removeTempDir(dir));
   const orthanc = (o: Json) => ({ ...servers(server()), Gateway: { Orthanc: o } });
 
   test("MaxUploadConcurrency: 1-64, not below UploadConcurrency (equal: no adaptation)", () => {
@@ -812,6 +852,16 @@ describe("Gateway.Orthanc: MaxUploadConcurrency and Tls (issue 18)", () => {
     expect(issue({ ...orthanc({ Tls: { CA: join(dir, "ca.crt") } }) }, { ORTHANC_URL: "http://x:1" })).toBe(
       'Gateway.Orthanc.Tls: given, but ORTHANC_URL (env) "http://x:1" is plain http; expected an https:// URL (or no Tls)',
     );
+    // A cluster: every node is reached with the same Tls, so every node's URL must be https.
+    expect(issue(orthanc({ Url: ["https://o1", "http://o2:8042"], Tls: { CA: join(dir, "ca.crt") } }))).toBe(
+      'Gateway.Orthanc.Tls: given, but Gateway.Orthanc.Url "http://o2:8042" is plain http; expected an https:// URL (or no Tls)',
+    );
+    expect(issue({ ...orthanc({ Tls: { CA: join(dir, "ca.crt") } }) }, { ORTHANC_URL: "http://u:pw@x:1, http://y:2" })).toBe(
+      'Gateway.Orthanc.Tls: given, but ORTHANC_URL (env) "http://(credentials hidden)@x:1", "http://y:2" are plain http; expected https:// URLs (or no Tls)',
+    );
+    const cluster = parse(orthanc({ Url: ["https://o1", "https://o2"], Tls: { CA: join(dir, "ca.crt") } })).orthanc;
+    expect(cluster.urls).toEqual(["https://o1", "https://o2"]);
+    expect(cluster.tls).toEqual({ caFile: join(dir, "ca.crt") });
   });
 });
 
@@ -823,7 +873,7 @@ describe("Tls of a server entry", () => {
   const PEM = "-----BEGIN CERTIFICATE-----\nnot checked here\n-----END CERTIFICATE-----\n";
 
   beforeAll(() => {
-    dir = mkdtempSync(join(tmpdir(), "dicom-gateway-tls-"));
+    dir = tempDir("dicom-gateway-tls-");
     mkdirSync(join(dir, "tls"));
     cert = join(dir, "tls", "alpha.crt");
     key = join(dir, "tls", "alpha.key");
@@ -867,7 +917,7 @@ describe("Tls of a server entry", () => {
 
   test("shape errors", () => {
     expect(issue(tls("on"))).toBe(
-      'MultitenantDicom.Servers[0].Tls: expected object with Certificate, Key, CA, RequireClientCertificate, Port, got "on"',
+      'MultitenantDicom.Servers[0].Tls: expected object with Certificate, Key, CA, CRL, RequireClientCertificate, RequireCallingAetInCertificate, Port, got "on"',
     );
     expect(issues(tls({}))).toEqual([
       "MultitenantDicom.Servers[0].Tls.Certificate: required (path of a PEM certificate (chain) file)",
@@ -971,7 +1021,7 @@ describe("Tls of a server entry", () => {
       "  BETA   port 4243  labels [alpha] All  store levels Study,Series,Instance  forwarding Spool  quota 10240 MB" +
       "  isolation Strict  max associations 8  callers (none)  tls (Port is TLS)",
     ]);
-    expect(lines).toContain("Limits: max associations 64, per tenant 8 by default, ARTIM timeout 2.5 s");
+    expect(lines).toContain("Limits: max associations 64, per tenant 8 by default, ARTIM timeout 2.5 s, drain 60 s; not yet associated: 512 in total, 128 per tenant by default, 32 per peer address");
     expect(lines).toContain("Audit: /var/log/audit.jsonl");
   });
 });
@@ -1066,6 +1116,7 @@ describe("Gateway spool, Orthanc upload, find and move settings", () => {
     expect(parse(gw({ Orthanc: { UploadConcurrency: 1, UnreachableGraceSeconds: 1.5 } })).orthanc).toMatchObject({
       uploadConcurrency: 1,
       unreachableGraceMs: 1500,
+      ownerMetadata: "DicomGatewayOwner",
     });
     expect(parse(gw({ Find: { PageSize: 1 }, Move: { Parallelism: 1 } })).find.pageSize).toBe(1);
   });
@@ -1130,6 +1181,15 @@ describe("Gateway spool, Orthanc upload, find and move settings", () => {
     expect(issue(gw({ Move: "fast" }))).toBe(
       'Gateway.Move: expected object with ConnectTimeoutSeconds, Parallelism, PendingIntervalSeconds, PendingEvery, got "fast"',
     );
+  });
+
+  test("StorageCommitment: WaitSeconds and ReportExpiryHours, 0 allowed (no wait; never give up)", () => {
+    expect(parse(base()).storageCommitment).toEqual({ waitMs: 300_000, reportExpiryMs: 168 * 3600_000 });
+    expect(parse(gw({ StorageCommitment: { WaitSeconds: 2.5, ReportExpiryHours: 0.5 } })).storageCommitment).toEqual({ waitMs: 2500, reportExpiryMs: 1_800_000 });
+    expect(parse(gw({ StorageCommitment: { WaitSeconds: 0, ReportExpiryHours: 0 } })).storageCommitment).toEqual({ waitMs: 0, reportExpiryMs: 0 });
+    expect(issue(gw({ StorageCommitment: { WaitSeconds: -1 } }))).toBe("Gateway.StorageCommitment.WaitSeconds: expected number of seconds >= 0, got -1");
+    expect(issue(gw({ StorageCommitment: { ReportExpiryHours: "1" } }))).toBe('Gateway.StorageCommitment.ReportExpiryHours: expected number of hours >= 0 (0 = never), got "1"');
+    expect(issue(gw({ StorageCommitment: true }))).toBe("Gateway.StorageCommitment: expected object with WaitSeconds, ReportExpiryHours, got true");
   });
 
   test("problems in several new keys are collected together", () => {
@@ -1277,6 +1337,7 @@ describe("environment overrides", () => {
     const cfg = parse(file, all);
     expect(cfg.orthanc).toEqual({
       url: "https://orthanc.internal:8443",
+      urls: ["https://orthanc.internal:8443"],
       username: "gw",
       password: "s3cret",
       timeoutMs: 30000,
@@ -1284,6 +1345,7 @@ describe("environment overrides", () => {
       maxUploadConcurrency: 32,
       receivePriorityMs: 1000,
       unreachableGraceMs: 60000,
+      ownerMetadata: "DicomGatewayOwner",
     });
     expect(cfg.http).toEqual({ host: "0.0.0.0", port: 9090 });
     expect(cfg.spoolDirectory).toBe("/srv/spool");
@@ -1432,6 +1494,7 @@ describe("files", () => {
       },
       orthanc: {
         url: "http://127.0.0.1:8042",
+        urls: ["http://127.0.0.1:8042"],
         username: "",
         password: "",
         timeoutMs: 30000,
@@ -1439,6 +1502,7 @@ describe("files", () => {
         maxUploadConcurrency: 32,
         receivePriorityMs: 1000,
         unreachableGraceMs: 60000,
+        ownerMetadata: "DicomGatewayOwner",
       },
       http: { host: "127.0.0.1", port: 8080 },
       spoolDirectory: "./.cache/spool",
@@ -1446,6 +1510,7 @@ describe("files", () => {
       store: DEFAULT_STORE,
       find: DEFAULT_FIND,
       move: DEFAULT_MOVE,
+      storageCommitment: { waitMs: 300_000, reportExpiryMs: 168 * 3600_000 },
       limits: DEFAULT_LIMITS,
       audit: DEFAULT_AUDIT,
       isolation: "Strict",
@@ -1526,7 +1591,8 @@ describe("describeConfig", () => {
       "Store: unknown SOP classes rejected, transfer syntaxes 1.2.840.10008.1.*",
       "Find: case-sensitive PN off, limit none, page size 100, timeout 30 s",
       "Move: connect timeout 5 s, parallelism 2, pending every 1 s or 10 sub-operations",
-      "Limits: max associations 256, per tenant 32 by default, ARTIM timeout 30 s",
+      "Storage Commitment: wait for spooled instances 300 s, reports retried for 168 h",
+      "Limits: max associations 256, per tenant 32 by default, ARTIM timeout 30 s, drain 60 s; not yet associated: 512 in total, 128 per tenant by default, 32 per peer address",
       "Audit: stdout",
       "Log: level info, format auto",
     ]);
@@ -1542,7 +1608,8 @@ describe("describeConfig", () => {
     const text = describeConfig(cfg);
     expect(text).not.toContain("s3cret");
     expect(text).not.toContain("hunter2");
-    expect(text).toContain("Orthanc: http://admin:(set)@orthanc:8042  user gw  password (set)  timeout 30 s  upload concurrency 4-32");
+    // Username/Password win over the URL's credentials, which are dropped from the URL.
+    expect(text).toContain("Orthanc: http://orthanc:8042  user gw  password (set)  timeout 30 s  upload concurrency 4-32");
     expect(text).toContain("HTTP: [::1]:0 (any free port)");
     expect(text).toContain("SCP timeout none");
     expect(text).toContain("DICOM modalities (0):\n  (none)");
@@ -1587,5 +1654,123 @@ describe("describeConfig", () => {
     expect(describeConfig(cfg).split("\n")[1]).toBe(
       "  ALPHA  port 4242  labels [] None  store levels (none)  forwarding Spool  quota 10240 MB  isolation Strict  max associations 32",
     );
+  });
+});
+
+describe("keys the gateway does not know (issue 13)", () => {
+  /** The warnings of a configuration that parses. */
+  function warnings(cfg: Json, env: Record<string, string | undefined> = {}): string[] {
+    const out: string[] = [];
+    parseConfig(JSON.stringify(cfg), { source: "test.json", env, onWarning: (w) => out.push(w) });
+    return out;
+  }
+
+  test("a typo in a server entry or in Gateway is named with the nearest known key", () => {
+    const cfg = {
+      Name: "MyOrthanc", // top level: Orthanc's keys, never reported
+      HttpPort: 8042,
+      MultitenantDicom: {
+        Servers: [
+          server({ AllowedCaller: ["CT1"], LabelConstraint: "Any", Tls: { Certificate: "x", Key: "y", Certifcate: "z" } }),
+          server({ AET: "BETA", Port: 4243, aet: "beta", AllowedCallers: [{ AET: "CT", Hots: "10.0.0.1" }], Routing: { Target: "x" } }),
+        ],
+      },
+      Gateway: { Limts: {}, Limits: { MaxAssociation: 3 }, Orthanc: { URL: "http://x" }, Http: { Extra: 1 } },
+    };
+    // The Tls files do not exist: only the schema's own errors and the warnings are compared here.
+    const all: string[] = [];
+    try {
+      parseConfig(JSON.stringify(cfg), { source: "test.json", env: {}, onWarning: (w) => all.push(w) });
+    } catch (e) {
+      expect((e as ConfigError).issues.every((i) => i.includes("Tls."))).toBe(true);
+    }
+    const list = warnings({ ...cfg, MultitenantDicom: { Servers: cfg.MultitenantDicom.Servers.map((s) => ({ ...s, Tls: undefined })) } });
+    expect(list).toEqual([
+      "MultitenantDicom.Servers[0].AllowedCaller: unknown key (did you mean AllowedCallers?)",
+      "MultitenantDicom.Servers[0].LabelConstraint: unknown key (did you mean LabelsConstraint?)",
+      "MultitenantDicom.Servers[1].aet: unknown key (did you mean AET?)",
+      "MultitenantDicom.Servers[1].AllowedCallers[0].Hots: unknown key (did you mean Host?)",
+      "MultitenantDicom.Servers[1].Routing: unknown key; expected one of AET, Port, Labels, LabelsConstraint, LabelsStoreLevels, Forwarding, SpoolQuotaMB, AllowedDestinations, Isolation, AllowedCallers, MaxAssociations, MaxUnassociatedConnections, ListenAddress, Tls",
+      "Gateway.Limts: unknown key (did you mean Limits?)",
+      "Gateway.Limits.MaxAssociation: unknown key (did you mean MaxAssociations?)",
+      "Gateway.Orthanc.URL: unknown key (did you mean Url?)",
+      "Gateway.Http.Extra: unknown key; expected one of Host, Port",
+    ]);
+    expect(all).toContain("MultitenantDicom.Servers[0].Tls.Certifcate: unknown key (did you mean Certificate?)");
+    // The configuration is still what the known keys say (a warning, not an error).
+    expect(parse(servers(server({ AllowedCaller: ["CT1"] }))).tenants[0]!.allowedCallers).toBeUndefined();
+  });
+
+  test("strict: the same lines are errors, all reported at once with the other errors", () => {
+    const cfg = servers(server({ AllowedCaller: ["CT1"], LabelsConstraint: "Some" }));
+    let error: ConfigError | undefined;
+    try {
+      parseConfig(JSON.stringify(cfg), { source: "test.json", env: {}, strict: true });
+    } catch (e) {
+      error = e as ConfigError;
+    }
+    expect(error?.issues).toEqual([
+      "MultitenantDicom.Servers[0].LabelsConstraint: expected All, Any or None, got \"Some\"",
+      "MultitenantDicom.Servers[0].AllowedCaller: unknown key (did you mean AllowedCallers?)",
+    ]);
+    expect(() => parseConfig(JSON.stringify({ ...base(), Name: "Orthanc", Plugins: [] }), { source: "test.json", env: {}, strict: true })).not.toThrow();
+  });
+
+  test("an Orthanc configuration with the MultitenantDicom plugin loads without an unknown-key warning (its top-level keys are Orthanc's)", async () => {
+    const out: string[] = [];
+    await loadConfigFile(repoFile("config/orthanc-multitenant.json"), {}, { onWarning: (w) => out.push(w) });
+    expect(out.filter((w) => w.includes("unknown key"))).toEqual([]);
+    // Its two tenants share its DicomModalities: the plugin's default, which it is warned about.
+    expect(out.filter((w) => w.includes("AllowedDestinations"))).toHaveLength(2);
+  });
+
+  test("tenants sharing DicomModalities: a tenant without AllowedDestinations is warned that it may C-MOVE anywhere", () => {
+    const modalities = { DicomModalities: { viewer: ["VIEWER", "127.0.0.1", 4300], archive: ["ARCH", "10.0.0.2", 104] } };
+    expect(warnings({ ...servers(server({ AllowedDestinations: ["viewer"] }), server({ AET: "BETA", Port: 4243 })), ...modalities })).toEqual([
+      "MultitenantDicom.Servers[1] (BETA): no AllowedDestinations, so this tenant may C-MOVE to every DicomModalities entry (viewer, archive), which 1 other tenant(s) share; list the ones it may use in AllowedDestinations",
+    ]);
+    // One tenant, or no modality: nothing is shared.
+    expect(warnings({ ...servers(server()), ...modalities })).toEqual([]);
+    expect(warnings(servers(server(), server({ AET: "BETA", Port: 4243 })))).toEqual([]);
+  });
+
+  test("credentials in Gateway.Orthanc.Url are moved out of the URL (percent-decoded); Username/Password win over them", () => {
+    const url = (u: string, extra: Json = {}) => parse(base({ Gateway: { Orthanc: { Url: u, ...extra } } })).orthanc;
+    expect(url("http://gw:p%40ss%3Aw0rd@orthanc:8042/")).toMatchObject({ url: "http://orthanc:8042", username: "gw", password: "p@ss:w0rd" });
+    expect(url("https://gw@orthanc")).toMatchObject({ url: "https://orthanc", username: "gw", password: "" });
+    expect(url("http://gw:url@orthanc", { Username: "admin", Password: "explicit" })).toMatchObject({ url: "http://orthanc", username: "admin", password: "explicit" });
+    expect(warnings(base({ Gateway: { Orthanc: { Url: "http://gw:url@orthanc", Username: "admin" } } }))).toEqual([
+      "Gateway.Orthanc.Url: holds credentials, which are ignored: Gateway.Orthanc.Username/Password are set and used; keep the credentials in one place",
+    ]);
+    expect(parse(base(), { ORTHANC_URL: "http://u:pw@o:1" }).orthanc).toMatchObject({ url: "http://o:1", username: "u", password: "pw" });
+    expect(issue(base(), { ORTHANC_URL: "ftp://u:secret@o" })).toBe('ORTHANC_URL (env): expected http(s) URL such as http://127.0.0.1:8042, got "ftp://(credentials hidden)@o"');
+  });
+
+  test("new keys: listen addresses, connections not yet associated, Tls CRL and the certificate binding", () => {
+    const cfg = parse({
+      ...servers(server({ ListenAddress: " 10.1.2.3 ", MaxUnassociatedConnections: 7 }), server({ AET: "BETA", Port: 4243 })),
+      Gateway: { DicomListenAddress: "::", Limits: { MaxUnassociatedConnections: 100, MaxUnassociatedConnectionsPerTenant: 50, MaxUnassociatedConnectionsPerAddress: 5 } },
+    });
+    expect(cfg.tenants.map((t) => [t.listenAddress, t.maxUnassociatedConnections])).toEqual([
+      ["10.1.2.3", 7],
+      ["::", 50],
+    ]);
+    expect(cfg.limits).toMatchObject({ maxUnassociatedConnections: 100, maxUnassociatedConnectionsPerTenant: 50, maxUnassociatedConnectionsPerAddress: 5 });
+    expect(issue(servers(server({ ListenAddress: "localhost" })))).toBe(
+      'MultitenantDicom.Servers[0].ListenAddress: expected IP address to listen on, such as 0.0.0.0 (every IPv4 address), :: (every address) or 10.1.2.3, got "localhost"',
+    );
+    expect(issue(base({ Gateway: { Limits: { MaxUnassociatedConnectionsPerAddress: 0 } } }))).toBe("Gateway.Limits.MaxUnassociatedConnectionsPerAddress: expected integer 1-100000, got 0");
+    const dir = tempDir("gw-cfg-tls-");
+    for (const f of ["s.crt", "s.key", "ca.crt", "ca.crl"]) writeFileSync(join(dir, f), "x");
+    const tls = (t: Json) => servers(server({ Tls: { Certificate: join(dir, "s.crt"), Key: join(dir, "s.key"), ...t } }));
+    expect(parse(tls({ CA: join(dir, "ca.crt"), CRL: join(dir, "ca.crl"), RequireCallingAetInCertificate: true }), {}).tenants[0]!.tls).toMatchObject({
+      requireCallingAetInCertificate: true,
+      requireClientCertificate: true,
+    });
+    expect(issue(tls({ RequireCallingAetInCertificate: true }))).toBe(
+      "MultitenantDicom.Servers[0].Tls.RequireCallingAetInCertificate: true without CA; expected a CA bundle (Tls.CA): only a verified certificate can vouch for a calling AE title",
+    );
+    expect(issue(tls({ CRL: join(dir, "ca.crl") }))).toBe("MultitenantDicom.Servers[0].Tls.CRL: a CRL without CA; expected the CA bundle (Tls.CA) whose revocations it lists");
+    expect(issue(tls({ CA: join(dir, "ca.crt"), CRL: join(dir, "missing.crl") }))).toMatch(/^MultitenantDicom\.Servers\[0\]\.Tls\.CRL: cannot read ".*missing\.crl" \(ENOENT\); expected a PEM file$/);
   });
 });

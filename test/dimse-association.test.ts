@@ -3,7 +3,8 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import type { AssociationInfo, EndReason } from "../src/net/association.ts";
-import { AbortReason, CommandField, NO_DATASET, PduType, RejectReason, Status, TransferSyntax } from "../src/net/constants.ts";
+import { AbortReason, CommandField, NO_DATASET, PduType, Status, TransferSyntax } from "../src/net/constants.ts";
+import { RejectReason } from "../src/net/reject.ts";
 import { handleEcho } from "../src/services/echo.ts";
 import { UNCOMPRESSED_LITTLE_ENDIAN } from "../src/net/negotiation.ts";
 import { decodeAbort, decodeAssociateRJ, encodeReleaseRQ } from "../src/net/pdu.ts";

@@ -19,12 +19,14 @@ import { tmpdir } from "node:os";
 import { join, relative } from "node:path";
 import { Status } from "../src/net/constants.ts";
 import { fileMetaLength } from "../src/dicom/part10.ts";
+import { READY_SEGMENTS } from "../src/spool/pool.ts";
 import { RECORD_HEADER } from "../src/spool/segment.ts";
 import { TenantSpool, tenantDirectoryName } from "../src/spool/spool.ts";
 import { runTool } from "./helpers/dcmtk.ts";
 import { CrashModel, materialize, type CrashMode } from "./helpers/crash-model.ts";
 import { pydicomFile, readDataset, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
+import { until } from "./helpers/wait.ts";
 import { freePort } from "./helpers/ports.ts";
 import { RecordingSpoolFiles, tapResponses, type FileEvent } from "./helpers/recording-files.ts";
 
@@ -61,7 +63,7 @@ afterAll(() => {
 /** The spool of TENANT in `dir`, opened: SOP Instance UID -> entry and Part 10 bytes (and what recovery cut off). */
 async function recover(dir: string, discarded: string[] = []): Promise<Map<string, { file: string; offset: number; part10: Uint8Array }>> {
   mkdirSync(join(dir, tenantDirectoryName(TENANT), "quarantine"), { recursive: true }); // as the gateway left it
-  const spool = new TenantSpool(dir, TENANT, Number.MAX_SAFE_INTEGER, { preallocate: false });
+  const spool = new TenantSpool(dir, TENANT, Number.MAX_SAFE_INTEGER);
   try {
     const { pending, discarded: cut } = await spool.open();
     discarded.push(...cut);
@@ -99,8 +101,10 @@ beforeAll(async () => {
   for (const f of files) sent.set(await tagValue(f, "0008,0018"), readDataset(f));
 
   const recording = new RecordingSpoolFiles();
-  const gw = await startTestGateway([{ AET: TENANT, Labels: ["durable"] }], `http://127.0.0.1:${await freePort()}`, {}, { spoolFiles: recording });
+  const gw = await startTestGateway([{ AET: TENANT, Labels: ["durable"] }], `http://127.0.0.1:${await freePort()}`, {}, { spoolFiles: recording, poolFillDelayMs: 0 });
   root = gw.config.spool.directory;
+  // The pool of ready segments is full (zero-filled through the recording layer): the writers come from it.
+  await until("the pool is filled", () => gw.pool.readyCount === READY_SEGMENTS);
   const untap = tapResponses(recording, gw.portOf(TENANT));
   try {
     const r = await runTool("storescu", ["-v", "-aet", "MODALITY", "-aec", TENANT, "127.0.0.1", String(gw.portOf(TENANT)), ...files], { timeoutMs: 60_000 });

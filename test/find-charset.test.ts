@@ -6,8 +6,7 @@
  * C-FIND SCP, and is answered with the bytes it sent. Real Orthanc, real findscu.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { charsetOfOrthancEncoding, decodeText, identifierCharset, parseSpecificCharacterSet, readAsOrthanc } from "../src/dicom/charset.ts";
 import { decodeFileMeta, fileMetaLength } from "../src/dicom/part10.ts";
@@ -17,6 +16,7 @@ import { OrthancClient } from "../src/orthanc/client.ts";
 import { concat, element, freshUid, latin1, part10, SECONDARY_CAPTURE, text, uid } from "./helpers/dicom-build.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
 import { runDcmtk, startOrthanc, type OrthancHandle } from "./helpers/orthanc.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 const EXPLICIT = "1.2.840.10008.1.2.1";
 const ESC = "\x1b";
@@ -48,7 +48,7 @@ const CASES: Case[] = [
 
 let orthanc: OrthancHandle;
 let gw: Awaited<ReturnType<typeof startTestGateway>>;
-const work = mkdtempSync(join(tmpdir(), "find-charset-"));
+const work = tempDir("find-charset-");
 
 function instance(c: Case): Uint8Array {
   const sop = freshUid();

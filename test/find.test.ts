@@ -5,9 +5,8 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { spawn } from "node:child_process";
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer as createHttpServer, request as httpRequest, type Server } from "node:http";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts";
 import { parseSpecificCharacterSet } from "../src/dicom/charset.ts";
@@ -17,13 +16,14 @@ import { OrthancClient } from "../src/orthanc/client.ts";
 import { CHARSET_FILES, CT_FILE, FIND_STUDIES, instanceUid, loadFindFixture, visibleStudies } from "./helpers/find-data.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
 import { freePort, freePorts } from "./helpers/ports.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 const EXPLICIT = "1.2.840.10008.1.2.1";
 
 let orthanc: OrthancHandle;
 let gw: Awaited<ReturnType<typeof startTestGateway>>;
 let plugin: Record<string, number>;
-const work = mkdtempSync(join(tmpdir(), "find-test-"));
+const work = tempDir("find-test-");
 
 type Tenant = { AET: string; Labels: string[]; LabelsConstraint?: "All" | "Any" | "None"; LabelsStoreLevels?: string[] };
 const TENANTS: Tenant[] = [

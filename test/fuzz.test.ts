@@ -4,9 +4,10 @@
  *   FUZZ_SEED=<n>     another seed (decimal or 0x-hex); the cases are a pure function of it
  *   FUZZ_SECONDS=<s>  the time budget (default 20 s for the whole file)
  *   FUZZ_SCALE=<k>    k times more cases (for a long local run; the budget should grow with it)
- * (a) in-process: mutated and random PDUs through PduReader (random TCP splits, small limits) and every
- *     decoder; the only acceptable failures are PduError, CommandSetError and RangeError, and the reader
- *     never holds more than one PDU's announced (and accepted) length.
+ * (a) in-process: mutated and random PDUs through PduReader (random TCP splits, small limits), every
+ *     decoder and the DIMSE message assembler both roles share; the only acceptable failures are
+ *     PduError, CommandSetError and RangeError, and the reader never holds more than one PDU's announced
+ *     (and accepted) length.
  * (b) against the running gateway (two tenants): mutated byte streams on real connections; each must
  *     be ended by the server (A-ABORT, A-ASSOCIATE-RJ, A-RELEASE-RP or a close) before a deadline, and
  *     both tenants must still answer dcmtk's echoscu after every batch. The gateway runs in this
@@ -14,13 +15,12 @@
  * A crash is any of these; the run prints seed, cases and crashes, and crashes must be 0.
  */
 import { afterAll, beforeAll, expect, test } from "bun:test";
-import { mkdtempSync } from "node:fs";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { CommandSetError, decodeCommandSet, encodeCommandSet } from "../src/net/command.ts";
 import { PduType } from "../src/net/constants.ts";
 import { decodeAbort, decodeAssociateAC, decodeAssociateRJ, decodeAssociateRQ, decodePData, encodeReleaseRQ, PduError } from "../src/net/pdu.ts";
 import { PduReader } from "../src/net/pdu-reader.ts";
+import { MessageAssembler, type PresentationContext } from "../src/net/dimse-assembler.ts";
 import { echoscu } from "./helpers/dcmtk.ts";
 import {
   concatBytes,
@@ -39,6 +39,7 @@ import {
   type Step,
 } from "./helpers/fuzz.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 const SEED = fuzzSeed(0x5eed_d1c0);
 const BUDGET_MS = fuzzSeconds(20) * 1000;
@@ -102,11 +103,20 @@ function tryDecode<T>(label: string, hex: () => string, fn: () => T, mustSucceed
 
 const toHex = (b: Uint8Array) => Buffer.from(b.subarray(0, 256)).toString("hex") + (b.length > 256 ? `...(${b.length} bytes)` : "");
 
+/** Every presentation context ID accepted, so that any PDV reaches the assembler's checks. */
+const EVERY_CONTEXT = new Map<number, PresentationContext>(Array.from({ length: 256 }, (_, id) => [id, { id, abstractSyntax: "1.2.840.10008.1.1", transferSyntax: "1.2.840.10008.1.2" }]));
+
+/** The assembler of one fuzzed connection: messages are dropped, every response is taken as awaited. */
+function fuzzAssembler(): MessageAssembler {
+  return new MessageAssembler(EVERY_CONTEXT, { pause() {}, resume() {} }, (m) => (m.kind === "request" ? m.dataset?.discard() : undefined), () => {});
+}
+
 /**
  * Decodes a PDU body with the decoder of its type. `commands` reassembles command fragments across
- * P-DATA PDUs (per presentation context) as the association does, and decodes each whole command set.
+ * P-DATA PDUs (per presentation context) and decodes each whole command set; `assembler` (once it has
+ * failed, no more: the association would have aborted) gets every P-DATA body too.
  */
-function decodeBody(type: number, body: Uint8Array, label: string, mustSucceed: boolean, commands = new Map<number, Uint8Array[]>()): void {
+function decodeBody(type: number, body: Uint8Array, label: string, mustSucceed: boolean, commands = new Map<number, Uint8Array[]>(), assembler?: { current?: MessageAssembler }): void {
   const hex = () => `type ${type} body ${toHex(body)}`;
   switch (type) {
     case PduType.AssociateRQ:
@@ -132,6 +142,11 @@ function decodeBody(type: number, body: Uint8Array, label: string, mustSucceed: 
         commands.delete(pdv.presentationContextId);
         const whole = concatBytes(...parts);
         tryDecode(`${label} decodeCommandSet`, () => toHex(whole), () => decodeCommandSet(whole), mustSucceed);
+      }
+      if (pdvs && assembler?.current) {
+        const a = assembler.current;
+        const ok = tryDecode(`${label} MessageAssembler`, hex, () => (a.pdata(body), true));
+        if (!ok) assembler.current = undefined;
       }
       break;
     }
@@ -169,6 +184,7 @@ function parserCase(rng: Rng, donors: Uint8Array[]): void {
   const bound = 5 + Math.max(limits.maxPDataLength, limits.maxControlLength);
   const reader = new PduReader(limits);
   const commands = new Map<number, Uint8Array[]>();
+  const assembler = { current: fuzzAssembler() as MessageAssembler | undefined };
   const framedBytes: Uint8Array[] = [];
   const t0 = performance.now();
   for (const chunk of randomSplit(rng, bytes, valid ? 64 : 12)) {
@@ -183,7 +199,7 @@ function parserCase(rng: Rng, donors: Uint8Array[]): void {
     for (const pdu of pdus) {
       const limit = pdu.type === PduType.PData ? limits.maxPDataLength : limits.maxControlLength;
       if (pdu.body.length > limit) crash(`PduReader returned a ${pdu.body.length}-byte PDU over the ${limit}-byte limit`);
-      decodeBody(pdu.type, pdu.body, "framed", valid, commands);
+      decodeBody(pdu.type, pdu.body, "framed", valid, commands, assembler);
       if (valid) {
         const header = Uint8Array.of(pdu.type, 0, 0, 0, 0, 0);
         new DataView(header.buffer).setUint32(2, pdu.body.length);
@@ -235,7 +251,7 @@ beforeAll(async () => {
       DicomScpTimeout: 1,
       Gateway: {
         Limits: { ArtimTimeoutSeconds: 1, MaxAssociations: 1000, MaxAssociationsPerTenant: 500 },
-        Audit: { File: join(mkdtempSync(join(tmpdir(), "gw-fuzz-audit-")), "audit.log") },
+        Audit: { File: join(tempDir("gw-fuzz-audit-"), "audit.log") },
       },
     },
     { artimTimeoutMs: 500 },

@@ -3,15 +3,14 @@
  * called-AE checks, HTTP health/readiness/metrics/status, and readiness following Orthanc.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync } from "node:fs";
 import { createServer } from "node:net";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
 import { echoscu } from "./helpers/dcmtk.ts";
 import { freePort } from "./helpers/ports.ts";
 import { until } from "./helpers/wait.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 let orthanc: OrthancHandle;
 let gw: Awaited<ReturnType<typeof startTestGateway>>;
@@ -72,7 +71,7 @@ describe("tenant listeners", () => {
     try {
       const { parseConfig } = await import("../src/config/index.ts");
       const { startGateway } = await import("../src/gateway/index.ts");
-      const spool = mkdtempSync(join(tmpdir(), "gw-spool-"));
+      const spool = tempDir("gw-spool-");
       const config = parseConfig(JSON.stringify({ MultitenantDicom: { Servers: [{ AET: "X", Port: port, Labels: [] }] }, Gateway: { Http: { Port: 0 }, SpoolDirectory: spool } }), { env: {} });
       await expect(startGateway(config)).rejects.toThrow(new RegExp(`cannot listen for tenant X .*port ${port} is already in use`));
     } finally {

@@ -233,7 +233,8 @@ describe("GET /status", () => {
     const res = await app.request("/status");
     expect(res.status).toBe(200);
     const body = (await res.json()) as Record<string, unknown>;
-    expect(Object.keys(body).sort()).toEqual(["orthanc", "quarantine", "startedAt", "tenants", "uptimeSeconds", "version"]);
+    expect(Object.keys(body).sort()).toEqual(["lastReload", "orthanc", "quarantine", "startedAt", "tenants", "uptimeSeconds", "version"]);
+    expect(body.lastReload).toBeNull(); // no reload since the start
     expect(body.version).toBe("1.2.3-test");
     expect(body.startedAt).toBe(s.startedAt);
     expect(body.uptimeSeconds).toBeGreaterThanOrEqual(89);

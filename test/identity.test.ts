@@ -7,8 +7,7 @@
  * them reaches Orthanc.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, readdirSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { CommandField, Status, TransferSyntax } from "../src/net/constants.ts";
 import { encodeFileMeta, explicitVrElement } from "../src/dicom/part10.ts";
@@ -19,6 +18,7 @@ import { startTestGateway } from "./helpers/gateway.ts";
 import { getSharedOrthanc } from "./helpers/orthanc.ts";
 import { PYDICOM_CHARSET_FILES } from "./helpers/pydicom-datasets.ts";
 import { concat, RawPeer } from "./helpers/raw-peer.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 let client: OrthancClient;
 let gw: Awaited<ReturnType<typeof startTestGateway>>;
@@ -68,7 +68,7 @@ function dataset(c: Charset, uids: { study: string; series: string; sop: string 
 }
 
 function part10(ds: Uint8Array, sop: string): string {
-  const file = join(mkdtempSync(join(tmpdir(), "gw-charset-")), "instance.dcm");
+  const file = join(tempDir("gw-charset-"), "instance.dcm");
   writeFileSync(file, concat(encodeFileMeta({ sopClassUid: SECONDARY_CAPTURE, sopInstanceUid: sop, transferSyntaxUid: TransferSyntax.ExplicitVRLittleEndian }), ds));
   return file;
 }

@@ -7,14 +7,14 @@
  * writes in isolation.test.ts.)
  */
 import { afterAll, beforeAll, expect, test } from "bun:test";
-import { mkdtempSync, readdirSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { readdirSync } from "node:fs";
 import { join } from "node:path";
 import { startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts";
 import { findscuKeys, runTool } from "./helpers/dcmtk.ts";
 import { pydicomFile, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
 import { startStorescp, type Storescp } from "./helpers/storescp.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 const LEVELS = ["Patient", "Study", "Series", "Instance"] as const;
 /** Every non-empty subset of the four levels. */
@@ -87,7 +87,7 @@ for (const attacker of ATTACKERS) {
       const m = await runTool("movescu", ["-v", "-S", "-aet", "ATTACKER", "-aec", attacker.AET, "-aem", "DEST", "-k", "QueryRetrieveLevel=STUDY", "-k", `StudyInstanceUID=${v.study}`, "127.0.0.1", String(gw.portOf(attacker.AET))]);
       expect(m.output).toMatch(/Received Final Move Response \(Success\)/);
       expect(m.output).not.toMatch(/Completed Suboperations\s*:\s*[1-9]/);
-      const dir = mkdtempSync(join(tmpdir(), "gw-get-"));
+      const dir = tempDir("gw-get-");
       const g = await runTool("getscu", ["-v", "-S", "-aet", "ATTACKER", "-aec", attacker.AET, "-od", dir, "-k", "QueryRetrieveLevel=SERIES", "-k", `StudyInstanceUID=${v.study}`, "-k", `SeriesInstanceUID=${v.series}`, "127.0.0.1", String(gw.portOf(attacker.AET))]);
       expect(g.output).toMatch(/Received C-GET Response \(Success\)/);
       expect(g.output).toMatch(/Number of Completed Suboperations : 0/);

@@ -1,13 +1,13 @@
-/** Units behind Strict isolation: Orthanc identities, ownership by labels, claims and instances in flight (the strict reader: dataset-reader.test.ts). */
+/** Units behind Strict isolation: Orthanc identities, ownership by labels, legacy claims and instances in flight (the strict reader: dataset-reader.test.ts). */
 import { describe, expect, test } from "bun:test";
-import { appendFileSync, mkdtempSync, readFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { appendFileSync, existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { decodeFileMeta, explicitVrElement, fileMetaLength } from "../src/dicom/part10.ts";
 import { orthancIds } from "../src/orthanc/identity.ts";
 import { ownsByLabels } from "../src/tenancy/isolation.ts";
 import { UidRegistry } from "../src/tenancy/ownership.ts";
 import { pydicomFile } from "./helpers/dicom-files.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 function dataset(name: string): { bytes: Uint8Array; ts: string } {
   const b = new Uint8Array(readFileSync(pydicomFile(name)));
@@ -35,50 +35,44 @@ test("ownsByLabels: only the tenant's labels (all of them with All)", () => {
 });
 
 describe("UidRegistry", () => {
-  test("claims by UID: the first claimer wins; they survive a restart; a torn last line is ignored", async () => {
-    const dir = mkdtempSync(join(tmpdir(), "gw-claims-"));
-    const a = new UidRegistry(dir);
-    await a.open();
-    const [first, second, again] = await Promise.all([a.claim("Study", "1.2.3", "ALPHA"), a.claim("Study", "1.2.3", "BETA"), a.claim("Study", "1.2.3", "ALPHA")]);
-    expect([first, second, again]).toEqual([true, false, true]);
-    await a.claim("Series", "1.2.3.4", "BETA");
-    // The same UID at another level is another claim.
-    expect(await a.claim("Series", "1.2.3", "BETA")).toBe(true);
-    await a.close();
-    appendFileSync(join(dir, "claims.jsonl"), '{"uid":"1.2.9","lev');
-    const b = new UidRegistry(dir);
-    await b.open();
-    expect(b.claimOwner("Study", "1.2.3")).toBe("ALPHA");
-    expect(b.claimOwner("Series", "1.2.3.4")).toBe("BETA");
-    expect(b.claimOwner("Study", "1.2.9")).toBeUndefined();
-    expect(await b.claim("Study", "1.2.3", "BETA")).toBe(false);
-    await b.close();
-  });
-
-  test("a released claim stays released after a restart, and tells who listens; 0.2 claims (Orthanc IDs) are still honoured", async () => {
-    const dir = mkdtempSync(join(tmpdir(), "gw-claims-"));
-    appendFileSync(join(dir, "claims.jsonl"), JSON.stringify({ id: "0f1e2d3c-aaaaaaaa-bbbbbbbb-cccccccc-dddddddd", level: "Study", tenant: "OLD", at: "2026-01-01T00:00:00Z" }) + "\n");
-    const a = new UidRegistry(dir);
-    await a.open();
-    expect(a.legacyOwner("0f1e2d3c-aaaaaaaa-bbbbbbbb-cccccccc-dddddddd")).toBe("OLD");
-    await a.claim("Study", "1.2.5", "ALPHA");
-    const released: string[] = [];
-    a.onRelease = (level, uid) => released.push(`${level} ${uid}`);
-    await a.release("Study", "1.2.5", "BETA"); // not BETA's: nothing happens
-    expect(a.claimOwner("Study", "1.2.5")).toBe("ALPHA");
-    await a.release("Study", "1.2.5", "ALPHA");
-    expect(released).toEqual(["Study 1.2.5"]);
-    expect(a.claimOwner("Study", "1.2.5")).toBeUndefined();
-    await a.close();
-    const b = new UidRegistry(dir);
-    await b.open();
-    expect(b.claimOwner("Study", "1.2.5")).toBeUndefined();
-    expect(await b.claim("Study", "1.2.5", "BETA")).toBe(true);
-    await b.close();
+  test("a legacy claims file is read (released claims stay released, a torn last line is ignored, 0.2 claims by Orthanc ID) and renamed once migrated", async () => {
+    const dir = tempDir("gw-claims-");
+    const line = (o: Record<string, unknown>) => JSON.stringify({ at: "2026-01-01T00:00:00Z", ...o }) + "\n";
+    appendFileSync(
+      join(dir, "claims.jsonl"),
+      line({ uid: "1.2.3", level: "Study", tenant: "ALPHA" }) +
+        line({ uid: "1.2.3", level: "Study", tenant: "BETA" }) + // a later claim of a claimed UID is not the owner
+        line({ uid: "1.2.3.4", level: "Series", tenant: "BETA" }) +
+        line({ uid: "1.2.5", level: "Study", tenant: "ALPHA" }) +
+        line({ uid: "1.2.5", level: "Study", tenant: "ALPHA", released: true }) +
+        line({ id: "0f1e2d3c-aaaaaaaa-bbbbbbbb-cccccccc-dddddddd", level: "Study", tenant: "OLD" }) +
+        '{"uid":"1.2.9","lev',
+    );
+    const r = new UidRegistry(dir);
+    await r.open();
+    expect(r.claimOwner("Study", "1.2.3")).toBe("ALPHA");
+    expect(r.claimOwner("Series", "1.2.3.4")).toBe("BETA");
+    expect(r.claimOwner("Study", "1.2.5")).toBeUndefined();
+    expect(r.claimOwner("Study", "1.2.9")).toBeUndefined();
+    expect(r.legacyOwner("0f1e2d3c-aaaaaaaa-bbbbbbbb-cccccccc-dddddddd")).toBe("OLD");
+    expect(r.legacyClaims()).toEqual([
+      { id: "0f1e2d3c-aaaaaaaa-bbbbbbbb-cccccccc-dddddddd", level: "Study", tenant: "OLD" },
+      { uid: "1.2.3", level: "Study", tenant: "ALPHA" },
+      { uid: "1.2.3.4", level: "Series", tenant: "BETA" },
+    ]);
+    await r.migrated();
+    expect(r.legacyClaims()).toEqual([]);
+    expect(r.claimOwner("Study", "1.2.3")).toBeUndefined();
+    expect(existsSync(join(dir, "claims.jsonl"))).toBe(false);
+    expect(readFileSync(join(dir, "claims.jsonl.migrated"), "utf8")).toContain('"uid":"1.2.3"');
+    // A gateway without a claims file has nothing to migrate.
+    const empty = new UidRegistry(tempDir("gw-claims-"));
+    await empty.open();
+    expect(empty.legacyClaims()).toEqual([]);
   });
 
   test("instances in flight hold their three UIDs for their tenant until released", async () => {
-    const r = new UidRegistry(mkdtempSync(join(tmpdir(), "gw-claims-")));
+    const r = new UidRegistry(tempDir("gw-claims-"));
     const uids = { studyInstanceUid: "1.2", seriesInstanceUid: "1.2.3", sopInstanceUid: "1.2.3.4" };
     r.hold("e1", "ALPHA", uids);
     r.hold("e1", "ALPHA", uids); // idempotent per key

@@ -65,6 +65,11 @@ async function labels(level: string, id: string): Promise<string[]> {
   return (await client.getJson<string[]>(`/${level}/${id}/labels`)).sort();
 }
 
+/** The gateway's ownership record of a resource in Orthanc (its DicomGatewayOwner metadata). */
+async function owner(level: string, id: string): Promise<Record<string, unknown>> {
+  return client.getJson<Record<string, unknown>>(`/${level}/${id}/metadata/DicomGatewayOwner`);
+}
+
 const uid = () => `2.25.${BigInt("0x" + crypto.randomUUID().replace(/-/g, "")).toString()}`;
 
 beforeAll(async () => {
@@ -199,7 +204,7 @@ describe("Strict (default)", () => {
     expect(await findCount("ALPHA", "IMAGE", { StudyInstanceUID: study, SeriesInstanceUID: await tagValue(g, "0020,000e"), SOPInstanceUID: "" })).toBe(1);
   });
 
-  test("a claim on a study deleted from Orthanc is released: another tenant may then create that Study UID", async () => {
+  test("a study deleted from Orthanc takes its ownership record with it: another tenant may then create that Study UID", async () => {
     const study = uid();
     const mine = await instance({ "(0010,0020)": "LVL-DELETED", "(0020,000d)": study });
     expect((await storescu("LVL", [mine])).output).toContain("Success");
@@ -210,8 +215,7 @@ describe("Strict (default)", () => {
     expect((await storescu("ALPHA", [attack])).output).toContain("Received Store Response (Success)");
     await gw.forwarder.idle();
     expect(await labels("studies", (await ids(attack)).study)).toEqual(["alpha"]);
-    const claims = readFileSync(`${gw.config.spool.directory}/claims.jsonl`, "utf8").trim().split("\n").map((l) => JSON.parse(l) as { uid?: string; tenant: string; released?: boolean });
-    expect(claims.filter((c) => c.uid === study).map((c) => `${c.tenant}${c.released ? " released" : ""}`)).toEqual(["LVL", "LVL released", "ALPHA"]);
+    expect(await owner("studies", (await ids(attack)).study)).toMatchObject({ tenant: "ALPHA", kind: "own" });
   });
 
   test("a shared PatientID in two tenants is allowed and never shows the other tenant's studies", async () => {
@@ -237,7 +241,7 @@ describe("Strict (default)", () => {
     expect(await labels("studies", (await ids(mine)).study)).toEqual(["beta"]);
   });
 
-  test("LabelsStoreLevels without Study: the study stays the creator's (a durable claim), others are refused", async () => {
+  test("LabelsStoreLevels without Study: the study stays the creator's (its ownership record in Orthanc), others are refused", async () => {
     const study = uid();
     const mine = await instance({ "(0010,0020)": "LVLPAT", "(0020,000d)": study });
     expect((await storescu("LVL", [mine])).output).toContain("Success");
@@ -250,7 +254,8 @@ describe("Strict (default)", () => {
     // ...another tenant may not.
     const attack = await instance({ "(0010,0020)": "LVLPAT", "(0020,000d)": study, "(0020,000e)": uid() });
     expect((await storescu("ALPHA", [attack], ["-d"])).output).toMatch(/DIMSE Status\s+: 0x0124/);
-    expect(readFileSync(`${gw.config.spool.directory}/claims.jsonl`, "utf8")).toContain(`"uid":"${study}","level":"Study","tenant":"LVL"`);
+    expect(await owner("studies", (await ids(mine)).study)).toMatchObject({ tenant: "LVL", kind: "own" });
+    expect(await owner("series", (await ids(mine)).series)).toMatchObject({ tenant: "LVL", kind: "own" });
   });
 
   test("a study already in Orthanc without labels (not sent through a tenant) cannot be claimed", async () => {

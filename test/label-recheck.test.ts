@@ -24,8 +24,7 @@
  * ALPHAI (A, on instances only), BETA (B).
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { tagName } from "../src/dicom/dictionary.ts";
 import { elementText, parseDataset } from "../src/dicom/identifier.ts";
@@ -38,6 +37,7 @@ import { startTestGateway } from "./helpers/gateway.ts";
 import { dropLabelsFilter, injectUnfiltered, jsonBody, type ProxiedRequest, type RewritingProxy, startRewritingProxy } from "./helpers/http-proxy.ts";
 import { getSharedOrthanc, ORTHANC_START_TIMEOUT_MS, type OrthancHandle } from "./helpers/orthanc.ts";
 import { startStorescp, type Storescp } from "./helpers/storescp.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 const run = Date.now().toString(36).toUpperCase();
 const LA = `rca-${run}`;
@@ -100,7 +100,7 @@ beforeAll(async () => {
   for (const s of [SA, SB, SB2, SR]) await load(s);
   proxy = await startRewritingProxy(orthanc.url);
   dest = await startStorescp("DEST");
-  work = mkdtempSync(join(tmpdir(), "gw-recheck-"));
+  work = tempDir("gw-recheck-");
   gw = await startTestGateway(
     [
       { AET: "ALPHA", Labels: [LA] },

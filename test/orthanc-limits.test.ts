@@ -6,7 +6,6 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts";
 import { OrthancClient } from "../src/orthanc/client.ts";
@@ -14,6 +13,7 @@ import { findscuKeys, runTool } from "./helpers/dcmtk.ts";
 import { pydicomFile, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
 import { startStorescp, type Storescp } from "./helpers/storescp.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 const LIMIT_RESULTS = 2;
 const LIMIT_INSTANCES = 3;
@@ -23,7 +23,7 @@ let gw: Awaited<ReturnType<typeof startTestGateway>>;
 let dest: Storescp;
 let bigStudy: string;
 let bigSeries: string;
-const work = mkdtempSync(join(tmpdir(), "limits-test-"));
+const work = tempDir("limits-test-");
 const SMALL_STUDIES = 5;
 const BIG_INSTANCES = 7;
 

@@ -8,8 +8,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { issueCertificate, makeCertificateAuthority, startTlsProxy, type CertificateAuthority, type IssuedCertificate, type TlsProxyHandle } from "../scripts/orthanc-testbed.ts";
 import { OrthancClient, OrthancError } from "../src/orthanc/client.ts";
@@ -19,6 +18,7 @@ import { uploadFile, uploadLabeled } from "../src/orthanc/store.ts";
 import { buildInstance } from "./helpers/instances.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
 import { getSharedOrthanc, ORTHANC_START_TIMEOUT_MS, runDcmtk, type OrthancHandle } from "./helpers/orthanc.ts";
+import { removeTempDir, tempDir } from "./helpers/temp.ts";
 
 const REPO = join(import.meta.dir, "..");
 
@@ -50,7 +50,7 @@ describe("HTTPS to Orthanc through nginx with client certificates", () => {
   beforeAll(async () => {
     orthanc = await getSharedOrthanc();
     proxy = await startTlsProxy(orthanc);
-    dir = mkdtempSync(join(tmpdir(), "orthanc-tls-"));
+    dir = tempDir("orthanc-tls-");
     otherCa = await makeCertificateAuthority(dir, "other-ca");
     otherClient = await issueCertificate(otherCa, dir, "other-client", "client");
   }, ORTHANC_START_TIMEOUT_MS);
@@ -58,7 +58,7 @@ describe("HTTPS to Orthanc through nginx with client certificates", () => {
   afterAll(async () => {
     for (const c of clients) c.close();
     await proxy?.stop();
-    rmSync(dir, { recursive: true, force: true });
+    removeTempDir(dir);
   }, 20_000);
 
   test("kept alive: 20 calls in a row over one TLS connection", async () => {

@@ -115,3 +115,43 @@ test("held bytes never grow past the small-message bound: a full hold is written
   await peerGot(writes.reduce((n, b) => n + b, 0));
   expect(messages().map((m) => m.command.messageIdBeingRespondedTo)).toEqual([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
 });
+
+/** The PDUs the peer received: for each, its length field and its PDV items (command?, last?, bytes). */
+function pdus(): Array<{ length: number; pdvs: Array<{ isCommand: boolean; isLast: boolean; bytes: number }> }> {
+  const reader = new PduReader({ maxPDataLength: 1 << 24, maxControlLength: 1 << 16 });
+  const out: Array<{ length: number; pdvs: Array<{ isCommand: boolean; isLast: boolean; bytes: number }> }> = [];
+  for (const chunk of received) {
+    for (const pdu of reader.push(chunk)) out.push({ length: pdu.body.length, pdvs: decodePData(pdu.body).map((p) => ({ isCommand: p.isCommand, isLast: p.isLast, bytes: p.data.length })) });
+  }
+  return out;
+}
+
+test("a response and its small identifier travel as one P-DATA-TF PDU of two PDV items (PS3.8 9.3.5.1)", async () => {
+  const w = new PDataWriter(client, 16384);
+  await w.send(1, { ...response(1, 0xb000), commandDataSetType: 0 }, new Uint8Array(1000).fill(0x31));
+  await peerGot(writes.reduce((n, b) => n + b, 0));
+  const got = pdus();
+  expect(got.length).toBe(1);
+  expect(got[0]!.pdvs.map((p) => [p.isCommand, p.isLast])).toEqual([
+    [true, true],
+    [false, true],
+  ]);
+  expect(got[0]!.pdvs[1]!.bytes).toBe(1000);
+  expect(messages().map((m) => m.dataset)).toEqual([1000]);
+});
+
+test("an in-memory message larger than the peer's maximum: PDUs packed up to the maximum, never beyond", async () => {
+  const max = 4096;
+  const w = new PDataWriter(client, max);
+  await w.send(1, { ...response(1, Status.Pending), commandDataSetType: 0 }, new Uint8Array(10_000).fill(0x32));
+  await peerGot(writes.reduce((n, b) => n + b, 0));
+  const got = pdus();
+  // The PDU's variable field (its PDV items) is what Maximum Length Receive bounds (PS3.8 D.1.1).
+  expect(got.every((p) => p.length <= max)).toBe(true);
+  // The command shares the first PDU with the first data fragment; the rest are full fragments.
+  expect(got[0]!.pdvs.map((p) => p.isCommand)).toEqual([true, false]);
+  expect(got.flatMap((p) => p.pdvs).filter((p) => !p.isCommand).reduce((n, p) => n + p.bytes, 0)).toBe(10_000);
+  expect(got.flatMap((p) => p.pdvs).filter((p) => p.isLast).length).toBe(2);
+  expect(got.length).toBe(3);
+  expect(messages().map((m) => m.dataset)).toEqual([10_000]);
+});

@@ -8,12 +8,12 @@
  *    patient P2 with study AJ (1 series × 2 JPEG SC); patient P3 with study AI (1 × 2 CT, implicit VR).
  *  - BETA ("beta" on studies, AllowedDestinations ["dest"]): study B1 (1 × 2 CT) of patient P1 too,
  *    the same Patient ID as ALPHA's.
+ * The storescp destinations sit behind a gate that refuses any other called AE title (helpers/storescp.ts).
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import { readdirSync, readFileSync, rmSync } from "node:fs";
 import { createRequire } from "node:module";
 import { createServer, type Server, type Socket } from "node:net";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { generateDataset, type GeneratedDataset } from "../scripts/generate-dataset.ts";
@@ -33,11 +33,12 @@ import { OrthancClient } from "../src/orthanc/client.ts";
 import { resolveInstances } from "../src/services/resolve.ts";
 import { createAssociationPolicy } from "../src/tenancy/association-policy.ts";
 import { runTool } from "./helpers/dcmtk.ts";
-import { datasetBytes, datasetsIn } from "./helpers/dicom-files.ts";
+import { datasetBytes, datasetsIn, transferSyntaxesIn } from "./helpers/dicom-files.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
 import { getSharedOrthanc, ORTHANC_START_TIMEOUT_MS, type OrthancHandle } from "./helpers/orthanc.ts";
 import { freePort } from "./helpers/ports.ts";
 import { startStorescp, type Storescp } from "./helpers/storescp.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 const TEST_FILES = "/usr/lib/python3/dist-packages/pydicom/data/test_files";
 const CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2";
@@ -203,7 +204,7 @@ beforeAll(async () => {
   orthanc = await getSharedOrthanc();
   client = new OrthancClient({ url: orthanc.url });
   prefix = `MV${Date.now().toString(36).toUpperCase()}P`;
-  const root = mkdtempSync(join(tmpdir(), "gw-retrieve-"));
+  const root = tempDir("gw-retrieve-");
   // An implicit VR copy of CT_small, for dcmjs-dimse (which proposes implicit VR first).
   const implicitSource = join(root, "ct-implicit.dcm");
   const conv = await runTool("dcmconv", ["+ti", `${TEST_FILES}/CT_small.dcm`, implicitSource]);
@@ -406,21 +407,24 @@ describe("C-MOVE statuses (the gateway's requestor as SCU)", () => {
     expect(silentSockets.length - connections).toBe(1);
   });
 
-  test("a transfer syntax the destination refuses: those sub-operations fail (0xB000 with their UIDs), the others complete", async () => {
+  test("a destination that accepts only uncompressed syntaxes: the JPEG instances arrive transcoded by Orthanc to Explicit VR LE, the others unchanged", async () => {
     clear(plain);
     const list = [A.studies[1]!.studyInstanceUid, AJ.studies[0]!.studyInstanceUid].join("\\");
     const r = await moveWithRequestor("ALPHA", "PLAIN", [[LEVEL, "CS", "STUDY"], [STUDY_UID, "UI", list]]);
-    expect(r.final.status).toBe(0xb000);
-    expect(r.final.numberOfCompletedSuboperations).toBe(6);
-    expect(r.final.numberOfFailedSuboperations).toBe(2);
-    expect(r.failedUids).toEqual(uids(AJ));
-    expect([...plain.received().keys()].sort()).toEqual(uids(A, (i) => i.studyInstanceUid === A.studies[1]!.studyInstanceUid));
+    expect(r.final.status).toBe(Status.Success);
+    expect(r.final.numberOfCompletedSuboperations).toBe(8);
+    expect(r.final.numberOfFailedSuboperations).toBe(0);
+    expect([...plain.received().keys()].sort()).toEqual([...uids(A, (i) => i.studyInstanceUid === A.studies[1]!.studyInstanceUid), ...uids(AJ)].sort());
+    const syntaxes = transferSyntaxesIn(plain.dir);
+    for (const uid of uids(AJ)) expect(syntaxes.get(uid)).toBe(TransferSyntax.ExplicitVRLittleEndian);
+    await expectIdentical(new Map([...plain.received()].filter(([uid]) => !uids(AJ).includes(uid))));
     // The destination that accepts JPEG gets the instance in its own transfer syntax, unchanged.
     clear(dest);
     const j = await moveWithRequestor("ALPHA", "DEST", [[LEVEL, "CS", "STUDY"], [STUDY_UID, "UI", AJ.studies[0]!.studyInstanceUid]]);
     expect(j.final.status).toBe(Status.Success);
     await expectIdentical(dest.received());
     expect(readdirSync(dest.dir).length).toBe(2);
+    expect([...transferSyntaxesIn(dest.dir).values()]).toEqual(["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.50"]);
   });
 
   test("C-CANCEL mid-move: 0xFE00 with the counts, the rest is not sent", async () => {
@@ -458,7 +462,7 @@ describe("C-GET", () => {
       { keys: ["QueryRetrieveLevel=STUDY", `StudyInstanceUID=${B.studies[0]!.studyInstanceUid}`], model: "-S", expected: [] },
     ];
     for (const c of cases) {
-      const dir = mkdtempSync(join(tmpdir(), "gw-getscu-"));
+      const dir = tempDir("gw-getscu-");
       const r = await getscu("ALPHA", dir, c.keys, [c.model]);
       expect(r.output).toContain("Received C-GET Response (Success)");
       const got = datasetsIn(dir);
@@ -468,13 +472,14 @@ describe("C-GET", () => {
     }
   });
 
-  test("getscu: instances in a transfer syntax the requester did not propose fail; proposed, they arrive unchanged", async () => {
+  test("getscu: instances in a transfer syntax the requester did not propose arrive transcoded to one it proposed; proposed, they arrive unchanged", async () => {
     const keys = ["QueryRetrieveLevel=STUDY", `StudyInstanceUID=${AJ.studies[0]!.studyInstanceUid}`];
-    const dir = mkdtempSync(join(tmpdir(), "gw-getscu-"));
+    const dir = tempDir("gw-getscu-");
     const r = await getscu("ALPHA", dir, keys, ["-S"]); // proposes uncompressed only
-    expect(r.output).toContain("Number of Failed Suboperations    : 2");
-    expect(datasetsIn(dir).size).toBe(0);
-    const dir2 = mkdtempSync(join(tmpdir(), "gw-getscu-"));
+    expect(r.output).toContain("Received C-GET Response (Success)");
+    expect(r.output).toContain("Number of Completed Suboperations : 2");
+    expect([...transferSyntaxesIn(dir)].sort()).toEqual(uids(AJ).map((u) => [u, TransferSyntax.ExplicitVRLittleEndian]));
+    const dir2 = tempDir("gw-getscu-");
     const r2 = await getscu("ALPHA", dir2, keys, ["-S", "+xy"]); // JPEG baseline first
     expect(r2.output).toContain("Received C-GET Response (Success)");
     const got = datasetsIn(dir2);
@@ -557,7 +562,7 @@ describe("resolution and metrics", () => {
       expect(responses.map((r) => r.status)).toEqual([0xa701]);
       expect(responses[0]!.errorComment).toContain("Orthanc");
       // The audit trail gets what was asked (and, for C-MOVE, where to).
-      expect(audit).toMatchObject({ level: "STUDY", studyInstanceUid: A.studies[0]!.studyInstanceUid });
+      expect(audit).toMatchObject({ queryLevel: "STUDY", studyInstanceUid: A.studies[0]!.studyInstanceUid });
       if (sopClass === RetrieveSopClass.StudyRootMove) expect(audit).toMatchObject({ destination: "dest", destinationAe: "DEST" });
     }
   });

@@ -5,23 +5,37 @@
  */
 import { afterEach, beforeEach, describe, expect, test } from "bun:test";
 import { createHash } from "node:crypto";
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync, openSync, writeSync, closeSync } from "node:fs";
+import { mkdirSync, readdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync, openSync, writeSync, closeSync } from "node:fs";
 import { spawnSync } from "node:child_process";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { encodeFileMeta } from "../src/dicom/part10.ts";
+import { nodeSpoolFiles, type SpoolFiles } from "../src/spool/files.ts";
+import { MAX_SEGMENTS, POOL_DIRECTORY, READY_SEGMENTS, SegmentPool } from "../src/spool/pool.ts";
 import { SEGMENT_BYTES, SpoolDiskError, SpoolQuotaError, TenantSpool, type ReceivedFile, type SpoolEntry } from "../src/spool/spool.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 let root: string;
 /** Every spool a test opened ("crashed" ones included), closed after the test: Bun refuses file handles left to the GC. */
 let opened: TenantSpool[] = [];
+let pools: SegmentPool[] = [];
 beforeEach(() => {
-  root = mkdtempSync(join(tmpdir(), "gw-spool-unit-"));
+  root = tempDir("gw-spool-unit-");
 });
 afterEach(async () => {
   for (const s of opened.splice(0)) await s.close().catch(() => {});
+  for (const p of pools.splice(0)) await p.close();
   rmSync(root, { recursive: true, force: true });
 });
+
+/** The gateway's pool of ready segments on `dir`, filled (READY_SEGMENTS zero-filled segments, synced). */
+async function filledPool(dir = root): Promise<SegmentPool> {
+  const pool = new SegmentPool(dir);
+  pools.push(pool);
+  await pool.open({ fillAfterMs: 60_000 });
+  await pool.refill();
+  return pool;
+}
+const poolFiles = (dir = root) => readdirSync(join(dir, POOL_DIRECTORY)).map((f) => join(dir, POOL_DIRECTORY, f));
 
 const TENANT = "CT/1"; // a character that is not safe in a path
 const segDir = () => join(root, "CT%2f1", "segments");
@@ -57,9 +71,9 @@ function bytesAt(e: { file: string; offset: number; size: number }): Uint8Array 
 const md5 = (b: Uint8Array) => createHash("md5").update(b).digest("hex");
 const partTen = (sop: string, ds: Uint8Array) => new Uint8Array([...encodeFileMeta(meta(sop)), ...ds]);
 
-/** A spool on the test directory; without preallocation unless asked, so file sizes show what was written. */
-async function reopen(preallocate = false, md5 = true): Promise<{ spool: TenantSpool; pending: SpoolEntry[]; discarded: string[] }> {
-  const spool = new TenantSpool(root, TENANT, 1 << 30, { preallocate, md5 });
+/** A spool on the test directory; without a pool of ready segments unless given one, so file sizes show what was written. */
+async function reopen(pool?: SegmentPool, md5 = true): Promise<{ spool: TenantSpool; pending: SpoolEntry[]; discarded: string[] }> {
+  const spool = new TenantSpool(root, TENANT, 1 << 30, { pool, md5 });
   opened.push(spool);
   return { spool, ...(await spool.open()) };
 }
@@ -86,11 +100,11 @@ describe("spool log", () => {
   });
 
   test("without integrity verification no MD5 is computed (the records are checked by CRC-32)", async () => {
-    const { spool } = await reopen(false, false);
+    const { spool } = await reopen(undefined, false);
     const e = await store(spool, "1.2.3.1", dataset(5000, 1));
     expect(e.md5).toBeUndefined();
     expect(await TenantSpool.md5Of(e)).toBe(md5(partTen("1.2.3.1", dataset(5000, 1))));
-    const { pending } = await reopen(false, false);
+    const { pending } = await reopen(undefined, false);
     expect(pending.map((p) => [p.sopInstanceUid, p.md5])).toEqual([["1.2.3.1", undefined]]);
   });
 
@@ -197,7 +211,7 @@ describe("spool log", () => {
   });
 
   test("the quota counts what is pending and what is arriving", async () => {
-    const spool = new TenantSpool(root, TENANT, 100_000, { preallocate: false });
+    const spool = new TenantSpool(root, TENANT, 100_000);
     opened.push(spool);
     await spool.open();
     await store(spool, "1.2.3.1", dataset(60_000, 1));
@@ -222,15 +236,25 @@ describe("spool log", () => {
     expect(readdirSync(queue)).toEqual([]);
   });
 
-  test("preallocated writers: records overwrite the zeros, a crash replays exactly them and cuts the rest", async () => {
-    const { spool } = await reopen(true);
-    // Ready once zero-filled and synced (the file reaches its full size before that: not a signal).
-    await spool.backgroundWork();
-    expect(segFiles().filter((f) => statSync(f).size === SEGMENT_BYTES).length).toBe(1);
+  test("opening the spool of a tenant that never received anything creates nothing on disk", async () => {
+    const { spool, pending } = await reopen(await filledPool());
+    expect(pending).toEqual([]);
+    expect(readdirSync(root).sort()).toEqual([POOL_DIRECTORY]);
+    await spool.close();
+    expect(readdirSync(root).sort()).toEqual([POOL_DIRECTORY]);
+  });
+
+  test("writers come from the gateway's pool: records overwrite the zeros, a crash replays exactly them and cuts the rest", async () => {
+    const pool = await filledPool();
+    expect(poolFiles().map((f) => statSync(f).size)).toEqual(Array(READY_SEGMENTS).fill(SEGMENT_BYTES));
+    const { spool } = await reopen(pool);
     const sets = [dataset(38_000, 1), dataset(500_000, 2)];
     const entries = [];
     for (const [i, ds] of sets.entries()) entries.push(await store(spool, `1.2.3.${i}`, ds));
+    expect(entries[0]!.file.startsWith(segDir())).toBe(true);
     expect(statSync(entries[0]!.file).size).toBe(SEGMENT_BYTES); // written inside the preallocation
+    await pool.refill(); // the pool fills itself again (after a delay: a lent segment usually comes back first)
+    expect(poolFiles().length).toBe(READY_SEGMENTS);
     const { pending, discarded } = await reopen();
     expect(discarded).toEqual([]);
     expect(pending.map((e) => e.sopInstanceUid)).toEqual(["1.2.3.0", "1.2.3.1"]);
@@ -238,31 +262,69 @@ describe("spool log", () => {
     expect(statSync(pending[0]!.file).size).toBeLessThan(600_000); // the zeros are cut off
   });
 
-  test("the standby is kept across a clean stop and taken as it is at the next start, not written again", async () => {
-    const first = (await reopen(true)).spool;
-    await first.backgroundWork();
-    const files = segFiles();
-    expect(files.map((f) => statSync(f).size)).toEqual([SEGMENT_BYTES]);
-    const written = statSync(files[0]!).mtimeMs;
+  test("the pool's ready segments are kept across a clean stop and taken as they are at the next start, not written again", async () => {
+    const first = await filledPool();
+    const files = poolFiles();
+    const written = files.map((f) => statSync(f).mtimeMs);
     await first.close();
-    expect(segFiles()).toEqual(files);
-    const { spool, pending, discarded } = await reopen(true);
-    await spool.backgroundWork();
-    expect([pending, discarded]).toEqual([[], []]);
-    expect(segFiles()).toEqual(files);
-    expect(statSync(files[0]!).mtimeMs).toBe(written);
+    const again = new SegmentPool(root);
+    pools.push(again);
+    await again.open({ fillAfterMs: 60_000 });
+    expect(again.readyCount).toBe(READY_SEGMENTS);
+    expect(poolFiles().map((f) => statSync(f).mtimeMs)).toEqual(written);
+    const { spool } = await reopen(again);
     const e = await store(spool, "1.2.3.1", dataset(1000, 1));
-    expect(e.file).toBe(files[0]!);
-    expect(statSync(files[0]!).size).toBe(SEGMENT_BYTES);
+    expect(statSync(e.file).size).toBe(SEGMENT_BYTES);
+    expect(poolFiles().length).toBe(READY_SEGMENTS - 1); // taken (renamed into the tenant's segments)
     expect((await reopen()).pending.map((p) => bytesAt(p))).toEqual([partTen("1.2.3.1", dataset(1000, 1))]);
   });
 
-  test("a recycled segment starts a new life: the records of its old life are never replayed", async () => {
-    const { spool } = await reopen(true);
-    await spool.backgroundWork(); // the first standby is ready
+  test("preallocation is bounded per gateway: 40 tenants, their instances waiting for Orthanc, hold at most MAX_SEGMENTS preallocated segments", async () => {
+    const pool = await filledPool();
+    const files = () => [...readdirSync(root).filter((d) => d.startsWith("T")).flatMap((d) => readdirSync(join(root, d, "segments")).map((f) => join(root, d, "segments", f))), ...poolFiles()];
+    let records = 0;
+    for (let t = 0; t < 40; t++) {
+      const spool = new TenantSpool(root, `T${t}`, 1 << 30, { pool });
+      opened.push(spool);
+      await spool.open();
+      const e = await store(spool, `1.2.5.${t}`, dataset(20_000, t));
+      records += e.size + 2000; // header and record info: less than 2000 bytes
+      await spool.backgroundWork();
+      await pool.refill(); // as if time had passed: the pool fills itself, within its bound
+      const onDisk = files().reduce((n, f) => n + statSync(f).size, 0);
+      expect(onDisk - records).toBeLessThanOrEqual(MAX_SEGMENTS * SEGMENT_BYTES);
+    }
+    expect(pool.readyCount + pool.lentCount).toBe(MAX_SEGMENTS);
+  });
+
+  test("tenants take segments from the pool and give them back: 40 tenants receiving one after the other make the pool write no new zeros", async () => {
+    let fills = 0;
+    const counting: SpoolFiles = { ...nodeSpoolFiles, create: (path) => (path.endsWith(".tmp") && fills++, nodeSpoolFiles.create(path)) };
+    const pool = new SegmentPool(root, counting);
+    pools.push(pool);
+    await pool.open({ fillAfterMs: 60_000 });
+    await pool.refill();
+    expect(fills).toBe(READY_SEGMENTS);
+    for (let t = 0; t < 40; t++) {
+      const spool = new TenantSpool(root, `T${t}`, 1 << 30, { pool, files: counting });
+      opened.push(spool);
+      await spool.open();
+      const e = await store(spool, `1.2.6.${t}`, dataset(20_000, t));
+      expect(statSync(e.file).size).toBe(SEGMENT_BYTES); // a preallocated writer, every time
+      await spool.remove(e); // forwarded: the writer is idle, or (no idle place left) goes back into the pool
+      await spool.close();
+      await spool.backgroundWork();
+    }
+    expect(fills).toBe(READY_SEGMENTS);
+    expect(pool.readyCount).toBeGreaterThanOrEqual(READY_SEGMENTS);
+  });
+
+  test("a recycled segment starts a new life in the pool: the records of its old life are never replayed", async () => {
+    const pool = await filledPool();
+    const { spool } = await reopen(pool);
     const big = dataset(4 << 20, 9);
     const stored: SpoolEntry[] = [];
-    // Fill writer A past SEGMENT_BYTES, so that it is sealed and the next record goes to the standby B.
+    // Fill writer A past SEGMENT_BYTES, so that it is sealed and the next record goes to another writer.
     while (stored.length === 0 || stored.at(-1)!.file === stored[0]!.file) {
       stored.push(await store(spool, `1.2.4.${stored.length}`, big));
       await spool.backgroundWork();
@@ -270,11 +332,13 @@ describe("spool log", () => {
     const a = stored[0]!.file;
     const inA = stored.filter((e) => e.file === a);
     expect(inA.length).toBeGreaterThanOrEqual(8);
+    const before = poolFiles();
     for (const e of inA) await spool.remove(e);
     await spool.backgroundWork();
-    // A is the new standby: renamed, its blocks (and its old records, under the old key) kept.
+    // A is in the pool now: renamed, its blocks (and its old records, under the old key) kept.
     expect(segFiles()).not.toContain(a);
-    expect(segFiles().filter((f) => statSync(f).size === SEGMENT_BYTES).length).toBeGreaterThanOrEqual(1);
+    expect(poolFiles().length).toBe(before.length + 1);
+    expect(poolFiles().every((f) => statSync(f).size === SEGMENT_BYTES)).toBe(true);
     const { pending, discarded } = await reopen();
     expect(discarded).toEqual([]);
     expect(pending.map((e) => e.sopInstanceUid)).toEqual(stored.filter((e) => e.file !== a).map((e) => e.sopInstanceUid));
@@ -282,16 +346,18 @@ describe("spool log", () => {
 
   test("a full disk: a clear error naming the cause and the fix, nothing acknowledged lost, room again once forwarded", async () => {
     // A 4 MiB tmpfs as the spool's disk (the tests run as root, as CI does: README's test command).
-    const disk = mkdtempSync(join(tmpdir(), "gw-full-disk-"));
+    const disk = tempDir("gw-full-disk-");
     const mounted = spawnSync("mount", ["-t", "tmpfs", "-o", "size=4m", "tmpfs", disk], { encoding: "utf8" });
     if (mounted.status !== 0) throw new Error(`this test mounts a 4 MiB tmpfs and needs root: ${mounted.stderr}`);
     try {
-      const spool = new TenantSpool(disk, TENANT, 1 << 30, { preallocate: true });
+      const pool = new SegmentPool(disk);
+      pools.push(pool);
+      await pool.open({ fillAfterMs: 60_000 });
+      await pool.refill();
+      expect(pool.readyCount).toBe(0); // no 32 MiB preallocation on a disk this small
+      const spool = new TenantSpool(disk, TENANT, 1 << 30, { pool });
       opened.push(spool);
       await spool.open();
-      await spool.backgroundWork();
-      const dir = join(disk, "CT%2f1", "segments");
-      expect(readdirSync(dir)).toEqual([]); // no 32 MiB preallocation on a disk this small
       const kept: SpoolEntry[] = [];
       let refused: unknown;
       for (let i = 0; i < 100 && !refused; i++) {
@@ -306,7 +372,7 @@ describe("spool log", () => {
       expect((refused as Error).message).toContain("Gateway.SpoolDirectory");
       expect(kept.length).toBeGreaterThan(5);
       // Everything acknowledged is there, byte for byte (a restart would replay exactly these).
-      const again = new TenantSpool(disk, TENANT, 1 << 30, { preallocate: false });
+      const again = new TenantSpool(disk, TENANT, 1 << 30);
       opened.push(again);
       const { pending } = await again.open();
       expect(pending.map((e) => e.sopInstanceUid)).toEqual(kept.map((e) => e.sopInstanceUid));
@@ -320,6 +386,7 @@ describe("spool log", () => {
       await spool.close();
     } finally {
       for (const s of opened.splice(0)) await s.close().catch(() => {});
+      for (const p of pools.splice(0)) await p.close();
       spawnSync("umount", [disk]);
       rmSync(disk, { recursive: true, force: true });
     }

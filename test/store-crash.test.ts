@@ -4,14 +4,13 @@
  */
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { spawn } from "node:child_process";
-import { mkdtempSync } from "node:fs";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts";
 import { OrthancClient } from "../src/orthanc/client.ts";
 import { DCMTK_ENV } from "./helpers/dcmtk.ts";
 import { pydicomFile, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
 import { httpPortFromLog, spawnGateway, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 const ROOT = join(import.meta.dir, "..");
 let orthanc: OrthancHandle;
@@ -29,7 +28,7 @@ afterAll(async () => {
 test("kill -9 mid-ingest, restart: every acknowledged instance is in Orthanc, labeled, none duplicated", async () => {
   const N = 300;
   const files = await uniqueCopies(pydicomFile("CT_small.dcm"), N, { newStudy: true });
-  const spool = mkdtempSync(join(tmpdir(), "gw-crash-spool-"));
+  const spool = tempDir("gw-crash-spool-");
   const config = await testConfigObject([{ AET: "CRASH", Labels: ["crash"] }], orthanc.url, { Gateway: { SpoolDirectory: spool, Log: { Level: "info", Format: "json" } } });
   const configPath = writeConfigFile(config);
   const port = (config.MultitenantDicom as { Servers: { Port: number }[] }).Servers[0]!.Port;

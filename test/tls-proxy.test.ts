@@ -3,9 +3,7 @@
  * (a private CA made at start) in front of a real Orthanc, keep-alive to the upstream.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { existsSync, readdirSync, readFileSync, readlinkSync, rmSync } from "node:fs";
 import {
   httpsGet,
   issueCertificate,
@@ -16,6 +14,7 @@ import {
   type TlsProxyHandle,
 } from "../scripts/orthanc-testbed.ts";
 import { CT_SMALL, getSharedOrthanc, ORTHANC_START_TIMEOUT_MS } from "./helpers/orthanc.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 interface Curl {
   /** curl's exit code: 0, or e.g. 60 (server certificate not trusted), 56 (TLS alert from the server). */
@@ -66,7 +65,7 @@ describe("nginx TLS proxy with client certificates in front of Orthanc", () => {
     orthanc = await getSharedOrthanc();
     proxy = await startTlsProxy(orthanc);
     client = { certFile: proxy.clientCertFile, keyFile: proxy.clientKeyFile };
-    other = mkdtempSync(join(tmpdir(), "other-ca-"));
+    other = tempDir("other-ca-");
     otherCa = await makeCertificateAuthority(other, "other-ca");
   }, ORTHANC_START_TIMEOUT_MS);
 

@@ -8,15 +8,15 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { spawnSync } from "node:child_process";
-import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 import { connect } from "node:net";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createLogger } from "../src/shared/log.ts";
 import { runTool } from "./helpers/dcmtk.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
 import { freePort, freePorts } from "./helpers/ports.ts";
 import { waitFor } from "./helpers/wait.ts";
+import { tempDir } from "./helpers/temp.ts";
 
 type TestGateway = Awaited<ReturnType<typeof startTestGateway>>;
 
@@ -69,7 +69,7 @@ beforeAll(async () => {
   if (which.status !== 0 || !which.stdout.trim()) {
     throw new Error("the TLS tests need the openssl command line tool to make test certificates: install it (apt-get install openssl)");
   }
-  dir = mkdtempSync(join(tmpdir(), "gw-tls-"));
+  dir = tempDir("gw-tls-");
   makeCertificate("ca", "/CN=Gateway Test CA", undefined, "");
   makeCertificate("other-ca", "/CN=Some Other CA", undefined, "");
   makeCertificate("server", "/CN=localhost", "ca", "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n");

@@ -120,7 +120,7 @@ export async function featureConfig(
   return config;
 }
 
-/** The settings every test-bed Orthanc has: local only, no authentication, keep-alive, no Nagle. */
+/** The settings every test-bed Orthanc has: local only, no authentication, keep-alive, no Nagle, the gateway's ownership metadata. */
 export function baseConfig(name: string, httpPort: number, dicomPort: number): Record<string, unknown> {
   return {
     Name: name,
@@ -132,6 +132,10 @@ export function baseConfig(name: string, httpPort: number, dicomPort: number): R
     KeepAlive: true,
     TcpNoDelay: true,
     SaveJobs: false,
+    // What the gateway's Strict isolation needs of Orthanc (README "Scaling out"): its ownership records are
+    // this metadata, created only if absent (which CheckRevisions makes Orthanc enforce).
+    UserMetadata: { DicomGatewayOwner: 4601 },
+    CheckRevisions: true,
   };
 }
 

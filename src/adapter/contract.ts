@@ -4,9 +4,15 @@
  * src/adapter/index.ts picks the adapter of the running runtime.
  */
 
+/** What an adapter tells the app of a request's connection (a Hono app's environment). */
+export interface ConnectionEnv {
+  /** The peer's IP address. */
+  remoteAddress?: string;
+}
+
 /** Anything with a web-standard fetch handler, e.g. a Hono app. */
 export interface FetchApp {
-  fetch(req: Request): Response | Promise<Response>;
+  fetch(req: Request, env?: ConnectionEnv): Response | Promise<Response>;
 }
 
 export interface ServeOptions {

@@ -1,20 +1,9 @@
 /**
  * A human-readable summary of the effective configuration, printed by
- * `dicom-gateway check-config`. Never prints the Orthanc password.
+ * `dicom-gateway check-config`. Never prints the Orthanc password, nor credentials of a URL.
  */
+import { redactUrlCredentials } from "../shared/redact.ts";
 import type { GatewayConfig } from "./types.ts";
-
-/** The URL with any embedded password replaced by "(set)". */
-function redactUrl(url: string): string {
-  try {
-    const u = new URL(url);
-    if (u.password === "") return url;
-    u.password = "(set)";
-    return u.toString().replace("%28set%29", "(set)").replace(/\/+$/, "");
-  } catch {
-    return url;
-  }
-}
 
 /** host:port, with brackets around an IPv6 address. */
 function hostPort(host: string, port: number): string {
@@ -46,11 +35,15 @@ export function describeConfig(cfg: GatewayConfig): string {
     const tls = t.tls === undefined
       ? ""
       : `  ${t.tls.port === undefined ? "tls (Port is TLS)" : `tls on port ${t.tls.port}`}` +
-        (t.tls.requireClientCertificate ? ", client certificates required" : "");
+        (t.tls.requireClientCertificate ? ", client certificates required" : "") +
+        (t.tls.requireCallingAetInCertificate ? ", calling AE in the certificate" : "") +
+        (t.tls.crlFile !== undefined ? ", CRL" : "");
+    const address = t.listenAddress === "0.0.0.0" ? "" : `  address ${t.listenAddress}`;
+    const unassociated = t.maxUnassociatedConnections === cfg.limits.maxUnassociatedConnectionsPerTenant ? "" : ` (+${t.maxUnassociatedConnections} not yet associated)`;
     lines.push(
-      `  ${t.aet.padEnd(aetWidth)}  port ${t.port}  labels [${t.labels.join(",")}] ${t.labelsConstraint}  store levels ${levels}` +
+      `  ${t.aet.padEnd(aetWidth)}  port ${t.port}${address}  labels [${t.labels.join(",")}] ${t.labelsConstraint}  store levels ${levels}` +
         `  forwarding ${t.forwarding}  quota ${megabytes(t.spoolQuotaBytes)} MB${allowed}` +
-        `  isolation ${t.isolation}  max associations ${t.maxAssociations}${callers}${tls}`,
+        `  isolation ${t.isolation}  max associations ${t.maxAssociations}${unassociated}${callers}${tls}`,
     );
   }
   lines.push(`DICOM modalities (${cfg.modalities.length}):`);
@@ -68,7 +61,7 @@ export function describeConfig(cfg: GatewayConfig): string {
   );
   const o = cfg.orthanc;
   lines.push(
-    `Orthanc: ${redactUrl(o.url)}  user ${o.username === "" ? "(none)" : o.username}  ` +
+    `Orthanc: ${o.urls.map(redactUrlCredentials).join(", ")}${o.urls.length > 1 ? ` (cluster of ${o.urls.length} nodes)` : ""}  user ${o.username === "" ? "(none)" : o.username}  ` +
       `password ${o.password === "" ? "(none)" : "(set)"}  timeout ${secs(o.timeoutMs)}  ` +
       `upload concurrency ${o.uploadConcurrency}${o.maxUploadConcurrency > o.uploadConcurrency ? `-${o.maxUploadConcurrency}` : ""}  receive priority ${o.receivePriorityMs} ms  unreachable grace ${secs(o.unreachableGraceMs)}` +
       (o.tls ? `  TLS: CA ${o.tls.caFile ?? "(system)"}, client certificate ${o.tls.certificateFile ?? "(none)"}` : ""),
@@ -95,10 +88,13 @@ export function describeConfig(cfg: GatewayConfig): string {
     `Move: connect timeout ${secs(mv.connectTimeoutMs)}, parallelism ${mv.parallelism}, ` +
       `pending every ${secs(mv.pendingIntervalMs)} or ${mv.pendingEvery} sub-operations`,
   );
+  const sc = cfg.storageCommitment;
+  lines.push(`Storage Commitment: wait for spooled instances ${secs(sc.waitMs)}, reports retried for ${sc.reportExpiryMs === 0 ? "ever" : `${sc.reportExpiryMs / 3600_000} h`}`);
   const lim = cfg.limits;
   lines.push(
     `Limits: max associations ${lim.maxAssociations}, per tenant ${lim.maxAssociationsPerTenant} by default, ` +
-      `ARTIM timeout ${secs(lim.artimTimeoutMs)}`,
+      `ARTIM timeout ${secs(lim.artimTimeoutMs)}, drain ${secs(lim.drainMs)}; not yet associated: ${lim.maxUnassociatedConnections} in total, ` +
+      `${lim.maxUnassociatedConnectionsPerTenant} per tenant by default, ${lim.maxUnassociatedConnectionsPerAddress} per peer address`,
   );
   lines.push(`Audit: ${cfg.audit.file === "" ? "stdout" : cfg.audit.file}`);
   lines.push(`Log: level ${cfg.log.level}, format ${cfg.log.format}`);

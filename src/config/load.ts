@@ -3,22 +3,26 @@
  * applying the environment overrides, validating with the schema (schema.ts), checking what involves
  * several keys or the file system, and normalizing into the GatewayConfig the rest of the gateway uses.
  *
- * The file is Orthanc's JSON configuration (comments allowed); keys follow Orthanc's spelling, unknown
- * keys are ignored everywhere (an existing Orthanc configuration using the MultitenantDicom plugin loads
- * unchanged). The `Gateway` section, a few keys of the server entries (Forwarding, SpoolQuotaMB,
- * AllowedDestinations, Isolation, AllowedCallers, MaxAssociations, Tls) and a few environment variables
- * hold gateway-only settings.
+ * The file is Orthanc's JSON configuration (comments allowed); keys follow Orthanc's spelling. Unknown
+ * top-level keys are ignored (an existing Orthanc configuration using the MultitenantDicom plugin loads
+ * unchanged); unknown keys inside `MultitenantDicom.Servers[]` and `Gateway` are warnings naming the nearest
+ * known key (keys.ts), errors when `strict`. The `Gateway` section, a few keys of the server entries
+ * (Forwarding, SpoolQuotaMB, AllowedDestinations, Isolation, AllowedCallers, MaxAssociations,
+ * MaxUnassociatedConnections, ListenAddress, Tls) and a few environment variables hold gateway-only settings.
  *
  * Every problem becomes one line `JSON.PATH: what is wrong; expected WHAT`; all problems are collected and
- * thrown together as a ConfigError.
+ * thrown together as a ConfigError. Credentials in `Gateway.Orthanc.Url` are moved to the username and
+ * password at load and never appear in a message.
  */
 import { accessSync, constants as fsConstants, statSync } from "node:fs";
 import { readFile } from "node:fs/promises";
 import { dirname, resolve } from "node:path";
 import process from "node:process";
+import { redactUrlCredentials } from "../shared/redact.ts";
 import { aeTitle, isPlainObject, showValue, tcpPort } from "./fields.ts";
 import { JsoncSyntaxError, parseJsonc } from "./jsonc.ts";
-import { ENV_OVERRIDES, httpPort, ORTHANC_TLS_FILES, rootSchema, TLS_FILES } from "./schema.ts";
+import { unknownKeys } from "./keys.ts";
+import { ENV_OVERRIDES, gatewaySchema, httpPort, ORTHANC_TLS_FILES, rootSchema, serverSchema, TLS_FILES } from "./schema.ts";
 import type { DicomModality, GatewayConfig, OrthancTls, TenantConfig, TenantTls } from "./types.ts";
 
 export type ConfigEnv = Record<string, string | undefined>;
@@ -33,6 +37,10 @@ export interface ParseConfigOptions {
    * `source` when it names a file, else the working directory.
    */
   baseDirectory?: string;
+  /** Unknown keys in `MultitenantDicom.Servers[]` and `Gateway` are errors (`check-config --strict`), not warnings. */
+  strict?: boolean;
+  /** Told each warning (an unknown key, a tenant that may C-MOVE anywhere); default: dropped. */
+  onWarning?(message: string): void;
 }
 
 const INLINE_SOURCE = "(inline configuration)";
@@ -213,12 +221,87 @@ function orthancIssues(gw: unknown, envByPath: Map<string, string>, baseDirector
     const why = unreadable(path);
     if (why) issues.push(`Gateway.Orthanc.Tls.${key}: cannot read ${JSON.stringify(path)} (${why}); expected a PEM file`);
   }
+  // Every node of a cluster gets the same Tls: each must be https (a list in a string: ORTHANC_URL).
   const url = isPlainObject(orthanc) ? orthanc.Url : undefined;
-  if (typeof url === "string" && /^http:/i.test(url.trim())) {
+  const urls = typeof url === "string" ? url.split(/[\s,]+(?=https?:\/\/)/i) : Array.isArray(url) ? url : [];
+  const plain = urls.filter((u): u is string => typeof u === "string" && /^http:/i.test(u.trim())).map((u) => redactUrlCredentials(u.trim().replace(/[\s,]+$/, "")));
+  if (plain.length > 0) {
     const where = envByPath.get("Gateway.Orthanc.Url") ? `${envByPath.get("Gateway.Orthanc.Url")} (env)` : "Gateway.Orthanc.Url";
-    issues.push(`Gateway.Orthanc.Tls: given, but ${where} ${showValue(url)} is plain http; expected an https:// URL (or no Tls)`);
+    issues.push(`Gateway.Orthanc.Tls: given, but ${where} ${plain.map((u) => showValue(u)).join(", ")} ${plain.length > 1 ? "are plain http; expected https:// URLs" : "is plain http; expected an https:// URL"} (or no Tls)`);
   }
   return issues;
+}
+
+/** The user and password of a URL (percent-decoded), when it has any. */
+function urlCredentials(url: string): { username: string; password: string } | undefined {
+  let u: URL;
+  try {
+    u = new URL(url.trim());
+  } catch {
+    return undefined;
+  }
+  if (u.username === "" && u.password === "") return undefined;
+  const decode = (s: string) => {
+    try {
+      return decodeURIComponent(s);
+    } catch {
+      return s;
+    }
+  };
+  return { username: decode(u.username), password: decode(u.password) };
+}
+
+/** Whether Gateway.Orthanc has a Username or Password of its own (they win over the URL's). */
+function explicitCredentials(orthanc: Record<string, unknown>): boolean {
+  const set = (v: unknown) => typeof v === "string" && v !== "";
+  return set(orthanc.Username) || set(orthanc.Password);
+}
+
+/** The URL without its credentials. */
+function withoutCredentials(url: string): string {
+  const u = new URL(url);
+  u.username = "";
+  u.password = "";
+  return u.toString().replace(/\/+$/, "");
+}
+
+/** Credentials both in Gateway.Orthanc.Url and in Username/Password: a warning (the latter win). */
+function credentialWarnings(raw: unknown): string[] {
+  const gw = isPlainObject(raw) ? raw.Gateway : undefined;
+  const orthanc = isPlainObject(gw) && isPlainObject(gw.Orthanc) ? gw.Orthanc : undefined;
+  const urls = typeof orthanc?.Url === "string" ? [orthanc.Url] : Array.isArray(orthanc?.Url) ? orthanc.Url.filter((u): u is string => typeof u === "string") : [];
+  if (!orthanc || !urls.some((u) => urlCredentials(u)) || !explicitCredentials(orthanc)) return [];
+  return ["Gateway.Orthanc.Url: holds credentials, which are ignored: Gateway.Orthanc.Username/Password are set and used; keep the credentials in one place"];
+}
+
+/**
+ * Keys the gateway does not know, in `MultitenantDicom.Servers[]` and `Gateway` (keys.ts): warnings, or errors
+ * with `strict`.
+ */
+function unknownKeyIssues(raw: unknown): string[] {
+  if (!isPlainObject(raw)) return [];
+  const out: string[] = [];
+  const mt = raw.MultitenantDicom;
+  const servers = isPlainObject(mt) && Array.isArray(mt.Servers) ? mt.Servers : [];
+  // AllowedCallers entries are read by a custom transform: their keys are given here.
+  const hint = (p: (string | number)[]) => (p[p.length - 2] === "AllowedCallers" ? ["AET", "Host"] : undefined);
+  servers.forEach((server, i) => out.push(...unknownKeys(server, serverSchema, ["MultitenantDicom", "Servers", i], formatPath, hint)));
+  if (raw.Gateway !== undefined) out.push(...unknownKeys(raw.Gateway, gatewaySchema, ["Gateway"], formatPath, hint));
+  return out;
+}
+
+/** Tenants that may C-MOVE to every modality while other tenants share those modalities. */
+function openDestinations(c: { tenants: TenantConfig[]; modalities: DicomModality[] }): string[] {
+  if (c.tenants.length < 2 || c.modalities.length === 0) return [];
+  const names = c.modalities.map((m) => m.name).join(", ");
+  return c.tenants.flatMap((t, i) =>
+    t.allowedDestinations === undefined
+      ? [
+          `MultitenantDicom.Servers[${i}] (${t.aet}): no AllowedDestinations, so this tenant may C-MOVE to every DicomModalities entry (${names}), ` +
+            `which ${c.tenants.length - 1} other tenant(s) share; list the ones it may use in AllowedDestinations`,
+        ]
+      : [],
+  );
 }
 
 /** Why the file at `path` cannot be read, or undefined. */
@@ -253,22 +336,34 @@ export function validateConfig(raw: unknown, opts: ParseConfigOptions = {}): Gat
     }
   }
   issues.push(...envIssues, ...crossCheck(data, envByPath, baseDirectory));
-  const unique = [...new Set(issues)];
+  const keyIssues = unknownKeyIssues(data);
+  if (opts.strict) issues.push(...keyIssues);
+  for (const w of [...(opts.strict ? [] : keyIssues), ...credentialWarnings(data)]) opts.onWarning?.(redactUrlCredentials(w));
+  // No message ever shows the credentials of a URL (an invalid Orthanc URL quoted in its error, say).
+  const unique = [...new Set(issues.map(redactUrlCredentials))];
   if (unique.length > 0 || !result.success) throw new ConfigError(source, unique);
 
   const c = result.data;
   const modalities: DicomModality[] = Object.entries(c.DicomModalities ?? {}).map(([name, m]) => ({ name, ...m }));
   const defaultQuotaBytes = mbToBytes(c.Gateway.Spool.QuotaMB);
   const tenants = c.MultitenantDicom.Servers.map(
-    ({ forwarding, spoolQuotaMB, isolation, maxAssociations, tls, ...t }): TenantConfig => ({
+    ({ forwarding, spoolQuotaMB, isolation, maxAssociations, maxUnassociatedConnections, listenAddress, tls, ...t }): TenantConfig => ({
       ...t,
       forwarding: forwarding ?? c.Gateway.Forwarding,
       spoolQuotaBytes: spoolQuotaMB === undefined ? defaultQuotaBytes : mbToBytes(spoolQuotaMB),
       isolation: isolation ?? c.Gateway.Isolation,
       maxAssociations: maxAssociations ?? c.Gateway.Limits.MaxAssociationsPerTenant,
+      maxUnassociatedConnections: maxUnassociatedConnections ?? c.Gateway.Limits.MaxUnassociatedConnectionsPerTenant,
+      listenAddress: listenAddress ?? c.Gateway.DicomListenAddress,
       ...(tls ? { tls: resolveTlsFiles(tls, baseDirectory) } : {}),
     }),
   );
+  for (const w of openDestinations({ tenants, modalities })) opts.onWarning?.(w);
+  // The URLs' credentials (the first node's that has some), unless Username/Password are set (they win, as they did
+  // before); no URL keeps them.
+  const inUrl = c.Gateway.Orthanc.Url.map(urlCredentials).find((x) => x !== undefined);
+  const credentials = inUrl && !explicitCredentials(c.Gateway.Orthanc) ? inUrl : undefined;
+  const urls = c.Gateway.Orthanc.Url.map((u) => (urlCredentials(u) ? withoutCredentials(u) : u));
   return {
     tenants,
     modalities,
@@ -281,9 +376,10 @@ export function validateConfig(raw: unknown, opts: ParseConfigOptions = {}): Gat
       defaultEncoding: c.DefaultEncoding,
     },
     orthanc: {
-      url: c.Gateway.Orthanc.Url,
-      username: c.Gateway.Orthanc.Username,
-      password: c.Gateway.Orthanc.Password,
+      url: urls[0]!,
+      urls,
+      username: credentials?.username ?? c.Gateway.Orthanc.Username,
+      password: credentials?.password ?? c.Gateway.Orthanc.Password,
       timeoutMs: toMs(c.Gateway.Orthanc.TimeoutSeconds),
       uploadConcurrency: c.Gateway.Orthanc.UploadConcurrency,
       // Below UploadConcurrency is refused above, unless only the default 32 is below a larger UploadConcurrency.
@@ -291,6 +387,7 @@ export function validateConfig(raw: unknown, opts: ParseConfigOptions = {}): Gat
       receivePriorityMs: c.Gateway.Orthanc.ReceivePriorityMilliseconds,
       unreachableGraceMs: toMs(c.Gateway.Orthanc.UnreachableGraceSeconds, false),
       ...(c.Gateway.Orthanc.Tls ? { tls: resolveOrthancTlsFiles(c.Gateway.Orthanc.Tls, baseDirectory) } : {}),
+      ownerMetadata: c.Gateway.Orthanc.OwnerMetadata,
     },
     http: { host: c.Gateway.Http.Host, port: c.Gateway.Http.Port },
     spoolDirectory: c.Gateway.SpoolDirectory,
@@ -316,10 +413,18 @@ export function validateConfig(raw: unknown, opts: ParseConfigOptions = {}): Gat
       pendingIntervalMs: toMs(c.Gateway.Move.PendingIntervalSeconds),
       pendingEvery: c.Gateway.Move.PendingEvery,
     },
+    storageCommitment: {
+      waitMs: toMs(c.Gateway.StorageCommitment.WaitSeconds, false),
+      reportExpiryMs: Math.round(c.Gateway.StorageCommitment.ReportExpiryHours * 3600_000),
+    },
     limits: {
       maxAssociations: c.Gateway.Limits.MaxAssociations,
       maxAssociationsPerTenant: c.Gateway.Limits.MaxAssociationsPerTenant,
       artimTimeoutMs: toMs(c.Gateway.Limits.ArtimTimeoutSeconds),
+      drainMs: toMs(c.Gateway.Limits.DrainSeconds, false),
+      maxUnassociatedConnections: c.Gateway.Limits.MaxUnassociatedConnections,
+      maxUnassociatedConnectionsPerTenant: c.Gateway.Limits.MaxUnassociatedConnectionsPerTenant,
+      maxUnassociatedConnectionsPerAddress: c.Gateway.Limits.MaxUnassociatedConnectionsPerAddress,
     },
     audit: { file: c.Gateway.Audit.File },
     isolation: c.Gateway.Isolation,
@@ -363,7 +468,7 @@ export function parseConfig(text: string, opts: ParseConfigOptions = {}): Gatewa
 }
 
 /** Reads, parses and validates a configuration file. Throws ConfigError (also when the file is missing). */
-export async function loadConfigFile(path: string, env: ConfigEnv = process.env): Promise<GatewayConfig> {
+export async function loadConfigFile(path: string, env: ConfigEnv = process.env, opts: Pick<ParseConfigOptions, "strict" | "onWarning"> = {}): Promise<GatewayConfig> {
   let text: string;
   try {
     text = await readFile(path, "utf8");
@@ -380,5 +485,5 @@ export async function loadConfigFile(path: string, env: ConfigEnv = process.env)
         : `${where}: cannot read (${err instanceof Error ? err.message : String(err)}); ${hint}`;
     throw new ConfigError(path, [issue], `Cannot read configuration ${path}`);
   }
-  return parseConfig(text, { source: path, env });
+  return parseConfig(text, { ...opts, source: path, env });
 }

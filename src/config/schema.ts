@@ -7,6 +7,7 @@
  */
 import { z } from "zod";
 import { ORTHANC_ENCODINGS, orthancEncodingByName } from "../dicom/orthanc-text.ts";
+import { parseIPv4, parseIPv6 } from "../shared/address.ts";
 import {
   acceptedTransferSyntaxes,
   aeTitle,
@@ -36,32 +37,36 @@ import {
 import type { DicomModality, ForwardingMode, IsolationMode, OrthancTls, ResourceLevel, TenantConfig, TenantTls } from "./types.ts";
 
 /** `Tls` of a server entry; file paths as written (resolved and checked in validateConfig). */
-const TLS_WHAT = "object with Certificate, Key, CA, RequireClientCertificate, Port";
+const TLS_WHAT = "object with Certificate, Key, CA, CRL, RequireClientCertificate, RequireCallingAetInCertificate, Port";
 const tlsSchema = section(
   {
     Certificate: nonEmptyString("path of a PEM certificate (chain) file"),
     Key: nonEmptyString("path of a PEM private key file"),
     CA: nonEmptyString("path of a PEM CA bundle file").optional(),
+    CRL: nonEmptyString("path of a PEM certificate revocation list file").optional(),
     RequireClientCertificate: boolean.optional(),
+    RequireCallingAetInCertificate: boolean.optional(),
     Port: tcpPort.optional(),
   },
   TLS_WHAT,
 )
   .superRefine((t, ctx) => {
+    const needsCa = (key: string, message: string, input: unknown) => ctx.addIssue({ code: "custom", path: [key], message, input });
     if (t.RequireClientCertificate === true && t.CA === undefined) {
-      ctx.addIssue({
-        code: "custom",
-        path: ["RequireClientCertificate"],
-        message: "true without CA; expected a CA bundle (Tls.CA) to verify client certificates, or false",
-        input: t.RequireClientCertificate,
-      });
+      needsCa("RequireClientCertificate", "true without CA; expected a CA bundle (Tls.CA) to verify client certificates, or false", t.RequireClientCertificate);
     }
+    if (t.RequireCallingAetInCertificate === true && t.CA === undefined) {
+      needsCa("RequireCallingAetInCertificate", "true without CA; expected a CA bundle (Tls.CA): only a verified certificate can vouch for a calling AE title", t.RequireCallingAetInCertificate);
+    }
+    if (t.CRL !== undefined && t.CA === undefined) needsCa("CRL", "a CRL without CA; expected the CA bundle (Tls.CA) whose revocations it lists", t.CRL);
   })
   .transform((t): TenantTls => ({
     certificateFile: t.Certificate,
     keyFile: t.Key,
     ...(t.CA !== undefined ? { caFile: t.CA } : {}),
+    ...(t.CRL !== undefined ? { crlFile: t.CRL } : {}),
     requireClientCertificate: t.RequireClientCertificate ?? t.CA !== undefined,
+    ...(t.RequireCallingAetInCertificate === true ? { requireCallingAetInCertificate: true } : {}),
     ...(t.Port !== undefined ? { port: t.Port } : {}),
   }));
 
@@ -70,6 +75,7 @@ export const TLS_FILES = [
   ["Certificate", "certificateFile"],
   ["Key", "keyFile"],
   ["CA", "caFile"],
+  ["CRL", "crlFile"],
 ] as const;
 
 /**
@@ -103,6 +109,15 @@ export const ORTHANC_TLS_FILES = [
   ["Key", "keyFile"],
 ] as const;
 
+/** An address to listen on: an IPv4 or IPv6 address (0.0.0.0 = every IPv4 address, :: = every address). */
+const LISTEN_WHAT = "IP address to listen on, such as 0.0.0.0 (every IPv4 address), :: (every address) or 10.1.2.3";
+const listenAddress = z
+  .string({ error: typeError(LISTEN_WHAT) })
+  .refine((s) => parseIPv4(s.trim()) !== undefined || parseIPv6(s.trim()) !== undefined, {
+    error: (iss) => `expected ${LISTEN_WHAT}, got ${showValue(iss.input)}`,
+  })
+  .transform((s) => s.trim());
+
 /* ------------------------------------------------------------------------ */
 /* Gateway section (leaf schemas with defaults, shared with env overrides)  */
 
@@ -114,7 +129,33 @@ const DEFAULTS = {
   spoolDirectory: "/var/lib/dicom-gateway/spool",
 } as const;
 
-const orthancUrl = httpUrl.default(DEFAULTS.orthancUrl);
+/**
+ * `Gateway.Orthanc.Url`: one URL, or the nodes of one Orthanc cluster (a non-empty array; in a string,
+ * URLs separated by commas or spaces — how ORTHANC_URL lists them). Normalized to the list of URLs.
+ */
+const orthancUrl = z
+  .unknown()
+  .transform((v, ctx): string[] => {
+    const list = typeof v === "string" ? v.split(/[\s,]+(?=https?:\/\/)/i).map((u) => u.replace(/[\s,]+$/, "")) : v;
+    if (!Array.isArray(list) || list.length === 0) {
+      ctx.issues.push({
+        code: "custom",
+        message: `expected http(s) URL such as http://127.0.0.1:8042, or an array of the URLs of one Orthanc cluster's nodes, got ${showValue(v)}`,
+        input: v,
+      });
+      return z.NEVER;
+    }
+    const urls: string[] = [];
+    list.forEach((u: unknown, i) => {
+      const r = httpUrl.safeParse(u);
+      const path = Array.isArray(v) ? [i] : [];
+      if (!r.success) for (const issue of r.error.issues) ctx.issues.push({ code: "custom", message: issue.message, input: u, path });
+      else if (urls.includes(r.data)) ctx.issues.push({ code: "custom", message: `${showValue(u)} is listed twice; expected each node of the cluster once`, input: u, path });
+      else urls.push(r.data);
+    });
+    return urls;
+  })
+  .default([DEFAULTS.orthancUrl]);
 const orthancUsername = anyString.default("");
 const orthancPassword = anyString.default("");
 const seconds = (dflt: number) => number((n) => n > 0, "number of seconds > 0").default(dflt);
@@ -126,7 +167,7 @@ const gwLogLevel = logLevel.default("info");
 const auditFile = anyString.default("");
 const gwLogFormat = logFormat.default("auto");
 
-const gatewaySchema = section(
+export const gatewaySchema = section(
   {
     Orthanc: section(
       {
@@ -138,10 +179,17 @@ const gatewaySchema = section(
         MaxUploadConcurrency: integer(1, 64, "integer 1-64").default(32),
         ReceivePriorityMilliseconds: integer(0, 60_000, "integer 0-60000").default(1000),
         UnreachableGraceSeconds: number((n) => n >= 0, "number of seconds >= 0").default(60),
-        // Files are resolved and checked in validateConfig(), with the URL's scheme.
+        // Files are resolved and checked in validateConfig(), with the URLs' schemes.
         Tls: orthancTlsSchema.optional(),
+        // Strict isolation's ownership record: an Orthanc metadata name, declared in Orthanc's UserMetadata.
+        OwnerMetadata: z
+          .string({ error: typeError("name of an Orthanc metadata declared in Orthanc's UserMetadata") })
+          .refine((s) => /^[A-Za-z][A-Za-z0-9_-]{0,63}$/.test(s), {
+            error: (iss) => `expected a metadata name of letters, digits, _ and - (declared in Orthanc's UserMetadata), got ${showValue(iss.input)}`,
+          })
+          .default("DicomGatewayOwner"),
       },
-      "object with Url, Username, Password, TimeoutSeconds, UploadConcurrency, MaxUploadConcurrency, ReceivePriorityMilliseconds, UnreachableGraceSeconds, Tls",
+      "object with Url, Username, Password, TimeoutSeconds, UploadConcurrency, MaxUploadConcurrency, ReceivePriorityMilliseconds, UnreachableGraceSeconds, Tls, OwnerMetadata",
     ).prefault({}),
     Http: section({ Host: httpHost, Port: httpPort }, "object with Host, Port").prefault({}),
     Forwarding: forwardingMode.default("Spool"),
@@ -167,19 +215,32 @@ const gatewaySchema = section(
       },
       "object with ConnectTimeoutSeconds, Parallelism, PendingIntervalSeconds, PendingEvery",
     ).prefault({}),
+    StorageCommitment: section(
+      {
+        WaitSeconds: number((n) => n >= 0, "number of seconds >= 0").default(300),
+        ReportExpiryHours: number((n) => n >= 0, "number of hours >= 0 (0 = never)").default(168),
+      },
+      "object with WaitSeconds, ReportExpiryHours",
+    ).prefault({}),
     Isolation: isolationMode.default("Strict"),
+    DicomListenAddress: listenAddress.default("0.0.0.0"),
     Limits: section(
       {
         MaxAssociations: integer(1, 100000, "integer 1-100000").default(256),
         MaxAssociationsPerTenant: integer(1, 10000, "integer 1-10000").default(32),
         ArtimTimeoutSeconds: seconds(30),
+        DrainSeconds: number((n) => n >= 0 && n <= 3600, "number of seconds 0-3600").default(60),
+        // Connections not yet associated (TLS handshakes included): in total, a tenant's default, per peer address.
+        MaxUnassociatedConnections: integer(1, 100000, "integer 1-100000").default(512),
+        MaxUnassociatedConnectionsPerTenant: integer(1, 100000, "integer 1-100000").default(128),
+        MaxUnassociatedConnectionsPerAddress: integer(1, 100000, "integer 1-100000").default(32),
       },
-      "object with MaxAssociations, MaxAssociationsPerTenant, ArtimTimeoutSeconds",
+      "object with MaxAssociations, MaxAssociationsPerTenant, ArtimTimeoutSeconds, DrainSeconds, MaxUnassociatedConnections, MaxUnassociatedConnectionsPerTenant, MaxUnassociatedConnectionsPerAddress",
     ).prefault({}),
     Audit: section({ File: auditFile }, "object with File").prefault({}),
     Log: section({ Level: gwLogLevel, Format: gwLogFormat }, "object with Level, Format").prefault({}),
   },
-  "object with Orthanc, Http, Forwarding, SpoolDirectory, Spool, Find, Move, Isolation, Limits, Audit, Log",
+  "object with Orthanc, Http, Forwarding, SpoolDirectory, Spool, Find, Move, StorageCommitment, Isolation, DicomListenAddress, Limits, Audit, Log",
 ).prefault({});
 
 /** Environment variables applied over the file, each validated like the key it replaces. */
@@ -202,14 +263,16 @@ export const CONFIG_ENV_VARS: readonly string[] = ENV_OVERRIDES.map((o) => o.nam
 /* Tenants and modalities                                                   */
 
 /** A server entry before the defaults that come from the Gateway section. */
-export type ParsedServer = Omit<TenantConfig, "forwarding" | "spoolQuotaBytes" | "isolation" | "maxAssociations"> & {
+export type ParsedServer = Omit<TenantConfig, "forwarding" | "spoolQuotaBytes" | "isolation" | "maxAssociations" | "maxUnassociatedConnections" | "listenAddress"> & {
   forwarding: ForwardingMode | undefined;
   spoolQuotaMB: number | undefined;
   isolation: IsolationMode | undefined;
   maxAssociations: number | undefined;
+  maxUnassociatedConnections: number | undefined;
+  listenAddress: string | undefined;
 };
 
-const serverSchema = section(
+export const serverSchema = section(
   {
     AET: aeTitle,
     Port: tcpPort,
@@ -229,6 +292,8 @@ const serverSchema = section(
     // Absent = anyone may associate; [] = nobody.
     AllowedCallers: allowedCallers.optional(),
     MaxAssociations: integer(1, 10000, "integer 1-10000").optional(),
+    MaxUnassociatedConnections: integer(1, 100000, "integer 1-100000").optional(),
+    ListenAddress: listenAddress.optional(),
     // Files are resolved and checked in validateConfig(); Tls.Port joins the port cross-checks.
     Tls: tlsSchema.optional(),
   },
@@ -246,6 +311,8 @@ const serverSchema = section(
     isolation: s.Isolation,
     ...(s.AllowedCallers ? { allowedCallers: s.AllowedCallers } : {}),
     maxAssociations: s.MaxAssociations,
+    maxUnassociatedConnections: s.MaxUnassociatedConnections,
+    listenAddress: s.ListenAddress,
     ...(s.Tls ? { tls: s.Tls } : {}),
   }),
 );

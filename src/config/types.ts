@@ -3,7 +3,7 @@
  * Keys in the JSON file follow Orthanc's spelling (see README "Configuration");
  * these types are the normalized form the rest of the gateway works with.
  */
-import type { TlsListenerOptions } from "../net/server.ts";
+import type { TlsListenerOptions } from "../net/tls.ts";
 import type { LogFormat, LogLevel } from "../shared/log.ts";
 
 /** Orthanc resource levels, normalized from Orthanc's spellings (Patient(s), Study/Studies, Series, Instance(s)/Image(s)). */
@@ -39,8 +39,16 @@ export interface TenantConfig {
    * host, IP address or CIDR (like Orthanc's DicomCheckModalityHost). Undefined = anyone.
    */
   allowedCallers?: AllowedCaller[];
-  /** `MaxAssociations` (gateway key, default `Gateway.Limits.MaxAssociationsPerTenant`): concurrent associations. */
+  /** `MaxAssociations` (gateway key, default `Gateway.Limits.MaxAssociationsPerTenant`): concurrent accepted associations. */
   maxAssociations: number;
+  /**
+   * `MaxUnassociatedConnections` (gateway key, default `Gateway.Limits.MaxUnassociatedConnectionsPerTenant`):
+   * connections not yet associated (A-ASSOCIATE-RQ not answered yet, TLS handshakes included); past it the
+   * oldest is closed.
+   */
+  maxUnassociatedConnections: number;
+  /** `ListenAddress` (gateway key, default `Gateway.DicomListenAddress`): the address the listener(s) bind. */
+  listenAddress: string;
   /** `Tls` (gateway key): DICOM TLS for this tenant. */
   tls?: TenantTls;
 }
@@ -69,6 +77,17 @@ export interface LimitSettings {
   maxAssociationsPerTenant: number;
   /** `Gateway.Limits.ArtimTimeoutSeconds` (default 30) in ms: time allowed for A-ASSOCIATE-RQ and for closing. */
   artimTimeoutMs: number;
+  /**
+   * `Gateway.Limits.DrainSeconds` (default 60, 0-3600) in ms: at a stop, and for a tenant a reload changed
+   * or removed, how long open associations may go on before they are cut (logged and audited).
+   */
+  drainMs: number;
+  /** `Gateway.Limits.MaxUnassociatedConnections` (default 512): connections not yet associated, over all tenants. */
+  maxUnassociatedConnections: number;
+  /** `Gateway.Limits.MaxUnassociatedConnectionsPerTenant` (default 128): default of the tenants' MaxUnassociatedConnections. */
+  maxUnassociatedConnectionsPerTenant: number;
+  /** `Gateway.Limits.MaxUnassociatedConnectionsPerAddress` (default 32): connections not yet associated from one peer address. */
+  maxUnassociatedConnectionsPerAddress: number;
 }
 
 export interface AuditSettings {
@@ -119,6 +138,19 @@ export interface MoveSettings {
   pendingEvery: number;
 }
 
+export interface StorageCommitmentSettings {
+  /**
+   * `Gateway.StorageCommitment.WaitSeconds` (default 300) in ms: how long a commitment request waits for
+   * its instances still on their way to Orthanc (spooled) before reporting them failed (0x0110).
+   */
+  waitMs: number;
+  /**
+   * `Gateway.StorageCommitment.ReportExpiryHours` (default 168) in ms: a report that cannot reach the
+   * requester is retried (with backoff) this long after the request, then given up; 0 = never.
+   */
+  reportExpiryMs: number;
+}
+
 /** One entry of `DicomModalities`, array form `["AET","host",port]` or object form. */
 export interface DicomModality {
   /** The key in `DicomModalities`. */
@@ -144,7 +176,10 @@ export interface DicomSettings {
 }
 
 export interface OrthancSettings {
+  /** The first (or only) node's URL of `Gateway.Orthanc.Url`, without credentials: a `user:password@` is moved to username/password at load. */
   url: string;
+  /** `Gateway.Orthanc.Url`: one URL, or the nodes of one Orthanc cluster (same index and storage), >= 1. */
+  urls: string[];
   username: string;
   password: string;
   /** Timeout of one REST call, milliseconds (`Gateway.Orthanc.TimeoutSeconds` * 1000, default 30 s). */
@@ -163,8 +198,13 @@ export interface OrthancSettings {
   receivePriorityMs: number;
   /** `Gateway.Orthanc.UnreachableGraceSeconds` (default 60) in ms: /ready stays 200 this long after Orthanc was last seen. */
   unreachableGraceMs: number;
-  /** `Gateway.Orthanc.Tls`: for an https Url, the CA to trust and a client certificate (absolute paths of PEM files). */
+  /** `Gateway.Orthanc.Tls`: for https Urls, the CA to trust and a client certificate (absolute paths of PEM files; every node's). */
   tls?: OrthancTls;
+  /**
+   * `Gateway.Orthanc.OwnerMetadata` (default "DicomGatewayOwner"): the Orthanc metadata (declared in Orthanc's
+   * `UserMetadata`) that records which tenant owns a study or series (Strict isolation, tenancy/owner-records.ts).
+   */
+  ownerMetadata: string;
 }
 
 /** `Gateway.Orthanc.Tls` (absolute paths once loaded). */
@@ -190,6 +230,7 @@ export interface GatewayConfig {
   store: StoreSettings;
   find: FindSettings;
   move: MoveSettings;
+  storageCommitment: StorageCommitmentSettings;
   limits: LimitSettings;
   audit: AuditSettings;
   /** `Gateway.Isolation` (default "Strict"): default of the tenants' Isolation. */

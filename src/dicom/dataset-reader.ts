@@ -12,12 +12,16 @@
  * `inflateLimit.ratio` times the deflated bytes received so far (default 64 MiB + 64 x); beyond, the data
  * set is refused and inflation stops. zlib's own state is ~44 KiB; output is scanned 16 KiB at a time.
  */
-import { createInflateRaw, type InflateRaw } from "node:zlib";
+import type { InflateRaw } from "node:zlib";
+import { lazyBuiltin } from "../shared/builtin.ts";
 import { isValidUid } from "./uids.ts";
 import { transferSyntaxEncoding, VR, vrCode } from "./element-codec.ts";
 import { ElementScanner, type CaptureSpec } from "./element-scanner.ts";
 import { convertToUtf8, dcmtkUid, dcmtkValue, detectEncoding, encodingLabel, ORTHANC_MAX_STRING_BYTES, orthancEncodingByName, type DetectedEncoding, type OrthancEncoding } from "./orthanc-text.ts";
 import { DatasetRefusal, RefusalStatus, tagName } from "./refusal.ts";
+
+/** node:zlib, for deflated data sets only. */
+const zlib = lazyBuiltin<typeof import("node:zlib")>("node:zlib");
 
 export { DatasetRefusal, RefusalStatus } from "./refusal.ts";
 
@@ -248,7 +252,7 @@ class Inflater {
     sink: (b: Uint8Array) => void,
     private readonly limit: { floorBytes: number; ratio: number },
   ) {
-    this.z = createInflateRaw();
+    this.z = zlib().createInflateRaw();
     this.z.on("data", (b: Uint8Array) => {
       if (this.error) return;
       try {

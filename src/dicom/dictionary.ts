@@ -2,11 +2,24 @@
  * The data dictionary (PS3.6), from dcmjs's copy of it (its public `DicomMetaDictionary`): the VR, VM and
  * keyword of a tag, the tag of a keyword, which public elements are sequences (what implicit VR leaves to
  * the dictionary, PS3.5 7.1.3), and the "gggg,eeee" spelling of tags Orthanc's REST API uses.
+ *
+ * dcmjs is loaded at the first look-up (the first data set read or query), not at start-up: evaluating it
+ * (its dictionary is an object of 8000 entries) takes 40-80 ms and ~5 MB, the largest single cost of a
+ * start (README, "The appliance's footprint").
  */
-import dcmjs from "dcmjs";
+import { createRequire } from "node:module";
 
 type Entry = { tag: string; vr: string; vm: string; name: string };
-const dict = (dcmjs as unknown as { data: { DicomMetaDictionary: { dictionary: Record<string, Entry | undefined>; nameMap: Record<string, Entry | undefined> } } }).data.DicomMetaDictionary;
+type Dictionary = { dictionary: Record<string, Entry | undefined>; nameMap: Record<string, Entry | undefined> };
+let loaded: Dictionary | undefined;
+
+/** dcmjs's dictionary, loaded synchronously the first time (Bun's bundler includes what require() names). */
+function dictionaryData(): Dictionary {
+  if (loaded) return loaded;
+  const dcmjs = (typeof require === "function" ? require("dcmjs") : createRequire(import.meta.url)("dcmjs")) as { data: { DicomMetaDictionary: Dictionary } };
+  loaded = dcmjs.data.DicomMetaDictionary;
+  return loaded;
+}
 
 const HEX2 = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, "0"));
 
@@ -55,7 +68,7 @@ export function dictionaryEntry(tag: number): DictionaryEntry | undefined {
   if (entry) return entry;
   if ((tag & 0xffff) === 0) entry = { vr: "UL", vm: "1", keyword: "GroupLength" };
   else {
-    const e = dict.dictionary[dictionaryKey(tag)];
+    const e = dictionaryData().dictionary[dictionaryKey(tag)];
     if (!e) return undefined;
     // Multi-VR entries ("US or SS", "OB or OW") use the first.
     entry = { vr: e.vr.split(/ or |\|/)[0]!.trim(), vm: e.vm, keyword: e.name };
@@ -66,7 +79,7 @@ export function dictionaryEntry(tag: number): DictionaryEntry | undefined {
 
 /** Tag of a keyword (e.g. "PatientName"). Throws for unknown keywords. */
 export function tagOf(keyword: string): number {
-  const e = dict.nameMap[keyword];
+  const e = dictionaryData().nameMap[keyword];
   if (!e) throw new Error(`unknown DICOM keyword ${keyword}`);
   const tag = parseDictionaryTag(e.tag);
   if (tag === undefined) throw new Error(`keyword ${keyword} has no single tag (${e.tag})`);
@@ -78,15 +91,20 @@ export function tagName(tag: number): string {
   return dictionaryEntry(tag)?.keyword ?? `(${orthancTag(tag)})`;
 }
 
-/** Public elements whose VR is SQ (PS3.6): in implicit VR, the elements whose values are items. */
-export const SEQUENCE_TAGS: ReadonlySet<number> = new Set(
-  Object.values(dict.nameMap)
-    .filter((e): e is Entry => e?.vr === "SQ")
-    .map((e) => parseDictionaryTag(e.tag))
-    .filter((t): t is number => t !== undefined),
-);
+let sequenceTags: ReadonlySet<number> | undefined;
+
+/** Whether PS3.6 gives this public element the VR SQ: in implicit VR, the elements whose values are items. */
+export function isSequenceTag(tag: number): boolean {
+  sequenceTags ??= new Set(
+    Object.values(dictionaryData().nameMap)
+      .filter((e): e is Entry => e?.vr === "SQ")
+      .map((e) => parseDictionaryTag(e.tag))
+      .filter((t): t is number => t !== undefined),
+  );
+  return sequenceTags.has(tag);
+}
 
 /** Whether PS3.6 defines this public element (range entries such as (60xx,eeee) included). */
 export function isKnownPublicTag(tag: number): boolean {
-  return dict.dictionary[dictionaryKey(tag)] !== undefined;
+  return dictionaryData().dictionary[dictionaryKey(tag)] !== undefined;
 }

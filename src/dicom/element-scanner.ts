@@ -13,7 +13,7 @@
  */
 import { headerForm, ITEM, ITEM_DELIMITATION, readElementHeader, SEQUENCE_DELIMITATION, UNDEFINED_LENGTH as UNDEFINED, VR, vrName, type ElementHeader } from "./element-codec.ts";
 import { DatasetRefusal, RefusalStatus, tagName } from "./refusal.ts";
-import { isKnownPublicTag, SEQUENCE_TAGS } from "./dictionary.ts";
+import { isKnownPublicTag, isSequenceTag } from "./dictionary.ts";
 
 export const PIXEL_DATA = 0x7fe00010;
 
@@ -195,7 +195,7 @@ export class ElementScanner {
     if (f.end >= 0 && this.position + length > f.end) {
       this.refuse(`Element ${tagName(tag)} length exceeds its item`, `${tagName(tag)}${this.where()} declares ${length} bytes, past the end of its item or sequence at byte ${f.end}`);
     }
-    if (f.explicit ? vr === VR.SQ : SEQUENCE_TAGS.has(tag)) {
+    if (f.explicit ? vr === VR.SQ : isSequenceTag(tag)) {
       this.open(Kind.Sequence, tag, this.position + length, f.little, f.explicit);
       return;
     }
@@ -266,7 +266,7 @@ export class ElementScanner {
       this.refuse(`Element ${tagName(tag)} has an undefined length`, `${tagName(tag)}${this.where()} has VR ${vrName(vr)} and an undefined length, which only SQ, UN and encapsulated Pixel Data may have (PS3.5 7.1.2)`);
     }
     // Implicit VR: an undefined length means a sequence; refused for elements the dictionary knows are not one.
-    if (!SEQUENCE_TAGS.has(tag) && !maybeSequence(tag)) {
+    if (!isSequenceTag(tag) && !maybeSequence(tag)) {
       this.refuse(`Element ${tagName(tag)} has an undefined length`, `${tagName(tag)}${this.where()} has an undefined length in implicit VR, but it is not a sequence (PS3.6)`);
     }
     this.open(Kind.Sequence, tag, -1, f.little, false);

@@ -5,6 +5,7 @@
  */
 import type { GatewaySnapshot, QuarantineSummary } from "../observe/status.ts";
 import { VERSION } from "../shared/version.ts";
+import { explainOrthancStatus } from "./observers.ts";
 import type { GatewayState } from "./state.ts";
 
 /** How many quarantined instances the snapshot lists (the latest, over all tenants). */
@@ -30,6 +31,9 @@ export function takeSnapshot(s: GatewayState): GatewaySnapshot {
         listening: server.listening,
         listeners: server.endpoints.map((e) => ({ port: e.port || e.configuredPort, tls: e.tls, listening: e.listening })),
         activeAssociations: server.activeAssociations,
+        drainingAssociations: [...s.draining.keys()].filter((d) => d.tenant.aet === tenant.aet).reduce((n, d) => n + d.server.activeAssociations, 0),
+        unassociatedConnections: server.unassociatedConnections,
+        ...(tenant.tls ? { certificates: server.certificates } : {}),
         spool: {
           forwarding: tenant.forwarding,
           depth: st.depth,
@@ -45,7 +49,7 @@ export function takeSnapshot(s: GatewayState): GatewaySnapshot {
       };
     }),
     orthanc: {
-      ...s.monitor.status,
+      ...explainOrthancStatus(s.monitor.status, s.fileDescriptors.exhaustedAt),
       ...(s.orthanc.roundTripMs !== undefined ? { roundTripMs: Math.round(s.orthanc.roundTripMs * 100) / 100 } : {}),
       uploadConcurrency: s.forwarder.uploadLimit,
       linkBound: s.forwarder.linkBound,
@@ -53,6 +57,7 @@ export function takeSnapshot(s: GatewayState): GatewaySnapshot {
     orthancUnreachableGraceMs: s.config.orthanc.unreachableGraceMs,
     spoolHighWaterMarkPercent: s.config.spool.highWaterMarkPercent,
     quarantine: quarantine.sort((a, b) => a.quarantinedAt.localeCompare(b.quarantinedAt)).slice(-QUARANTINE_SHOWN),
+    lastReload: s.lastReload,
   };
   s.storeMetrics.updateFromSnapshot(snapshot);
   return snapshot;

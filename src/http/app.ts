@@ -1,11 +1,14 @@
 /**
- * The gateway's HTTP endpoint (operations only: health, readiness, metrics, status).
- * Runtime-agnostic: a Hono app whose `fetch` is served by one of src/adapter/*.
+ * The gateway's HTTP endpoint (operations only: health, readiness, metrics, status, and the spool's API
+ * for `dicom-gateway spool`, on the loopback address only: spool-api.ts).
+ * Runtime-agnostic: a Hono app whose `fetch` is served by one of src/adapter/* (which passes the peer's
+ * address as the app's environment).
  */
 import { Hono } from "hono";
 import { silentLogger, type Logger } from "../shared/log.ts";
 import type { GatewayMetrics } from "../observe/metrics.ts";
 import { readiness, type GatewaySnapshot } from "../observe/status.ts";
+import { addSpoolRoutes, type HttpEnv, type SpoolApi } from "./spool-api.ts";
 
 export const ENDPOINTS = ["/health", "/ready", "/metrics", "/status"] as const;
 
@@ -14,18 +17,20 @@ export interface HttpAppDeps {
   snapshot: () => GatewaySnapshot | Promise<GatewaySnapshot>;
   metrics: GatewayMetrics;
   logger?: Logger;
+  /** The spool's API (/spool); without it, /spool is not found. */
+  spool?: SpoolApi;
 }
 
-const ALLOWED_METHODS = new Set(["GET", "HEAD"]);
-
-export function createHttpApp(deps: HttpAppDeps): Hono {
+export function createHttpApp(deps: HttpAppDeps): Hono<HttpEnv> {
   const log = deps.logger ?? silentLogger;
   // strict: false -> "/health/" is "/health".
-  const app = new Hono({ strict: false });
+  const app = new Hono<HttpEnv>({ strict: false });
 
   app.use("*", async (c, next) => {
-    if (!ALLOWED_METHODS.has(c.req.method)) {
-      return c.json({ error: "method not allowed", allowed: ["GET", "HEAD"] }, 405, { Allow: "GET, HEAD" });
+    // POST only for the spool's actions (retry, release, purge).
+    const allowed = deps.spool && c.req.path.startsWith("/spool") ? ["GET", "HEAD", "POST"] : ["GET", "HEAD"];
+    if (!allowed.includes(c.req.method)) {
+      return c.json({ error: "method not allowed", allowed }, 405, { Allow: allowed.join(", ") });
     }
     await next();
     // Every answer describes the present state: never cache it.
@@ -35,8 +40,9 @@ export function createHttpApp(deps: HttpAppDeps): Hono {
   app.get("/health", (c) => c.json({ status: "ok" }));
 
   app.get("/ready", async (c) => {
-    const { ready, reasons } = readiness(await deps.snapshot());
-    return ready ? c.json({ ready: true }) : c.json({ ready: false, reasons }, 503);
+    const { ready, reasons, degraded } = readiness(await deps.snapshot());
+    const extra = degraded ? { degraded } : {};
+    return ready ? c.json({ ready: true, ...extra }) : c.json({ ready: false, reasons, ...extra }, 503);
   });
 
   app.get("/metrics", async (c) => {
@@ -50,10 +56,12 @@ export function createHttpApp(deps: HttpAppDeps): Hono {
     const s = await deps.snapshot();
     const started = Date.parse(s.startedAt);
     const uptimeSeconds = Number.isFinite(started) ? Math.max(0, Math.floor((Date.now() - started) / 1000)) : 0;
-    return c.json({ version: s.version, startedAt: s.startedAt, uptimeSeconds, tenants: s.tenants, orthanc: s.orthanc, quarantine: s.quarantine ?? [] });
+    return c.json({ version: s.version, startedAt: s.startedAt, uptimeSeconds, tenants: s.tenants, orthanc: s.orthanc, quarantine: s.quarantine ?? [], lastReload: s.lastReload ?? null });
   });
 
-  app.notFound((c) => c.json({ error: "not found", endpoints: [...ENDPOINTS] }, 404));
+  if (deps.spool) addSpoolRoutes(app, deps.spool);
+
+  app.notFound((c) => c.json({ error: "not found", endpoints: [...ENDPOINTS, ...(deps.spool ? ["/spool"] : [])] }, 404));
 
   app.onError((err, c) => {
     log.error("HTTP request failed", { method: c.req.method, path: c.req.path, err });

@@ -2,32 +2,20 @@
  * The acceptor side of a DICOM association (PS3.8 section 9.2 state machine, PS3.7 message exchange).
  *
  * Sta2 (awaiting A-ASSOCIATE-RQ, ARTIM running) -> Sta6 (data transfer) -> release or abort.
- * Incoming P-DATA is assembled into DIMSE messages per presentation context; each request's
- * data set is handed to its service handler as a stream while it arrives. Requests run one at a
- * time (we never negotiate an asynchronous operations window, PS3.7 D.3.3.3), except C-CANCEL,
- * which reaches the running operation at once through its AbortSignal.
+ * Once established, the DIMSE message layer (dimse.ts, shared with the requestor) assembles the
+ * peer's messages; each request is handed to the service handler of its command field, its data set
+ * streamed while it arrives. Requests run one at a time (we never negotiate an asynchronous
+ * operations window, PS3.7 D.3.3.3), except C-CANCEL, which reaches the running operation at once
+ * through its AbortSignal. The acceptor sends requests of its own on the same association too: the
+ * C-STORE sub-operations of C-GET, the N-EVENT-REPORT of Storage Commitment (PS3.4 J.3.3).
  */
 import type { Socket } from "node:net";
-import { decodeCommandSet, CommandSetError, type CommandSet } from "./command.ts";
-import {
-  AbortReason,
-  AbortSource,
-  CommandField,
-  DICOM_APPLICATION_CONTEXT,
-  NO_DATASET,
-  PduType,
-  RejectReason,
-  RejectResult,
-  RejectSource,
-  ServiceName,
-  Status,
-} from "./constants.ts";
-import { concatBytes } from "../shared/bytes.ts";
-import { DatasetStream } from "./dataset-stream.ts";
+import { CommandSetError, type CommandSet } from "./command.ts";
+import { AbortReason, AbortSource, DICOM_APPLICATION_CONTEXT, PduType, Status } from "./constants.ts";
+import { DimseMessenger, isPending, serviceName, type DimseRequest, type DimseResult, type PresentationContext, type SendOptions } from "./dimse.ts";
 import {
   decodeAbort,
   decodeAssociateRQ,
-  decodePData,
   encodeAbort,
   encodeAssociateAC,
   encodeAssociateRJ,
@@ -39,16 +27,11 @@ import {
   type RoleSelection,
 } from "./pdu.ts";
 import { dispatchPdus, PduReader } from "./pdu-reader.ts";
-import { PDataWriter } from "./pdata-writer.ts";
 import { encodeExtendedNegotiation, type ExtendedNegotiation } from "./negotiation.ts";
+import { RejectReason, RejectResult, RejectSource } from "./reject.ts";
 import { IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME } from "../dicom/implementation.ts";
 
-/** An accepted presentation context. */
-export interface PresentationContext {
-  id: number;
-  abstractSyntax: string;
-  transferSyntax: string;
-}
+export type { DimseRequest, DimseResult, PresentationContext } from "./dimse.ts";
 
 export interface Peer {
   address: string;
@@ -78,31 +61,30 @@ export interface AssociationInfo {
   extendedNegotiation: Map<string, Uint8Array>;
 }
 
-/** One DIMSE request as given to a service handler. */
-export interface DimseRequest {
-  presentationContext: PresentationContext;
-  command: CommandSet;
-  /** The request's data set (identifier, or the instance for C-STORE), streamed; null when none. */
-  dataset: DatasetStream | null;
-  /** Aborted by C-CANCEL-RQ or when the association ends. */
-  signal: AbortSignal;
-}
-
 export interface DimseResponder {
   association: AssociationInfo;
   /**
-   * Sends a response to the request: command field, message ID being responded to, affected SOP class
-   * and data set type are filled in. Statuses other than Pending end the operation. A Pending response
-   * sent with `hold` goes out together with the next response sent without it (which the handler
-   * always sends: at the latest its final one).
+   * Sends a response to the request: command field, message ID being responded to, affected SOP
+   * class/instance, event/action type and data set type are filled in from the request (dimse.ts
+   * responseTo). Statuses other than Pending end the operation. A Pending response sent with `hold`
+   * goes out together with the next response sent without it (which the handler always sends: at
+   * the latest its final one).
    */
   respond(fields: CommandSet, dataset?: Uint8Array, opts?: { hold?: boolean }): Promise<void>;
   /**
-   * Sends a request to the peer on this association and resolves with its response: the C-STORE
-   * sub-operations of C-GET (PS3.4 C.4.3.3, PS3.7 9.1.3). The Message ID is assigned here; the
-   * command's data set type is set from `dataset`. Rejects if the association ends first.
+   * The C-STORE sub-operations of C-GET (PS3.4 C.4.3.3, PS3.7 9.1.3): request() resolving with the
+   * response's command set.
    */
   subOperation(presentationContextId: number, command: CommandSet, dataset?: Uint8Array | AsyncIterable<Uint8Array>): Promise<CommandSet>;
+  /**
+   * Sends a request to the peer on this association (the SCP sending to the SCU, both roles on one
+   * association) and resolves with its final response. Valid during the operation and after its
+   * final response, as long as the association is established: e.g. a Storage Commitment
+   * N-EVENT-REPORT-RQ on the association of its N-ACTION (PS3.4 J.3.3). The Message ID is assigned
+   * here, the data set type set from `dataset`. Rejects when the association is released or ends
+   * first (the caller may then use a new association).
+   */
+  request(presentationContextId: number, command: CommandSet, dataset?: Uint8Array | AsyncIterable<Uint8Array>, opts?: Pick<SendOptions, "onPending">): Promise<DimseResult>;
   /**
    * Adds facts to this operation's audit record (affected study/series/instance UIDs, destination,
    * sub-operation counts...): they reach AssociationObserver.operation with the final status.
@@ -113,7 +95,11 @@ export interface DimseResponder {
 /** A service handler must answer every request with a final status; throwing aborts the association. */
 export type DimseHandler = (request: DimseRequest, responder: DimseResponder) => Promise<void>;
 
-export type EndReason = "released" | "aborted-by-peer" | "aborted" | "rejected" | "closed" | "artim-timeout" | "idle-timeout";
+/**
+ * How an association ended. "cut-by-stop" / "cut-by-reload": still open when the gateway's drain time
+ * ran out, at a stop or after a reload changed or removed its tenant (A-ABORT, service provider).
+ */
+export type EndReason = "released" | "aborted-by-peer" | "aborted" | "rejected" | "closed" | "artim-timeout" | "idle-timeout" | "cut-by-stop" | "cut-by-reload";
 
 export interface AssociationObserver {
   accepted?(info: AssociationInfo): void;
@@ -138,45 +124,28 @@ export interface AcceptorOptions {
   observer?: AssociationObserver;
 }
 
-interface Operation {
-  pc: PresentationContext;
-  command: CommandSet;
-  dataset: DatasetStream | null;
-  controller: AbortController;
-}
-
 let nextAssociationId = 1;
-
-/** Requests read ahead of the one running before we stop reading from the peer (see onCommand). */
-const MAX_QUEUED_REQUESTS = 16;
 
 export class AcceptorAssociation {
   readonly peer: Peer;
   info: AssociationInfo | undefined;
   private state: "awaiting-rq" | "established" | "release-requested" | "closing" = "awaiting-rq";
   private readonly reader: PduReader;
-  private writer: PDataWriter | undefined;
+  /** The DIMSE message layer, once established. */
+  private dimse: DimseMessenger | undefined;
   private timer: ReturnType<typeof setTimeout> | undefined;
   private lastActivity = Date.now();
-  private readonly queue: Operation[] = [];
-  private running: Operation | undefined;
-  /** The message whose command or data set is being received, per presentation context. */
-  private readonly incoming = new Map<number, { command: Uint8Array[]; commandBytes: number; dataset?: DatasetStream }>();
   private endReported = false;
-  /** Our requests on this association (C-GET sub-operations) awaiting a response, by Message ID. */
-  private readonly awaiting = new Map<number, { resolve: (c: CommandSet) => void; reject: (e: Error) => void }>();
-  private nextMessageId = 1;
-  private pausedBy = 0;
-  /** True while reading is paused because too many requests wait in `queue`. */
-  private queuePaused = false;
   /** Resolves when the socket has closed. */
   readonly closed: Promise<void>;
 
+  /** `peer`: as the listener saw it at accept (default: the socket's address now). */
   constructor(
     private readonly socket: Socket,
     private readonly opts: AcceptorOptions,
+    peer?: Peer,
   ) {
-    this.peer = { address: socket.remoteAddress ?? "?", port: socket.remotePort ?? 0 };
+    this.peer = peer ?? { address: socket.remoteAddress ?? "?", port: socket.remotePort ?? 0 };
     this.reader = new PduReader({ maxPDataLength: opts.maxPduLength, maxControlLength: opts.maxControlPduLength ?? 1 << 20 });
     socket.setNoDelay(true);
     this.closed = new Promise((resolve) => socket.once("close", () => resolve()));
@@ -205,7 +174,8 @@ export class AcceptorAssociation {
       ms = this.opts.idleTimeoutMs;
       const idle = Date.now() - this.lastActivity;
       // Never abort an answer in progress: the timer only counts while we wait for the peer.
-      const busy = this.running !== undefined && !this.running.dataset?.isWaitingForPeer && !this.writer?.waitingForPeer && this.awaiting.size === 0;
+      const serving = this.dimse?.serving;
+      const busy = serving !== undefined && !serving.dataset?.isWaitingForPeer && !this.dimse!.writer.waitingForPeer && this.dimse!.awaitingResponses === 0;
       if (busy || idle < ms) {
         this.armTimer(busy ? ms : ms - idle, reason);
         return;
@@ -221,9 +191,12 @@ export class AcceptorAssociation {
 
   // ---- input --------------------------------------------------------------------------------
 
+  /**
+   * Bytes are only framed here: the idle timer counts whole PDUs (onPdu), so a peer that sends one byte
+   * now and then does not hold an association open forever.
+   */
   private onData(chunk: Uint8Array): void {
     if (this.state === "closing") return;
-    this.touch();
     dispatchPdus(this.reader, chunk, (type, body) => this.onPdu(type, body), (e) => this.protocolError(e), () => this.isClosing());
   }
 
@@ -240,6 +213,7 @@ export class AcceptorAssociation {
   }
 
   private onPdu(type: number, body: Uint8Array): void {
+    this.touch();
     if (type === PduType.Abort) {
       decodeAbort(body);
       this.reportEnd("aborted-by-peer");
@@ -252,7 +226,7 @@ export class AcceptorAssociation {
       return;
     }
     if (type === PduType.PData) {
-      for (const pdv of decodePData(body)) this.onPdv(pdv.presentationContextId, pdv.isCommand, pdv.isLast, pdv.data);
+      this.dimse!.pdata(body);
       return;
     }
     if (type === PduType.ReleaseRQ && this.state === "established") {
@@ -303,8 +277,16 @@ export class AcceptorAssociation {
       roleSelections,
       extendedNegotiation: new Map((decision.accept.extendedNegotiations ?? []).map((e) => [e.sopClassUid, e.info])),
     };
-    this.writer = new PDataWriter(this.socket, rq.userInformation.maxPduLength);
-    this.writer.onProgress = () => this.touch();
+    this.dimse = new DimseMessenger(this.socket, {
+      contexts: accepted,
+      peerMaxPduLength: rq.userInformation.maxPduLength,
+      serve: (request) => this.runOperation(request),
+      idle: () => {
+        this.touch();
+        if (this.state === "release-requested") void this.finishRelease();
+      },
+      activity: () => this.touch(),
+    });
     this.state = "established";
     const ac = encodeAssociateAC({
       protocolVersion: 1,
@@ -322,88 +304,30 @@ export class AcceptorAssociation {
       },
     });
     this.opts.observer?.accepted?.(this.info);
-    this.writer.write(ac).catch(() => {});
+    this.dimse.writer.write(ac).catch(() => {});
     this.armTimer(this.opts.idleTimeoutMs, "idle-timeout");
-  }
-
-  private onPdv(pcId: number, isCommand: boolean, isLast: boolean, data: Uint8Array): void {
-    const pc = this.info!.presentationContexts.get(pcId);
-    if (!pc) throw new PduError(`PDV on presentation context ${pcId}, which was not accepted`, AbortReason.InvalidPduParameterValue);
-    let msg = this.incoming.get(pcId);
-    if (isCommand) {
-      if (msg?.dataset) throw new PduError(`command fragment on presentation context ${pcId} while its data set is incomplete`, AbortReason.UnexpectedPduParameter);
-      if (!msg) this.incoming.set(pcId, (msg = { command: [], commandBytes: 0 }));
-      // Each fragment costs its PDV item header too, so that empty fragments cannot pile up without limit.
-      msg.commandBytes += data.length + 6;
-      if (msg.commandBytes > 1 << 16) throw new PduError("command set larger than 64 KiB", AbortReason.InvalidPduParameterValue);
-      msg.command.push(data.slice());
-      if (!isLast) return;
-      const bytes = concatBytes(msg.command);
-      const command = decodeCommandSet(bytes);
-      const hasDataset = command.commandDataSetType !== undefined && command.commandDataSetType !== NO_DATASET;
-      if (hasDataset) {
-        msg.command = [];
-        msg.dataset = new DatasetStream({ pause: () => this.pause(), resume: () => this.resume() });
-      } else this.incoming.delete(pcId);
-      this.onCommand(pc, command, msg.dataset ?? null);
-      return;
-    }
-    if (!msg?.dataset) throw new PduError(`data set fragment on presentation context ${pcId} without a command`, AbortReason.UnexpectedPduParameter);
-    // Fragments are views into the PDU buffer, which is ours alone once framed.
-    msg.dataset.push(data);
-    if (isLast) {
-      msg.dataset.end();
-      this.incoming.delete(pcId);
-    }
-  }
-
-  private onCommand(pc: PresentationContext, command: CommandSet, dataset: DatasetStream | null): void {
-    const field = command.commandField!;
-    if (field === CommandField.CCancelRQ) {
-      // PS3.7 9.3.2.3 etc.: C-CANCEL names the request by Message ID Being Responded To; no response is sent.
-      const target = [this.running, ...this.queue].find((op) => op && op.command.messageId === command.messageIdBeingRespondedTo);
-      target?.controller.abort(new Error("C-CANCEL-RQ"));
-      return;
-    }
-    if (field & 0x8000) {
-      const waiter = this.awaiting.get(command.messageIdBeingRespondedTo ?? -1);
-      if (!waiter) throw new PduError(`unexpected DIMSE response 0x${field.toString(16)} to message ${command.messageIdBeingRespondedTo}`, AbortReason.UnexpectedPduParameter);
-      dataset?.discard();
-      this.awaiting.delete(command.messageIdBeingRespondedTo!);
-      waiter.resolve(command);
-      return;
-    }
-    this.queue.push({ pc, command, dataset, controller: new AbortController() });
-    // Without an asynchronous operations window the peer has one request outstanding (PS3.7 D.3.3.3): one
-    // that keeps sending requests without reading our answers is not read further until the queue drains.
-    if (this.queue.length >= MAX_QUEUED_REQUESTS && !this.queuePaused) {
-      this.queuePaused = true;
-      this.pause();
-    }
-    void this.pump();
   }
 
   // ---- operations ---------------------------------------------------------------------------
 
-  private async pump(): Promise<void> {
-    if (this.running) return;
-    while (this.queue.length > 0 && this.state !== "closing") {
-      const op = (this.running = this.queue.shift()!);
-      if (this.queuePaused && this.queue.length < MAX_QUEUED_REQUESTS / 2) {
-        this.queuePaused = false;
-        this.resume();
-      }
-      await this.runOperation(op);
-      this.running = undefined;
-      this.touch();
+  /**
+   * Sends a request to the peer on this association and resolves with its final response (see
+   * DimseResponder.request); rejects unless the association is established.
+   */
+  request(pcId: number, command: CommandSet, dataset?: Uint8Array | AsyncIterable<Uint8Array>, opts?: Pick<SendOptions, "onPending">): Promise<DimseResult> {
+    if (this.state !== "established" || !this.dimse) {
+      const why = this.state === "release-requested" ? "the peer is releasing the association" : "association ended";
+      return Promise.reject(new Error(`cannot send a request: ${why}`));
     }
-    if (this.state === "release-requested") await this.finishRelease();
+    if (!this.info!.presentationContexts.has(pcId)) return Promise.reject(new RangeError(`presentation context ${pcId} was not accepted on this association`));
+    return this.dimse.request(pcId, command, dataset, opts).response;
   }
 
-  private async runOperation(op: Operation): Promise<void> {
+  private async runOperation(op: DimseRequest): Promise<void> {
     const info = this.info!;
+    const dimse = this.dimse!;
     const field = op.command.commandField!;
-    const service = ServiceName[field] ?? `0x${field.toString(16).padStart(4, "0")}`;
+    const service = serviceName(field);
     const started = performance.now();
     let finalStatus: number | undefined;
     let finalComment: string | undefined;
@@ -413,35 +337,17 @@ export class AcceptorAssociation {
       respond: async (fields, dataset, opts) => {
         if (finalStatus !== undefined) throw new Error(`${service}: a response was sent after the final one`);
         const status = fields.status ?? Status.Success;
-        const pending = status === Status.Pending || status === Status.PendingWarning;
+        const pending = isPending(status);
         if (!pending) {
           finalStatus = status;
           finalComment = fields.errorComment;
           // The operation is answered: drop any rest of its data set rather than stall the peer.
           if (op.dataset && !op.dataset.isComplete) op.dataset.discard();
         }
-        const cmd: CommandSet = {
-          affectedSopClassUid: op.command.affectedSopClassUid ?? op.command.requestedSopClassUid ?? op.pc.abstractSyntax,
-          ...fields,
-          commandField: field | 0x8000,
-          messageIdBeingRespondedTo: op.command.messageId ?? 0,
-          commandDataSetType: dataset ? 0x0000 : NO_DATASET,
-          status,
-        };
-        await this.writer!.send(op.pc.id, cmd, dataset, pending && opts?.hold === true);
+        await dimse.respond(op, { ...fields, status }, dataset, pending && opts?.hold === true);
       },
-      subOperation: (pcId, command, dataset) => {
-        if (this.state === "closing") return Promise.reject(new Error("association ended"));
-        const messageId = this.nextMessageId;
-        this.nextMessageId = (this.nextMessageId % 0xffff) + 1;
-        const response = new Promise<CommandSet>((resolve, reject) => this.awaiting.set(messageId, { resolve, reject }));
-        const cmd: CommandSet = { ...command, messageId, commandDataSetType: dataset ? 0x0000 : NO_DATASET };
-        this.writer!.send(pcId, cmd, dataset).catch((e: Error) => {
-          this.awaiting.get(messageId)?.reject(e);
-          this.awaiting.delete(messageId);
-        });
-        return response;
-      },
+      subOperation: async (pcId, command, dataset) => (await this.request(pcId, command, dataset)).command,
+      request: (pcId, command, dataset, opts) => this.request(pcId, command, dataset, opts),
       audit: (fields) => Object.assign(auditFields, fields),
     };
     const handler = this.opts.handlers.get(field);
@@ -449,7 +355,7 @@ export class AcceptorAssociation {
       if (!handler) {
         await responder.respond({ status: Status.UnrecognizedOperation, errorComment: `${service} is not supported by this AE` });
       } else {
-        await handler({ presentationContext: op.pc, command: op.command, dataset: op.dataset, signal: op.controller.signal }, responder);
+        await handler(op, responder);
         if (finalStatus === undefined) throw new Error(`${service} handler returned without a final response`);
       }
     } catch (e) {
@@ -459,30 +365,40 @@ export class AcceptorAssociation {
       this.reportEnd("aborted", `${service} handler failed: ${msg}`);
       this.abort(AbortReason.NotSpecified);
       return;
-    } finally {
-      op.dataset?.discard();
     }
     this.opts.observer?.operation?.(info, service, finalStatus!, (performance.now() - started) / 1000, finalComment, auditFields);
-  }
-
-  // ---- flow control -------------------------------------------------------------------------
-
-  private pause(): void {
-    if (this.pausedBy++ === 0) this.socket.pause();
-  }
-
-  private resume(): void {
-    if (this.pausedBy === 0) return;
-    if (--this.pausedBy === 0) this.socket.resume();
   }
 
   // ---- ending -------------------------------------------------------------------------------
 
   private async finishRelease(): Promise<void> {
-    if (this.running || this.queue.length > 0) return; // answered when the last operation ends (pump)
+    if (this.dimse && this.dimse.pendingRequests > 0) return; // answered when the last operation ends (idle)
     if (this.state !== "release-requested") return;
     this.reportEnd("released");
     await this.sendAndClose(encodeReleaseRP());
+  }
+
+  /**
+   * Ends the association from our side with A-ABORT (PS3.8 9.3.8, service provider, reason not
+   * specified), reporting `reason` and `detail` to the observer first (the log and audit line of the
+   * end). Nothing happens if it is already ending.
+   */
+  cut(reason: EndReason, detail: string): void {
+    if (this.state === "closing") return;
+    this.reportEnd(reason, detail);
+    this.abort(AbortReason.NotSpecified);
+  }
+
+  /**
+   * Closes the connection at once and reports no end: the listener closed a connection still awaiting its
+   * A-ASSOCIATE-RQ to make room, and reports why itself.
+   */
+  discard(): void {
+    this.endReported = true;
+    this.state = "closing";
+    clearTimeout(this.timer);
+    this.failPending(new Error("connection closed by the listener"));
+    this.socket.destroy();
   }
 
   /** A-ABORT with service-provider source (PS3.8 9.3.8), then close. */
@@ -511,20 +427,7 @@ export class AcceptorAssociation {
   }
 
   private failPending(err: Error): void {
-    for (const op of [this.running, ...this.queue]) {
-      if (!op) continue;
-      op.controller.abort(err);
-      op.dataset?.fail(err);
-    }
-    for (const m of this.incoming.values()) m.dataset?.fail(err);
-    for (const w of this.awaiting.values()) w.reject(err);
-    this.awaiting.clear();
-    this.incoming.clear();
-    this.queue.length = 0;
-    if (this.queuePaused) {
-      this.queuePaused = false;
-      this.resume();
-    }
+    this.dimse?.fail(err);
   }
 
   private onClose(): void {

@@ -9,7 +9,11 @@ import { getU16LE, getU32LE, putU16LE, putU32LE } from "../shared/bytes.ts";
 
 type Vr = "UL" | "US" | "UI" | "AE" | "LO" | "AT";
 
-/** Command elements by name, PS3.7 Annex E table E.1-1 (the subset used by composite services). */
+/**
+ * Command elements by name, PS3.7 Annex E table E.1-1: the subset used by the composite services
+ * (PS3.7 9.3) and by the DIMSE-N notifications and operations we exchange (PS3.7 10.3: N-EVENT-REPORT
+ * and N-ACTION, e.g. Storage Commitment, PS3.4 Annex J).
+ */
 const ELEMENTS = {
   affectedSopClassUid: [0x0002, "UI"],
   requestedSopClassUid: [0x0003, "UI"],
@@ -25,6 +29,10 @@ const ELEMENTS = {
   errorId: [0x0903, "US"],
   affectedSopInstanceUid: [0x1000, "UI"],
   requestedSopInstanceUid: [0x1001, "UI"],
+  /** N-EVENT-REPORT (PS3.7 10.3.1). */
+  eventTypeId: [0x1002, "US"],
+  /** N-ACTION (PS3.7 10.3.4). */
+  actionTypeId: [0x1008, "US"],
   numberOfRemainingSuboperations: [0x1020, "US"],
   numberOfCompletedSuboperations: [0x1021, "US"],
   numberOfFailedSuboperations: [0x1022, "US"],

@@ -34,22 +34,6 @@ export const ItemType = {
 /** The only DICOM application context name, PS3.7 Annex A.2.1. */
 export const DICOM_APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1";
 
-/** A-ASSOCIATE-RJ result/source/reason, PS3.8 9.3.4 table 9-21. */
-export const RejectResult = { Permanent: 1, Transient: 2 } as const;
-export const RejectSource = { ServiceUser: 1, ServiceProviderAcse: 2, ServiceProviderPresentation: 3 } as const;
-export const RejectReason = {
-  // source 1 (service user)
-  NoReasonGiven: 1,
-  ApplicationContextNameNotSupported: 2,
-  CallingAeTitleNotRecognized: 3,
-  CalledAeTitleNotRecognized: 7,
-  // source 2 (ACSE provider)
-  ProtocolVersionNotSupported: 2,
-  // source 3 (presentation provider)
-  TemporaryCongestion: 1,
-  LocalLimitExceeded: 2,
-} as const;
-
 /** A-ABORT source and provider reasons, PS3.8 9.3.8 table 9-26. */
 export const AbortSource = { ServiceUser: 0, ServiceProvider: 2 } as const;
 export const AbortReason = {
@@ -78,12 +62,10 @@ export const TransferSyntax = {
   ExplicitVRBigEndian: "1.2.840.10008.1.2.2",
 } as const;
 
-/** SOP classes handled by the foundation. */
-export const SopClass = {
-  Verification: "1.2.840.10008.1.1",
-} as const;
-
-/** DIMSE command fields, PS3.7 E.1 table E.1-1. */
+/**
+ * DIMSE command fields, PS3.7 E.1 table E.1-1: a response is its request's field with bit 15 set
+ * (RESPONSE_BIT). DIMSE-C (PS3.7 9) and DIMSE-N (PS3.7 10) messages.
+ */
 export const CommandField = {
   CStoreRQ: 0x0001,
   CStoreRSP: 0x8001,
@@ -95,8 +77,23 @@ export const CommandField = {
   CMoveRSP: 0x8021,
   CEchoRQ: 0x0030,
   CEchoRSP: 0x8030,
+  NEventReportRQ: 0x0100,
+  NEventReportRSP: 0x8100,
+  NGetRQ: 0x0110,
+  NGetRSP: 0x8110,
+  NSetRQ: 0x0120,
+  NSetRSP: 0x8120,
+  NActionRQ: 0x0130,
+  NActionRSP: 0x8130,
+  NCreateRQ: 0x0140,
+  NCreateRSP: 0x8140,
+  NDeleteRQ: 0x0150,
+  NDeleteRSP: 0x8150,
   CCancelRQ: 0x0fff,
 } as const;
+
+/** Bit 15 of the Command Field: set in every response (PS3.7 E.1). */
+export const RESPONSE_BIT = 0x8000;
 
 /** Human names of request command fields, for logs and metrics. */
 export const ServiceName: Record<number, string> = {
@@ -106,6 +103,12 @@ export const ServiceName: Record<number, string> = {
   [CommandField.CMoveRQ]: "C-MOVE",
   [CommandField.CEchoRQ]: "C-ECHO",
   [CommandField.CCancelRQ]: "C-CANCEL",
+  [CommandField.NEventReportRQ]: "N-EVENT-REPORT",
+  [CommandField.NGetRQ]: "N-GET",
+  [CommandField.NSetRQ]: "N-SET",
+  [CommandField.NActionRQ]: "N-ACTION",
+  [CommandField.NCreateRQ]: "N-CREATE",
+  [CommandField.NDeleteRQ]: "N-DELETE",
 };
 
 /** Command Data Set Type (0000,0800): this value means "no data set", PS3.7 E.1. */
@@ -134,4 +137,14 @@ export const Status = {
   UnableToProcess: 0xc000,
   IdentifierDoesNotMatchSopClass: 0xa900,
   MoveDestinationUnknown: 0xa801,
+  // DIMSE-N failures, PS3.7 C.5 (e.g. N-ACTION and N-EVENT-REPORT of Storage Commitment, PS3.4 J.3.3.1.1)
+  NoSuchSopInstance: 0x0112,
+  NoSuchEventType: 0x0113,
+  InvalidArgumentValue: 0x0115,
+  NoSuchSopClass: 0x0118,
+  ClassInstanceConflict: 0x0119,
+  MissingAttribute: 0x0120,
+  NoSuchActionType: 0x0123,
+  /** PS3.7 C.5 (DIMSE-N failures): the SCP lacks the resources to process the request */
+  ResourceLimitation: 0x0213,
 } as const;

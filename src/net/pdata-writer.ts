@@ -1,19 +1,43 @@
 /**
- * Sends DIMSE messages as P-DATA-TF PDUs (PS3.8 9.3.5, PS3.7 Annex E): each PDU carries one PDV,
- * fragments never exceed the peer's Maximum Length Receive, and every write waits for the socket
- * to drain, so a data set of any size is streamed with bounded memory.
+ * Sends DIMSE messages as P-DATA-TF PDUs (PS3.8 9.3.5, PS3.7 Annex E): PDUs never exceed the peer's
+ * Maximum Length Receive, and every write waits for the socket to drain, so a data set of any size is
+ * streamed with bounded memory. A message held in memory packs its PDVs into as few PDUs as fit (a
+ * P-DATA-TF PDU may carry several PDV items, PS3.8 9.3.5.1): a response and its small identifier travel
+ * as one PDU, which a peer reading the command alone cannot leave half-read (dcmtk's getscu 3.6.7
+ * reads no data set after a C-GET response and would otherwise meet it when it releases). A streamed
+ * data set goes one PDV per PDU.
  * Messages are serialized: one message's fragments are never interleaved with another's, and held
  * messages go out before any later one.
  */
 import type { Socket } from "node:net";
 import { encodeCommandSet, type CommandSet } from "./command.ts";
+import { PduType } from "./constants.ts";
 import { encodePDataHeader } from "./pdu.ts";
+
+/** PDU header (type, reserved, length) and PDV item header (length, context ID, control header), PS3.8 9.3.1, 9.3.5.1. */
+const PDU_HEADER = 6;
+const PDV_ITEM_HEADER = 6;
+/** A PDU with less room than this (and than what is left to send) is closed: no crumbs of fragments. */
+const MIN_FRAGMENT = 256;
 
 /** Messages up to this size (command + data set in memory) are written with a single socket write. */
 const SMALL_MESSAGE = 256 * 1024;
 
 /** Used when the peer announces 0 (= no limit): keep our own PDUs reasonable. */
 const DEFAULT_FRAGMENT = 64 * 1024;
+
+function fragmentLengthFor(peerMaxPduLength: number): number {
+  return peerMaxPduLength > 6 ? Math.min(peerMaxPduLength - 6, 1 << 24) : DEFAULT_FRAGMENT;
+}
+
+/**
+ * Room left for a data set in the one PDU that carries a command set of `commandBytes` (encoded) to a
+ * peer announcing `peerMaxPduLength`: a message whose data set fits goes as a single P-DATA-TF PDU
+ * (see pdus()), e.g. a final C-GET response with its Failed SOP Instance UID List.
+ */
+export function singlePduDatasetRoom(peerMaxPduLength: number, commandBytes: number): number {
+  return Math.max(0, fragmentLengthFor(peerMaxPduLength) + PDV_ITEM_HEADER - 2 * PDV_ITEM_HEADER - commandBytes);
+}
 
 export class SocketClosedError extends Error {
   override name = "SocketClosedError";
@@ -35,7 +59,7 @@ export class PDataWriter {
     private readonly socket: Socket,
     peerMaxPduLength: number,
   ) {
-    this.fragmentLength = peerMaxPduLength > 6 ? Math.min(peerMaxPduLength - 6, 1 << 24) : DEFAULT_FRAGMENT;
+    this.fragmentLength = fragmentLengthFor(peerMaxPduLength);
   }
 
   /** Writes raw bytes (any PDU), waiting for drain. */
@@ -109,22 +133,46 @@ export class PDataWriter {
     return out;
   }
 
-  /** Every PDU of a message whose command and data set are in memory, as one buffer. */
+  /**
+   * Every PDU of a message whose command and data set are in memory, as one buffer: each PDU filled with
+   * PDV items while its variable field (the items, 6 header bytes each) stays within the peer's maximum
+   * (PS3.8 D.1.1), the command first, then the data set.
+   */
   private pdus(pcId: number, command: Uint8Array, dataset?: Uint8Array): Uint8Array {
-    const max = this.fragmentLength;
-    const parts: [boolean, Uint8Array][] = [];
+    const limit = this.fragmentLength + PDV_ITEM_HEADER;
+    const pdus: { isCommand: boolean; bytes: Uint8Array; isLast: boolean }[][] = [];
+    let size = limit;
     for (const [isCommand, bytes] of [[true, command], ...(dataset ? [[false, dataset]] : [])] as [boolean, Uint8Array][]) {
-      if (bytes.length === 0) parts.push([isCommand, bytes]);
-      for (let o = 0; o < bytes.length; o += max) parts.push([isCommand, bytes.subarray(o, Math.min(o + max, bytes.length))]);
+      let o = 0;
+      do {
+        // A new PDU when this one cannot take the rest, or a fragment of some substance.
+        const room = limit - size - PDV_ITEM_HEADER;
+        if (room < Math.min(bytes.length - o, MIN_FRAGMENT) || room <= 0) {
+          pdus.push([]);
+          size = 0;
+        }
+        const n = Math.min(limit - size - PDV_ITEM_HEADER, bytes.length - o);
+        pdus[pdus.length - 1]!.push({ isCommand, bytes: bytes.subarray(o, o + n), isLast: o + n === bytes.length });
+        size += PDV_ITEM_HEADER + n;
+        o += n;
+      } while (o < bytes.length);
     }
-    const out = new Uint8Array(parts.reduce((n, [, b]) => n + 12 + b.length, 0));
+    let total = 0;
+    for (const items of pdus) for (const p of items) total += PDV_ITEM_HEADER + p.bytes.length;
+    const out = new Uint8Array(total + pdus.length * PDU_HEADER);
     let o = 0;
-    parts.forEach(([isCommand, b], i) => {
-      const isLast = i === parts.length - 1 || parts[i + 1]![0] !== isCommand;
-      out.set(encodePDataHeader(pcId, isCommand, isLast, b.length), o);
-      out.set(b, o + 12);
-      o += 12 + b.length;
-    });
+    for (const items of pdus) {
+      const length = items.reduce((n, p) => n + PDV_ITEM_HEADER + p.bytes.length, 0);
+      out[o] = PduType.PData;
+      new DataView(out.buffer, out.byteOffset + o + 2, 4).setUint32(0, length);
+      o += PDU_HEADER;
+      for (const p of items) {
+        // encodePDataHeader writes a one-PDV PDU header: keep its PDV item part (the last 6 bytes).
+        out.set(encodePDataHeader(pcId, p.isCommand, p.isLast, p.bytes.length).subarray(PDU_HEADER), o);
+        out.set(p.bytes, o + PDV_ITEM_HEADER);
+        o += PDV_ITEM_HEADER + p.bytes.length;
+      }
+    }
     return out;
   }
 

@@ -1,40 +1,26 @@
 /**
  * The requestor side of a DICOM association (PS3.8 section 9.2: Sta4 awaiting transport connection,
  * Sta5 awaiting A-ASSOCIATE-AC/RJ, Sta6 data transfer, Sta7 awaiting A-RELEASE-RP): the gateway as
- * an SCU, e.g. the C-STORE sub-operations of C-MOVE towards a destination.
+ * an SCU, e.g. the C-STORE sub-operations of C-MOVE towards a destination, or as the SCP of Storage
+ * Commitment sending its N-EVENT-REPORT on a new association (PS3.4 J.3.3).
  *
  * Built on the same modules as the acceptor: the PDU codec, the bounded PDU reader (our Maximum
- * Length Receive is enforced on every P-DATA-TF), the streaming P-DATA writer (fragments never exceed
- * the peer's maximum, every write waits for the socket to drain) and command sets.
+ * Length Receive is enforced on every P-DATA-TF) and the DIMSE message layer (dimse.ts: one PDV
+ * assembler and one set of limits for both roles; the streaming P-DATA writer).
  *
  * One operation is outstanding at a time (no asynchronous operations window is negotiated, PS3.7
  * D.3.3.3): concurrent request() calls are queued. Requests the peer sends to us (C-STORE on a C-GET
- * association where we are the SCU) are handed to `onRequest`.
+ * association where we are the SCU, N-EVENT-REPORT of Storage Commitment) are handed to `onRequest`.
  */
 import { connect, type Socket } from "node:net";
-import { concatBytes, copyBytes } from "../shared/bytes.ts";
-import { decodeCommandSet, type CommandSet } from "./command.ts";
-import {
-  AbortReason,
-  AbortSource,
-  CommandField,
-  DICOM_APPLICATION_CONTEXT,
-  NO_DATASET,
-  PduType,
-  PresentationContextResult,
-  RejectReason,
-  RejectResult,
-  RejectSource,
-  Status,
-} from "./constants.ts";
-import { DatasetStream } from "./dataset-stream.ts";
+import type { CommandSet } from "./command.ts";
+import { AbortReason, AbortSource, DICOM_APPLICATION_CONTEXT, PduType, PresentationContextResult, Status } from "./constants.ts";
+import { DimseMessenger, type DimseRequest, type DimseResult, type PresentationContext } from "./dimse.ts";
 import { IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME } from "../dicom/implementation.ts";
-import { PDataWriter } from "./pdata-writer.ts";
 import {
   decodeAbort,
   decodeAssociateAC,
   decodeAssociateRJ,
-  decodePData,
   encodeAbort,
   encodeAssociateRQ,
   encodeReleaseRP,
@@ -45,7 +31,9 @@ import {
   type RoleSelection,
 } from "./pdu.ts";
 import { dispatchPdus, PduReader } from "./pdu-reader.ts";
-import type { PresentationContext } from "./association.ts";
+import { describeRejection } from "./reject.ts";
+
+export type { DimseResult } from "./dimse.ts";
 
 /** One presentation context to propose; IDs 1, 3, 5... are assigned in order when absent. */
 export interface ContextProposal {
@@ -75,17 +63,13 @@ export interface RequestorOptions {
   /** Aborts the connection attempt or the association. */
   signal?: AbortSignal;
   /**
-   * Requests from the peer (e.g. C-STORE-RQ when we are the C-GET SCU). Resolves with the response
-   * fields (status etc.); command field, message ID being responded to and data set type are filled
-   * in. Without a handler, requests are answered 0x0211 (unrecognized operation).
+   * Requests from the peer (e.g. C-STORE-RQ when we are the C-GET SCU, N-EVENT-REPORT-RQ when we are
+   * the Storage Commitment SCU). Resolves with the response fields (status etc.); command field,
+   * message ID being responded to, affected SOP class/instance, event type and data set type are
+   * filled in (dimse.ts responseTo). Without a handler, requests are answered 0x0211 (unrecognized
+   * operation).
    */
-  onRequest?: (request: IncomingRequest) => Promise<CommandSet>;
-}
-
-export interface IncomingRequest {
-  presentationContext: PresentationContext;
-  command: CommandSet;
-  dataset: DatasetStream | null;
+  onRequest?: (request: DimseRequest) => Promise<CommandSet>;
 }
 
 export interface RequestOptions {
@@ -93,12 +77,6 @@ export interface RequestOptions {
   onPending?: (response: CommandSet, dataset?: Uint8Array) => void;
   /** Sends C-CANCEL-RQ for this request when aborted; the final response is still awaited. */
   signal?: AbortSignal;
-}
-
-export interface DimseResult {
-  command: CommandSet;
-  /** The final response's data set (e.g. a C-MOVE Failed SOP Instance UID List), if any. */
-  dataset?: Uint8Array;
 }
 
 export type AssociationErrorKind = "connect" | "timeout" | "rejected" | "aborted" | "closed" | "protocol" | "cancelled";
@@ -140,59 +118,10 @@ export class AssociationAbortedError extends AssociationError {
   }
 }
 
-/** Human text for an A-ASSOCIATE-RJ, PS3.8 9.3.4. */
-export function describeRejection(result: number, source: number, reason: number): string {
-  const r = result === RejectResult.Permanent ? "permanent" : result === RejectResult.Transient ? "transient" : `result ${result}`;
-  let s: string;
-  let why: string;
-  if (source === RejectSource.ServiceUser) {
-    s = "service user";
-    why =
-      reason === RejectReason.CalledAeTitleNotRecognized
-        ? "called AE title not recognized"
-        : reason === RejectReason.CallingAeTitleNotRecognized
-          ? "calling AE title not recognized"
-          : reason === RejectReason.ApplicationContextNameNotSupported
-            ? "application context name not supported"
-            : reason === RejectReason.NoReasonGiven
-              ? "no reason given"
-              : `reason ${reason}`;
-  } else if (source === RejectSource.ServiceProviderAcse) {
-    s = "service provider (ACSE)";
-    why = reason === RejectReason.ProtocolVersionNotSupported ? "protocol version not supported" : reason === 1 ? "no reason given" : `reason ${reason}`;
-  } else {
-    s = "service provider (presentation)";
-    why = reason === RejectReason.TemporaryCongestion ? "temporary congestion" : reason === RejectReason.LocalLimitExceeded ? "local limit exceeded" : `reason ${reason}`;
-  }
-  return `${r}, ${s}: ${why}`;
-}
-
 interface Outstanding {
   messageId: number;
   /** The whole request has been written: from now on we wait for the peer. */
   sent: boolean;
-  opts: RequestOptions;
-  resolve: (r: DimseResult) => void;
-  reject: (e: Error) => void;
-}
-
-/** A response being received: command bytes, then (when announced) data set bytes. */
-interface IncomingMessage {
-  command: Uint8Array[];
-  commandLength: number;
-  decoded?: CommandSet;
-  /** Responses: data set collected here (small identifiers). */
-  datasetParts?: Uint8Array[];
-  datasetLength?: number;
-  /** Requests: data set streamed to the handler. */
-  stream?: DatasetStream;
-}
-
-/** Response data sets are identifiers: never larger than this. */
-const MAX_RESPONSE_DATASET = 4 << 20;
-
-function isPending(status: number | undefined): boolean {
-  return status === Status.Pending || status === Status.PendingWarning;
 }
 
 export class RequestorAssociation {
@@ -212,20 +141,18 @@ export class RequestorAssociation {
 
   private state: "awaiting-ac" | "established" | "releasing" | "closing" = "awaiting-ac";
   private readonly reader: PduReader;
-  private writer: PDataWriter;
+  /** The DIMSE message layer, once established. */
+  private dimse: DimseMessenger | undefined;
   private readonly proposals: PresentationContextProposal[];
-  private nextMessageId = 1;
   private lock: Promise<unknown> = Promise.resolve();
   private outstanding: Outstanding | undefined;
-  private readonly incoming = new Map<number, IncomingMessage>();
   private endError: AssociationError | undefined;
   private establish: { resolve: () => void; reject: (e: Error) => void } | undefined;
   private releaseWaiter: { resolve: () => void } | undefined;
   private timer: ReturnType<typeof setTimeout> | undefined;
   private lastActivity = Date.now();
-  private requestQueue: IncomingRequest[] = [];
-  private servingRequests = false;
-  private pausedBy = 0;
+  /** An A-ABORT was written; the socket is destroyed shortly after (abort()). */
+  private abortSent = false;
 
   private constructor(
     private readonly socket: Socket,
@@ -234,7 +161,6 @@ export class RequestorAssociation {
     this.label = `${opts.calledAeTitle} at ${opts.host}:${opts.port}`;
     const max = opts.maxPduLength ?? 16384;
     this.reader = new PduReader({ maxPDataLength: max, maxControlLength: opts.maxControlPduLength ?? 1 << 20 });
-    this.writer = new PDataWriter(socket, 0);
     let id = 1;
     this.proposals = opts.presentationContexts.map((pc) => {
       const p = { id: pc.id ?? id, abstractSyntax: pc.abstractSyntax, transferSyntaxes: [...pc.transferSyntaxes] };
@@ -275,6 +201,7 @@ export class RequestorAssociation {
       };
       opts.signal?.addEventListener("abort", onAbort, { once: true });
     });
+    let assoc: RequestorAssociation | undefined;
     try {
       await Promise.race([
         deadline,
@@ -285,15 +212,17 @@ export class RequestorAssociation {
           );
         }),
       ]);
-      const assoc = new RequestorAssociation(socket, opts);
-      await Promise.race([deadline, assoc.associate()]);
+      const a = (assoc = new RequestorAssociation(socket, opts));
+      await Promise.race([deadline, a.associate()]);
       if (opts.signal) {
         opts.signal.removeEventListener("abort", onAbort!);
-        opts.signal.addEventListener("abort", () => assoc.abort(), { once: true });
+        opts.signal.addEventListener("abort", () => a.abort(), { once: true });
       }
-      return assoc;
+      return a;
     } catch (e) {
-      socket.destroy();
+      // After an A-ABORT (a protocol error in the peer's answer) the socket closes once the peer has had
+      // time to read it (abort()); closing now could reset the connection before it arrives.
+      if (!assoc?.abortSent) socket.destroy();
       throw e;
     } finally {
       clearTimeout(timer);
@@ -352,58 +281,44 @@ export class RequestorAssociation {
     return p;
   }
 
-  private runRequest(pcId: number, command: CommandSet, dataset: Uint8Array | AsyncIterable<Uint8Array> | undefined, opts: RequestOptions): Promise<DimseResult> {
-    if (this.state !== "established") return Promise.reject(this.endError ?? new AssociationError("closed", `the association with ${this.label} is not open`));
-    if (!this.presentationContexts.has(pcId)) return Promise.reject(new RangeError(`presentation context ${pcId} was not accepted by ${this.label}`));
-    const messageId = this.nextMessageId;
-    this.nextMessageId = (this.nextMessageId % 0xffff) + 1;
-    return new Promise<DimseResult>((resolve, reject) => {
-      const out: Outstanding = { messageId, sent: false, opts, resolve, reject };
-      this.outstanding = out;
-      this.touch();
-      this.armTimer();
-      let onAbort: (() => void) | undefined;
-      if (opts.signal) {
-        onAbort = () => {
-          if (this.outstanding !== out || this.state !== "established") return;
-          this.writer.send(pcId, { commandField: CommandField.CCancelRQ, messageIdBeingRespondedTo: messageId, commandDataSetType: NO_DATASET }).catch(() => {});
-        };
-        if (opts.signal.aborted) queueMicrotask(onAbort);
-        else opts.signal.addEventListener("abort", onAbort, { once: true });
-      }
-      const cleanup = () => {
-        if (onAbort) opts.signal?.removeEventListener("abort", onAbort);
-      };
-      out.resolve = (r) => {
-        cleanup();
-        resolve(r);
-      };
-      out.reject = (e) => {
-        cleanup();
-        reject(e);
-      };
-      const cmd: CommandSet = { ...command, messageId, commandDataSetType: dataset ? 0x0000 : NO_DATASET };
-      this.writer.send(pcId, cmd, dataset).then(
-        () => {
-          out.sent = true;
-          this.touch();
-        },
-        (e: Error) => {
-          if (this.outstanding === out) this.outstanding = undefined;
-          let err: AssociationError;
-          if (this.state === "established") {
-            // The data set source failed (e.g. an Orthanc download): the peer waits for the rest of a
-            // message that will never come, so the association cannot continue.
-            err = new AssociationError("aborted", `sending to ${this.label} failed: ${e.message}`, { cause: e });
-            this.endError ??= err;
-            this.abort();
-          } else {
-            err = this.endError ?? new AssociationError("closed", `sending to ${this.label} failed: ${e.message}`, { cause: e });
-          }
-          out.reject(err);
-        },
-      );
+  private async runRequest(pcId: number, command: CommandSet, dataset: Uint8Array | AsyncIterable<Uint8Array> | undefined, opts: RequestOptions): Promise<DimseResult> {
+    if (this.state !== "established") throw this.endError ?? new AssociationError("closed", `the association with ${this.label} is not open`);
+    if (!this.presentationContexts.has(pcId)) throw new RangeError(`presentation context ${pcId} was not accepted by ${this.label}`);
+    const sent = this.dimse!.request(pcId, command, dataset, {
+      onPending: opts.onPending,
+      onSendFailed: (e) => {
+        if (this.state !== "established") return this.endError ?? new AssociationError("closed", `sending to ${this.label} failed: ${e.message}`, { cause: e });
+        // The data set source failed (e.g. an Orthanc download): the peer waits for the rest of a
+        // message that will never come, so the association cannot continue.
+        const err = new AssociationError("aborted", `sending to ${this.label} failed: ${e.message}`, { cause: e });
+        this.endError ??= err;
+        this.abort();
+        return err;
+      },
     });
+    const out: Outstanding = { messageId: sent.messageId, sent: false };
+    this.outstanding = out;
+    this.touch();
+    this.armTimer();
+    sent.written.then(
+      () => {
+        out.sent = true;
+        this.touch();
+      },
+      () => {},
+    );
+    // C-CANCEL-RQ (PS3.7 9.3.2.3 etc.): the final response is still awaited.
+    const onAbort = () => {
+      if (this.outstanding === out && this.state === "established") this.dimse!.cancel(pcId, out.messageId).catch(() => {});
+    };
+    if (opts.signal?.aborted) queueMicrotask(onAbort);
+    else opts.signal?.addEventListener("abort", onAbort, { once: true });
+    try {
+      return await sent.response;
+    } finally {
+      opts.signal?.removeEventListener("abort", onAbort);
+      if (this.outstanding === out) this.outstanding = undefined;
+    }
   }
 
   // ---- release and abort --------------------------------------------------------------------
@@ -417,7 +332,7 @@ export class RequestorAssociation {
     }
     this.state = "releasing";
     const rp = new Promise<void>((resolve) => (this.releaseWaiter = { resolve }));
-    this.writer.write(encodeReleaseRQ()).catch(() => {});
+    this.dimse!.writer.write(encodeReleaseRQ()).catch(() => {});
     const artim = this.opts.artimTimeoutMs ?? 10_000;
     let t: ReturnType<typeof setTimeout> | undefined;
     const timedOut = await Promise.race([rp.then(() => false), this.closed.then(() => false), new Promise<boolean>((r) => (t = setTimeout(() => r(true), artim)))]);
@@ -436,7 +351,10 @@ export class RequestorAssociation {
     this.fail(new AssociationError("aborted", `the association with ${this.label} was aborted`));
     this.state = "closing";
     try {
-      if (!this.socket.destroyed) this.socket.end(encodeAbort({ source, reason }));
+      if (!this.socket.destroyed) {
+        this.socket.end(encodeAbort({ source, reason }));
+        this.abortSent = true;
+      }
     } catch {
       // closing anyway
     }
@@ -480,7 +398,7 @@ export class RequestorAssociation {
       throw new PduError(`expected A-ASSOCIATE-AC or -RJ, got PDU type 0x${type.toString(16)}`, AbortReason.UnexpectedPdu);
     }
     if (type === PduType.PData && (this.state === "established" || this.state === "releasing")) {
-      for (const pdv of decodePData(body)) this.onPdv(pdv.presentationContextId, pdv.isCommand, pdv.isLast, pdv.data);
+      this.dimse!.pdata(body);
       return;
     }
     if (type === PduType.ReleaseRP && this.state === "releasing") {
@@ -521,114 +439,31 @@ export class RequestorAssociation {
     this.peerMaxPduLength = ac.userInformation.maxPduLength;
     this.peerImplementationClassUid = ac.userInformation.implementationClassUid;
     this.peerImplementationVersionName = ac.userInformation.implementationVersionName;
-    this.writer = new PDataWriter(this.socket, ac.userInformation.maxPduLength);
-    this.writer.onProgress = () => this.touch();
+    this.dimse = new DimseMessenger(this.socket, {
+      contexts: this.presentationContexts,
+      peerMaxPduLength: ac.userInformation.maxPduLength,
+      serve: (request) => this.serveRequest(request),
+      activity: () => this.touch(),
+    });
     this.state = "established";
     const e = this.establish;
     this.establish = undefined;
     e?.resolve();
   }
 
-  private onPdv(pcId: number, isCommand: boolean, isLast: boolean, data: Uint8Array): void {
-    const pc = this.presentationContexts.get(pcId);
-    if (!pc) throw new PduError(`PDV on presentation context ${pcId}, which was not accepted`, AbortReason.InvalidPduParameterValue);
-    let msg = this.incoming.get(pcId);
-    if (isCommand) {
-      if (msg?.decoded) throw new PduError(`command fragment on presentation context ${pcId} while its data set is incomplete`, AbortReason.UnexpectedPduParameter);
-      if (!msg) this.incoming.set(pcId, (msg = { command: [], commandLength: 0 }));
-      msg.command.push(copyBytes(data));
-      msg.commandLength += data.length;
-      if (msg.commandLength > 1 << 16) throw new PduError("command set larger than 64 KiB", AbortReason.InvalidPduParameterValue);
-      if (!isLast) return;
-      const command = decodeCommandSet(concatBytes(msg.command));
-      const hasDataset = command.commandDataSetType !== undefined && command.commandDataSetType !== NO_DATASET;
-      if (!hasDataset) {
-        this.incoming.delete(pcId);
-        this.onMessage(pc, command, undefined, null);
-        return;
-      }
-      msg.decoded = command;
-      msg.command = [];
-      if (command.commandField! & 0x8000) {
-        msg.datasetParts = [];
-        msg.datasetLength = 0;
-      } else {
-        msg.stream = new DatasetStream({ pause: () => this.pause(), resume: () => this.resume() });
-        this.onMessage(pc, command, undefined, msg.stream);
-      }
-      return;
-    }
-    if (!msg?.decoded) throw new PduError(`data set fragment on presentation context ${pcId} without a command`, AbortReason.UnexpectedPduParameter);
-    if (msg.stream) {
-      msg.stream.push(data);
-      if (isLast) {
-        msg.stream.end();
-        this.incoming.delete(pcId);
-      }
-      return;
-    }
-    msg.datasetParts!.push(copyBytes(data));
-    msg.datasetLength! += data.length;
-    if (msg.datasetLength! > MAX_RESPONSE_DATASET) throw new PduError(`response data set larger than ${MAX_RESPONSE_DATASET} bytes`, AbortReason.InvalidPduParameterValue);
-    if (isLast) {
-      this.incoming.delete(pcId);
-      this.onMessage(pc, msg.decoded, concatBytes(msg.datasetParts!), null);
-    }
-  }
-
-  private onMessage(pc: PresentationContext, command: CommandSet, dataset: Uint8Array | undefined, stream: DatasetStream | null): void {
-    const field = command.commandField!;
-    if (field & 0x8000) {
-      const out = this.outstanding;
-      if (!out || out.messageId !== command.messageIdBeingRespondedTo) {
-        throw new PduError(`unexpected DIMSE response 0x${field.toString(16)} to message ${command.messageIdBeingRespondedTo}`, AbortReason.UnexpectedPduParameter);
-      }
-      if (isPending(command.status)) {
-        out.opts.onPending?.(command, dataset);
-        return;
-      }
-      this.outstanding = undefined;
-      out.resolve({ command, dataset });
-      return;
-    }
-    if (field === CommandField.CCancelRQ) return; // we run peer requests to completion
-    this.requestQueue.push({ presentationContext: pc, command, dataset: stream });
-    void this.serveRequests();
-  }
-
-  private async serveRequests(): Promise<void> {
-    if (this.servingRequests) return;
-    this.servingRequests = true;
+  /** Serves one request of the peer through `onRequest`; a failing handler is answered 0xC000. */
+  private async serveRequest(req: DimseRequest): Promise<void> {
+    let fields: CommandSet;
     try {
-      while (this.requestQueue.length > 0 && !this.isClosing()) {
-        const req = this.requestQueue.shift()!;
-        const field = req.command.commandField!;
-        let fields: CommandSet;
-        try {
-          fields = this.opts.onRequest ? await this.opts.onRequest(req) : { status: Status.UnrecognizedOperation, errorComment: "this association does not serve requests" };
-        } catch (e) {
-          fields = { status: Status.UnableToProcess, errorComment: (e instanceof Error ? e.message : String(e)).slice(0, 64) };
-        } finally {
-          req.dataset?.discard();
-        }
-        if (this.isClosing()) return;
-        const rsp: CommandSet = {
-          affectedSopClassUid: req.command.affectedSopClassUid ?? req.presentationContext.abstractSyntax,
-          ...(req.command.affectedSopInstanceUid ? { affectedSopInstanceUid: req.command.affectedSopInstanceUid } : {}),
-          ...fields,
-          commandField: field | 0x8000,
-          messageIdBeingRespondedTo: req.command.messageId ?? 0,
-          commandDataSetType: NO_DATASET,
-          status: fields.status ?? Status.Success,
-        };
-        await this.writer.send(req.presentationContext.id, rsp).catch(() => {});
-      }
-    } finally {
-      this.servingRequests = false;
+      fields = this.opts.onRequest ? await this.opts.onRequest(req) : { status: Status.UnrecognizedOperation, errorComment: "this association does not serve requests" };
+    } catch (e) {
+      fields = { status: Status.UnableToProcess, errorComment: (e instanceof Error ? e.message : String(e)).slice(0, 64) };
     }
+    if (this.isClosing()) return;
+    await this.dimse!.respond(req, fields).catch(() => {});
   }
 
-  // ---- timers and flow control ---------------------------------------------------------------
+  // ---- timers -------------------------------------------------------------------------------
 
   private touch(): void {
     this.lastActivity = Date.now();
@@ -640,7 +475,7 @@ export class RequestorAssociation {
     const check = () => {
       this.timer = undefined;
       if (this.isClosing()) return;
-      const waiting = this.outstanding?.sent === true || this.writer.waitingForPeer;
+      const waiting = this.outstanding?.sent === true || this.dimse?.writer.waitingForPeer === true;
       if (!waiting && !this.outstanding) return;
       const idle = waiting ? Date.now() - this.lastActivity : 0;
       if (idle >= limit) {
@@ -655,15 +490,6 @@ export class RequestorAssociation {
     (this.timer as { unref?: () => void }).unref?.();
   }
 
-  private pause(): void {
-    if (this.pausedBy++ === 0) this.socket.pause();
-  }
-
-  private resume(): void {
-    if (this.pausedBy === 0) return;
-    if (--this.pausedBy === 0) this.socket.resume();
-  }
-
   // ---- ending -------------------------------------------------------------------------------
 
   /** Records why the association ended (first reason wins) and fails whatever waits. */
@@ -673,12 +499,8 @@ export class RequestorAssociation {
     const est = this.establish;
     this.establish = undefined;
     est?.reject(e);
-    const out = this.outstanding;
     this.outstanding = undefined;
-    out?.reject(e);
-    for (const m of this.incoming.values()) m.stream?.fail(e);
-    this.incoming.clear();
-    for (const r of this.requestQueue.splice(0)) r.dataset?.fail(e);
+    this.dimse?.fail(e);
     this.releaseWaiter?.resolve();
   }
 

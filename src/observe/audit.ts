@@ -10,9 +10,14 @@
  * the file, opened O_APPEND and created 0600. Every line is one write(2) on an O_APPEND descriptor,
  * so `logrotate copytruncate` is safe (the next line lands at the start of the emptied file, no hole),
  * and a rotation that renames or removes the file is noticed within a second and the file reopened.
+ *
+ * Every value is bounded (shared/cap.ts: 1 KiB per string, 100 elements per list or object), what was cut
+ * marked as cut with its size and a SHA-256 prefix: a peer's 1 MB C-FIND key makes a line of a few KiB,
+ * not a 1 MB line per query. Nothing is ever left out of the trail: every event has its line.
  */
 import { closeSync, fstatSync, openSync, statSync, writeSync } from "node:fs";
 import process from "node:process";
+import { capFields } from "../shared/cap.ts";
 
 export type AuditEvent =
   /** A-ASSOCIATE-AC sent. */
@@ -21,14 +26,25 @@ export type AuditEvent =
   | "association-rejected"
   /** An accepted association ended (released, aborted, timed out, closed). */
   | "association-ended"
-  /** A connection refused before any DICOM exchange (TLS handshake failure, closed past the limits). */
+  /** A connection refused before any DICOM exchange (TLS handshake failure, a host not in AllowedCallers, no file descriptor left). */
   | "connection-refused"
+  /** A connection not yet associated, closed to make room for a newer one (the pool of such connections was full). */
+  | "connection-evicted"
   /** One DIMSE operation, with its final status. */
   | "operation"
   /** An acknowledged instance set aside instead of reaching Orthanc (src/spool: quarantine), with the reason. */
   | "instance-quarantined"
   /** An instance Orthanc filed elsewhere than the gateway checked, and what was done about it. */
-  | "instance-misplaced";
+  | "instance-misplaced"
+  /** An operator put a quarantined instance back into the queue (`dicom-gateway spool retry`). */
+  | "instance-retried"
+  /** An operator dropped a quarantined instance for good (`dicom-gateway spool release|purge`). */
+  | "instance-released"
+  /**
+   * A Storage Commitment report (N-EVENT-REPORT) delivered, or given up after ReportExpiryHours; the
+   * request itself is the N-ACTION "operation" line.
+   */
+  | "storage-commitment-report";
 
 export interface AuditAssociationRecord {
   event: Exclude<AuditEvent, "operation">;
@@ -66,7 +82,7 @@ export interface AuditOperationRecord {
 
 /** What happens to an instance after its C-STORE was answered (forwarding from the spool). */
 export interface AuditInstanceRecord {
-  event: "instance-quarantined" | "instance-misplaced";
+  event: "instance-quarantined" | "instance-misplaced" | "instance-retried" | "instance-released";
   tenant: string;
   callingAe?: string;
   peer?: string;
@@ -77,10 +93,24 @@ export interface AuditInstanceRecord {
   [field: string]: unknown;
 }
 
+/** What happened to a Storage Commitment request's report (PS3.4 J.3.3). */
+export interface AuditCommitmentRecord {
+  event: "storage-commitment-report";
+  tenant: string;
+  callingAe: string;
+  calledAe: string;
+  peer: string;
+  transactionUid: string;
+  /** delivered | refused (the requester answered a failure status) | abandoned */
+  outcome: string;
+  [field: string]: unknown;
+}
+
 export interface AuditLog {
   association(record: AuditAssociationRecord): void;
   operation(record: AuditOperationRecord): void;
   instance(record: AuditInstanceRecord): void;
+  commitment(record: AuditCommitmentRecord): void;
   /** Lines written, and writes that failed (disk full, file removed without permission to recreate...). */
   readonly stats: { lines: number; errors: number; lastError?: string };
   close(): void;
@@ -123,7 +153,7 @@ export function createAuditLog(opts: AuditLogOptions): AuditLog {
   const onError =
     opts.onError ?? ((e: Error) => void process.stderr.write(JSON.stringify({ time: new Date().toISOString(), level: "error", msg: "cannot write the audit log", error: e.message }) + "\n"));
   const emit = (record: Record<string, unknown>) => {
-    const line = JSON.stringify({ audit: true, time: new Date().toISOString(), ...record }, (_k, v: unknown) => (typeof v === "bigint" ? v.toString() : v));
+    const line = JSON.stringify({ audit: true, time: new Date().toISOString(), ...capFields(record) }, (_k, v: unknown) => (typeof v === "bigint" ? v.toString() : v));
     try {
       sink.write(line + "\n");
       stats.lines++;
@@ -163,6 +193,10 @@ export function createAuditLog(opts: AuditLogOptions): AuditLog {
     instance(r) {
       const { event, tenant, callingAe, peer, sopInstanceUid, outcome, reason, ...rest } = r;
       emit({ event, tenant, callingAe, peer, sopInstanceUid, outcome, reason, ...withoutReserved(rest) });
+    },
+    commitment(r) {
+      const { event, tenant, callingAe, calledAe, peer, transactionUid, outcome, ...rest } = r;
+      emit({ event, tenant, callingAe, calledAe, peer, transactionUid, outcome, ...withoutReserved(rest) });
     },
     close() {
       sink.close();

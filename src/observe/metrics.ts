@@ -14,12 +14,24 @@
  */
 import { readFileSync } from "node:fs";
 import process from "node:process";
-import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "./prometheus.ts";
 import type { GatewaySnapshot } from "./status.ts";
 
 export type AssociationResult = "accepted" | "rejected" | "aborted";
-/** DIMSE services as they appear in the `service` label. Other strings are allowed. */
+/** DIMSE services as they appear in the `service` label. Other strings are allowed, and counted as "unknown". */
 export type DimseService = "C-ECHO" | "C-STORE" | "C-FIND" | "C-MOVE" | "C-GET" | (string & Record<never, never>);
+
+/**
+ * The values of the `service` label: the DIMSE services of PS3.7 (requests a peer may send). Anything else —
+ * a command field no service has, which a peer can vary at will — is one value, "unknown": a label value
+ * per command field would be a new time series per request (3000 requests grew /metrics from 25 KB to 5.9 MB).
+ */
+const SERVICE_LABELS = new Set(["C-ECHO", "C-STORE", "C-FIND", "C-MOVE", "C-GET", "C-CANCEL", "N-EVENT-REPORT", "N-GET", "N-SET", "N-ACTION", "N-CREATE", "N-DELETE"]);
+
+/** A service name as the `service` label: itself when it is a DIMSE service, else "unknown". */
+export function serviceLabel(service: string): string {
+  return SERVICE_LABELS.has(service) ? service : "unknown";
+}
 
 export interface GatewayMetrics {
   /** The registry holding every metric below and the default process/runtime metrics. */
@@ -36,16 +48,22 @@ export interface GatewayMetrics {
   readonly pduErrors: Counter<"tenant" | "kind">;
   /** `dicom_gateway_orthanc_up` 1/0; refreshed from the snapshot. */
   readonly orthancUp: Gauge<string>;
+  /** `dicom_gateway_orthanc_node_up{node}` 1/0 per node of `Gateway.Orthanc.Url` (1: usable); refreshed from the snapshot. */
+  readonly orthancNodeUp: Gauge<"node">;
   /** `dicom_gateway_info{version}` = 1; refreshed from the snapshot. */
   readonly info: Gauge<"version">;
   /** `dicom_gateway_listener_up{tenant,port}` 1/0; refreshed from the snapshot. */
   readonly listenerUp: Gauge<"tenant" | "port">;
+  /** `dicom_gateway_unassociated_connections{tenant}`: connections not yet associated (TLS handshakes included); from the snapshot. */
+  readonly unassociatedConnections: Gauge<"tenant">;
+  /** `dicom_gateway_tls_certificate_expiry_timestamp_seconds{tenant,kind,subject,serial}`: Not After of each certificate; from the snapshot. */
+  readonly certificateExpiry: Gauge<"tenant" | "kind" | "subject" | "serial">;
 
   /** Count one association outcome (reason is forced to "" when accepted). */
   recordAssociation(tenant: string, result: AssociationResult, reason?: string): void;
   /** Count one DIMSE operation and observe its duration. */
   recordDimse(tenant: string, service: DimseService, status: number, seconds: number): void;
-  /** Set the snapshot-derived gauges (orthanc_up, info, listener_up, active_associations). */
+  /** Set the snapshot-derived gauges (orthanc_up, info, listener_up, active_associations, unassociated_connections, certificate expiry). */
   updateFromSnapshot(s: GatewaySnapshot): void;
 }
 
@@ -103,6 +121,12 @@ export function createMetrics(opts: MetricsOptions = {}): GatewayMetrics {
     help: "1 if Orthanc answered at the last check, else 0.",
     registers: [registry],
   });
+  const orthancNodeUp = new Gauge({
+    name: "dicom_gateway_orthanc_node_up",
+    help: "1 if this Orthanc node answered its last check and can be used, else 0 (one series per URL of Gateway.Orthanc.Url).",
+    labelNames: ["node"] as const,
+    registers: [registry],
+  });
   const info = new Gauge({
     name: "dicom_gateway_info",
     help: "Gateway build information (always 1).",
@@ -115,6 +139,18 @@ export function createMetrics(opts: MetricsOptions = {}): GatewayMetrics {
     labelNames: ["tenant", "port"] as const,
     registers: [registry],
   });
+  const unassociatedConnections = new Gauge({
+    name: "dicom_gateway_unassociated_connections",
+    help: "Connections not yet associated (A-ASSOCIATE-RQ not answered yet, TLS handshakes included), per tenant.",
+    labelNames: ["tenant"] as const,
+    registers: [registry],
+  });
+  const certificateExpiry = new Gauge({
+    name: "dicom_gateway_tls_certificate_expiry_timestamp_seconds",
+    help: "Not After of each certificate a DICOM TLS listener serves (kind=certificate) or verifies clients with (kind=ca), seconds since the epoch: alert before it comes.",
+    labelNames: ["tenant", "kind", "subject", "serial"] as const,
+    registers: [registry],
+  });
 
   return {
     registry,
@@ -124,25 +160,34 @@ export function createMetrics(opts: MetricsOptions = {}): GatewayMetrics {
     dimseDuration,
     pduErrors,
     orthancUp,
+    orthancNodeUp,
     info,
     listenerUp,
+    unassociatedConnections,
+    certificateExpiry,
     recordAssociation(tenant, result, reason = "") {
       associations.inc({ tenant, result, reason: result === "accepted" ? "" : reason });
     },
     recordDimse(tenant, service, status, seconds) {
-      dimseOperations.inc({ tenant, service, status: formatStatus(status) });
-      if (Number.isFinite(seconds) && seconds >= 0) dimseDuration.observe({ tenant, service }, seconds);
+      const label = serviceLabel(service);
+      dimseOperations.inc({ tenant, service: label, status: formatStatus(status) });
+      if (Number.isFinite(seconds) && seconds >= 0) dimseDuration.observe({ tenant, service: label }, seconds);
     },
     updateFromSnapshot(s) {
       orthancUp.set(s.orthanc.reachable ? 1 : 0);
+      for (const n of s.orthanc.nodes ?? [s.orthanc]) orthancNodeUp.set({ node: n.url }, n.reachable && !n.error ? 1 : 0);
       // reset() drops label sets of tenants that are gone (e.g. after a configuration change).
       info.reset();
       info.set({ version: s.version }, 1);
       listenerUp.reset();
       activeAssociations.reset();
+      unassociatedConnections.reset();
+      certificateExpiry.reset();
       for (const t of s.tenants) {
         for (const l of t.listeners ?? [{ port: t.port, listening: t.listening }]) listenerUp.set({ tenant: t.aet, port: String(l.port) }, l.listening ? 1 : 0);
         activeAssociations.set({ tenant: t.aet }, t.activeAssociations);
+        unassociatedConnections.set({ tenant: t.aet }, t.unassociatedConnections ?? 0);
+        for (const c of t.certificates ?? []) certificateExpiry.set({ tenant: t.aet, kind: c.kind, subject: c.subject, serial: c.serial }, c.notAfter);
       }
     },
   };

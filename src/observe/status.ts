@@ -14,8 +14,22 @@ export interface TenantStatus {
   /** Why the listener is not listening (bind error), if it is not. */
   listenError?: string;
   activeAssociations: number;
+  /** Associations of this tenant's previous settings still open after a reload (they finish, up to DrainSeconds). */
+  drainingAssociations?: number;
+  /** Connections not yet associated (A-ASSOCIATE-RQ not answered yet, TLS handshakes included). */
+  unassociatedConnections?: number;
+  /** The certificates of the tenant's DICOM TLS (served, and the CAs clients must chain to), with their expiry. */
+  certificates?: CertificateStatus[];
   /** Store-and-forward state of this tenant. */
   spool?: SpoolStatus;
+}
+
+export interface CertificateStatus {
+  kind: "certificate" | "ca";
+  subject: string;
+  serial: string;
+  /** Not After, seconds since the epoch. */
+  notAfter: number;
 }
 
 export interface SpoolStatus {
@@ -66,7 +80,33 @@ export interface OrthancStatus {
   uploadConcurrency?: number;
   /** Uploads are bound by the link (Orthanc's round trip is long): they do not give way to arriving instances. */
   linkBound?: boolean;
+  /** A cluster (`Gateway.Orthanc.Url` as a list): how many nodes can be used now... */
+  usableNodes?: number;
+  /** ...and each node's own status, in the order of the list. */
+  nodes?: OrthancStatus[];
 }
+
+/** The outcome of the last configuration reload (SIGHUP). */
+export type LastReload = { at: string } & (
+  | {
+      outcome: "applied";
+      added: string[];
+      removed: string[];
+      changed: string[];
+      unchanged: string[];
+      /** Other live settings that changed (DicomModalities, Gateway.Log.Level, Gateway.Limits.DrainSeconds). */
+      settings: string[];
+      /** Tenants that stayed and whose TLS files' content changed: new connections get the renewed files. */
+      tlsReloaded: string[];
+    }
+  | {
+      outcome: "rejected";
+      /** Why, naming cause and fix. */
+      error: string;
+      /** Each error of a configuration file that does not validate. */
+      issues?: string[];
+    }
+);
 
 export interface GatewaySnapshot {
   version: string;
@@ -79,14 +119,17 @@ export interface GatewaySnapshot {
   spoolHighWaterMarkPercent?: number;
   /** The most recent quarantined instances (newest last). */
   quarantine?: QuarantineSummary[];
+  /** The last configuration reload, if there was one since the start. */
+  lastReload?: LastReload;
 }
 
 /**
  * Readiness: every listener bound, no spool past its high-water mark, and Orthanc reachable with
  * labels support — or, for store-and-forward, unreachable for less than the configured grace time
- * since it was last seen (the spool absorbs short outages).
+ * since it was last seen (the spool absorbs short outages). An Orthanc cluster is ready while one node
+ * can be used; while others cannot, `degraded` says how many can and why the others cannot.
  */
-export function readiness(s: GatewaySnapshot, now = Date.now()): { ready: boolean; reasons: string[] } {
+export function readiness(s: GatewaySnapshot, now = Date.now()): { ready: boolean; reasons: string[]; degraded?: string } {
   const reasons: string[] = [];
   for (const t of s.tenants) {
     if (!t.listening) reasons.push(`listener ${t.aet} on port ${t.port} is not bound${t.listenError ? `: ${t.listenError}` : ""}`);
@@ -99,13 +142,19 @@ export function readiness(s: GatewaySnapshot, now = Date.now()): { ready: boolea
   const seen = s.orthanc.lastSeenAt ? Date.parse(s.orthanc.lastSeenAt) : undefined;
   const withinGrace = seen !== undefined && now - seen < grace;
   if (s.orthanc.reachable) {
-    if (!s.orthanc.hasLabels) {
+    if (!s.orthanc.hasLabels || s.orthanc.error) {
       reasons.push(s.orthanc.error ?? `Orthanc ${s.orthanc.version ?? "?"} at ${s.orthanc.url} does not support labels (need Orthanc >= 1.12 with a labels-capable database)`);
     }
   } else if (!withinGrace) {
     const e = s.orthanc.error;
     // The monitor's messages already name Orthanc and its URL; others get that context added.
     reasons.push(e?.startsWith(`Orthanc at ${s.orthanc.url}`) ? e : `Orthanc at ${s.orthanc.url} is not reachable${e ? `: ${e}` : ""}`);
+  }
+  const nodes = s.orthanc.nodes;
+  const down = nodes?.filter((n) => !n.reachable || n.error) ?? [];
+  if (nodes && down.length > 0 && down.length < nodes.length) {
+    const why = down.map((n) => n.error ?? `${n.url} is not reachable`).join("; ");
+    return { ready: reasons.length === 0, reasons, degraded: `degraded: ${nodes.length - down.length} of ${nodes.length} Orthanc nodes can be used (${why})` };
   }
   return { ready: reasons.length === 0, reasons };
 }

@@ -11,7 +11,7 @@
  * that started after the call has finished (concurrent callers share one poll).
  */
 import type { ResourceLevel } from "../config/types.ts";
-import type { OrthancClient } from "./client.ts";
+import type { OrthancApi } from "./nodes.ts";
 
 interface ChangesAnswer {
   Changes: { ChangeType: string; ResourceType: string; ID: string; Seq: number }[];
@@ -41,9 +41,11 @@ export class ChangesFeed {
   private next: Promise<void> | undefined;
   private timer: ReturnType<typeof setTimeout> | undefined;
   private running = false;
+  /** When (performance.now()) the latest poll that finished had started. */
+  private finishedPollStart = -Infinity;
 
   constructor(
-    private readonly client: OrthancClient,
+    private readonly client: OrthancApi,
     private readonly intervalMs = 2000,
   ) {}
 
@@ -81,6 +83,14 @@ export class ChangesFeed {
     return at !== undefined && at > seq;
   }
 
+  /**
+   * Resolves once a poll that started at or after `t` (performance.now()) has finished — at once if one has:
+   * callers that need the log as of one event (an upload) share one poll.
+   */
+  syncSince(t: number): Promise<void> {
+    return this.finishedPollStart >= t ? Promise.resolve() : this.sync();
+  }
+
   /** Resolves once a poll that started after this call has finished; rejects with its OrthancError. */
   sync(): Promise<void> {
     if (!this.current) {
@@ -102,6 +112,12 @@ export class ChangesFeed {
   }
 
   private async poll(): Promise<void> {
+    const started = performance.now();
+    await this.pollOnce();
+    this.finishedPollStart = Math.max(this.finishedPollStart, started);
+  }
+
+  private async pollOnce(): Promise<void> {
     if (this.lastSeq < 0) {
       // Start from now: caches are empty, what happened before does not matter.
       const a = await this.client.getJson<ChangesAnswer>("/changes?last");

@@ -10,7 +10,7 @@
  * remembered, bounded.
  */
 import type { ResourceLevel } from "../config/types.ts";
-import type { OrthancClient } from "./client.ts";
+import type { OrthancApi } from "./nodes.ts";
 import type { OrthancIds } from "./identity.ts";
 
 const LEVEL_PATH: Record<ResourceLevel, string> = { Patient: "patients", Study: "studies", Series: "series", Instance: "instances" };
@@ -60,7 +60,7 @@ export class Labeler {
   private readonly known = new Set<string>();
 
   constructor(
-    private readonly client: OrthancClient,
+    private readonly client: OrthancApi,
     private readonly opts: { cacheSize?: number } = {},
   ) {}
 

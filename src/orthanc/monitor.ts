@@ -4,7 +4,7 @@
  * running joins it, and the next periodic check is scheduled only after the current one ends.
  */
 import type { OrthancStatus } from "../observe/status.ts";
-import { OrthancError, versionAtLeast, type OrthancClient } from "./client.ts";
+import { OrthancError, versionAtLeast, type OrthancClient, type OrthancSystemInfo } from "./client.ts";
 
 export const MIN_ORTHANC_VERSION = "1.12.0";
 
@@ -13,12 +13,21 @@ export interface OrthancMonitorOptions {
   intervalMs?: number;
   /** Called after a check whose outcome (reachable, version, hasLabels, error) differs from the previous one. */
   onChange?: (s: OrthancStatus) => void;
+  /** Called after every check (the cluster's node health follows it). */
+  onCheck?: (s: OrthancStatus) => void;
+  /**
+   * What else the gateway needs of Orthanc's configuration, read from GET /system: why this Orthanc cannot
+   * be used (naming the fix), or undefined (e.g. the metadata of Strict isolation, tenancy/owner-records.ts).
+   */
+  requirements?: (sys: OrthancSystemInfo, url: string) => string | undefined;
 }
 
 export class OrthancMonitor {
   private readonly client: OrthancClient;
   private readonly intervalMs: number;
   private readonly onChange?: (s: OrthancStatus) => void;
+  private readonly onCheck?: (s: OrthancStatus) => void;
+  private readonly requirements?: (sys: OrthancSystemInfo, url: string) => string | undefined;
   private current: OrthancStatus;
   private inflight?: Promise<OrthancStatus>;
   private timer?: ReturnType<typeof setTimeout>;
@@ -28,6 +37,8 @@ export class OrthancMonitor {
     this.client = client;
     this.intervalMs = opts.intervalMs ?? 5000;
     if (opts.onChange) this.onChange = opts.onChange;
+    if (opts.onCheck) this.onCheck = opts.onCheck;
+    if (opts.requirements) this.requirements = opts.requirements;
     this.current = { url: client.url, reachable: false, error: "Orthanc has not been checked yet" };
   }
 
@@ -86,6 +97,9 @@ export class OrthancMonitor {
         next.error =
           `Orthanc ${version} at ${url} reports HasLabels=false: tenant labels need Orthanc >= 1.12 with a database back-end that supports labels ` +
           `(the default SQLite, or PostgreSQL/MySQL/ODBC plugins recent enough to support labels)`;
+      } else {
+        const missing = this.requirements?.(sys, url);
+        if (missing) next.error = `Orthanc ${version} at ${url}: ${missing}`;
       }
     } catch (err) {
       next = {
@@ -103,6 +117,11 @@ export class OrthancMonitor {
     // 15 s), forgotten when it does not (it may come back with another configuration).
     if (next.reachable && !next.error) void this.client.findLimits.refresh(this.client, { timeoutMs: 10_000 });
     else if (!next.reachable) this.client.findLimits.forget();
+    try {
+      this.onCheck?.(next);
+    } catch {
+      // A failing listener must not stop the monitor.
+    }
     const changed =
       prev.reachable !== next.reachable ||
       prev.version !== next.version ||

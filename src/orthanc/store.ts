@@ -6,9 +6,10 @@
 import { open } from "node:fs/promises";
 import { collectAsStreamGrows } from "../adapter/index.ts";
 import { readRange, type FileRange } from "../shared/file-range.ts";
-import { OrthancError, type OrthancClient, type PipelinedCall, type StreamBody } from "./client.ts";
+import { OrthancError, type PipelinedAnswer, type PipelinedCall, type StreamBody } from "./client.ts";
 import type { OrthancIds } from "./identity.ts";
 import { labelPath, labelsPath, type LabelPlan, type Labeler } from "./labeler.ts";
+import type { OrthancApi } from "./nodes.ts";
 
 export interface StoredInstance {
   id: string;
@@ -17,6 +18,8 @@ export interface StoredInstance {
   parentSeries: string;
   /** "Success", or "AlreadyStored" for a replay of an instance Orthanc has. */
   status: string;
+  /** When Orthanc's answer came (performance.now()): the change log as of then tells what this upload created. */
+  at?: number;
 }
 
 /** Orthanc's answer to POST /instances. */
@@ -68,7 +71,7 @@ const SLOWEST_LINK = 125;
  * write), from its last byte for a streamed one, whose sending may take as long as the link needs
  * provided it never stops for the REST timeout.
  */
-function uploadTimeouts(client: OrthancClient, body: Uint8Array | StreamBody): { timeoutMs: number; progressTimeoutMs?: number } {
+function uploadTimeouts(client: OrthancApi, body: Uint8Array | StreamBody): { timeoutMs: number; progressTimeoutMs?: number } {
   const timeoutMs = client.timeoutMs + Math.ceil(body.length / 10_000) + Math.ceil(Math.min(body.length, IN_FLIGHT_MAX) / SLOWEST_LINK);
   return body instanceof Uint8Array ? { timeoutMs } : { timeoutMs, progressTimeoutMs: client.timeoutMs };
 }
@@ -89,11 +92,11 @@ function storedFrom(a: PostInstancesAnswer | undefined): StoredInstance {
     // Orthanc's own filter (a Lua ReceivedInstanceFilter, a plugin's incoming-instance filter) refused it, for good.
     throw new OrthancError("Orthanc filtered the instance out (its ReceivedInstanceFilter or a plugin's filter refused it): see Orthanc's configuration", { kind: "http", status: 403, body: a });
   }
-  return { id: a.ID, parentPatient: a.ParentPatient, parentStudy: a.ParentStudy, parentSeries: a.ParentSeries, status: a.Status };
+  return { id: a.ID, parentPatient: a.ParentPatient, parentStudy: a.ParentStudy, parentSeries: a.ParentSeries, status: a.Status, at: performance.now() };
 }
 
 /** POST /instances with an instance's Part 10 bytes: given, read from disk, or streamed from disk when large. */
-export async function uploadFile(client: OrthancClient, source: Uint8Array | FileRange, signal?: AbortSignal): Promise<StoredInstance> {
+export async function uploadFile(client: OrthancApi, source: Uint8Array | FileRange, signal?: AbortSignal): Promise<StoredInstance> {
   const body = await instanceBody(source);
   const a = await client.postJson<PostInstancesAnswer>("/instances", body, { ...uploadTimeouts(client, body), headers: { "Content-Type": "application/dicom" }, signal });
   return storedFrom(a);
@@ -105,6 +108,8 @@ export interface LabeledUpload {
   /** Every label of the plan is on the resources Orthanc filed the instance under. */
   labeled: boolean;
   attachment?: { md5: string; size: number };
+  /** The answers to `reads`, by path. */
+  reads?: Map<string, PipelinedAnswer>;
 }
 
 /**
@@ -116,25 +121,34 @@ export interface LabeledUpload {
  * elsewhere (placementMismatch) or a label call failed, `labeled` is false and the caller decides
  * (quarantine, or the labels at Orthanc's IDs). With `attachment`, Orthanc's MD5 and size of the stored
  * file come in the same round trip.
+ *
+ * `labelsLater`: only the upload (and the attachment's reads) now, the labels left to the caller
+ * (labelPlanned(), one more round trip): Strict isolation claims the study and series in Orthanc's
+ * ownership records after the upload and before any label (tenancy/owner-records.ts), and a label
+ * pipelined behind the upload would be put before that claim is known to hold. `reads`: GETs pipelined
+ * right behind the upload (Strict: the ownership records, IsolationGuard.recordReads), answered in `reads`.
  */
 export async function uploadLabeled(
-  client: OrthancClient,
+  client: OrthancApi,
   labeler: Labeler,
   source: Uint8Array | FileRange,
   plan: LabelPlan,
-  opts: { attachment?: boolean; signal?: AbortSignal } = {},
+  opts: { attachment?: boolean; labelsLater?: boolean; reads?: readonly string[]; signal?: AbortSignal } = {},
 ): Promise<LabeledUpload> {
   const ids = plan.ids;
   const body = await instanceBody(source);
   const calls: PipelinedCall[] = [{ method: "POST", path: "/instances", body, headers: { "Content-Type": "application/dicom", Accept: "application/json" } }];
-  for (const p of plan.put) calls.push({ method: "PUT", path: labelPath(p.level, p.id, p.label), body: "" });
-  const checksAt = calls.length;
-  for (const c of plan.check) calls.push({ method: "GET", path: labelsPath(c.level, c.id), headers: { Accept: "application/json" } });
+  const reads = opts.reads ?? [];
+  for (const path of reads) calls.push({ method: "GET", path, headers: { Accept: "application/json" } });
+  const labelsAt = calls.length;
+  if (!opts.labelsLater) calls.push(...labelCalls(plan));
   const attachmentAt = calls.length;
   if (opts.attachment) {
     calls.push({ method: "GET", path: `/instances/${ids.instance}/attachments/dicom/md5` });
     calls.push({ method: "GET", path: `/instances/${ids.instance}/attachments/dicom/size` });
   }
+  // A cluster sends the whole pipeline again to the next node when one fails it (the body is read again
+  // from its start; the upload is answered AlreadyStored, labels and reads are idempotent).
   const answers = await client.pipeline(calls, { ...uploadTimeouts(client, body), ...(opts.signal ? { signal: opts.signal } : {}) });
   const failure = client.failureOf(calls[0]!, answers[0]!);
   if (failure) throw failure;
@@ -145,20 +159,44 @@ export async function uploadLabeled(
     throw new OrthancError(`Orthanc sent a body that is not JSON to POST /instances (${answers[0]!.text.slice(0, 80)})`, { kind: "http", status: answers[0]!.status, cause: e });
   }
   const stored = storedFrom(answer);
-  if (placementMismatch(stored, ids) !== undefined) return { stored, labeled: false };
-  const ok = (a: { status: number }) => a.status >= 200 && a.status < 300;
-  const labeled = answers.slice(1, checksAt).every(ok);
-  if (labeled) {
-    const found = answers.slice(checksAt, attachmentAt).map((a) => (ok(a) ? labelList(a.text) : undefined));
-    const again = labeler.settle(plan, found);
-    if (again.length > 0) await labeler.put(again, opts.signal);
-  }
-  const out: LabeledUpload = { stored, labeled };
+  const out: LabeledUpload = { stored, labeled: false };
+  if (reads.length > 0) out.reads = new Map(reads.map((path, i) => [path, answers[1 + i]!]));
   if (opts.attachment) {
     const [md5, size] = [answers[attachmentAt]!, answers[attachmentAt + 1]!];
     if (md5.status === 200 && size.status === 200) out.attachment = { md5: md5.text.trim().replace(/"/g, ""), size: Number(size.text.trim()) };
   }
+  if (placementMismatch(stored, ids) !== undefined || opts.labelsLater) return out;
+  out.labeled = await settleLabels(labeler, plan, answers.slice(labelsAt, attachmentAt), opts.signal);
   return out;
+}
+
+/**
+ * Puts the labels of `plan` and reads back the known parents' in one round trip (pipelined), after an
+ * upload made with `labelsLater`. Resolves with whether every label is on.
+ */
+export async function labelPlanned(client: OrthancApi, labeler: Labeler, plan: LabelPlan, signal?: AbortSignal): Promise<boolean> {
+  const calls = labelCalls(plan);
+  if (calls.length === 0) return true;
+  const answers = await client.pipeline(calls, signal ? { signal } : {});
+  return settleLabels(labeler, plan, answers, signal);
+}
+
+/** The label calls of a plan: its puts, then the read-backs of its known parents. */
+function labelCalls(plan: LabelPlan): PipelinedCall[] {
+  return [
+    ...plan.put.map((p): PipelinedCall => ({ method: "PUT", path: labelPath(p.level, p.id, p.label), body: "" })),
+    ...plan.check.map((c): PipelinedCall => ({ method: "GET", path: labelsPath(c.level, c.id), headers: { Accept: "application/json" } })),
+  ];
+}
+
+/** The answers to labelCalls(plan): every put succeeded; a known parent that lost a label gets it again. */
+async function settleLabels(labeler: Labeler, plan: LabelPlan, answers: PipelinedAnswer[], signal?: AbortSignal): Promise<boolean> {
+  const ok = (a: { status: number }) => a.status >= 200 && a.status < 300;
+  if (!answers.slice(0, plan.put.length).every(ok)) return false;
+  const found = answers.slice(plan.put.length).map((a) => (ok(a) ? labelList(a.text) : undefined));
+  const again = labeler.settle(plan, found);
+  if (again.length > 0) await labeler.put(again, signal);
+  return true;
 }
 
 /** A resource's labels as Orthanc answers them (a JSON list of strings); undefined if it is not one. */
@@ -191,7 +229,7 @@ export function isPermanentRejection(e: unknown): boolean {
 }
 
 /** MD5 and size of what Orthanc stored for an instance (its DICOM attachment). */
-export async function storedAttachmentInfo(client: OrthancClient, instanceId: string): Promise<{ md5: string; size: number }> {
+export async function storedAttachmentInfo(client: OrthancApi, instanceId: string): Promise<{ md5: string; size: number }> {
   const [md5, size] = await Promise.all([
     client.request("GET", `/instances/${instanceId}/attachments/dicom/md5`).then((r) => r.text()),
     client.request("GET", `/instances/${instanceId}/attachments/dicom/size`).then((r) => r.text()),

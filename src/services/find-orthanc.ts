@@ -9,7 +9,7 @@ import type { FindSettings, ResourceLevel, TenantConfig } from "../config/types.
 import { dictionaryEntry, orthancTag, parseOrthancTag } from "../dicom/dictionary.ts";
 import { inScope, scopeFilter, scopePlan } from "../tenancy/label-scope.ts";
 import type { OutOfScope } from "./scope-watch.ts";
-import type { OrthancClient } from "../orthanc/client.ts";
+import type { OrthancApi } from "../orthanc/nodes.ts";
 import { findAll, findPages, type FindBody } from "../orthanc/find-pages.ts";
 import {
   activeKeys,
@@ -76,7 +76,7 @@ export class FindLimitError extends Error {
 }
 
 export interface FindContext {
-  orthanc: OrthancClient;
+  orthanc: OrthancApi;
   tenant: Pick<TenantConfig, "labels" | "labelsConstraint" | "labelsStoreLevels">;
   settings: FindSettings;
   signal?: AbortSignal;

@@ -14,8 +14,10 @@ import { dictionaryEntry, parseOrthancTag, tagName } from "../dicom/dictionary.t
 import { elementQueryText, elementText, encodeDataset, IdentifierError, parseDataset, type DataElement, type OutElement } from "../dicom/identifier.ts";
 import { informationModelOf, queryRetrieveSopClasses } from "../dicom/sop-classes.ts";
 import type { Logger } from "../shared/log.ts";
-import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
+import { OrthancError } from "../orthanc/client.ts";
+import { pinned, type OrthancApi } from "../orthanc/nodes.ts";
 import { activeKeys, buildFindQuery, DICOM_LEVEL, FindQueryError, parentKeys, T, UNIQUE_KEY, type FindQuery, type FindResult, type OrthancValue, type RawKey } from "./find-matching.ts";
+import { errorComment } from "./error-comment.ts";
 import { FindLimitError, runFind } from "./find-orthanc.ts";
 import type { OutOfScope } from "./scope-watch.ts";
 import type { DimseHandler, DimseResponder } from "../net/association.ts";
@@ -29,7 +31,7 @@ const MAX_IDENTIFIER_BYTES = 1 << 20;
 
 export interface FindHandlerOptions {
   tenant: TenantConfig;
-  orthanc: OrthancClient;
+  orthanc: OrthancApi;
   find: FindSettings;
   /** Orthanc's `DefaultEncoding`: the character set of identifiers without (0008,0005). */
   defaultEncoding: string;
@@ -91,7 +93,7 @@ export function createFindHandler(opts: FindHandlerOptions): DimseHandler {
 
     // Audit: the level and the keys that carried a value (what was asked for, not what was returned).
     responder.audit({
-      level: levelElement ? elementText(levelElement, []).trim() : undefined,
+      queryLevel: levelElement ? elementText(levelElement, []).trim() : undefined,
       keys: Object.fromEntries(raw.filter((k) => k.value !== "" && k.tag !== T.QueryRetrieveLevel && k.tag !== T.SpecificCharacterSet).map((k) => [tagName(k.tag), k.value])),
     });
     const limit = opts.find.limitFindResults;
@@ -99,7 +101,8 @@ export function createFindHandler(opts: FindHandlerOptions): DimseHandler {
     let count = 0;
     const ts = request.presentationContext.transferSyntax;
     try {
-      for await (const page of runFind(query, { orthanc: opts.orthanc, tenant: opts.tenant, settings: opts.find, signal: request.signal, outOfScope: opts.outOfScope })) {
+      // One Orthanc node for the query's pages (another one if it fails: nodes.ts).
+      for await (const page of runFind(query, { orthanc: pinned(opts.orthanc), tenant: opts.tenant, settings: opts.find, signal: request.signal, outOfScope: opts.outOfScope })) {
         const { results } = page;
         for (let i = 0; i < results.length; i++) {
           if (request.signal.aborted) throw new Cancelled();
@@ -127,7 +130,7 @@ export function createFindHandler(opts: FindHandlerOptions): DimseHandler {
         return;
       }
       if (e instanceof FindLimitError) {
-        await fail(Status.OutOfResources, `${e.message}: narrow the query`.slice(0, 64));
+        await fail(Status.OutOfResources, errorComment(`${e.message}: narrow the query`));
         opts.log?.warn("C-FIND over the limit", { tenant: opts.tenant.aet, limit });
         return;
       }
@@ -138,7 +141,7 @@ export function createFindHandler(opts: FindHandlerOptions): DimseHandler {
         return;
       }
       if (e instanceof Error && /association ended|connection closed|aborted by peer/.test(e.message)) throw e;
-      await fail(Status.UnableToProcess, `query failed: ${(e as Error).message}`.slice(0, 64));
+      await fail(Status.UnableToProcess, errorComment(`query failed: ${(e as Error).message}`));
       opts.log?.warn("C-FIND failed", { tenant: opts.tenant.aet, error: (e as Error).message });
     }
   };

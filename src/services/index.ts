@@ -14,12 +14,13 @@ import { createGetHandler } from "./get.ts";
 import { createMoveHandler } from "./move.ts";
 import { createRetrieveMetrics } from "./retrieve-metrics.ts";
 import { scopeWatch } from "./scope-watch.ts";
+import { StorageCommitmentScp, type StorageCommitmentEvents } from "./storage-commitment.ts";
 import { DICOM_UID_ROOT, isStandardStorageSopClass, queryRetrieveSopClasses, SopClass } from "../dicom/sop-classes.ts";
 import { transferSyntaxMatcher } from "../dicom/uids.ts";
 import type { Logger } from "../shared/log.ts";
 import type { GatewayMetrics } from "../observe/metrics.ts";
-import type { OrthancClient } from "../orthanc/client.ts";
 import type { Labeler } from "../orthanc/labeler.ts";
+import type { OrthancApi } from "../orthanc/nodes.ts";
 import type { Forwarder } from "../spool/forwarder.ts";
 import type { TenantSpool } from "../spool/spool.ts";
 import type { IsolationGuard } from "../tenancy/isolation.ts";
@@ -29,12 +30,13 @@ import type { UidRegistry } from "../tenancy/ownership.ts";
 export interface TenantContext {
   tenant: TenantConfig;
   config: GatewayConfig;
-  orthanc: OrthancClient;
+  orthanc: OrthancApi;
   labeler: Labeler;
   forwarder: Forwarder;
   spool: TenantSpool;
   metrics: GatewayMetrics;
   storeEvents?: StoreEvents;
+  storageCommitmentEvents?: StorageCommitmentEvents;
   /** The tenant's isolation guard when its Isolation is Strict. */
   guard?: IsolationGuard;
   /** Where instances hold their UIDs between their check and Orthanc (every tenant). */
@@ -45,6 +47,34 @@ export interface TenantContext {
 export interface TenantServices {
   syntaxes: SupportedSyntaxes;
   handlers: Map<number, DimseHandler>;
+  /**
+   * Work of the services that outlives an association (Storage Commitment reports, owed across restarts):
+   * started before the tenant listens, stopped after its listener closed.
+   */
+  background: TenantBackground;
+}
+
+/** The services' work that outlives associations, started and stopped with a tenant's listener. */
+export interface TenantBackground {
+  /**
+   * Starts it. `predecessor`: the background of the same tenant's listener that a reload replaces (still
+   * draining): its Storage Commitment journal is shared rather than opened again, what it is working on
+   * stays its own, and what it has not finished when it stops comes here.
+   */
+  start(predecessor?: TenantBackground): Promise<void>;
+  /** Stops it; what is still owed stays in the journal (for the successor, or the next start). */
+  stop(): Promise<void>;
+}
+
+/** The background of createTenantServices: Storage Commitment's reports. */
+class CommitmentBackground implements TenantBackground {
+  constructor(readonly commitment: StorageCommitmentScp) {}
+  start(predecessor?: TenantBackground): Promise<void> {
+    return this.commitment.start(predecessor instanceof CommitmentBackground ? predecessor.commitment : undefined);
+  }
+  stop(): Promise<void> {
+    return this.commitment.stop();
+  }
 }
 
 export function createTenantServices(ctx: TenantContext): TenantServices {
@@ -83,7 +113,23 @@ export function createTenantServices(ctx: TenantContext): TenantServices {
   handlers.set(CommandField.CMoveRQ, createMoveHandler({ ...retrieve, outOfScope: scopeWatch(ctx.metrics.registry, ctx.log, ctx.tenant.aet, "C-MOVE") }));
   handlers.set(CommandField.CGetRQ, createGetHandler({ ...retrieve, outOfScope: scopeWatch(ctx.metrics.registry, ctx.log, ctx.tenant.aet, "C-GET") }));
 
+  // Storage Commitment Push Model SCP (PS3.4 Annex J): N-ACTION answered at once, N-EVENT-REPORT when
+  // the instances are decided, on the same association or a new one (storage-commitment.ts).
+  const commitment = new StorageCommitmentScp({
+    tenant: ctx.tenant,
+    config: ctx.config,
+    orthanc: ctx.orthanc,
+    registry: ctx.registry,
+    forwarder: ctx.forwarder,
+    spool: ctx.spool,
+    events: ctx.storageCommitmentEvents,
+    log: ctx.log,
+  });
+  abstractSyntaxes.set(SopClass.StorageCommitmentPushModel, UNCOMPRESSED_LITTLE_ENDIAN);
+  handlers.set(CommandField.NActionRQ, commitment.handler);
+
   return {
+    background: new CommitmentBackground(commitment),
     syntaxes: {
       abstractSyntaxes,
       fallback: (uid) => (isStorage(uid) ? storagePolicy : undefined),

@@ -22,7 +22,8 @@
 import type { LabelsConstraint, ResourceLevel } from "../config/types.ts";
 import { inScope, isUnrestricted, labeledLevels, type ScopedTenant } from "../tenancy/label-scope.ts";
 import type { OutOfScope } from "./scope-watch.ts";
-import type { OrthancClient, RequestOptions } from "../orthanc/client.ts";
+import type { RequestOptions } from "../orthanc/client.ts";
+import type { OrthancApi } from "../orthanc/nodes.ts";
 import { findAll, type FindBody } from "../orthanc/find-pages.ts";
 
 export type RetrieveLevel = "PATIENT" | "STUDY" | "SERIES" | "IMAGE";
@@ -106,7 +107,7 @@ export interface ResolveOptions extends Pick<RequestOptions, "signal" | "timeout
 const LEVEL_RANK: Record<ResourceLevel, number> = { Patient: 0, Study: 1, Series: 2, Instance: 3 };
 
 /** Resolves the instances of a retrieve request within the scope. Throws OrthancError or ResolveError. */
-export async function resolveInstances(orthanc: OrthancClient, scope: LabelScope, keys: RetrieveKeys, opts: ResolveOptions = {}): Promise<ResolvedInstance[]> {
+export async function resolveInstances(orthanc: OrthancApi, scope: LabelScope, keys: RetrieveKeys, opts: ResolveOptions = {}): Promise<ResolvedInstance[]> {
   const rank = LEVEL_RANK[scope.level];
   const restricted = !isUnrestricted(scope);
   const anchorLevel: ResourceLevel = restricted ? scope.level : "Instance";
@@ -194,7 +195,7 @@ function instanceQuery(keys: RetrieveKeys): Record<string, string> {
   return q;
 }
 
-async function instancesUnder(orthanc: OrthancClient, anchor: AnchorResource, level: ResourceLevel, keys: RetrieveKeys, opts: ResolveOptions): Promise<ResolvedInstance[]> {
+async function instancesUnder(orthanc: OrthancApi, anchor: AnchorResource, level: ResourceLevel, keys: RetrieveKeys, opts: ResolveOptions): Promise<ResolvedInstance[]> {
   const query: Record<string, string> = {};
   let parent: Record<string, string> = {};
   const anchorPatientId = anchor.PatientMainDicomTags?.["PatientID"] ?? anchor.MainDicomTags?.["PatientID"];
@@ -227,7 +228,7 @@ async function instancesUnder(orthanc: OrthancClient, anchor: AnchorResource, le
 }
 
 /** The anchor-level key (PatientID, StudyInstanceUID or SeriesInstanceUID values) of the requested resources, without scope. */
-async function ancestorKeys(orthanc: OrthancClient, keys: RetrieveKeys, anchor: ResourceLevel, opts: ResolveOptions): Promise<Record<string, string> | undefined> {
+async function ancestorKeys(orthanc: OrthancApi, keys: RetrieveKeys, anchor: ResourceLevel, opts: ResolveOptions): Promise<Record<string, string> | undefined> {
   const query: Record<string, string> = {};
   // Patient-anchored scope: a STUDY request names studies; find their patients first.
   if (keys.studyInstanceUids && anchor === "Patient") query["StudyInstanceUID"] = keys.studyInstanceUids.join("\\");
@@ -249,7 +250,7 @@ function descendsFrom(f: FoundInstance, anchor: AnchorResource, level: ResourceL
 }
 
 async function findInstances(
-  orthanc: OrthancClient,
+  orthanc: OrthancApi,
   query: Record<string, string>,
   scope: LabelScope | undefined,
   parent: Record<string, string> | undefined,
@@ -275,7 +276,7 @@ async function findInstances(
   return found.filter((f): f is FoundInstance => !!f && typeof f === "object" && typeof f.ID === "string");
 }
 
-async function toResolved(orthanc: OrthancClient, f: FoundInstance, anchorId: string, opts: ResolveOptions): Promise<ResolvedInstance | undefined> {
+async function toResolved(orthanc: OrthancApi, f: FoundInstance, anchorId: string, opts: ResolveOptions): Promise<ResolvedInstance | undefined> {
   let meta = f.Metadata;
   if (!meta?.["SopClassUid"] || !meta["TransferSyntax"]) {
     meta = await orthanc.getJson<Record<string, string>>(`/instances/${encodeURIComponent(f.ID)}/metadata?expand`, opts);
@@ -304,7 +305,7 @@ function sortInstances(list: ResolvedInstance[]): ResolvedInstance[] {
  * Re-checks, right before sending, that an anchor resource is still in the scope (its labels may have
  * changed since the resolution). One call per anchor per retrieve: the caller caches the answer.
  */
-export async function anchorStillInScope(orthanc: OrthancClient, scope: LabelScope, anchorId: string, opts: RequestOptions = {}): Promise<boolean> {
+export async function anchorStillInScope(orthanc: OrthancApi, scope: LabelScope, anchorId: string, opts: RequestOptions = {}): Promise<boolean> {
   if (isUnrestricted(scope)) return true;
   const path = { Patient: "patients", Study: "studies", Series: "series", Instance: "instances" }[scope.level];
   const labels = await orthanc.getJson<string[]>(`/${path}/${encodeURIComponent(anchorId)}/labels`, opts);

@@ -11,11 +11,13 @@ import { informationModelOf, type InformationModel } from "../dicom/sop-classes.
 import type { RetrieveKeys, RetrieveLevel } from "./resolve.ts";
 
 /** A request the handler refuses before any sub-operation: status and ErrorComment. */
+/** A retrieve answered before any sub-operation: its status, the ErrorComment (`message`) and, for the log, the detail. */
 export class RetrieveRefusal extends Error {
   override name = "RetrieveRefusal";
   constructor(
     readonly status: number,
     message: string,
+    readonly detail?: string,
   ) {
     super(message);
   }
@@ -122,7 +124,7 @@ export async function readRetrieveKeys(request: DimseRequest, defaultEncoding?: 
 /** What a retrieve asked for, for the audit trail (UID lists are kept; they identify what was asked). */
 export function auditKeys(keys: RetrieveKeys): Record<string, unknown> {
   return {
-    level: keys.level,
+    queryLevel: keys.level,
     ...(keys.patientId !== undefined ? { patientId: keys.patientId } : {}),
     ...(keys.studyInstanceUids ? { studyInstanceUid: keys.studyInstanceUids.join("\\") } : {}),
     ...(keys.seriesInstanceUids ? { seriesInstanceUid: keys.seriesInstanceUids.join("\\") } : {}),

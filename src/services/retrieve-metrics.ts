@@ -5,11 +5,13 @@
  *  dicom_gateway_retrieve_bytes_total{tenant,service,destination}                 data set bytes sent in C-STORE sub-operations
  *  dicom_gateway_retrieve_duration_seconds{tenant,service,destination}            request to final response
  *  dicom_gateway_retrieve_first_suboperation_seconds{tenant,service,destination}  request to the first sub-operation's start
+ *  dicom_gateway_retrieve_transcoded_suboperations_total{tenant,service,destination,status}
+ *                                           sub-operations whose instance Orthanc transcoded (the peer refused its stored syntax)
  *
  * `destination` is the DicomModalities name for C-MOVE ("(unknown)" when refused) and "requester" for
  * C-GET (the sub-operations go back on the requester's association): never text from the peer.
  */
-import { Counter, Histogram, type Registry } from "prom-client";
+import { Counter, Histogram, type Registry } from "../observe/prometheus.ts";
 
 export type RetrieveService = "C-MOVE" | "C-GET";
 
@@ -18,6 +20,7 @@ export interface RetrieveMetrics {
   readonly bytes: Counter<"tenant" | "service" | "destination">;
   readonly duration: Histogram<"tenant" | "service" | "destination">;
   readonly firstSubOperation: Histogram<"tenant" | "service" | "destination">;
+  readonly transcoded: Counter<"tenant" | "service" | "destination" | "status">;
 }
 
 const BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800];
@@ -55,6 +58,12 @@ export function createRetrieveMetrics(registry: Registry): RetrieveMetrics {
       buckets: BUCKETS,
       registers: [registry],
     }),
+    transcoded: new Counter({
+      name: "dicom_gateway_retrieve_transcoded_suboperations_total",
+      help: "C-STORE sub-operations of C-MOVE/C-GET whose instance was transcoded by Orthanc to an uncompressed syntax the peer accepts, by outcome.",
+      labelNames: ["tenant", "service", "destination", "status"] as const,
+      registers: [registry],
+    }),
   };
   byRegistry.set(registry, m);
   return m;
@@ -85,8 +94,9 @@ export class RetrieveRecorder {
     this.metrics?.firstSubOperation.observe(this.labels, (performance.now() - this.started) / 1000);
   }
 
-  subOperation(status: "completed" | "failed" | "warning", bytes: number): void {
+  subOperation(status: "completed" | "failed" | "warning", bytes: number, transcoded = false): void {
     this.metrics?.subOperations.inc({ ...this.labels, status });
+    if (transcoded) this.metrics?.transcoded.inc({ ...this.labels, status });
     if (bytes > 0) this.metrics?.bytes.inc(this.labels, bytes);
   }
 

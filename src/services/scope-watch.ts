@@ -5,7 +5,7 @@
  * misconfiguration worth an alert, never silence: each one is logged (warn) and counted in
  * `dicom_gateway_scope_violations_total{tenant,service}`.
  */
-import { Counter, type Registry } from "prom-client";
+import { Counter, type Registry } from "../observe/prometheus.ts";
 import type { Logger } from "../shared/log.ts";
 
 /** Told how many resources of an Orthanc answer were dropped as outside the tenant's scope, and where. */

@@ -11,12 +11,14 @@
  */
 import type { TenantConfig } from "../config/types.ts";
 import { isValidUid } from "../dicom/uids.ts";
-import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
-import { orthancIds, type OrthancIds } from "../orthanc/identity.ts";
+import { OrthancError } from "../orthanc/client.ts";
+import { orthancIds } from "../orthanc/identity.ts";
 import type { Labeler } from "../orthanc/labeler.ts";
-import { isPermanentRejection, placementMismatch, storedIds, uploadLabeled } from "../orthanc/store.ts";
+import type { OrthancApi } from "../orthanc/nodes.ts";
+import { isPermanentRejection, labelPlanned, placementMismatch, storedAttachmentInfo, storedIds, uploadLabeled } from "../orthanc/store.ts";
+import { createHash } from "node:crypto";
 import type { Forwarder } from "../spool/forwarder.ts";
-import { newSpoolId, SpoolDiskError, SpoolQuotaError, type ReceivedFile, type TenantSpool } from "../spool/spool.ts";
+import { newSpoolId, SpoolDiskError, SpoolQuotaError, TenantSpool, type ReceivedFile } from "../spool/spool.ts";
 import { DatasetRefusal, InstanceReader, type InstanceIdentity } from "../dicom/dataset-reader.ts";
 import type { IsolationGuard, IsolationVerdict } from "../tenancy/isolation.ts";
 import type { UidRegistry } from "../tenancy/ownership.ts";
@@ -41,7 +43,7 @@ export interface StoreEvents {
 export interface StoreServiceDeps {
   tenant: TenantConfig;
   spool: TenantSpool;
-  orthanc: OrthancClient;
+  orthanc: OrthancApi;
   labeler: Labeler;
   forwarder: Forwarder;
   /** Every instance between its check and Orthanc holds its UIDs here (Strict and Shared tenants alike). */
@@ -148,7 +150,7 @@ function storeHandler(deps: StoreServiceDeps): DimseHandler {
 
     if (tenant.forwarding === "Sync") {
       try {
-        return await storeSync(deps, received, responder, sopInstanceUid, fail, verdict?.ids ?? orthancIds(identity), verdict);
+        return await storeSync(deps, received, responder, sopInstanceUid, fail, verdict, identity);
       } finally {
         deps.registry.releaseHold(id);
       }
@@ -212,8 +214,13 @@ async function checkIsolation(
       verdict = await deps.guard!.check(identity, holdKey, { offline: true });
     }
   } catch (e) {
-    // The claims file could not be written (disk full, permissions): nothing was acknowledged.
-    return { refusal: { status: Status.OutOfResources, comment: "Gateway spool disk error, retry later", reason: `cannot record the claim: ${(e as Error).message}` } };
+    // The check itself failed: nothing was acknowledged.
+    return { refusal: { status: Status.OutOfResources, comment: "Isolation check failed, retry later", reason: `isolation check failed: ${(e as Error).message}` } };
+  }
+  if (verdict.ok && !verdict.checked && deps.tenant.forwarding === "Sync") {
+    // Orthanc cannot keep the ownership records: Sync cannot store now (Spool decides again before the upload).
+    deps.registry.releaseHold(holdKey);
+    return { refusal: { status: Status.OutOfResources, comment: "Orthanc not ready for Strict isolation; retry later", reason: `isolation check impossible: ${deps.guard!.unusable ?? "Orthanc unreachable"}` } };
   }
   if (verdict.ok) {
     for (const w of verdict.warnings) deps.events?.isolationWarning?.(w, identity);
@@ -231,13 +238,19 @@ async function storeSync(
   responder: DimseResponder,
   sopInstanceUid: string,
   fail: Fail,
-  ids: OrthancIds,
-  verdict?: Extract<IsolationVerdict, { ok: true }>,
+  verdict: Extract<IsolationVerdict, { ok: true }> | undefined,
+  identity: InstanceIdentity,
 ): Promise<void> {
   try {
-    // The labels are pipelined behind the upload: one round trip for both.
-    const plan = deps.labeler.plan(ids, deps.tenant);
-    const up = await uploadLabeled(deps.orthanc, deps.labeler, await deps.spool.bytesOf(received), plan);
+    // The labels are pipelined behind the upload: one round trip for both. Strict isolation: after the
+    // ownership claim (guard.settle), one more round trip; a replay's MD5 and size come with the upload.
+    const strict = deps.guard !== undefined && verdict !== undefined;
+    const plan = deps.labeler.plan(verdict?.ids ?? orthancIds(identity), deps.tenant);
+    const up = await uploadLabeled(deps.orthanc, deps.labeler, await deps.spool.bytesOf(received), plan, {
+      labelsLater: strict,
+      attachment: strict && verdict.instanceIsNew,
+      ...(strict ? { reads: deps.guard!.recordReads(plan.ids) } : {}),
+    });
     const stored = up.stored;
     const misplaced = verdict && placementMismatch(stored, verdict.ids);
     if (misplaced) {
@@ -247,6 +260,32 @@ async function storeSync(
       deps.events?.misplaced?.(misplaced, deleted);
       return fail(Status.ProcessingFailure, "Orthanc filed it elsewhere than checked (see log)", `isolation: ${misplaced}; ${deleted ? "the upload was undone" : "left in Orthanc as it was (not created by this upload)"}`);
     }
+    if (deps.guard && verdict) {
+      // Strict isolation: another writer stored this SOP Instance UID since the check (see the forwarder):
+      // labeled only if Orthanc holds exactly these bytes.
+      if (stored.status === "AlreadyStored" && verdict.instanceIsNew) {
+        const got = up.attachment ?? (await storedAttachmentInfo(deps.orthanc, stored.id));
+        const sent = await deps.spool.bytesOf(received);
+        const [size, md5] = sent instanceof Uint8Array ? [sent.length, createHash("md5").update(sent).digest("hex")] : [sent.size, await TenantSpool.md5Of(sent)];
+        if (got.size !== size || got.md5 !== md5) {
+          const reason = `Orthanc already holds other bytes under SOP Instance UID ${sopInstanceUid}, stored by another writer after the check`;
+          deps.events?.isolationRefused?.(reason, identity);
+          responder.audit({ isolation: "refused", isolationReason: reason });
+          return fail(Status.NotAuthorized, "Not authorized: Instance belongs to another tenant", `isolation: ${reason}`);
+        }
+      }
+      // Claimed in Orthanc before any label; another gateway's tenant that claimed first keeps it.
+      const settled = await deps.guard.settle(identity, stored, undefined, up.reads);
+      if (!settled.ok) {
+        const deleted = stored.status === "Success" && verdict.instanceIsNew;
+        if (deleted) await deps.orthanc.delete(`/instances/${stored.id}`);
+        deps.events?.isolationRefused?.(settled.reason, identity);
+        responder.audit({ isolation: "refused", isolationReason: settled.reason });
+        return fail(Status.NotAuthorized, `Not authorized: ${settled.level} belongs to another tenant`, `isolation: ${settled.reason}; ${deleted ? "the upload was undone" : "left in Orthanc as it was"}`);
+      }
+      up.labeled = await labelPlanned(deps.orthanc, deps.labeler, plan);
+    }
+    // The pipelined labels did not all land (Orthanc filed a Shared tenant's instance under other IDs...): at Orthanc's IDs.
     if (!up.labeled) await deps.labeler.apply(storedIds(stored), deps.tenant);
   } catch (e) {
     const message = e instanceof Error ? e.message : String(e);

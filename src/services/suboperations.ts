@@ -10,13 +10,17 @@ import type { DicomModality, DicomSettings, MoveSettings, TenantConfig } from ".
 import { EXPLICIT_BIG, EXPLICIT_LITTLE, ElementWriter, IMPLICIT_LITTLE } from "../dicom/element-codec.ts";
 import type { Logger } from "../shared/log.ts";
 import type { OutOfScope } from "./scope-watch.ts";
-import type { OrthancClient } from "../orthanc/client.ts";
+import type { OrthancApi } from "../orthanc/nodes.ts";
 import { resolveInstances, tenantLabelScope, type LabelScope, type ResolvedInstance, type RetrieveKeys } from "./resolve.ts";
 import type { DimseRequest, DimseResponder } from "../net/association.ts";
-import type { CommandSet } from "../net/command.ts";
+import { encodeCommandSet, type CommandSet } from "../net/command.ts";
 import { Status, TransferSyntax } from "../net/constants.ts";
+import { responseTo } from "../net/dimse.ts";
+import { singlePduDatasetRoom } from "../net/pdata-writer.ts";
+import { OrthancError } from "../orthanc/client.ts";
+import { errorComment, failure, type Failure } from "./error-comment.ts";
 import { auditKeys, readRetrieveKeys, RetrieveRefusal } from "./retrieve-identifier.ts";
-import { InstanceFetcher, type FetchedInstance } from "./retrieve-stream.ts";
+import { InstanceFetcher, SubOperationError, type FetchedInstance, type SendPlan, type SendPlanner } from "./retrieve-stream.ts";
 import type { RetrieveMetrics, RetrieveRecorder, RetrieveService } from "./retrieve-metrics.ts";
 
 export const DEFAULT_MOVE_SETTINGS: MoveSettings = { connectTimeoutMs: 5000, parallelism: 2, pendingIntervalMs: 1000, pendingEvery: 10 };
@@ -28,7 +32,7 @@ export interface RetrieveContext {
     dicom: Pick<DicomSettings, "strictAetComparison" | "maximumPduLength"> & Partial<Pick<DicomSettings, "defaultEncoding">>;
     move?: MoveSettings;
   };
-  orthanc: OrthancClient;
+  orthanc: OrthancApi;
   metrics?: RetrieveMetrics;
   log?: Logger;
   /** Told of resources Orthanc answered outside the tenant's label filter (scope-watch.ts). */
@@ -49,8 +53,9 @@ export async function resolveRequest(
     instances = await resolveInstances(ctx.orthanc, scope, keys, { signal: request.signal, outOfScope: ctx.outOfScope });
   } catch (e) {
     if (request.signal.aborted) throw e;
-    // Orthanc failures become 0xA701 (PS3.4 C.4.2.1.5).
-    throw new RetrieveRefusal(RetrieveStatus.UnableToCalculateMatches, `cannot find the instances in Orthanc: ${e instanceof Error ? e.message : String(e)}`);
+    // Orthanc failures become 0xA701 (PS3.4 C.4.2.1.5); the whole message goes to the log.
+    const why = e instanceof OrthancError ? (e.kind === "unreachable" ? "Orthanc is unreachable" : e.kind === "timeout" ? "Orthanc did not answer in time" : `Orthanc failed (${e.status ?? e.kind})`) : "Orthanc's answer is unusable";
+    throw new RetrieveRefusal(RetrieveStatus.UnableToCalculateMatches, `${why}: cannot find the instances`, `cannot find the instances in Orthanc: ${e instanceof Error ? e.message : String(e)}`);
   }
   responder.audit({ instances: instances.length });
   return { keys, scope, instances };
@@ -70,8 +75,8 @@ export async function answerEndedEarly(
   fields: Record<string, unknown>,
 ): Promise<boolean> {
   if (e instanceof RetrieveRefusal) {
-    log.warn(`${service} refused`, { ...fields, status: e.status, reason: e.message });
-    await responder.respond({ status: e.status, errorComment: e.message.slice(0, 64) });
+    log.warn(`${service} refused`, { ...fields, status: e.status, reason: e.detail ?? e.message });
+    await responder.respond({ status: e.status, errorComment: errorComment(e.message) });
     return true;
   }
   if (request.signal.aborted) {
@@ -81,9 +86,21 @@ export async function answerEndedEarly(
   return false;
 }
 
-/** "C-STORE status 0xA700: comment": why a sub-operation did not succeed, for the final ErrorComment. */
-export function storeStatusText(status: number | undefined, errorComment?: string): string {
-  return `C-STORE status 0x${(status ?? 0).toString(16).padStart(4, "0")}${errorComment ? `: ${errorComment}` : ""}`;
+/** Why a C-STORE sub-operation `peer` answered did not succeed: "DEST answered 0xA700: its comment". */
+export function storeStatusFailure(peer: string, status: number | undefined, comment?: string): Failure {
+  const text = `${peer} answered 0x${(status ?? 0).toString(16).toUpperCase().padStart(4, "0")}${comment ? `: ${comment}` : ""}`;
+  return failure(text, `${text} to a C-STORE sub-operation`);
+}
+
+/** A sub-operation that failed on an error (from Orthanc, the fetch, or the plan): comment and detail. */
+export function failureOf(e: unknown, what: string): Failure {
+  if (e instanceof SubOperationError) return e.failure;
+  const detail = `${what}: ${e instanceof Error ? e.message : String(e)}`;
+  if (e instanceof OrthancError) {
+    const short = e.kind === "unreachable" ? "Orthanc became unreachable" : e.kind === "timeout" ? "Orthanc did not send an instance in time" : `Orthanc answered ${e.status ?? e.kind} for an instance`;
+    return failure(short, detail);
+  }
+  return failure(e instanceof Error ? e.message : String(e), detail);
 }
 
 export interface SubOperationRunOptions {
@@ -102,6 +119,19 @@ export interface SubOperationRunOptions {
   log: Logger;
   /** Added to the log line of a cancelled run, after the tenant. */
   logFields?: Record<string, unknown>;
+  /** How each instance is sent (default: as stored). */
+  plan?: SendPlanner;
+  /**
+   * Nothing more can be sent when this answers a failure (e.g. the destination is unreachable): the
+   * sub-operation being prepared and every remaining one fail at once with it, without a log line each.
+   */
+  stopWhen?: () => Failure | undefined;
+  /**
+   * The final response and its Failed SOP Instance UID List must fit one P-DATA-TF PDU (C-GET: dcmtk's
+   * getscu 3.6.7 never reads a data set after a C-GET response; in the same PDU as the response it is
+   * never met). The list is then cut to what fits; the counts stay exact.
+   */
+  finalInOnePdu?: boolean;
 }
 
 /**
@@ -116,8 +146,8 @@ export interface SubOperationRunOptions {
  */
 export class SubOperationRun {
   readonly counts: SubOperations;
-  /** Why the last sub-operation that did not succeed failed: the final response's ErrorComment. */
-  lastError: string | undefined;
+  /** Why the last sub-operation that did not succeed failed: its comment is the final response's ErrorComment. */
+  lastFailure: Failure | undefined;
   /** Set by next() when a C-CANCEL ended the run. */
   cancelled = false;
   private readonly pending: PendingReporter;
@@ -130,8 +160,13 @@ export class SubOperationRun {
     this.counts = counts;
     const { settings, responder } = opts;
     this.pending = new PendingReporter(counts, { every: settings.pendingEvery, intervalMs: settings.pendingIntervalMs }, (f) => responder.respond(f), opts.pendingTimer);
-    this.fetcher = new InstanceFetcher(opts.ctx.orthanc, opts.scope, opts.instances, settings.parallelism);
+    this.fetcher = new InstanceFetcher(opts.ctx.orthanc, opts.scope, opts.instances, settings.parallelism, undefined, opts.plan);
     if (opts.prime) this.fetcher.prime();
+  }
+
+  /** Where the run's metrics go. */
+  get recorder(): RetrieveRecorder {
+    return this.opts.recorder;
   }
 
   /** Starts the run; with no instances, sends the final response and returns undefined. */
@@ -148,7 +183,7 @@ export class SubOperationRun {
    * The next instance fetched from Orthanc, in order; undefined after the last one or once a C-CANCEL
    * came. An instance Orthanc could not deliver is a failed sub-operation, recorded here.
    */
-  async next(): Promise<{ instance: ResolvedInstance; fetched: FetchedInstance } | undefined> {
+  async next(): Promise<{ instance: ResolvedInstance; plan?: SendPlan; fetched: FetchedInstance } | undefined> {
     const { request, recorder, log, service, ctx } = this.opts;
     for (;;) {
       if (request.signal.aborted) {
@@ -160,37 +195,59 @@ export class SubOperationRun {
       const { instance } = item;
       if (item.error || !item.fetched) {
         recorder.subOperationStarted();
-        const error = item.error?.message;
-        log.warn(`${service} sub-operation failed: instance not available`, { tenant: ctx.tenant.aet, sopInstanceUid: instance.sopInstanceUid, error });
-        await this.failed(instance, error);
+        const stop = this.stopped();
+        if (stop) {
+          this.failRemaining(instance, stop);
+          return undefined;
+        }
+        const f = failureOf(item.error, `instance ${instance.sopInstanceUid} not available`);
+        log.warn(`${service} sub-operation failed: instance not sent`, { tenant: ctx.tenant.aet, sopInstanceUid: instance.sopInstanceUid, transferSyntax: instance.transferSyntax, error: f.detail });
+        await this.failed(instance, f, item.plan);
         continue;
       }
-      return { instance, fetched: item.fetched };
+      return { instance, plan: item.plan, fetched: item.fetched };
     }
   }
 
-  /** A sub-operation that failed before anything was sent. */
-  async failed(instance: ResolvedInstance, error: string | undefined): Promise<void> {
-    this.lastError = error;
+  /** Why nothing more can be sent, if so (SubOperationRunOptions.stopWhen). */
+  stopped(): Failure | undefined {
+    return this.opts.stopWhen?.();
+  }
+
+  /**
+   * The instance fetched again, after its stream from Orthanc broke while it was being sent (move.ts): as
+   * `broken` was fetched (the same transcoding), from the next node of a cluster.
+   */
+  refetch(broken: FetchedInstance, error: Error): Promise<FetchedInstance> {
+    return this.fetcher.refetch(broken, error);
+  }
+
+  /** A sub-operation that failed before anything was sent (`plan`: what was planned, for the transcoding count). */
+  async failed(instance: ResolvedInstance, why: Failure, plan?: SendPlan): Promise<void> {
+    this.lastFailure = why;
     this.counts.record("failed", instance.sopInstanceUid);
-    this.opts.recorder.subOperation("failed", 0);
+    this.opts.recorder.subOperation("failed", 0, plan?.as === "transcoded");
     await this.pending.afterSubOperation();
   }
 
   /** A failed sub-operation after which nothing more can be sent: every remaining one fails at once. */
-  failRemaining(instance: ResolvedInstance, error: string | undefined): void {
-    this.lastError = error;
+  failRemaining(instance: ResolvedInstance, why: Failure): void {
+    this.lastFailure = why;
     const before = this.counts.failed;
     this.counts.record("failed", instance.sopInstanceUid);
     this.counts.failRemaining(this.opts.instances);
     for (let k = before; k < this.counts.failed; k++) this.opts.recorder.subOperation("failed", 0);
   }
 
-  /** A C-STORE sub-operation that was sent: its status (undefined without an answer) and the data set bytes sent. */
-  async sent(instance: ResolvedInstance, status: number | undefined, bytes: number): Promise<void> {
+  /**
+   * A C-STORE sub-operation that was sent: its status (undefined without an answer), the data set bytes
+   * sent, whether Orthanc transcoded it, and why it did not succeed when it did not.
+   */
+  async sent(instance: ResolvedInstance, status: number | undefined, bytes: number, transcoded: boolean, why?: Failure): Promise<void> {
     const result = classifyStoreStatus(status);
+    if (result !== "completed" && why) this.lastFailure = why;
     this.counts.record(result, instance.sopInstanceUid);
-    this.opts.recorder.subOperation(result, bytes);
+    this.opts.recorder.subOperation(result, bytes, transcoded);
     await this.pending.afterSubOperation();
   }
 
@@ -206,7 +263,10 @@ export class SubOperationRun {
     const counts = this.counts;
     if (this.cancelled) log.info(`${service} cancelled`, { tenant: ctx.tenant.aet, ...this.opts.logFields, completed: counts.completed, remaining: counts.remaining });
     responder.audit(auditCounts(counts, this.cancelled));
-    const final = counts.finalResponse(this.cancelled, request.presentationContext.transferSyntax, this.lastError);
+    const peerMax = responder.association.peerMaxPduLength;
+    const identifierRoom = this.opts.finalInOnePdu ? (fields: CommandSet) => singlePduDatasetRoom(peerMax, encodeCommandSet(responseTo(request, fields, true)).length) : undefined;
+    const final = counts.finalResponse(this.cancelled, request.presentationContext.transferSyntax, this.lastFailure?.comment, identifierRoom);
+    if (final.listCut) log.warn(`${service} Failed SOP Instance UID List cut to fit one PDU`, { tenant: ctx.tenant.aet, failed: counts.failed, listed: final.listCut });
     await responder.respond(final.fields, final.dataset);
   }
 }
@@ -233,14 +293,17 @@ export function auditCounts(counts: SubOperations, cancelled: boolean): Record<s
 
 /**
  * Identifier of a final response with failures: Failed SOP Instance UID List (0008,0058), PS3.4
- * C.4.2.1.4.2. In explicit VR the UI length is 16 bits: the list is cut to what fits.
+ * C.4.2.1.4.2 and C.4.3.1.3.2. In explicit VR the UI length is 16 bits, and `maxBytes` may bound the
+ * identifier: the list is cut to what fits.
  */
-export function encodeFailedSopInstanceUidList(uids: readonly string[], transferSyntax: string): Uint8Array {
+export function encodeFailedSopInstanceUidList(uids: readonly string[], transferSyntax: string, maxBytes = Infinity): Uint8Array {
   const encoding = transferSyntax === TransferSyntax.ImplicitVRLittleEndian ? IMPLICIT_LITTLE : transferSyntax === TransferSyntax.ExplicitVRBigEndian ? EXPLICIT_BIG : EXPLICIT_LITTLE;
+  // Element header: 8 bytes (implicit, and explicit UI); the value padded to an even length.
+  const maxValue = Math.min(encoding.explicitVr ? 0xfffe : Infinity, maxBytes - 8 - 1);
   let text = "";
   for (const u of uids) {
     const next = text === "" ? u : `${text}\\${u}`;
-    if (encoding.explicitVr && next.length > 0xfffe) break;
+    if (next.length > maxValue) break;
     text = next;
   }
   if (text.length % 2) text += "\0";
@@ -302,7 +365,12 @@ export class SubOperations {
    * sub-operations not initiated as Remaining); Failure 0xA702 when every sub-operation failed; else
    * Warning 0xB000. The identifier carries the Failed SOP Instance UID List when any failed.
    */
-  finalResponse(cancelled: boolean, transferSyntax: string, errorComment?: string): { fields: CommandSet; dataset?: Uint8Array } {
+  finalResponse(
+    cancelled: boolean,
+    transferSyntax: string,
+    errorComment?: string,
+    identifierRoom?: (fields: CommandSet) => number,
+  ): { fields: CommandSet; dataset?: Uint8Array; listCut?: number } {
     let status: number;
     if (cancelled) status = Status.Cancel;
     else if (this.failed === 0 && this.warning === 0) status = Status.Success;
@@ -315,11 +383,15 @@ export class SubOperations {
       numberOfWarningSuboperations: clamp(this.warning),
     };
     if (cancelled) fields.numberOfRemainingSuboperations = clamp(this.remaining);
-    if (errorComment && status !== Status.Success) fields.errorComment = errorComment.slice(0, 64);
-    const dataset = this.failedUids.length > 0 ? encodeFailedSopInstanceUidList(this.failedUids, transferSyntax) : undefined;
-    return { fields, dataset };
+    if (errorComment && status !== Status.Success) fields.errorComment = errorComment;
+    if (this.failedUids.length === 0) return { fields };
+    const dataset = encodeFailedSopInstanceUidList(this.failedUids, transferSyntax, identifierRoom?.(fields));
+    const listed = dataset.length > 8 ? (latin1.decode(dataset.subarray(8)).replace(/\0$/, "").match(/\\/g)?.length ?? 0) + 1 : 0;
+    return { fields, dataset, ...(listed < this.failedUids.length ? { listCut: listed } : {}) };
   }
 }
+
+const latin1 = new TextDecoder("latin1");
 
 function clamp(n: number): number {
   return Math.min(0xffff, Math.max(0, n));

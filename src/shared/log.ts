@@ -1,7 +1,10 @@
 /**
  * Structured logging: one JSON object per line (journald-friendly) or pretty text on a TTY.
- * Runtime-agnostic: writes through a sink function (default: process.stdout).
+ * Runtime-agnostic: writes through a sink function (default: process.stdout). Field values are bounded
+ * (cap.ts: 1 KiB per string, 100 elements per list or object, marked as cut): a log line never carries a
+ * peer's megabyte.
  */
+import { capValue } from "./cap.ts";
 export type LogLevel = "debug" | "info" | "warn" | "error";
 /** "auto": pretty text on a TTY, JSON lines otherwise. */
 export type LogFormat = "json" | "text" | "auto";
@@ -15,9 +18,13 @@ export interface Logger {
   error(msg: string, fields?: LogFields): void;
   /** A logger that adds `fields` to every line. */
   child(fields: LogFields): Logger;
+  /** Changes the level of this logger and of every logger created from it (child or parent): Log.Level on reload. */
+  setLevel?(level: LogLevel): void;
 }
 
 const ORDER: Record<LogLevel, number> = { debug: 10, info: 20, warn: 30, error: 40 };
+/** The keys of a line itself: fields of these names are renamed "field.<name>". */
+const RESERVED = new Set(["time", "level", "msg"]);
 
 export interface LoggerOptions {
   level?: LogLevel;
@@ -34,14 +41,27 @@ function serializeValue(v: unknown): unknown {
 }
 
 export function createLogger(opts: LoggerOptions = {}, base: LogFields = {}): Logger {
-  const min = ORDER[opts.level ?? "info"];
+  return makeLogger(opts, base, { min: ORDER[opts.level ?? "info"] });
+}
+
+/** `shared` is one object for a logger and all its children, so that setLevel reaches them all. */
+function makeLogger(opts: LoggerOptions, base: LogFields, shared: { min: number }): Logger {
   const sink = opts.sink ?? ((line: string) => void process.stdout.write(line + "\n"));
   const tty = opts.isTTY ?? Boolean(process.stdout.isTTY);
   const pretty = opts.format === "text" || (opts.format !== "json" && tty);
   const emit = (level: LogLevel, msg: string, fields?: LogFields) => {
-    if (ORDER[level] < min) return;
+    if (ORDER[level] < shared.min) return;
     const all: LogFields = { ...base, ...fields };
-    for (const k of Object.keys(all)) all[k] = serializeValue(all[k]);
+    for (const k of Object.keys(all)) {
+      // A field never takes the place of the line's own time, level or message (log-level alerting reads
+      // "level"): it is kept under another name.
+      if (RESERVED.has(k)) {
+        all[`field.${k}`] = capValue(serializeValue(all[k]));
+        delete all[k];
+        continue;
+      }
+      all[k] = capValue(serializeValue(all[k]));
+    }
     const time = new Date().toISOString();
     if (pretty) {
       const kv = Object.entries(all)
@@ -58,7 +78,10 @@ export function createLogger(opts: LoggerOptions = {}, base: LogFields = {}): Lo
     info: (m, f) => emit("info", m, f),
     warn: (m, f) => emit("warn", m, f),
     error: (m, f) => emit("error", m, f),
-    child: (fields) => createLogger(opts, { ...base, ...fields }),
+    child: (fields) => makeLogger(opts, { ...base, ...fields }, shared),
+    setLevel: (level) => {
+      shared.min = ORDER[level];
+    },
   };
 }
 

@@ -18,9 +18,10 @@
  * it for the CPU (`concurrency` stays).
  */
 import type { TenantConfig } from "../config/types.ts";
-import { OrthancError, type OrthancClient } from "../orthanc/client.ts";
+import { OrthancError } from "../orthanc/client.ts";
 import type { Labeler } from "../orthanc/labeler.ts";
-import { isPermanentRejection, placementMismatch, storedAttachmentInfo, storedIds, STREAM_ABOVE, uploadFile, uploadLabeled, type StoredInstance } from "../orthanc/store.ts";
+import type { OrthancApi } from "../orthanc/nodes.ts";
+import { isPermanentRejection, labelPlanned, placementMismatch, storedAttachmentInfo, storedIds, STREAM_ABOVE, uploadFile, uploadLabeled, type StoredInstance } from "../orthanc/store.ts";
 import { TenantSpool, type SpoolEntry } from "./spool.ts";
 import { DatasetRefusal, type InstanceIdentity } from "../dicom/dataset-reader.ts";
 import { orthancIds } from "../orthanc/identity.ts";
@@ -50,8 +51,11 @@ export interface ForwarderEvents {
   misplaced?(tenant: TenantConfig, entry: SpoolEntry, reason: string, deleted: boolean): void;
 }
 
+/** What a watcher of the forwarder is told (e.g. Storage Commitment waiting for spooled instances). */
+export type ForwardingWatcher = Pick<ForwarderEvents, "forwarded" | "quarantined">;
+
 export interface ForwarderOptions {
-  orthanc: OrthancClient;
+  orthanc: OrthancApi;
   labeler: Labeler;
   /** Parallel uploads at start, and the fewest they are brought down to. */
   concurrency: number;
@@ -150,11 +154,18 @@ export class Forwarder {
   private lastArrivalAt = 0;
   /** How many uploads run at once (adapted). */
   readonly concurrency: UploadConcurrency;
+  private readonly watchers = new Set<ForwardingWatcher>();
 
   constructor(private readonly opts: ForwarderOptions) {
     this.baseMs = opts.backoffBaseMs ?? 500;
     this.maxMs = opts.backoffMaxMs ?? 30_000;
     this.concurrency = new UploadConcurrency({ min: opts.concurrency, max: opts.maxConcurrency ?? opts.concurrency });
+  }
+
+  /** Tells `w` of every instance forwarded or quarantined from now on, until the returned function is called. */
+  watch(w: ForwardingWatcher): () => void {
+    this.watchers.add(w);
+    return () => void this.watchers.delete(w);
   }
 
   add(tenant: TenantConfig, spool: TenantSpool, entry: SpoolEntry): void {
@@ -321,6 +332,9 @@ export class Forwarder {
     job.attempt++;
     try {
       const guard = this.opts.guardFor?.(tenant);
+      // Strict isolation: nothing is uploaded that cannot be claimed in Orthanc right after (it would sit
+      // there unowned); retried until Orthanc keeps the ownership records (the monitor's /ready reason).
+      if (guard?.unusable) throw new OrthancError(guard.unusable, { kind: "http", status: 409 });
       // Where Orthanc will file it: the labels are pipelined there. A Shared tenant's record of 0.2 and older
       // carries no identity: it is not read from the data set for that, its labels follow the upload instead.
       const identity = guard || hasIdentity(entry) ? await this.identityOf(entry) : undefined;
@@ -340,7 +354,17 @@ export class Forwarder {
       const labeler = this.opts.labeler;
       const verify = this.opts.verifyIntegrity;
       const source = entry.size <= STREAM_ABOVE ? await spool.read(entry) : entry;
-      const up = ids ? await uploadLabeled(this.opts.orthanc, labeler, source, labeler.plan(ids, tenant), { attachment: verify }) : { stored: await uploadFile(this.opts.orthanc, source), labeled: false };
+      const plan = ids && labeler.plan(ids, tenant);
+      // Strict: the labels wait for the ownership claim (guard.settle), one more round trip; the ownership
+      // records come back with the upload (a claim that holds needs no call), and so do the attachment's MD5
+      // and size when a replay must be compared with what Orthanc holds.
+      const up = plan
+        ? await uploadLabeled(this.opts.orthanc, labeler, source, plan, {
+            attachment: verify || (guard !== undefined && instanceIsNew),
+            labelsLater: guard !== undefined,
+            ...(guard ? { reads: guard.recordReads(plan.ids) } : {}),
+          })
+        : { stored: await uploadFile(this.opts.orthanc, source), labeled: false };
       const stored = up.stored;
       const misplaced = guard && ids && placementMismatch(stored, ids);
       if (misplaced) {
@@ -351,8 +375,36 @@ export class Forwarder {
         await this.quarantine(job, "placement", `isolation: ${misplaced}; ${deleted ? "the upload was undone" : "left in Orthanc as it was (not created by this upload)"}`);
         return;
       }
+      const attachment = async () => ("attachment" in up ? up.attachment : undefined) ?? (await storedAttachmentInfo(this.opts.orthanc, stored.id));
+      if (guard && identity && plan) {
+        // Strict isolation. No instance had this SOP Instance UID when it was checked, yet Orthanc had one
+        // already: another writer (another gateway's tenant) stored it since. Labeled only if it holds exactly
+        // these bytes (a replay of this very upload), never another tenant's content under this tenant's labels.
+        if (stored.status === "AlreadyStored" && instanceIsNew) {
+          const got = await attachment();
+          const md5 = entry.md5 ?? (await TenantSpool.md5Of(entry));
+          if (got.md5 !== md5 || got.size !== entry.size) {
+            const reason = `isolation: Orthanc already holds other bytes (${got.size} bytes, MD5 ${got.md5}) under SOP Instance UID ${entry.sopInstanceUid}, stored by another writer after this instance was checked; left as it was, unlabeled by this tenant`;
+            await this.quarantine(job, "isolation", reason);
+            this.opts.events?.isolationRefused?.(tenant, entry, reason);
+            return;
+          }
+        }
+        // The study and series are claimed in Orthanc, where every gateway sees it, before any label; another
+        // tenant that claimed first (through another gateway) keeps them.
+        const settled = await guard.settle(identity, stored, undefined, "reads" in up ? up.reads : undefined);
+        if (!settled.ok) {
+          const deleted = stored.status === "Success" && instanceIsNew;
+          if (deleted) await this.opts.orthanc.delete(`/instances/${stored.id}`);
+          const reason = `isolation: ${settled.reason}; ${deleted ? "the upload was undone" : "left in Orthanc as it was, unlabeled (not created by this upload)"}`;
+          await this.quarantine(job, "isolation", reason);
+          this.opts.events?.isolationRefused?.(tenant, entry, reason);
+          return;
+        }
+        up.labeled = await labelPlanned(this.opts.orthanc, labeler, plan);
+      }
       if (verify && stored.status === "Success") {
-        const got = ("attachment" in up ? up.attachment : undefined) ?? (await storedAttachmentInfo(this.opts.orthanc, stored.id));
+        const got = await attachment();
         const md5 = entry.md5 ?? (await TenantSpool.md5Of(entry));
         if (got.md5 !== md5 || got.size !== entry.size) {
           await this.quarantine(job, "integrity", `integrity check failed: Orthanc stored ${got.size} bytes with MD5 ${got.md5}, the gateway received ${entry.size} bytes with MD5 ${md5}`);
@@ -365,7 +417,9 @@ export class Forwarder {
       this.opts.registry?.releaseHold(entry.id);
       if (this.linkBound) this.concurrency.done(entry.size, performance.now() - started);
       this.outageOver();
-      this.opts.events?.forwarded?.(tenant, entry, (performance.now() - started) / 1000, stored);
+      const seconds = (performance.now() - started) / 1000;
+      this.opts.events?.forwarded?.(tenant, entry, seconds, stored);
+      for (const w of this.watchers) w.forwarded?.(tenant, entry, seconds, stored);
     } catch (e) {
       await this.failure(job, e);
     }
@@ -375,6 +429,7 @@ export class Forwarder {
     await job.spool.quarantine(job.entry, reason);
     this.opts.registry?.releaseHold(job.entry.id);
     this.opts.events?.quarantined?.(job.tenant, job.entry, reason, kind);
+    for (const w of this.watchers) w.quarantined?.(job.tenant, job.entry, reason, kind);
   }
 
   /** An upload failed: quarantine (for good), pause (Orthanc away), or back off and retry. */

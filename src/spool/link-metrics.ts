@@ -4,10 +4,10 @@
  * uploads run at once. Read from the client and the forwarder when scraped.
  */
 import { Gauge, type Registry } from "prom-client";
-import type { OrthancClient } from "../orthanc/client.ts";
+import type { OrthancApi } from "../orthanc/nodes.ts";
 import type { Forwarder } from "./forwarder.ts";
 
-export function registerLinkMetrics(registry: Registry, orthanc: OrthancClient, forwarder: Forwarder): void {
+export function registerLinkMetrics(registry: Registry, orthanc: OrthancApi, forwarder: Forwarder): void {
   // Counters read from the client's own counts: Gauges with collect() (prom-client counters cannot be set).
   new Gauge({
     name: "dicom_gateway_orthanc_calls_total",

@@ -10,8 +10,9 @@
  * up after kill -9, and the lock file itself is never deleted (deleting a lock file lets two processes
  * lock two different inodes of the same name).
  *
- * Commands that read a spool (e.g. a future `dicom-gateway spool list|export`) take the same lock with
- * lockSpoolDirectory, or ask spoolLockHolder whether a running gateway holds it.
+ * The spool commands (`dicom-gateway spool …`) ask spoolLockHolder whether a running gateway holds it
+ * (then they go through its HTTP API, whose address the gateway announces in the lock file), or take
+ * the same lock with lockSpoolDirectory and act on the files themselves.
  */
 import { mkdir, readFile, stat } from "node:fs/promises";
 import { hostname } from "node:os";
@@ -34,6 +35,8 @@ export interface SpoolLockHolder {
   processStartedAt: string;
   /** When it took the lock (ISO 8601). */
   lockedAt: string;
+  /** A serving gateway's HTTP API, once it listens (e.g. http://127.0.0.1:8080): where the spool commands reach it. */
+  http?: string;
 }
 
 export interface SpoolLock {
@@ -42,6 +45,8 @@ export interface SpoolLock {
   /** Its lock file. */
   readonly path: string;
   readonly holder: SpoolLockHolder;
+  /** Adds facts to what the lock file says of the holder (its HTTP API). */
+  announce(facts: Pick<SpoolLockHolder, "http">): void;
   /** Releases the lock (and empties the lock file). Idempotent. */
   release(): void;
 }
@@ -100,7 +105,16 @@ export async function lockSpoolDirectory(
     throw new Error(`cannot write the lock file ${path}: ${(e as Error).message}; check that Gateway.SpoolDirectory is writable by this user`, { cause: e });
   }
   const held = lock;
-  return { directory: dir, path, holder, release: () => held.release() };
+  return {
+    directory: dir,
+    path,
+    holder,
+    announce(facts) {
+      Object.assign(holder, facts);
+      held.write(JSON.stringify(holder) + "\n");
+    },
+    release: () => held.release(),
+  };
 }
 
 /**
@@ -153,7 +167,15 @@ async function readHolder(path: string): Promise<SpoolLockHolder | undefined> {
   try {
     const h = JSON.parse(await readFile(path, "utf8")) as Partial<SpoolLockHolder>;
     if (typeof h.pid !== "number" || typeof h.host !== "string" || typeof h.lockedAt !== "string") return undefined;
-    return { pid: h.pid, host: h.host, version: String(h.version ?? "?"), command: String(h.command ?? "?"), processStartedAt: String(h.processStartedAt ?? "?"), lockedAt: h.lockedAt };
+    return {
+      pid: h.pid,
+      host: h.host,
+      version: String(h.version ?? "?"),
+      command: String(h.command ?? "?"),
+      processStartedAt: String(h.processStartedAt ?? "?"),
+      lockedAt: h.lockedAt,
+      ...(typeof h.http === "string" ? { http: h.http } : {}),
+    };
   } catch {
     return undefined; // missing, empty (being written, or released) or not ours
   }

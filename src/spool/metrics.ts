@@ -1,5 +1,5 @@
 /** Store-and-forward metrics, per tenant, on the gateway's registry. */
-import { Counter, Gauge, Histogram, type Registry } from "prom-client";
+import { Counter, Gauge, Histogram, type Registry } from "../observe/prometheus.ts";
 import type { GatewaySnapshot } from "../observe/status.ts";
 
 /** Where an instance is in its journey: received (data set complete), acknowledged (Success answered),

@@ -25,11 +25,13 @@
 import { Buffer } from "node:buffer";
 import { createHash } from "node:crypto";
 import { basename } from "node:path";
-import * as zlib from "node:zlib";
+import { lazyBuiltin } from "../shared/builtin.ts";
 import type { FileHandle } from "node:fs/promises";
 import type { SpoolFiles } from "./files.ts";
 
 export const RECORD_HEADER = 64;
+/** A segment takes no new records past this size (32 MiB); it is deleted or recycled when none of its records is pending. */
+export const SEGMENT_BYTES = 32 << 20;
 const MAGIC = Buffer.from("DGSPOOL1", "latin1");
 export const STATE_PENDING = 1;
 export const STATE_DONE = 2;
@@ -81,6 +83,8 @@ export class Segment {
   writable: boolean;
   /** Bytes of the file that exist already (preallocated or recycled): records below this overwrite, not append. */
   allocated = 0;
+  /** Taken from the gateway's pool of ready segments (src/spool/pool.ts), to which it goes back once done with. */
+  lent = false;
   key: Buffer;
   private fh: FileHandle | undefined;
   private opening: Promise<FileHandle> | undefined;
@@ -189,11 +193,14 @@ export async function crc32OfRange(fh: FileHandle, offset: number, length: numbe
   return crc;
 }
 
-const nativeCrc32 = (zlib as { crc32?: (data: Uint8Array, value?: number) => number }).crc32;
+/** node:zlib, loaded by the first CRC (the first record written or read back). */
+const zlib = lazyBuiltin<{ crc32?: (data: Uint8Array, value?: number) => number }>("node:zlib");
+let nativeCrc32: ((data: Uint8Array, value?: number) => number) | null | undefined;
 let table: Uint32Array | undefined;
 
 /** CRC-32 (IEEE, as zlib) of `data`, continuing from `crc`: zlib's where the runtime has it (Bun, Deno, Node >= 22.2). */
 export function crc32(data: Uint8Array, crc = 0): number {
+  if (nativeCrc32 === undefined) nativeCrc32 = zlib().crc32 ?? null;
   if (nativeCrc32) return nativeCrc32(data, crc);
   table ??= Uint32Array.from({ length: 256 }, (_, n) => {
     let c = n;

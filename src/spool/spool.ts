@@ -2,15 +2,21 @@
  * The crash-safe store-and-forward spool of one tenant: an append-only log (src/spool/segment.ts).
  *
  *   <root>/<tenant>/segments/<id>.seg            records: header, Part 10 bytes, JSON info
- *   <root>/<tenant>/quarantine/<id>.{dcm,json}  refused permanently by Orthanc, with the reason
+ *   <root>/<tenant>/quarantine/<id>.{dcm,json}  set aside for good, with the reason (quarantine.ts)
+ *   <root>/.pool/<id>.seg                        ready segments shared by all tenants (pool.ts)
+ *
+ * A tenant's directories are created when it first writes, not when its spool is opened: opening the
+ * spool of a tenant that never received anything changes nothing on disk (a reload that is rejected
+ * leaves no trace, and a gateway of 100 tenants starts without creating 200 directories).
  *
  * An instance is acknowledged once its record (header, Part 10 bytes, info) is written into a segment
  * and that segment is fdatasync'd (a small record: one O_DSYNC write, which is the same in one system
  * call): one sync per instance, no file created, renamed or directory synced on the way (a new
  * segment's directory entry is synced once, when the segment is created). Small instances stay in
  * memory until the commit writes the whole record with one writev. Concurrent associations write to
- * different segments (each receiving instance holds one writer). A full segment (SEGMENT_BYTES) whose
- * records have all reached Orthanc is recycled as the next preallocated writer, or deleted.
+ * different segments (each receiving instance holds one writer). New writers come from the gateway's pool
+ * of ready segments (their blocks exist: the per-record sync overwrites instead of appending); a full
+ * segment (SEGMENT_BYTES) whose records have all reached Orthanc goes back into the pool, or is deleted.
  * Record ids sort in arrival order, so a restart replays FIFO.
  *
  * Start-up recovery (and the layout before 0.2, still read so that an upgrade forwards what an older
@@ -19,18 +25,23 @@
  * and acknowledgements. The process serving the spool holds its lock (src/spool/lock.ts).
  */
 import { Buffer } from "node:buffer";
-import { createHash, randomBytes } from "node:crypto";
-import { mkdir, open, readdir, readFile, statfs, writeFile, type FileHandle } from "node:fs/promises";
+import { createHash } from "node:crypto";
+import { createReadStream } from "node:fs";
+import { mkdir, open, readdir, type FileHandle } from "node:fs/promises";
 import { join } from "node:path";
 import { collectAsStreamGrows } from "../adapter/index.ts";
 import { encodeFileMeta, type FileMeta } from "../dicom/part10.ts";
 import { diskError, InlineCommit, nodeSpoolFiles, SpoolDiskError, writeAll, type SpoolFiles } from "./files.ts";
+import type { SegmentPool } from "./pool.ts";
+import { Quarantine } from "./quarantine.ts";
 import { readLegacyLayout, scanSegment } from "./recovery.ts";
-import { crc32, eachPiece, encodeRecordHeader, md5OfRange, RECORD_HEADER, Segment, STATE_PENDING } from "./segment.ts";
+import { crc32, encodeRecordHeader, md5OfRange, RECORD_HEADER, SEGMENT_BYTES, Segment, STATE_PENDING } from "./segment.ts";
 import { readFully, readRange, type FileRange } from "../shared/file-range.ts";
 import type { QuarantineEntry, SpoolEntry, SpoolRecord } from "./record.ts";
+import { newSpoolId } from "./ids.ts";
 
 export { SpoolDiskError } from "./files.ts";
+export { newSpoolId } from "./ids.ts";
 
 export type { QuarantineEntry, SpoolEntry, SpoolRecord } from "./record.ts";
 
@@ -56,22 +67,12 @@ export class SpoolQuotaError extends Error {
   override name = "SpoolQuotaError";
 }
 
+export { SEGMENT_BYTES } from "./segment.ts";
+
 /** Bytes of an instance kept in memory before they are written (a whole small instance is one write). */
 const WRITE_BATCH = 256 * 1024;
-/** A segment takes no new records past this size; it is deleted when none of its records is pending. */
-export const SEGMENT_BYTES = 32 << 20;
-/** After a preallocation was given up, the next attempt waits this long. */
-const STANDBY_RETRY_MS = 60_000;
-/** Writers kept open between associations. */
+/** Writers kept open between associations by a spool without a pool (the gateway's spools share the pool's). */
 const IDLE_WRITERS = 4;
-let counter = 0;
-
-/** Time-ordered, unique across restarts: milliseconds (base 36, fixed width), a counter, randomness. */
-export function newSpoolId(): string {
-  counter = (counter + 1) % 1_679_616;
-  return `${Date.now().toString(36).padStart(9, "0")}-${counter.toString(36).padStart(4, "0")}-${randomBytes(4).toString("hex")}`;
-}
-
 /** AE titles may hold characters that are unsafe in a path; keep them readable and unique. */
 export function tenantDirectoryName(aet: string): string {
   return aet.replace(/[^A-Za-z0-9_-]/g, (c) => `%${c.charCodeAt(0).toString(16).padStart(2, "0")}`);
@@ -106,7 +107,6 @@ class Receipt implements ReceivedFile {
 export class TenantSpool {
   readonly dir: string;
   private readonly segmentsDir: string;
-  private readonly quarantineDir: string;
   /** The layout before 0.2, read at start-up only. */
   private readonly legacyIncoming: string;
   private readonly legacyQueue: string;
@@ -118,15 +118,13 @@ export class TenantSpool {
   private committedBytes = 0;
   private receivingBytes = 0;
   private readonly inlineCommit: InlineCommit;
-  private quarantined: QuarantineEntry[] = [];
-
-  /** A preallocated segment ready to become the next writer (see prepareStandby). */
-  private standby: Segment | undefined;
-  private preparing: Promise<void> | undefined;
-  /** When a preallocation was last given up (disk nearly full, or an error): not tried again for a while. */
-  private standbyFailedAt = 0;
+  private readonly quarantined: Quarantine;
+  /** The tenant's directories exist (created at the first write, see ensureDirectories). */
+  private directories: Promise<void> | undefined;
+  /** Recycling of segments under way (close waits for it). */
+  private readonly recycling = new Set<Promise<void>>();
   private closed = false;
-  private readonly preallocate: boolean;
+  private readonly pool: SegmentPool | undefined;
   private readonly md5: boolean;
   private readonly files: SpoolFiles;
 
@@ -135,44 +133,45 @@ export class TenantSpool {
     readonly tenant: string,
     public quotaBytes: number,
     opts: {
-      /** Keep a zero-filled or recycled segment ready for the next writer (default true). */
-      preallocate?: boolean;
+      /** The gateway's pool of ready segments; without one, writers are created as they are needed (no preallocation). */
+      pool?: SegmentPool;
       /** Compute each instance's MD5 while receiving (for VerifyIntegrity; default false). */
       md5?: boolean;
       /** The file layer of the segments (default node:fs; tests record and crash through their own). */
       files?: SpoolFiles;
     } = {},
   ) {
-    this.preallocate = opts.preallocate ?? true;
+    this.pool = opts.pool;
     this.md5 = opts.md5 ?? false;
     this.files = opts.files ?? nodeSpoolFiles;
     this.inlineCommit = new InlineCommit(this.files);
     this.dir = join(root, tenantDirectoryName(tenant));
     this.segmentsDir = join(this.dir, "segments");
-    this.quarantineDir = join(this.dir, "quarantine");
+    this.quarantined = new Quarantine(join(this.dir, "quarantine"), () => this.ensureDirectories());
     this.legacyIncoming = join(this.dir, "incoming");
     this.legacyQueue = join(this.dir, "queue");
   }
 
-  /** Creates the directories, cuts off what was never acknowledged, and returns the pending entries in arrival order. */
+  /**
+   * Cuts off what was never acknowledged, and returns the pending entries in arrival order. Creates
+   * nothing: a tenant's directories appear with its first instance.
+   */
   async open(): Promise<{ pending: SpoolEntry[]; discarded: string[] }> {
-    try {
-      let created = false;
-      for (const d of [this.segmentsDir, this.quarantineDir]) created = (await mkdir(d, { recursive: true })) !== undefined || created;
-      // New directories are made durable once, so that the first acknowledged records do not vanish with them.
-      if (created) for (const d of [this.dir, join(this.dir, "..")]) await this.files.syncDirectory(d);
-    } catch (e) {
-      throw diskError(e, this.dir);
-    }
     const discarded: string[] = [];
     const found: SpoolEntry[] = [];
-    await readLegacyLayout({ incoming: this.legacyIncoming, queue: this.legacyQueue, quarantine: this.quarantineDir }, this.tenant, found, discarded);
-    for (const n of (await readdir(this.segmentsDir)).sort()) {
+    await readLegacyLayout({ incoming: this.legacyIncoming, queue: this.legacyQueue, quarantine: this.quarantined.dir }, this.tenant, found, discarded);
+    let names: string[] = [];
+    try {
+      names = (await readdir(this.segmentsDir)).sort();
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw diskError(e, this.dir);
+    }
+    for (const n of names) {
       if (!n.endsWith(".seg")) continue;
-      const scanned = await scanSegment(this.files, join(this.segmentsDir, n), this.tenant, { adoptStandby: this.preallocate && !this.standby, segmentBytes: SEGMENT_BYTES }, discarded);
+      // An empty preallocated segment of 0.3 (one per tenant) is not kept: the pool's are shared.
+      const scanned = await scanSegment(this.files, join(this.segmentsDir, n), this.tenant, { adoptStandby: false, segmentBytes: SEGMENT_BYTES }, discarded);
       if (!scanned) continue;
       this.segments.add(scanned.segment);
-      if (scanned.adopted) this.standby = scanned.segment;
       for (const { entry, recordOffset } of scanned.pending) {
         found.push(entry);
         this.records.set(entry.id, { segment: scanned.segment, recordOffset });
@@ -183,15 +182,22 @@ export class TenantSpool {
       this.pending.set(e.id, e);
       this.committedBytes += e.size;
     }
-    for (const n of (await readdir(this.quarantineDir)).filter((n) => n.endsWith(".json")).sort()) {
-      try {
-        this.quarantined.push(JSON.parse(await readFile(join(this.quarantineDir, n), "utf8")));
-      } catch {
-        // a damaged quarantine record is not worth stopping for
-      }
-    }
-    void this.prepareStandby();
+    await this.quarantined.load();
     return { pending: found, discarded };
+  }
+
+  /** Creates the tenant's directories once, made durable, before its first record or quarantined instance. */
+  private ensureDirectories(): Promise<void> {
+    this.directories ??= (async () => {
+      let created = false;
+      for (const d of [this.segmentsDir, this.quarantined.dir]) created = (await mkdir(d, { recursive: true })) !== undefined || created;
+      // New directories are made durable once, so that the first acknowledged records do not vanish with them.
+      if (created) for (const d of [this.dir, join(this.dir, "..")]) await this.files.syncDirectory(d);
+    })().catch((e) => {
+      this.directories = undefined;
+      throw diskError(e, this.dir);
+    });
+    return this.directories;
   }
 
   get usedBytes(): number {
@@ -204,11 +210,21 @@ export class TenantSpool {
       oldest = e.receivedAt;
       break; // Map keeps insertion order = arrival order
     }
-    return { depth: this.pending.size, bytes: this.committedBytes, oldestReceivedAt: oldest, quotaBytes: this.quotaBytes, quarantined: this.quarantined.length };
+    return { depth: this.pending.size, bytes: this.committedBytes, oldestReceivedAt: oldest, quotaBytes: this.quotaBytes, quarantined: this.quarantined.list().length };
+  }
+
+  /** The instances waiting for Orthanc, in arrival order. */
+  pendingEntries(): IterableIterator<SpoolEntry> {
+    return this.pending.values();
   }
 
   quarantineList(): readonly QuarantineEntry[] {
-    return this.quarantined;
+    return this.quarantined.list();
+  }
+
+  /** The Part 10 file of a quarantined instance. */
+  quarantinedFile(id: string): string {
+    return this.quarantined.fileOf(id);
   }
 
   /** Whether a new instance may start (the quota is checked again while it arrives). */
@@ -216,21 +232,26 @@ export class TenantSpool {
     return this.usedBytes < this.quotaBytes;
   }
 
-  /** A segment to append to: an idle writer, the standby, or a new segment whose name is made durable first. */
+  /** A segment to append to: an idle writer, one from the pool, or a new segment whose name is made durable first. */
   private async acquireWriter(): Promise<Segment> {
-    // Preferred: a writer with preallocated room left, then the standby, then any idle writer.
+    // Preferred: a writer with preallocated room left, then a ready one from the pool, then any idle writer.
     for (let i = this.idleWriters.length - 1; i >= 0; i--) {
-      if (this.idleWriters[i]!.allocated > this.idleWriters[i]!.size) return this.idleWriters.splice(i, 1)[0]!;
+      if (this.idleWriters[i]!.allocated > this.idleWriters[i]!.size) return this.takeIdle(i);
     }
-    const standby = this.standby;
-    if (standby) {
-      // The next standby is prepared when this one runs short (commit), not now, while instances arrive.
-      this.standby = undefined;
-      return standby;
+    try {
+      await this.ensureDirectories();
+    } catch (e) {
+      throw await this.diskFailure(e);
     }
-    const idle = this.idleWriters.pop();
-    if (idle) return idle;
-    void this.prepareStandby();
+    const taken = await this.pool?.take(this.segmentsDir);
+    if (taken) {
+      const segment = new Segment(this.files, taken.path, 0, true, taken.fh);
+      segment.allocated = SEGMENT_BYTES;
+      segment.lent = true;
+      this.segments.add(segment);
+      return segment;
+    }
+    if (this.idleWriters.length > 0) return this.takeIdle(this.idleWriters.length - 1);
     const path = join(this.segmentsDir, `${newSpoolId()}.seg`);
     let fh: FileHandle | undefined;
     try {
@@ -246,83 +267,57 @@ export class TenantSpool {
     return segment;
   }
 
-  /**
-   * Keeps one writer ready whose blocks exist already: a new segment written with zeros (once), in the
-   * background: at start-up, and when the writer in use runs short of preallocated room. Recycled
-   * segments (retire) take this role in a steady state, so nothing is zero-filled then.
-   */
-  private prepareStandby(): Promise<void> {
-    if (!this.preallocate || this.closed || this.standby || this.preparing) return this.preparing ?? Promise.resolve();
-    if (Date.now() - this.standbyFailedAt < STANDBY_RETRY_MS) return Promise.resolve();
-    this.preparing = (async () => {
-      // Never on a nearly full disk: the zeros would take the room that acknowledgements need.
-      const fs = await statfs(this.segmentsDir).catch(() => undefined);
-      if (fs && Number(fs.bavail) * Number(fs.bsize) < 4 * SEGMENT_BYTES) {
-        this.standbyFailedAt = Date.now();
-        return;
-      }
-      const path = join(this.segmentsDir, `${newSpoolId()}.seg`);
-      let fh: FileHandle | undefined;
-      try {
-        fh = await this.files.create(path);
-        const zeros = new Uint8Array(1 << 20);
-        for (let at = 0; at < SEGMENT_BYTES; at += zeros.length) await writeAll(this.files, fh, [zeros], at);
-        await this.files.datasync(fh);
-        await this.files.syncDirectory(this.segmentsDir);
-      } catch {
-        // No room (or no permission) for a preallocation: writers are created as they are needed.
-        this.standbyFailedAt = Date.now();
-        if (fh) await this.files.close(fh).catch(() => {});
-        await this.files.remove(path).catch(() => {});
-        return;
-      }
-      const segment = new Segment(this.files, path, 0, true, fh);
-      segment.allocated = SEGMENT_BYTES;
-      this.segments.add(segment);
-      if (this.closed) await this.dropSegment(segment);
-      else this.standby = segment;
-    })().finally(() => {
-      this.preparing = undefined;
-    });
-    return this.preparing;
+  private takeIdle(i: number): Segment {
+    this.pool?.idleEnded();
+    return this.idleWriters.splice(i, 1)[0]!;
   }
 
   private releaseWriter(segment: Segment): void {
-    if (segment.writable && segment.size < SEGMENT_BYTES && this.idleWriters.length < IDLE_WRITERS && !this.closed) this.idleWriters.push(segment);
-    else {
-      segment.writable = false;
-      if (segment.live === 0) void this.retire(segment);
+    const keep = segment.writable && segment.size < SEGMENT_BYTES && !this.closed && (this.pool ? this.pool.keepIdle() : this.idleWriters.length < IDLE_WRITERS);
+    if (keep) {
+      this.idleWriters.push(segment);
+      return;
+    }
+    segment.writable = false;
+    if (segment.live === 0) this.track(this.retire(segment));
+  }
+
+  private track(work: Promise<void>): void {
+    this.recycling.add(work);
+    void work.finally(() => this.recycling.delete(work));
+  }
+
+  /** The preallocated room past a sealed segment's records, given back (a full disk). */
+  private async trim(segment: Segment): Promise<void> {
+    try {
+      await this.files.truncate(await segment.handle(), segment.size);
+      segment.allocated = segment.size;
+      if (segment.lent) this.pool?.given();
+      segment.lent = false;
+    } catch {
+      // Left as it is: deleted or recycled once its records are done.
     }
   }
 
-  /** A sealed segment with nothing pending: becomes the standby under a new name if one is wanted, else is deleted. */
+  /**
+   * A sealed segment with nothing pending: back into the pool if it came from there (or is full size and
+   * the pool has room), else deleted.
+   */
   private async retire(segment: Segment): Promise<void> {
-    if (!this.preallocate || this.closed || this.standby || this.preparing || segment.size < SEGMENT_BYTES || segment.size > 2 * SEGMENT_BYTES) {
-      return this.dropSegment(segment);
-    }
-    const path = join(this.segmentsDir, `${newSpoolId()}.seg`);
-    const recycling = (async () => {
+    this.segments.delete(segment);
+    const pool = this.pool;
+    if (pool && Math.max(segment.size, segment.allocated) >= SEGMENT_BYTES && (segment.lent || pool.wantsRecycled())) {
       try {
         await this.files.truncate(await segment.handle(), SEGMENT_BYTES);
-        await this.files.rename(segment.path, path);
-        await this.files.syncDirectory(this.segmentsDir);
+        await segment.close();
+        if (await pool.recycle(segment.path, segment.lent)) return;
       } catch {
-        return this.dropSegment(segment);
+        // deleted below
       }
-      segment.reborn(path, SEGMENT_BYTES);
-      if (this.closed) await this.dropSegment(segment);
-      else this.standby = segment;
-    })().finally(() => {
-      this.preparing = undefined;
-    });
-    this.preparing = recycling;
-    return recycling;
-  }
-
-  private async dropSegment(segment: Segment): Promise<void> {
-    this.segments.delete(segment);
+    }
     await segment.close().catch(() => {});
     await this.files.remove(segment.path).catch(() => {});
+    if (segment.lent) pool?.given();
   }
 
   /** A disk error as a SpoolDiskError; a full disk first gives back the room that holds nothing pending. */
@@ -333,21 +328,24 @@ export class TenantSpool {
   }
 
   /**
-   * The disk (or the quota of its user) is full: the standby and the idle writers with nothing pending are
-   * deleted, idle writers that still hold pending records are sealed (deleted once forwarded), and no
-   * preallocation is tried for a while. The instance that met the full disk was refused (0xA700, to be
-   * sent again); the next ones find the room that forwarded instances held.
+   * The disk (or the quota of its user) is full: the pool's ready segments and the idle writers with
+   * nothing pending are deleted, idle writers that still hold pending records are sealed (deleted once
+   * forwarded), and no preallocation is tried for a while. The instance that met the full disk was refused
+   * (0xA700, to be sent again); the next ones find the room that forwarded instances held.
    */
   private async reclaimIfFull(err: SpoolDiskError): Promise<void> {
     const code = (err.cause as NodeJS.ErrnoException | undefined)?.code;
     if (code !== "ENOSPC" && code !== "EDQUOT") return;
-    this.standbyFailedAt = Date.now();
-    const standby = this.standby;
-    this.standby = undefined;
-    if (standby) await this.dropSegment(standby);
+    await this.pool?.reclaim();
     for (const w of this.idleWriters.splice(0)) {
+      this.pool?.idleEnded();
       w.writable = false;
-      if (w.live === 0) await this.dropSegment(w);
+      if (w.live === 0) {
+        this.segments.delete(w);
+        await w.close().catch(() => {});
+        await this.files.remove(w.path).catch(() => {});
+        if (w.lent) this.pool?.given();
+      } else if (w.allocated > w.size) await this.trim(w);
     }
   }
 
@@ -358,6 +356,12 @@ export class TenantSpool {
    * whose source fails (truncated association).
    */
   async receive(meta: FileMeta, source: AsyncIterable<Uint8Array>, opts: ReceiveOptions = {}): Promise<ReceivedFile> {
+    return this.receiveParts(encodeFileMeta(meta), source, opts);
+  }
+
+  /** receive() of a whole Part 10 file (`head`, when given, comes first). */
+  private async receiveParts(head: Uint8Array | undefined, source: AsyncIterable<Uint8Array>, opts: ReceiveOptions = {}): Promise<ReceivedFile> {
+    this.pool?.arrival();
     const segment = await this.acquireWriter();
     const r = new Receipt(opts.id ?? newSpoolId(), segment, segment.size);
     const observe = opts.observe;
@@ -378,9 +382,7 @@ export class TenantSpool {
       r.chunkBytes += chunk.length;
     };
     try {
-      const metaHeader = encodeFileMeta(meta);
-      r.metaLength = metaHeader.length;
-      add(metaHeader);
+      if (head) add(head);
       const collect = collectAsStreamGrows();
       for await (const chunk of source) {
         add(chunk);
@@ -455,6 +457,7 @@ export class TenantSpool {
     const infoBytes = new TextEncoder().encode(JSON.stringify(record));
     const header = encodeRecordHeader({ state: STATE_PENDING, infoLength: infoBytes.length, bodyLength: r.size, crc: r.crc }, r.segment.key);
     this.receivingBytes += r.size; // counted until committed, so the quota holds meanwhile
+    this.pool?.arrival();
     try {
       const dsync = r.written === 0 ? await r.segment.dsyncHandle() : undefined;
       if (dsync) {
@@ -477,7 +480,6 @@ export class TenantSpool {
     }
     r.segment.size = r.bodyOffset + r.size + infoBytes.length;
     r.segment.live++;
-    if (r.segment.allocated > 0 && r.segment.allocated - r.segment.size < SEGMENT_BYTES / 4) void this.prepareStandby();
     this.records.set(r.id, { segment: r.segment, recordOffset: r.recordOffset });
     await this.settle(r, true);
     const entry: SpoolEntry = { ...record, file: r.segment.path, offset: r.bodyOffset };
@@ -507,33 +509,48 @@ export class TenantSpool {
     await segment.markDone(at.recordOffset).catch(() => {});
   }
 
-  /** Orthanc refused the instance for good: keep it aside with the reason, out of the queue and the quota. */
+  /** The instance cannot reach Orthanc for good: keep it aside with the reason, out of the queue and the quota. */
   async quarantine(entry: SpoolEntry, reason: string): Promise<QuarantineEntry> {
-    const { file: _file, offset: _offset, ...record } = entry;
-    const q: QuarantineEntry = { ...record, reason, quarantinedAt: new Date().toISOString() };
-    await copyRange(entry, join(this.quarantineDir, `${entry.id}.dcm`));
-    await writeFile(join(this.quarantineDir, `${entry.id}.json`), JSON.stringify(q, null, 2), { mode: 0o600 });
-    await nodeSpoolFiles.syncDirectory(this.quarantineDir);
+    const q = await this.quarantined.add(entry, reason);
     await this.remove(entry);
-    this.quarantined.push(q);
     return q;
   }
 
-  /** Resolves when the preparation or recycling of a standby segment under way is done. */
-  async backgroundWork(): Promise<void> {
-    await this.preparing;
+  /**
+   * Puts a quarantined instance back into the queue (its cause fixed): a new record of the same bytes and
+   * record, committed (durable) before the quarantined copy is deleted — a crash in between leaves it in
+   * both places, never in neither. Strict isolation checks it again when it is forwarded. Undefined if no
+   * such quarantined instance.
+   */
+  async requeue(id: string): Promise<SpoolEntry | undefined> {
+    const q = this.quarantined.get(id);
+    if (!q) return undefined;
+    const { id: _id, tenant: _tenant, size: _size, md5: _md5, reason: _reason, quarantinedAt: _at, ...record } = q;
+    const received = await this.receiveParts(undefined, createReadStream(this.quarantined.fileOf(id)));
+    const entry = await this.commit(received, { ...record, isolation: "unchecked" });
+    await this.quarantined.remove(id);
+    return entry;
   }
 
-  /** Closes the segments; those with nothing pending are deleted, but for the standby, kept for the next start. */
+  /** Deletes a quarantined instance for good. Undefined if no such quarantined instance. */
+  release(id: string): Promise<QuarantineEntry | undefined> {
+    return this.quarantined.remove(id);
+  }
+
+  /** Resolves when the recycling or trimming of segments under way is done (and the pool's fill). */
+  async backgroundWork(): Promise<void> {
+    while (this.recycling.size > 0) await Promise.all([...this.recycling]);
+    await this.pool?.backgroundWork();
+  }
+
+  /** Closes the segments; those with nothing pending go back into the pool (when it wants them) or are deleted. */
   async close(): Promise<void> {
     this.closed = true;
-    this.idleWriters.length = 0;
-    const standby = this.standby;
-    this.standby = undefined;
-    await this.preparing;
+    for (const _ of this.idleWriters.splice(0)) this.pool?.idleEnded();
+    while (this.recycling.size > 0) await Promise.all([...this.recycling]);
     for (const s of [...this.segments]) {
       s.writable = false;
-      if (s.live === 0 && s !== standby) await this.dropSegment(s);
+      if (s.live === 0) await this.retire(s);
       else await s.close();
     }
   }
@@ -553,20 +570,5 @@ export class TenantSpool {
     } finally {
       await fh.close();
     }
-  }
-}
-
-/** Copies an instance's Part 10 bytes to a file of its own, synced. */
-async function copyRange(src: FileRange, dest: string): Promise<void> {
-  const input = await open(src.file, "r");
-  const out = await open(dest, "w", 0o600);
-  try {
-    await eachPiece(input, src.offset, src.size, async (piece, at) => {
-      await writeAll(nodeSpoolFiles, out, [piece], at);
-    });
-    await out.datasync();
-  } finally {
-    await input.close();
-    await out.close();
   }
 }

@@ -8,12 +8,18 @@
  * what a dual-stack socket reports) match IPv4 rules. Host names are looked up
  * (node:dns lookup, every address) when the policy is created and again every `refreshMs`, because
  * negotiation is synchronous; a failed look-up keeps the previous addresses, and a name that was
- * never resolved matches no peer (fail closed).
+ * never resolved matches no peer (fail closed). When every entry names a host, a connection from an
+ * address outside all of them is closed at accept (`admitAddress`), before a byte of it is read.
+ *
+ * `Tls.RequireCallingAetInCertificate`: over TLS, the calling AE title must be the verified client
+ * certificate's CN or one of its subject alternative names — the certificate vouches for the AE title,
+ * not only for the connection (compared like every AE title, StrictAetComparison).
  */
 import { lookup as dnsLookup } from "node:dns/promises";
 import type { AllowedCaller, DicomSettings, TenantConfig } from "../config/types.ts";
 import type { Negotiation, Peer } from "../net/association.ts";
-import { RejectReason, RejectResult, RejectSource } from "../net/constants.ts";
+import type { TlsPeer } from "../net/server.ts";
+import { RejectReason, RejectResult, RejectSource } from "../net/reject.ts";
 import { negotiatePresentationContexts, type SupportedSyntaxes } from "../net/negotiation.ts";
 import type { AssociateRQ } from "../net/pdu.ts";
 import { type AddressRange, inRange, parseAddress, parseCallerHost, singleAddress } from "../shared/address.ts";
@@ -24,6 +30,11 @@ export interface AssociationPolicy {
   (rq: AssociateRQ, peer: Peer): Negotiation;
   /** Settles once every host name of AllowedCallers was looked up once (successfully or not). */
   readonly ready: Promise<void>;
+  /**
+   * Whether a connection from `address` may go on at all: undefined when it may, else why not — when every
+   * AllowedCallers entry is bound to a host and none of them is `address` (the listener then closes it at accept).
+   */
+  admitAddress(address: string): string | undefined;
   /** Stops the periodic host-name refresh. */
   close(): void;
 }
@@ -40,7 +51,7 @@ export interface AssociationPolicyOptions {
 }
 
 export function createAssociationPolicy(
-  tenant: Pick<TenantConfig, "aet"> & Partial<Pick<TenantConfig, "allowedCallers">>,
+  tenant: Pick<TenantConfig, "aet"> & Partial<Pick<TenantConfig, "allowedCallers" | "tls">>,
   dicom: Pick<DicomSettings, "checkCalledAet" | "strictAetComparison">,
   supported: SupportedSyntaxes,
   opts: AssociationPolicyOptions = {},
@@ -52,6 +63,16 @@ export function createAssociationPolicy(
         reject: { result: RejectResult.Permanent, source: RejectSource.ServiceUser, reason: RejectReason.CalledAeTitleNotRecognized },
         why: `called AE title "${rq.calledAeTitle}" is not this listener's AE title "${tenant.aet}"`,
       };
+    }
+    const tls = (peer as TlsPeer).tls;
+    if (tls && tenant.tls?.requireCallingAetInCertificate) {
+      const refusal = certificateRefusal(rq.callingAeTitle, tls, dicom.strictAetComparison);
+      if (refusal !== undefined) {
+        return {
+          reject: { result: RejectResult.Permanent, source: RejectSource.ServiceUser, reason: RejectReason.CallingAeTitleNotRecognized },
+          why: refusal,
+        };
+      }
     }
     if (callers) {
       const refusal = callers.check(rq.callingAeTitle, peer.address);
@@ -74,8 +95,20 @@ export function createAssociationPolicy(
   };
   return Object.assign(negotiate, {
     ready: callers?.ready ?? Promise.resolve(),
+    admitAddress: (address: string) => callers?.admitAddress(address),
     close: () => callers?.close(),
   });
+}
+
+/** Why the client certificate does not vouch for `callingAe`, or undefined when it does. */
+function certificateRefusal(callingAe: string, tls: NonNullable<TlsPeer["tls"]>, strict: boolean): string | undefined {
+  if (!tls.authorized || tls.clientSubject === undefined) {
+    const why = tls.clientSubject === undefined ? "none was presented" : `it did not verify: ${tls.authorizationError ?? "unknown reason"}`;
+    return `calling AE title "${callingAe}" needs a verified client certificate naming it (Tls.RequireCallingAetInCertificate); ${why}`;
+  }
+  const names = [...(tls.clientCommonNames ?? []), ...(tls.clientAltNames ?? [])];
+  if (names.some((n) => aeTitlesEqual(n, callingAe, strict))) return undefined;
+  return `calling AE title "${callingAe}" is neither the CN nor a subject alternative name of the client certificate (${tls.clientSubject}) (Tls.RequireCallingAetInCertificate)`;
 }
 
 // ---- allowed callers ------------------------------------------------------------------------
@@ -138,6 +171,14 @@ class CallerList {
         for (const r of this.rules) if (r.hostName === name) r.ranges = ranges;
       }),
     );
+  }
+
+  /** Undefined when a connection from `peerAddress` may go on (some entry has no host, or one matches), else why not. */
+  admitAddress(peerAddress: string): string | undefined {
+    if (this.rules.some((r) => !r.ranges)) return undefined;
+    const peer = parseAddress(peerAddress);
+    if (peer && this.rules.some((r) => r.ranges!.some((range) => inRange(peer, range)))) return undefined;
+    return `${peerAddress} is none of the hosts of AllowedCallers (${[...new Set(this.rules.map((r) => r.host))].join(", ")})`;
   }
 
   /** Undefined when allowed, else why not. */

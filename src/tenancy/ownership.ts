@@ -1,20 +1,17 @@
 /**
- * Who a DICOM UID belongs to where Orthanc's labels cannot tell (Strict isolation, docs/threat-model.md),
+ * What one gateway knows of who holds a DICOM UID, besides Orthanc (Strict isolation, docs/threat-model.md),
  * one registry for the whole gateway:
  *
- *  - Claims: a tenant created a study or series with this UID through this gateway. They decide for the
- *    levels a tenant does not label (LabelsStoreLevels without Study...), and after a crash between an
- *    upload and its labels. Durable: `<SpoolDirectory>/claims.jsonl`, one JSON object per line, appended
- *    and fdatasync'd before the instance that creates the resource is acknowledged; a claim that turned out
- *    dead (nothing with that UID in Orthanc, nothing in flight) is released by a later line.
  *  - In flight: an instance that passed the check and is not yet in Orthanc with its labels (spooled, or
- *    being uploaded) holds its Study, Series and SOP Instance UIDs for its tenant, so that no other tenant
- *    can take them meanwhile. In memory; rebuilt from the spools at start.
- *
- * Claims made by 0.2 named Orthanc's resource IDs (hashes) instead of UIDs: they are still read and
- * honoured (`legacyOwner`).
+ *    being uploaded) holds its Study, Series and SOP Instance UIDs for its tenant, so that no other tenant of
+ *    this gateway can take them meanwhile. In memory; rebuilt from the spools at start. Another gateway does
+ *    not see them: between gateways, the ownership records in Orthanc decide (owner-records.ts).
+ *  - Legacy claims: `<SpoolDirectory>/claims.jsonl`, where earlier gateways recorded which tenant created
+ *    which study or series (by UID; 0.2 by Orthanc ID). Read at start, honoured until they are migrated into
+ *    Orthanc's ownership records (migrate-claims.ts), then the file is renamed `claims.jsonl.migrated`.
+ *    Nothing is written to it any more.
  */
-import { open, readFile, rename, writeFile, type FileHandle } from "node:fs/promises";
+import { readFile, rename } from "node:fs/promises";
 import { join } from "node:path";
 import type { ResourceLevel } from "../config/types.ts";
 
@@ -38,6 +35,9 @@ interface ClaimLine {
   released?: true;
 }
 
+/** A live claim of the legacy file: by UID, or (0.2) by Orthanc ID. */
+export type LegacyClaim = { level: ResourceLevel; tenant: string } & ({ uid: string; id?: undefined } | { id: string; uid?: undefined });
+
 const key = (level: ResourceLevel, uid: string) => `${level}|${uid}`;
 
 export class UidRegistry {
@@ -47,96 +47,67 @@ export class UidRegistry {
   private readonly inFlight = new Map<string, Map<string, number>>();
   /** Hold key (a spool entry id...) -> what it holds. */
   private readonly holds = new Map<string, { tenant: string; keys: string[] }>();
-  private fh: FileHandle | undefined;
-  /** Told when a claim is released (caches that knew the UID as owned forget it). */
-  onRelease?: (level: ResourceLevel, uid: string) => void;
-  private chain: Promise<unknown> = Promise.resolve();
+  /** The legacy claims file. */
   readonly path: string;
 
   constructor(spoolRoot: string) {
     this.path = join(spoolRoot, "claims.jsonl");
   }
 
-  /** Reads the claims file (a torn last line, from a crash, is ignored: it was never acknowledged). */
+  /** Reads the legacy claims file, if there is one (a torn last line, from a crash, is ignored). */
   async open(): Promise<void> {
-    let lines = 0;
+    let text: string;
     try {
-      for (const text of (await readFile(this.path, "utf8")).split("\n")) {
-        if (!text.trim()) continue;
-        lines++;
-        let c: ClaimLine;
-        try {
-          c = JSON.parse(text) as ClaimLine;
-        } catch {
-          continue;
-        }
-        if (typeof c.tenant !== "string" || typeof c.level !== "string") continue;
-        if (typeof c.uid === "string") {
-          const k = key(c.level, c.uid);
-          if (c.released) {
-            if (this.claims.get(k) === c.tenant) this.claims.delete(k);
-          } else if (!this.claims.has(k)) this.claims.set(k, c.tenant);
-        } else if (typeof c.id === "string" && !this.legacy.has(c.id)) this.legacy.set(c.id, c.tenant);
-      }
+      text = await readFile(this.path, "utf8");
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw e;
+      if ((e as NodeJS.ErrnoException).code === "ENOENT") return;
+      throw e;
     }
-    // Released claims accumulate: rewrite the file with the live ones when they are the minority.
-    const live = this.claims.size + this.legacy.size;
-    if (lines > 2 * live + 1000) await this.compact();
-    this.fh = await open(this.path, "a", 0o600);
+    for (const line of text.split("\n")) {
+      if (!line.trim()) continue;
+      let c: ClaimLine;
+      try {
+        c = JSON.parse(line) as ClaimLine;
+      } catch {
+        continue;
+      }
+      if (typeof c.tenant !== "string" || typeof c.level !== "string") continue;
+      if (typeof c.uid === "string") {
+        const k = key(c.level, c.uid);
+        if (c.released) {
+          if (this.claims.get(k) === c.tenant) this.claims.delete(k);
+        } else if (!this.claims.has(k)) this.claims.set(k, c.tenant);
+      } else if (typeof c.id === "string" && !this.legacy.has(c.id)) this.legacy.set(c.id, c.tenant);
+    }
   }
 
-  /** Rewrites the file with the live claims only (a new file renamed over the old one). */
-  private async compact(): Promise<void> {
-    const at = new Date().toISOString();
-    const out: string[] = [];
-    for (const [id, tenant] of this.legacy) out.push(JSON.stringify({ id, level: "Study", tenant, at }));
-    for (const [k, tenant] of this.claims) {
-      const [level, uid] = [k.slice(0, k.indexOf("|")), k.slice(k.indexOf("|") + 1)];
-      out.push(JSON.stringify({ uid, level, tenant, at }));
-    }
-    const tmp = `${this.path}.tmp`;
-    await writeFile(tmp, out.join("\n") + (out.length ? "\n" : ""), { mode: 0o600, flush: true });
-    await rename(tmp, this.path);
-  }
-
-  /** The tenant that created a resource with this UID through this gateway, if any. */
+  /** The tenant that created a resource with this UID through this gateway, by the legacy file (until migrated). */
   claimOwner(level: ResourceLevel, uid: string): string | undefined {
     return this.claims.get(key(level, uid));
   }
 
-  /** The tenant a 0.2 claim gave this Orthanc resource ID to, if any. */
+  /** The tenant a 0.2 claim gave this Orthanc resource ID to, if any (until migrated). */
   legacyOwner(orthancId: string): string | undefined {
     return this.legacy.get(orthancId);
   }
 
-  /** Claims `uid` at `level` for `tenant` unless another tenant holds it; durable when it resolves true. */
-  claim(level: ResourceLevel, uid: string, tenant: string): Promise<boolean> {
-    const k = key(level, uid);
-    const current = this.claims.get(k);
-    if (current !== undefined) return Promise.resolve(current === tenant);
-    this.claims.set(k, tenant); // the first claimer wins, synchronously
-    return this.append({ uid, level, tenant, at: new Date().toISOString() }, true).then(
-      () => true,
-      (e) => {
-        // Not durable, so not a claim: the next attempt tries again.
-        if (this.claims.get(k) === tenant) this.claims.delete(k);
-        throw e;
-      },
-    );
+  /** The live claims of the legacy file, to migrate into Orthanc. */
+  legacyClaims(): LegacyClaim[] {
+    const out: LegacyClaim[] = [];
+    for (const [id, tenant] of this.legacy) out.push({ id, level: "Study", tenant });
+    for (const [k, tenant] of this.claims) out.push({ level: k.slice(0, k.indexOf("|")) as ResourceLevel, uid: k.slice(k.indexOf("|") + 1), tenant });
+    return out;
   }
 
-  /**
-   * Releases a claim found dead (nothing with the UID in Orthanc, nothing in flight). Not synced: if the
-   * line is lost, the claim comes back at the next start and is found dead again.
-   */
-  async release(level: ResourceLevel, uid: string, tenant: string): Promise<void> {
-    const k = key(level, uid);
-    if (this.claims.get(k) !== tenant) return;
-    this.claims.delete(k);
-    this.onRelease?.(level, uid);
-    await this.append({ uid, level, tenant, at: new Date().toISOString(), released: true }, false).catch(() => {});
+  /** The legacy claims are in Orthanc now: forgotten here, the file renamed `claims.jsonl.migrated` (kept for the record). */
+  async migrated(): Promise<void> {
+    this.claims.clear();
+    this.legacy.clear();
+    try {
+      await rename(this.path, `${this.path}.migrated`);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw e;
+    }
   }
 
   /** Tenants with instances in flight that hold `uid` at `level`. */
@@ -180,22 +151,5 @@ export class UidRegistry {
   /** Number of instances in flight (for tests and /status). */
   get holdCount(): number {
     return this.holds.size;
-  }
-
-  private append(line: ClaimLine, sync: boolean): Promise<void> {
-    const run = async () => {
-      if (!this.fh) throw new Error(`the claims file ${this.path} is not open`);
-      await this.fh.appendFile(JSON.stringify(line) + "\n");
-      if (sync) await this.fh.datasync();
-    };
-    const p = this.chain.then(run, run);
-    this.chain = p.catch(() => {});
-    return p;
-  }
-
-  async close(): Promise<void> {
-    await this.chain;
-    await this.fh?.close();
-    this.fh = undefined;
   }
 }

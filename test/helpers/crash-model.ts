@@ -3,7 +3,8 @@
  * cache and the disk, per 512-byte sector. A write changes the cached image and dirties its sectors;
  * a sector becomes durable when an O_DSYNC write of it returns, or when an fdatasync that began after
  * it ends (fdatasync also makes the file's size durable); a created, renamed or removed name becomes
- * durable when a sync of its directory that began after the change ends. At a crash, every durable
+ * durable when a sync of its directory that began after the change ends (a rename between directories:
+ * the new name when the new directory is synced, the old one's removal when the old one is). At a crash, every durable
  * sector and name is kept and the rest is decided by the crash mode:
  *   synced-only — nothing unsynced reaches the disk;
  *   all-written — everything written reaches it (the cache was flushed just before);
@@ -178,11 +179,22 @@ export class CrashModel {
         f.currentSize = e.length;
         return;
       }
-      case "rename":
-        if (dirname(e.from) !== dirname(e.to)) throw new Error("the model follows renames within one directory only");
+      case "rename": {
+        if (dirname(e.from) === dirname(e.to)) {
+          CrashModel.applyName(this.currentNames, { kind: "rename", from: e.from, to: e.to });
+          this.changeName(dirname(e.from), { kind: "rename", from: e.from, to: e.to });
+          return;
+        }
+        // Between directories (a segment of the pool given to a tenant, or back): modelled as two changes,
+        // each durable when its own directory is synced — the new name may be lost while the old one is
+        // gone (worse than a journaling file system, which commits both at once).
+        const inode = this.currentNames.get(e.from);
+        if (inode === undefined) throw new Error(`rename of ${e.from}, which the model does not know`);
         CrashModel.applyName(this.currentNames, { kind: "rename", from: e.from, to: e.to });
-        this.changeName(dirname(e.from), { kind: "rename", from: e.from, to: e.to });
+        this.changeName(dirname(e.to), { kind: "create", path: e.to, inode });
+        this.changeName(dirname(e.from), { kind: "remove", path: e.from });
         return;
+      }
       case "remove":
         if (!this.currentNames.has(e.path)) return; // rm -f of a file the layer never saw
         this.currentNames.delete(e.path);

@@ -1,9 +1,9 @@
 /** Real DICOM test inputs: Debian's python3-pydicom test files, and unique copies made with dcmtk's dcmodify. */
-import { copyFileSync, existsSync, mkdtempSync, readdirSync, readFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { copyFileSync, existsSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { decodeFileMeta, fileMetaLength } from "../../src/dicom/part10.ts";
 import { runTool } from "./dcmtk.ts";
+import { tempDir } from "./temp.ts";
 
 export const PYDICOM_FILES = "/usr/lib/python3/dist-packages/pydicom/data/test_files";
 
@@ -37,6 +37,19 @@ export function datasetsIn(dir: string): Map<string, Uint8Array> {
   return m;
 }
 
+/** The Part 10 files in a directory: SOP Instance UID -> the transfer syntax their meta header names. */
+export function transferSyntaxesIn(dir: string): Map<string, string> {
+  const m = new Map<string, string>();
+  for (const f of readdirSync(dir)) {
+    const bytes = new Uint8Array(readFileSync(join(dir, f)));
+    const end = fileMetaLength(bytes);
+    if (end === undefined || end > bytes.length) continue;
+    const meta = decodeFileMeta(bytes);
+    m.set(meta.sopInstanceUid, meta.transferSyntaxUid);
+  }
+  return m;
+}
+
 /** A tag's value as dcmdump prints it, e.g. tagValue(path, "0008,0018"). */
 export async function tagValue(path: string, tag: string): Promise<string> {
   const r = await runTool("dcmdump", ["-q", "-Un", "+P", tag, path]);
@@ -50,7 +63,7 @@ export async function tagValue(path: string, tag: string): Promise<string> {
  * study/series UIDs and a patient ID). Returns the paths in order.
  */
 export async function uniqueCopies(source: string, n: number, opts: { newStudy?: boolean; newSeries?: boolean; patientId?: string; dir?: string } = {}): Promise<string[]> {
-  const dir = opts.dir ?? mkdtempSync(join(tmpdir(), "gw-dicom-"));
+  const dir = opts.dir ?? tempDir("gw-dicom-");
   const paths: string[] = [];
   for (let i = 0; i < n; i++) {
     const p = join(dir, `img${String(i).padStart(5, "0")}.dcm`);

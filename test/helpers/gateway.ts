@@ -1,11 +1,11 @@
 /** Test helpers to run the gateway: in-process (startGateway) or as a child process (CLI, binary, Deno). */
 import { spawn, type ChildProcess } from "node:child_process";
-import { mkdtempSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseConfig } from "../../src/config/index.ts";
 import { startGateway, type Gateway, type GatewayOptions } from "../../src/gateway/index.ts";
 import { freePorts } from "./ports.ts";
+import { removeTempDir, tempDir } from "./temp.ts";
 
 export interface TenantSpec {
   AET: string;
@@ -15,24 +15,39 @@ export interface TenantSpec {
   [key: string]: unknown;
 }
 
-/** A configuration object (Orthanc spelling) with free ports for every tenant and HTTP port 0. */
+/** The temporary directories testConfigObject made for a configuration object (its spool, its audit trail's). */
+const directoriesOf = new WeakMap<object, string[]>();
+
+/**
+ * A configuration object (Orthanc spelling) with free ports for every tenant and HTTP port 0, and, unless
+ * `extra` names its own, a new spool directory and audit file. Those directories are removed at process exit
+ * (test/helpers/temp.ts), or when the gateway startTestGateway started from the object stops.
+ */
 export async function testConfigObject(tenants: TenantSpec[], orthancUrl: string, extra: Record<string, unknown> = {}): Promise<Record<string, unknown>> {
   const ports = await freePorts(tenants.length);
   const { Gateway: gatewayExtra, ...rest } = extra as { Gateway?: Record<string, unknown> };
-  return {
+  const made: string[] = [];
+  const dir = (prefix: string) => {
+    const d = tempDir(prefix);
+    made.push(d);
+    return d;
+  };
+  const object = {
     MultitenantDicom: { Servers: tenants.map((t, i) => ({ Labels: [], ...t, Port: ports[i] })) },
     DicomScpTimeout: 30,
     ...rest,
     Gateway: {
       Orthanc: { Url: orthancUrl },
       Http: { Host: "127.0.0.1", Port: 0 },
-      SpoolDirectory: mkdtempSync(join(tmpdir(), "gw-spool-")),
+      SpoolDirectory: gatewayExtra?.SpoolDirectory ?? dir("gw-spool-"),
       Log: { Level: "warn", Format: "json" },
       // The audit trail goes to a file of its own, not into the test output (the default is stdout).
-      Audit: { File: join(mkdtempSync(join(tmpdir(), "gw-audit-")), "audit.log") },
+      Audit: gatewayExtra?.Audit ?? { File: join(dir("gw-audit-"), "audit.log") },
       ...gatewayExtra,
     },
   };
+  directoriesOf.set(object, made);
+  return object;
 }
 
 export async function startTestGateway(
@@ -41,17 +56,34 @@ export async function startTestGateway(
   extra: Record<string, unknown> = {},
   opts: GatewayOptions = {},
 ): Promise<Gateway & { portOf(aet: string): number; httpUrl: string }> {
-  const config = parseConfig(JSON.stringify(await testConfigObject(tenants, orthancUrl, extra)), { env: {} });
-  const gw = await startGateway(config, { orthancCheckIntervalMs: 200, ...opts });
+  const object = await testConfigObject(tenants, orthancUrl, extra);
+  const made = directoriesOf.get(object) ?? [];
+  const config = parseConfig(JSON.stringify(object), { env: {} });
+  let gw: Gateway;
+  try {
+    gw = await startGateway(config, { orthancCheckIntervalMs: 200, ...opts });
+  } catch (e) {
+    for (const d of made) removeTempDir(d);
+    throw e;
+  }
+  // The spool and audit directories made for this gateway go with it.
+  const stop = gw.stop.bind(gw);
+  gw.stop = async (drainMs?: number) => {
+    try {
+      await stop(drainMs);
+    } finally {
+      for (const d of made) removeTempDir(d);
+    }
+  };
   return Object.assign(gw, {
     portOf: (aet: string) => gw.listeners.find((l) => l.tenant.aet === aet)!.server.port,
     httpUrl: `http://127.0.0.1:${gw.http.port}`,
   });
 }
 
-/** Writes a configuration object to a temporary file and returns its path. */
+/** Writes a configuration object to a temporary file (removed at process exit) and returns its path. */
 export function writeConfigFile(config: unknown): string {
-  const dir = mkdtempSync(join(tmpdir(), "gw-config-"));
+  const dir = tempDir("gw-config-");
   const path = join(dir, "gateway.json");
   writeFileSync(path, JSON.stringify(config, null, 2));
   return path;

@@ -2,11 +2,11 @@
  * Small Secondary Capture instances with fresh UIDs, of any size (an OB element at the end), in memory or
  * written as files for storescu: what the WAN and TLS tests send through the gateway.
  */
-import { mkdtempSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { orthancIds, type OrthancIds } from "../../src/orthanc/identity.ts";
 import { element, freshUid, identityDataset, latin1, part10, TS } from "./dicom-build.ts";
+import { tempDir } from "./temp.ts";
 
 export interface BuiltInstance {
   bytes: Uint8Array;
@@ -31,7 +31,7 @@ export function buildInstance(size: number, opts: { patientId?: string; study?: 
 
 /** `n` instances of one series (of a new study, or of `study`), written to a temporary directory: their files and UIDs. */
 export function writeSeries(n: number, size: number, patientId = "WANPAT", study = freshUid()): { files: string[]; instances: BuiltInstance[]; study: string; series: string; dir: string } {
-  const dir = mkdtempSync(join(tmpdir(), "gw-series-"));
+  const dir = tempDir("gw-series-");
   const series = freshUid();
   const instances = Array.from({ length: n }, () => buildInstance(size, { patientId, study, series }));
   const files = instances.map((x, i) => {

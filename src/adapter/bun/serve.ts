@@ -6,12 +6,13 @@ interface BunServer {
   port: number;
   hostname: string;
   stop(closeActiveConnections?: boolean): Promise<void> | void;
+  requestIP(req: Request): { address: string } | null;
 }
 interface BunGlobal {
   serve(options: {
     hostname: string;
     port: number;
-    fetch(req: Request): Response | Promise<Response>;
+    fetch(req: Request, server: BunServer): Response | Promise<Response>;
     error?(err: Error): Response | Promise<Response>;
   }): BunServer;
 }
@@ -24,8 +25,8 @@ export function serve(app: FetchApp, opts: ServeOptions): Promise<HttpServerHand
     server = bun.serve({
       hostname: opts.hostname,
       port: opts.port,
-      // Only the request: Bun's second argument (the server) is of no use to the app.
-      fetch: (req) => app.fetch(req),
+      // The peer's address, for the endpoints that answer loopback peers only.
+      fetch: (req, srv) => app.fetch(req, { remoteAddress: srv.requestIP(req)?.address }),
       error: () => new Response("internal server error", { status: 500 }),
     });
   } catch (err) {

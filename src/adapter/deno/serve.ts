@@ -18,7 +18,7 @@ interface DenoGlobal {
       onListen?(addr: DenoNetAddr): void;
       onError?(err: unknown): Response | Promise<Response>;
     },
-    handler: (req: Request) => Response | Promise<Response>,
+    handler: (req: Request, info: { remoteAddr: { hostname?: string } }) => Response | Promise<Response>,
   ): DenoServer;
 }
 
@@ -40,7 +40,7 @@ export function serve(app: FetchApp, opts: ServeOptions): Promise<HttpServerHand
           },
           onError: () => new Response("internal server error", { status: 500 }),
         },
-        (req) => app.fetch(req),
+        (req, info) => app.fetch(req, { remoteAddress: info?.remoteAddr?.hostname }),
       );
     } catch (err) {
       reject(bindError(err, opts));

@@ -40,7 +40,7 @@ async function handle(app: FetchApp, opts: ServeOptions, req: IncomingMessage, r
     if (!res.writableFinished) abort.abort();
   });
   try {
-    const response = await app.fetch(toRequest(req, opts, abort.signal));
+    const response = await app.fetch(toRequest(req, opts, abort.signal), { remoteAddress: req.socket.remoteAddress });
     await writeResponse(response, req, res);
   } catch {
     if (!res.headersSent) {
