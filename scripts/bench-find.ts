@@ -24,7 +24,9 @@
  * it, and so does the replay of the floor. Each row then also prints the floors of a query's traffic over
  * the link: its round trips × RTT (one per C-FIND for the plugin, one per REST call for the gateway:
  * request/response turns counted by the link, the plugin's A-ASSOCIATE and A-RELEASE left out as they
- * are outside a query's latency) and its bytes / bandwidth.
+ * are outside a query's latency) and its bytes / bandwidth. Across the link, 20 queries also run with one
+ * association each (a findscu per query, as a modality that opens an association per query): the time per
+ * association, where the plugin's association set-up and release cross the link too.
  *
  * Usage: npx bun scripts/bench-find.ts [--rounds N] [--studies N] [--warmup N] [--kinds study,study-plain,series,study-list] [--json] [--rtt MS [--mbit N]]
  */
@@ -147,11 +149,16 @@ function seriesQuery(p: number): Uint8Array {
   )!;
 }
 
-/** Runs findscu with the query files on one association; returns per-query latencies in ms. */
-async function findscu(port: number, aet: string, files: string[], logConfig: string): Promise<{ latencies: number[]; responses: number; failures: number }> {
+/**
+ * Runs findscu with the query files on one association; returns per-query latencies in ms, and the
+ * association's own time (findscu's log: from requesting the association to its last line, released).
+ */
+async function findscu(port: number, aet: string, files: string[], logConfig: string): Promise<{ latencies: number[]; responses: number; failures: number; associationMs: number }> {
   const { code, output: out } = await timed("findscu", ["-lc", logConfig, "-S", "-aet", "BENCHSCU", "-aec", aet, "127.0.0.1", String(port), ...files]);
   if (code !== 0) throw new Error(`findscu exited ${code}:\n${out.slice(-2000)}`);
   const latencies: number[] = [];
+  let first: number | undefined;
+  let last = 0;
   let sent: number | undefined;
   let responses = 0;
   let failures = 0;
@@ -160,6 +167,8 @@ async function findscu(port: number, aet: string, files: string[], logConfig: st
     if (!m) continue;
     const t = ((Number(m[1]) * 60 + Number(m[2])) * 60 + Number(m[3])) * 1000 + Number(m[4]) + Number(m[5]) / 1000;
     const msg = m[6]!;
+    if (msg.startsWith("Requesting Association")) first ??= t;
+    last = t;
     if (msg.startsWith("Sending Find Request")) sent = t;
     else if (msg.startsWith("Find Response:")) responses++;
     else if (msg.startsWith("Received Final Find Response") && sent !== undefined) {
@@ -168,7 +177,7 @@ async function findscu(port: number, aet: string, files: string[], logConfig: st
       sent = undefined;
     }
   }
-  return { latencies, responses, failures };
+  return { latencies, responses, failures, associationMs: first === undefined ? NaN : last - first };
 }
 
 /** The gateway's C-FIND operation time so far (the histogram's sum and count in /metrics). */
@@ -357,6 +366,43 @@ async function main(): Promise<void> {
           );
         }
       }
+    }
+    if (wan) {
+      // The issue's setup: a modality opens one association per query (a findscu per query), so the plugin
+      // pays TCP's handshake, A-ASSOCIATE and A-RELEASE across the link each time; the gateway answers them
+      // at the site and crosses the link once, for Orthanc's /tools/find.
+      const kind = KINDS.includes("study-plain") ? "study-plain" : KINDS[0]!;
+      const queries = files[kind].slice(0, 20);
+      const per: Record<string, { wallMs: number[]; associationMs: number[]; roundTrips: number[] }> = {};
+      for (let round = 0; round < ROUNDS; round++) {
+        for (const t of round % 2 === 0 ? targets : [...targets].reverse()) {
+          const acc = (per[t.name] ??= { wallMs: [], associationMs: [], roundTrips: [] });
+          for (const q of queries) {
+            const mark = wan.mark();
+            const started = performance.now();
+            const r = await findscu(t.port, t.aet, [q], logConfig);
+            acc.wallMs.push(performance.now() - started);
+            acc.associationMs.push(r.associationMs);
+            acc.roundTrips.push(wan.floors(mark).roundTrips);
+          }
+        }
+      }
+      log("");
+      log(`${queries.length} C-FIND (${kind}), one association each (a findscu per query), ${ROUNDS} rounds:`);
+      log("  the association (findscu's log: association requested -> released), and findscu's whole run (process start to exit)");
+      const range = (xs: number[]) => `${Math.min(...xs).toFixed(1)}-${Math.max(...xs).toFixed(1)}`;
+      for (const t of targets) {
+        const r = per[t.name]!;
+        const trips = median(r.roundTrips);
+        summary[`oneEach.${t.name}`] = { associationMs: median(r.associationMs), wallMs: median(r.wallMs), roundTrips: trips };
+        log(
+          `  ${t.name.padEnd(8)} association ${median(r.associationMs).toFixed(1)} ms (${range(r.associationMs)}), run ${median(r.wallMs).toFixed(1)} ms (${range(r.wallMs)}); floor: round trips x RTT ${trips} x ${wan.rttMs} ms = ${(trips * wan.rttMs).toFixed(0)} ms`,
+        );
+      }
+      const ratio = median(per.gateway!.associationMs) / median(per.plugin!.associationMs);
+      const wallRatio = median(per.gateway!.wallMs) / median(per.plugin!.wallMs);
+      Object.assign(summary, { "oneEach.ratio": ratio, "oneEach.wallRatio": wallRatio });
+      log(`  gateway/plugin: association ${ratio.toFixed(2)}, whole run ${wallRatio.toFixed(2)}`);
     }
     if (JSON_OUT) process.stdout.write(JSON.stringify(summary, null, 2) + "\n");
   } finally {

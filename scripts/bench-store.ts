@@ -20,12 +20,15 @@
  * crosses the link also prints the floors of its traffic there: bytes / bandwidth, and round trips × RTT
  * (one per C-STORE for the plugin, as storescu waits for each response; one per REST call for the
  * gateway; counted by the link as request/response turns that did not overlap, a new TCP connection's
- * handshake included). `--instances N` (a multiple of 20, default 500) and `--no-large` make short runs.
+ * handshake included). Across the link two more gateway targets run: Isolation Shared (no Orthanc lookup
+ * before each acknowledgement: what Strict's per-instance lookup costs) and Strict over HTTPS (the test
+ * bed's nginx with client certificates in front of Orthanc, the link in front of nginx).
+ * `--instances N` (a multiple of 20, default 500) and `--no-large` make short runs.
  */
 import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { startOrthanc, type OrthancHandle } from "./orthanc-testbed.ts";
+import { startOrthanc, startTlsProxy, type OrthancHandle, type TlsProxyHandle } from "./orthanc-testbed.ts";
 import {
   floorCells,
   freePort,
@@ -49,6 +52,7 @@ const LABEL = "bench";
 const wan = wanFromArgs();
 const orthancs: OrthancHandle[] = [];
 const gateways: GatewayChild[] = [];
+const proxies: TlsProxyHandle[] = [];
 
 async function orthanc(multitenant?: { AET: string; Port: number }): Promise<OrthancHandle> {
   const o = await startOrthanc(multitenant ? { multitenant: { servers: [{ ...multitenant, Labels: [LABEL] }] } } : {});
@@ -125,12 +129,20 @@ function storescuArgs(aet: string, port: number, files: string[]): string[] {
   return ["-aet", "BENCHSCU", "-aec", aet, "127.0.0.1", String(port), ...files];
 }
 
-/** A gateway at the site: it reaches `o` across the link with --rtt. */
-async function gatewayConfig(o: OrthancHandle, tenants: Record<string, unknown>[], extra: Record<string, unknown> = {}): Promise<Record<string, unknown>> {
+/** HTTPS in front of `o` (the test bed's nginx, client certificates required), reached across the link. */
+async function tlsOrthanc(o: OrthancHandle): Promise<Record<string, unknown>> {
+  const p = await startTlsProxy(o);
+  proxies.push(p);
+  const port = wan ? (await wan.link(p.port)).port : p.port;
+  return { Url: `https://127.0.0.1:${port}`, Tls: { CA: p.caFile, Certificate: p.clientCertFile, Key: p.clientKeyFile } };
+}
+
+/** A gateway at the site: it reaches `o` across the link with --rtt (over HTTPS through nginx with `https`). */
+async function gatewayConfig(o: OrthancHandle, tenants: Record<string, unknown>[], extra: Record<string, unknown> = {}, https = false): Promise<Record<string, unknown>> {
   return {
     MultitenantDicom: { Servers: tenants },
     Gateway: {
-      Orthanc: { Url: await restUrl(o) },
+      Orthanc: https ? await tlsOrthanc(o) : { Url: await restUrl(o) },
       Http: { Host: "127.0.0.1", Port: 0 },
       SpoolDirectory: mkdtempSync(join(tmpdir(), "gw-bench-spool-")),
       Log: { Level: "info", Format: "json" },
@@ -139,12 +151,17 @@ async function gatewayConfig(o: OrthancHandle, tenants: Record<string, unknown>[
   };
 }
 
-type Measured = "plugin" | "spoolAck" | "spoolE2e" | "sync" | "floor" | "restParallel" | "restSerial";
+type Measured = "plugin" | "spoolAck" | "spoolE2e" | "sharedAck" | "sharedE2e" | "httpsAck" | "httpsE2e" | "sync" | "floor" | "restParallel" | "restSerial";
 
 interface Round {
   plugin: number;
   spoolAck: number;
   spoolE2e: number;
+  /** With --rtt only (NaN otherwise): Isolation Shared, and Strict over HTTPS through nginx. */
+  sharedAck: number;
+  sharedE2e: number;
+  httpsAck: number;
+  httpsE2e: number;
   sync: number;
   floor: number;
   restParallel: number;
@@ -187,6 +204,28 @@ async function oneRound(files: string[]): Promise<Round> {
   labels.spool = await checkLabels(oSpool, N);
   await gSpool.stop();
 
+  // (b') across the link only: the gateway, Spool, Isolation Shared (no lookup before each acknowledgement),
+  // and Strict over HTTPS (nginx with client certificates in front of Orthanc).
+  const extra = { sharedAck: NaN, sharedE2e: NaN, httpsAck: NaN, httpsE2e: NaN };
+  if (wan) {
+    for (const [variant, isolation, https] of [["shared", "Shared", false], ["https", "Strict", true]] as const) {
+      const oV = await orthanc();
+      const vPort = await freePort();
+      const gV = await startGatewayProcess(await gatewayConfig(oV, [{ AET: "VARIANT", Port: vPort, Labels: [LABEL], Isolation: isolation }], {}, https));
+      gateways.push(gV);
+      mark = wan.mark();
+      const tV = performance.now();
+      const rV = await timed("storescu", storescuArgs("VARIANT", vPort, files));
+      if (rV.code !== 0) throw new Error(`storescu to the gateway (${variant}) failed:\n${rV.output.slice(-2000)}`);
+      await until("all instances labeled in Orthanc", async () => (await labeledCount(oV)) === N);
+      extra[`${variant}Ack`] = rV.seconds;
+      extra[`${variant}E2e`] = (performance.now() - tV) / 1000;
+      floors[`${variant}E2e`] = wan.floors(mark);
+      labels[variant] = await checkLabels(oV, N);
+      await gV.stop();
+    }
+  }
+
   // (c) the gateway, Sync
   const oSync = await orthanc();
   const syncPort = await freePort();
@@ -214,12 +253,14 @@ async function oneRound(files: string[]): Promise<Round> {
   if (restParallel.floors) floors.restParallel = restParallel.floors;
   if (restSerial.floors) floors.restSerial = restSerial.floors;
 
+  await Promise.all(proxies.splice(0).map((p) => p.stop()));
   await Promise.all(orthancs.splice(started).map((o) => o.stop()));
   await wan?.close();
   return {
     plugin: plugin.seconds,
     spoolAck: spool.seconds,
     spoolE2e,
+    ...extra,
     sync: sync.seconds,
     floor: floor.seconds,
     restParallel: restParallel.seconds,
@@ -266,6 +307,14 @@ async function main(): Promise<void> {
       row("(a) Orthanc MultitenantDicom plugin", "plugin"),
       row("(b) gateway Spool: last ack", "spoolAck"),
       row("(b) gateway Spool: all in Orthanc, labeled", "spoolE2e"),
+      ...(wan
+        ? [
+            row("(b) Spool, Isolation Shared: last ack", "sharedAck"),
+            row("(b) Spool, Isolation Shared: all in Orthanc", "sharedE2e"),
+            row("(b) Spool over HTTPS (nginx, client cert): last ack", "httpsAck"),
+            row("(b) Spool over HTTPS: all in Orthanc", "httpsE2e"),
+          ]
+        : []),
       row("(c) gateway Sync", "sync"),
       row("(d) dcmtk storescp to disk (floor)", "floor"),
       row("(e) Orthanc REST alone, 4 parallel (no DICOM)", "restParallel"),
@@ -355,6 +404,7 @@ try {
   await main();
 } finally {
   await Promise.all(gateways.map((g) => g.stop()));
+  await Promise.all(proxies.map((p) => p.stop()));
   await Promise.all(orthancs.map((o) => o.stop()));
   await wan?.close();
 }

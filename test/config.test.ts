@@ -14,7 +14,7 @@ import {
   parseJsonc,
   stripJsonc,
 } from "../src/config/index.ts";
-import { tempDir } from "./helpers/temp.ts";
+import { removeTempDir, tempDir } from "./helpers/temp.ts";
 
 type Json = Record<string, unknown>;
 
@@ -103,6 +103,7 @@ describe("defaults", () => {
         password: "",
         timeoutMs: 30000,
         uploadConcurrency: 4,
+        maxUploadConcurrency: 32,
         receivePriorityMs: 1000,
         unreachableGraceMs: 60000,
         ownerMetadata: "DicomGatewayOwner",
@@ -166,6 +167,7 @@ describe("defaults", () => {
       password: "p",
       timeoutMs: 1500,
       uploadConcurrency: 4,
+      maxUploadConcurrency: 32,
       receivePriorityMs: 1000,
       unreachableGraceMs: 60000,
       ownerMetadata: "DicomGatewayOwner",
@@ -425,7 +427,7 @@ describe("Gateway section", () => {
       "Gateway.Orthanc.TimeoutSeconds: expected number of seconds > 0, got 0",
     );
     expect(issue(gw({ Orthanc: "http://x" }))).toBe(
-      'Gateway.Orthanc: expected object with Url, Username, Password, TimeoutSeconds, UploadConcurrency, ReceivePriorityMilliseconds, UnreachableGraceSeconds, OwnerMetadata, got "http://x"',
+      'Gateway.Orthanc: expected object with Url, Username, Password, TimeoutSeconds, UploadConcurrency, MaxUploadConcurrency, ReceivePriorityMilliseconds, UnreachableGraceSeconds, Tls, OwnerMetadata, got "http://x"',
     );
     expect(parse(gw({ Orthanc: { Url: "http://orthanc:8042/" } })).orthanc.url).toBe("http://orthanc:8042");
     expect(issue(gw({ Orthanc: { ReceivePriorityMilliseconds: -1 } }))).toBe("Gateway.Orthanc.ReceivePriorityMilliseconds: expected integer 0-60000, got -1");
@@ -809,6 +811,60 @@ describe("Gateway limits and audit", () => {
   });
 });
 
+describe("Gateway.Orthanc: MaxUploadConcurrency and Tls (issue 18)", () => {
+  let dir = "";
+  const PEM = "-----BEGIN CERTIFICATE-----\nnot checked here\n-----END CERTIFICATE-----\n";
+  beforeAll(() => {
+    dir = tempDir("dicom-gateway-orthanc-tls-");
+    for (const f of ["ca.crt", "client.crt", "client.key"]) writeFileSync(join(dir, f), PEM);
+  });
+  afterAll(() => removeTempDir(dir));
+  const orthanc = (o: Json) => ({ ...servers(server()), Gateway: { Orthanc: o } });
+
+  test("MaxUploadConcurrency: 1-64, not below UploadConcurrency (equal: no adaptation)", () => {
+    expect(parse(orthanc({ UploadConcurrency: 2, MaxUploadConcurrency: 2 })).orthanc).toMatchObject({ uploadConcurrency: 2, maxUploadConcurrency: 2 });
+    expect(parse(orthanc({ MaxUploadConcurrency: 64 })).orthanc.maxUploadConcurrency).toBe(64);
+    expect(issue(orthanc({ MaxUploadConcurrency: 65 }))).toBe("Gateway.Orthanc.MaxUploadConcurrency: expected integer 1-64, got 65");
+    expect(issue(orthanc({ UploadConcurrency: 8, MaxUploadConcurrency: 4 }))).toBe(
+      "Gateway.Orthanc.MaxUploadConcurrency: 4 is below UploadConcurrency 8; expected at least 8 (equal: no adaptation)",
+    );
+  });
+
+  test("Tls: CA alone, or with a client certificate; paths resolved against the configuration file's directory", () => {
+    const cfg = parseConfig(JSON.stringify(orthanc({ Url: "https://orthanc.example:443", Tls: { CA: "ca.crt", Certificate: "client.crt", Key: "client.key" } })), {
+      source: join(dir, "gateway.json"),
+      env: {},
+    });
+    expect(cfg.orthanc.tls).toEqual({ caFile: join(dir, "ca.crt"), certificateFile: join(dir, "client.crt"), keyFile: join(dir, "client.key") });
+    expect(parse(orthanc({ Url: "https://o:443", Tls: { CA: join(dir, "ca.crt") } })).orthanc.tls).toEqual({ caFile: join(dir, "ca.crt") });
+  });
+
+  test("Tls errors: a certificate without its key, an unreadable file, a plain http Url", () => {
+    expect(issue(orthanc({ Url: "https://o", Tls: { Certificate: join(dir, "client.crt") } }))).toBe(
+      "Gateway.Orthanc.Tls.Key: missing; a client certificate needs both Certificate and Key",
+    );
+    expect(issue(orthanc({ Url: "https://o", Tls: { CA: join(dir, "none.crt") } }))).toBe(
+      `Gateway.Orthanc.Tls.CA: cannot read ${JSON.stringify(join(dir, "none.crt"))} (ENOENT); expected a PEM file`,
+    );
+    expect(issue(orthanc({ Url: "http://o:8042", Tls: { CA: join(dir, "ca.crt") } }))).toBe(
+      'Gateway.Orthanc.Tls: given, but Gateway.Orthanc.Url "http://o:8042" is plain http; expected an https:// URL (or no Tls)',
+    );
+    expect(issue({ ...orthanc({ Tls: { CA: join(dir, "ca.crt") } }) }, { ORTHANC_URL: "http://x:1" })).toBe(
+      'Gateway.Orthanc.Tls: given, but ORTHANC_URL (env) "http://x:1" is plain http; expected an https:// URL (or no Tls)',
+    );
+    // A cluster: every node is reached with the same Tls, so every node's URL must be https.
+    expect(issue(orthanc({ Url: ["https://o1", "http://o2:8042"], Tls: { CA: join(dir, "ca.crt") } }))).toBe(
+      'Gateway.Orthanc.Tls: given, but Gateway.Orthanc.Url "http://o2:8042" is plain http; expected an https:// URL (or no Tls)',
+    );
+    expect(issue({ ...orthanc({ Tls: { CA: join(dir, "ca.crt") } }) }, { ORTHANC_URL: "http://u:pw@x:1, http://y:2" })).toBe(
+      'Gateway.Orthanc.Tls: given, but ORTHANC_URL (env) "http://(credentials hidden)@x:1", "http://y:2" are plain http; expected https:// URLs (or no Tls)',
+    );
+    const cluster = parse(orthanc({ Url: ["https://o1", "https://o2"], Tls: { CA: join(dir, "ca.crt") } })).orthanc;
+    expect(cluster.urls).toEqual(["https://o1", "https://o2"]);
+    expect(cluster.tls).toEqual({ caFile: join(dir, "ca.crt") });
+  });
+});
+
 describe("Tls of a server entry", () => {
   let dir = "";
   let cert = "";
@@ -1030,6 +1086,8 @@ describe("Gateway spool, Orthanc upload, find and move settings", () => {
     const cfg = parse(base());
     expect(cfg.spool).toEqual({ directory: "/var/lib/dicom-gateway/spool", ...DEFAULT_SPOOL });
     expect(cfg.orthanc.uploadConcurrency).toBe(4);
+    expect(cfg.orthanc.maxUploadConcurrency).toBe(32);
+    expect(cfg.orthanc.tls).toBeUndefined();
     expect(cfg.orthanc.unreachableGraceMs).toBe(60000);
     expect(cfg.find).toEqual(DEFAULT_FIND);
     expect(cfg.move).toEqual(DEFAULT_MOVE);
@@ -1046,6 +1104,8 @@ describe("Gateway spool, Orthanc upload, find and move settings", () => {
       }),
     );
     expect(cfg.orthanc.uploadConcurrency).toBe(64);
+    // The default MaxUploadConcurrency (32) never bounds a larger UploadConcurrency.
+    expect(cfg.orthanc.maxUploadConcurrency).toBe(64);
     expect(cfg.orthanc.unreachableGraceMs).toBe(0);
     expect(cfg.spool).toEqual({ directory: "/srv/spool", defaultQuotaBytes: 262144, highWaterMarkPercent: 100, verifyIntegrity: true });
     expect(cfg.spoolDirectory).toBe("/srv/spool");
@@ -1282,6 +1342,7 @@ describe("environment overrides", () => {
       password: "s3cret",
       timeoutMs: 30000,
       uploadConcurrency: 4,
+      maxUploadConcurrency: 32,
       receivePriorityMs: 1000,
       unreachableGraceMs: 60000,
       ownerMetadata: "DicomGatewayOwner",
@@ -1438,6 +1499,7 @@ describe("files", () => {
         password: "",
         timeoutMs: 30000,
         uploadConcurrency: 4,
+        maxUploadConcurrency: 32,
         receivePriorityMs: 1000,
         unreachableGraceMs: 60000,
         ownerMetadata: "DicomGatewayOwner",
@@ -1523,7 +1585,7 @@ describe("describeConfig", () => {
       "DICOM modalities (1):",
       "  viewer  AET VIEWER  127.0.0.1:4300",
       "DICOM: default AET ORTHANC, check called AET on, strict AET comparison off, SCP timeout 30 s, maximum PDU length 16384, default encoding Latin1",
-      "Orthanc: http://127.0.0.1:8042  user (none)  password (none)  timeout 30 s  upload concurrency 4  receive priority 1000 ms  unreachable grace 60 s",
+      "Orthanc: http://127.0.0.1:8042  user (none)  password (none)  timeout 30 s  upload concurrency 4-32  receive priority 1000 ms  unreachable grace 60 s",
       "HTTP: 127.0.0.1:8080",
       "Spool: ./.cache/spool  default quota 10240 MB  high-water mark 80%  verify integrity off",
       "Store: unknown SOP classes rejected, transfer syntaxes 1.2.840.10008.1.*",
@@ -1547,7 +1609,7 @@ describe("describeConfig", () => {
     expect(text).not.toContain("s3cret");
     expect(text).not.toContain("hunter2");
     // Username/Password win over the URL's credentials, which are dropped from the URL.
-    expect(text).toContain("Orthanc: http://orthanc:8042  user gw  password (set)  timeout 30 s  upload concurrency 4");
+    expect(text).toContain("Orthanc: http://orthanc:8042  user gw  password (set)  timeout 30 s  upload concurrency 4-32");
     expect(text).toContain("HTTP: [::1]:0 (any free port)");
     expect(text).toContain("SCP timeout none");
     expect(text).toContain("DICOM modalities (0):\n  (none)");
@@ -1578,7 +1640,7 @@ describe("describeConfig", () => {
       "  BETA   port 4243  labels [alpha] All  store levels Study,Series,Instance  forwarding Spool  quota 0.5 MB  allowed destinations (none)  isolation Strict  max associations 32",
     ]);
     expect(lines).toContain(
-      "Orthanc: http://127.0.0.1:8042  user (none)  password (none)  timeout 30 s  upload concurrency 8  receive priority 1000 ms  unreachable grace 0 s",
+      "Orthanc: http://127.0.0.1:8042  user (none)  password (none)  timeout 30 s  upload concurrency 8-32  receive priority 1000 ms  unreachable grace 0 s",
     );
     expect(lines).toContain("Spool: /srv/spool  default quota 0.5 MB  high-water mark 90%  verify integrity on");
     expect(lines).toContain("Store: unknown SOP classes accepted, transfer syntaxes 1.2.840.10008.1.2,1.2.840.10008.1.2.1");

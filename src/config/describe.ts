@@ -63,7 +63,8 @@ export function describeConfig(cfg: GatewayConfig): string {
   lines.push(
     `Orthanc: ${o.urls.map(redactUrlCredentials).join(", ")}${o.urls.length > 1 ? ` (cluster of ${o.urls.length} nodes)` : ""}  user ${o.username === "" ? "(none)" : o.username}  ` +
       `password ${o.password === "" ? "(none)" : "(set)"}  timeout ${secs(o.timeoutMs)}  ` +
-      `upload concurrency ${o.uploadConcurrency}  receive priority ${o.receivePriorityMs} ms  unreachable grace ${secs(o.unreachableGraceMs)}`,
+      `upload concurrency ${o.uploadConcurrency}${o.maxUploadConcurrency > o.uploadConcurrency ? `-${o.maxUploadConcurrency}` : ""}  receive priority ${o.receivePriorityMs} ms  unreachable grace ${secs(o.unreachableGraceMs)}` +
+      (o.tls ? `  TLS: CA ${o.tls.caFile ?? "(system)"}, client certificate ${o.tls.certificateFile ?? "(none)"}` : ""),
   );
   lines.push(`HTTP: ${hostPort(cfg.http.host, cfg.http.port)}${cfg.http.port === 0 ? " (any free port)" : ""}`);
   const sp = cfg.spool;

@@ -22,8 +22,8 @@ import { redactUrlCredentials } from "../shared/redact.ts";
 import { aeTitle, isPlainObject, showValue, tcpPort } from "./fields.ts";
 import { JsoncSyntaxError, parseJsonc } from "./jsonc.ts";
 import { unknownKeys } from "./keys.ts";
-import { ENV_OVERRIDES, gatewaySchema, httpPort, rootSchema, serverSchema, TLS_FILES } from "./schema.ts";
-import type { DicomModality, GatewayConfig, TenantConfig, TenantTls } from "./types.ts";
+import { ENV_OVERRIDES, gatewaySchema, httpPort, ORTHANC_TLS_FILES, rootSchema, serverSchema, TLS_FILES } from "./schema.ts";
+import type { DicomModality, GatewayConfig, OrthancTls, TenantConfig, TenantTls } from "./types.ts";
 
 export type ConfigEnv = Record<string, string | undefined>;
 
@@ -195,6 +195,40 @@ function crossCheck(raw: unknown, envByPath: Map<string, string>, baseDirectory:
       });
     }
   });
+  issues.push(...orthancIssues(gw, envByPath, baseDirectory));
+  return issues;
+}
+
+/**
+ * Gateway.Orthanc: MaxUploadConcurrency not below UploadConcurrency; Tls with readable files and an https
+ * Url (TLS settings on a plain-http URL would be ignored).
+ */
+function orthancIssues(gw: unknown, envByPath: Map<string, string>, baseDirectory: string): string[] {
+  const orthanc = isPlainObject(gw) ? gw.Orthanc : undefined;
+  const issues: string[] = [];
+  if (isPlainObject(orthanc) && typeof orthanc.MaxUploadConcurrency === "number") {
+    const min = typeof orthanc.UploadConcurrency === "number" ? orthanc.UploadConcurrency : 4;
+    if (orthanc.MaxUploadConcurrency < min) {
+      issues.push(`Gateway.Orthanc.MaxUploadConcurrency: ${orthanc.MaxUploadConcurrency} is below UploadConcurrency ${min}; expected at least ${min} (equal: no adaptation)`);
+    }
+  }
+  const tls = isPlainObject(orthanc) ? orthanc.Tls : undefined;
+  if (!isPlainObject(tls)) return issues;
+  for (const [key] of ORTHANC_TLS_FILES) {
+    const file = tls[key];
+    if (typeof file !== "string" || file.trim() === "") continue; // reported by the schema
+    const path = resolve(baseDirectory, file);
+    const why = unreadable(path);
+    if (why) issues.push(`Gateway.Orthanc.Tls.${key}: cannot read ${JSON.stringify(path)} (${why}); expected a PEM file`);
+  }
+  // Every node of a cluster gets the same Tls: each must be https (a list in a string: ORTHANC_URL).
+  const url = isPlainObject(orthanc) ? orthanc.Url : undefined;
+  const urls = typeof url === "string" ? url.split(/[\s,]+(?=https?:\/\/)/i) : Array.isArray(url) ? url : [];
+  const plain = urls.filter((u): u is string => typeof u === "string" && /^http:/i.test(u.trim())).map((u) => redactUrlCredentials(u.trim().replace(/[\s,]+$/, "")));
+  if (plain.length > 0) {
+    const where = envByPath.get("Gateway.Orthanc.Url") ? `${envByPath.get("Gateway.Orthanc.Url")} (env)` : "Gateway.Orthanc.Url";
+    issues.push(`Gateway.Orthanc.Tls: given, but ${where} ${plain.map((u) => showValue(u)).join(", ")} ${plain.length > 1 ? "are plain http; expected https:// URLs" : "is plain http; expected an https:// URL"} (or no Tls)`);
+  }
   return issues;
 }
 
@@ -348,8 +382,11 @@ export function validateConfig(raw: unknown, opts: ParseConfigOptions = {}): Gat
       password: credentials?.password ?? c.Gateway.Orthanc.Password,
       timeoutMs: toMs(c.Gateway.Orthanc.TimeoutSeconds),
       uploadConcurrency: c.Gateway.Orthanc.UploadConcurrency,
+      // Below UploadConcurrency is refused above, unless only the default 32 is below a larger UploadConcurrency.
+      maxUploadConcurrency: Math.max(c.Gateway.Orthanc.UploadConcurrency, c.Gateway.Orthanc.MaxUploadConcurrency),
       receivePriorityMs: c.Gateway.Orthanc.ReceivePriorityMilliseconds,
       unreachableGraceMs: toMs(c.Gateway.Orthanc.UnreachableGraceSeconds, false),
+      ...(c.Gateway.Orthanc.Tls ? { tls: resolveOrthancTlsFiles(c.Gateway.Orthanc.Tls, baseDirectory) } : {}),
       ownerMetadata: c.Gateway.Orthanc.OwnerMetadata,
     },
     http: { host: c.Gateway.Http.Host, port: c.Gateway.Http.Port },
@@ -393,6 +430,16 @@ export function validateConfig(raw: unknown, opts: ParseConfigOptions = {}): Gat
     isolation: c.Gateway.Isolation,
     log: { level: c.Gateway.Log.Level, format: c.Gateway.Log.Format },
   };
+}
+
+/** Gateway.Orthanc.Tls with absolute file paths. */
+function resolveOrthancTlsFiles(tls: OrthancTls, baseDirectory: string): OrthancTls {
+  const out = { ...tls };
+  for (const [, field] of ORTHANC_TLS_FILES) {
+    const file = out[field];
+    if (file !== undefined) out[field] = resolve(baseDirectory, file);
+  }
+  return out;
 }
 
 /** The Tls settings with absolute file paths. */

@@ -34,7 +34,7 @@ import {
   tcpPort,
   typeError,
 } from "./fields.ts";
-import type { DicomModality, ForwardingMode, IsolationMode, ResourceLevel, TenantConfig, TenantTls } from "./types.ts";
+import type { DicomModality, ForwardingMode, IsolationMode, OrthancTls, ResourceLevel, TenantConfig, TenantTls } from "./types.ts";
 
 /** `Tls` of a server entry; file paths as written (resolved and checked in validateConfig). */
 const TLS_WHAT = "object with Certificate, Key, CA, CRL, RequireClientCertificate, RequireCallingAetInCertificate, Port";
@@ -76,6 +76,37 @@ export const TLS_FILES = [
   ["Key", "keyFile"],
   ["CA", "caFile"],
   ["CRL", "crlFile"],
+] as const;
+
+/**
+ * `Gateway.Orthanc.Tls`: HTTPS to Orthanc (or the TLS proxy in front of it) with a private CA and a
+ * client certificate; file paths as written (resolved and checked in validateConfig).
+ */
+const orthancTlsSchema = section(
+  {
+    CA: nonEmptyString("path of a PEM CA bundle file").optional(),
+    Certificate: nonEmptyString("path of a PEM client certificate (chain) file").optional(),
+    Key: nonEmptyString("path of a PEM private key file").optional(),
+  },
+  "object with CA, Certificate, Key",
+)
+  .superRefine((t, ctx) => {
+    if ((t.Certificate === undefined) !== (t.Key === undefined)) {
+      const missing = t.Certificate === undefined ? "Certificate" : "Key";
+      ctx.addIssue({ code: "custom", path: [missing], message: `missing; a client certificate needs both Certificate and Key`, input: undefined });
+    }
+  })
+  .transform((t): OrthancTls => ({
+    ...(t.CA !== undefined ? { caFile: t.CA } : {}),
+    ...(t.Certificate !== undefined ? { certificateFile: t.Certificate } : {}),
+    ...(t.Key !== undefined ? { keyFile: t.Key } : {}),
+  }));
+
+/** The `Gateway.Orthanc.Tls` keys that name files, with the OrthancTls field they become. */
+export const ORTHANC_TLS_FILES = [
+  ["CA", "caFile"],
+  ["Certificate", "certificateFile"],
+  ["Key", "keyFile"],
 ] as const;
 
 /** An address to listen on: an IPv4 or IPv6 address (0.0.0.0 = every IPv4 address, :: = every address). */
@@ -145,8 +176,11 @@ export const gatewaySchema = section(
         Password: orthancPassword,
         TimeoutSeconds: orthancTimeout,
         UploadConcurrency: integer(1, 64, "integer 1-64").default(4),
+        MaxUploadConcurrency: integer(1, 64, "integer 1-64").default(32),
         ReceivePriorityMilliseconds: integer(0, 60_000, "integer 0-60000").default(1000),
         UnreachableGraceSeconds: number((n) => n >= 0, "number of seconds >= 0").default(60),
+        // Files are resolved and checked in validateConfig(), with the URLs' schemes.
+        Tls: orthancTlsSchema.optional(),
         // Strict isolation's ownership record: an Orthanc metadata name, declared in Orthanc's UserMetadata.
         OwnerMetadata: z
           .string({ error: typeError("name of an Orthanc metadata declared in Orthanc's UserMetadata") })
@@ -155,7 +189,7 @@ export const gatewaySchema = section(
           })
           .default("DicomGatewayOwner"),
       },
-      "object with Url, Username, Password, TimeoutSeconds, UploadConcurrency, ReceivePriorityMilliseconds, UnreachableGraceSeconds, OwnerMetadata",
+      "object with Url, Username, Password, TimeoutSeconds, UploadConcurrency, MaxUploadConcurrency, ReceivePriorityMilliseconds, UnreachableGraceSeconds, Tls, OwnerMetadata",
     ).prefault({}),
     Http: section({ Host: httpHost, Port: httpPort }, "object with Host, Port").prefault({}),
     Forwarding: forwardingMode.default("Spool"),

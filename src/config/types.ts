@@ -184,8 +184,13 @@ export interface OrthancSettings {
   password: string;
   /** Timeout of one REST call, milliseconds (`Gateway.Orthanc.TimeoutSeconds` * 1000, default 30 s). */
   timeoutMs: number;
-  /** `Gateway.Orthanc.UploadConcurrency` (default 4): parallel keep-alive uploads of spooled instances. */
+  /**
+   * `Gateway.Orthanc.UploadConcurrency` (default 4): parallel keep-alive uploads of spooled instances at
+   * start, and the fewest they are brought down to (errors, latency).
+   */
   uploadConcurrency: number;
+  /** `Gateway.Orthanc.MaxUploadConcurrency` (default 32, at least UploadConcurrency): the most, while throughput grows with them. */
+  maxUploadConcurrency: number;
   /**
    * `Gateway.Orthanc.ReceivePriorityMilliseconds` (default 1000): while instances arrive, uploads wait up
    * to this long (then go on one at a time), so modalities are acknowledged first; 0 = never wait.
@@ -193,11 +198,22 @@ export interface OrthancSettings {
   receivePriorityMs: number;
   /** `Gateway.Orthanc.UnreachableGraceSeconds` (default 60) in ms: /ready stays 200 this long after Orthanc was last seen. */
   unreachableGraceMs: number;
+  /** `Gateway.Orthanc.Tls`: for https Urls, the CA to trust and a client certificate (absolute paths of PEM files; every node's). */
+  tls?: OrthancTls;
   /**
    * `Gateway.Orthanc.OwnerMetadata` (default "DicomGatewayOwner"): the Orthanc metadata (declared in Orthanc's
    * `UserMetadata`) that records which tenant owns a study or series (Strict isolation, tenancy/owner-records.ts).
    */
   ownerMetadata: string;
+}
+
+/** `Gateway.Orthanc.Tls` (absolute paths once loaded). */
+export interface OrthancTls {
+  /** CA bundle that signed the server's certificate (default: the runtime's trusted CAs). */
+  caFile?: string;
+  /** Client certificate (chain) and its key, both or neither. */
+  certificateFile?: string;
+  keyFile?: string;
 }
 
 export type { LogFormat, LogLevel };

@@ -5,8 +5,9 @@
  * starts one DICOM listener per tenant (tenants.ts) and the HTTP endpoint, and returns the Gateway whose
  * stop() undoes it all in order. Runtime-agnostic (node:net for DICOM, an adapter for HTTP).
  */
+import { readFile } from "node:fs/promises";
 import { hostname } from "node:os";
-import type { GatewayConfig } from "../config/types.ts";
+import type { GatewayConfig, OrthancTls } from "../config/types.ts";
 import { serveHttp, type HttpServerHandle } from "../adapter/index.ts";
 import { createHttpApp } from "../http/app.ts";
 import { ConnectionLimits } from "../net/admission.ts";
@@ -16,11 +17,12 @@ import { RepeatedLog } from "../observe/repeats.ts";
 import type { GatewaySnapshot } from "../observe/status.ts";
 import { ChangesFeed } from "../orthanc/changes.ts";
 import { ClusterMonitor } from "../orthanc/cluster-monitor.ts";
+import { Labeler } from "../orthanc/labeler.ts";
 import { OrthancNodes } from "../orthanc/nodes.ts";
-import { Labeler } from "../orthanc/store.ts";
 import type { SpoolFiles } from "../spool/files.ts";
 import { Forwarder } from "../spool/forwarder.ts";
 import { lockSpoolDirectory } from "../spool/lock.ts";
+import { registerLinkMetrics } from "../spool/link-metrics.ts";
 import { createStoreMetrics, type StoreMetrics } from "../spool/metrics.ts";
 import { SegmentPool } from "../spool/pool.ts";
 import { SpoolAdmin, type AdminTenant } from "../spool/admin.ts";
@@ -122,20 +124,30 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
   const counters = createGatewayCounters(metrics.registry);
   const failover = orthancFailover(log, counters);
   let monitor: ClusterMonitor | undefined;
-  const orthanc = new OrthancNodes(config.orthanc.urls, {
-    username: config.orthanc.username,
-    password: config.orthanc.password,
-    timeoutMs: config.orthanc.timeoutMs,
-    onFailover: (node, error, next) => {
-      failover(node, error, next);
-      monitor?.recheck(node.index);
-    },
-  });
+  let orthanc: OrthancNodes;
+  try {
+    orthanc = new OrthancNodes(config.orthanc.urls, {
+      username: config.orthanc.username,
+      password: config.orthanc.password,
+      timeoutMs: config.orthanc.timeoutMs,
+      ...(config.orthanc.tls ? { tls: await readOrthancTls(config.orthanc.tls) } : {}),
+      // Every upload that may run at once keeps its connection, and the calls beside them theirs.
+      maxIdleConnections: config.orthanc.maxUploadConcurrency + 16,
+      onFailover: (node, error, next) => {
+        failover(node, error, next);
+        monitor?.recheck(node.index);
+      },
+    });
+  } catch (e) {
+    spoolLock.release();
+    throw e;
+  }
 
   const storeMetrics = createStoreMetrics(metrics.registry);
-  // Orthanc's change log keeps the label and ownership caches in step with Orthanc (deletions, a new database).
+  // Orthanc's change log keeps the ownership caches in step with Orthanc (deletions, a new database); labels
+  // known put are read back with each upload (labeler.ts), and forgotten with a new database.
   const changes = new ChangesFeed(orthanc, opts.orthancCheckIntervalMs ?? 2000);
-  const labeler = new Labeler(orthanc, { feed: changes });
+  const labeler = new Labeler(orthanc);
   // Strict isolation: the ownership records in Orthanc (every gateway of the site sees them), the UIDs in
   // flight on this gateway and the legacy claims file until it is migrated, and one guard per Strict tenant.
   const records = new OwnerRecords(orthanc, config.orthanc.ownerMetadata, hostname());
@@ -168,6 +180,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     orthanc,
     labeler,
     concurrency: config.orthanc.uploadConcurrency,
+    maxConcurrency: config.orthanc.maxUploadConcurrency,
     receivePriorityMs: config.orthanc.receivePriorityMs,
     verifyIntegrity: config.spool.verifyIntegrity,
     guardFor: (tenant) => guards.get(tenant.aet),
@@ -175,6 +188,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
     defaultEncoding: config.dicom.defaultEncoding,
     events: forwarderEvents(sinks, config.spool.directory, byTenant, () => forwarder.idle()),
   });
+  registerLinkMetrics(metrics.registry, orthanc, forwarder);
   // The ownership records need Orthanc's configuration (UserMetadata, CheckRevisions) while a tenant is Strict.
   const strict = () => config.tenants.some((t) => t.isolation === "Strict" && t.labels.length > 0);
   monitor = new ClusterMonitor(orthanc, {
@@ -277,6 +291,20 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
       }
     },
   };
+}
+
+/** The PEM texts of Gateway.Orthanc.Tls (read at start: a certificate renewed on disk needs a restart). */
+async function readOrthancTls(tls: OrthancTls): Promise<{ ca?: string; cert?: string; key?: string }> {
+  const read = async (key: string, file: string | undefined) => {
+    if (file === undefined) return undefined;
+    try {
+      return await readFile(file, "utf8");
+    } catch (e) {
+      throw new Error(`Gateway.Orthanc.Tls.${key}: cannot read ${file} (${(e as NodeJS.ErrnoException).code ?? (e as Error).message}); expected a PEM file`);
+    }
+  };
+  const [ca, cert, key] = await Promise.all([read("CA", tls.caFile), read("Certificate", tls.certificateFile), read("Key", tls.keyFile)]);
+  return { ...(ca !== undefined ? { ca } : {}), ...(cert !== undefined ? { cert } : {}), ...(key !== undefined ? { key } : {}) };
 }
 
 /**

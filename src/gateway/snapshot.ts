@@ -48,7 +48,12 @@ export function takeSnapshot(s: GatewayState): GatewaySnapshot {
         },
       };
     }),
-    orthanc: explainOrthancStatus(s.monitor.status, s.fileDescriptors.exhaustedAt),
+    orthanc: {
+      ...explainOrthancStatus(s.monitor.status, s.fileDescriptors.exhaustedAt),
+      ...(s.orthanc.roundTripMs !== undefined ? { roundTripMs: Math.round(s.orthanc.roundTripMs * 100) / 100 } : {}),
+      uploadConcurrency: s.forwarder.uploadLimit,
+      linkBound: s.forwarder.linkBound,
+    },
     orthancUnreachableGraceMs: s.config.orthanc.unreachableGraceMs,
     spoolHighWaterMarkPercent: s.config.spool.highWaterMarkPercent,
     quarantine: quarantine.sort((a, b) => a.quarantinedAt.localeCompare(b.quarantinedAt)).slice(-QUARANTINE_SHOWN),

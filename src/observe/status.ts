@@ -74,6 +74,12 @@ export interface OrthancStatus {
   checkedAt?: string;
   /** ISO time Orthanc last answered. */
   lastSeenAt?: string;
+  /** The least round trip of recent small calls, ms (the link's round trip plus Orthanc's quickest answer). */
+  roundTripMs?: number;
+  /** Uploads of spooled instances allowed at once now (adapted to the link). */
+  uploadConcurrency?: number;
+  /** Uploads are bound by the link (Orthanc's round trip is long): they do not give way to arriving instances. */
+  linkBound?: boolean;
   /** A cluster (`Gateway.Orthanc.Url` as a list): how many nodes can be used now... */
   usableNodes?: number;
   /** ...and each node's own status, in the order of the list. */

@@ -1,27 +1,36 @@
 /**
  * A small client for Orthanc's REST API.
  *
- * Runtime-agnostic: calls with an in-memory body over plain http go through our keep-alive HTTP/1.1
- * client (http1.ts), streams and https through global fetch (keep-alive in Bun, Deno and Node); every
- * call has a time limit; btoa for HTTP Basic auth. Every failure is an OrthancError whose message
- * names the cause and the fix.
+ * Runtime-agnostic: every call goes through the gateway's keep-alive HTTP/1.1 client (http1.ts), plain
+ * or TLS (`Gateway.Orthanc.Tls`: a private CA, a client certificate), bodies in memory or streamed both
+ * ways; every call has a time limit; btoa for HTTP Basic auth. Every failure is an OrthancError whose
+ * message names the cause and the fix.
  */
 import { FindLimits } from "./find-pages.ts";
-import { Http1Agent, Http1Error, type Http1Response } from "./http1.ts";
+import { checkTls, Http1Agent, Http1Error, type Http1Request, type Http1Response, type Http1Stats, type Http1Tls, type StreamBody } from "./http1.ts";
+import { tlsFailureHint, tlsRefusalByProxy } from "./tls-errors.ts";
+
+export type { StreamBody } from "./http1.ts";
 
 export interface OrthancClientOptions {
   /** Base URL of Orthanc's REST API, e.g. http://127.0.0.1:8042 (a path prefix behind a proxy is kept). */
   url: string;
-  /** HTTP Basic auth user; no Authorization header when empty. */
+  /** HTTP Basic auth user; no Authorization header when empty (credentials in the URL are used then). */
   username?: string;
   password?: string;
   /** Timeout of one call in milliseconds (default 30000). */
   timeoutMs?: number;
+  /** For an https URL: the CA to trust (PEM; default: the runtime's CAs), a client certificate and its key (PEM). */
+  tls?: Http1Tls;
+  /** Idle keep-alive connections kept (default 64). */
+  maxIdleConnections?: number;
 }
 
 export interface RequestOptions {
   /** Overrides the client's timeout for this call. */
   timeoutMs?: number;
+  /** A streamed request body: the time allowed without progress while it is sent; `timeoutMs` counts from its last byte. */
+  progressTimeoutMs?: number;
   /** Extra cancellation (e.g. the DIMSE association was aborted). */
   signal?: AbortSignal;
   /** Extra request headers. */
@@ -44,12 +53,16 @@ export interface OrthancSystemInfo {
   [key: string]: unknown;
 }
 
-export type OrthancErrorKind = "unreachable" | "timeout" | "http" | "auth";
+/**
+ * unreachable: no connection; timeout: no answer in time; tls: the TLS handshake failed, or the TLS
+ * proxy in front of Orthanc refused the client (certificate); http, auth: Orthanc's answer.
+ */
+export type OrthancErrorKind = "unreachable" | "timeout" | "tls" | "http" | "auth";
 
 export class OrthancError extends Error {
   override name = "OrthancError";
   readonly kind: OrthancErrorKind;
-  /** HTTP status, for kinds "http" and "auth". */
+  /** HTTP status, for kinds "http" and "auth" (and "tls" when a proxy answered). */
   readonly status?: number;
   /** Orthanc's own error JSON (HttpError, Message, Details, OrthancError, ...), when it sent one. */
   readonly body?: unknown;
@@ -62,27 +75,101 @@ export class OrthancError extends Error {
   }
 }
 
-/** A request body: bytes are sent as application/octet-stream, strings as text/plain, anything else as JSON. */
-export type OrthancBody = Uint8Array | ArrayBuffer | ReadableStream<Uint8Array> | string | object | null;
+/** A request body: bytes are sent as application/octet-stream, strings as text/plain, a StreamBody as it is read, anything else as JSON. */
+export type OrthancBody = Uint8Array | ArrayBuffer | StreamBody | string | object | null;
+
+/** An answer whose body is read as it arrives (request()). */
+export interface OrthancResponse {
+  status: number;
+  /** Header names lower-cased. */
+  headers: Record<string, string>;
+  body: ReadableStream<Uint8Array>;
+  text(): Promise<string>;
+  bytes(): Promise<Uint8Array>;
+}
+
+/** One call of a pipeline (OrthancClient.pipeline). */
+export interface PipelinedCall {
+  method: string;
+  path: string;
+  body?: OrthancBody;
+  headers?: Record<string, string>;
+}
+
+/** The answer to one pipelined call: its status and text, whatever the status. */
+export interface PipelinedAnswer {
+  status: number;
+  text: string;
+}
+
+/**
+ * What a REST call is for, as the gateway counts its calls and round trips (metrics, and the tests that
+ * bring each operation to its least number of round trips).
+ */
+export type OrthancCall = "upload" | "label" | "lookup" | "find" | "changes" | "system" | "instance-file" | "resource" | "delete" | "other";
+
+export function orthancCall(method: string, path: string): OrthancCall {
+  const p = path.replace(/\?.*$/, "");
+  if (method === "POST" && p === "/instances") return "upload";
+  if (method === "PUT" && /\/labels\/[^/]+$/.test(p)) return "label";
+  if (method === "POST" && p === "/tools/lookup") return "lookup";
+  if (method === "POST" && p === "/tools/find") return "find";
+  if (method === "GET" && p === "/changes") return "changes";
+  if (method === "GET" && p === "/system") return "system";
+  if (method === "GET" && /^\/instances\/[^/]+\/file$/.test(p)) return "instance-file";
+  if (method === "GET" && /^\/(patients|studies|series|instances)\//.test(p)) return "resource";
+  if (method === "DELETE") return "delete";
+  return "other";
+}
+
+/** Calls made, and the round trips they took (calls pipelined behind another take none of their own). */
+export type OrthancCallCounts = Record<OrthancCall, { calls: number; roundTrips: number }>;
+
+export function isStreamBody(b: unknown): b is StreamBody {
+  return typeof b === "object" && b !== null && typeof (b as StreamBody).open === "function" && typeof (b as StreamBody).length === "number";
+}
+
+/**
+ * Orthanc's round trip from which calls count as link-bound: well above a LAN's and a loopback's (an Orthanc
+ * on the same box answers a small call in well under a millisecond), well below any WAN's.
+ */
+export const LINK_BOUND_RTT_MS = 2;
 
 export class OrthancClient {
-  /** Base URL without trailing slash. */
+  /** Base URL without trailing slash (and without credentials). */
   readonly url: string;
   readonly timeoutMs: number;
   private readonly authorization?: string;
-  /** Short JSON calls over plain http go through our own keep-alive client (see http1.ts). */
+  /** Every call goes through one keep-alive agent (http1.ts); none for a URL that is not http(s). */
   private readonly agent?: Http1Agent;
   private readonly basePath: string = "";
+  private readonly tlsConfigured: { ca: boolean; cert: boolean };
   /** What is known of Orthanc's LimitFindResults/LimitFindInstances clip of /tools/find answers (find-pages.ts). */
   readonly findLimits = new FindLimits();
+  private readonly counts = new Map<OrthancCall, { calls: number; roundTrips: number }>();
 
   constructor(opts: OrthancClientOptions) {
-    this.url = opts.url.replace(/\/+$/, "");
-    this.timeoutMs = opts.timeoutMs ?? 30_000;
+    const u = URL.canParse(opts.url) ? new URL(opts.url) : undefined;
     if (opts.username) this.authorization = "Basic " + base64Utf8(`${opts.username}:${opts.password ?? ""}`);
-    const u = URL.canParse(this.url) ? new URL(this.url) : undefined;
-    if (u?.protocol === "http:" && !u.username) {
-      this.agent = new Http1Agent(u.hostname.replace(/^\[|\]$/g, ""), Number(u.port || 80));
+    else if (u?.username) this.authorization = "Basic " + base64Utf8(`${decodeURIComponent(u.username)}:${decodeURIComponent(u.password)}`);
+    // Never show credentials: the URL in messages and /status has none.
+    this.url = (u?.username ? opts.url.replace(/\/\/[^@/]*@/, "//") : opts.url).replace(/\/+$/, "");
+    this.timeoutMs = opts.timeoutMs ?? 30_000;
+    this.tlsConfigured = { ca: opts.tls?.ca !== undefined, cert: opts.tls?.cert !== undefined };
+    if (u && (u.protocol === "http:" || u.protocol === "https:")) {
+      const https = u.protocol === "https:";
+      if (https && opts.tls) {
+        try {
+          checkTls(opts.tls);
+        } catch (e) {
+          const err = e as Http1Error;
+          throw new OrthancError(`Gateway.Orthanc.Tls cannot be used (${err.code}: ${err.message}): ${tlsFailureHint(err.code, err.message, this.tlsConfigured)}`, { kind: "tls", cause: e });
+        }
+      }
+      this.agent = new Http1Agent(u.hostname.replace(/^\[|\]$/g, ""), Number(u.port || (https ? 443 : 80)), {
+        ...(https ? { tls: opts.tls ?? {} } : {}),
+        ...(opts.maxIdleConnections !== undefined ? { maxIdle: opts.maxIdleConnections } : {}),
+      });
       this.basePath = u.pathname.replace(/\/+$/, "");
     }
   }
@@ -92,133 +179,170 @@ export class OrthancClient {
     this.agent?.close();
   }
 
+  /** Requests, connections and pipelining so far (metrics; tests that count round trips). */
+  get stats(): Http1Stats {
+    return this.agent ? { ...this.agent.stats } : { requests: 0, connections: 0, reused: 0, retried: 0, pipelined: 0 };
+  }
+
+  /** Calls and round trips by what they are for, since the client was created. */
+  get calls(): Partial<OrthancCallCounts> {
+    return Object.fromEntries([...this.counts].map(([k, v]) => [k, { ...v }]));
+  }
+
+  private count(calls: { method: string; path: string }[]): void {
+    calls.forEach((c, i) => {
+      const kind = orthancCall(c.method, c.path);
+      let n = this.counts.get(kind);
+      if (!n) this.counts.set(kind, (n = { calls: 0, roundTrips: 0 }));
+      n.calls++;
+      if (i === 0) n.roundTrips++;
+    });
+  }
+
+  /** The least round trip of recent small calls in ms (undefined before the first). */
+  get roundTripMs(): number | undefined {
+    return this.agent?.roundTripMs;
+  }
+
+  /**
+   * Orthanc is across a link, not on this box: its round trip is LINK_BOUND_RTT_MS or more. Then what the
+   * gateway sends it mostly waits on the link — more of it at once fills the link instead of competing for
+   * this box's CPU with Orthanc's own work (receive priority, upload concurrency, C-MOVE fetch-ahead).
+   */
+  get linkBound(): boolean {
+    return (this.roundTripMs ?? 0) >= LINK_BOUND_RTT_MS;
+  }
+
   /** GET /system. */
   system(opts?: RequestOptions): Promise<OrthancSystemInfo> {
     return this.getJson<OrthancSystemInfo>("/system", opts);
   }
 
   async getJson<T>(path: string, opts?: RequestOptions): Promise<T> {
-    if (this.agent) return parseJson(await this.exchange("GET", path, { ...opts, accept: "application/json" })) as T;
-    const res = await this.request("GET", path, { ...opts, accept: "application/json" });
-    return parseJson({ status: res.status, text: await res.text() }) as T;
+    return parseJson(await this.exchange("GET", path, { ...opts, accept: "application/json" })) as T;
   }
 
-  /** GET returning the raw body (e.g. /instances/{id}/file). */
+  /** GET returning the raw body in memory. */
   async getBytes(path: string, opts?: RequestOptions): Promise<Uint8Array> {
-    const res = await this.request("GET", path, opts);
-    return new Uint8Array(await res.arrayBuffer());
+    return (await this.exchange("GET", path, opts ?? {})).bytes;
   }
 
   async postJson<T>(path: string, body: OrthancBody, opts?: RequestOptions): Promise<T> {
-    if (this.agent && !(body instanceof ReadableStream)) return parseJson(await this.exchange("POST", path, { ...opts, body, accept: "application/json" })) as T;
-    const res = await this.request("POST", path, { ...opts, body, accept: "application/json" });
-    return parseJson({ status: res.status, text: await res.text() }) as T;
+    return parseJson(await this.exchange("POST", path, { ...opts, body, accept: "application/json" })) as T;
   }
 
   async put(path: string, body?: OrthancBody, opts?: RequestOptions): Promise<void> {
-    if (this.agent && !(body instanceof ReadableStream)) {
-      await this.exchange("PUT", path, { ...opts, body: body ?? "" });
-      return;
-    }
-    const res = await this.request("PUT", path, { ...opts, body: body ?? "" });
-    await res.body?.cancel();
+    await this.exchange("PUT", path, { ...opts, body: body ?? "" });
   }
 
   async delete(path: string, opts?: RequestOptions): Promise<void> {
-    if (this.agent) {
-      await this.exchange("DELETE", path, opts ?? {});
-      return;
-    }
-    const res = await this.request("DELETE", path, opts);
-    await res.body?.cancel();
+    await this.exchange("DELETE", path, opts ?? {});
   }
 
   /**
-   * One call with an in-memory body through the keep-alive agent; resolves with a 2xx answer's status
-   * and text, throws OrthancError otherwise (the same errors as request()).
+   * Calls written one behind the other on one connection and answered in order: one round trip for
+   * all of them (an upload and the labels of what it creates). Resolves with every answer, whatever
+   * its status (failureOf() says what a non-2xx one means); throws OrthancError when the connection
+   * fails, as single calls do.
    */
+  async pipeline(calls: PipelinedCall[], opts: RequestOptions = {}): Promise<PipelinedAnswer[]> {
+    const timeoutMs = opts.timeoutMs ?? this.timeoutMs;
+    this.count(calls);
+    const reqs = calls.map((c) => this.http1Request(c.method, c.path, { ...opts, headers: { ...opts.headers, ...c.headers }, ...(c.body !== undefined ? { body: c.body } : {}) }));
+    let res: Http1Response[];
+    try {
+      res = await this.agentOrFail().pipeline(reqs, { timeoutMs, signal: opts.signal, ...(opts.progressTimeoutMs !== undefined ? { progressTimeoutMs: opts.progressTimeoutMs } : {}) });
+    } catch (err) {
+      throw this.networkFailure(err, calls[0]!.method, calls.map((c) => c.path).join(" + "), timeoutMs, opts.signal, opts.progressTimeoutMs);
+    }
+    return res.map((r) => ({ status: r.status, text: utf8.decode(r.body) }));
+  }
+
+  /** The OrthancError a pipelined answer stands for (undefined for a 2xx answer). */
+  failureOf(call: PipelinedCall, answer: PipelinedAnswer): OrthancError | undefined {
+    if (answer.status >= 200 && answer.status < 300) return undefined;
+    return this.httpFailure(call.method, call.path, answer.status, "", answer.text);
+  }
+
+  /**
+   * One call whose answer is read as it arrives (a stored instance for C-MOVE/C-GET): resolves with a
+   * 2xx answer once its head has arrived, throws OrthancError otherwise. The timeout covers the call
+   * only until the head arrives; callers streaming big bodies pass their own signal.
+   */
+  async request(method: string, path: string, opts: RequestOptions & { body?: OrthancBody; accept?: string } = {}): Promise<OrthancResponse> {
+    const timeoutMs = opts.timeoutMs ?? this.timeoutMs;
+    this.count([{ method, path }]);
+    let res;
+    try {
+      res = await this.agentOrFail().stream(this.http1Request(method, path, opts), { timeoutMs, signal: opts.signal });
+    } catch (err) {
+      throw this.networkFailure(err, method, path, timeoutMs, opts.signal);
+    }
+    const body = res.body;
+    const bytes = async () => {
+      const parts: Uint8Array[] = [];
+      const reader = body.getReader();
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        parts.push(value);
+      }
+      return concat(parts);
+    };
+    if (res.status >= 200 && res.status < 300) return { status: res.status, headers: res.headers, body, bytes, text: async () => utf8.decode(await bytes()) };
+    const text = await bytes().then((b) => utf8.decode(b), () => "");
+    throw this.httpFailure(method, path, res.status, res.statusText, text);
+  }
+
+  /** One call with its answer in memory: a 2xx answer's status, text and bytes; OrthancError otherwise. */
   private async exchange(
     method: string,
     path: string,
-    opts: RequestOptions & { body?: Exclude<OrthancBody, ReadableStream<Uint8Array>>; accept?: string },
-  ): Promise<{ status: number; text: string }> {
+    opts: RequestOptions & { body?: OrthancBody; accept?: string },
+  ): Promise<{ status: number; text: string; bytes: Uint8Array }> {
     const timeoutMs = opts.timeoutMs ?? this.timeoutMs;
-    const headers = this.headers(opts);
-    const body = opts.body === undefined || opts.body === null ? undefined : bodyBytes(opts.body, headers);
+    this.count([{ method, path }]);
     let res: Http1Response;
     try {
-      res = await this.agent!.request(method, this.basePath + (path.startsWith("/") ? path : "/" + path), headers, body, { timeoutMs, signal: opts.signal });
+      res = await this.agentOrFail().send(this.http1Request(method, path, opts), { timeoutMs, signal: opts.signal, ...(opts.progressTimeoutMs !== undefined ? { progressTimeoutMs: opts.progressTimeoutMs } : {}) });
     } catch (err) {
-      throw this.networkFailure(err, method, path, timeoutMs, err instanceof Http1Error && err.code === "ETIMEDOUT", opts.signal);
+      throw this.networkFailure(err, method, path, timeoutMs, opts.signal, opts.progressTimeoutMs);
     }
     const text = utf8.decode(res.body);
-    if (res.status >= 200 && res.status < 300) return { status: res.status, text };
+    if (res.status >= 200 && res.status < 300) return { status: res.status, text, bytes: res.body };
     throw this.httpFailure(method, path, res.status, res.statusText, text);
   }
 
-  private headers(opts: RequestOptions & { accept?: string }): Record<string, string> {
+  private agentOrFail(): Http1Agent {
+    if (!this.agent) throw new OrthancError(`Gateway.Orthanc.Url ${this.url} is not an http:// or https:// URL`, { kind: "unreachable" });
+    return this.agent;
+  }
+
+  private http1Request(method: string, path: string, opts: RequestOptions & { body?: OrthancBody; accept?: string }): Http1Request {
     const headers: Record<string, string> = { ...opts.headers };
     if (this.authorization) headers["Authorization"] = this.authorization;
     if (opts.accept) headers["Accept"] = opts.accept;
-    return headers;
+    const body = opts.body === undefined || opts.body === null ? undefined : bodyOf(opts.body, headers);
+    return { method, target: this.basePath + (path.startsWith("/") ? path : "/" + path), headers, ...(body ? { body } : {}) };
   }
 
-  /**
-   * One call; resolves with a 2xx Response (body not yet read), throws OrthancError otherwise.
-   * The timeout covers the whole exchange only until the headers arrive; callers streaming big bodies
-   * should pass their own signal.
-   */
-  async request(
-    method: string,
-    path: string,
-    opts: RequestOptions & { body?: OrthancBody; accept?: string } = {},
-  ): Promise<Response> {
-    const target = this.url + (path.startsWith("/") ? path : "/" + path);
-    const timeoutMs = opts.timeoutMs ?? this.timeoutMs;
-    const headers = this.headers(opts);
-    let body: BodyInit | undefined;
-    if (opts.body instanceof ReadableStream) {
-      // Streamed upload (a spooled instance): never held whole in memory.
-      body = opts.body as unknown as BodyInit;
-      headers["Content-Type"] ??= "application/octet-stream";
-    } else if (opts.body !== undefined && opts.body !== null) {
-      body = bodyBytes(opts.body, headers) as unknown as BodyInit;
-    }
-    const timeout = AbortSignal.timeout(timeoutMs);
-    const signal = opts.signal ? anySignal([timeout, opts.signal]) : timeout;
-
-    let res: Response;
-    try {
-      const init: RequestInit & { duplex?: "half" } = { method, headers, body, signal };
-      if (opts.body instanceof ReadableStream) init.duplex = "half";
-      try {
-        res = await fetch(target, init);
-      } catch (first) {
-        // A kept-alive connection that Orthanc closed just as it was reused fails at once with a reset:
-        // send again once on a fresh connection (every call here may be repeated; a streamed body cannot).
-        const code = networkErrorCode(first);
-        if (timeout.aborted || opts.signal?.aborted || opts.body instanceof ReadableStream || code === "ECONNREFUSED") throw first;
-        res = await fetch(target, init);
-      }
-    } catch (err) {
-      throw this.networkFailure(err, method, path, timeoutMs, timeout.aborted, opts.signal);
-    }
-    if (res.ok) return res;
-    const text = await res.text().catch(() => "");
-    throw this.httpFailure(method, path, res.status, res.statusText, text);
-  }
-
-  /** What a call that got no HTTP answer throws: a timeout, the caller's own abort, or unreachable. */
-  private networkFailure(err: unknown, method: string, path: string, timeoutMs: number, timedOut: boolean, callerSignal?: AbortSignal): unknown {
-    if (timedOut) {
+  /** What a call that got no HTTP answer throws: a timeout, the caller's own abort, a TLS failure, or unreachable. */
+  private networkFailure(err: unknown, method: string, path: string, timeoutMs: number, callerSignal?: AbortSignal, progressTimeoutMs?: number): unknown {
+    if (err instanceof OrthancError) return err;
+    const progressNote = progressTimeoutMs === undefined ? "" : ` (of the body's last byte; or took more than ${progressTimeoutMs} ms more of it)`;
+    if (err instanceof Http1Error && err.code === "ETIMEDOUT") {
       return new OrthancError(
-        `Orthanc at ${this.url} did not answer ${method} ${path} within ${timeoutMs} ms: check that Orthanc is running and not overloaded, or raise Gateway.Orthanc.TimeoutSeconds`,
+        `Orthanc at ${this.url} did not answer ${method} ${path} within ${timeoutMs} ms${progressNote}: check that Orthanc is running and not overloaded and the link to it, or raise Gateway.Orthanc.TimeoutSeconds`,
         { kind: "timeout", cause: err },
       );
     }
     if (callerSignal?.aborted) return callerSignal.reason ?? err;
-    const code = networkErrorCode(err);
-    return new OrthancError(`Orthanc at ${this.url} is unreachable (${code}): check Gateway.Orthanc.Url and that Orthanc is running`, { kind: "unreachable", cause: err });
+    // Not the connection's failure: a request body that could not be read (a spool file), an invalid header.
+    if (!(err instanceof Http1Error)) return err;
+    if (err.phase === "tls") {
+      return new OrthancError(`Orthanc at ${this.url}: the TLS handshake failed (${err.code}): ${tlsFailureHint(err.code, err.message, this.tlsConfigured)}`, { kind: "tls", cause: err });
+    }
+    return new OrthancError(`Orthanc at ${this.url} is unreachable (${err.code}): check Gateway.Orthanc.Url and that Orthanc is running`, { kind: "unreachable", cause: err });
   }
 
   /** The OrthancError for a non-2xx answer, naming Orthanc's own message and what to fix. */
@@ -230,6 +354,8 @@ export class OrthancClient {
       parsed = undefined;
     }
     const statusText = reason || httpReason(status);
+    const proxy = tlsRefusalByProxy(status, text, this.tlsConfigured);
+    if (proxy) return new OrthancError(`Orthanc at ${this.url}: the TLS proxy in front of it answered ${status} ${statusText} to ${method} ${path}: ${proxy}`, { kind: "tls", status, body: text });
     if (status === 401) {
       const message = this.authorization
         ? `Orthanc rejected the credentials (401): check Gateway.Orthanc.Username/Password or ORTHANC_PASSWORD`
@@ -253,8 +379,12 @@ export class OrthancClient {
 const utf8 = new TextDecoder();
 const utf8Encoder = new TextEncoder();
 
-/** A request body in memory: bytes as application/octet-stream, strings as text/plain, anything else as JSON. */
-function bodyBytes(body: Exclude<OrthancBody, ReadableStream<Uint8Array> | null>, headers: Record<string, string>): Uint8Array {
+/** A request body: bytes as application/octet-stream, strings as text/plain, a StreamBody as it is, anything else as JSON. */
+function bodyOf(body: Exclude<OrthancBody, null>, headers: Record<string, string>): Uint8Array | StreamBody {
+  if (isStreamBody(body)) {
+    headers["Content-Type"] ??= "application/octet-stream";
+    return body;
+  }
   if (body instanceof Uint8Array || body instanceof ArrayBuffer) {
     headers["Content-Type"] ??= "application/octet-stream";
     return body instanceof Uint8Array ? body : new Uint8Array(body);
@@ -265,6 +395,18 @@ function bodyBytes(body: Exclude<OrthancBody, ReadableStream<Uint8Array> | null>
   }
   headers["Content-Type"] ??= "application/json";
   return utf8Encoder.encode(JSON.stringify(body));
+}
+
+function concat(parts: Uint8Array[]): Uint8Array {
+  let n = 0;
+  for (const p of parts) n += p.length;
+  const out = new Uint8Array(n);
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
 }
 
 function parseJson(res: { status: number; text: string }): unknown {
@@ -307,45 +449,6 @@ function httpReason(status: number): string {
     503: "Service Unavailable",
   };
   return reasons[status] ?? "";
-}
-
-/** A short errno-like code for a fetch network failure (Bun sets `code`; Deno/Node put it in `cause`). */
-export function networkErrorCode(err: unknown): string {
-  const seen = new Set<unknown>();
-  const messages: string[] = [];
-  let e: unknown = err;
-  while (e && typeof e === "object" && !seen.has(e)) {
-    seen.add(e);
-    const o = e as { code?: unknown; message?: unknown; cause?: unknown };
-    if (typeof o.code === "string" && /^E[A-Z]+$/.test(o.code)) return o.code;
-    if (typeof o.message === "string") messages.push(o.message);
-    e = o.cause;
-  }
-  const all = messages.join(" ");
-  const known: Array<[RegExp, string]> = [
-    [/connection refused/i, "ECONNREFUSED"],
-    [/connection reset|closed unexpectedly/i, "ECONNRESET"],
-    [/dns error|failed to lookup|name or service not known|ENOTFOUND/i, "ENOTFOUND"],
-    [/no route to host/i, "EHOSTUNREACH"],
-    [/network is unreachable/i, "ENETUNREACH"],
-    [/timed out/i, "ETIMEDOUT"],
-  ];
-  for (const [re, code] of known) if (re.test(all)) return code;
-  return messages[0] ?? String(err);
-}
-
-function anySignal(signals: AbortSignal[]): AbortSignal {
-  const any = (AbortSignal as unknown as { any?: (s: AbortSignal[]) => AbortSignal }).any;
-  if (any) return any(signals);
-  const ctl = new AbortController();
-  for (const s of signals) {
-    if (s.aborted) {
-      ctl.abort(s.reason);
-      break;
-    }
-    s.addEventListener("abort", () => ctl.abort(s.reason), { once: true });
-  }
-  return ctl.signal;
 }
 
 function base64Utf8(s: string): string {

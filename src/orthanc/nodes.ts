@@ -10,13 +10,27 @@
  *    calls again once its monitor (ClusterMonitor) or a call finds it answering.
  *  - pin() gives one operation (a C-FIND's pages, a C-MOVE's listing and fetches) one node: its calls stay
  *    there while it answers, and move on for good to the next healthy node when it fails.
- *  - onAnyNode() runs a whole exchange (e.g. a streamed upload, whose body cannot be sent twice) and runs it
- *    again from the start on the next node.
+ *  - A streamed upload is sent again from its first byte to the next node (a StreamBody opens again), with
+ *    the pipelined calls behind it (pipeline()); each node has its own keep-alive HTTP/1.1 client (TLS,
+ *    pipelining, its own round-trip estimate); the cluster's round trip is its nearest healthy node's.
  *
  * One URL is a cluster of one: the behaviour, and the errors, are those of its OrthancClient.
  */
-import { OrthancClient, OrthancError, type OrthancBody, type OrthancClientOptions, type OrthancSystemInfo, type RequestOptions } from "./client.ts";
+import {
+  LINK_BOUND_RTT_MS,
+  OrthancClient,
+  OrthancError,
+  type OrthancBody,
+  type OrthancCallCounts,
+  type OrthancClientOptions,
+  type OrthancResponse,
+  type OrthancSystemInfo,
+  type PipelinedAnswer,
+  type PipelinedCall,
+  type RequestOptions,
+} from "./client.ts";
 import type { FindLimits } from "./find-pages.ts";
+import type { Http1Stats } from "./http1.ts";
 
 /** What the gateway uses of an Orthanc REST client: one node (OrthancClient) or a cluster (OrthancNodes). */
 export interface OrthancApi {
@@ -31,7 +45,19 @@ export interface OrthancApi {
   postJson<T>(path: string, body: OrthancBody, opts?: RequestOptions): Promise<T>;
   put(path: string, body?: OrthancBody, opts?: RequestOptions): Promise<void>;
   delete(path: string, opts?: RequestOptions): Promise<void>;
-  request(method: string, path: string, opts?: RequestOptions & { body?: OrthancBody; accept?: string }): Promise<Response>;
+  request(method: string, path: string, opts?: RequestOptions & { body?: OrthancBody; accept?: string }): Promise<OrthancResponse>;
+  /** Calls pipelined on one connection of one node (OrthancClient.pipeline). */
+  pipeline(calls: PipelinedCall[], opts?: RequestOptions): Promise<PipelinedAnswer[]>;
+  /** The OrthancError a pipelined answer stands for (undefined for a 2xx answer). */
+  failureOf(call: PipelinedCall, answer: PipelinedAnswer): OrthancError | undefined;
+  /** Requests, connections and pipelining so far (of every node). */
+  readonly stats: Http1Stats;
+  /** Calls and round trips by what they are for (of every node). */
+  readonly calls: Partial<OrthancCallCounts>;
+  /** The least round trip of recent small calls in ms (a cluster: of its nearest healthy node). */
+  readonly roundTripMs: number | undefined;
+  /** Orthanc is across a link, not on this box (OrthancClient.linkBound). */
+  readonly linkBound: boolean;
 }
 
 /**
@@ -42,6 +68,17 @@ export interface OrthancApi {
 export function isNodeFailure(e: unknown): boolean {
   if (!(e instanceof OrthancError)) return false;
   return e.kind === "unreachable" || e.kind === "timeout" || (e.kind === "http" && (e.status === 502 || e.status === 503 || e.status === 504));
+}
+
+/**
+ * A pipeline on one node: its answers come whatever their status, but a proxy saying the node is away
+ * (502-504 to the first call) is the node's failure, for the next node to take the whole pipeline.
+ */
+async function pipelineOnNode(client: OrthancClient, calls: PipelinedCall[], opts: RequestOptions): Promise<PipelinedAnswer[]> {
+  const answers = await client.pipeline(calls, opts);
+  const first = client.failureOf(calls[0]!, answers[0]!);
+  if (first && isNodeFailure(first)) throw first;
+  return answers;
 }
 
 /** One node of the cluster and what the gateway knows of its health. */
@@ -162,17 +199,47 @@ export class OrthancNodes implements OrthancApi {
     return this.attempt((c) => c.getBytes(path, opts), opts?.signal);
   }
   postJson<T>(path: string, body: OrthancBody, opts?: RequestOptions): Promise<T> {
-    // A stream can be sent once: a failure is the caller's (onAnyNode sends it again from the start).
-    return this.attempt((c) => c.postJson<T>(path, body, opts), opts?.signal, body instanceof ReadableStream ? this.order().slice(0, 1) : undefined);
+    return this.attempt((c) => c.postJson<T>(path, body, opts), opts?.signal);
   }
   put(path: string, body?: OrthancBody, opts?: RequestOptions): Promise<void> {
-    return this.attempt((c) => c.put(path, body, opts), opts?.signal, body instanceof ReadableStream ? this.order().slice(0, 1) : undefined);
+    return this.attempt((c) => c.put(path, body, opts), opts?.signal);
   }
   delete(path: string, opts?: RequestOptions): Promise<void> {
     return this.attempt((c) => c.delete(path, opts), opts?.signal);
   }
-  request(method: string, path: string, opts: RequestOptions & { body?: OrthancBody; accept?: string } = {}): Promise<Response> {
-    return this.attempt((c) => c.request(method, path, opts), opts.signal, opts.body instanceof ReadableStream ? this.order().slice(0, 1) : undefined);
+  request(method: string, path: string, opts: RequestOptions & { body?: OrthancBody; accept?: string } = {}): Promise<OrthancResponse> {
+    return this.attempt((c) => c.request(method, path, opts), opts.signal);
+  }
+  pipeline(calls: PipelinedCall[], opts: RequestOptions = {}): Promise<PipelinedAnswer[]> {
+    return this.attempt((c) => pipelineOnNode(c, calls, opts), opts.signal);
+  }
+  failureOf(call: PipelinedCall, answer: PipelinedAnswer): OrthancError | undefined {
+    return this.nodes[0]!.client.failureOf(call, answer);
+  }
+
+  get stats(): Http1Stats {
+    const sum: Http1Stats = { requests: 0, connections: 0, reused: 0, retried: 0, pipelined: 0 };
+    for (const n of this.nodes) for (const [k, v] of Object.entries(n.client.stats) as [keyof Http1Stats, number][]) sum[k] += v;
+    return sum;
+  }
+  get calls(): Partial<OrthancCallCounts> {
+    const sum: Partial<OrthancCallCounts> = {};
+    for (const n of this.nodes) {
+      for (const [k, v] of Object.entries(n.client.calls) as [keyof OrthancCallCounts, { calls: number; roundTrips: number }][]) {
+        const s = (sum[k] ??= { calls: 0, roundTrips: 0 });
+        s.calls += v.calls;
+        s.roundTrips += v.roundTrips;
+      }
+    }
+    return sum;
+  }
+  /** The nearest healthy node's: calls go to the healthy nodes, and a cluster's nodes share one site. */
+  get roundTripMs(): number | undefined {
+    const known = this.nodes.filter((n) => n.healthy).map((n) => n.client.roundTripMs).filter((ms): ms is number => ms !== undefined);
+    return known.length > 0 ? Math.min(...known) : this.nodes.find((n) => n.client.roundTripMs !== undefined)?.client.roundTripMs;
+  }
+  get linkBound(): boolean {
+    return (this.roundTripMs ?? 0) >= LINK_BOUND_RTT_MS;
   }
 
   /** One node for one operation (see PinnedOrthanc). */
@@ -220,9 +287,22 @@ export class PinnedOrthanc implements OrthancApi {
     return this.node.client.findLimits;
   }
 
+  get stats(): Http1Stats {
+    return this.node.client.stats;
+  }
+  get calls(): Partial<OrthancCallCounts> {
+    return this.node.client.calls;
+  }
+  get roundTripMs(): number | undefined {
+    return this.node.client.roundTripMs;
+  }
+  get linkBound(): boolean {
+    return this.node.client.linkBound;
+  }
+
   /** This node first, then the others in the cluster's order; the node that answers stays the operation's. */
-  private run<T>(call: (client: OrthancClient) => Promise<T>, signal?: AbortSignal, once = false): Promise<T> {
-    const order = once ? [this.node] : [this.node, ...this.cluster.order(this.node).filter((n) => n !== this.node)];
+  private run<T>(call: (client: OrthancClient) => Promise<T>, signal?: AbortSignal): Promise<T> {
+    const order = [this.node, ...this.cluster.order(this.node).filter((n) => n !== this.node)];
     return this.cluster.attempt(
       (client, node) =>
         call(client).then((r) => {
@@ -244,16 +324,22 @@ export class PinnedOrthanc implements OrthancApi {
     return this.run((c) => c.getBytes(path, opts), opts?.signal);
   }
   postJson<T>(path: string, body: OrthancBody, opts?: RequestOptions): Promise<T> {
-    return this.run((c) => c.postJson<T>(path, body, opts), opts?.signal, body instanceof ReadableStream);
+    return this.run((c) => c.postJson<T>(path, body, opts), opts?.signal);
   }
   put(path: string, body?: OrthancBody, opts?: RequestOptions): Promise<void> {
-    return this.run((c) => c.put(path, body, opts), opts?.signal, body instanceof ReadableStream);
+    return this.run((c) => c.put(path, body, opts), opts?.signal);
   }
   delete(path: string, opts?: RequestOptions): Promise<void> {
     return this.run((c) => c.delete(path, opts), opts?.signal);
   }
-  request(method: string, path: string, opts: RequestOptions & { body?: OrthancBody; accept?: string } = {}): Promise<Response> {
-    return this.run((c) => c.request(method, path, opts), opts.signal, opts.body instanceof ReadableStream);
+  request(method: string, path: string, opts: RequestOptions & { body?: OrthancBody; accept?: string } = {}): Promise<OrthancResponse> {
+    return this.run((c) => c.request(method, path, opts), opts.signal);
+  }
+  pipeline(calls: PipelinedCall[], opts: RequestOptions = {}): Promise<PipelinedAnswer[]> {
+    return this.run((c) => pipelineOnNode(c, calls, opts), opts.signal);
+  }
+  failureOf(call: PipelinedCall, answer: PipelinedAnswer): OrthancError | undefined {
+    return this.node.client.failureOf(call, answer);
   }
 }
 
@@ -265,12 +351,4 @@ export function nodeFailed(api: OrthancApi, error: Error): void {
 /** One node for one operation when `api` is a cluster; a single client is its own. */
 export function pinned(api: OrthancApi): OrthancApi {
   return api instanceof OrthancNodes ? api.pin() : api;
-}
-
-/**
- * Runs an exchange that cannot be repeated call by call (a streamed upload: its body is read once) on one
- * node, and from the start on the next node when that one fails. `exchange` gets a client of one node.
- */
-export function onAnyNode<T>(api: OrthancApi, exchange: (node: OrthancApi) => Promise<T>, signal?: AbortSignal): Promise<T> {
-  return api instanceof OrthancNodes ? api.attempt((client) => exchange(client), signal) : exchange(api);
 }

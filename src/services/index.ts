@@ -19,8 +19,8 @@ import { DICOM_UID_ROOT, isStandardStorageSopClass, queryRetrieveSopClasses, Sop
 import { transferSyntaxMatcher } from "../dicom/uids.ts";
 import type { Logger } from "../shared/log.ts";
 import type { GatewayMetrics } from "../observe/metrics.ts";
+import type { Labeler } from "../orthanc/labeler.ts";
 import type { OrthancApi } from "../orthanc/nodes.ts";
-import type { Labeler } from "../orthanc/store.ts";
 import type { Forwarder } from "../spool/forwarder.ts";
 import type { TenantSpool } from "../spool/spool.ts";
 import type { IsolationGuard } from "../tenancy/isolation.ts";

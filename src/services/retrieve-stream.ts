@@ -9,6 +9,7 @@
  */
 import { collectAsStreamGrows } from "../adapter/index.ts";
 import { readFileMeta, type FileMeta } from "../dicom/part10.ts";
+import type { OrthancResponse } from "../orthanc/client.ts";
 import { OrthancError } from "../orthanc/client.ts";
 import { nodeFailed, type OrthancApi } from "../orthanc/nodes.ts";
 import { concatBytes } from "../shared/bytes.ts";
@@ -35,7 +36,7 @@ export class SubOperationError extends Error {
   }
 }
 
-/** Reads a fetch body chunk by chunk; cancel() releases the connection. */
+/** Reads a response body chunk by chunk; cancel() gives the connection up. */
 function readerOf(body: ReadableStream<Uint8Array>) {
   const reader = body.getReader();
   return {
@@ -76,7 +77,7 @@ export async function fetchInstance(orthanc: OrthancApi, instance: ResolvedInsta
     () => ctl.abort(new Error(`Orthanc at ${orthanc.url} did not answer GET ${path} within ${orthanc.timeoutMs} ms`)),
     orthanc.timeoutMs,
   );
-  let res: Response;
+  let res: OrthancResponse;
   try {
     res = await orthanc.request("GET", path, { signal: ctl.signal, timeoutMs: 0x7fffffff, headers: { Accept: "application/dicom" } });
   } catch (e) {
@@ -94,9 +95,7 @@ export async function fetchInstance(orthanc: OrthancApi, instance: ResolvedInsta
   } finally {
     clearTimeout(timer);
   }
-  const body = res.body;
-  if (!body) throw new Error(`Orthanc sent no body for instance ${instance.id}`);
-  const it = readerOf(body);
+  const it = readerOf(res.body);
   const release = () => {
     signal.removeEventListener("abort", onAbort);
     it.cancel();
@@ -168,6 +167,11 @@ export class BrokenStreamError extends Error {
   override name = "BrokenStreamError";
 }
 
+/** The most instances requested ahead of the one being sent (each holds a few chunks and its connection at most). */
+export const MAX_FETCH_AHEAD = 32;
+/** Waiting this long for an instance's answer to start means the fetches ahead did not cover Orthanc's round trip. */
+const WAITED_MS = 1;
+
 /** The instance's anchor resource left the tenant's label scope between the resolution and the sending. */
 export class OutOfScopeError extends SubOperationError {
   override name = "OutOfScopeError";
@@ -180,9 +184,13 @@ export class OutOfScopeError extends SubOperationError {
 const STORED: SendPlan = { as: "stored" };
 
 /**
- * Streams the resolved instances from Orthanc in order, with at most `parallelism` of them requested
- * ahead of the one being sent. Before an instance is requested, its anchor resource's labels are
- * checked again (once per anchor). Each item is the fetched instance or the error that prevented it.
+ * Streams the resolved instances from Orthanc in order, with `parallelism` of them requested ahead of
+ * the one being sent — more while the sub-operations wait for an Orthanc across a link (OrthancClient.
+ * linkBound; up to MAX_FETCH_AHEAD): over a WAN each request takes a round trip, and enough of them must be under way for the link never to idle
+ * while the destination takes the instances. An instance requested ahead is read only as far as its
+ * stream's small buffer (back-pressure pauses its connection), so memory stays bounded. Before an
+ * instance is requested, its anchor resource's labels are checked again (once per anchor). Each item
+ * is the fetched instance or the error that prevented it.
  */
 export class InstanceFetcher {
   private readonly ahead: { instance: ResolvedInstance; plan: Promise<SendPlan>; fetched: Promise<FetchedInstance> }[] = [];
@@ -190,23 +198,27 @@ export class InstanceFetcher {
   private readonly anchorChecks = new Map<string, Promise<boolean>>();
   private readonly controller = new AbortController();
   private closed = false;
+  /** How many instances are requested ahead now (adapted). */
+  depth: number;
 
   constructor(
     private readonly orthanc: OrthancApi,
     private readonly scope: LabelScope,
     private readonly instances: readonly ResolvedInstance[],
-    private readonly parallelism: number,
+    parallelism: number,
     signal?: AbortSignal,
     /** How each instance is sent (default: as stored). */
     private readonly plan: SendPlanner = () => STORED,
+    private readonly maxDepth = Math.max(parallelism, MAX_FETCH_AHEAD),
   ) {
+    this.depth = Math.max(1, parallelism);
     if (signal?.aborted) this.controller.abort();
     else signal?.addEventListener("abort", () => this.controller.abort(), { once: true });
   }
 
   /** Starts the first fetches (call early, e.g. while the destination association is opened). */
   prime(): void {
-    while (!this.closed && this.ahead.length < Math.max(1, this.parallelism) && this.nextIndex < this.instances.length) {
+    while (!this.closed && this.ahead.length < this.depth && this.nextIndex < this.instances.length) {
       const instance = this.instances[this.nextIndex++]!;
       const plan = Promise.resolve().then(() => this.plan(instance));
       const fetched = plan.then((p) => this.fetchChecked(instance, p));
@@ -224,7 +236,15 @@ export class InstanceFetcher {
     this.prime();
     const plan = await item.plan.catch(() => undefined);
     try {
-      return { instance: item.instance, plan, fetched: await item.fetched };
+      const t0 = performance.now();
+      const fetched = await item.fetched;
+      // The sub-operations waited for an Orthanc across a link: request more ahead (at once, so the gap
+      // closes now). On Orthanc's own box a wait is its CPU, which more requests would only share further.
+      if (performance.now() - t0 > WAITED_MS && this.depth < this.maxDepth && this.orthanc.linkBound) {
+        this.depth = Math.min(this.maxDepth, this.depth * 2);
+        this.prime();
+      }
+      return { instance: item.instance, plan, fetched };
     } catch (e) {
       return { instance: item.instance, plan, error: e instanceof Error ? e : new Error(String(e)) };
     }

@@ -12,8 +12,10 @@
 import type { TenantConfig } from "../config/types.ts";
 import { isValidUid } from "../dicom/uids.ts";
 import { OrthancError } from "../orthanc/client.ts";
+import { orthancIds } from "../orthanc/identity.ts";
+import type { Labeler } from "../orthanc/labeler.ts";
 import type { OrthancApi } from "../orthanc/nodes.ts";
-import { isPermanentRejection, placementMismatch, storedAttachmentInfo, uploadFile, type Labeler } from "../orthanc/store.ts";
+import { isPermanentRejection, labelPlanned, placementMismatch, storedAttachmentInfo, storedIds, uploadLabeled } from "../orthanc/store.ts";
 import { createHash } from "node:crypto";
 import type { Forwarder } from "../spool/forwarder.ts";
 import { newSpoolId, SpoolDiskError, SpoolQuotaError, TenantSpool, type ReceivedFile } from "../spool/spool.ts";
@@ -240,7 +242,16 @@ async function storeSync(
   identity: InstanceIdentity,
 ): Promise<void> {
   try {
-    const stored = await uploadFile(deps.orthanc, await deps.spool.bytesOf(received));
+    // The labels are pipelined behind the upload: one round trip for both. Strict isolation: after the
+    // ownership claim (guard.settle), one more round trip; a replay's MD5 and size come with the upload.
+    const strict = deps.guard !== undefined && verdict !== undefined;
+    const plan = deps.labeler.plan(verdict?.ids ?? orthancIds(identity), deps.tenant);
+    const up = await uploadLabeled(deps.orthanc, deps.labeler, await deps.spool.bytesOf(received), plan, {
+      labelsLater: strict,
+      attachment: strict && verdict.instanceIsNew,
+      ...(strict ? { reads: deps.guard!.recordReads(plan.ids) } : {}),
+    });
+    const stored = up.stored;
     const misplaced = verdict && placementMismatch(stored, verdict.ids);
     if (misplaced) {
       // Never delete what this upload did not create: only a new instance that was not in Orthanc before.
@@ -253,7 +264,7 @@ async function storeSync(
       // Strict isolation: another writer stored this SOP Instance UID since the check (see the forwarder):
       // labeled only if Orthanc holds exactly these bytes.
       if (stored.status === "AlreadyStored" && verdict.instanceIsNew) {
-        const got = await storedAttachmentInfo(deps.orthanc, stored.id);
+        const got = up.attachment ?? (await storedAttachmentInfo(deps.orthanc, stored.id));
         const sent = await deps.spool.bytesOf(received);
         const [size, md5] = sent instanceof Uint8Array ? [sent.length, createHash("md5").update(sent).digest("hex")] : [sent.size, await TenantSpool.md5Of(sent)];
         if (got.size !== size || got.md5 !== md5) {
@@ -264,7 +275,7 @@ async function storeSync(
         }
       }
       // Claimed in Orthanc before any label; another gateway's tenant that claimed first keeps it.
-      const settled = await deps.guard.settle(identity, stored);
+      const settled = await deps.guard.settle(identity, stored, undefined, up.reads);
       if (!settled.ok) {
         const deleted = stored.status === "Success" && verdict.instanceIsNew;
         if (deleted) await deps.orthanc.delete(`/instances/${stored.id}`);
@@ -272,8 +283,10 @@ async function storeSync(
         responder.audit({ isolation: "refused", isolationReason: settled.reason });
         return fail(Status.NotAuthorized, `Not authorized: ${settled.level} belongs to another tenant`, `isolation: ${settled.reason}; ${deleted ? "the upload was undone" : "left in Orthanc as it was"}`);
       }
+      up.labeled = await labelPlanned(deps.orthanc, deps.labeler, plan);
     }
-    await deps.labeler.apply(stored, deps.tenant);
+    // The pipelined labels did not all land (Orthanc filed a Shared tenant's instance under other IDs...): at Orthanc's IDs.
+    if (!up.labeled) await deps.labeler.apply(storedIds(stored), deps.tenant);
   } catch (e) {
     const message = e instanceof Error ? e.message : String(e);
     if (isPermanentRejection(e)) return fail(Status.UnableToProcess, "Orthanc refused the instance (see gateway log)", `Orthanc refused the instance: ${message}`);

@@ -1,26 +1,34 @@
 /**
- * Forwards spooled instances to Orthanc: upload (streamed), label, optionally verify, then delete
- * the spool entry — in that order, so a crash at any point leaves the entry to be replayed (Orthanc
- * answers AlreadyStored to a replay, and labels are idempotent).
+ * Forwards spooled instances to Orthanc: upload (streamed when large) with the tenant's labels pipelined
+ * behind it (one round trip: store.ts uploadLabeled), optionally verify, then delete the spool entry — in
+ * that order, so a crash at any point leaves the entry to be replayed (Orthanc answers AlreadyStored to a
+ * replay, and labels are idempotent).
  *
- * Bounded parallelism over keep-alive connections; transient failures back off exponentially with
- * jitter, per entry; when Orthanc is unreachable every worker pauses together (one probe at a time
- * instead of hammering), and wake() resumes at once when the monitor sees Orthanc again.
+ * Parallel uploads over keep-alive connections, as many as the link and Orthanc take
+ * (upload-concurrency.ts: between `concurrency` and `maxConcurrency`); transient failures back off
+ * exponentially with jitter, per entry; when Orthanc is unreachable every worker pauses together (one
+ * probe at a time instead of hammering), and wake() resumes at once when the monitor sees Orthanc again.
  *
  * Receive priority: while data sets are arriving (and for QUIET_MS after the last one), uploads wait,
  * so that a small box spends its CPU on acknowledging the modality first; an entry waits at most
- * `receivePriorityMs`, after which uploads go on one at a time until the arrivals stop.
+ * `receivePriorityMs`, after which uploads go on one at a time until the arrivals stop. Not when the
+ * uploads are bound by the link rather than by this box's CPU (OrthancClient.linkBound: Orthanc's round
+ * trip is 2 ms or more): Orthanc does not run on this box, and an upload mostly waits on the link. Only
+ * then does the number of uploads at once adapt: on the box of its Orthanc, more would only compete with
+ * it for the CPU (`concurrency` stays).
  */
 import type { TenantConfig } from "../config/types.ts";
 import { OrthancError } from "../orthanc/client.ts";
+import type { Labeler } from "../orthanc/labeler.ts";
 import type { OrthancApi } from "../orthanc/nodes.ts";
-import { isPermanentRejection, placementMismatch, storedAttachmentInfo, STREAM_ABOVE, uploadFile, type Labeler, type StoredInstance } from "../orthanc/store.ts";
+import { isPermanentRejection, labelPlanned, placementMismatch, storedAttachmentInfo, storedIds, STREAM_ABOVE, uploadFile, uploadLabeled, type StoredInstance } from "../orthanc/store.ts";
 import { TenantSpool, type SpoolEntry } from "./spool.ts";
 import { DatasetRefusal, type InstanceIdentity } from "../dicom/dataset-reader.ts";
-import { orthancIds, type OrthancIds } from "../orthanc/identity.ts";
+import { orthancIds } from "../orthanc/identity.ts";
 import type { IsolationGuard } from "../tenancy/isolation.ts";
 import type { UidRegistry } from "../tenancy/ownership.ts";
 import { readSpooledIdentity } from "./spooled-identity.ts";
+import { UploadConcurrency } from "./upload-concurrency.ts";
 
 /**
  * Why an acknowledged instance was set aside (a metric label; each one is worth an alert):
@@ -49,7 +57,10 @@ export type ForwardingWatcher = Pick<ForwarderEvents, "forwarded" | "quarantined
 export interface ForwarderOptions {
   orthanc: OrthancApi;
   labeler: Labeler;
+  /** Parallel uploads at start, and the fewest they are brought down to. */
   concurrency: number;
+  /** The most parallel uploads (default: `concurrency`, i.e. not adapted). */
+  maxConcurrency?: number;
   verifyIntegrity: boolean;
   events?: ForwarderEvents;
   /** The isolation guard of a Strict tenant (undefined for Shared). */
@@ -76,6 +87,11 @@ interface Job {
   notBefore: number;
   /** Date.now() when it was queued (receive priority). */
   queuedAt: number;
+}
+
+/** The record carries what Orthanc files it by (records of 0.3 and later). */
+function hasIdentity(entry: SpoolEntry): boolean {
+  return entry.patientId !== undefined && !!entry.studyInstanceUid && !!entry.seriesInstanceUid;
 }
 
 export function backoffDelay(attempt: number, baseMs: number, maxMs: number, random = Math.random): number {
@@ -136,11 +152,14 @@ export class Forwarder {
   /** Data sets arriving now, and when the last one ended (receive priority). */
   private arriving = 0;
   private lastArrivalAt = 0;
+  /** How many uploads run at once (adapted). */
+  readonly concurrency: UploadConcurrency;
   private readonly watchers = new Set<ForwardingWatcher>();
 
   constructor(private readonly opts: ForwarderOptions) {
     this.baseMs = opts.backoffBaseMs ?? 500;
     this.maxMs = opts.backoffMaxMs ?? 30_000;
+    this.concurrency = new UploadConcurrency({ min: opts.concurrency, max: opts.maxConcurrency ?? opts.concurrency });
   }
 
   /** Tells `w` of every instance forwarded or quarantined from now on, until the returned function is called. */
@@ -175,13 +194,23 @@ export class Forwarder {
   /** Until when uploads wait for arrivals (0: they need not), given the oldest waiting entry. */
   private deferredUntil(now: number, oldest: Job): number {
     const limit = this.opts.receivePriorityMs ?? 0;
-    if (limit <= 0) return 0;
+    if (limit <= 0 || this.linkBound) return 0;
     const busyUntil = this.arriving > 0 ? Infinity : this.lastArrivalAt + QUIET_MS;
     if (now >= busyUntil) return 0;
     const overdueAt = oldest.queuedAt + limit;
     // Waited long enough: one upload at a time while arrivals go on.
     if (now >= overdueAt) return this.inFlight === 0 ? 0 : busyUntil;
     return Math.min(busyUntil, overdueAt);
+  }
+
+  /** Uploads are bound by the link, not by this box's CPU (OrthancClient.linkBound). */
+  get linkBound(): boolean {
+    return this.opts.orthanc.linkBound;
+  }
+
+  /** Uploads allowed at once now: adapted while link-bound, else `concurrency`. */
+  get uploadLimit(): number {
+    return this.linkBound ? this.concurrency.limit : this.concurrency.min;
   }
 
   /** Entries waiting or being forwarded. */
@@ -192,7 +221,8 @@ export class Forwarder {
   start(): void {
     if (this.running) return;
     this.running = true;
-    for (let i = 0; i < this.opts.concurrency; i++) this.workers.push(this.work());
+    // One worker per possible slot; the adapted limit decides how many upload at once.
+    for (let i = 0; i < this.concurrency.max; i++) this.workers.push(this.work());
   }
 
   /** Stops taking new jobs and waits for the uploads under way. Pending entries stay in the spool. */
@@ -228,7 +258,7 @@ export class Forwarder {
   }
 
   private next(now: number): Job | undefined {
-    if (this.probing || now < this.pausedUntil) return undefined;
+    if (this.probing || now < this.pausedUntil || this.inFlight >= this.uploadLimit) return undefined;
     if (this.delayed.length > 0) {
       const due = this.delayed.filter((j) => j.notBefore <= now);
       if (due.length > 0) {
@@ -278,131 +308,166 @@ export class Forwarder {
         continue;
       }
       this.inFlight++;
+      this.slotsChanged();
       try {
         await this.forward(job);
       } finally {
         this.inFlight--;
+        this.slotsChanged();
       }
       if (this.backlog === 0) this.idleWaiters.splice(0).forEach((r) => r());
     }
+  }
+
+  /** Tells the concurrency how busy the slots are; wakes workers when the limit grew. */
+  private slotsChanged(): void {
+    const before = this.uploadLimit;
+    this.concurrency.setWaiting(this.linkBound && this.ready.length > 0 && this.inFlight >= before);
+    if (this.uploadLimit > before) this.wakeAll();
   }
 
   private async forward(job: Job): Promise<void> {
     const { tenant, spool, entry } = job;
     const started = performance.now();
     job.attempt++;
-    const quarantine = async (kind: QuarantineKind, reason: string) => {
-      await spool.quarantine(entry, reason);
-      this.opts.registry?.releaseHold(entry.id);
-      this.opts.events?.quarantined?.(tenant, entry, reason, kind);
-      for (const w of this.watchers) w.quarantined?.(tenant, entry, reason, kind);
-    };
     try {
       const guard = this.opts.guardFor?.(tenant);
-      let ids: OrthancIds | undefined;
-      let identity: InstanceIdentity | undefined;
+      // Strict isolation: nothing is uploaded that cannot be claimed in Orthanc right after (it would sit
+      // there unowned); retried until Orthanc keeps the ownership records (the monitor's /ready reason).
+      if (guard?.unusable) throw new OrthancError(guard.unusable, { kind: "http", status: 409 });
+      // Where Orthanc will file it: the labels are pipelined there. A Shared tenant's record of 0.2 and older
+      // carries no identity: it is not read from the data set for that, its labels follow the upload instead.
+      const identity = guard || hasIdentity(entry) ? await this.identityOf(entry) : undefined;
+      const ids = identity && orthancIds(identity);
       let instanceIsNew = entry.instanceIsNew === true;
-      if (guard) {
-        // Strict isolation: nothing is uploaded that cannot be claimed in Orthanc right after (it would sit
-        // there unowned); retried until Orthanc keeps the ownership records (the monitor's /ready reason).
-        if (guard.unusable) throw new OrthancError(guard.unusable, { kind: "http", status: 409 });
-        identity = await this.identityOf(entry);
-        ids = orthancIds(identity);
-        // Strict isolation: an instance acknowledged while Orthanc was unreachable is checked now.
-        if (entry.isolation !== "checked") {
-          const verdict = await guard.check(identity, entry.id);
-          if (!verdict.ok) {
-            const reason = `isolation: ${verdict.reason} (checked when forwarding: Orthanc was unreachable when the instance was acknowledged)`;
-            await quarantine("isolation", reason);
-            this.opts.events?.isolationRefused?.(tenant, entry, reason);
-            return;
-          }
-          instanceIsNew = verdict.instanceIsNew;
+      // Strict isolation: an instance acknowledged while Orthanc was unreachable is checked now.
+      if (guard && identity && entry.isolation !== "checked") {
+        const verdict = await guard.check(identity, entry.id);
+        if (!verdict.ok) {
+          const reason = `isolation: ${verdict.reason} (checked when forwarding: Orthanc was unreachable when the instance was acknowledged)`;
+          await this.quarantine(job, "isolation", reason);
+          this.opts.events?.isolationRefused?.(tenant, entry, reason);
+          return;
         }
+        instanceIsNew = verdict.instanceIsNew;
       }
-      const stored = await uploadFile(this.opts.orthanc, entry.size <= STREAM_ABOVE ? await spool.read(entry) : entry);
-      const misplaced = ids && placementMismatch(stored, ids);
+      const labeler = this.opts.labeler;
+      const verify = this.opts.verifyIntegrity;
+      const source = entry.size <= STREAM_ABOVE ? await spool.read(entry) : entry;
+      const plan = ids && labeler.plan(ids, tenant);
+      // Strict: the labels wait for the ownership claim (guard.settle), one more round trip; the ownership
+      // records come back with the upload (a claim that holds needs no call), and so do the attachment's MD5
+      // and size when a replay must be compared with what Orthanc holds.
+      const up = plan
+        ? await uploadLabeled(this.opts.orthanc, labeler, source, plan, {
+            attachment: verify || (guard !== undefined && instanceIsNew),
+            labelsLater: guard !== undefined,
+            ...(guard ? { reads: guard.recordReads(plan.ids) } : {}),
+          })
+        : { stored: await uploadFile(this.opts.orthanc, source), labeled: false };
+      const stored = up.stored;
+      const misplaced = guard && ids && placementMismatch(stored, ids);
       if (misplaced) {
         // Never delete what this upload did not create: only a new instance that was not in Orthanc before.
         const deleted = stored.status === "Success" && instanceIsNew;
         if (deleted) await this.opts.orthanc.delete(`/instances/${stored.id}`);
         this.opts.events?.misplaced?.(tenant, entry, misplaced, deleted);
-        await quarantine("placement", `isolation: ${misplaced}; ${deleted ? "the upload was undone" : "left in Orthanc as it was (not created by this upload)"}`);
+        await this.quarantine(job, "placement", `isolation: ${misplaced}; ${deleted ? "the upload was undone" : "left in Orthanc as it was (not created by this upload)"}`);
         return;
       }
-      if (guard && identity) {
+      const attachment = async () => ("attachment" in up ? up.attachment : undefined) ?? (await storedAttachmentInfo(this.opts.orthanc, stored.id));
+      if (guard && identity && plan) {
         // Strict isolation. No instance had this SOP Instance UID when it was checked, yet Orthanc had one
         // already: another writer (another gateway's tenant) stored it since. Labeled only if it holds exactly
         // these bytes (a replay of this very upload), never another tenant's content under this tenant's labels.
         if (stored.status === "AlreadyStored" && instanceIsNew) {
-          const got = await storedAttachmentInfo(this.opts.orthanc, stored.id);
+          const got = await attachment();
           const md5 = entry.md5 ?? (await TenantSpool.md5Of(entry));
           if (got.md5 !== md5 || got.size !== entry.size) {
             const reason = `isolation: Orthanc already holds other bytes (${got.size} bytes, MD5 ${got.md5}) under SOP Instance UID ${entry.sopInstanceUid}, stored by another writer after this instance was checked; left as it was, unlabeled by this tenant`;
-            await quarantine("isolation", reason);
+            await this.quarantine(job, "isolation", reason);
             this.opts.events?.isolationRefused?.(tenant, entry, reason);
             return;
           }
         }
         // The study and series are claimed in Orthanc, where every gateway sees it, before any label; another
         // tenant that claimed first (through another gateway) keeps them.
-        const settled = await guard.settle(identity, stored);
+        const settled = await guard.settle(identity, stored, undefined, "reads" in up ? up.reads : undefined);
         if (!settled.ok) {
           const deleted = stored.status === "Success" && instanceIsNew;
           if (deleted) await this.opts.orthanc.delete(`/instances/${stored.id}`);
           const reason = `isolation: ${settled.reason}; ${deleted ? "the upload was undone" : "left in Orthanc as it was, unlabeled (not created by this upload)"}`;
-          await quarantine("isolation", reason);
+          await this.quarantine(job, "isolation", reason);
           this.opts.events?.isolationRefused?.(tenant, entry, reason);
           return;
         }
+        up.labeled = await labelPlanned(this.opts.orthanc, labeler, plan);
       }
-      if (this.opts.verifyIntegrity && stored.status === "Success") {
-        const got = await storedAttachmentInfo(this.opts.orthanc, stored.id);
+      if (verify && stored.status === "Success") {
+        const got = await attachment();
         const md5 = entry.md5 ?? (await TenantSpool.md5Of(entry));
         if (got.md5 !== md5 || got.size !== entry.size) {
-          await quarantine("integrity", `integrity check failed: Orthanc stored ${got.size} bytes with MD5 ${got.md5}, the gateway received ${entry.size} bytes with MD5 ${md5}`);
+          await this.quarantine(job, "integrity", `integrity check failed: Orthanc stored ${got.size} bytes with MD5 ${got.md5}, the gateway received ${entry.size} bytes with MD5 ${md5}`);
           return;
         }
       }
-      await this.opts.labeler.apply(stored, tenant);
+      // The pipelined labels did not all land (Orthanc filed a Shared tenant's instance under other IDs...): at Orthanc's IDs.
+      if (!up.labeled) await labeler.apply(storedIds(stored), tenant);
       await spool.remove(entry);
       this.opts.registry?.releaseHold(entry.id);
+      if (this.linkBound) this.concurrency.done(entry.size, performance.now() - started);
       this.outageOver();
-      this.opts.events?.forwarded?.(tenant, entry, (performance.now() - started) / 1000, stored);
-      for (const w of this.watchers) w.forwarded?.(tenant, entry, (performance.now() - started) / 1000, stored);
+      const seconds = (performance.now() - started) / 1000;
+      this.opts.events?.forwarded?.(tenant, entry, seconds, stored);
+      for (const w of this.watchers) w.forwarded?.(tenant, entry, seconds, stored);
     } catch (e) {
-      const err = e instanceof Error ? e : new Error(String(e));
-      if (isPermanentRejection(err) || err instanceof DatasetRefusal) {
-        this.outageOver();
-        const unreadable = err instanceof DatasetRefusal;
-        try {
-          await quarantine(unreadable ? "unreadable" : "orthanc-refused", `${unreadable ? "cannot place the instance" : "Orthanc refused the instance"}: ${err.message}`);
-          return;
-        } catch (qe) {
-          // Could not move it aside: keep it queued rather than lose it.
-          this.requeue(job, qe instanceof Error ? qe : new Error(String(qe)));
-          return;
-        }
-      }
-      if (err instanceof OrthancError && (err.kind === "unreachable" || err.kind === "timeout")) {
-        this.pauseAttempt++;
-        this.probing = false;
-        this.pausedUntil = Date.now() + backoffDelay(this.pauseAttempt, this.baseMs, this.maxMs);
-        job.attempt--; // an outage is not this instance's fault
-        this.ready.unshift(job);
-        this.opts.events?.failed?.(tenant, entry, err, job.attempt + 1, this.pausedUntil - Date.now());
-        this.wakeOne();
+      await this.failure(job, e);
+    }
+  }
+
+  private async quarantine(job: Job, kind: QuarantineKind, reason: string): Promise<void> {
+    await job.spool.quarantine(job.entry, reason);
+    this.opts.registry?.releaseHold(job.entry.id);
+    this.opts.events?.quarantined?.(job.tenant, job.entry, reason, kind);
+    for (const w of this.watchers) w.quarantined?.(job.tenant, job.entry, reason, kind);
+  }
+
+  /** An upload failed: quarantine (for good), pause (Orthanc away), or back off and retry. */
+  private async failure(job: Job, e: unknown): Promise<void> {
+    const { tenant, entry } = job;
+    const err = e instanceof Error ? e : new Error(String(e));
+    if (isPermanentRejection(err) || err instanceof DatasetRefusal) {
+      this.outageOver();
+      const unreadable = err instanceof DatasetRefusal;
+      try {
+        await this.quarantine(job, unreadable ? "unreadable" : "orthanc-refused", `${unreadable ? "cannot place the instance" : "Orthanc refused the instance"}: ${err.message}`);
+        return;
+      } catch (qe) {
+        // Could not move it aside: keep it queued rather than lose it.
+        this.requeue(job, qe instanceof Error ? qe : new Error(String(qe)));
         return;
       }
-      this.outageOver();
-      this.requeue(job, err);
     }
+    if (err instanceof OrthancError && (err.kind === "unreachable" || err.kind === "timeout" || err.kind === "tls")) {
+      this.concurrency.failed();
+      this.pauseAttempt++;
+      this.probing = false;
+      this.pausedUntil = Date.now() + backoffDelay(this.pauseAttempt, this.baseMs, this.maxMs);
+      job.attempt--; // an outage is not this instance's fault
+      this.ready.unshift(job);
+      this.opts.events?.failed?.(tenant, entry, err, job.attempt + 1, this.pausedUntil - Date.now());
+      this.wakeOne();
+      return;
+    }
+    if (err instanceof OrthancError && err.status !== undefined && err.status >= 500) this.concurrency.failed();
+    this.outageOver();
+    this.requeue(job, err);
   }
 
   /** What identifies a spooled instance: from its record, or (records of 0.2 and older) read from its data set. */
   private async identityOf(entry: SpoolEntry): Promise<InstanceIdentity> {
-    if (entry.patientId !== undefined && entry.studyInstanceUid && entry.seriesInstanceUid) {
-      return { patientId: entry.patientId, studyInstanceUid: entry.studyInstanceUid, seriesInstanceUid: entry.seriesInstanceUid, sopInstanceUid: entry.sopInstanceUid };
+    if (hasIdentity(entry)) {
+      return { patientId: entry.patientId!, studyInstanceUid: entry.studyInstanceUid!, seriesInstanceUid: entry.seriesInstanceUid!, sopInstanceUid: entry.sopInstanceUid };
     }
     return readSpooledIdentity(entry, entry.transferSyntaxUid, this.opts.defaultEncoding);
   }

@@ -30,14 +30,14 @@
  * another client).
  */
 import type { ResourceLevel, TenantConfig } from "../config/types.ts";
-import { OrthancError } from "../orthanc/client.ts";
+import { OrthancError, type PipelinedAnswer } from "../orthanc/client.ts";
 import { orthancIds, type OrthancIds } from "../orthanc/identity.ts";
 import type { ChangesFeed, ChangesListener } from "../orthanc/changes.ts";
 import type { OrthancApi } from "../orthanc/nodes.ts";
 import type { StoredInstance } from "../orthanc/store.ts";
 import type { InstanceIdentity } from "../dicom/dataset-reader.ts";
 import type { InstanceUids, UidLevel, UidRegistry } from "./ownership.ts";
-import { claimUid, ownsByLabels, type OwnerRecords } from "./owner-records.ts";
+import { claimUid, ownsByLabels, parseOwnerRecord, type ClaimOutcome, type OwnerRecords } from "./owner-records.ts";
 
 export { ownsByLabels } from "./owner-records.ts";
 
@@ -82,6 +82,8 @@ interface Settled {
   ids: Set<string>;
   seq: number;
   at: number;
+  /** performance.now() when the claim was known to hold. */
+  heldAt: number;
 }
 
 type Refusal = { ok: false; level: ResourceLevel; reason: string };
@@ -104,6 +106,8 @@ export class IsolationGuard {
   private readonly byId = new Map<string, string>();
   /** level|uid -> claimed in Orthanc by settle(). */
   private readonly settled = new Map<string, Settled>();
+  /** level|uid|id -> the claim running now (claimOnce). */
+  private readonly claiming = new Map<string, Promise<ClaimOutcome>>();
   private readonly ttlMs: number;
   private readonly claimWaitMs: number;
   private readonly records: OwnerRecords;
@@ -190,14 +194,38 @@ export class IsolationGuard {
   }
 
   /**
+   * The ownership records an upload to `ids` reads back in its pipeline (store.ts uploadLabeled `reads`):
+   * those of the study and series (and, for a tenant that labels only patients, the patient), so that
+   * settle() sees at once whether this tenant's claims still hold — no round trip of their own.
+   */
+  recordReads(ids: OrthancIds): string[] {
+    if (this.tenant.labels.length === 0) return [];
+    return [
+      ...(this.patientAnchored() ? [this.records.path("Patient", ids.patient)] : []),
+      this.records.path("Study", ids.study),
+      this.records.path("Series", ids.series),
+    ];
+  }
+
+  /**
    * After the upload, before any label: claims the instance's study and series (and, for a tenant that
    * labels only patients, its patient) in Orthanc's ownership records, so that every gateway agrees on one
    * owner (claimUid). A refusal means another tenant claimed first, through this gateway or another: the
    * caller undoes its upload if it created the instance, and sets the instance aside.
+   *
+   * `readBack`: the records as read right after the upload (recordReads(), path -> Orthanc's answer). A
+   * resource whose record is this tenant's own needs no claim: claimed before and not created again since
+   * (a resource deleted and created again has no record). Without it, a UID claimed before is claimed again
+   * when the change log shows its resource created since.
    */
-  async settle(identity: InstanceIdentity, stored: StoredInstance, signal?: AbortSignal): Promise<{ ok: true } | Refusal> {
+  async settle(identity: InstanceIdentity, stored: StoredInstance, signal?: AbortSignal, readBack?: ReadonlyMap<string, PipelinedAnswer>): Promise<{ ok: true } | Refusal> {
     if (this.tenant.labels.length === 0) return { ok: true };
-    if (this.patientAnchored()) {
+    const mine = (level: ResourceLevel, id: string) => {
+      const a = readBack?.get(this.records.path(level, id));
+      const r = a && a.status === 200 ? parseOwnerRecord(a.text) : undefined;
+      return r !== undefined && r.tenant === this.tenant.aet && r.kind === "own";
+    };
+    if (this.patientAnchored() && !mine("Patient", stored.parentPatient)) {
       const r = await this.records.claim("Patient", stored.parentPatient, this.tenant.aet, "own", signal);
       if (r && r.tenant !== this.tenant.aet) return refusal("Patient", `patient ${stored.parentPatient} was claimed in Orthanc by another tenant (AE ${r.tenant}) first`);
     }
@@ -206,15 +234,17 @@ export class IsolationGuard {
       const known = this.settled.get(`${level}|${uid}`);
       return known !== undefined && known.ids.has(id) && Date.now() - known.at < this.ttlMs ? known : undefined;
     };
-    // Claimed before: unless the change log shows the resource created again since (deleted meanwhile: its
-    // record went with it).
-    if (this.feed && levels.some(([level, uid, id]) => fresh(level, uid, id))) await this.feed.syncSince(stored.at ?? performance.now());
+    // Claimed before: unless its record read back is not this tenant's (or, not read back, the change log
+    // shows the resource created again since: deleted meanwhile, its record went with it).
+    const viaFeed = this.feed && !readBack && levels.some(([level, uid, id]) => fresh(level, uid, id));
+    if (viaFeed) await this.feed!.syncSince(stored.at ?? performance.now());
     const seq = this.feed?.lastSeq ?? 0;
     // Study, then series, in every gateway: two tenants racing for both meet on the study first (one wins).
     for (const [level, uid, id] of levels) {
       const known = fresh(level, uid, id);
-      if (known && !this.feed?.createdSince(id, known.seq)) continue;
-      const r = await claimUid(this.orthanc, this.records, this.tenant, level, uid, id, signal);
+      // A record read back before this claim was made (by an upload beside this one) says nothing of it.
+      if (known && (readBack ? mine(level, id) || known.heldAt > (stored.at ?? 0) : !this.feed?.createdSince(id, known.seq))) continue;
+      const r = await this.claimOnce(level, uid, id, signal);
       const k = `${level}|${uid}`;
       this.settled.delete(k);
       if (!r.ok) {
@@ -222,9 +252,20 @@ export class IsolationGuard {
         return refusal(level, r.reason);
       }
       if (this.settled.size >= 20_000) this.settled.delete(this.settled.keys().next().value!);
-      this.settled.set(k, { ids: new Set(r.ids), seq, at: Date.now() });
+      this.settled.set(k, { ids: new Set(r.ids), seq, at: Date.now(), heldAt: performance.now() });
     }
     return { ok: true };
+  }
+
+  /** claimUid, shared by the uploads of one study or series that settle at the same time (one claim, not one each). */
+  private claimOnce(level: "Study" | "Series", uid: string, id: string, signal?: AbortSignal): Promise<ClaimOutcome> {
+    const k = `${level}|${uid}|${id}`;
+    let p = this.claiming.get(k);
+    if (!p) {
+      p = claimUid(this.orthanc, this.records, this.tenant, level, uid, id, signal).finally(() => this.claiming.delete(k));
+      this.claiming.set(k, p);
+    }
+    return p;
   }
 
   /** Forget what is known of a UID (a resource with it was created by somebody else). */

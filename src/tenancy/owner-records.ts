@@ -21,7 +21,7 @@
  * The loser's uploads are undone (only if they created the instance) and its records released.
  */
 import type { ResourceLevel, TenantConfig } from "../config/types.ts";
-import { OrthancError, type OrthancSystemInfo } from "../orthanc/client.ts";
+import { OrthancError, type OrthancResponse, type OrthancSystemInfo } from "../orthanc/client.ts";
 import type { OrthancApi } from "../orthanc/nodes.ts";
 
 export type OwnerKind = "own" | "fence";
@@ -91,7 +91,8 @@ export class OwnerRecords {
     return this.problems.values().next().value;
   }
 
-  private path(level: ResourceLevel, id: string): string {
+  /** The REST path of the record on a resource (read pipelined behind an upload: IsolationGuard.recordReads). */
+  path(level: ResourceLevel, id: string): string {
     return `/${PATH[level]}/${encodeURIComponent(id)}/metadata/${this.key}`;
   }
 
@@ -137,14 +138,14 @@ export class OwnerRecords {
 
   /** Removes `tenant`'s record from the resource if it is still there (If-Match: nobody else's is removed). */
   async release(level: ResourceLevel, id: string, tenant: string): Promise<void> {
-    let res: Response;
+    let res: OrthancResponse;
     try {
       res = await this.orthanc.request("GET", this.path(level, id));
     } catch (e) {
       if (e instanceof OrthancError && e.status === 404) return;
       throw e;
     }
-    const etag = res.headers.get("etag");
+    const etag = res.headers["etag"];
     if (parseOwnerRecord(await res.text())?.tenant !== tenant || !etag) return;
     try {
       await this.orthanc.delete(this.path(level, id), { headers: { "If-Match": etag } });
