@@ -236,18 +236,22 @@ async function main(): Promise<void> {
     // tenant, are replayed alone afterwards: what Orthanc's REST API costs per query, before any DICOM.
     const sent: Record<string, unknown[]> = {};
     recorder = await startTestGateway([{ AET: "GATEWAY", Labels: ["bench"] }], orthanc.url);
-    const client = recorder.orthanc as unknown as { postJson: (path: string, body: unknown, opts?: unknown) => Promise<unknown> };
-    const postJson = client.postJson.bind(client);
+    // Recorded on the node's client: a C-FIND's calls go to one node pinned for it (orthanc/nodes.ts).
     let recording: string | undefined;
-    client.postJson = (path, body, opts) => {
-      if (recording && path === "/tools/find") (sent[recording] ??= []).push(body);
-      return postJson(path, body, opts);
-    };
+    for (const node of recorder.orthanc.nodes) {
+      const client = node.client as unknown as { postJson: (path: string, body: unknown, opts?: unknown) => Promise<unknown> };
+      const postJson = client.postJson.bind(client);
+      client.postJson = (path, body, opts) => {
+        if (recording && path === "/tools/find") (sent[recording] ??= []).push(body);
+        return postJson(path, body, opts);
+      };
+    }
     for (const kind of KINDS) {
       recording = kind;
       await findscu(recorder.portOf("GATEWAY"), "GATEWAY", files[kind], logConfig);
     }
     recording = undefined;
+    for (const kind of KINDS) if (!sent[kind]?.length) throw new Error(`no /tools/find request of the gateway was recorded for ${kind}: the replay would measure nothing`);
     await recorder.stop();
     recorder = undefined;
 

@@ -1,9 +1,12 @@
 /**
  * Labels pipelined behind uploads (src/orthanc/labeler.ts, store.ts uploadLabeled) against a real
  * Orthanc: one round trip per upload, a parent's labels put once and then read back, a parent that lost
- * its label (removed by another client, or its study deleted and created again) labeled again.
+ * its label (removed by another client, or its study deleted and created again) labeled again. On Orthanc's
+ * own box (not link-bound), with its change log: parents known labeled are trusted (no read-back costs
+ * Orthanc), and labeled again when the change log shows them created again.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { ChangesFeed } from "../src/orthanc/changes.ts";
 import { OrthancClient } from "../src/orthanc/client.ts";
 import { Labeler } from "../src/orthanc/labeler.ts";
 import { uploadLabeled } from "../src/orthanc/store.ts";
@@ -80,5 +83,50 @@ describe("labels pipelined behind uploads", () => {
     expect(up.labeled).toBe(false);
     expect(up.stored.id).toBe(x.ids.instance);
     expect(await labelsOf(`/instances/${x.ids.instance}`)).toEqual([]);
+  });
+});
+
+describe("on Orthanc's own box, with its change log", () => {
+  let orthanc: OrthancHandle;
+  let client: OrthancClient;
+  let feed: ChangesFeed;
+  let labeler: Labeler;
+
+  beforeAll(async () => {
+    orthanc = await getSharedOrthanc();
+    client = new OrthancClient({ url: orthanc.url });
+    // Polled only when an upload asks for it (a long interval: no background poll during a test).
+    feed = new ChangesFeed(client, 3_600_000);
+    await feed.sync();
+    // The round trip is the least of recent small calls: a connection's first may take longer than 2 ms.
+    for (let i = 0; i < 5; i++) await client.system();
+    labeler = new Labeler(client, { feed });
+  }, ORTHANC_START_TIMEOUT_MS);
+  afterAll(() => {
+    feed?.stop();
+    client?.close();
+  });
+
+  const labelsOf = async (path: string) => ((await client.getJson<string[]>(`${path}/labels`)) ?? []).sort();
+  const upload = async (x: ReturnType<typeof buildInstance>) => uploadLabeled(client, labeler, x.bytes, labeler.plan(x.ids, TENANT));
+
+  test("parents known labeled are trusted, not read back; a study deleted and created again gets its labels again", async () => {
+    expect(client.linkBound).toBe(false);
+    const study = freshUid();
+    const series = freshUid();
+    const [x, y, z] = [buildInstance(1000, { study, series }), buildInstance(1000, { study, series }), buildInstance(1000, { study, series })];
+    await upload(x);
+    // Known labeled: nothing planned for the parents but trust.
+    const plan = labeler.plan(y.ids, TENANT);
+    expect(plan.check).toEqual([]);
+    expect(plan.put.map((p) => p.level)).toEqual(["Instance", "Instance"]);
+    expect(plan.trusted.map((t) => `${t.level}/${t.label}`).sort()).toEqual(["Series/lab-a", "Series/lab-b", "Study/lab-a", "Study/lab-b"]);
+    const before = client.calls.resource?.calls ?? 0;
+    expect((await uploadLabeled(client, labeler, y.bytes, plan)).labeled).toBe(true);
+    expect((client.calls.resource?.calls ?? 0) - before).toBe(0);
+    // Deleted (its labels with it) and created again by the next upload: the change log shows it.
+    await client.delete(`/studies/${x.ids.study}`);
+    expect((await upload(z)).labeled).toBe(true);
+    for (const p of [`/studies/${z.ids.study}`, `/series/${z.ids.series}`, `/instances/${z.ids.instance}`]) expect(await labelsOf(p)).toEqual(["lab-a", "lab-b"]);
   });
 });

@@ -355,7 +355,7 @@ export function validateConfig(raw: unknown, opts: ParseConfigOptions = {}): Gat
       maxAssociations: maxAssociations ?? c.Gateway.Limits.MaxAssociationsPerTenant,
       maxUnassociatedConnections: maxUnassociatedConnections ?? c.Gateway.Limits.MaxUnassociatedConnectionsPerTenant,
       listenAddress: listenAddress ?? c.Gateway.DicomListenAddress,
-      ...(tls ? { tls: resolveTlsFiles(tls, baseDirectory) } : {}),
+      ...(tls ? { tls: resolveFiles<TenantTls>(tls, TLS_FILES, baseDirectory) } : {}),
     }),
   );
   for (const w of openDestinations({ tenants, modalities })) opts.onWarning?.(w);
@@ -386,7 +386,7 @@ export function validateConfig(raw: unknown, opts: ParseConfigOptions = {}): Gat
       maxUploadConcurrency: Math.max(c.Gateway.Orthanc.UploadConcurrency, c.Gateway.Orthanc.MaxUploadConcurrency),
       receivePriorityMs: c.Gateway.Orthanc.ReceivePriorityMilliseconds,
       unreachableGraceMs: toMs(c.Gateway.Orthanc.UnreachableGraceSeconds, false),
-      ...(c.Gateway.Orthanc.Tls ? { tls: resolveOrthancTlsFiles(c.Gateway.Orthanc.Tls, baseDirectory) } : {}),
+      ...(c.Gateway.Orthanc.Tls ? { tls: resolveFiles<OrthancTls>(c.Gateway.Orthanc.Tls, ORTHANC_TLS_FILES, baseDirectory) } : {}),
       ownerMetadata: c.Gateway.Orthanc.OwnerMetadata,
     },
     http: { host: c.Gateway.Http.Host, port: c.Gateway.Http.Port },
@@ -432,22 +432,12 @@ export function validateConfig(raw: unknown, opts: ParseConfigOptions = {}): Gat
   };
 }
 
-/** Gateway.Orthanc.Tls with absolute file paths. */
-function resolveOrthancTlsFiles(tls: OrthancTls, baseDirectory: string): OrthancTls {
+/** TLS settings (a tenant's `Tls`, `Gateway.Orthanc.Tls`) with their file paths (`fields`) made absolute. */
+function resolveFiles<T extends object>(tls: T, fields: readonly (readonly [string, keyof T])[], baseDirectory: string): T {
   const out = { ...tls };
-  for (const [, field] of ORTHANC_TLS_FILES) {
+  for (const [, field] of fields) {
     const file = out[field];
-    if (file !== undefined) out[field] = resolve(baseDirectory, file);
-  }
-  return out;
-}
-
-/** The Tls settings with absolute file paths. */
-function resolveTlsFiles(tls: TenantTls, baseDirectory: string): TenantTls {
-  const out = { ...tls };
-  for (const [, field] of TLS_FILES) {
-    const file = out[field];
-    if (file !== undefined) out[field] = resolve(baseDirectory, file);
+    if (typeof file === "string") out[field] = resolve(baseDirectory, file) as T[keyof T];
   }
   return out;
 }

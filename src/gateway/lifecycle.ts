@@ -145,9 +145,10 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
 
   const storeMetrics = createStoreMetrics(metrics.registry);
   // Orthanc's change log keeps the ownership caches in step with Orthanc (deletions, a new database); labels
-  // known put are read back with each upload (labeler.ts), and forgotten with a new database.
+  // known put are read back with each upload across a link, checked against the change log on Orthanc's own
+  // box (labeler.ts), and forgotten with a new database.
   const changes = new ChangesFeed(orthanc, opts.orthancCheckIntervalMs ?? 2000);
-  const labeler = new Labeler(orthanc);
+  const labeler = new Labeler(orthanc, { feed: changes });
   // Strict isolation: the ownership records in Orthanc (every gateway of the site sees them), the UIDs in
   // flight on this gateway and the legacy claims file until it is migrated, and one guard per Strict tenant.
   const records = new OwnerRecords(orthanc, config.orthanc.ownerMetadata, hostname());

@@ -166,19 +166,19 @@ export async function uploadLabeled(
     if (md5.status === 200 && size.status === 200) out.attachment = { md5: md5.text.trim().replace(/"/g, ""), size: Number(size.text.trim()) };
   }
   if (placementMismatch(stored, ids) !== undefined || opts.labelsLater) return out;
-  out.labeled = await settleLabels(labeler, plan, answers.slice(labelsAt, attachmentAt), opts.signal);
+  out.labeled = await settleLabels(labeler, plan, answers.slice(labelsAt, attachmentAt), stored.at ?? performance.now(), opts.signal);
   return out;
 }
 
 /**
  * Puts the labels of `plan` and reads back the known parents' in one round trip (pipelined), after an
- * upload made with `labelsLater`. Resolves with whether every label is on.
+ * upload made with `labelsLater` and answered at `since` (performance.now(): the change log as of then
+ * tells whether a trusted parent was created again). Resolves with whether every label is on.
  */
-export async function labelPlanned(client: OrthancApi, labeler: Labeler, plan: LabelPlan, signal?: AbortSignal): Promise<boolean> {
+export async function labelPlanned(client: OrthancApi, labeler: Labeler, plan: LabelPlan, since: number, signal?: AbortSignal): Promise<boolean> {
   const calls = labelCalls(plan);
-  if (calls.length === 0) return true;
-  const answers = await client.pipeline(calls, signal ? { signal } : {});
-  return settleLabels(labeler, plan, answers, signal);
+  const answers = calls.length === 0 ? [] : await client.pipeline(calls, signal ? { signal } : {});
+  return settleLabels(labeler, plan, answers, since, signal);
 }
 
 /** The label calls of a plan: its puts, then the read-backs of its known parents. */
@@ -190,11 +190,11 @@ function labelCalls(plan: LabelPlan): PipelinedCall[] {
 }
 
 /** The answers to labelCalls(plan): every put succeeded; a known parent that lost a label gets it again. */
-async function settleLabels(labeler: Labeler, plan: LabelPlan, answers: PipelinedAnswer[], signal?: AbortSignal): Promise<boolean> {
+async function settleLabels(labeler: Labeler, plan: LabelPlan, answers: PipelinedAnswer[], since: number, signal?: AbortSignal): Promise<boolean> {
   const ok = (a: { status: number }) => a.status >= 200 && a.status < 300;
   if (!answers.slice(0, plan.put.length).every(ok)) return false;
   const found = answers.slice(plan.put.length).map((a) => (ok(a) ? labelList(a.text) : undefined));
-  const again = labeler.settle(plan, found);
+  const again = [...labeler.settle(plan, found), ...(await labeler.recreated(plan, since, signal))];
   if (again.length > 0) await labeler.put(again, signal);
   return true;
 }

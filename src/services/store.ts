@@ -243,13 +243,13 @@ async function storeSync(
 ): Promise<void> {
   try {
     // The labels are pipelined behind the upload: one round trip for both. Strict isolation: after the
-    // ownership claim (guard.settle), one more round trip; a replay's MD5 and size come with the upload.
+    // ownership claim (guard.settle), one more round trip; across a link the ownership records come back
+    // with the upload.
     const strict = deps.guard !== undefined && verdict !== undefined;
     const plan = deps.labeler.plan(verdict?.ids ?? orthancIds(identity), deps.tenant);
     const up = await uploadLabeled(deps.orthanc, deps.labeler, await deps.spool.bytesOf(received), plan, {
       labelsLater: strict,
-      attachment: strict && verdict.instanceIsNew,
-      ...(strict ? { reads: deps.guard!.recordReads(plan.ids) } : {}),
+      ...(strict && deps.orthanc.linkBound ? { reads: deps.guard!.recordReads(plan.ids) } : {}),
     });
     const stored = up.stored;
     const misplaced = verdict && placementMismatch(stored, verdict.ids);
@@ -283,7 +283,7 @@ async function storeSync(
         responder.audit({ isolation: "refused", isolationReason: settled.reason });
         return fail(Status.NotAuthorized, `Not authorized: ${settled.level} belongs to another tenant`, `isolation: ${settled.reason}; ${deleted ? "the upload was undone" : "left in Orthanc as it was"}`);
       }
-      up.labeled = await labelPlanned(deps.orthanc, deps.labeler, plan);
+      up.labeled = await labelPlanned(deps.orthanc, deps.labeler, plan, stored.at ?? performance.now());
     }
     // The pipelined labels did not all land (Orthanc filed a Shared tenant's instance under other IDs...): at Orthanc's IDs.
     if (!up.labeled) await deps.labeler.apply(storedIds(stored), deps.tenant);

@@ -355,14 +355,15 @@ export class Forwarder {
       const verify = this.opts.verifyIntegrity;
       const source = entry.size <= STREAM_ABOVE ? await spool.read(entry) : entry;
       const plan = ids && labeler.plan(ids, tenant);
-      // Strict: the labels wait for the ownership claim (guard.settle), one more round trip; the ownership
-      // records come back with the upload (a claim that holds needs no call), and so do the attachment's MD5
-      // and size when a replay must be compared with what Orthanc holds.
+      // Strict: the labels wait for the ownership claim (guard.settle), one more round trip; across a link
+      // the ownership records come back with the upload (a claim that holds needs no call of its own).
       const up = plan
         ? await uploadLabeled(this.opts.orthanc, labeler, source, plan, {
-            attachment: verify || (guard !== undefined && instanceIsNew),
+            attachment: verify,
             labelsLater: guard !== undefined,
-            ...(guard ? { reads: guard.recordReads(plan.ids) } : {}),
+            // Across a link, the ownership records come back with the upload (no round trip of their own);
+            // on Orthanc's own box, the change log's poll shared by every upload costs Orthanc less.
+            ...(guard && this.linkBound ? { reads: guard.recordReads(plan.ids) } : {}),
           })
         : { stored: await uploadFile(this.opts.orthanc, source), labeled: false };
       const stored = up.stored;
@@ -401,7 +402,7 @@ export class Forwarder {
           this.opts.events?.isolationRefused?.(tenant, entry, reason);
           return;
         }
-        up.labeled = await labelPlanned(this.opts.orthanc, labeler, plan);
+        up.labeled = await labelPlanned(this.opts.orthanc, labeler, plan, stored.at ?? performance.now());
       }
       if (verify && stored.status === "Success") {
         const got = await attachment();
