@@ -76,9 +76,11 @@ export async function tryLockFile(path: string, mode: number): Promise<FileLock 
   let released = false;
   return {
     write(text) {
+      // Over the old text, then cut to the new length: a reader never meets an empty file (a holder
+      // announcing its HTTP address is still named while it does).
       const bytes = new TextEncoder().encode(text);
-      ftruncateSync(fd, 0);
       for (let done = 0; done < bytes.length; ) done += writeSync(fd, bytes, done, bytes.length - done, done);
+      ftruncateSync(fd, bytes.length);
     },
     release() {
       if (released) return;

@@ -38,10 +38,11 @@ export function tryLockFile(path: string, mode: number): Promise<FileLock | unde
   let released = false;
   return Promise.resolve({
     write(text) {
+      // Over the old text, then cut to the new length: a reader never meets an empty file.
       const bytes = new TextEncoder().encode(text);
-      file.truncateSync(0);
       file.seekSync(0, SEEK_START);
       for (let done = 0; done < bytes.length; ) done += file.writeSync(bytes.subarray(done));
+      file.truncateSync(bytes.length);
     },
     release() {
       if (released) return;
