@@ -6,6 +6,7 @@
  * ways; every call has a time limit; btoa for HTTP Basic auth. Every failure is an OrthancError whose
  * message names the cause and the fix.
  */
+import { concatBytes } from "../shared/bytes.ts";
 import { FindLimits } from "./find-pages.ts";
 import { checkTls, Http1Agent, Http1Error, type Http1Request, type Http1Response, type Http1Stats, type Http1Tls, type StreamBody } from "./http1.ts";
 import { tlsFailureHint, tlsRefusalByProxy } from "./tls-errors.ts";
@@ -287,7 +288,7 @@ export class OrthancClient {
         if (done) break;
         parts.push(value);
       }
-      return concat(parts);
+      return concatBytes(parts);
     };
     if (res.status >= 200 && res.status < 300) return { status: res.status, headers: res.headers, body, bytes, text: async () => utf8.decode(await bytes()) };
     const text = await bytes().then((b) => utf8.decode(b), () => "");
@@ -395,18 +396,6 @@ function bodyOf(body: Exclude<OrthancBody, null>, headers: Record<string, string
   }
   headers["Content-Type"] ??= "application/json";
   return utf8Encoder.encode(JSON.stringify(body));
-}
-
-function concat(parts: Uint8Array[]): Uint8Array {
-  let n = 0;
-  for (const p of parts) n += p.length;
-  const out = new Uint8Array(n);
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
 }
 
 function parseJson(res: { status: number; text: string }): unknown {
