@@ -27,6 +27,7 @@ import { OrthancClient } from "../src/orthanc/client.ts";
 import { decodeIdentifier } from "../src/services/retrieve-identifier.ts";
 import { createLogger } from "../src/shared/log.ts";
 import { runTool } from "./helpers/dcmtk.ts";
+import { identifier } from "./helpers/dicom-build.ts";
 import { datasetBytes, datasetsIn, PYDICOM_FILES, transferSyntaxesIn } from "./helpers/dicom-files.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
 import { startRewritingProxy, type RewritingProxy } from "./helpers/http-proxy.ts";
@@ -93,19 +94,10 @@ async function transcodedByOrthanc(sopInstanceUid: string): Promise<Uint8Array> 
 
 /** An identifier in explicit VR little endian: QueryRetrieveLevel STUDY and one Study Instance UID. */
 function studyIdentifier(study: string): Uint8Array {
-  const el = (tag: number, vr: string, value: string) => {
-    const v = value.length % 2 ? value + (vr === "UI" ? "\0" : " ") : value;
-    const b = new Uint8Array(8 + v.length);
-    const dv = new DataView(b.buffer);
-    dv.setUint16(0, tag >>> 16, true);
-    dv.setUint16(2, tag & 0xffff, true);
-    b[4] = vr.charCodeAt(0);
-    b[5] = vr.charCodeAt(1);
-    dv.setUint16(6, v.length, true);
-    for (let i = 0; i < v.length; i++) b[8 + i] = v.charCodeAt(i);
-    return b;
-  };
-  return Uint8Array.from([...el(0x00080052, "CS", "STUDY"), ...el(0x0020000d, "UI", study)]);
+  return identifier([
+    [0x00080052, "CS", "STUDY"],
+    [0x0020000d, "UI", study],
+  ]);
 }
 
 /** A retrieve with the gateway's own requestor: the final response and its Failed SOP Instance UID List. */

@@ -19,7 +19,6 @@ import { fileURLToPath } from "node:url";
 import { generateDataset, type GeneratedDataset } from "../scripts/generate-dataset.ts";
 import type { CommandSet } from "../src/net/command.ts";
 import type { DimseHandler } from "../src/net/association.ts";
-import { concatBytes } from "../src/shared/bytes.ts";
 import { CommandField, Status, TransferSyntax } from "../src/net/constants.ts";
 import { RequestorAssociation } from "../src/net/requestor.ts";
 import { SopClass as RetrieveSopClass } from "../src/dicom/sop-classes.ts";
@@ -33,6 +32,7 @@ import { OrthancClient } from "../src/orthanc/client.ts";
 import { resolveInstances } from "../src/services/resolve.ts";
 import { createAssociationPolicy } from "../src/tenancy/association-policy.ts";
 import { runTool } from "./helpers/dcmtk.ts";
+import { identifier } from "./helpers/dicom-build.ts";
 import { datasetBytes, datasetsIn, transferSyntaxesIn } from "./helpers/dicom-files.ts";
 import { startTestGateway } from "./helpers/gateway.ts";
 import { getSharedOrthanc, ORTHANC_START_TIMEOUT_MS, type OrthancHandle } from "./helpers/orthanc.ts";
@@ -95,24 +95,6 @@ function clear(scp: Storescp): void {
 }
 
 /** An identifier in explicit VR little endian. */
-function identifier(elements: [number, string, string][]): Uint8Array {
-  const parts: Uint8Array[] = [];
-  for (const [tag, vr, value] of elements.sort((a, b) => a[0] - b[0])) {
-    let v = value;
-    if (v.length % 2) v += vr === "UI" ? "\0" : " ";
-    const b = new Uint8Array(8 + v.length);
-    const dv = new DataView(b.buffer);
-    dv.setUint16(0, tag >>> 16, true);
-    dv.setUint16(2, tag & 0xffff, true);
-    b[4] = vr.charCodeAt(0);
-    b[5] = vr.charCodeAt(1);
-    dv.setUint16(6, v.length, true);
-    for (let i = 0; i < v.length; i++) b[8 + i] = v.charCodeAt(i);
-    parts.push(b);
-  }
-  return concatBytes(parts);
-}
-
 const LEVEL = 0x00080052;
 const PATIENT_ID = 0x00100020;
 const STUDY_UID = 0x0020000d;

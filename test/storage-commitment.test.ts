@@ -363,25 +363,7 @@ describe("reports that cannot be delivered at once", () => {
     expect(String(failure["error"])).toContain("ECONNREFUSED");
     expect(failure["retryInMs"]).toBeGreaterThanOrEqual(1000);
     const got: string[] = [];
-    const late = new DimseServer({
-      label: "late workstation",
-      host: "127.0.0.1",
-      port: latePort,
-      maxPduLength: 16384,
-      artimTimeoutMs: 2000,
-      idleTimeoutMs: 10_000,
-      negotiate: (rq) => ({ accept: negotiatePresentationContexts(rq, { abstractSyntaxes: new Map([[SC, [TransferSyntax.ExplicitVRLittleEndian]]]), acceptScpRoleFor: () => true }) }),
-      handlers: new Map<number, DimseHandler>([
-        [
-          CommandField.NEventReportRQ,
-          async (req, res) => {
-            got.push(text(parseDataset(await req.dataset!.readAll(1 << 20), req.presentationContext.transferSyntax).find((e) => e.tag === Tag.TransactionUID))!);
-            await res.respond({ status: Status.Success });
-          },
-        ],
-      ]),
-    });
-    await late.listen();
+    const late = await reportListener(latePort, got);
     try {
       await until("the report reaches the late workstation", () => got.includes(transactionUid), 15_000);
     } finally {

@@ -56,6 +56,12 @@ export function element(enc: Encoding, tag: number, vr: string, value: Uint8Arra
   return concat([h, value]);
 }
 
+/** A C-FIND/C-MOVE/C-GET identifier in explicit VR little endian from [tag, VR, text] triples, in tag order (UIs NUL-padded). */
+export function identifier(elements: readonly [number, string, string][]): Uint8Array {
+  const sorted = [...elements].sort((a, b) => a[0] - b[0]);
+  return concat(sorted.map(([tag, vr, value]) => element("explicitLE", tag, vr, vr === "UI" ? uid(value) : text(value))));
+}
+
 /** An item, item delimitation or sequence delimitation header (no VR in any encoding). */
 export function itemHeader(enc: Encoding, tag: number, length: number): Uint8Array {
   const h = new Uint8Array(8);
