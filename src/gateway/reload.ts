@@ -18,22 +18,13 @@
  * Every outcome is kept for /status ("lastReload") and counted in dicom_gateway_config_reloads_total.
  */
 import type { GatewayConfig, TenantConfig } from "../config/types.ts";
-import type { LastReload } from "../observe/status.ts";
+import type { LastReload, ReloadChanges } from "../observe/status.ts";
 import { tenantDirectoryName } from "../spool/spool.ts";
 import type { GatewayState, TenantListener } from "./state.ts";
 import { abandonTenant, activateTenant, prepareTenant, prepareTlsReloads, startBackground, stopTenant, type PreparedTenant } from "./tenants.ts";
 
-/** What a configuration reload changed. */
-export interface ReloadResult {
-  added: string[];
-  removed: string[];
-  changed: string[];
-  unchanged: string[];
-  /** Other live settings that changed: "DicomModalities", "Gateway.Log.Level", "Gateway.Limits.DrainSeconds". */
-  settings: string[];
-  /** Unchanged tenants whose TLS files' content changed: new connections get the new certificate, key, CA, CRL. */
-  tlsReloaded: string[];
-}
+/** What a configuration reload changed (also what /status shows of an applied one). */
+export type ReloadResult = ReloadChanges;
 
 export class ReloadError extends Error {
   override name = "ReloadError";

@@ -86,19 +86,21 @@ export interface OrthancStatus {
   nodes?: OrthancStatus[];
 }
 
+/** What a configuration reload changed (tenants by AE title). */
+export interface ReloadChanges {
+  added: string[];
+  removed: string[];
+  changed: string[];
+  unchanged: string[];
+  /** Other live settings that changed: "DicomModalities", "Gateway.Log.Level", "Gateway.Limits.DrainSeconds". */
+  settings: string[];
+  /** Unchanged tenants whose TLS files' content changed: new connections get the new certificate, key, CA, CRL. */
+  tlsReloaded: string[];
+}
+
 /** The outcome of the last configuration reload (SIGHUP). */
 export type LastReload = { at: string } & (
-  | {
-      outcome: "applied";
-      added: string[];
-      removed: string[];
-      changed: string[];
-      unchanged: string[];
-      /** Other live settings that changed (DicomModalities, Gateway.Log.Level, Gateway.Limits.DrainSeconds). */
-      settings: string[];
-      /** Tenants that stayed and whose TLS files' content changed: new connections get the renewed files. */
-      tlsReloaded: string[];
-    }
+  | ({ outcome: "applied" } & ReloadChanges)
   | {
       outcome: "rejected";
       /** Why, naming cause and fix. */
