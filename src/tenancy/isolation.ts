@@ -81,9 +81,8 @@ interface Owned {
 interface Settled {
   ids: Set<string>;
   seq: number;
-  at: number;
   /** performance.now() when the claim was known to hold. */
-  heldAt: number;
+  at: number;
 }
 
 type Refusal = { ok: false; level: ResourceLevel; reason: string };
@@ -232,7 +231,7 @@ export class IsolationGuard {
     const levels = [["Study", identity.studyInstanceUid, stored.parentStudy], ["Series", identity.seriesInstanceUid, stored.parentSeries]] as const;
     const fresh = (level: string, uid: string, id: string) => {
       const known = this.settled.get(`${level}|${uid}`);
-      return known !== undefined && known.ids.has(id) && Date.now() - known.at < this.ttlMs ? known : undefined;
+      return known !== undefined && known.ids.has(id) && performance.now() - known.at < this.ttlMs ? known : undefined;
     };
     // Claimed before: unless its record read back is not this tenant's (or, not read back, the change log
     // shows the resource created again since: deleted meanwhile, its record went with it).
@@ -243,7 +242,7 @@ export class IsolationGuard {
     for (const [level, uid, id] of levels) {
       const known = fresh(level, uid, id);
       // A record read back before this claim was made (by an upload beside this one) says nothing of it.
-      if (known && (readBack ? mine(level, id) || known.heldAt > (stored.at ?? 0) : !this.feed?.createdSince(id, known.seq))) continue;
+      if (known && (readBack ? mine(level, id) || known.at > (stored.at ?? 0) : !this.feed?.createdSince(id, known.seq))) continue;
       const r = await this.claimOnce(level, uid, id, signal);
       const k = `${level}|${uid}`;
       this.settled.delete(k);
@@ -252,7 +251,7 @@ export class IsolationGuard {
         return refusal(level, r.reason);
       }
       if (this.settled.size >= 20_000) this.settled.delete(this.settled.keys().next().value!);
-      this.settled.set(k, { ids: new Set(r.ids), seq, at: Date.now(), heldAt: performance.now() });
+      this.settled.set(k, { ids: new Set(r.ids), seq, at: performance.now() });
     }
     return { ok: true };
   }
