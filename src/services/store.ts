@@ -15,13 +15,14 @@ import { OrthancError } from "../orthanc/client.ts";
 import { orthancIds } from "../orthanc/identity.ts";
 import type { Labeler } from "../orthanc/labeler.ts";
 import type { OrthancApi } from "../orthanc/nodes.ts";
-import { isPermanentRejection, labelPlanned, placementMismatch, storedAttachmentInfo, storedIds, uploadLabeled } from "../orthanc/store.ts";
+import { isPermanentRejection, storedIds, uploadLabeled } from "../orthanc/store.ts";
 import { createHash } from "node:crypto";
 import type { Forwarder } from "../spool/forwarder.ts";
 import { newSpoolId, SpoolDiskError, SpoolQuotaError, TenantSpool, type ReceivedFile } from "../spool/spool.ts";
 import { DatasetRefusal, InstanceReader, type InstanceIdentity } from "../dicom/dataset-reader.ts";
 import type { IsolationGuard, IsolationVerdict } from "../tenancy/isolation.ts";
 import type { UidRegistry } from "../tenancy/ownership.ts";
+import { settleStrictUpload, type ContentDigest } from "../tenancy/strict-upload.ts";
 import type { DimseHandler, DimseResponder } from "../net/association.ts";
 import { Status } from "../net/constants.ts";
 
@@ -252,38 +253,28 @@ async function storeSync(
       ...(strict && deps.orthanc.linkBound ? { reads: deps.guard!.recordReads(plan.ids) } : {}),
     });
     const stored = up.stored;
-    const misplaced = verdict && placementMismatch(stored, verdict.ids);
-    if (misplaced) {
-      // Never delete what this upload did not create: only a new instance that was not in Orthanc before.
-      const deleted = stored.status === "Success" && verdict.instanceIsNew;
-      if (deleted) await deps.orthanc.delete(`/instances/${stored.id}`);
-      deps.events?.misplaced?.(misplaced, deleted);
-      return fail(Status.ProcessingFailure, "Orthanc filed it elsewhere than checked (see log)", `isolation: ${misplaced}; ${deleted ? "the upload was undone" : "left in Orthanc as it was (not created by this upload)"}`);
-    }
     if (deps.guard && verdict) {
-      // Strict isolation: another writer stored this SOP Instance UID since the check (see the forwarder):
-      // labeled only if Orthanc holds exactly these bytes.
-      if (stored.status === "AlreadyStored" && verdict.instanceIsNew) {
-        const got = up.attachment ?? (await storedAttachmentInfo(deps.orthanc, stored.id));
-        const sent = await deps.spool.bytesOf(received);
-        const [size, md5] = sent instanceof Uint8Array ? [sent.length, createHash("md5").update(sent).digest("hex")] : [sent.size, await TenantSpool.md5Of(sent)];
-        if (got.size !== size || got.md5 !== md5) {
+      const sent = async (): Promise<ContentDigest> => {
+        const b = await deps.spool.bytesOf(received);
+        return b instanceof Uint8Array ? { size: b.length, md5: createHash("md5").update(b).digest("hex") } : { size: b.size, md5: await TenantSpool.md5Of(b) };
+      };
+      const settlement = await settleStrictUpload({ orthanc: deps.orthanc, guard: deps.guard, labeler: deps.labeler, identity, plan, up, instanceIsNew: verdict.instanceIsNew, sent });
+      if (!settlement.ok) {
+        if (settlement.kind === "placement") {
+          deps.events?.misplaced?.(settlement.reason, settlement.deleted);
+          return fail(Status.ProcessingFailure, "Orthanc filed it elsewhere than checked (see log)", `isolation: ${settlement.reason}; ${settlement.deleted ? "the upload was undone" : "left in Orthanc as it was (not created by this upload)"}`);
+        }
+        if (settlement.kind === "replay") {
           const reason = `Orthanc already holds other bytes under SOP Instance UID ${sopInstanceUid}, stored by another writer after the check`;
           deps.events?.isolationRefused?.(reason, identity);
           responder.audit({ isolation: "refused", isolationReason: reason });
           return fail(Status.NotAuthorized, "Not authorized: Instance belongs to another tenant", `isolation: ${reason}`);
         }
+        deps.events?.isolationRefused?.(settlement.reason, identity);
+        responder.audit({ isolation: "refused", isolationReason: settlement.reason });
+        return fail(Status.NotAuthorized, `Not authorized: ${settlement.level} belongs to another tenant`, `isolation: ${settlement.reason}; ${settlement.deleted ? "the upload was undone" : "left in Orthanc as it was"}`);
       }
-      // Claimed in Orthanc before any label; another gateway's tenant that claimed first keeps it.
-      const settled = await deps.guard.settle(identity, stored, undefined, up.reads);
-      if (!settled.ok) {
-        const deleted = stored.status === "Success" && verdict.instanceIsNew;
-        if (deleted) await deps.orthanc.delete(`/instances/${stored.id}`);
-        deps.events?.isolationRefused?.(settled.reason, identity);
-        responder.audit({ isolation: "refused", isolationReason: settled.reason });
-        return fail(Status.NotAuthorized, `Not authorized: ${settled.level} belongs to another tenant`, `isolation: ${settled.reason}; ${deleted ? "the upload was undone" : "left in Orthanc as it was"}`);
-      }
-      up.labeled = await labelPlanned(deps.orthanc, deps.labeler, plan, stored.at ?? performance.now());
+      up.labeled = settlement.labeled;
     }
     // The pipelined labels did not all land (Orthanc filed a Shared tenant's instance under other IDs...): at Orthanc's IDs.
     if (!up.labeled) await deps.labeler.apply(storedIds(stored), deps.tenant);

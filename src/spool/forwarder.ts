@@ -21,11 +21,12 @@ import type { TenantConfig } from "../config/types.ts";
 import { OrthancError } from "../orthanc/client.ts";
 import type { Labeler } from "../orthanc/labeler.ts";
 import type { OrthancApi } from "../orthanc/nodes.ts";
-import { isPermanentRejection, labelPlanned, placementMismatch, storedAttachmentInfo, storedIds, STREAM_ABOVE, uploadFile, uploadLabeled, type StoredInstance } from "../orthanc/store.ts";
+import { isPermanentRejection, storedAttachmentInfo, storedIds, STREAM_ABOVE, uploadFile, uploadLabeled, type StoredInstance } from "../orthanc/store.ts";
 import { TenantSpool, type SpoolEntry } from "./spool.ts";
 import { DatasetRefusal, type InstanceIdentity } from "../dicom/dataset-reader.ts";
 import { orthancIds } from "../orthanc/identity.ts";
 import type { IsolationGuard } from "../tenancy/isolation.ts";
+import { settleStrictUpload } from "../tenancy/strict-upload.ts";
 import type { UidRegistry } from "../tenancy/ownership.ts";
 import { readSpooledIdentity } from "./spooled-identity.ts";
 import { UploadConcurrency } from "./upload-concurrency.ts";
@@ -355,57 +356,38 @@ export class Forwarder {
       const verify = this.opts.verifyIntegrity;
       const source = entry.size <= STREAM_ABOVE ? await spool.read(entry) : entry;
       const plan = ids && labeler.plan(ids, tenant);
-      // Strict: the labels wait for the ownership claim (guard.settle), one more round trip; across a link
-      // the ownership records come back with the upload (a claim that holds needs no call of its own).
+      // Strict: the labels wait for the ownership claim (settleStrictUpload), one more round trip. Across a
+      // link the ownership records come back with the upload (a claim that holds needs no call of its own);
+      // on Orthanc's own box, the change log's poll shared by every upload costs Orthanc less.
       const up = plan
         ? await uploadLabeled(this.opts.orthanc, labeler, source, plan, {
             attachment: verify,
             labelsLater: guard !== undefined,
-            // Across a link, the ownership records come back with the upload (no round trip of their own);
-            // on Orthanc's own box, the change log's poll shared by every upload costs Orthanc less.
             ...(guard && this.linkBound ? { reads: guard.recordReads(plan.ids) } : {}),
           })
         : { stored: await uploadFile(this.opts.orthanc, source), labeled: false };
       const stored = up.stored;
-      const misplaced = guard && ids && placementMismatch(stored, ids);
-      if (misplaced) {
-        // Never delete what this upload did not create: only a new instance that was not in Orthanc before.
-        const deleted = stored.status === "Success" && instanceIsNew;
-        if (deleted) await this.opts.orthanc.delete(`/instances/${stored.id}`);
-        this.opts.events?.misplaced?.(tenant, entry, misplaced, deleted);
-        await this.quarantine(job, "placement", `isolation: ${misplaced}; ${deleted ? "the upload was undone" : "left in Orthanc as it was (not created by this upload)"}`);
-        return;
-      }
-      const attachment = async () => ("attachment" in up ? up.attachment : undefined) ?? (await storedAttachmentInfo(this.opts.orthanc, stored.id));
       if (guard && identity && plan) {
-        // Strict isolation. No instance had this SOP Instance UID when it was checked, yet Orthanc had one
-        // already: another writer (another gateway's tenant) stored it since. Labeled only if it holds exactly
-        // these bytes (a replay of this very upload), never another tenant's content under this tenant's labels.
-        if (stored.status === "AlreadyStored" && instanceIsNew) {
-          const got = await attachment();
-          const md5 = entry.md5 ?? (await TenantSpool.md5Of(entry));
-          if (got.md5 !== md5 || got.size !== entry.size) {
-            const reason = `isolation: Orthanc already holds other bytes (${got.size} bytes, MD5 ${got.md5}) under SOP Instance UID ${entry.sopInstanceUid}, stored by another writer after this instance was checked; left as it was, unlabeled by this tenant`;
-            await this.quarantine(job, "isolation", reason);
-            this.opts.events?.isolationRefused?.(tenant, entry, reason);
+        const sent = async () => ({ size: entry.size, md5: entry.md5 ?? (await TenantSpool.md5Of(entry)) });
+        const settlement = await settleStrictUpload({ orthanc: this.opts.orthanc, guard, labeler, identity, plan, up, instanceIsNew, sent });
+        if (!settlement.ok) {
+          if (settlement.kind === "placement") {
+            this.opts.events?.misplaced?.(tenant, entry, settlement.reason, settlement.deleted);
+            await this.quarantine(job, "placement", `isolation: ${settlement.reason}; ${settlement.deleted ? "the upload was undone" : "left in Orthanc as it was (not created by this upload)"}`);
             return;
           }
-        }
-        // The study and series are claimed in Orthanc, where every gateway sees it, before any label; another
-        // tenant that claimed first (through another gateway) keeps them.
-        const settled = await guard.settle(identity, stored, undefined, "reads" in up ? up.reads : undefined);
-        if (!settled.ok) {
-          const deleted = stored.status === "Success" && instanceIsNew;
-          if (deleted) await this.opts.orthanc.delete(`/instances/${stored.id}`);
-          const reason = `isolation: ${settled.reason}; ${deleted ? "the upload was undone" : "left in Orthanc as it was, unlabeled (not created by this upload)"}`;
+          const reason =
+            settlement.kind === "replay"
+              ? `isolation: Orthanc already holds other bytes (${settlement.held.size} bytes, MD5 ${settlement.held.md5}) under SOP Instance UID ${entry.sopInstanceUid}, stored by another writer after this instance was checked; left as it was, unlabeled by this tenant`
+              : `isolation: ${settlement.reason}; ${settlement.deleted ? "the upload was undone" : "left in Orthanc as it was, unlabeled (not created by this upload)"}`;
           await this.quarantine(job, "isolation", reason);
           this.opts.events?.isolationRefused?.(tenant, entry, reason);
           return;
         }
-        up.labeled = await labelPlanned(this.opts.orthanc, labeler, plan, stored.at ?? performance.now());
+        up.labeled = settlement.labeled;
       }
       if (verify && stored.status === "Success") {
-        const got = await attachment();
+        const got = ("attachment" in up ? up.attachment : undefined) ?? (await storedAttachmentInfo(this.opts.orthanc, stored.id));
         const md5 = entry.md5 ?? (await TenantSpool.md5Of(entry));
         if (got.md5 !== md5 || got.size !== entry.size) {
           await this.quarantine(job, "integrity", `integrity check failed: Orthanc stored ${got.size} bytes with MD5 ${got.md5}, the gateway received ${entry.size} bytes with MD5 ${md5}`);
