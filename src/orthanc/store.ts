@@ -143,10 +143,7 @@ export async function uploadLabeled(
   const labelsAt = calls.length;
   if (!opts.labelsLater) calls.push(...labelCalls(plan));
   const attachmentAt = calls.length;
-  if (opts.attachment) {
-    calls.push({ method: "GET", path: `/instances/${ids.instance}/attachments/dicom/md5` });
-    calls.push({ method: "GET", path: `/instances/${ids.instance}/attachments/dicom/size` });
-  }
+  if (opts.attachment) calls.push(...attachmentCalls(ids.instance));
   // A cluster sends the whole pipeline again to the next node when one fails it (the body is read again
   // from its start; the upload is answered AlreadyStored, labels and reads are idempotent).
   const answers = await client.pipeline(calls, { ...uploadTimeouts(client, body), ...(opts.signal ? { signal: opts.signal } : {}) });
@@ -163,7 +160,7 @@ export async function uploadLabeled(
   if (reads.length > 0) out.reads = new Map(reads.map((path, i) => [path, answers[1 + i]!]));
   if (opts.attachment) {
     const [md5, size] = [answers[attachmentAt]!, answers[attachmentAt + 1]!];
-    if (md5.status === 200 && size.status === 200) out.attachment = { md5: md5.text.trim().replace(/"/g, ""), size: Number(size.text.trim()) };
+    if (md5.status === 200 && size.status === 200) out.attachment = attachmentFrom(md5, size);
   }
   if (placementMismatch(stored, ids) !== undefined || opts.labelsLater) return out;
   out.labeled = await settleLabels(labeler, plan, answers.slice(labelsAt, attachmentAt), stored.at ?? performance.now(), opts.signal);
@@ -230,9 +227,23 @@ export function isPermanentRejection(e: unknown): boolean {
 
 /** MD5 and size of what Orthanc stored for an instance (its DICOM attachment). */
 export async function storedAttachmentInfo(client: OrthancApi, instanceId: string): Promise<{ md5: string; size: number }> {
-  const [md5, size] = await Promise.all([
-    client.request("GET", `/instances/${instanceId}/attachments/dicom/md5`).then((r) => r.text()),
-    client.request("GET", `/instances/${instanceId}/attachments/dicom/size`).then((r) => r.text()),
-  ]);
-  return { md5: md5.trim().replace(/"/g, ""), size: Number(size.trim()) };
+  const calls = attachmentCalls(instanceId);
+  const answers = await client.pipeline(calls);
+  calls.forEach((c, i) => {
+    const failure = client.failureOf(c, answers[i]!);
+    if (failure) throw failure;
+  });
+  return attachmentFrom(answers[0]!, answers[1]!);
+}
+
+/** The two reads of an instance's DICOM attachment: its MD5, then its size (pipelined: one round trip). */
+function attachmentCalls(instanceId: string): PipelinedCall[] {
+  return [
+    { method: "GET", path: `/instances/${instanceId}/attachments/dicom/md5` },
+    { method: "GET", path: `/instances/${instanceId}/attachments/dicom/size` },
+  ];
+}
+
+function attachmentFrom(md5: PipelinedAnswer, size: PipelinedAnswer): { md5: string; size: number } {
+  return { md5: md5.text.trim().replace(/"/g, ""), size: Number(size.text.trim()) };
 }
