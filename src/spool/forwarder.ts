@@ -367,8 +367,8 @@ export class Forwarder {
           })
         : { stored: await uploadFile(this.opts.orthanc, source), labeled: false };
       const stored = up.stored;
+      const sent = async () => ({ size: entry.size, md5: entry.md5 ?? (await TenantSpool.md5Of(entry)) });
       if (guard && identity && plan) {
-        const sent = async () => ({ size: entry.size, md5: entry.md5 ?? (await TenantSpool.md5Of(entry)) });
         const settlement = await settleStrictUpload({ orthanc: this.opts.orthanc, guard, labeler, identity, plan, up, instanceIsNew, sent });
         if (!settlement.ok) {
           if (settlement.kind === "placement") {
@@ -388,7 +388,7 @@ export class Forwarder {
       }
       if (verify && stored.status === "Success") {
         const got = ("attachment" in up ? up.attachment : undefined) ?? (await storedAttachmentInfo(this.opts.orthanc, stored.id));
-        const md5 = entry.md5 ?? (await TenantSpool.md5Of(entry));
+        const { md5 } = await sent();
         if (got.md5 !== md5 || got.size !== entry.size) {
           await this.quarantine(job, "integrity", `integrity check failed: Orthanc stored ${got.size} bytes with MD5 ${got.md5}, the gateway received ${entry.size} bytes with MD5 ${md5}`);
           return;
