@@ -486,8 +486,11 @@ describe("durability", () => {
   });
 });
 
-/** A workstation listening on `port` for Storage Commitment reports; the Transaction UIDs it receives go to `got`. */
-async function reportListener(port: number, got: string[]): Promise<DimseServer> {
+/**
+ * A workstation listening on `port` for Storage Commitment reports; the Transaction UIDs it receives go to
+ * `got`, and it answers each after `respondAfterMs`.
+ */
+async function reportListener(port: number, got: string[], respondAfterMs = 0): Promise<DimseServer> {
   const server = new DimseServer({
     label: `workstation on ${port}`,
     host: "127.0.0.1",
@@ -501,6 +504,7 @@ async function reportListener(port: number, got: string[]): Promise<DimseServer>
         CommandField.NEventReportRQ,
         async (req, res) => {
           got.push(text(parseDataset(await req.dataset!.readAll(1 << 20), req.presentationContext.transferSyntax).find((e) => e.tag === Tag.TransactionUID))!);
+          if (respondAfterMs > 0) await new Promise((r) => setTimeout(r, respondAfterMs));
           await res.respond({ status: Status.Success });
         },
       ],
@@ -509,6 +513,44 @@ async function reportListener(port: number, got: string[]): Promise<DimseServer>
   await server.listen();
   return server;
 }
+
+describe("a stop while a report is on the wire", () => {
+  test("the stop awaits the requester's response: the report is journaled as reported and not sent again after the restart", async () => {
+    const [wsPort] = await freePorts(1);
+    const spool = tempDir("gw-sc-stop-");
+    const object = await testConfigObject([{ AET: "STOPWIRE", Labels: ["alpha"] }], proxy.url, {
+      DicomModalities: { slow: ["SLOWWS", "127.0.0.1", wsPort] },
+      Gateway: { SpoolDirectory: spool, StorageCommitment: { WaitSeconds: 4 } },
+    });
+    const parse = (o: unknown) => parseConfig(JSON.stringify(o), { env: {} });
+    const got: string[] = [];
+    // The workstation takes 1.5 s to answer each report: the stop comes while the first is on the wire.
+    const ws = await reportListener(wsPort, got, 1500);
+    let g = await startGateway(parse(object), { orthancCheckIntervalMs: 200 });
+    try {
+      const [i1] = await inPacs(1, "alpha");
+      const transactionUid = newUid();
+      const a = await RequestorAssociation.connect({ host: "127.0.0.1", port: g.listeners[0]!.server.port, calledAeTitle: "STOPWIRE", callingAeTitle: "SLOWWS", presentationContexts: [{ abstractSyntax: SC, transferSyntaxes: [TransferSyntax.ExplicitVRLittleEndian] }] });
+      const rsp = await a.request(1, nActionRQ({ requestedSopClassUid: SC, requestedSopInstanceUid: SC_INSTANCE, actionTypeId: 1 }), actionInfo(transactionUid, [{ sopClassUid: CT, sopInstanceUid: i1!.uid }], TransferSyntax.ExplicitVRLittleEndian));
+      expect(rsp.status).toBe(Status.Success);
+      await a.release();
+      await until("the report reaches the workstation", () => got.includes(transactionUid), 20_000);
+      await g.stop();
+      const journal = readFileSync(join(spool, "STOPWIRE", "storage-commitment.jsonl"), "utf8").split("\n").filter(Boolean).map((l) => JSON.parse(l) as { done?: string; transactionUid?: string; outcome?: string });
+      expect(journal.filter((l) => l.done !== undefined && l.transactionUid === transactionUid).map((l) => l.outcome)).toEqual(["reported"]);
+      // Restarted on the same spool, the gateway owes nothing: the workstation gets no second report.
+      const lines: string[] = [];
+      g = await startGateway(parse(object), { orthancCheckIntervalMs: 200, logger: createLogger({ level: "info", format: "json", sink: (l) => lines.push(l) }) });
+      expect(lines.some((l) => l.includes("HTTP endpoint started"))).toBe(true);
+      expect(lines.some((l) => l.includes("resuming Storage Commitment"))).toBe(false);
+      await new Promise((r) => setTimeout(r, 1500));
+      expect(got).toEqual([transactionUid]);
+    } finally {
+      await g.stop();
+      await ws.close();
+    }
+  }, 60_000);
+});
 
 describe("a reload that changes the tenant", () => {
   test("Storage Commitment goes on across the handover: the old listener reports what it works on while it drains, hands what is left to the new one when it has drained, and each report is sent once", async () => {

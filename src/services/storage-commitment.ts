@@ -62,6 +62,8 @@ const RECHECK_MS = 5000;
 /** SOP Instance UIDs per /tools/find call. */
 const LOOKUP_BATCH = 100;
 /** Backoff of a report that could not be delivered: from 2 s, doubling, to 5 min. */
+/** How long a stop waits for the response to a report already sent on a new association. */
+const REPORT_STOP_GRACE_MS = 5000;
 const RETRY_BASE_MS = 2000;
 const RETRY_MAX_MS = 300_000;
 
@@ -457,6 +459,27 @@ export class StorageCommitmentScp {
   private async reportOnNewAssociation(r: CommitmentRequest, report: (ts: string) => { command: CommandSet; dataset: Uint8Array }, signal: AbortSignal): Promise<number> {
     const modality = this.modalityOf(r);
     if (!modality) throw new Error(`the requester's AE title ${r.callingAeTitle} is not in DicomModalities: add it (AET, host, port) so that the report can reach it`);
+    // A stop cancels the association until the report is on the wire. Once it is, the response (and the
+    // release) is awaited for at most REPORT_STOP_GRACE_MS, so that a report the requester has received is
+    // journaled as reported and not sent once more after the restart.
+    const wire = new AbortController();
+    let onWire = false;
+    let grace: ReturnType<typeof setTimeout> | undefined;
+    const onStop = () => {
+      if (onWire) grace = setTimeout(() => wire.abort(signal.reason), REPORT_STOP_GRACE_MS);
+      else wire.abort(signal.reason);
+    };
+    if (signal.aborted) onStop();
+    else signal.addEventListener("abort", onStop, { once: true });
+    try {
+      return await this.reportOn(modality, r, report, wire.signal, () => (onWire = true));
+    } finally {
+      signal.removeEventListener("abort", onStop);
+      clearTimeout(grace);
+    }
+  }
+
+  private async reportOn(modality: DicomModality, r: CommitmentRequest, report: (ts: string) => { command: CommandSet; dataset: Uint8Array }, signal: AbortSignal, sending: () => void): Promise<number> {
     const sc = SopClass.StorageCommitmentPushModel;
     const a = await RequestorAssociation.connect({
       host: modality.host,
@@ -475,6 +498,7 @@ export class StorageCommitmentScp {
       const role = a.roleSelections.find((x) => x.sopClassUid === sc);
       if (role && !role.scp) throw new Error(`${modality.aet} refused the SCP role of Storage Commitment for the gateway (PS3.4 J.3.3.1.2): it cannot receive the report on a new association`);
       const { command, dataset } = report(pc.transferSyntax);
+      sending();
       const rsp = await a.request(pc.id, command, dataset);
       return rsp.status ?? Status.Success;
     } finally {
