@@ -224,6 +224,22 @@ describe("GET /metrics", () => {
     expect(bText).not.toContain('tenant="T"');
     expect(bText).not.toContain("process_cpu_user_seconds_total");
   });
+
+  test("deferred process metrics (the gateway's start): registered once, by registerDefaultMetrics() or at the latest by the first /metrics", async () => {
+    const deferred = createMetrics({ defaultMetrics: "deferred" });
+    expect(await deferred.registry.metrics()).not.toContain("process_cpu_user_seconds_total");
+    deferred.updateFromSnapshot(snapshot());
+    const text = await deferred.registry.metrics();
+    expect(text).toContain("process_cpu_user_seconds_total");
+    expect(text).toMatch(/^process_resident_memory_bytes [1-9]\d*$/m);
+    // Idempotent: a second registration would throw (prom-client refuses a metric name twice).
+    deferred.registerDefaultMetrics();
+    deferred.updateFromSnapshot(snapshot());
+    expect((await deferred.registry.metrics()).match(/^# TYPE process_cpu_user_seconds_total /gm)).toHaveLength(1);
+    const early = createMetrics({ defaultMetrics: "deferred" });
+    early.registerDefaultMetrics();
+    expect(await early.registry.metrics()).toContain("process_cpu_user_seconds_total");
+  });
 });
 
 describe("GET /status", () => {

@@ -119,7 +119,7 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
   // or deleted while another process (or another gateway of this one) serves it. Released by stop().
   const spoolLock = await lockSpoolDirectory(config.spool.directory, { command: "serve" });
   const log = opts.logger ?? silentLogger;
-  const metrics = opts.metrics ?? createMetrics();
+  const metrics = opts.metrics ?? createMetrics({ defaultMetrics: "deferred" });
   const startedAt = new Date().toISOString();
   const counters = createGatewayCounters(metrics.registry);
   const failover = orthancFailover(log, counters);
@@ -256,6 +256,8 @@ export async function startGateway(config: GatewayConfig, opts: GatewayOptions =
   changes.start();
   forwarder.start();
   const migration = legacyClaimsMigration(s);
+  // The gateway serves: now the process metrics, which did not need to hold up its start.
+  metrics.registerDefaultMetrics();
 
   return {
     config,

@@ -63,13 +63,20 @@ export interface GatewayMetrics {
   recordAssociation(tenant: string, result: AssociationResult, reason?: string): void;
   /** Count one DIMSE operation and observe its duration. */
   recordDimse(tenant: string, service: DimseService, status: number, seconds: number): void;
+  /** Registers the default process/runtime metrics if they are deferred and not registered yet (else nothing). */
+  registerDefaultMetrics(): void;
   /** Set the snapshot-derived gauges (orthanc_up, info, listener_up, active_associations, unassociated_connections, certificate expiry). */
   updateFromSnapshot(s: GatewaySnapshot): void;
 }
 
 export interface MetricsOptions {
-  /** Register prom-client's default process/runtime metrics. Default true. */
-  defaultMetrics?: boolean;
+  /**
+   * prom-client's default process/runtime metrics: registered at once (true, the default), never (false), or
+   * "deferred": by registerDefaultMetrics() — the gateway's start calls it once its listeners and its HTTP
+   * endpoint serve, as registering them costs ~6 ms of a start — or at the latest by the first
+   * updateFromSnapshot() (every /metrics answer has them).
+   */
+  defaultMetrics?: boolean | "deferred";
 }
 
 /** A DIMSE status as the `status` label spells it: "0x" and 4 uppercase hex digits, e.g. 0xA700 -> "0xA700". */
@@ -83,7 +90,8 @@ const DURATION_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 1
 
 export function createMetrics(opts: MetricsOptions = {}): GatewayMetrics {
   const registry = new Registry();
-  if (opts.defaultMetrics ?? true) registerDefaultMetrics(registry);
+  let defaultsOwed = opts.defaultMetrics === "deferred";
+  if ((opts.defaultMetrics ?? true) === true) registerDefaultMetrics(registry);
 
   const associations = new Counter({
     name: "dicom_gateway_associations_total",
@@ -173,7 +181,13 @@ export function createMetrics(opts: MetricsOptions = {}): GatewayMetrics {
       dimseOperations.inc({ tenant, service: label, status: formatStatus(status) });
       if (Number.isFinite(seconds) && seconds >= 0) dimseDuration.observe({ tenant, service: label }, seconds);
     },
+    registerDefaultMetrics() {
+      if (!defaultsOwed) return;
+      defaultsOwed = false;
+      registerDefaultMetrics(registry);
+    },
     updateFromSnapshot(s) {
+      this.registerDefaultMetrics();
       orthancUp.set(s.orthanc.reachable ? 1 : 0);
       for (const n of s.orthanc.nodes ?? [s.orthanc]) orthancNodeUp.set({ node: n.url }, n.reachable && !n.error ? 1 : 0);
       // reset() drops label sets of tenants that are gone (e.g. after a configuration change).

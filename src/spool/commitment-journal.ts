@@ -5,7 +5,8 @@
  * fdatasync'd before its N-ACTION-RSP, so a gateway killed (kill -9, power cut) between the request and
  * its report still reports it after the restart.
  *
- * `<SpoolDirectory>/<tenant>/storage-commitment.jsonl`, one JSON object per line:
+ * `<SpoolDirectory>/<tenant>/storage-commitment.jsonl` (created with the tenant's first request), one JSON
+ * object per line:
  *   {"request": {...}}                           acknowledged, report owed
  *   {"done": "<id>", "transactionUid": "...", "outcome": "reported" | "abandoned", "at": "..."}
  * A torn last line (a crash while appending) is ignored: its request was never acknowledged. At open,
@@ -16,6 +17,7 @@
  */
 import { mkdir, open, readFile, rename, writeFile, type FileHandle } from "node:fs/promises";
 import { dirname } from "node:path";
+import { nodeSpoolFiles } from "./files.ts";
 
 /** One instance a request asks commitment for (an item of Referenced SOP Sequence, PS3.4 table J.3-1). */
 export interface CommitmentReference {
@@ -50,6 +52,7 @@ export const DUPLICATE_WINDOW_MS = 7 * 24 * 3600_000;
 
 export class CommitmentJournal {
   private fh: FileHandle | undefined;
+  private closed = false;
   private chain: Promise<unknown> = Promise.resolve();
   private readonly pending = new Map<string, CommitmentRequest>();
   /** Transaction UID -> when its request finished (within DUPLICATE_WINDOW_MS). */
@@ -57,14 +60,16 @@ export class CommitmentJournal {
 
   constructor(readonly path: string) {}
 
-  /** Reads the journal (creating it, durably, if new); returns the requests still owed a report. */
+  /** Reads the journal, if there is one; returns the requests still owed a report. */
   async open(): Promise<CommitmentRequest[]> {
     const lines: Line[] = [];
     let text = "";
+    let existed = true;
     try {
       text = await readFile(this.path, "utf8");
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw e;
+      existed = false;
     }
     for (const raw of text.split("\n")) {
       if (!raw.trim()) continue;
@@ -88,11 +93,20 @@ export class CommitmentJournal {
       }
     }
     if (doneLines > 1000 && doneLines > 2 * this.pending.size) await this.compact();
-    const created = text === "";
-    await mkdir(dirname(this.path), { recursive: true });
-    this.fh = await open(this.path, "a", 0o600);
-    if (created) await syncDirectory(dirname(this.path));
+    // An existing journal is opened for appending now; a new one is created with its first request (a
+    // start creates no file and no directory for a tenant that never asks for Storage Commitment).
+    if (existed) this.fh = await open(this.path, "a", 0o600);
     return [...this.pending.values()];
+  }
+
+  /** Creates the journal (and the tenant's directory) durably, once, before its first line. */
+  private async create(): Promise<FileHandle> {
+    const dir = dirname(this.path);
+    const createdDir = (await mkdir(dir, { recursive: true })) !== undefined;
+    if (createdDir) await nodeSpoolFiles.syncDirectory(dirname(dir));
+    const fh = await open(this.path, "a", 0o600);
+    await nodeSpoolFiles.syncDirectory(dir);
+    return fh;
   }
 
   /** The pending request with this Transaction UID, if any (an N-ACTION repeated after a lost response). */
@@ -131,6 +145,7 @@ export class CommitmentJournal {
   }
 
   async close(): Promise<void> {
+    this.closed = true;
     await this.chain;
     await this.fh?.close();
     this.fh = undefined;
@@ -138,7 +153,8 @@ export class CommitmentJournal {
 
   private append(line: Line): Promise<void> {
     const run = async () => {
-      if (!this.fh) throw new Error(`the Storage Commitment journal ${this.path} is not open`);
+      if (this.closed) throw new Error(`the Storage Commitment journal ${this.path} is not open`);
+      this.fh ??= await this.create();
       await this.fh.appendFile(JSON.stringify(line) + "\n");
       await this.fh.datasync();
     };
@@ -154,15 +170,6 @@ export class CommitmentJournal {
     const tmp = `${this.path}.tmp`;
     await writeFile(tmp, out.join("\n") + (out.length ? "\n" : ""), { mode: 0o600, flush: true });
     await rename(tmp, this.path);
-    await syncDirectory(dirname(this.path));
-  }
-}
-
-async function syncDirectory(path: string): Promise<void> {
-  const fh = await open(path, "r");
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
+    await nodeSpoolFiles.syncDirectory(dirname(this.path));
   }
 }
