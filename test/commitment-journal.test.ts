@@ -86,4 +86,14 @@ describe("Storage Commitment journal", () => {
     }
     expect(existsSync(join(dir, "never"))).toBe(false);
   });
+
+  test("a request recorded just before close() is still written, the journal created for it", async () => {
+    const path = join(tempDir("gw-journal-"), "CT1", "storage-commitment.jsonl");
+    const journal = new CommitmentJournal(path);
+    await journal.open();
+    const recorded = journal.record(request("a", "1.2.9.1"));
+    await journal.close();
+    await recorded;
+    expect(await pendingIds(path)).toEqual(["a"]);
+  });
 });

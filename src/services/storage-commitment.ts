@@ -61,9 +61,9 @@ const MAX_ACTION_INFORMATION = 4 << 20;
 const RECHECK_MS = 5000;
 /** SOP Instance UIDs per /tools/find call. */
 const LOOKUP_BATCH = 100;
-/** Backoff of a report that could not be delivered: from 2 s, doubling, to 5 min. */
 /** How long a stop waits for the response to a report already sent on a new association. */
 const REPORT_STOP_GRACE_MS = 5000;
+/** Backoff of a report that could not be delivered: from 2 s, doubling, to 5 min. */
 const RETRY_BASE_MS = 2000;
 const RETRY_MAX_MS = 300_000;
 

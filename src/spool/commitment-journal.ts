@@ -152,8 +152,9 @@ export class CommitmentJournal {
   }
 
   private append(line: Line): Promise<void> {
+    // Lines asked for before close() are still written (close() waits for them); later ones are refused.
+    if (this.closed) return Promise.reject(new Error(`the Storage Commitment journal ${this.path} is not open`));
     const run = async () => {
-      if (this.closed) throw new Error(`the Storage Commitment journal ${this.path} is not open`);
       this.fh ??= await this.create();
       await this.fh.appendFile(JSON.stringify(line) + "\n");
       await this.fh.datasync();
