@@ -188,6 +188,31 @@ describe("DICOM TLS", () => {
 
   test("a key that does not match the certificate is a clear start-up error", async () => {
     const bad = startTestGateway([{ AET: "BROKEN", Tls: { Certificate: f("client.crt"), Key: f("server.key") } }], `http://127.0.0.1:${await freePort()}`);
-    await expect(bad).rejects.toThrow(/cannot start DICOM TLS for tenant BROKEN.*Tls\.Certificate/);
+    await expect(bad).rejects.toThrow(`cannot start DICOM TLS for tenant BROKEN (MultitenantDicom.Servers AET BROKEN): the private key ${f("server.key")} (Tls.Key) is not the key of the certificate ${f("client.crt")} (Tls.Certificate)`);
+  });
+
+  test("a file OpenSSL cannot use is named, with its key: key, certificate, CA and CRL each", async () => {
+    const garbage = f("garbage.pem");
+    writeFileSync(garbage, "-----BEGIN NOTHING-----\nnot a PEM body\n-----END NOTHING-----\n");
+    const cases: [Record<string, string>, string][] = [
+      [{ Certificate: f("server.crt"), Key: garbage }, `the private key file ${garbage} (Tls.Key) cannot be used`],
+      [{ Certificate: garbage, Key: f("server.key") }, `the certificate file ${garbage} (Tls.Certificate) cannot be used`],
+      [{ Certificate: f("server.crt"), Key: f("server.key"), CA: garbage }, `the CA file ${garbage} (Tls.CA) cannot be used`],
+      [{ Certificate: f("server.crt"), Key: f("server.key"), CA: f("ca.crt"), CRL: garbage }, `the CRL file ${garbage} (Tls.CRL) cannot be used`],
+    ];
+    for (const [tls, message] of cases) {
+      await expect(startTestGateway([{ AET: "BROKEN", Tls: tls }], `http://127.0.0.1:${await freePort()}`)).rejects.toThrow(message);
+    }
+  });
+
+  test("Gateway.Orthanc.Tls: a file OpenSSL cannot use, and a key that is not the certificate's, are named at start", async () => {
+    const garbage = f("garbage.pem");
+    writeFileSync(garbage, "-----BEGIN NOTHING-----\nnot a PEM body\n-----END NOTHING-----\n");
+    const orthanc = `https://127.0.0.1:${await freePort()}`;
+    const start = (Tls: Record<string, string>) => startTestGateway([{ AET: "PLAIN" }], orthanc, { Gateway: { Orthanc: { Tls } } });
+    await expect(start({ CA: garbage })).rejects.toThrow(`Gateway.Orthanc.Tls cannot be used: the CA file ${garbage} (Gateway.Orthanc.Tls.CA) cannot be used`);
+    await expect(start({ CA: f("ca.crt"), Certificate: f("client.crt"), Key: f("server.key") })).rejects.toThrow(
+      `Gateway.Orthanc.Tls cannot be used: the private key ${f("server.key")} (Gateway.Orthanc.Tls.Key) is not the key of the certificate ${f("client.crt")} (Gateway.Orthanc.Tls.Certificate)`,
+    );
   });
 });

@@ -32,6 +32,7 @@ import { OwnerRecords } from "../tenancy/owner-records.ts";
 import { UidRegistry } from "../tenancy/ownership.ts";
 import { FileDescriptorBudget } from "../shared/fd-limit.ts";
 import { silentLogger, type Logger } from "../shared/log.ts";
+import { tlsRefusal, type TlsFilePart } from "../shared/tls-refusal.ts";
 import { createGatewayCounters, forwarderEvents, orthancFailover, orthancStatusChanged } from "./observers.ts";
 import { reload, type ReloadResult } from "./reload.ts";
 import { takeSnapshot } from "./snapshot.ts";
@@ -307,6 +308,12 @@ async function readOrthancTls(tls: OrthancTls): Promise<{ ca?: string; cert?: st
     }
   };
   const [ca, cert, key] = await Promise.all([read("CA", tls.caFile), read("Certificate", tls.certificateFile), read("Key", tls.keyFile)]);
+  const parts: TlsFilePart[] = [];
+  if (key !== undefined) parts.push({ what: "private key", key: "Gateway.Orthanc.Tls.Key", file: tls.keyFile!, options: { key } });
+  if (cert !== undefined) parts.push({ what: "certificate", key: "Gateway.Orthanc.Tls.Certificate", file: tls.certificateFile!, options: { cert } });
+  if (ca !== undefined) parts.push({ what: "CA", key: "Gateway.Orthanc.Tls.CA", file: tls.caFile!, options: { ca } });
+  const refused = tlsRefusal(parts);
+  if (refused) throw new Error(`Gateway.Orthanc.Tls cannot be used: ${refused}`);
   return { ...(ca !== undefined ? { ca } : {}), ...(cert !== undefined ? { cert } : {}), ...(key !== undefined ? { key } : {}) };
 }
 

@@ -21,7 +21,7 @@
  * connections go on under theirs until they end or are cut (close with a drain time and a cut reason).
  */
 import { createServer as createTcpServer, type Server, type Socket } from "node:net";
-import { createSecureContext, TLSSocket, type SecureContext } from "node:tls";
+import { TLSSocket, type SecureContext } from "node:tls";
 import { AcceptorAssociation, type AcceptorOptions, type EndReason, type Peer } from "./association.ts";
 import { addressKey, ConnectionLimits, ConnectionPool, type EvictionReason, type WaitingConnection } from "./admission.ts";
 import { RejectReason, RejectResult, RejectSource } from "./reject.ts";
@@ -300,7 +300,7 @@ export class DimseServer {
   private readTls(): [TlsMaterial, SecureContext] {
     try {
       const m = TlsMaterial.read(this.opts.tls!);
-      return [m, createSecureContext(m.contextOptions())];
+      return [m, m.secureContext()];
     } catch (err) {
       const why = err instanceof TlsFileError ? err.message : `${err instanceof Error ? err.message : String(err)} (check Tls.Certificate, Tls.Key, Tls.CA and Tls.CRL)`;
       throw new ListenError(`cannot start DICOM TLS for ${this.opts.label}: ${why}`, { cause: err });

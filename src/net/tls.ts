@@ -12,7 +12,8 @@
  */
 import { X509Certificate } from "node:crypto";
 import { readFileSync } from "node:fs";
-import type { SecureContextOptions, TLSSocket } from "node:tls";
+import { createSecureContext, type SecureContext, type SecureContextOptions, type TLSSocket } from "node:tls";
+import { describeTlsRefusal, type TlsFilePart } from "../shared/tls-refusal.ts";
 
 /** DICOM TLS (PS3.15 B.1) on a listener: PEM files, client verification, and where it listens. */
 export interface TlsListenerOptions {
@@ -91,6 +92,7 @@ export class TlsMaterial {
     readonly cert: Uint8Array,
     readonly ca: Uint8Array | undefined,
     readonly crl: Uint8Array | undefined,
+    private readonly files: TlsListenerOptions,
   ) {}
 
   /** Reads every file; throws TlsFileError naming the one that cannot be read. */
@@ -108,7 +110,27 @@ export class TlsMaterial {
       read("certificate", "Certificate", opts.certificateFile),
       opts.caFile !== undefined ? read("CA", "CA", opts.caFile) : undefined,
       opts.crlFile !== undefined ? read("CRL", "CRL", opts.crlFile) : undefined,
+      opts,
     );
+  }
+
+  /**
+   * The secure context of these files. When OpenSSL refuses them, throws TlsFileError naming the file (and
+   * its key) it refused (shared/tls-refusal.ts).
+   */
+  secureContext(): SecureContext {
+    try {
+      return createSecureContext(this.contextOptions());
+    } catch (err) {
+      const f = this.files;
+      const parts: TlsFilePart[] = [
+        { what: "private key", key: "Tls.Key", file: f.keyFile, options: { key: this.key } as SecureContextOptions },
+        { what: "certificate", key: "Tls.Certificate", file: f.certificateFile, options: { cert: this.cert } as SecureContextOptions },
+        ...(f.caFile !== undefined ? [{ what: "CA", key: "Tls.CA", file: f.caFile, options: { ca: this.ca } as SecureContextOptions } as const] : []),
+        ...(f.crlFile !== undefined ? [{ what: "CRL", key: "Tls.CRL", file: f.crlFile, options: { crl: this.crl } as SecureContextOptions } as const] : []),
+      ];
+      throw new TlsFileError(describeTlsRefusal(parts, err), { cause: err });
+    }
   }
 
   /** The secure-context options of these files (versions and suites included). */
