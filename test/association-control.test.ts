@@ -16,27 +16,21 @@ import { inRange, parseAddress, parseAddressRange, parseCallerHost } from "../sr
 import { encodeAssociateRQ } from "../src/net/pdu.ts";
 import { DICOM_APPLICATION_CONTEXT } from "../src/net/constants.ts";
 import { echoscu } from "./helpers/dcmtk.ts";
-import { startTestGateway } from "./helpers/gateway.ts";
+import { gatewayTracker, type TestGateway } from "./helpers/gateway.ts";
 import { freePort } from "./helpers/ports.ts";
 import { RawPeer, VERIFICATION_CONTEXT } from "./helpers/raw-peer.ts";
 import { until } from "./helpers/wait.ts";
 
-type TestGateway = Awaited<ReturnType<typeof startTestGateway>>;
 let NO_ORTHANC: string;
-const started: TestGateway[] = [];
-
-async function gateway(...args: Parameters<typeof startTestGateway>): Promise<TestGateway> {
-  const gw = await startTestGateway(...args);
-  started.push(gw);
-  return gw;
-}
+const gateways = gatewayTracker();
+const gateway = gateways.start;
 
 beforeAll(async () => {
   NO_ORTHANC = `http://127.0.0.1:${await freePort()}`;
 });
 
 afterAll(async () => {
-  await Promise.all(started.map((g) => g.stop()));
+  await gateways.stopAll();
 });
 
 async function metricsText(gw: TestGateway): Promise<string> {

@@ -12,7 +12,7 @@ import { echoscu, findscuKeys, runTool } from "./helpers/dcmtk.ts";
 import { pydicomFile, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
 import { getSharedOrthanc } from "./helpers/orthanc.ts";
 import { until } from "./helpers/wait.ts";
-import { httpPortFromLog, spawnGateway, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
+import { firstTenantPort, httpPortFromLog, spawnGateway, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
 import { freePort } from "./helpers/ports.ts";
 
 const ROOT = join(import.meta.dir, "..");
@@ -211,7 +211,7 @@ describe("the same source under Deno", () => {
     const gw = spawnGateway(DENO, ["run", "--no-prompt", "--allow-net", "--allow-read", "--allow-write", "--allow-env", "--allow-sys", CLI, "serve", "--config", writeConfigFile(config)]);
     started.push(gw);
     const httpLine = await gw.waitForLine(/"HTTP endpoint started"/, 30_000);
-    const port = (config.MultitenantDicom as { Servers: { Port: number }[] }).Servers[0]!.Port;
+    const port = firstTenantPort(config);
     const r = await echoscu(port, "DENO");
     expect(r.output).toContain("Received Echo Response (Success)");
     expect((await fetch(`http://127.0.0.1:${httpPortFromLog(httpLine)}/health`)).status).toBe(200);
@@ -225,7 +225,7 @@ describe("the same source under Deno", () => {
     const gw = spawnGateway(DENO, ["run", "--no-prompt", "--allow-net", "--allow-read", "--allow-write", "--allow-env", "--allow-sys", CLI, "serve", "--config", writeConfigFile(config)]);
     started.push(gw);
     const httpPort = httpPortFromLog(await gw.waitForLine(/"HTTP endpoint started"/, 30_000));
-    const port = (config.MultitenantDicom as { Servers: { Port: number }[] }).Servers[0]!.Port;
+    const port = firstTenantPort(config);
     const [file] = await uniqueCopies(pydicomFile("CT_small.dcm"), 1, { newStudy: true });
     const study = await tagValue(file!, "0020,000d");
     expect((await runTool("storescu", ["-v", "-aec", "DENOFIND", "127.0.0.1", String(port), file!])).output).toContain("Received Store Response (Success)");

@@ -9,18 +9,16 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync } from "node:fs";
-import { join } from "node:path";
 import { startOrthancCluster, type OrthancClusterHandle } from "../scripts/orthanc-testbed.ts";
 import { OrthancClient } from "../src/orthanc/client.ts";
 import { claimUid, OwnerRecords } from "../src/tenancy/owner-records.ts";
 import { findscuKeys, runTool } from "./helpers/dcmtk.ts";
 import { pydicomFile, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
-import { httpPortFromLog, spawnGateway, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
+import { httpPortFromLog, serveFromSource, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
 import { startRewritingProxy, type ProxiedRequest, type RewritingProxy } from "./helpers/http-proxy.ts";
 import { ORTHANC_START_TIMEOUT_MS } from "./helpers/orthanc.ts";
 import { sleep, until } from "./helpers/wait.ts";
 
-const ROOT = join(import.meta.dir, "..");
 
 /** The same tenants on both boxes. ALPHA labels instances only (the case); DELTA answers once in Orthanc (Sync). */
 const TENANTS = [
@@ -52,7 +50,7 @@ async function startBox(name: string, urls: string[]): Promise<Box> {
     Gateway: { Orthanc: { Url: urls, ReceivePriorityMilliseconds: 0, UnreachableGraceSeconds: 0 }, Log: { Level: "info", Format: "json" } },
   });
   const servers = (config.MultitenantDicom as { Servers: { AET: string; Port: number }[] }).Servers;
-  const process_ = spawnGateway(process.execPath, [join(ROOT, "src/cli.ts"), "serve", "--config", writeConfigFile(config)]);
+  const process_ = serveFromSource(writeConfigFile(config));
   const port = httpPortFromLog(await process_.waitForLine(/"HTTP endpoint started"/));
   const audit = (config.Gateway as { Audit: { File: string } }).Audit.File;
   // The HTTP endpoint starts before the first check of the nodes has ended.

@@ -23,7 +23,7 @@ import { RejectReason } from "../src/net/reject.ts";
 import { encodeReleaseRQ } from "../src/net/pdu.ts";
 import { createLogger } from "../src/shared/log.ts";
 import { echoscu } from "./helpers/dcmtk.ts";
-import { httpPortFromLog, spawnGateway, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
+import { firstTenantPort, httpPortFromLog, serveFromSource, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
 import { Pki } from "./helpers/pki.ts";
 import { freePort, freePorts } from "./helpers/ports.ts";
 import { RawPeer, VERIFICATION_CONTEXT } from "./helpers/raw-peer.ts";
@@ -237,10 +237,10 @@ test("a reload drains a TLS tenant and renews another's TLS files at once: the p
 test("SIGTERM drains: no new association, open ones finish (up to DrainSeconds) or are cut, each with its audit line; the exit code is 0", async () => {
   const config = await testConfigObject([{ AET: "STOPPER", Labels: ["s"] }], `http://127.0.0.1:${await freePort()}`, { Gateway: { Log: { Level: "info", Format: "json" }, Limits: { DrainSeconds: 2 } } });
   const auditFile = (config.Gateway as { Audit: { File: string } }).Audit.File;
-  const gw = spawnGateway(process.execPath, [join(ROOT, "src/cli.ts"), "serve", "--config", writeConfigFile(config)]);
+  const gw = serveFromSource(writeConfigFile(config));
   processes.push(gw);
   await gw.waitForLine(/"HTTP endpoint started"/);
-  const port = (config.MultitenantDicom as { Servers: { Port: number }[] }).Servers[0]!.Port;
+  const port = firstTenantPort(config);
   const staying = await associated(port, "STOPPER");
   const leaving = await associated(port, "STOPPER");
   gw.child.kill("SIGTERM");
@@ -268,7 +268,7 @@ test("a SIGTERM during start-up stops the gateway once it has started (exit code
   await new Promise<void>((r) => silent.listen(0, "127.0.0.1", () => r()));
   const url = `http://127.0.0.1:${(silent.address() as { port: number }).port}`;
   const config = await testConfigObject([{ AET: "EARLY", Labels: ["e"] }], url, { Gateway: { Log: { Level: "info", Format: "json" }, Orthanc: { Url: url, TimeoutSeconds: 3 } } });
-  const gw = spawnGateway(process.execPath, [join(ROOT, "src/cli.ts"), "serve", "--config", writeConfigFile(config)]);
+  const gw = serveFromSource(writeConfigFile(config));
   processes.push(gw);
   const http = httpPortFromLog(await gw.waitForLine(/"HTTP endpoint started"/));
   // Start-up is not over (the first Orthanc check is pending), but the gateway answers /health already.

@@ -12,7 +12,7 @@ import { connect } from "node:net";
 import { join } from "node:path";
 import { startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts";
 import { echoscu } from "./helpers/dcmtk.ts";
-import { httpPortFromLog, spawnGateway, startTestGateway, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
+import { httpPortFromLog, serveFromSource, startTestGateway, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
 import { ORTHANC_START_TIMEOUT_MS } from "./helpers/orthanc.ts";
 import { freePort } from "./helpers/ports.ts";
 import { until } from "./helpers/wait.ts";
@@ -40,7 +40,7 @@ describe("credentials in Gateway.Orthanc.Url", () => {
   test("are used, and shown nowhere: /status, /ready, the log, check-config", async () => {
     const config = await testConfigObject([{ AET: "ALPHA" }], withCredentials(orthanc.url), { Gateway: { Log: { Level: "debug", Format: "json" } } });
     const path = writeConfigFile(config);
-    const gw = spawnGateway(process.execPath, [join(ROOT, "src/cli.ts"), "serve", "--config", path]);
+    const gw = serveFromSource(path);
     children.push(gw);
     const http = `http://127.0.0.1:${httpPortFromLog(await gw.waitForLine(/"HTTP endpoint started"/))}`;
     // Orthanc answers only with the right credentials: /ready turns 200 once the monitor got in.

@@ -9,11 +9,10 @@ import { createServer } from "node:net";
 import { join } from "node:path";
 import { CommandField, NO_DATASET, PduType, Status } from "../src/net/constants.ts";
 import { echoscu } from "./helpers/dcmtk.ts";
-import { httpPortFromLog, spawnGateway, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
+import { httpPortFromLog, serveFromSource, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
 import { freePorts } from "./helpers/ports.ts";
 import { RawPeer, VERIFICATION_CONTEXT } from "./helpers/raw-peer.ts";
 
-const ROOT = join(import.meta.dir, "..");
 let gw: GatewayProcess | undefined;
 
 afterAll(async () => {
@@ -30,7 +29,7 @@ test("SIGHUP adds, removes and changes tenants; unchanged tenants keep their ass
   const B: Server = { AET: "BETA", Port: pB!, Labels: ["b"] };
   const C: Server = { AET: "GAMMA", Port: pC!, Labels: ["c"] };
   const path = writeConfigFile(servers([A, B]));
-  gw = spawnGateway(process.execPath, [join(ROOT, "src/cli.ts"), "serve", "--config", path]);
+  gw = serveFromSource(path);
   const http = `http://127.0.0.1:${httpPortFromLog(await gw.waitForLine(/"HTTP endpoint started"/))}`;
   let reloads = 0;
   const reload = async (config: unknown, expect: RegExp) => {

@@ -17,7 +17,7 @@ import { lockSpoolDirectory } from "../src/spool/lock.ts";
 import { OrthancClient } from "../src/orthanc/client.ts";
 import { runTool } from "./helpers/dcmtk.ts";
 import { datasetBytes, pydicomFile, readDataset, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
-import { testConfigObject, writeConfigFile } from "./helpers/gateway.ts";
+import { firstTenantPort, testConfigObject, writeConfigFile } from "./helpers/gateway.ts";
 import { getSharedOrthanc } from "./helpers/orthanc.ts";
 import { startTcpProxy, type TcpProxy } from "./helpers/tcp-proxy.ts";
 import { until } from "./helpers/wait.ts";
@@ -44,7 +44,7 @@ beforeAll(async () => {
   configPath = writeConfigFile(config);
   auditFile = (config.Gateway as { Audit: { File: string } }).Audit.File;
   spoolDir = (config.Gateway as { SpoolDirectory: string }).SpoolDirectory;
-  port = (config.MultitenantDicom as { Servers: { Port: number }[] }).Servers[0]!.Port;
+  port = firstTenantPort(config);
 }, 60_000);
 
 afterAll(async () => {

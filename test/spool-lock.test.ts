@@ -14,7 +14,7 @@ import { POOL_DIRECTORY, READY_SEGMENTS } from "../src/spool/pool.ts";
 import { SEGMENT_BYTES, tenantDirectoryName } from "../src/spool/spool.ts";
 import { runTool } from "./helpers/dcmtk.ts";
 import { pydicomFile, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
-import { httpPortFromLog, spawnGateway, startTestGateway, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
+import { firstTenantPort, httpPortFromLog, spawnGateway, startTestGateway, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
 import { getSharedOrthanc } from "./helpers/orthanc.ts";
 import { freePort } from "./helpers/ports.ts";
 import { startTcpProxy, type TcpProxy } from "./helpers/tcp-proxy.ts";
@@ -91,7 +91,7 @@ describe("the spool lock", () => {
       const config = await testConfigObject([{ AET: "LOCKA", Labels: [label] }], proxy.url, { Gateway: { Log: { Level: "info", Format: "json" } } });
       const configPath = writeConfigFile(config);
       const spoolDir = (config.Gateway as { SpoolDirectory: string }).SpoolDirectory;
-      const port = (config.MultitenantDicom as { Servers: { Port: number }[] }).Servers[0]!.Port;
+      const port = firstTenantPort(config);
       const segments = join(spoolDir, tenantDirectoryName("LOCKA"), "segments");
 
       const a = bunServe(configPath);

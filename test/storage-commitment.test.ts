@@ -31,14 +31,13 @@ import { encodeDataset } from "../src/dicom/identifier.ts";
 import { createLogger } from "../src/shared/log.ts";
 import { startBareServer } from "./helpers/bare-server.ts";
 import { pydicomFile, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
-import { httpPortFromLog, spawnGateway, startTestGateway, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
+import { firstTenantPort, httpPortFromLog, serveFromSource, startTestGateway, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
 import { ORTHANC_START_TIMEOUT_MS } from "./helpers/orthanc.ts";
 import { freePorts } from "./helpers/ports.ts";
 import { startTcpProxy, type TcpProxy } from "./helpers/tcp-proxy.ts";
 import { until } from "./helpers/wait.ts";
 import { tempDir } from "./helpers/temp.ts";
 
-const ROOT = join(import.meta.dir, "..");
 const SC = "1.2.840.10008.1.20.1";
 const SC_INSTANCE = "1.2.840.10008.1.20.1.1";
 const CT = "1.2.840.10008.5.1.4.1.1.2";
@@ -446,9 +445,9 @@ describe("durability", () => {
       Gateway: { SpoolDirectory: spool, Log: { Level: "info", Format: "json" }, StorageCommitment: { WaitSeconds: 120 } },
     });
     const configPath = writeConfigFile(config);
-    const port = (config.MultitenantDicom as { Servers: { Port: number }[] }).Servers[0]!.Port;
+    const port = firstTenantPort(config);
     const start = () => {
-      const g = spawnGateway(process.execPath, [join(ROOT, "src/cli.ts"), "serve", "--config", configPath]);
+      const g = serveFromSource(configPath);
       gateways.push(g);
       return g;
     };

@@ -4,15 +4,13 @@
  */
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { spawn } from "node:child_process";
-import { join } from "node:path";
 import { startOrthanc, type OrthancHandle } from "../scripts/orthanc-testbed.ts";
 import { OrthancClient } from "../src/orthanc/client.ts";
 import { DCMTK_ENV } from "./helpers/dcmtk.ts";
 import { pydicomFile, tagValue, uniqueCopies } from "./helpers/dicom-files.ts";
-import { httpPortFromLog, spawnGateway, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
+import { firstTenantPort, httpPortFromLog, serveFromSource, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
 import { tempDir } from "./helpers/temp.ts";
 
-const ROOT = join(import.meta.dir, "..");
 let orthanc: OrthancHandle;
 const gateways: GatewayProcess[] = [];
 
@@ -31,9 +29,9 @@ test("kill -9 mid-ingest, restart: every acknowledged instance is in Orthanc, la
   const spool = tempDir("gw-crash-spool-");
   const config = await testConfigObject([{ AET: "CRASH", Labels: ["crash"] }], orthanc.url, { Gateway: { SpoolDirectory: spool, Log: { Level: "info", Format: "json" } } });
   const configPath = writeConfigFile(config);
-  const port = (config.MultitenantDicom as { Servers: { Port: number }[] }).Servers[0]!.Port;
+  const port = firstTenantPort(config);
   const start = () => {
-    const g = spawnGateway(process.execPath, [join(ROOT, "src/cli.ts"), "serve", "--config", configPath]);
+    const g = serveFromSource(configPath);
     gateways.push(g);
     return g;
   };

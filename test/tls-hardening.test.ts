@@ -14,12 +14,11 @@ import { join } from "node:path";
 import { connect as tlsConnect, type TLSSocket } from "node:tls";
 import { CommandField, NO_DATASET, PduType, Status } from "../src/net/constants.ts";
 import { runTool } from "./helpers/dcmtk.ts";
-import { httpPortFromLog, spawnGateway, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
+import { httpPortFromLog, serveFromSource, testConfigObject, writeConfigFile, type GatewayProcess } from "./helpers/gateway.ts";
 import { Pki } from "./helpers/pki.ts";
 import { freePorts } from "./helpers/ports.ts";
 import { RawPeer, VERIFICATION_CONTEXT } from "./helpers/raw-peer.ts";
 
-const ROOT = join(import.meta.dir, "..");
 let pki: Pki;
 let gw: GatewayProcess | undefined;
 let http: string;
@@ -56,7 +55,7 @@ beforeAll(async () => {
   // The configuration file next to the PEM files: Tls paths are relative to it.
   const path = join(pki.dir, "gateway.json");
   copyFileSync(writeConfigFile(config), path);
-  gw = spawnGateway(process.execPath, [join(ROOT, "src/cli.ts"), "serve", "--config", path]);
+  gw = serveFromSource(path);
   http = `http://127.0.0.1:${httpPortFromLog(await gw.waitForLine(/"HTTP endpoint started"/))}`;
 }, 60_000);
 

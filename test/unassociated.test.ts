@@ -23,22 +23,16 @@ import { explainOrthancStatus } from "../src/gateway/observers.ts";
 import { readiness } from "../src/observe/status.ts";
 import { FileDescriptorBudget, fileDescriptorLimit } from "../src/shared/fd-limit.ts";
 import { echoscu, runTool } from "./helpers/dcmtk.ts";
-import { startTestGateway } from "./helpers/gateway.ts";
+import { gatewayTracker, type TestGateway } from "./helpers/gateway.ts";
 import { Pki } from "./helpers/pki.ts";
 import { freePort } from "./helpers/ports.ts";
 import { RawPeer, VERIFICATION_CONTEXT } from "./helpers/raw-peer.ts";
 import { sleep, until } from "./helpers/wait.ts";
 
-type TestGateway = Awaited<ReturnType<typeof startTestGateway>>;
 let NO_ORTHANC: string;
-const started: TestGateway[] = [];
+const gateways = gatewayTracker();
+const gateway = gateways.start;
 const sockets: Socket[] = [];
-
-async function gateway(...args: Parameters<typeof startTestGateway>): Promise<TestGateway> {
-  const gw = await startTestGateway(...args);
-  started.push(gw);
-  return gw;
-}
 
 beforeAll(async () => {
   NO_ORTHANC = `http://127.0.0.1:${await freePort()}`;
@@ -46,7 +40,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   for (const s of sockets) s.destroy();
-  await Promise.all(started.map((g) => g.stop()));
+  await gateways.stopAll();
 });
 
 /** A connection that sends nothing, from `from`; `closed` resolves when the gateway closes it. */

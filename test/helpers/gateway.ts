@@ -83,6 +83,28 @@ export async function startTestGateway(
   });
 }
 
+export type TestGateway = Awaited<ReturnType<typeof startTestGateway>>;
+
+/** startTestGateway for a test file: `start` remembers each gateway, `stopAll` (its afterAll) stops them. */
+export function gatewayTracker(): { start: typeof startTestGateway; stopAll(): Promise<void> } {
+  const started: TestGateway[] = [];
+  return {
+    async start(...args) {
+      const gw = await startTestGateway(...args);
+      started.push(gw);
+      return gw;
+    },
+    async stopAll() {
+      await Promise.all(started.splice(0).map((g) => g.stop()));
+    },
+  };
+}
+
+/** The Port of the first server of a configuration object (Orthanc spelling, as testConfigObject makes it). */
+export function firstTenantPort(config: Record<string, unknown>): number {
+  return (config.MultitenantDicom as { Servers: { Port: number }[] }).Servers[0]!.Port;
+}
+
 /** Writes a configuration object to a temporary file (removed at process exit) and returns its path. */
 export function writeConfigFile(config: unknown): string {
   const dir = tempDir("gw-config-");
@@ -163,6 +185,11 @@ export function spawnGateway(command: string, args: string[], env: Record<string
       return child.exitCode;
     },
   };
+}
+
+/** `dicom-gateway serve --config <configPath>` from the source tree, run by this test's runtime (Bun). */
+export function serveFromSource(configPath: string, env: Record<string, string> = {}): GatewayProcess {
+  return spawnGateway(process.execPath, [join(import.meta.dir, "..", "..", "src", "cli.ts"), "serve", "--config", configPath], env);
 }
 
 /** The HTTP port from the "HTTP endpoint started" JSON log line. */
