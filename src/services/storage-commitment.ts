@@ -69,6 +69,9 @@ const RETRY_MAX_MS = 300_000;
 
 export type ReportPath = "same-association" | "new-association";
 
+/** The N-EVENT-REPORT-RQ of a result, encoded in the transfer syntax of the presentation context it goes on. */
+type ReportIn = (transferSyntax: string) => { command: CommandSet; dataset: Uint8Array };
+
 /** What the gateway's observers are told (logs, metrics, audit: gateway/observers.ts). */
 export interface StorageCommitmentEvents {
   /** An N-ACTION-RQ was refused (its status and ErrorComment went back). */
@@ -370,16 +373,7 @@ export class StorageCommitmentScp {
           break;
         }
         const pause = orthancFailures > 0 ? Math.min(RECHECK_MS * orthancFailures, 60_000) : RECHECK_MS;
-        await new Promise<void>((resolve) => {
-          const t = setTimeout(done, Math.min(pause, r.waitUntil - now));
-          function done() {
-            clearTimeout(t);
-            signal.removeEventListener("abort", done);
-            resolve();
-          }
-          wake = done;
-          signal.addEventListener("abort", done, { once: true });
-        });
+        await sleep(Math.min(pause, r.waitUntil - now), signal, (w) => (wake = w));
         if (signal.aborted) throw signal.reason;
       }
     } finally {
@@ -417,7 +411,7 @@ export class StorageCommitmentScp {
 
   private async deliver(r: CommitmentRequest, result: CommitmentResult, task: Task): Promise<void> {
     const signal = task.controller.signal;
-    const report = (transferSyntax: string) => {
+    const report: ReportIn = (transferSyntax) => {
       const info = encodeEventInformation(r.transactionUid, result, this.deps.tenant.aet, transferSyntax);
       const command = nEventReportRQ({ affectedSopClassUid: SopClass.StorageCommitmentPushModel, affectedSopInstanceUid: STORAGE_COMMITMENT_INSTANCE, eventTypeId: info.eventTypeId });
       return { command, dataset: info.dataset };
@@ -456,7 +450,7 @@ export class StorageCommitmentScp {
   }
 
   /** The report on a new association to the requester's AE title (DicomModalities); resolves with the N-EVENT-REPORT-RSP status. */
-  private async reportOnNewAssociation(r: CommitmentRequest, report: (ts: string) => { command: CommandSet; dataset: Uint8Array }, signal: AbortSignal): Promise<number> {
+  private async reportOnNewAssociation(r: CommitmentRequest, report: ReportIn, signal: AbortSignal): Promise<number> {
     const modality = this.modalityOf(r);
     if (!modality) throw new Error(`the requester's AE title ${r.callingAeTitle} is not in DicomModalities: add it (AET, host, port) so that the report can reach it`);
     // A stop cancels the association until the report is on the wire. Once it is, the response (and the
@@ -479,7 +473,7 @@ export class StorageCommitmentScp {
     }
   }
 
-  private async reportOn(modality: DicomModality, r: CommitmentRequest, report: (ts: string) => { command: CommandSet; dataset: Uint8Array }, signal: AbortSignal, sending: () => void): Promise<number> {
+  private async reportOn(modality: DicomModality, r: CommitmentRequest, report: ReportIn, signal: AbortSignal, sending: () => void): Promise<number> {
     const sc = SopClass.StorageCommitmentPushModel;
     const a = await RequestorAssociation.connect({
       host: modality.host,
@@ -528,7 +522,8 @@ function sameReferences(a: readonly CommitmentReference[], b: readonly Commitmen
   return a.length === b.length && a.every((x, i) => x.sopInstanceUid === b[i]!.sopInstanceUid && x.sopClassUid === b[i]!.sopClassUid);
 }
 
-function sleep(ms: number, signal: AbortSignal): Promise<void> {
+/** Resolves after `ms`, at an abort of `signal`, or when the function handed to `onWake` is called. */
+function sleep(ms: number, signal: AbortSignal, onWake?: (wake: () => void) => void): Promise<void> {
   return new Promise((resolve) => {
     const t = setTimeout(done, ms);
     function done() {
@@ -536,6 +531,7 @@ function sleep(ms: number, signal: AbortSignal): Promise<void> {
       signal.removeEventListener("abort", done);
       resolve();
     }
+    onWake?.(done);
     signal.addEventListener("abort", done, { once: true });
   });
 }
